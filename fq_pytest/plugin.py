@@ -1,0 +1,1 @@
+"""Options, fixtures, the gate and stage ordering for the experiment (being written)."""

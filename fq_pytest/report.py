@@ -1,0 +1,1 @@
+"""pytest-html hooks: the go/no-go summary and per-test evidence (being written)."""
