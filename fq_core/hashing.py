@@ -1,4 +1,7 @@
-"""SHA-256 of large files, remembered by (path, size, mtime, inode) so a 250 MB model is hashed once."""
+"""SHA-256 of large files, remembered by (path, size, mtime, inode).
+
+A 250 MB model is then hashed once per change, not once per test.
+"""
 
 from __future__ import annotations
 
