@@ -1,0 +1,203 @@
+"""Corpus resolution: argument, FQ_TEXT, ../shared, data/, download; bytes kept exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import socket
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from fq_core import corpus
+from fq_core.corpus import ZIP_MEMBER, resolve_corpus
+from fq_core.errors import BadInput, CorpusMissing, FetchFailed
+
+REAL_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+REAL_BYTES = 1_290_547
+TEXT = b" = Valkyria Chronicles III = \r\n\r\n Senj\xc5\x8d no Valkyria 3 \r\n"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.delenv("FQ_TEXT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # hash cache stays private
+
+
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    """A project directory with nothing in it; ../shared is its sibling."""
+    root = tmp_path / "ws" / "proj"
+    root.mkdir(parents=True)
+    return root
+
+
+def _put(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_text_argument_bytes_untouched(tmp_path, checkout):
+    f = _put(tmp_path / "t.raw", TEXT)
+    c = resolve_corpus(f, checkout=checkout, download=False)
+    assert (c.path, c.n_bytes, c.source) == (f, len(TEXT), "argument")
+    assert c.sha256 == hashlib.sha256(TEXT).hexdigest()
+    assert f.read_bytes() == TEXT  # CRLF and UTF-8 kept
+
+
+def test_resolution_order(tmp_path, checkout, monkeypatch):
+    arg = _put(tmp_path / "arg.raw", b"arg\r\n")
+    env = _put(tmp_path / "env.raw", b"env\n")
+    shared = _put(checkout.parent / "shared" / "data" / ZIP_MEMBER, b"shared\r\n")
+    data = _put(checkout / "data" / ZIP_MEMBER, b"data\n")
+    monkeypatch.setenv("FQ_TEXT", str(env))
+    assert resolve_corpus(arg, checkout=checkout).path == arg
+    assert resolve_corpus(checkout=checkout).source == "FQ_TEXT"
+    monkeypatch.delenv("FQ_TEXT")
+    c = resolve_corpus(checkout=checkout)
+    assert (c.path, c.source) == (shared, "shared")
+    shared.unlink()
+    c = resolve_corpus(checkout=checkout, download=False)
+    assert (c.path, c.source, c.n_bytes) == (data, "data", 5)
+
+
+def test_given_path_errors(tmp_path, checkout, monkeypatch):
+    with pytest.raises(BadInput, match=r"corpus file not found \(--text\): .*missing.raw"):
+        resolve_corpus(tmp_path / "missing.raw", checkout=checkout)
+    with pytest.raises(BadInput, match="corpus file is empty"):
+        resolve_corpus(_put(tmp_path / "empty.raw", b""), checkout=checkout)
+    with pytest.raises(BadInput, match="not a file"):
+        resolve_corpus(tmp_path, checkout=checkout)
+    monkeypatch.setenv("FQ_TEXT", str(tmp_path / "gone.raw"))
+    with pytest.raises(BadInput, match=r"\(FQ_TEXT\): .*gone.raw"):
+        resolve_corpus(checkout=checkout)
+
+
+@pytest.mark.skipif(not corpus.shared_corpus_path().is_file(), reason="no ../shared corpus here")
+def test_real_shared_corpus(tmp_path):
+    c = resolve_corpus(download=False)
+    assert c.source == "shared" and c.path == corpus.shared_corpus_path()
+    assert c.n_bytes == REAL_BYTES == c.path.stat().st_size
+    assert c.sha256 == REAL_SHA256 == hashlib.sha256(c.path.read_bytes()).hexdigest()
+    # found from the package location, whatever the working directory
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from fq_core.corpus import resolve_corpus; print(resolve_corpus())",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert str(c.path) in run.stdout and REAL_SHA256 in run.stdout
+
+
+def test_checkout_dir_is_the_project():
+    assert corpus.checkout_dir() == Path(__file__).resolve().parent.parent
+    assert (corpus.checkout_dir() / "fq_core" / "corpus.py").is_file()
+
+
+# --- download -------------------------------------------------------------------------
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server: routes path -> (status, body); records every request path."""
+    routes: dict[str, tuple[int, bytes]] = {}
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            status, body = routes.get(self.path, (404, b"not found"))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield base, routes, hits
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_extracts_member_atomically(server, checkout, monkeypatch):
+    base, routes, hits = server
+    body = TEXT * 1000
+    routes["/wt.zip"] = (
+        200,
+        _zip({"wikitext-2-raw/wiki.train.raw": b"train", ZIP_MEMBER: body}),
+    )
+    monkeypatch.setenv("FQ_WIKITEXT_URL", f"{base}/wt.zip")
+    c = resolve_corpus(checkout=checkout)
+    dest = checkout / "data" / ZIP_MEMBER
+    assert (c.path, c.source, c.n_bytes) == (dest, "downloaded", len(body))
+    assert dest.read_bytes() == body and c.sha256 == hashlib.sha256(body).hexdigest()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["wiki.test.raw", "wiki.test.raw.lock"]
+    again = resolve_corpus(checkout=checkout)
+    assert (again.source, again.sha256) == ("data", c.sha256) and hits == ["/wt.zip"]
+
+
+@pytest.mark.parametrize(
+    "route, match",
+    [
+        ((200, _zip({"wikitext-2-raw/wiki.valid.raw": b"x"})), f"has no member {ZIP_MEMBER}"),
+        ((200, b"<html>not a zip</html>"), "is not a valid zip"),
+        ((404, b"gone"), "failed: Not Found"),
+    ],
+)
+def test_download_bad_responses(server, checkout, monkeypatch, route, match):
+    base, routes, _ = server
+    routes["/wt.zip"] = route
+    monkeypatch.setenv("FQ_WIKITEXT_URL", f"{base}/wt.zip")
+    with pytest.raises(CorpusMissing, match=match):
+        resolve_corpus(checkout=checkout)
+    assert not (checkout / "data" / ZIP_MEMBER).exists()
+    assert [p.name for p in (checkout / "data" / "wikitext-2-raw").iterdir()] == [
+        "wiki.test.raw.lock"
+    ]
+
+
+def test_no_network_says_where_to_put_the_file(checkout, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("FQ_WIKITEXT_URL", f"http://127.0.0.1:{port}/wikitext-2-raw-v1.zip")
+    with pytest.raises(CorpusMissing) as info:
+        resolve_corpus(checkout=checkout)
+    msg = str(info.value)
+    assert "Connection refused" in msg
+    assert str(checkout.parent / "shared" / "data" / ZIP_MEMBER) in msg
+    assert str(checkout / "data" / ZIP_MEMBER) in msg and "FQ_TEXT" in msg
+    assert isinstance(info.value, FetchFailed) and info.value.exit_status == 1
+    with pytest.raises(CorpusMissing, match="downloading is disabled"):
+        resolve_corpus(checkout=checkout, download=False)
+
+
+def test_default_url_is_llama_cpp_s(monkeypatch):
+    monkeypatch.delenv("FQ_WIKITEXT_URL", raising=False)
+    assert corpus.wikitext_url() == (
+        "https://huggingface.co/datasets/ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip"
+    )

