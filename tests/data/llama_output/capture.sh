@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Regenerates the captured llama.cpp output that tests/test_llama_parse.py reads.
+# Usage: tests/data/llama_output/capture.sh BIN_DIR SMOLLM2_GGUF CORPUS
+# Model-determined figures (PPL, KLD, token text) are bit-reproducible on the CPU;
+# timings are not, so the parser tests read those from whatever this run printed.
+set -euo pipefail
+bin=$1 model=$2 text=$3
+out=$(cd "$(dirname "$0")" && pwd)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+"$bin/llama-perplexity" --version 2>"$out/version.stderr" >/dev/null || true
+"$bin/llama-perplexity" -m "$model" -f "$text" -c 512 -b 512 -t 2 --chunks 2 \
+  --kl-divergence-base "$tmp/base.kld" >"$out/perplexity_smollm2.stdout" 2>"$out/perplexity_smollm2.stderr"
+"$bin/llama-perplexity" -m "$model" -f "$text" -c 512 -b 512 -t 2 --chunks 2 \
+  --kl-divergence-base "$tmp/base.kld" --kl-divergence >"$out/kld_smollm2.stdout" 2>"$out/kld_smollm2.stderr"
+"$bin/llama-completion" -m "$model" -p "Hello" -n 16 --temp 0 --seed 1 -no-cnv --ignore-eos \
+  --no-display-prompt -t 2 </dev/null >"$out/completion_smollm2.stdout" 2>"$out/completion_smollm2.stderr"

@@ -1,0 +1,96 @@
+"""Finding llama.cpp: flag, environment, PATH, cache; and what never counts as a good build."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fq_core.errors import ToolMissing
+from fq_core.llama import tools as T
+
+
+@pytest.fixture(scope="module")
+def real_bin() -> Path:
+    return T.find_tools().bin_dir
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("FQ_LLAMA_BIN_DIR", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    return tmp_path / "xdg" / "fq-suite"
+
+
+@pytest.mark.llama
+def test_flag_wins_and_reports_the_version(real_bin, empty_cache, monkeypatch):
+    monkeypatch.setenv("FQ_LLAMA_BIN_DIR", "/nonexistent")
+    t = T.find_tools(real_bin)
+    assert t.source == "flag" and t.bin_dir == real_bin.resolve()
+    assert t.version.startswith("0.5.0") and "commit" in t.version
+    assert t.build_info.startswith("built with")
+    assert t.path("llama-perplexity").is_file()
+
+
+@pytest.mark.llama
+def test_env_then_path(real_bin, empty_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("FQ_LLAMA_BIN_DIR", str(real_bin))
+    assert T.find_tools().source == "env"
+    monkeypatch.delenv("FQ_LLAMA_BIN_DIR")
+    on_path = tmp_path / "onpath"
+    on_path.mkdir()
+    for tool in T.REQUIRED_TOOLS:
+        (on_path / tool).symlink_to(real_bin / tool)
+    monkeypatch.setenv("PATH", f"{on_path}:/usr/bin:/bin")
+    t = T.find_tools(build=False)
+    assert t.source == "PATH" and t.bin_dir == real_bin.resolve()
+
+
+def test_flag_without_tools_is_a_clear_error(tmp_path, empty_cache):
+    with pytest.raises(ToolMissing, match="does not contain llama-perplexity"):
+        T.find_tools(tmp_path)
+
+
+def test_nothing_found_and_no_build_says_how_to_fix(empty_cache):
+    with pytest.raises(ToolMissing, match="fq setup"):
+        T.find_tools(build=False)
+
+
+def test_interrupted_or_incomplete_builds_are_never_used(empty_cache):
+    root = empty_cache / "llama.cpp"
+    # what an interrupted build leaves: a temporary tree, never renamed into place
+    partial = root / ".building-abc" / "install" / "bin"
+    partial.mkdir(parents=True)
+    for tool in T.REQUIRED_TOOLS:
+        (partial / tool).write_text("#!/bin/sh\n")
+        os.chmod(partial / tool, 0o755)
+    # and a final directory without the executables
+    (T.cache_build_dir() / "bin").mkdir(parents=True)
+    assert T.locate() == (None, "missing")
+    with pytest.raises(ToolMissing):
+        T.find_tools(build=False)
+
+
+def test_flags_hash_covers_extra_cmake_args(monkeypatch):
+    monkeypatch.delenv("FQ_LLAMA_CMAKE_ARGS", raising=False)
+    plain = T.cache_build_dir()
+    monkeypatch.setenv("FQ_LLAMA_CMAKE_ARGS", "-DGGML_CUDA=ON")
+    assert T.cmake_args()[-1] == "-DGGML_CUDA=ON"
+    cuda = T.cache_build_dir()
+    assert cuda != plain and cuda.parent == plain.parent
+    assert cuda.name.startswith(T.PINNED_VERSION + "-")
+
+
+@pytest.mark.llama
+def test_the_cache_build_is_complete_and_described(real_bin):
+    """The build `fq setup` made: all tools, and a build.json with what produced it."""
+    rec = T.build_record(T.cache_build_dir() / "bin")
+    if T.locate()[1] != "cache" or rec is None:
+        pytest.skip("llama.cpp comes from PATH / FQ_LLAMA_BIN_DIR here, not from the cache")
+    for tool in T.BUILD_TARGETS:
+        assert os.access(T.cache_build_dir() / "bin" / tool, os.X_OK)
+    assert rec["package"] == "llama-cpp-python==0.3.36"
+    assert rec["cmake_args"] == list(T.cmake_args())
+    assert rec["version"] == T.find_tools().version
