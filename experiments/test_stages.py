@@ -1,0 +1,71 @@
+"""The experiment: Test 1-4 (stage ids layer0, layers0-2, layers0-9, all-layers) × model.
+
+Each check is its own test so the report shows which one failed. The protocol runs once per
+stage × model (fq_core.stages.run_stage) and stores every measurement first; these tests only
+assert on the stored result. `pytest -k layer0` is the go/no-go gate; later stages are skipped
+with the gate's reason unless Test 1 passed for that model.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = [pytest.mark.stage, pytest.mark.llama]
+
+
+def _assert_check(result: dict, name: str) -> None:
+    check = result["checks"].get(name)
+    assert check is not None, f"{name}: not recorded ({result['outcome']})"
+    status, detail = check["status"], check["detail"]
+    if status == "skipped":
+        pytest.skip(detail)
+    if status == "error":
+        pytest.fail(f"{name} error: {detail}", pytrace=False)
+    if status == "failed":
+        pytest.fail(detail, pytrace=False)
+    assert status == "passed", f"{name}: unknown status {status!r}"
+
+
+def test_quantize(fq_result):
+    """Fake quantization succeeds and touches only the selected tensors' bytes."""
+    _assert_check(fq_result, "quantize")
+
+
+def test_numeric(fq_result):
+    """Max relative error below fq_max_rel_error, with the manifest's element counts."""
+    _assert_check(fq_result, "numeric")
+
+
+def test_load(fq_result):
+    """llama.cpp loads the fake-quantized model (with --check-tensors)."""
+    _assert_check(fq_result, "load")
+
+
+def test_generate(fq_result):
+    """Tokens for 'Hello' and, through the chat template, for 你好，請介紹一下自己。"""
+    _assert_check(fq_result, "generate")
+
+
+def test_perplexity(fq_result):
+    """|ΔPPL| against the unmodified model below fq_ppl_delta_max (paired uncertainty shown)."""
+    _assert_check(fq_result, "perplexity")
+
+
+def test_kld(fq_result):
+    """Mean KLD ≤ fq_kld_mean_max and same-top-token rate ≥ fq_same_top_min."""
+    _assert_check(fq_result, "kld")
+
+
+def test_placebo(fq_result):
+    """Effect against the selection-matched placebo; asserted only with fq_noise_factor_max."""
+    _assert_check(fq_result, "placebo")
+
+
+def test_agreement(fq_result):
+    """Greedy output agreement with the baseline; asserted only with fq_agreement_min."""
+    _assert_check(fq_result, "agreement")
+
+
+def test_speed(fq_result):
+    """Inference speed relative to the baseline: recorded, never asserted."""
+    _assert_check(fq_result, "speed")

@@ -1,0 +1,135 @@
+"""The go/no-go gate: later stages run only after Test 1 passed for the same model and setup.
+
+Why a record and not just this session: `pytest -k layers0-2` on its own must not re-run Test 1
+when it already passed with the very same model, corpus, llama.cpp, format, settings and
+thresholds — and must refuse when any of those changed, because then the pass proves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .results import GateComponents, gate_entries, lookup_gate
+
+FAILING = ("failed", "error")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    open: bool
+    reason: str  # one line, shown as the skip reason when closed
+    source: str  # "session" | "record" | "missing" | "stale" | "ignored"
+    run_id: str | None = None
+
+
+def failure_reason(result: Mapping[str, Any]) -> str | None:
+    """Why a stored Test 1 result did not pass (its failing checks' details), or None if it did."""
+    checks = result.get("checks") or {}
+    bad = [
+        (name, c)
+        for name, c in checks.items()
+        if isinstance(c, Mapping) and c.get("status") in FAILING
+    ]
+    if bad:
+        parts = [str(c.get("detail") or f"{name} {c.get('status')}") for name, c in bad]
+        return "; ".join(parts)
+    if result.get("outcome") == "passed":
+        return None
+    if result.get("outcome") == "skipped":
+        return f"Test 1 was skipped: {result.get('skip_reason') or 'no reason recorded'}"
+    return f"Test 1 did not finish (outcome {result.get('outcome')!r})"
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, name + "."))
+        else:
+            flat[name] = v
+    return flat
+
+
+def describe_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between a recorded gate key and the current one, e.g. 'corpus_sha256'."""
+    old, new = _flatten(recorded), _flatten(current)
+    changes = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name), new.get(name)
+        if a == b:
+            continue
+        if name.endswith("sha256"):
+            changes.append(f"{name} {str(a)[:12]}… → {str(b)[:12]}…")
+        else:
+            changes.append(f"{name} {a} → {b}")
+    return changes
+
+
+def decide(
+    model: str,
+    components: GateComponents,
+    *,
+    session_result: Mapping[str, Any] | None = None,
+    ignore: bool = False,
+    root: str | os.PathLike[str] | None = None,
+) -> GateDecision:
+    """Open when Test 1 passed for `model` in this session, or in a recorded run with this key.
+
+    `session_result` is this run's stored Test 1 result for the model (None when Test 1 is not
+    part of this session); it takes precedence over any record.
+    """
+    decision = _decide(model, components, session_result, root)
+    if ignore and not decision.open:
+        return GateDecision(True, f"gate ignored (--fq-ignore-gate); {decision.reason}", "ignored")
+    return decision
+
+
+def _decide(
+    model: str,
+    components: GateComponents,
+    session_result: Mapping[str, Any] | None,
+    root: str | os.PathLike[str] | None,
+) -> GateDecision:
+    prefix = f"gate: Test 1 has not passed for {model}"
+    if session_result is not None:
+        run_id = session_result.get("run_id")
+        reason = failure_reason(session_result)
+        if reason is None:
+            return GateDecision(True, f"Test 1 passed for {model} in this run", "session", run_id)
+        return GateDecision(False, f"{prefix}: {reason}", "session", run_id)
+
+    entry = lookup_gate(components, root)
+    if entry is not None:
+        if entry.outcome == "passed":
+            return GateDecision(
+                True, f"Test 1 passed for {model} in run {entry.run_id}", "record", entry.run_id
+            )
+        why = entry.reason or "it failed"
+        return GateDecision(False, f"{prefix}: {why} (run {entry.run_id})", "record", entry.run_id)
+
+    current = components.to_json()
+    same_model = [
+        e
+        for e in gate_entries(root)
+        if e.model == model or e.components.get("model_sha256") == components.model_sha256
+    ]
+    if same_model:
+        latest = max(same_model, key=lambda e: e.recorded_at)
+        changes = describe_changes(latest.components, current)
+        shown = ", ".join(changes[:3]) + (
+            f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+        )
+        return GateDecision(
+            False,
+            f"{prefix}: its recorded Test 1 (run {latest.run_id}, {latest.outcome}) was for a "
+            f"different setup: {shown}; run `pytest -k layer0`",
+            "stale",
+            latest.run_id,
+        )
+    return GateDecision(
+        False, f"{prefix}: no recorded Test 1 for this setup; run `pytest -k layer0`", "missing"
+    )

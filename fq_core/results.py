@@ -1,0 +1,299 @@
+"""The results store: run ids, one JSON per stage × model, the gate record, cache keys, locks.
+
+Why a store at all: every check writes its measurements here *before* anything asserts, so a
+failing or interrupted run still leaves complete evidence, and the report is built from these
+files alone. Writes are atomic (temp file + rename) and serialized by file locks, so parallel
+pytest-xdist workers never see half a file or overwrite each other.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from .errors import BadInput
+from .paths import results_dir
+
+SCHEMA = 1
+GATE_FILE = "gate.json"
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def new_run_id(now: _dt.datetime | None = None) -> str:
+    """UTC timestamp (sorts by time) + 6 random hex digits (unique across machines and workers)."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def safe_name(name: str) -> str:
+    """A model or stage name as a single path component (registry names pass unchanged)."""
+    cleaned = "".join(c if c in _SAFE else "_" for c in name).strip(".")
+    if not cleaned:
+        raise BadInput(f"cannot use {name!r} as a file name in the results store")
+    return cleaned
+
+
+def _root(root: str | os.PathLike[str] | None) -> Path:
+    return Path(root) if root is not None else results_dir()
+
+
+def run_dir(run_id: str, root: str | os.PathLike[str] | None = None) -> Path:
+    return _root(root) / safe_name(run_id)
+
+
+def result_path(
+    run_id: str, stage: str, model: str, root: str | os.PathLike[str] | None = None
+) -> Path:
+    """results/<run-id>/<stage>/<model>.json"""
+    return run_dir(run_id, root) / safe_name(stage) / f"{safe_name(model)}.json"
+
+
+def lock_for(path: str | os.PathLike[str], timeout: float = -1) -> FileLock:
+    """The lock guarding `path` (a sibling `.lock` file); -1 waits for ever."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=timeout)
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/Inf are not JSON: store them as null rather than writing an unreadable file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _jsonable(value.item())
+    return value
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write JSON so that readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(_jsonable(data), f, indent=2, ensure_ascii=False, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_result(data: Mapping[str, Any], root: str | os.PathLike[str] | None = None) -> Path:
+    """Store one stage × model result at the path given by its run_id, stage and model name."""
+    path = result_path(data["run_id"], data["stage"], data["model"]["name"], root)
+    with lock_for(path):
+        write_json_atomic(path, data)
+    return path
+
+
+def load_result(
+    run_id: str, stage: str, model: str, root: str | os.PathLike[str] | None = None
+) -> dict | None:
+    path = result_path(run_id, stage, model, root)
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        return None
+
+
+def iter_results(run_id: str, root: str | os.PathLike[str] | None = None) -> Iterator[dict]:
+    """Every stage × model result of one run (for the report and the gate)."""
+    base = run_dir(run_id, root)
+    if not base.is_dir():
+        return
+    for path in sorted(base.glob("*/*.json")):
+        data = read_json(path)
+        if isinstance(data, dict) and "stage" in data and "checks" in data:
+            yield data
+
+
+def latest_run_id(root: str | os.PathLike[str] | None = None) -> str | None:
+    base = _root(root)
+    if not base.is_dir():
+        return None
+    runs = sorted(p.name for p in base.iterdir() if p.is_dir() and any(p.glob("*/*.json")))
+    return runs[-1] if runs else None
+
+
+# --- cache keys ------------------------------------------------------------------------------
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(_jsonable(data), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def cache_key(parts: Mapping[str, Any], length: int = 24) -> str:
+    """A stable key for anything computed from `parts` (model/corpus hashes, settings, ...)."""
+    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:length]
+
+
+def cached_json(path: str | os.PathLike[str], compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """Return (value, hit): the JSON at `path`, or compute it once under a lock and store it.
+
+    A second process asking for the same key waits on the lock and then reads the stored value,
+    so an expensive llama.cpp run is never made twice, in parallel or across runs.
+    """
+    path = Path(path)
+    try:
+        return read_json(path), True
+    except (FileNotFoundError, ValueError):
+        pass
+    with lock_for(path):
+        try:
+            return read_json(path), True
+        except (FileNotFoundError, ValueError):
+            value = compute()
+            write_json_atomic(path, value)
+            return value, False
+
+
+# --- the gate record -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateComponents:
+    """Everything that must match for a recorded Test 1 verdict to stand for this run."""
+
+    model_sha256: str
+    corpus_sha256: str
+    llama_version: str
+    format: str
+    rounding: str
+    settings: Mapping[str, Any]
+    thresholds: Mapping[str, Any]
+
+    def to_json(self) -> dict:
+        return {
+            "model_sha256": self.model_sha256,
+            "corpus_sha256": self.corpus_sha256,
+            "llama_version": self.llama_version,
+            "format": self.format,
+            "rounding": self.rounding,
+            "settings": dict(self.settings),
+            "thresholds": dict(self.thresholds),
+        }
+
+    @property
+    def key(self) -> str:
+        return cache_key(self.to_json(), length=32)
+
+
+@dataclass(frozen=True)
+class GateEntry:
+    key: str
+    model: str
+    outcome: str  # "passed" | "failed"
+    reason: str | None
+    run_id: str
+    recorded_at: str
+    components: Mapping[str, Any]
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "run_id": self.run_id,
+            "recorded_at": self.recorded_at,
+            "components": dict(self.components),
+        }
+
+    @classmethod
+    def from_json(cls, key: str, data: Mapping[str, Any]) -> GateEntry:
+        return cls(
+            key=key,
+            model=data.get("model", ""),
+            outcome=data.get("outcome", ""),
+            reason=data.get("reason"),
+            run_id=data.get("run_id", ""),
+            recorded_at=data.get("recorded_at", ""),
+            components=data.get("components", {}),
+        )
+
+
+def gate_path(root: str | os.PathLike[str] | None = None) -> Path:
+    return _root(root) / GATE_FILE
+
+
+def _read_gate(path: Path) -> dict:
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        return {"schema": SCHEMA, "entries": {}}
+    except ValueError as exc:
+        raise BadInput(f"{path} is not valid JSON ({exc}); delete it to reset the gate") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        raise BadInput(f"{path} is not an fq-suite gate record; delete it to reset the gate")
+    return data
+
+
+def gate_entries(root: str | os.PathLike[str] | None = None) -> tuple[GateEntry, ...]:
+    data = _read_gate(gate_path(root))
+    return tuple(GateEntry.from_json(k, v) for k, v in data["entries"].items())
+
+
+def lookup_gate(
+    components: GateComponents, root: str | os.PathLike[str] | None = None
+) -> GateEntry | None:
+    data = _read_gate(gate_path(root))
+    entry = data["entries"].get(components.key)
+    return GateEntry.from_json(components.key, entry) if entry else None
+
+
+def record_gate(
+    components: GateComponents,
+    *,
+    model: str,
+    outcome: str,
+    run_id: str,
+    reason: str | None = None,
+    root: str | os.PathLike[str] | None = None,
+) -> GateEntry:
+    """Record the latest Test 1 verdict for this key (a later failure replaces an earlier pass)."""
+    if outcome not in ("passed", "failed"):
+        raise ValueError(f"gate outcome must be passed or failed, not {outcome!r}")
+    entry = GateEntry(
+        key=components.key,
+        model=model,
+        outcome=outcome,
+        reason=reason,
+        run_id=run_id,
+        recorded_at=utc_now(),
+        components=components.to_json(),
+    )
+    path = gate_path(root)
+    with lock_for(path):
+        data = _read_gate(path)
+        data["schema"] = SCHEMA
+        data["entries"][entry.key] = entry.to_json()
+        write_json_atomic(path, data)
+    return entry

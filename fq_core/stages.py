@@ -1,0 +1,831 @@
+"""The experiment: four stages and the one protocol every stage × model runs.
+
+Protocol: fake-quantize the stage's layers (treatment) and, with the same selection, flip the
+lowest mantissa bit by seeded masks (placebos); evaluate each with llama.cpp against the
+cached baseline of the unmodified model; compare; decide every check. The result is written
+to the store after each step, before anything asserts, so a failure or a crash still leaves
+the evidence. Why placebos: on these quantized models any change to a norm weight, even
+2^-24 relative, moves KLD by about as much as the real effect; without a control a threshold
+judges engine noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__, metrics, patch, results
+from .errors import FqError
+from .gguf_index import read_index, read_tensor
+from .paths import cache_dir
+from .selection import DEFAULT_TENSORS
+
+if TYPE_CHECKING:  # the stage definitions import without llama.cpp's side of the library
+    from .corpus import Corpus
+    from .evaluate import EvalSettings
+    from .llama.runner import LlamaRunner
+    from .llama.tools import LlamaTools
+    from .models import ModelRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    id: str  # part of every test id of the stage; `-k layer0` selects exactly Test 1
+    title: str
+    layers: str  # selection.parse_layers grammar
+    index: int
+
+
+STAGES = (
+    Stage("layer0", "Test 1", "0", 1),
+    Stage("layers0-2", "Test 2", "0-2", 2),
+    Stage("layers0-9", "Test 3", "0-9", 3),
+    Stage("all-layers", "Test 4", "all", 4),
+)
+GATE_STAGE = STAGES[0]
+CHECKS = (
+    "quantize",
+    "numeric",
+    "load",
+    "generate",
+    "perplexity",
+    "kld",
+    "placebo",
+    "agreement",
+    "speed",
+)
+
+
+def stage(stage_id: str) -> Stage:
+    for s in STAGES:
+        if s.id == stage_id:
+            return s
+    raise KeyError(stage_id)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail limits. None = report only (the check records its value and never fails)."""
+
+    ppl_delta_max: float = 0.02  # |PPL(treated)/PPL(base) - 1|
+    max_rel_error: float = 1e-2
+    kld_mean_max: float = 0.02
+    same_top_min: float = 0.90  # fraction of tokens whose top-1 token is unchanged
+    agreement_min: float | None = None  # greedy token agreement, fraction
+    noise_factor_max: float | None = None  # treatment KLD / largest placebo KLD
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Everything a stage run depends on besides the model: settings, format, control, limits."""
+
+    settings: EvalSettings = field(default_factory=lambda: _evaluate().EvalSettings())
+    fmt: str = "bf16"
+    rounding: str = "truncate"
+    tensors: tuple[str, ...] = DEFAULT_TENSORS
+    placebo_seeds: tuple[int, ...] = (1, 2, 3)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    keep_models: bool = False  # keep the fake-quantized GGUFs (large) after evaluation
+
+    def settings_json(self) -> dict:
+        s = self.settings
+        return {
+            "format": self.fmt,
+            "rounding": self.rounding,
+            "tensors": list(self.tensors),
+            "ctx": s.ctx,
+            "batch": s.batch,
+            "chunks": s.chunks,
+            "kld_chunks": s.kld_chunks,
+            "threads": s.threads,
+            "gen_tokens": s.gen_tokens,
+            "prompts": [{"text": p.text, "chat": p.chat} for p in s.prompts],
+            "placebo_seeds": list(self.placebo_seeds),
+        }
+
+    def gate_components(
+        self, model: ModelRef, corpus: Corpus, tools: LlamaTools
+    ) -> results.GateComponents:
+        """The gate key. Threads are left out: llama.cpp is bit-identical across thread counts."""
+        settings = {k: v for k, v in self.settings_json().items() if k != "threads"}
+        return results.GateComponents(
+            model_sha256=model.sha256,
+            corpus_sha256=corpus.sha256,
+            llama_version=tools.version,
+            format=self.fmt,
+            rounding=self.rounding,
+            settings=settings,
+            thresholds=self.thresholds.to_json(),
+        )
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where and with what a stage runs: the session's run id, tools and inputs."""
+
+    run_id: str
+    runner: LlamaRunner
+    tools: LlamaTools
+    corpus: Corpus
+    results_root: Path | None = None
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _evaluate():
+    from . import evaluate
+
+    return evaluate
+
+
+def _check(
+    status: str,
+    detail: str,
+    value: float | None = None,
+    threshold: float | None = None,
+    *,
+    asserted: bool = True,
+    **extra: Any,
+) -> dict:
+    return {
+        "status": status,
+        "detail": detail,
+        "value": value,
+        "threshold": threshold,
+        "asserted": asserted,
+        **extra,
+    }
+
+
+def _error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_json() -> dict:
+    return {
+        "hostname": socket.gethostname(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def model_json(model: ModelRef) -> dict:
+    return {"name": model.name, "path": str(model.path), "sha256": model.sha256}
+
+
+def corpus_json(corpus: Corpus, n_tokens: int | None = None) -> dict:
+    return {
+        "path": str(corpus.path),
+        "sha256": corpus.sha256,
+        "n_bytes": corpus.n_bytes,
+        "n_tokens": n_tokens,
+    }
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:+.{digits}f}%"
+
+
+def _minmaxmean(values: Sequence[float]) -> dict | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None
+    return {"min": min(vals), "max": max(vals), "mean": sum(vals) / len(vals)}
+
+
+def header(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dict:
+    """Everything a result file states before any measurement: what, on which inputs, how."""
+    return {
+        "schema": results.SCHEMA,
+        "run_id": ctx.run_id,
+        "stage": stage_.id,
+        "stage_title": stage_.title,
+        "stage_index": stage_.index,
+        "layers": stage_.layers,
+        "model": model_json(model),
+        "corpus": corpus_json(ctx.corpus),
+        "llama": {
+            "version": ctx.tools.version,
+            "build_info": ctx.tools.build_info,
+            "bin_dir": str(ctx.tools.bin_dir),
+        },
+        "fq_version": __version__,
+        "machine": machine_json(),
+        "settings": exp.settings_json(),
+        "thresholds": exp.thresholds.to_json(),
+        "checks": {},
+        "numeric": None,
+        "baseline": None,
+        "treatment": None,
+        "placebo": None,
+        "commands": [],
+        "outcome": "running",
+        "skip_reason": None,
+        "started_at": results.utc_now(),
+        "finished_at": None,
+    }
+
+
+def skipped_result(
+    stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment, reason: str
+) -> dict:
+    """The result of a stage the gate closed: stored so the report can say why it did not run."""
+    data = header(stage_, model, ctx, exp)
+    for name in CHECKS:
+        data["checks"][name] = _check("skipped", reason, asserted=False)
+    data["outcome"] = "skipped"
+    data["skip_reason"] = reason
+    data["finished_at"] = results.utc_now()
+    return data
+
+
+def outcome(checks: Mapping[str, Mapping[str, Any]]) -> str:
+    bad = any(c.get("status") in ("failed", "error") for c in checks.values())
+    return "failed" if bad else "passed"
+
+
+def _commands(role: str, records: Sequence[Any]) -> list[dict]:
+    out = []
+    for rec in records:
+        if rec is None:
+            continue
+        d = rec.to_json() if hasattr(rec, "to_json") else dict(rec)
+        d["role"] = role
+        out.append(d)
+    return out
+
+
+# --- numeric evidence -----------------------------------------------------------------------
+
+
+def _focus_json(original: Path, candidate: Path, tensor_name: str, layer: int | None) -> dict:
+    """Before/after distributions and histograms of one patched tensor, for the report's charts."""
+    a_idx, b_idx = read_index(original), read_index(candidate)
+    before = read_tensor(a_idx, a_idx.tensor(tensor_name))
+    after = read_tensor(b_idx, b_idx.tensor(tensor_name))
+    edges, (h_before, h_after) = metrics.histogram(before, after, bins=50)
+    rel = metrics.relative_errors(before, after)
+    rel = rel[rel > 0]
+    hi = float(rel.max()) if rel.size else 1e-2
+    rel_edges, (rel_counts,) = metrics.histogram(rel, bins=40, value_range=(0.0, max(hi, 1e-12)))
+    return {
+        "layer": layer,
+        "tensor": tensor_name,
+        "before": metrics.distribution(before).to_json(),
+        "after": metrics.distribution(after).to_json(),
+        "hist_edges": edges,
+        "hist_before": h_before,
+        "hist_after": h_after,
+        "rel_error_edges": rel_edges,
+        "rel_error_counts": rel_counts,
+    }
+
+
+def _numeric_json(manifest: patch.Manifest, original: Path, candidate: Path) -> dict:
+    t = manifest.totals
+    per_tensor = [
+        {
+            "name": c.name,
+            "layer": c.layer,
+            "changed": c.changed,
+            "n_elements": c.n_elements,
+            "max_abs": c.max_abs,
+            "mean_abs": c.mean_abs,
+            "max_rel": c.max_rel,
+            "mean_rel": c.mean_rel,
+        }
+        for c in manifest.tensors
+    ]
+    focus = None
+    if manifest.tensors:
+        first = manifest.tensors[0]
+        try:
+            focus = _focus_json(original, candidate, first.name, first.layer)
+        except (FqError, OSError, ValueError) as exc:  # charts are evidence, not a verdict
+            log.warning("no focus distribution for %s: %s", first.name, exc)
+    return {
+        "manifest": manifest.path,
+        "n_tensors": len(manifest.tensors),
+        "n_elements": manifest.total_elements,
+        "changed": manifest.total_changed,
+        "max_abs": t.max_abs,
+        "mean_abs": t.mean_abs,
+        "max_rel": t.max_rel,
+        "mean_rel": t.mean_rel,
+        "max_ulp_bf16": getattr(t, "max_ulp_bf16", None),
+        "summary": manifest.summary(),
+        "per_tensor": per_tensor,
+        "focus": focus,
+    }
+
+
+def _quantize_check(cmp: metrics.Comparison, manifest: patch.Manifest) -> dict:
+    size_mb = cmp.file_size / 1e6
+    if cmp.unexpected:
+        return _check(
+            "failed",
+            f"bytes outside the selected tensors changed: {', '.join(cmp.unexpected[:5])}",
+            value=float(len(cmp.unexpected)),
+            threshold=0.0,
+        )
+    changed_bytes = sum(d.differing_bytes for d in cmp.differing)
+    exact = (
+        f" (already exact in {manifest.format}: the output is byte-identical to the input)"
+        if manifest.nothing_changed
+        else ""
+    )
+    return _check(
+        "passed",
+        f"{manifest.total_changed:,} of {manifest.total_elements:,} elements changed in "
+        f"{len(manifest.tensors)} selected tensors ({changed_bytes:,} bytes); every other byte "
+        f"of the {size_mb:.0f} MB file identical{exact}",
+        value=0.0,
+        threshold=0.0,
+        changed_bytes=changed_bytes,
+    )
+
+
+def _numeric_check(manifest: patch.Manifest, limit: float) -> dict:
+    t = manifest.totals
+    counts = f"{manifest.total_changed:,} of {manifest.total_elements:,} elements changed"
+    max_rel = t.max_rel if math.isfinite(t.max_rel) else float("inf")
+    if max_rel < limit:
+        return _check(
+            "passed", f"max rel error {max_rel:.3g} < {limit:g} ({counts})", max_rel, limit
+        )
+    return _check("failed", f"max rel error {max_rel:.3g} ≥ {limit:g} ({counts})", max_rel, limit)
+
+
+# --- evaluation evidence --------------------------------------------------------------------
+
+
+def _gen_json(g: Any) -> dict:
+    return {
+        "prompt": g.prompt,
+        "chat": g.chat,
+        "text": g.text,
+        "n_tokens": g.n_tokens,
+        "tokens_per_s": g.tokens_per_s,
+        "tool": getattr(g, "tool", None),
+    }
+
+
+def _kld_json(k: Any) -> dict | None:
+    if k is None:
+        return None
+    return {
+        "mean": k.mean_kld,
+        "mean_err": k.mean_kld_err,
+        "median": getattr(k, "median_kld", None),
+        "p90": getattr(k, "p90_kld", None),
+        "p99": getattr(k, "p99_kld", None),
+        "max": getattr(k, "max_kld", None),
+        "same_top_pct": k.same_top_pct,
+        "same_top_err": getattr(k, "same_top_err", None),
+        "rms_dp_pct": getattr(k, "rms_dp_pct", None),
+        "p999": getattr(k, "p999_kld", None),
+        "ppl_ratio": getattr(k, "ppl_ratio", None),
+    }
+
+
+def _baseline_json(base: Any) -> dict:
+    p = base.perplexity
+    return {
+        "ppl": p.ppl,
+        "ppl_err": p.ppl_err,
+        "chunk_ppls": list(p.chunk_ppls),
+        "n_chunks": p.n_chunks,
+        "tokens_per_s": p.tokens_per_s,
+        "load_time_ms": base.load.load_time_ms if base.load else None,
+        "generations": [_gen_json(g) for g in base.generations],
+        "cached": getattr(base, "cached", None),
+        "key": getattr(base, "key", None),
+    }
+
+
+def _speed_ratio(cmp: Any) -> float | None:
+    base, cand = cmp.baseline_ppl_tokens_per_s, cmp.ppl_tokens_per_s
+    return cand / base if base and cand else None
+
+
+def _treatment_json(ev: Any, cmp: Any) -> dict:
+    p = ev.perplexity
+    return {
+        "ppl": p.ppl,
+        "ppl_err": p.ppl_err,
+        "chunk_ppls": list(p.chunk_ppls),
+        "delta_ppl": cmp.delta_ppl,
+        "delta_ppl_pct": cmp.delta_ppl_pct,
+        "delta_ppl_pct_err": cmp.delta_ppl_pct_err,
+        "kld": _kld_json(p.kld),
+        "tokens_per_s": p.tokens_per_s,
+        "speed_ratio": _speed_ratio(cmp),
+        "gen_tokens_per_s": cmp.gen_tokens_per_s,
+        "baseline_gen_tokens_per_s": cmp.baseline_gen_tokens_per_s,
+        "load_time_ms": ev.load.load_time_ms,
+        "generations": [_gen_json(g) for g in ev.generations],
+        "agreement": _agreement_json(cmp),
+    }
+
+
+def _agreement_json(cmp: Any) -> dict | None:
+    per_prompt = [
+        {
+            "prompt": a.prompt,
+            "chat": a.chat,
+            "same_text": a.same_text,
+            "token_agreement": a.token_agreement,
+            "first_divergence": a.first_divergence,
+        }
+        for a in cmp.agreement
+    ]
+    if not per_prompt:
+        return None
+    vals = [a["token_agreement"] for a in per_prompt if a["token_agreement"] is not None]
+    divs = [a["first_divergence"] for a in per_prompt if a["first_divergence"] is not None]
+    return {
+        "token_agreement": min(vals) if vals else None,
+        "first_divergence": min(divs) if divs else None,
+        "per_prompt": per_prompt,
+    }
+
+
+def _load_check(ev: Any) -> dict:
+    if ev.load.ok:
+        ms = ev.load.load_time_ms
+        return _check(
+            "passed", f"llama.cpp loaded it (--check-tensors){f' in {ms:.0f} ms' if ms else ''}"
+        )
+    return _check("failed", f"llama.cpp could not load it: {ev.load.error}")
+
+
+def _generate_check(ev: Any) -> dict:
+    parts, ok = [], True
+    for g in ev.generations:
+        label = f"{g.prompt!r}{' (chat)' if g.chat else ''}"
+        if g.n_tokens > 0 and g.text.strip():
+            parts.append(f"{label} → {g.n_tokens} tokens")
+        else:
+            ok = False
+            parts.append(f"{label} → nothing generated")
+    if not parts:
+        return _check("error", "no prompts configured")
+    return _check("passed" if ok else "failed", "; ".join(parts), asserted=True)
+
+
+def _perplexity_check(cmp: Any, limit: float, base_ppl: float, ppl: float) -> dict:
+    d, err = cmp.delta_ppl_pct, cmp.delta_ppl_pct_err
+    if d is None or not math.isfinite(d):
+        return _check("error", f"no finite perplexity delta (PPL {ppl} vs {base_ppl})")
+    has_err = err is not None and math.isfinite(err)
+    unc = f" ± {err:.2f}%" if has_err else ""
+    tail = f"(PPL {ppl:.4f} vs {base_ppl:.4f}{'; ± = paired standard error' if has_err else ''})"
+    rel = d / 100.0
+    if abs(rel) < limit:
+        return _check(
+            "passed", f"perplexity delta {d:+.2f}%{unc} < {100 * limit:.1f}% {tail}", rel, limit
+        )
+    op = ">" if abs(rel) > limit else "≥"
+    return _check(
+        "failed", f"perplexity delta {d:+.2f}%{unc} {op} {100 * limit:.1f}% {tail}", rel, limit
+    )
+
+
+def _kld_check(kld: Any, kld_max: float, same_top_min: float) -> dict:
+    if kld is None:
+        return _check("error", "llama.cpp printed no KL divergence statistics")
+    mean, same = kld.mean_kld + 0.0, kld.same_top_pct / 100.0  # + 0.0: llama.cpp prints -0.0
+    ok_k, ok_s = mean <= kld_max, same >= same_top_min
+    detail = (
+        f"mean KLD {mean:.5f} {'≤' if ok_k else '>'} {kld_max:g}, same top token "
+        f"{100 * same:.2f}% {'≥' if ok_s else '<'} {100 * same_top_min:g}%"
+    )
+    return _check(
+        "passed" if ok_k and ok_s else "failed",
+        detail,
+        mean,
+        kld_max,
+        same_top=same,
+        same_top_threshold=same_top_min,
+    )
+
+
+def _agreement_check(agreement: dict | None, limit: float | None) -> dict:
+    if not agreement or agreement.get("token_agreement") is None:
+        return _check("error", "no generations to compare", asserted=limit is not None)
+    value = agreement["token_agreement"]
+    fd = agreement.get("first_divergence")
+    text = f"greedy token agreement {100 * value:.1f}%" + (
+        f", first divergence at token {fd}" if fd is not None else ", no divergence"
+    )
+    if limit is None:
+        return _check("passed", f"{text} (reported; fq_agreement_min unset)", value, asserted=False)
+    ok = value >= limit
+    return _check(
+        "passed" if ok else "failed", f"{text} {'≥' if ok else '<'} {100 * limit:g}%", value, limit
+    )
+
+
+def _speed_check(ratio: float | None, base_tps: float | None, tps: float | None) -> dict:
+    if ratio is None:
+        return _check("passed", "speed not measured (reported only)", asserted=False)
+    return _check(
+        "passed",
+        f"perplexity throughput {tps:.0f} tokens/s vs {base_tps:.0f} baseline "
+        f"({ratio:.2f}×; recorded, never asserted)",
+        ratio,
+        asserted=False,
+    )
+
+
+def placebo_verdict(treatment_kld: float | None, placebo_klds: Sequence[float]) -> tuple:
+    """(ratio, wording): treatment KLD over the largest placebo KLD."""
+    if not placebo_klds:
+        return None, "control not run"
+    largest = max(placebo_klds)
+    if treatment_kld is None:
+        return None, "no treatment KLD"
+    treatment_kld += 0.0  # llama.cpp prints -0.000000 for an unchanged model
+    if largest <= 0:
+        if treatment_kld <= 0:
+            return 0.0, "within engine noise"
+        return math.inf, "above the placebo, which changed nothing"
+    ratio = treatment_kld / largest
+    if ratio <= 1.0:
+        return ratio, "within engine noise"
+    return ratio, f"{ratio:.1f}× the largest placebo"
+
+
+def _placebo_check(placebo: dict, limit: float | None) -> dict:
+    ratio, verdict = placebo["kld_ratio"], placebo["verdict"]
+    if not placebo["seeds"]:
+        return _check("skipped", "control not run (fq_placebo_seeds = 0)", asserted=False)
+    if ratio is None:
+        return _check("error", verdict, asserted=limit is not None)
+    kl = placebo["kld_mean"]
+    text = (
+        f"{verdict}: treatment KLD / largest placebo KLD = {ratio:.2f} "
+        f"(placebo KLD {kl['min']:.5f}–{kl['max']:.5f}, {len(placebo['seeds'])} seeds)"
+    )
+    if limit is None:
+        return _check(
+            "passed", f"{text}; reported, fq_noise_factor_max unset", ratio, asserted=False
+        )
+    ok = ratio <= limit
+    return _check(
+        "passed" if ok else "failed", f"{text} {'≤' if ok else '>'} {limit:g}", ratio, limit
+    )
+
+
+# --- placebo runs ---------------------------------------------------------------------------
+
+
+def placebo_key(
+    model: ModelRef, corpus: Corpus, tools: LlamaTools, exp: Experiment, layers: str, seed: int
+) -> str:
+    s = exp.settings
+    return results.cache_key(
+        {
+            "what": "placebo",
+            "model_sha256": model.sha256,
+            "corpus_sha256": corpus.sha256,
+            "llama_version": tools.version,
+            "layers": layers,
+            "tensors": list(exp.tensors),
+            "seed": seed,
+            "ctx": s.ctx,
+            "batch": s.batch,
+            "chunks": s.chunks,
+            "kld_chunks": s.kld_chunks,
+            "fq_version": __version__,
+        }
+    )
+
+
+def run_placebo(
+    model: ModelRef,
+    baseline: Any,
+    ctx: Context,
+    exp: Experiment,
+    layers: str,
+    seed: int,
+) -> tuple[dict, bool]:
+    """One placebo run (cached across stages, runs and workers by its key): (record, cache hit)."""
+    key = placebo_key(model, ctx.corpus, ctx.tools, exp, layers, seed)
+    folder = cache_dir() / "placebos" / key
+
+    def compute() -> dict:
+        dst = folder / f"{results.safe_name(model.name)}.placebo{seed}.gguf"
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = patch.fake_quantize_file(
+            model.path, dst, layers=layers, tensors=exp.tensors, fmt="placebo", seed=seed,
+            force=True, fsync=False,
+        )  # fmt: skip
+        try:
+            ref = replace(model, name=f"{model.name}+placebo{seed}", path=dst,
+                          sha256=manifest.output.sha256, spec=None)  # fmt: skip
+            ev = _perplexity_only(ctx, ref, baseline, exp.settings)
+            cmp = _evaluate().compare(baseline, ev)
+        finally:
+            dst.unlink(missing_ok=True)
+        kld = ev.perplexity.kld
+        return {
+            "seed": seed,
+            "key": key,
+            "layers": layers,
+            "manifest": manifest.path,
+            "changed": manifest.total_changed,
+            "n_elements": manifest.total_elements,
+            "ppl": ev.perplexity.ppl,
+            "ppl_err": ev.perplexity.ppl_err,
+            "delta_ppl_pct": cmp.delta_ppl_pct,
+            "delta_ppl_pct_err": cmp.delta_ppl_pct_err,
+            "kld_mean": kld.mean_kld if kld else None,
+            "same_top_pct": kld.same_top_pct if kld else None,
+            "kld": _kld_json(kld),
+            "commands": _commands(f"placebo seed {seed}", _ppl_commands(ev)),
+        }
+
+    return results.cached_json(folder / "placebo.json", compute)
+
+
+def _perplexity_only(ctx: Context, model: ModelRef, baseline: Any, settings: EvalSettings):
+    """A placebo needs no load or generation check: one llama-perplexity run for PPL and KLD."""
+    ev = _evaluate()
+    s = settings
+    kld_run = ctx.runner.perplexity(
+        model, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.kld_chunks,
+        kl_against=baseline.kld_base,
+    )  # fmt: skip
+    ppl = kld_run
+    if s.chunks != s.kld_chunks:
+        plain = ctx.runner.perplexity(
+            model, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.chunks
+        )
+        ppl = replace(plain, kld=kld_run.kld)
+    return ev.ModelEvaluation(model, None, (), ppl, kld_run)
+
+
+def _ppl_commands(ev: Any) -> list:
+    runs = [ev.perplexity]
+    if ev.kld_perplexity is not None and ev.kld_perplexity is not ev.perplexity:
+        runs.append(ev.kld_perplexity)
+    return [r.command for r in runs]
+
+
+def _placebo_summary(runs: list[dict], seeds: Sequence[int], treatment_kld: float | None) -> dict:
+    klds = [r["kld_mean"] for r in runs if r.get("kld_mean") is not None]
+    ratio, verdict = placebo_verdict(treatment_kld, klds) if seeds else (None, "control not run")
+    return {
+        "seeds": list(seeds),
+        "runs": [{k: v for k, v in r.items() if k != "commands"} for r in runs],
+        "kld_mean": _minmaxmean(klds),
+        "delta_ppl_pct": _minmaxmean([r.get("delta_ppl_pct") for r in runs]),
+        "same_top_pct": _minmaxmean([r.get("same_top_pct") for r in runs]),
+        "kld_ratio": ratio,
+        "verdict": verdict,
+    }
+
+
+# --- the protocol ---------------------------------------------------------------------------
+
+
+def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dict:
+    """Run one stage on one model, store the result after every step, record Test 1's verdict."""
+    data = header(stage_, model, ctx, exp)
+    checks = data["checks"]
+    path = results.result_path(ctx.run_id, stage_.id, model.name, ctx.results_root)
+    save = lambda: results.save_result(data, ctx.results_root)  # noqa: E731
+    save()
+    log.info("%s %s: %s", stage_.title, stage_.id, model.name)
+
+    def fail_rest(reason: str, names: Sequence[str]) -> None:
+        for n in names:
+            checks.setdefault(n, _check("error", reason))
+
+    # 1-2. fake quantization and its numeric effect
+    # models/ keeps the GGUF and its manifest out of the results glob (<stage>/*.json)
+    dst = path.parent / "models" / f"{path.stem}.gguf"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = patch.fake_quantize_file(
+            model.path, dst, layers=stage_.layers, tensors=exp.tensors, fmt=exp.fmt,
+            rounding=exp.rounding, force=True,
+        )  # fmt: skip
+        cmp_files = metrics.compare_files(model.path, dst)
+        checks["quantize"] = _quantize_check(cmp_files, manifest)
+        data["numeric"] = _numeric_json(manifest, model.path, dst)
+        checks["numeric"] = _numeric_check(manifest, exp.thresholds.max_rel_error)
+    except FqError as exc:
+        checks["quantize"] = _check("error", f"fake quantization failed: {_error(exc)}")
+        fail_rest("no fake-quantized model (quantize failed)", CHECKS)
+        return _finish(data, stage_, model, ctx, exp, dst)
+    save()
+
+    # 3-6, 8, 9. the treatment against the cached baseline (one llama-perplexity run for PPL+KLD)
+    try:
+        baseline = _evaluate().evaluate_baseline(ctx.runner, model, ctx.corpus, exp.settings)
+        data["baseline"] = _baseline_json(baseline)
+        data["commands"] += [
+            dict(c, cached=baseline.cached) for c in _commands("baseline", baseline.commands())
+        ]
+        nt = getattr(baseline, "n_tokens", None)
+        if nt is not None:
+            data["corpus"]["n_tokens"] = nt
+    except FqError as exc:
+        fail_rest(f"baseline evaluation failed: {_error(exc)}", CHECKS)
+        return _finish(data, stage_, model, ctx, exp, dst)
+    save()
+
+    treated = replace(
+        model, name=f"{model.name}+{exp.fmt}", path=dst, sha256=manifest.output.sha256
+    )
+    try:
+        ev = _evaluate().evaluate_against(ctx.runner, treated, baseline, ctx.corpus, exp.settings)
+    except FqError as exc:
+        checks["load"] = _check("failed", f"llama.cpp failed on the treated model: {_error(exc)}")
+        fail_rest("treated model not evaluated (llama.cpp failed)", CHECKS)
+        return _finish(data, stage_, model, ctx, exp, dst)
+    cmp = _evaluate().compare(baseline, ev)
+    data["commands"] += _commands("treatment", ev.commands())
+    data["treatment"] = _treatment_json(ev, cmp)
+    checks["load"] = _load_check(ev)
+    checks["generate"] = _generate_check(ev)
+    t = exp.thresholds
+    checks["perplexity"] = _perplexity_check(
+        cmp, t.ppl_delta_max, baseline.perplexity.ppl, ev.perplexity.ppl
+    )
+    checks["kld"] = _kld_check(ev.perplexity.kld, t.kld_mean_max, t.same_top_min)
+    checks["agreement"] = _agreement_check(data["treatment"]["agreement"], t.agreement_min)
+    checks["speed"] = _speed_check(
+        _speed_ratio(cmp), baseline.perplexity.tokens_per_s, ev.perplexity.tokens_per_s
+    )
+    save()
+    if not exp.keep_models:
+        dst.unlink(missing_ok=True)
+
+    # 7. the selection-matched placebos
+    runs: list[dict] = []
+    try:
+        for seed in exp.placebo_seeds:
+            run, hit = run_placebo(model, baseline, ctx, exp, stage_.layers, seed)
+            run = dict(run, cached=hit)
+            runs.append(run)
+            data["commands"] += [dict(c, cached=hit) for c in run.get("commands", [])]
+    except FqError as exc:
+        checks["placebo"] = _check("error", f"placebo run failed: {_error(exc)}")
+    treatment_kld = ev.perplexity.kld.mean_kld if ev.perplexity.kld else None
+    data["placebo"] = _placebo_summary(runs, exp.placebo_seeds, treatment_kld)
+    if "placebo" not in checks:
+        checks["placebo"] = _placebo_check(data["placebo"], t.noise_factor_max)
+    return _finish(data, stage_, model, ctx, exp, dst)
+
+
+def _finish(
+    data: dict, stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment, dst: Path
+) -> dict:
+    data["checks"] = {n: data["checks"][n] for n in CHECKS if n in data["checks"]}
+    data["outcome"] = outcome(data["checks"])
+    data["finished_at"] = results.utc_now()
+    if not exp.keep_models:
+        dst.unlink(missing_ok=True)
+    results.save_result(data, ctx.results_root)
+    if stage_.id == GATE_STAGE.id:
+        from .gate import failure_reason
+
+        results.record_gate(
+            exp.gate_components(model, ctx.corpus, ctx.tools),
+            model=model.name,
+            outcome=data["outcome"],
+            run_id=ctx.run_id,
+            reason=failure_reason(data),
+            root=ctx.results_root,
+        )
+    return data

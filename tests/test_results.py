@@ -1,0 +1,119 @@
+"""The results store: atomic JSON, run ids, cached computations and the gate record on disk."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+
+import pytest
+
+from fq_core import results
+from fq_core.errors import BadInput
+
+
+def test_run_ids_sort_by_time_and_are_unique():
+    ids = {results.new_run_id() for _ in range(200)}
+    assert len(ids) == 200
+    assert all(re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", i) for i in ids)
+
+
+def test_result_path_layout(tmp_path):
+    p = results.result_path("R1", "layers0-2", "gemma3-270m", tmp_path)
+    assert p == tmp_path / "R1" / "layers0-2" / "gemma3-270m.json"
+    with pytest.raises(BadInput):
+        results.result_path("R1", "layer0", "..", tmp_path)
+
+
+def test_save_and_load_round_trip_with_nan_as_null(tmp_path):
+    data = {
+        "run_id": "R1",
+        "stage": "layer0",
+        "model": {"name": "m"},
+        "checks": {},
+        "value": float("nan"),
+        "nested": [1.5, float("inf")],
+    }
+    path = results.save_result(data, tmp_path)
+    assert json.loads(path.read_text())["value"] is None
+    loaded = results.load_result("R1", "layer0", "m", tmp_path)
+    assert loaded["nested"] == [1.5, None]
+    assert results.load_result("R1", "layer0", "other", tmp_path) is None
+    results.write_json_atomic(tmp_path / "R1" / "layer0" / "m.gguf.fq.json", {"tool": "fq"})
+    assert list(results.iter_results("R1", tmp_path)) == [loaded]  # results only, no manifest
+    assert results.latest_run_id(tmp_path) == "R1"
+
+
+def test_atomic_write_leaves_old_file_when_serialisation_fails(tmp_path):
+    path = tmp_path / "x.json"
+    results.write_json_atomic(path, {"ok": 1})
+    with pytest.raises(TypeError):
+        results.write_json_atomic(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
+
+
+def _compute_in_child(args):
+    path, counter = args
+
+    def compute():
+        with open(counter, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return {"pid": os.getpid()}
+
+    return results.cached_json(path, compute)[0]
+
+
+def test_cached_json_computes_once_across_processes(tmp_path):
+    path, counter = tmp_path / "cache" / "v.json", tmp_path / "count"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        values = pool.map(_compute_in_child, [(path, counter)] * 8)
+    assert len(counter.read_text().split()) == 1
+    assert len({v["pid"] for v in values}) == 1
+
+
+def _components(**changes):
+    base = dict(
+        model_sha256="a" * 64,
+        corpus_sha256="c" * 64,
+        llama_version="6800 (abc)",
+        format="bf16",
+        rounding="truncate",
+        settings={"ctx": 512, "chunks": 8},
+        thresholds={"ppl_delta_max": 0.02},
+    )
+    base.update(changes)
+    return results.GateComponents(**base)
+
+
+def test_gate_key_depends_on_every_component():
+    keys = {
+        _components().key,
+        _components(model_sha256="b" * 64).key,
+        _components(corpus_sha256="d" * 64).key,
+        _components(llama_version="6801").key,
+        _components(format="fp16").key,
+        _components(rounding="nearest").key,
+        _components(settings={"ctx": 512, "chunks": 4}).key,
+        _components(thresholds={"ppl_delta_max": 0.01}).key,
+    }
+    assert len(keys) == 8
+    assert _components().key == _components(settings={"chunks": 8, "ctx": 512}).key
+
+
+def test_gate_record_latest_verdict_wins(tmp_path):
+    c = _components()
+    assert results.lookup_gate(c, tmp_path) is None
+    results.record_gate(c, model="m", outcome="passed", run_id="R1", root=tmp_path)
+    assert results.lookup_gate(c, tmp_path).outcome == "passed"
+    results.record_gate(c, model="m", outcome="failed", run_id="R2", reason="x", root=tmp_path)
+    entry = results.lookup_gate(c, tmp_path)
+    assert (entry.outcome, entry.run_id, entry.reason) == ("failed", "R2", "x")
+    assert len(results.gate_entries(tmp_path)) == 1
+
+
+def test_corrupt_gate_record_is_a_clear_error(tmp_path):
+    (tmp_path / "gate.json").write_text("{not json")
+    with pytest.raises(BadInput, match="gate.json"):
+        results.lookup_gate(_components(), tmp_path)
