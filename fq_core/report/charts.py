@@ -1,0 +1,236 @@
+"""The report's charts as PNG bytes, drawn from stored results with matplotlib's Agg canvas.
+
+Figures are built with `matplotlib.figure.Figure` (no pyplot state, no display needed), so
+charts can be drawn in pytest-xdist workers and in the `fq report` command alike. A chart
+with nothing to show (a stage that changed no element, a stage that never reached
+perplexity) comes back with `png=None` and a note saying why, never as an empty plot.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+
+from . import RunResults, StageResult  # noqa: E402
+
+_SIZE = (6.4, 3.4)
+_DPI = 90
+TREATMENT = "#c0392b"
+PLACEBO = "#7f8c8d"
+BASELINE = "#2c3e50"
+
+
+@dataclass(frozen=True)
+class Chart:
+    """One chart; `png` is None when there was nothing to draw and `note` says why."""
+
+    key: str  # file-name safe, unique within a run
+    title: str
+    png: bytes | None
+    note: str | None = None
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _slug(*parts: str) -> str:
+    return "-".join(re.sub(r"[^A-Za-z0-9_.-]+", "_", p) for p in parts if p)
+
+
+def _label(r: StageResult) -> str:
+    return f"{r.model}, {r.stage_title} ({r.stage})"
+
+
+def weight_distribution(r: StageResult) -> Chart:
+    focus = r.section("numeric").get("focus") or {}
+    key, title = _slug(r.stage, r.model, "weights"), "Weight distribution before/after"
+    edges, before, after = (focus.get(k) for k in ("hist_edges", "hist_before", "hist_after"))
+    if not edges or not before or not after:
+        return Chart(key, title, None, "no weight histogram was stored for this stage")
+    layer = focus.get("layer")
+    fig = Figure(figsize=_SIZE)
+    ax = fig.subplots()
+    ax.stairs(before, edges, label="original F32", color=BASELINE, linewidth=2.2)
+    ax.stairs(after, edges, label="fake-quantized", color=TREATMENT, linewidth=1.1, linestyle="--")
+    ax.set_xlabel("weight value")
+    ax.set_ylabel("elements")
+    ax.set_title(f"{_label(r)}: layer {layer} weights", fontsize=9)
+    ax.legend(fontsize=8)
+    return Chart(key, f"{title} (layer {layer})", _png(fig))
+
+
+def rel_error_histogram(r: StageResult) -> Chart:
+    numeric = r.section("numeric")
+    focus = numeric.get("focus") or {}
+    key, title = _slug(r.stage, r.model, "rel-error"), "Relative error of changed elements"
+    edges, counts = focus.get("rel_error_edges"), focus.get("rel_error_counts")
+    if numeric.get("changed") == 0 or (counts is not None and not any(counts)):
+        return Chart(
+            key, title, None, "no element changed: every selected weight was already exact"
+        )
+    if not edges or not counts:
+        return Chart(key, title, None, "no relative-error histogram was stored for this stage")
+    fig = Figure(figsize=_SIZE)
+    ax = fig.subplots()
+    ax.stairs(counts, edges, fill=True, color=TREATMENT, alpha=0.75)
+    ax.set_xlabel("|new − old| / |old|")
+    ax.set_ylabel("elements")
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
+    ax.set_title(f"{_label(r)}: layer {focus.get('layer')}", fontsize=9)
+    return Chart(key, title, _png(fig))
+
+
+def per_layer_max_rel_error(r: StageResult, threshold: float | None = None) -> Chart:
+    numeric = r.section("numeric")
+    per_tensor = [t for t in numeric.get("per_tensor") or [] if t.get("layer") is not None]
+    key, title = _slug(r.stage, r.model, "per-layer"), "Max relative error per layer"
+    if not per_tensor:
+        return Chart(key, title, None, "no per-tensor errors were stored for this stage")
+    if not any(t.get("changed") for t in per_tensor):
+        return Chart(key, title, None, "no element changed in any layer: nothing to compare")
+    layers = [t["layer"] for t in per_tensor]
+    values = [t.get("max_rel") or 0.0 for t in per_tensor]
+    fig = Figure(figsize=_SIZE)
+    ax = fig.subplots()
+    ax.bar(layers, values, color=TREATMENT, alpha=0.8, label="max relative error")
+    threshold = threshold if threshold is not None else r.section("thresholds").get("max_rel_error")
+    if threshold:
+        ax.axhline(threshold, color="black", linestyle=":", label=f"threshold {threshold:g}")
+        ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("max |rel error|")
+    ax.set_title(_label(r), fontsize=9)
+    ax.legend(fontsize=8)
+    return Chart(key, title, _png(fig))
+
+
+def chunk_ppl(r: StageResult) -> Chart:
+    base = r.section("baseline").get("chunk_ppls") or []
+    treat = r.section("treatment").get("chunk_ppls") or []
+    key, title = _slug(r.stage, r.model, "chunk-ppl"), "Per-chunk PPL, baseline vs fake-quantized"
+    if not base or not treat:
+        return Chart(key, title, None, "no per-chunk perplexities were stored for this stage")
+    fig = Figure(figsize=_SIZE)
+    ax = fig.subplots()
+    ax.plot(range(1, len(base) + 1), base, marker="o", color=BASELINE, label="baseline")
+    ax.plot(range(1, len(treat) + 1), treat, marker="x", color=TREATMENT, label="fake-quantized")
+    ax.set_xlabel("chunk (running PPL as llama-perplexity prints it)")
+    ax.set_ylabel("PPL")
+    ax.set_title(_label(r), fontsize=9)
+    ax.legend(fontsize=8)
+    return Chart(key, title, _png(fig))
+
+
+def _placebo_band(ax, xs: Sequence[float], lows: Sequence[float], highs: Sequence[float]) -> None:
+    label = "placebo range (min–max over seeds)"
+    if len(xs) == 1:
+        x = xs[0]
+        ax.fill_between(
+            [x - 0.5, x + 0.5], lows[0], highs[0], color=PLACEBO, alpha=0.3, label=label
+        )
+    else:
+        ax.fill_between(xs, lows, highs, color=PLACEBO, alpha=0.3, label=label, step=None)
+
+
+def effect_vs_layers(results: Iterable[StageResult], model: str) -> tuple[Chart, Chart]:
+    """ΔPPL % and mean KLD against the number of quantized layers, placebo band behind."""
+    rows = [r for r in results if r.n_layers and r.section("treatment")]
+    out = []
+    for metric, label, pick in (
+        ("delta-ppl", "ΔPPL %", lambda t: t.get("delta_ppl_pct")),
+        ("kld", "mean KLD", lambda t: (t.get("kld") or {}).get("mean")),
+    ):
+        key, title = _slug(model, metric, "vs-layers"), f"{label} against quantized layers"
+        pts = [(r.n_layers, pick(r.section("treatment")), r) for r in rows]
+        pts = sorted((p for p in pts if p[1] is not None), key=lambda p: p[0])
+        if not pts:
+            out.append(Chart(key, title, None, "no stage reached the perplexity run"))
+            continue
+        fig = Figure(figsize=_SIZE)
+        ax = fig.subplots()
+        band_key = "delta_ppl_pct" if metric == "delta-ppl" else "kld_mean"
+        band = [(n, r.section("placebo").get(band_key) or {}) for n, _, r in pts]
+        band = [(n, b) for n, b in band if b.get("min") is not None and b.get("max") is not None]
+        runs_key = "delta_ppl_pct" if metric == "delta-ppl" else "kld_mean"
+        seeds = [
+            (n, run.get(runs_key))
+            for n, _, r in pts
+            for run in r.section("placebo").get("runs") or []
+        ]
+        seeds = [(n, v) for n, v in seeds if v is not None]
+        if seeds:
+            ax.scatter([n for n, _ in seeds], [v for _, v in seeds], marker="_", s=200,
+                       color=PLACEBO, label="placebo seeds", zorder=2)  # fmt: skip
+        if band:
+            _placebo_band(
+                ax, [n for n, _ in band], [b["min"] for _, b in band], [b["max"] for _, b in band]
+            )
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o",
+            color=TREATMENT,
+            label="BF16 treatment",
+            zorder=3,
+        )
+        for n, v, r in pts:
+            ax.annotate(r.stage, (n, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if metric == "delta-ppl":
+            ax.axhline(0, color="black", linewidth=0.6)
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 0.0), max(hi, 0.0))  # zero in view: the ratio to the placebo shows
+        ax.set_xlabel("number of quantized layers")
+        ax.set_ylabel(label)
+        ax.set_title(
+            f"{model}: {label} by stage" + ("" if band else " (placebo not run)"), fontsize=9
+        )
+        ax.legend(fontsize=8)
+        out.append(Chart(key, title, _png(fig)))
+    return out[0], out[1]
+
+
+def stage_charts(r: StageResult) -> tuple[Chart, ...]:
+    """The charts that belong to one stage × model."""
+    return (
+        weight_distribution(r),
+        rel_error_histogram(r),
+        per_layer_max_rel_error(r),
+        chunk_ppl(r),
+    )
+
+
+def run_charts(run: RunResults) -> dict[str, tuple[Chart, ...]]:
+    """Every chart of a run, keyed by "<stage>/<model>" and "<model>" for the cross-stage ones."""
+    charts: dict[str, tuple[Chart, ...]] = {}
+    for model in run.models:
+        charts[model] = effect_vs_layers(run.for_model(model), model)
+        for r in run.for_model(model):
+            charts[f"{r.stage}/{model}"] = stage_charts(r)
+    return charts
+
+
+def write_charts(charts: Iterable[Chart], out_dir: Path) -> list[Path]:
+    """Write the drawable charts as `<key>.png`; the written paths, in order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for chart in charts:
+        if chart.png is None:
+            continue
+        path = out_dir / f"{chart.key}.png"
+        tmp = path.with_suffix(".png.tmp")
+        tmp.write_bytes(chart.png)
+        tmp.replace(path)
+        paths.append(path)
+    return paths
