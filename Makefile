@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml scripts/bootstrap-system.sh
 setup: $(STAMP)
 	$(BIN)/fq setup
 
+# The plan's markdown reports are written even on NO-GO; the exit status stays pytest's.
 gate: setup
-	$(BIN)/pytest -k layer0 $(PYTEST_ARGS)
+	$(BIN)/pytest -k layer0 $(PYTEST_ARGS); status=$$?; \
+	$(BIN)/fq report $${FQ_RESULTS_DIR:-results} reports || true; exit $$status
 
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
