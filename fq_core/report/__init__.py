@@ -88,6 +88,10 @@ class RunResults:
                 return r
         return None
 
+    def in_order(self) -> tuple[StageResult, ...]:
+        """Stage by stage (Test 1 first), models alphabetical: the order every table uses."""
+        return tuple(sorted(self.results, key=lambda r: (stage_sort_key(r.stage), r.model)))
+
     def for_model(self, model: str) -> tuple[StageResult, ...]:
         return tuple(
             sorted(

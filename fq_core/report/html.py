@@ -161,32 +161,25 @@ def decision_block(decisions: Sequence[Decision], run: RunResults) -> str:
 def overview_table(run: RunResults) -> str:
     """Stage × model outcomes at a glance, with the effect and its placebo comparison."""
     rows = []
-    for stage in run.stages:
-        for model in run.models:
-            r = run.get(stage, model)
-            if r is None:
-                continue
-            t, p = r.section("treatment"), r.section("placebo")
-            why = r.data.get("skip_reason") or ", ".join(
-                f"{n}: {c.get('detail', '')}"
-                for n, c in r.checks.items()
-                if c.get("status") in ("failed", "error")
-            )
-            rows.append(
-                f'<tr data-stage="{escape(stage)}" data-model="{escape(model)}">'
-                f"<td>{escape(r.stage_title)} <code>{escape(stage)}</code></td>"
-                f"<td>{escape(model)}</td>"
-                f'<td class="fq-status-{escape(r.outcome)}">{escape(r.outcome)}</td>'
-                + num(
-                    f"{stage}/{model}/treatment/delta_ppl_pct", t.get("delta_ppl_pct"), "+.2f", " %"
-                )
-                + num(
-                    f"{stage}/{model}/treatment/kld/mean", (t.get("kld") or {}).get("mean"), ".5f"
-                )
-                + f"<td>{_range(p.get('kld_mean'), '.5f')}</td>"
-                f"<td>{_words(kld_vs_placebo(r)) if t else _MISSING}</td>"
-                f"<td>{escape(str(why))}</td></tr>"
-            )
+    for r in run.in_order():
+        stage, model = r.stage, r.model
+        t, p = r.section("treatment"), r.section("placebo")
+        why = r.data.get("skip_reason") or ", ".join(
+            f"{n}: {c.get('detail', '')}"
+            for n, c in r.checks.items()
+            if c.get("status") in ("failed", "error")
+        )
+        rows.append(
+            f'<tr data-stage="{escape(stage)}" data-model="{escape(model)}">'
+            f"<td>{escape(r.stage_title)} <code>{escape(stage)}</code></td>"
+            f"<td>{escape(model)}</td>"
+            f'<td class="fq-status-{escape(r.outcome)}">{escape(r.outcome)}</td>'
+            + num(f"{stage}/{model}/treatment/delta_ppl_pct", t.get("delta_ppl_pct"), "+.2f", " %")
+            + num(f"{stage}/{model}/treatment/kld/mean", (t.get("kld") or {}).get("mean"), ".5f")
+            + f"<td>{_range(p.get('kld_mean'), '.5f')}</td>"
+            f"<td>{_words(kld_vs_placebo(r)) if t else _MISSING}</td>"
+            f"<td>{escape(str(why))}</td></tr>"
+        )
     return (
         '<div class="fq"><h3>All stages</h3><table class="fq-overview"><tr><th>stage</th>'
         "<th>model</th><th>outcome</th><th>ΔPPL</th><th>mean KLD</th><th>placebo KLD range</th>"

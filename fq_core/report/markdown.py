@@ -185,21 +185,18 @@ def write_reports(results_dir: str | Path, output_dir: str | Path) -> MarkdownRe
             "",
         ]
     rows = []
-    for stage in run.stages:
-        for model in run.models:
-            r = run.get(stage, model)
-            if r is None:
-                continue
-            t, p = r.section("treatment"), r.section("placebo")
-            kld = (t.get("kld") or {}).get("mean")
-            rows.append([
-                f"{r.stage_title} `{stage}`", model, r.outcome,
-                _f(r.section("numeric").get("changed"), ",d"),
-                _f(t.get("delta_ppl_pct"), "+.2f", " %"),
-                _rng(p.get("delta_ppl_pct"), "+.2f", " %"),
-                _f(kld, ".5f"), _rng(p.get("kld_mean"), ".5f"),
-                f"**{kld_vs_placebo(r)}**" if t else (r.data.get("skip_reason") or _M),
-            ])  # fmt: skip
+    for r in run.in_order():
+        stage, model = r.stage, r.model
+        t, p = r.section("treatment"), r.section("placebo")
+        kld = (t.get("kld") or {}).get("mean")
+        rows.append([
+            f"{r.stage_title} `{stage}`", model, r.outcome,
+            _f(r.section("numeric").get("changed"), ",d"),
+            _f(t.get("delta_ppl_pct"), "+.2f", " %"),
+            _rng(p.get("delta_ppl_pct"), "+.2f", " %"),
+            _f(kld, ".5f"), _rng(p.get("kld_mean"), ".5f"),
+            f"**{kld_vs_placebo(r)}**" if t else (r.data.get("skip_reason") or _M),
+        ])  # fmt: skip
     ex += ["## All stages", ""]
     ex += _table(
         ["stage", "model", "outcome", "changed", "ΔPPL", "placebo ΔPPL", "mean KLD",
