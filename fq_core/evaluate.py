@@ -8,8 +8,6 @@ tests compare many treatments and placebos with the same baseline.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
@@ -18,6 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from . import results
 from .corpus import Corpus
 from .errors import LlamaFailed
 from .llama.runner import (
@@ -184,17 +183,17 @@ def _runner_for(runner: LlamaRunner, settings: EvalSettings) -> LlamaRunner:
 
 
 def baseline_key(model: ModelRef, corpus: Corpus, llama_version: str, settings) -> str:
-    blob = json.dumps(
+    return results.cache_key(
         {
+            "what": "baseline",
             "schema": _CACHE_SCHEMA,
             "model_sha256": model.sha256,
             "corpus_sha256": corpus.sha256,
             "llama_version": llama_version,
             "settings": settings.key_fields(),
         },
-        sort_keys=True,
+        length=20,
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def evaluate_baseline(
@@ -248,15 +247,13 @@ def evaluate_baseline(
             "perplexity": _to_plain(ppl),
             "kld_perplexity": _to_plain(kld_run),
         }
-        tmp = meta.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
-        os.replace(tmp, meta)  # written last: its presence means the entry is complete
+        results.write_json_atomic(meta, doc)  # written last: its presence means it is complete
         return result
 
 
 def _read_cached(meta, logits, model, corpus, settings, key) -> BaselineEvaluation | None:
     try:
-        doc = json.loads(meta.read_text())
+        doc = results.read_json(meta)
     except (OSError, ValueError):
         return None
     if doc.get("schema") != _CACHE_SCHEMA or not logits.is_file():
