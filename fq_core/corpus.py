@@ -20,7 +20,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from .errors import BadInput, CorpusMissing
-from .hashing import remember_sha256, sha256_file
+from .hashing import copy_hashing, remember_sha256, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,7 @@ def _download(url: str, root: Path) -> Corpus:
             try:
                 with zipfile.ZipFile(zip_path) as zf, zf.open(ZIP_MEMBER) as src:
                     with open(partial, "wb") as out:
-                        while block := src.read(_CHUNK):
-                            out.write(block)
-                            digest.update(block)
+                        copy_hashing(src, out, digest)
                         out.flush()
                         os.fsync(out.fileno())
             except KeyError:

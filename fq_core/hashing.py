@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from filelock import FileLock
 
@@ -31,6 +32,19 @@ def _load_cache() -> dict[str, str]:
         return json.loads(_cache_file().read_text())
     except (OSError, ValueError):
         return {}
+
+
+def copy_hashing(src: BinaryIO, out: BinaryIO, digest) -> int:
+    """Copy src to out, feeding digest the same bytes: what is downloaded or assembled is
+    hashed while it is written, never read a second time. Returns the bytes copied."""
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    copied = 0
+    while n := src.readinto(buf):
+        out.write(view[:n])
+        digest.update(view[:n])
+        copied += n
+    return copied
 
 
 def sha256_file(path: str | os.PathLike[str], *, use_cache: bool = True) -> str:

