@@ -19,6 +19,7 @@ from filelock import FileLock
 from . import results
 from .corpus import Corpus
 from .errors import LlamaFailed
+from .figures import figure
 from .llama.runner import (
     CommandRecord,
     Generation,
@@ -405,7 +406,7 @@ def compare(baseline: ModelEvaluation, candidate: ModelEvaluation) -> EvalCompar
 
 
 def _fmt(x, spec=".4f", none="-") -> str:
-    return none if x is None else format(x, spec)
+    return none if x is None else figure(x, spec)
 
 
 def side_by_side(base: BaselineEvaluation, cand: ModelEvaluation, cmp: EvalComparison) -> str:
@@ -429,8 +430,9 @@ def side_by_side(base: BaselineEvaluation, cand: ModelEvaluation, cmp: EvalCompa
     rows += [
         (f"PPL ({cmp.n_chunks}×{s.ctx})", f"{cmp.baseline_ppl:.4f} ± {cmp.baseline_ppl_err:.4f}",
          f"{cmp.ppl:.4f} ± {cmp.ppl_err:.4f}"),
-        ("ΔPPL", "", f"{cmp.delta_ppl:+.4f}"),
-        ("ΔPPL %", "", f"{cmp.delta_ppl_pct:+.4f}% ± {_fmt(cmp.delta_ppl_pct_err)}% (paired)"),
+        ("ΔPPL", "", figure(cmp.delta_ppl, "+.4f")),
+        ("ΔPPL %", "",
+         f"{_fmt(cmp.delta_ppl_pct, '+.4f')}% ± {_fmt(cmp.delta_ppl_pct_err)}% (paired)"),
         ("PPL tok/s", _fmt(cmp.baseline_ppl_tokens_per_s, ".1f"),
          _fmt(cmp.ppl_tokens_per_s, ".1f")),
     ]  # fmt: skip

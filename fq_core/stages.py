@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__, metrics, patch, results
 from .errors import FqError
+from .figures import figure
 from .gguf_index import read_index, read_tensor
 from .paths import cache_dir
 from .selection import DEFAULT_TENSORS
@@ -210,7 +211,7 @@ def corpus_json(corpus: Corpus, n_tokens: int | None = None) -> dict:
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
-    return "n/a" if x is None else f"{x:+.{digits}f}%"
+    return "n/a" if x is None else figure(x, f"+.{digits}f") + "%"
 
 
 def _minmaxmean(values: Sequence[float]) -> dict | None:
@@ -508,14 +509,11 @@ def _perplexity_check(cmp: Any, limit: float, base_ppl: float, ppl: float) -> di
     unc = f" ± {err:.2f}%" if has_err else ""
     tail = f"(PPL {ppl:.4f} vs {base_ppl:.4f}{'; ± = paired standard error' if has_err else ''})"
     rel = d / 100.0
+    shown = f"perplexity delta {figure(d, '+.2f')}%{unc}"
     if abs(rel) < limit:
-        return _check(
-            "passed", f"perplexity delta {d:+.2f}%{unc} < {100 * limit:.1f}% {tail}", rel, limit
-        )
+        return _check("passed", f"{shown} < {100 * limit:.1f}% {tail}", rel, limit)
     op = ">" if abs(rel) > limit else "≥"
-    return _check(
-        "failed", f"perplexity delta {d:+.2f}%{unc} {op} {100 * limit:.1f}% {tail}", rel, limit
-    )
+    return _check("failed", f"{shown} {op} {100 * limit:.1f}% {tail}", rel, limit)
 
 
 def _kld_check(kld: Any, kld_max: float, same_top_min: float) -> dict:

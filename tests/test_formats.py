@@ -10,9 +10,10 @@ of the format.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
-from float_refs import U32, bits, f32, gguf_bf16, ml_roundtrip, rtz_reference
+from float_refs import U32, bits, f32, format_edges, gguf_bf16, ml_roundtrip, rtz_reference
 
 from fq_core.errors import BadFormat
 from fq_core.formats import FLOAT_DTYPES, FORMATS, ROUNDINGS, fake_quantize, int8_scale
@@ -75,10 +76,46 @@ def test_small_floats_on_edge_table(fmt, rounding):
     zero = EDGE_INPUT == 0
     np.testing.assert_array_equal(bits(got[zero]), bits(EDGE_INPUT[zero]))  # ±0 kept
     if rounding == "nearest":
-        np.testing.assert_array_equal(got, ml_roundtrip(EDGE_INPUT, dtype))
+        ref = ml_roundtrip(EDGE_INPUT, dtype)
+        ok = ~np.isnan(ref)
+        np.testing.assert_array_equal(bits(got)[ok], bits(ref)[ok])  # bits: ±0 differ
     else:
         finite = np.isfinite(EDGE_INPUT)
-        np.testing.assert_array_equal(got[finite], rtz_reference(EDGE_INPUT[finite], dtype))
+        ref = rtz_reference(EDGE_INPUT[finite], dtype)
+        np.testing.assert_array_equal(bits(got[finite]), bits(ref))
+
+
+# Each small format's own edges (both signed zeros, half its smallest subnormal, its largest
+# value and just past it), compared bit for bit so a sign lost on a zero cannot hide.
+FORMAT_EDGE_CASES = [
+    (fmt, name, value)
+    for fmt in sorted(FLOAT_DTYPES)
+    for name, value in format_edges(FLOAT_DTYPES[fmt]).items()
+]
+
+
+@pytest.mark.parametrize("fmt,name,value", FORMAT_EDGE_CASES)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_small_float_own_edges_bit_for_bit(fmt, name, value, rounding):
+    x = np.array([value], dtype=np.float32)
+    got = fake_quantize(x, fmt, rounding)
+    if rounding == "truncate":
+        expected = rtz_reference(x, FLOAT_DTYPES[fmt])
+    else:
+        expected = ml_roundtrip(x, FLOAT_DTYPES[fmt])
+    if np.isnan(expected).all():
+        assert np.isnan(got).all(), f"{fmt} {name}: {got[0]!r}"
+    else:
+        assert bits(got)[0] == bits(expected)[0], f"{fmt} {name}: {got[0]!r} != {expected[0]!r}"
+    if value == 0 or abs(value) < float(ml_dtypes.finfo(FLOAT_DTYPES[fmt]).smallest_subnormal):
+        assert np.signbit(got[0]) == np.signbit(x[0]), f"{fmt} {name}: the zero's sign"
+
+
+def test_rtz_reference_zero_is_positive():
+    """The reference's own trap (issue 9): its table of magnitudes must start at +0.0."""
+    for dtype in FLOAT_DTYPES.values():
+        assert bits(rtz_reference(f32(0x00000000), dtype))[0] == 0x00000000
+        assert bits(rtz_reference(f32(0x80000000), dtype))[0] == 0x80000000
 
 
 @pytest.mark.parametrize("rounding", ROUNDINGS)

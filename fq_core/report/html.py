@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from typing import Any
 
+from ..figures import figure
 from . import Decision, RunResults, StageResult
 from .charts import Chart
 
@@ -53,21 +54,21 @@ def _finite(x: Any) -> bool:
 
 
 def fmt(x: Any, spec: str) -> str:
-    return format(x, spec) if _finite(x) else _MISSING
+    return figure(x, spec) if _finite(x) else _MISSING
 
 
 def num(key: str, value: Any, spec: str, suffix: str = "", scale: float = 1.0) -> str:
     """A number cell: the stored value in data-value, a rounded (optionally scaled) text."""
     if not _finite(value):
         return f'<td class="fq-num" data-key="{escape(key)}">{_MISSING}</td>'
-    text = format(value * scale if scale != 1.0 else value, spec) + suffix
+    text = figure(value * scale if scale != 1.0 else value, spec) + suffix
     return f'<td class="fq-num" data-key="{escape(key)}" data-value="{value!r}">{escape(text)}</td>'
 
 
 def _range(r: Mapping[str, Any] | None, spec: str, suffix: str = "") -> str:
     if not r or not _finite(r.get("min")) or not _finite(r.get("max")):
         return _MISSING
-    return f"{format(r['min'], spec)}{suffix} … {format(r['max'], spec)}{suffix}"
+    return f"{figure(r['min'], spec)}{suffix} … {figure(r['max'], spec)}{suffix}"
 
 
 def _words(text: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputRefused
+from ..figures import figure
 from . import GATE_STAGE, RunResults, StageResult, decisions, load_run, resolve_run_dir
 from . import charts as charts_mod
 from .html import _divergence, delta_vs_placebo, kld_vs_placebo, same_top_vs_placebo
@@ -34,7 +35,7 @@ class MarkdownReports:
 
 def _f(x: Any, spec: str, suffix: str = "") -> str:
     ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-    return format(x, spec) + suffix if ok else _M
+    return figure(x, spec) + suffix if ok else _M
 
 
 def _rng(r: Mapping[str, Any] | None, spec: str, suffix: str = "") -> str:

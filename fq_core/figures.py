@@ -1,0 +1,20 @@
+"""Measured numbers as text: one place decides how a figure prints.
+
+A difference that rounds to zero prints without a sign: "-0.00 %" and "+0.00 %" would
+claim a direction the printed digits cannot show, and which one appears depends on the
+CPU's kernels (issue 9), not on the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def figure(x: float | int, spec: str) -> str:
+    """``format(x, spec)``, but a finite value that rounds to zero loses its sign."""
+    text = format(x, spec)
+    if text[:1] in "+-" and math.isfinite(float(x)):
+        mantissa = text[1:].lower().split("e")[0]
+        if not any(c in "123456789" for c in mantissa):
+            return text[1:]
+    return text
