@@ -171,7 +171,7 @@ def run_logged(
     log_root = Path(log_dir).resolve() if log_dir is not None else logs_dir().resolve()
     out_dir = log_root / "commands"
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now(_dt.timezone.utc)
+    stamp = _dt.datetime.now(_dt.UTC)
     started_at = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     safe_tool = "".join(c if c.isalnum() or c in "-_." else "_" for c in tool) or "cmd"
     # pid + random suffix: unique across parallel pytest-xdist workers sharing one log dir.
