@@ -98,6 +98,7 @@ class BaselineEvaluation(ModelEvaluation):
     kld_base_bytes: int = 0
     llama_version: str = ""
     cached: bool = False  # True when loaded from the cache instead of computed now
+    n_tokens: int | None = None  # the whole corpus under this model's tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +212,12 @@ def evaluate_baseline(
     logits = root / "logits.kld"
     with FileLock(str(root) + ".lock"):
         cached = _read_cached(meta, logits, model, corpus, settings, key)
+        if cached is not None and cached.n_tokens is None:  # cached before tokens were counted
+            n_tokens = runner.count_tokens(model, corpus.path)
+            doc = results.read_json(meta)
+            doc["corpus"]["n_tokens"] = n_tokens
+            results.write_json_atomic(meta, doc)
+            cached = dataclasses.replace(cached, n_tokens=n_tokens)
         if cached is not None:
             log.info("baseline %s reused from %s", model.name, root)
             return cached
@@ -230,16 +237,17 @@ def evaluate_baseline(
             )
         os.replace(tmp_logits, logits)
         n_bytes = logits.stat().st_size
+        n_tokens = runner.count_tokens(model, corpus.path)
         result = BaselineEvaluation(
             model=model, load=load, generations=gens, perplexity=ppl, kld_perplexity=kld_run,
             corpus=corpus, settings=settings, key=key, cache_path=root, kld_base=logits,
-            kld_base_bytes=n_bytes, llama_version=version, cached=False,
+            kld_base_bytes=n_bytes, llama_version=version, cached=False, n_tokens=n_tokens,
         )  # fmt: skip
         doc = {
             "schema": _CACHE_SCHEMA,
             "key": key,
             "model": {"name": model.name, "path": str(model.path), "sha256": model.sha256},
-            "corpus": {"path": str(corpus.path), "sha256": corpus.sha256},
+            "corpus": {"path": str(corpus.path), "sha256": corpus.sha256, "n_tokens": n_tokens},
             "llama_version": version,
             "settings": settings.to_json(),
             "kld_base_bytes": n_bytes,
@@ -272,6 +280,7 @@ def _read_cached(meta, logits, model, corpus, settings, key) -> BaselineEvaluati
         kld_perplexity=kld_run, corpus=corpus, settings=settings, key=key,
         cache_path=meta.parent, kld_base=logits, kld_base_bytes=doc["kld_base_bytes"],
         llama_version=doc["llama_version"], cached=True,
+        n_tokens=(doc.get("corpus") or {}).get("n_tokens"),
     )  # fmt: skip
 
 

@@ -12,9 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import checks
 from .results import GateComponents, gate_entries, lookup_gate
-
-FAILING = ("failed", "error")
 
 
 @dataclass(frozen=True)
@@ -26,16 +25,10 @@ class GateDecision:
 
 
 def failure_reason(result: Mapping[str, Any]) -> str | None:
-    """Why a stored Test 1 result did not pass (its failing checks' details), or None if it did."""
-    checks = result.get("checks") or {}
-    bad = [
-        (name, c)
-        for name, c in checks.items()
-        if isinstance(c, Mapping) and c.get("status") in FAILING
-    ]
-    if bad:
-        parts = [str(c.get("detail") or f"{name} {c.get('status')}") for name, c in bad]
-        return "; ".join(parts)
+    """Why a stored Test 1 result did not pass (its failing gating checks), or None if it did."""
+    reason = checks.failure_reason(result.get("checks") or {})
+    if reason is not None:
+        return reason
     if result.get("outcome") == "passed":
         return None
     if result.get("outcome") == "skipped":

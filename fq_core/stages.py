@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, metrics, patch, results
+from . import __version__, checks, metrics, patch, results
 from .errors import FqError
 from .figures import figure
 from .gguf_index import read_index, read_tensor
@@ -54,17 +54,7 @@ STAGES = (
     Stage("all-layers", "Test 4", "all", 4),
 )
 GATE_STAGE = STAGES[0]
-CHECKS = (
-    "quantize",
-    "numeric",
-    "load",
-    "generate",
-    "perplexity",
-    "kld",
-    "placebo",
-    "agreement",
-    "speed",
-)
+CHECKS = checks.CHECKS
 
 
 def stage(stage_id: str) -> Stage:
@@ -84,6 +74,16 @@ class Thresholds:
     same_top_min: float = 0.90  # fraction of tokens whose top-1 token is unchanged
     agreement_min: float | None = None  # greedy token agreement, fraction
     noise_factor_max: float | None = None  # treatment KLD / largest placebo KLD
+    speed_ratio_min: float | None = None  # treated / baseline perplexity tokens per second
+
+    def gates(self, check: str) -> bool:
+        """Whether a check decides anything: the report-only ones gate once given a limit."""
+        limit_of = {
+            "placebo": self.noise_factor_max,
+            "agreement": self.agreement_min,
+            "speed": self.speed_ratio_min,
+        }
+        return check not in limit_of or limit_of[check] is not None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -153,23 +153,8 @@ def _evaluate():
     return evaluate
 
 
-def _check(
-    status: str,
-    detail: str,
-    value: float | None = None,
-    threshold: float | None = None,
-    *,
-    asserted: bool = True,
-    **extra: Any,
-) -> dict:
-    return {
-        "status": status,
-        "detail": detail,
-        "value": value,
-        "threshold": threshold,
-        "asserted": asserted,
-        **extra,
-    }
+def _check(status: str, detail: str, *, gates: bool = True) -> dict:
+    return checks.Check(status, detail, gates=gates).to_json()
 
 
 def _error(exc: BaseException) -> str:
@@ -260,16 +245,15 @@ def skipped_result(
     """The result of a stage the gate closed: stored so the report can say why it did not run."""
     data = header(stage_, model, ctx, exp)
     for name in CHECKS:
-        data["checks"][name] = _check("skipped", reason, asserted=False)
+        data["checks"][name] = _check("skipped", reason, gates=exp.thresholds.gates(name))
     data["outcome"] = "skipped"
     data["skip_reason"] = reason
     data["finished_at"] = results.utc_now()
     return data
 
 
-def outcome(checks: Mapping[str, Mapping[str, Any]]) -> str:
-    bad = any(c.get("status") in ("failed", "error") for c in checks.values())
-    return "failed" if bad else "passed"
+def outcome(checks_: Mapping[str, Mapping[str, Any]]) -> str:
+    return checks.stage_outcome(checks_)
 
 
 def _commands(role: str, records: Sequence[Any]) -> list[dict]:
@@ -348,40 +332,23 @@ def _numeric_json(manifest: patch.Manifest, original: Path, candidate: Path) -> 
 
 
 def _quantize_check(cmp: metrics.Comparison, manifest: patch.Manifest) -> dict:
-    size_mb = cmp.file_size / 1e6
-    if cmp.unexpected:
-        return _check(
-            "failed",
-            f"bytes outside the selected tensors changed: {', '.join(cmp.unexpected[:5])}",
-            value=float(len(cmp.unexpected)),
-            threshold=0.0,
-        )
-    changed_bytes = sum(d.differing_bytes for d in cmp.differing)
-    exact = (
-        f" (already exact in {manifest.format}: the output is byte-identical to the input)"
-        if manifest.nothing_changed
-        else ""
-    )
-    return _check(
-        "passed",
-        f"{manifest.total_changed:,} of {manifest.total_elements:,} elements changed in "
-        f"{len(manifest.tensors)} selected tensors ({changed_bytes:,} bytes); every other byte "
-        f"of the {size_mb:.0f} MB file identical{exact}",
-        value=0.0,
-        threshold=0.0,
-        changed_bytes=changed_bytes,
-    )
+    return checks.quantize_check(
+        cmp.unexpected,
+        manifest.total_changed,
+        manifest.total_elements,
+        len(manifest.tensors),
+        sum(d.differing_bytes for d in cmp.differing),
+        cmp.file_size,
+        manifest.format,
+        manifest.nothing_changed,
+    ).to_json()
 
 
 def _numeric_check(manifest: patch.Manifest, limit: float) -> dict:
     t = manifest.totals
-    counts = f"{manifest.total_changed:,} of {manifest.total_elements:,} elements changed"
-    max_rel = t.max_rel if math.isfinite(t.max_rel) else float("inf")
-    if max_rel < limit:
-        return _check(
-            "passed", f"max rel error {max_rel:.3g} < {limit:g} ({counts})", max_rel, limit
-        )
-    return _check("failed", f"max rel error {max_rel:.3g} ≥ {limit:g} ({counts})", max_rel, limit)
+    return checks.numeric_check(
+        t.max_rel, manifest.total_changed, manifest.total_elements, limit
+    ).to_json()
 
 
 # --- evaluation evidence --------------------------------------------------------------------
@@ -479,127 +446,23 @@ def _agreement_json(cmp: Any) -> dict | None:
 
 
 def _load_check(ev: Any) -> dict:
-    if ev.load.ok:
-        ms = ev.load.load_time_ms
-        return _check(
-            "passed", f"llama.cpp loaded it (--check-tensors){f' in {ms:.0f} ms' if ms else ''}"
-        )
-    return _check("failed", f"llama.cpp could not load it: {ev.load.error}")
+    return checks.load_check(ev.load.ok, ev.load.load_time_ms, ev.load.error).to_json()
 
 
 def _generate_check(ev: Any) -> dict:
-    parts, ok = [], True
-    for g in ev.generations:
-        label = f"{g.prompt!r}{' (chat)' if g.chat else ''}"
-        if g.n_tokens > 0 and g.text.strip():
-            parts.append(f"{label} → {g.n_tokens} tokens")
-        else:
-            ok = False
-            parts.append(f"{label} → nothing generated")
-    if not parts:
-        return _check("error", "no prompts configured")
-    return _check("passed" if ok else "failed", "; ".join(parts), asserted=True)
+    gens = [(g.prompt, g.chat, g.n_tokens, g.text) for g in ev.generations]
+    return checks.generate_check(gens).to_json()
 
 
-def _perplexity_check(cmp: Any, limit: float, base_ppl: float, ppl: float) -> dict:
-    d, err = cmp.delta_ppl_pct, cmp.delta_ppl_pct_err
-    if d is None or not math.isfinite(d):
-        return _check("error", f"no finite perplexity delta (PPL {ppl} vs {base_ppl})")
-    has_err = err is not None and math.isfinite(err)
-    unc = f" ± {err:.2f}%" if has_err else ""
-    tail = f"(PPL {ppl:.4f} vs {base_ppl:.4f}{'; ± = paired standard error' if has_err else ''})"
-    rel = d / 100.0
-    shown = f"perplexity delta {figure(d, '+.2f')}%{unc}"
-    if abs(rel) < limit:
-        return _check("passed", f"{shown} < {100 * limit:.1f}% {tail}", rel, limit)
-    op = ">" if abs(rel) > limit else "≥"
-    return _check("failed", f"{shown} {op} {100 * limit:.1f}% {tail}", rel, limit)
+placebo_verdict = checks.placebo_verdict
 
 
-def _kld_check(kld: Any, kld_max: float, same_top_min: float) -> dict:
-    if kld is None:
-        return _check("error", "llama.cpp printed no KL divergence statistics")
-    mean, same = kld.mean_kld + 0.0, kld.same_top_pct / 100.0  # + 0.0: llama.cpp prints -0.0
-    ok_k, ok_s = mean <= kld_max, same >= same_top_min
-    detail = (
-        f"mean KLD {mean:.5f} {'≤' if ok_k else '>'} {kld_max:g}, same top token "
-        f"{100 * same:.2f}% {'≥' if ok_s else '<'} {100 * same_top_min:g}%"
-    )
-    return _check(
-        "passed" if ok_k and ok_s else "failed",
-        detail,
-        mean,
-        kld_max,
-        same_top=same,
-        same_top_threshold=same_top_min,
-    )
-
-
-def _agreement_check(agreement: dict | None, limit: float | None) -> dict:
-    if not agreement or agreement.get("token_agreement") is None:
-        return _check("error", "no generations to compare", asserted=limit is not None)
-    value = agreement["token_agreement"]
-    fd = agreement.get("first_divergence")
-    text = f"greedy token agreement {100 * value:.1f}%" + (
-        f", first divergence at token {fd}" if fd is not None else ", no divergence"
-    )
-    if limit is None:
-        return _check("passed", f"{text} (reported; fq_agreement_min unset)", value, asserted=False)
-    ok = value >= limit
-    return _check(
-        "passed" if ok else "failed", f"{text} {'≥' if ok else '<'} {100 * limit:g}%", value, limit
-    )
-
-
-def _speed_check(ratio: float | None, base_tps: float | None, tps: float | None) -> dict:
-    if ratio is None:
-        return _check("passed", "speed not measured (reported only)", asserted=False)
-    return _check(
-        "passed",
-        f"perplexity throughput {tps:.0f} tokens/s vs {base_tps:.0f} baseline "
-        f"({ratio:.2f}×; recorded, never asserted)",
-        ratio,
-        asserted=False,
-    )
-
-
-def placebo_verdict(treatment_kld: float | None, placebo_klds: Sequence[float]) -> tuple:
-    """(ratio, wording): treatment KLD over the largest placebo KLD."""
-    if not placebo_klds:
-        return None, "control not run"
-    largest = max(placebo_klds)
-    if treatment_kld is None:
-        return None, "no treatment KLD"
-    treatment_kld += 0.0  # llama.cpp prints -0.000000 for an unchanged model
-    if largest <= 0:
-        if treatment_kld <= 0:
-            return 0.0, "within engine noise"
-        return math.inf, "above the placebo, which changed nothing"
-    ratio = treatment_kld / largest
-    if ratio <= 1.0:
-        return ratio, "within engine noise"
-    return ratio, f"{ratio:.1f}× the largest placebo"
-
-
-def _placebo_check(placebo: dict, limit: float | None) -> dict:
-    ratio, verdict = placebo["kld_ratio"], placebo["verdict"]
-    if not placebo["seeds"]:
-        return _check("skipped", "control not run (fq_placebo_seeds = 0)", asserted=False)
-    if ratio is None:
-        return _check("error", verdict, asserted=limit is not None)
-    kl = placebo["kld_mean"]
-    text = (
-        f"{verdict}: treatment KLD / largest placebo KLD = {ratio:.2f} "
-        f"(placebo KLD {kl['min']:.5f}–{kl['max']:.5f}, {len(placebo['seeds'])} seeds)"
-    )
-    if limit is None:
-        return _check(
-            "passed", f"{text}; reported, fq_noise_factor_max unset", ratio, asserted=False
-        )
-    ok = ratio <= limit
-    return _check(
-        "passed" if ok else "failed", f"{text} {'≤' if ok else '>'} {limit:g}", ratio, limit
-    )
+def _placebo_check(placebo: dict, limit: float | None, error: str | None = None) -> dict:
+    kl = placebo.get("kld_mean") or {}
+    return checks.placebo_check(
+        placebo["kld_ratio"], placebo["verdict"], len(placebo["seeds"]),
+        kl.get("min"), kl.get("max"), limit, error,
+    ).to_json()  # fmt: skip
 
 
 # --- placebo runs ---------------------------------------------------------------------------
@@ -718,7 +581,7 @@ def _placebo_summary(runs: list[dict], seeds: Sequence[int], treatment_kld: floa
 def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dict:
     """Run one stage on one model, store the result after every step, record Test 1's verdict."""
     data = header(stage_, model, ctx, exp)
-    checks = data["checks"]
+    found = data["checks"]
     path = results.result_path(ctx.run_id, stage_.id, model.name, ctx.results_root)
     save = lambda: results.save_result(data, ctx.results_root)  # noqa: E731
     save()
@@ -726,7 +589,7 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
 
     def fail_rest(reason: str, names: Sequence[str]) -> None:
         for n in names:
-            checks.setdefault(n, _check("error", reason))
+            found.setdefault(n, _check("error", reason, gates=exp.thresholds.gates(n)))
 
     # 1-2. fake quantization and its numeric effect
     # models/ keeps the GGUF and its manifest out of the results glob (<stage>/*.json)
@@ -738,11 +601,11 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
             rounding=exp.rounding, force=True,
         )  # fmt: skip
         cmp_files = metrics.compare_files(model.path, dst)
-        checks["quantize"] = _quantize_check(cmp_files, manifest)
+        found["quantize"] = _quantize_check(cmp_files, manifest)
         data["numeric"] = _numeric_json(manifest, model.path, dst)
-        checks["numeric"] = _numeric_check(manifest, exp.thresholds.max_rel_error)
+        found["numeric"] = _numeric_check(manifest, exp.thresholds.max_rel_error)
     except FqError as exc:
-        checks["quantize"] = _check("error", f"fake quantization failed: {_error(exc)}")
+        found["quantize"] = _check("error", f"fake quantization failed: {_error(exc)}")
         fail_rest("no fake-quantized model (quantize failed)", CHECKS)
         return _finish(data, stage_, model, ctx, exp, dst)
     save()
@@ -754,9 +617,7 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
         data["commands"] += [
             dict(c, cached=baseline.cached) for c in _commands("baseline", baseline.commands())
         ]
-        nt = getattr(baseline, "n_tokens", None)
-        if nt is not None:
-            data["corpus"]["n_tokens"] = nt
+        data["corpus"]["n_tokens"] = baseline.n_tokens
     except FqError as exc:
         fail_rest(f"baseline evaluation failed: {_error(exc)}", CHECKS)
         return _finish(data, stage_, model, ctx, exp, dst)
@@ -768,29 +629,39 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
     try:
         ev = _evaluate().evaluate_against(ctx.runner, treated, baseline, ctx.corpus, exp.settings)
     except FqError as exc:
-        checks["load"] = _check("failed", f"llama.cpp failed on the treated model: {_error(exc)}")
+        found["load"] = _check("failed", f"llama.cpp failed on the treated model: {_error(exc)}")
         fail_rest("treated model not evaluated (llama.cpp failed)", CHECKS)
         return _finish(data, stage_, model, ctx, exp, dst)
     cmp = _evaluate().compare(baseline, ev)
     data["commands"] += _commands("treatment", ev.commands())
     data["treatment"] = _treatment_json(ev, cmp)
-    checks["load"] = _load_check(ev)
-    checks["generate"] = _generate_check(ev)
+    found["load"] = _load_check(ev)
+    found["generate"] = _generate_check(ev)
     t = exp.thresholds
-    checks["perplexity"] = _perplexity_check(
-        cmp, t.ppl_delta_max, baseline.perplexity.ppl, ev.perplexity.ppl
-    )
-    checks["kld"] = _kld_check(ev.perplexity.kld, t.kld_mean_max, t.same_top_min)
-    checks["agreement"] = _agreement_check(data["treatment"]["agreement"], t.agreement_min)
-    checks["speed"] = _speed_check(
-        _speed_ratio(cmp), baseline.perplexity.tokens_per_s, ev.perplexity.tokens_per_s
-    )
+    found["perplexity"] = checks.perplexity_check(
+        cmp.delta_ppl_pct, cmp.delta_ppl_pct_err, t.ppl_delta_max,
+        baseline.perplexity.ppl, ev.perplexity.ppl,
+    ).to_json()  # fmt: skip
+    kld = ev.perplexity.kld
+    found["kld"] = checks.kld_check(
+        kld.mean_kld if kld else None, kld.same_top_pct if kld else None,
+        t.kld_mean_max, t.same_top_min,
+    ).to_json()  # fmt: skip
+    agreement = data["treatment"]["agreement"] or {}
+    found["agreement"] = checks.agreement_check(
+        agreement.get("token_agreement"), agreement.get("first_divergence"), t.agreement_min
+    ).to_json()
+    found["speed"] = checks.speed_check(
+        _speed_ratio(cmp), baseline.perplexity.tokens_per_s, ev.perplexity.tokens_per_s,
+        t.speed_ratio_min,
+    ).to_json()  # fmt: skip
     save()
     if not exp.keep_models:
         dst.unlink(missing_ok=True)
 
     # 7. the selection-matched placebos
     runs: list[dict] = []
+    placebo_error = None
     try:
         for seed in exp.placebo_seeds:
             run, hit = run_placebo(model, baseline, ctx, exp, stage_.layers, seed)
@@ -798,11 +669,10 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
             runs.append(run)
             data["commands"] += [dict(c, cached=hit) for c in run.get("commands", [])]
     except FqError as exc:
-        checks["placebo"] = _check("error", f"placebo run failed: {_error(exc)}")
+        placebo_error = _error(exc)
     treatment_kld = ev.perplexity.kld.mean_kld if ev.perplexity.kld else None
     data["placebo"] = _placebo_summary(runs, exp.placebo_seeds, treatment_kld)
-    if "placebo" not in checks:
-        checks["placebo"] = _placebo_check(data["placebo"], t.noise_factor_max)
+    found["placebo"] = _placebo_check(data["placebo"], t.noise_factor_max, placebo_error)
     return _finish(data, stage_, model, ctx, exp, dst)
 
 

@@ -144,6 +144,14 @@ def _options() -> tuple[Option, ...]:
             _optional(_positive),
         ),
         Option(
+            "fq_speed_ratio_min", "",
+            "smallest allowed treated / baseline llama-perplexity throughput (default unset = "
+            "report only): BF16-exact F32 norms cannot change the amount of work, so speed "
+            "differences here are scheduling noise (0.9-1.1x measured); set e.g. 0.8 to gate "
+            "on a format that does change the kernels",
+            _optional(_positive),
+        ),
+        Option(
             "fq_placebo_seeds", "3",
             "number of selection-matched placebo runs per stage, seeds 1..N (default 3; 0 = "
             "control off): 3 seeds spread 0.0018-0.0037 KLD on Gemma3 layer 0, enough to show "
@@ -252,6 +260,7 @@ def experiment_from(values: dict[str, Any], keep_models: bool = False):
             same_top_min=values["fq_same_top_min"],
             agreement_min=values["fq_agreement_min"],
             noise_factor_max=values["fq_noise_factor_max"],
+            speed_ratio_min=values["fq_speed_ratio_min"],
         ),
         keep_models=keep_models,
     )
@@ -460,7 +469,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"placebo seeds {len(s.experiment.placebo_seeds)}",
         f"fq: thresholds dPPL<{t.ppl_delta_max:g} rel<{t.max_rel_error:g} "
         f"KLD<={t.kld_mean_max:g} same-top>={t.same_top_min:g} agreement>={t.agreement_min} "
-        f"noise-factor<={t.noise_factor_max}" + ("; GATE IGNORED" if s.ignore_gate else ""),
+        f"noise-factor<={t.noise_factor_max} speed-ratio>={t.speed_ratio_min}"
+        + ("; GATE IGNORED" if s.ignore_gate else ""),
     ]
 
 

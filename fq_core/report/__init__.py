@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import checks
 from ..errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,7 @@ log = logging.getLogger(__name__)
 # The plan's stages in order; unknown stage ids sort after these, by name.
 STAGE_ORDER = ("layer0", "layers0-2", "layers0-9", "all-layers")
 GATE_STAGE = "layer0"
-# Checks whose outcome is reported, never asserted, unless a threshold was configured.
-REPORT_ONLY = ("placebo", "agreement", "speed")
-FAILING = ("failed", "error")
+FAILING = checks.FAILING
 
 
 @dataclass(frozen=True)
@@ -177,7 +176,7 @@ def load_run(run_dir: str | Path) -> RunResults:
 
 
 def decide(run: RunResults, model: str) -> Decision:
-    """The gate as the report states it: Test 1's asserted checks, all passed or not."""
+    """The gate as the report states it: Test 1's gating checks (fq_core.checks' one rule)."""
     result = run.get(GATE_STAGE, model)
     if result is None:
         return Decision(model, "NO DECISION", "Test 1 (layer0) was not run in this run", (), ())
@@ -185,12 +184,10 @@ def decide(run: RunResults, model: str) -> Decision:
         reason = result.data.get("skip_reason") or "Test 1 was skipped"
         return Decision(model, "NO DECISION", str(reason), (), ())
     asserted, reported = [], []
-    for name, check in result.checks.items():
-        item = DecidingCheck(name, str(check.get("status", "?")), str(check.get("detail") or ""))
-        if name in REPORT_ONLY and check.get("threshold") is None:
-            reported.append(item)
-        else:
-            asserted.append(item)
+    for name, raw in result.checks.items():
+        check = checks.as_check(raw)
+        item = DecidingCheck(name, check.status, check.detail)
+        (asserted if check.gates else reported).append(item)
     failed = [c for c in asserted if c.status in FAILING]
     pending = [c for c in asserted if c.status not in FAILING + ("passed",)]
     if failed:

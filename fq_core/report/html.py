@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from typing import Any
 
+from .. import checks
 from ..figures import figure
 from . import Decision, RunResults, StageResult
 from .charts import Chart
@@ -38,6 +39,7 @@ STYLE = """<style>
 .fq .fq-status-passed{color:#1e8449}
 .fq .fq-status-failed,.fq .fq-status-error{color:#c0392b;font-weight:bold}
 .fq .fq-status-skipped{color:#b7950b}
+.fq .fq-status-reported{color:#555}
 .fq img.fq-chart{max-width:640px;margin:4px;border:1px solid #ddd}
 .fq code{font-size:11px;word-break:break-all}
 .fq .fq-note{font-style:italic;color:#555}
@@ -344,12 +346,13 @@ def _pmax(p: Mapping[str, Any], key: str) -> float | None:
 
 
 def checks_table(r: StageResult) -> str:
+    typed = {name: checks.as_check(c) for name, c in r.checks.items()}
     rows = "".join(
         f'<tr data-check="{escape(name)}"><td>{escape(name)}</td>'
-        f'<td class="fq-status-{escape(str(c.get("status")))}">{escape(str(c.get("status")))}</td>'
-        f"<td>{'asserted' if c.get('asserted', True) else 'reported only'}</td>"
-        f"<td>{escape(str(c.get('detail') or ''))}</td></tr>"
-        for name, c in r.checks.items()
+        f'<td class="fq-status-{escape(c.status)}">{escape(c.status)}</td>'
+        f"<td>{'gates' if c.gates else 'reported only'}</td>"
+        f"<td>{escape(c.detail)}</td></tr>"
+        for name, c in typed.items()
     )
     return (
         '<table class="fq-checks"><tr><th>check</th><th>status</th><th></th><th>detail</th></tr>'

@@ -1,0 +1,336 @@
+"""Pure verdicts: a measured value and its threshold in, one check out — and the one rule
+for what a check decides.
+
+Why one rule: a check states its status, its value, its threshold and whether it *gates*.
+That flag alone drives the stage outcome, the gate record, the report's GO/NO-GO and the
+pytest outcome. A check with no threshold measures and reports; it never fails a stage and
+never shows as a passed test, because it asserted nothing.
+
+No I/O here: every function is a table of (value, threshold) → status, tested as one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .figures import figure
+
+#: passed/failed: a gating check met or missed its threshold. reported: measured, no
+#: threshold set. skipped: not run (gate closed, control off). error: no value to judge.
+STATUSES = ("passed", "failed", "reported", "skipped", "error")
+FAILING = ("failed", "error")
+
+CHECKS = (
+    "quantize",
+    "numeric",
+    "load",
+    "generate",
+    "perplexity",
+    "kld",
+    "placebo",
+    "agreement",
+    "speed",
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    status: str
+    detail: str  # one line, shown as the test's message and in the report
+    value: float | None = None
+    threshold: float | None = None
+    gates: bool = True  # decides the stage outcome, the gate and the pytest outcome
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"check status must be one of {STATUSES}, not {self.status!r}")
+
+    def to_json(self) -> dict:
+        return {
+            "status": self.status,
+            "detail": self.detail,
+            "value": self.value,
+            "threshold": self.threshold,
+            "gates": self.gates,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Check:
+        """A stored check; schema-1 records said ``asserted`` where this says ``gates``."""
+        known = {"status", "detail", "value", "threshold", "gates", "asserted"}
+        status = data["status"]
+        gates = bool(data.get("gates", data.get("asserted", True)))
+        if status == "passed" and not gates:  # schema 1 stored "passed" for report-only checks
+            status = "reported"
+        return cls(
+            status=status,
+            detail=str(data.get("detail") or ""),
+            value=data.get("value"),
+            threshold=data.get("threshold"),
+            gates=gates,
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+
+def as_check(check: Check | Mapping[str, Any]) -> Check:
+    return check if isinstance(check, Check) else Check.from_json(check)
+
+
+# --- the one rule ----------------------------------------------------------------------------
+
+
+def decides(check: Check | Mapping[str, Any]) -> bool:
+    """True when this check's status counts toward the stage outcome and the gate."""
+    c = as_check(check)
+    return c.gates and c.status != "skipped"
+
+
+def failing(checks: Mapping[str, Check | Mapping[str, Any]]) -> list[tuple[str, Check]]:
+    """The gating checks that failed or could not be judged, in check order."""
+    out = []
+    for name, raw in checks.items():
+        c = as_check(raw)
+        if c.gates and c.status in FAILING:
+            out.append((name, c))
+    return out
+
+
+def stage_outcome(checks: Mapping[str, Check | Mapping[str, Any]]) -> str:
+    """failed if any gating check failed or errored; skipped if nothing was decided."""
+    if failing(checks):
+        return "failed"
+    if not any(decides(c) for c in checks.values()):
+        return "skipped"
+    return "passed"
+
+
+def failure_reason(checks: Mapping[str, Check | Mapping[str, Any]]) -> str | None:
+    bad = failing(checks)
+    if not bad:
+        return None
+    return "; ".join(c.detail or f"{name} {c.status}" for name, c in bad)
+
+
+def ending(check: Check | Mapping[str, Any]) -> tuple[str, str]:
+    """("pass" | "fail" | "skip", message): how a test of this check ends.
+
+    A check that gates nothing is a skip carrying its value, never a pass: a PASSED line
+    must mean something was asserted.
+    """
+    c = as_check(check)
+    if c.status == "skipped":
+        return "skip", c.detail
+    if not c.gates:
+        word = "reported, not asserted" if c.status != "error" else "not gating, no value"
+        return "skip", f"{word}: {c.detail}"
+    if c.status == "passed":
+        return "pass", c.detail
+    if c.status == "error":
+        return "fail", f"error: {c.detail}"
+    if c.status == "failed":
+        return "fail", c.detail
+    return "fail", f"a gating check cannot be {c.status!r}: {c.detail}"
+
+
+# --- verdicts ---------------------------------------------------------------------------------
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def upper_limit(value: float, limit: float | None) -> str:
+    """passed / failed / reported for a value that must stay at or below ``limit``."""
+    if limit is None:
+        return "reported"
+    return "passed" if value <= limit else "failed"
+
+
+def lower_limit(value: float, limit: float | None) -> str:
+    if limit is None:
+        return "reported"
+    return "passed" if value >= limit else "failed"
+
+
+def quantize_check(
+    unexpected: Sequence[str],
+    changed: int,
+    total: int,
+    n_tensors: int,
+    changed_bytes: int,
+    file_size: int,
+    fmt: str,
+    nothing_changed: bool,
+) -> Check:
+    if unexpected:
+        return Check(
+            "failed",
+            f"bytes outside the selected tensors changed: {', '.join(unexpected[:5])}",
+            float(len(unexpected)),
+            0.0,
+        )
+    exact = (
+        f" (already exact in {fmt}: the output is byte-identical to the input)"
+        if nothing_changed
+        else ""
+    )
+    return Check(
+        "passed",
+        f"{changed:,} of {total:,} elements changed in {n_tensors} selected tensors "
+        f"({changed_bytes:,} bytes); every other byte of the {file_size / 1e6:.0f} MB file "
+        f"identical{exact}",
+        0.0,
+        0.0,
+        extra={"changed_bytes": changed_bytes},
+    )
+
+
+def numeric_check(max_rel: float, changed: int, total: int, limit: float) -> Check:
+    counts = f"{changed:,} of {total:,} elements changed"
+    value = max_rel if math.isfinite(max_rel) else math.inf
+    if value < limit:
+        return Check("passed", f"max rel error {value:.3g} < {limit:g} ({counts})", value, limit)
+    return Check("failed", f"max rel error {value:.3g} ≥ {limit:g} ({counts})", value, limit)
+
+
+def load_check(ok: bool, load_time_ms: float | None, error: str | None) -> Check:
+    if ok:
+        took = f" in {load_time_ms:.0f} ms" if load_time_ms else ""
+        return Check("passed", f"llama.cpp loaded it (--check-tensors){took}")
+    return Check("failed", f"llama.cpp could not load it: {error}")
+
+
+def generate_check(generations: Iterable[tuple[str, bool, int, str]]) -> Check:
+    """generations: (prompt, chat, n_tokens, text) per prompt."""
+    parts, ok = [], True
+    for prompt, chat, n_tokens, text in generations:
+        label = f"{prompt!r}{' (chat)' if chat else ''}"
+        if n_tokens > 0 and text.strip():
+            parts.append(f"{label} → {n_tokens} tokens")
+        else:
+            ok = False
+            parts.append(f"{label} → nothing generated")
+    if not parts:
+        return Check("error", "no prompts configured")
+    return Check("passed" if ok else "failed", "; ".join(parts))
+
+
+def perplexity_check(
+    delta_pct: float | None, delta_pct_err: float | None, limit: float, base_ppl, ppl
+) -> Check:
+    """|ΔPPL| / PPL strictly below ``limit`` (a fraction); a limit of 0 fails everything."""
+    if not finite(delta_pct):
+        return Check("error", f"no finite perplexity delta (PPL {ppl} vs {base_ppl})")
+    has_err = finite(delta_pct_err)
+    unc = f" ± {delta_pct_err:.2f}%" if has_err else ""
+    tail = f"(PPL {ppl:.4f} vs {base_ppl:.4f}{'; ± = paired standard error' if has_err else ''})"
+    rel = delta_pct / 100.0
+    shown = f"perplexity delta {figure(delta_pct, '+.2f')}%{unc}"
+    if abs(rel) < limit:
+        return Check("passed", f"{shown} < {100 * limit:.1f}% {tail}", rel, limit)
+    op = ">" if abs(rel) > limit else "≥"
+    return Check("failed", f"{shown} {op} {100 * limit:.1f}% {tail}", rel, limit)
+
+
+def kld_check(
+    mean_kld: float | None, same_top_pct: float | None, kld_max: float, same_top_min: float
+) -> Check:
+    if not finite(mean_kld) or not finite(same_top_pct):
+        return Check("error", "llama.cpp printed no finite KL divergence statistics")
+    mean, same = mean_kld + 0.0, same_top_pct / 100.0  # + 0.0: llama.cpp prints -0.0
+    ok_k, ok_s = mean <= kld_max, same >= same_top_min
+    detail = (
+        f"mean KLD {mean:.5f} {'≤' if ok_k else '>'} {kld_max:g}, same top token "
+        f"{100 * same:.2f}% {'≥' if ok_s else '<'} {100 * same_top_min:g}%"
+    )
+    return Check(
+        "passed" if ok_k and ok_s else "failed",
+        detail,
+        mean,
+        kld_max,
+        extra={"same_top": same, "same_top_threshold": same_top_min},
+    )
+
+
+def agreement_check(
+    token_agreement: float | None, first_divergence: int | None, limit: float | None
+) -> Check:
+    gates = limit is not None
+    if not finite(token_agreement):
+        return Check("error", "no generations to compare", gates=gates)
+    text = f"greedy token agreement {100 * token_agreement:.1f}%" + (
+        f", first divergence at token {first_divergence}"
+        if first_divergence is not None
+        else ", no divergence"
+    )
+    status = lower_limit(token_agreement, limit)
+    if status == "reported":
+        return Check(status, f"{text} (fq_agreement_min unset)", token_agreement, gates=False)
+    op = "≥" if status == "passed" else "<"
+    return Check(status, f"{text} {op} {100 * limit:g}%", token_agreement, limit)
+
+
+def speed_check(ratio: float | None, base_tps: float | None, tps: float | None, limit) -> Check:
+    """Treated over baseline perplexity throughput; gates only with fq_speed_ratio_min."""
+    gates = limit is not None
+    if not finite(ratio):
+        return Check("error", "speed not measured", gates=gates)
+    text = f"perplexity throughput {tps:.0f} tokens/s vs {base_tps:.0f} baseline ({ratio:.2f}×)"
+    status = lower_limit(ratio, limit)
+    if status == "reported":
+        return Check(status, f"{text} (fq_speed_ratio_min unset)", ratio, gates=False)
+    op = "≥" if status == "passed" else "<"
+    return Check(status, f"{text} {op} {limit:g}×", ratio, limit)
+
+
+def placebo_verdict(
+    treatment_kld: float | None, placebo_klds: Sequence[float]
+) -> tuple[float | None, str]:
+    """(ratio, wording): treatment KLD over the largest placebo KLD."""
+    if not placebo_klds:
+        return None, "control not run"
+    largest = max(placebo_klds)
+    if treatment_kld is None:
+        return None, "no treatment KLD"
+    treatment_kld += 0.0  # llama.cpp prints -0.000000 for an unchanged model
+    if largest <= 0:
+        if treatment_kld <= 0:
+            return 0.0, "within engine noise"
+        return math.inf, "above the placebo, which changed nothing"
+    ratio = treatment_kld / largest
+    if ratio <= 1.0:
+        return ratio, "within engine noise"
+    return ratio, f"{ratio:.1f}× the largest placebo"
+
+
+def placebo_check(
+    ratio: float | None,
+    verdict: str,
+    n_seeds: int,
+    kld_min: float | None,
+    kld_max: float | None,
+    limit: float | None,
+    error: str | None = None,
+) -> Check:
+    """The effect against its placebos; gates only with fq_noise_factor_max set."""
+    gates = limit is not None
+    if n_seeds == 0:
+        return Check("skipped", "control not run (fq_placebo_seeds = 0)", gates=False)
+    if error is not None:
+        return Check("error", f"placebo run failed: {error}", gates=gates)
+    if ratio is None or math.isnan(ratio):
+        return Check("error", verdict, gates=gates)
+    spread = (
+        f"placebo KLD {kld_min:.5f}–{kld_max:.5f}, " if finite(kld_min) and finite(kld_max) else ""
+    )
+    text = f"{verdict}: treatment KLD / largest placebo KLD = {ratio:.2f} ({spread}{n_seeds} seeds)"
+    status = upper_limit(ratio, limit)
+    if status == "reported":
+        return Check(status, f"{text}; fq_noise_factor_max unset", ratio, gates=False)
+    op = "≤" if status == "passed" else ">"
+    return Check(status, f"{text} {op} {limit:g}", ratio, limit)
