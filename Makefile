@@ -1,18 +1,24 @@
-# Two front doors: `make gate` (Test 1 and its report) and `make test` (everything).
+# Two front doors: `make gate` (Test 1 and its report) and `make test` (everything);
+# `make check` is the fast offline tier (no llama.cpp, models, network or browser).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fq-installed
+SYSTEM := $(VENV)/.fq-system
 PYTEST_ARGS ?=
 
-.PHONY: gate test test-latest lock lock-upgrade setup doctor lint clean
+.PHONY: gate test check test-latest lock lock-upgrade setup doctor lint clean
 
 # The venv is built by uv from the hash-locked requirements/lock.txt, so a run next month
-# installs exactly what this one did; a changed lock rebuilds it.
-$(STAMP): pyproject.toml requirements/lock.txt requirements/uv.txt scripts/bootstrap-system.sh scripts/python-env.sh
-	bash scripts/bootstrap-system.sh
+# installs exactly what this one did; a changed lock rebuilds it. System packages (apt) come
+# first; a changed bootstrap script runs again without rebuilding the venv (order-only).
+$(STAMP): pyproject.toml requirements/lock.txt requirements/uv.txt scripts/python-env.sh | $(SYSTEM)
 	PYTHON=$(PYTHON) bash scripts/python-env.sh locked $(VENV)
-	touch $@
+	touch $(SYSTEM) $@
+
+$(SYSTEM): scripts/bootstrap-system.sh
+	bash scripts/bootstrap-system.sh
+	mkdir -p $(VENV) && touch $@
 
 setup: $(STAMP)
 	$(BIN)/fq setup
@@ -24,6 +30,13 @@ gate: setup
 
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The offline tier: builds nothing, downloads nothing (empty cache and no network are fine).
+# Its report and benchmark figures go beside, not over, those of `make gate` / `make test`.
+CHECK_MARKERS := not (models or llama or network or browser or slow)
+check: $(STAMP)
+	$(BIN)/pytest -m "$(CHECK_MARKERS)" --html=reports/check.html \
+	  --benchmark-json=reports/check-benchmark.json $(PYTEST_ARGS)
 
 # Upgrades on purpose: the whole suite against the newest releases pyproject.toml allows,
 # in a venv of its own (.venv-latest); the lock and .venv are left alone.

@@ -13,7 +13,7 @@ from fq_core.corpus import resolve_corpus
 from fq_core.llama.tools import find_tools
 from fq_core.models import resolve_model
 
-pytestmark = pytest.mark.llama
+pytestmark = [pytest.mark.llama, pytest.mark.models]
 
 CHUNKS = 4
 GEN_TOKENS = 32

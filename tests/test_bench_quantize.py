@@ -26,6 +26,8 @@ from fq_core.selection import resolve
 FQ = str(Path(sys.executable).with_name("fq"))
 _MIN: dict[str, float] = {}
 
+pytestmark = pytest.mark.models  # Gemma3 (and SmolLM2, via getfixturevalue)
+
 
 def _min(benchmark) -> float | None:
     stats = getattr(benchmark, "stats", None)

@@ -186,6 +186,7 @@ def test_inspect_real_models(smollm2_gguf, gemma3_gguf, capsys):
     assert kinds["ffn_norm"]["n_elements"] == 11520
 
 
+@pytest.mark.models
 def test_quantize_registry_name_smollm2(tmp_path, capsys):
     status, out, err = run(capsys, "quantize", "smollm2-135m", str(tmp_path / "s.gguf"))
     assert status == 0, err

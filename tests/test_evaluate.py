@@ -22,7 +22,7 @@ from fq_core.llama.runner import LlamaRunner, run_logged
 from fq_core.llama.tools import find_tools
 from fq_core.models import resolve_model
 
-pytestmark = pytest.mark.llama
+# the tests using `env` run llama.cpp on SmolLM2 and are marked llama + models
 
 SETTINGS = EvalSettings(chunks=2, kld_chunks=2, gen_tokens=8, prompts=(Prompt("Hello"),))
 
@@ -57,6 +57,8 @@ def _n_commands(root) -> int:
     return len((root / "logs" / "commands.jsonl").read_text().splitlines())
 
 
+@pytest.mark.llama
+@pytest.mark.models
 def test_baseline_is_computed_once_then_reused(env):
     runner, smol, corpus, root = env
     first = evaluate_baseline(runner, smol, corpus, SETTINGS)
@@ -74,6 +76,8 @@ def test_baseline_is_computed_once_then_reused(env):
     assert doc["model"]["sha256"] == smol.sha256 and doc["corpus"]["sha256"] == corpus.sha256
 
 
+@pytest.mark.llama
+@pytest.mark.models
 def test_other_settings_get_another_baseline_and_a_damaged_one_is_redone(env):
     runner, smol, corpus, root = env
     base = evaluate_baseline(runner, smol, corpus, SETTINGS)
@@ -85,6 +89,8 @@ def test_other_settings_get_another_baseline_and_a_damaged_one_is_redone(env):
     assert not redone.cached and redone.kld_base.stat().st_size == base.kld_base_bytes
 
 
+@pytest.mark.llama
+@pytest.mark.models
 def test_a_model_against_itself_is_identical(env):
     runner, smol, corpus, _ = env
     base = evaluate_baseline(runner, smol, corpus, SETTINGS)
@@ -96,6 +102,8 @@ def test_a_model_against_itself_is_identical(env):
     assert cmp.agreement[0].token_agreement == 1.0 and cmp.agreement[0].same_text
 
 
+@pytest.mark.llama
+@pytest.mark.models
 def test_changed_model_matches_llama_perplexity_run_by_hand(env, changed_smol):
     """ΔPPL and KLD equal what the bare llama.cpp commands print for the same files."""
     runner, smol, corpus, root = env
@@ -129,6 +137,8 @@ def test_changed_model_matches_llama_perplexity_run_by_hand(env, changed_smol):
     assert cmp.delta_ppl_pct_err < 100 * math.hypot(cmp.ppl_err, cmp.baseline_ppl_err) / ppl_base
 
 
+@pytest.mark.llama
+@pytest.mark.models
 def test_chunk_nlls_reconstruct_the_final_perplexity(env):
     runner, smol, corpus, _ = env
     base = evaluate_baseline(runner, smol, corpus, SETTINGS)
@@ -139,6 +149,8 @@ def test_chunk_nlls_reconstruct_the_final_perplexity(env):
     assert paired_delta_pct_err((10.0,), (11.0,)) is None
 
 
+@pytest.mark.llama
+@pytest.mark.models
 def test_fq_evaluate_cli(env, changed_smol, capsys):
     from fq_core.cli import main
 

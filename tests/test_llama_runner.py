@@ -151,6 +151,7 @@ def test_unstartable_command_is_recorded_not_raised(tmp_path):
 
 
 @pytest.mark.llama
+@pytest.mark.models
 def test_load_reports_load_time(runner, smol):
     res = runner.load(smol)
     assert res.ok and res.load_time_ms > 0
@@ -158,6 +159,7 @@ def test_load_reports_load_time(runner, smol):
 
 
 @pytest.mark.llama
+@pytest.mark.models
 def test_generate_greedy_is_deterministic_and_exact_length(runner, smol, monkeypatch):
     # LLAMA_ARG_LOG_JSONL would turn stdout into JSON logs: the runner must clear it.
     monkeypatch.setenv("LLAMA_ARG_LOG_JSONL", "1")
@@ -174,6 +176,7 @@ def test_generate_greedy_is_deterministic_and_exact_length(runner, smol, monkeyp
 
 
 @pytest.mark.llama
+@pytest.mark.models
 def test_chat_applies_the_registry_template_and_does_not_wait(runner, gemma):
     g = runner.generate(gemma, "你好，請介紹一下自己。", 8, chat=True)
     plain = runner.generate(gemma, "Hello", 8, ignore_eos=True)
@@ -185,6 +188,7 @@ def test_chat_applies_the_registry_template_and_does_not_wait(runner, gemma):
 
 
 @pytest.mark.llama
+@pytest.mark.models
 def test_perplexity_two_chunks_and_reproducible(runner, smol, corpus):
     a = runner.perplexity(smol, corpus, chunks=2)
     b = runner.perplexity(smol, corpus, chunks=2, batch=256)
@@ -196,6 +200,7 @@ def test_perplexity_two_chunks_and_reproducible(runner, smol, corpus):
 
 
 @pytest.mark.llama
+@pytest.mark.models
 def test_kld_base_then_against_itself(runner, smol, corpus, tmp_path):
     base = tmp_path / "smol.kld"
     p = runner.perplexity(smol, corpus, chunks=2, kl_base=base)
@@ -208,6 +213,7 @@ def test_kld_base_then_against_itself(runner, smol, corpus, tmp_path):
 
 
 @pytest.mark.llama
+@pytest.mark.models
 def test_kld_vocabulary_mismatch_fails(runner, smol, gemma, corpus, tmp_path):
     base = tmp_path / "smol.kld"
     runner.perplexity(smol, corpus, chunks=1, kl_base=base)
@@ -217,6 +223,7 @@ def test_kld_vocabulary_mismatch_fails(runner, smol, gemma, corpus, tmp_path):
 
 
 @pytest.mark.llama
+@pytest.mark.models
 def test_token_count(runner, smol, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("Hello world")
@@ -246,6 +253,7 @@ def test_text_file_as_model(runner, tmp_path):
 
 
 @pytest.mark.llama
+@pytest.mark.models
 def test_truncated_gguf(runner, smol, tmp_path):
     cut = tmp_path / "cut.gguf"
     with open(smol.path, "rb") as src, open(cut, "wb") as dst:
@@ -273,6 +281,7 @@ def smol_nan(tmp_path_factory):
 
 
 @pytest.mark.llama
+@pytest.mark.models
 def test_nan_norm_fails_load_and_perplexity(runner, smol_nan, corpus):
     res = runner.load(smol_nan, check=False)
     assert not res.ok and res.command.exit_status != 0  # --check-tensors refuses it
@@ -281,6 +290,7 @@ def test_nan_norm_fails_load_and_perplexity(runner, smol_nan, corpus):
 
 
 @pytest.mark.llama
+@pytest.mark.models
 def test_corpus_shorter_than_one_context(runner, smol, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("A few words only.\n")
@@ -289,6 +299,7 @@ def test_corpus_shorter_than_one_context(runner, smol, tmp_path):
 
 
 @pytest.mark.llama
+@pytest.mark.models
 def test_failed_kl_base_run_leaves_no_logits(runner, smol, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("A few words only.\n")
@@ -299,6 +310,7 @@ def test_failed_kl_base_run_leaves_no_logits(runner, smol, tmp_path):
 
 
 @pytest.mark.llama
+@pytest.mark.models
 def test_llama_timeout_kills_llama_perplexity(tools, smol, corpus, tmp_path):
     """A real llama-perplexity run cut by the timeout: an error, and no process left behind."""
     text = tmp_path / "unique-corpus-for-timeout.txt"

