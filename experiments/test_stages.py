@@ -11,14 +11,15 @@ from __future__ import annotations
 import pytest
 
 from fq_core import checks
+from fq_core.record import StageRecord
 
 pytestmark = [pytest.mark.stage, pytest.mark.llama]
 
 
-def _assert_check(result: dict, name: str) -> None:
+def _assert_check(result: StageRecord, name: str) -> None:
     """One rule (fq_core.checks.ending): a check that gates nothing skips with its value."""
-    check = result["checks"].get(name)
-    assert check is not None, f"{name}: not recorded ({result['outcome']})"
+    check = result.checks.get(name)
+    assert check is not None, f"{name}: not recorded ({result.outcome})"
     how, message = checks.ending(check)
     if how == "skip":
         pytest.skip(message)

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from .figures import figure
+from .record import Check
 
 #: passed/failed: a gating check met or missed its threshold. reported: measured, no
 #: threshold set. skipped: not run (gate closed, control off). error: no value to judge.
-STATUSES = ("passed", "failed", "reported", "skipped", "error")
+STATUSES = ("passed", "failed", "reported", "skipped", "error")  # = record.Status
 FAILING = ("failed", "error")
 
 CHECKS = (
@@ -36,49 +38,22 @@ CHECKS = (
 )
 
 
-@dataclass(frozen=True)
-class Check:
-    status: str
-    detail: str  # one line, shown as the test's message and in the report
-    value: float | None = None
-    threshold: float | None = None
-    gates: bool = True  # decides the stage outcome, the gate and the pytest outcome
-    extra: Mapping[str, Any] = field(default_factory=dict)
+def check_from_json(data: Mapping[str, Any]) -> Check:
+    """A stored check; schema-1 records said ``asserted`` where this says ``gates``."""
+    data = dict(data)
+    gates = bool(data.pop("asserted", data.get("gates", True)))
+    if data.get("status") == "passed" and not gates:  # schema 1: report-only "passed"
+        data["status"] = "reported"
+    data["gates"] = gates
+    return msgspec.convert(data, Check)
 
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"check status must be one of {STATUSES}, not {self.status!r}")
 
-    def to_json(self) -> dict:
-        return {
-            "status": self.status,
-            "detail": self.detail,
-            "value": self.value,
-            "threshold": self.threshold,
-            "gates": self.gates,
-            **self.extra,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Check:
-        """A stored check; schema-1 records said ``asserted`` where this says ``gates``."""
-        known = {"status", "detail", "value", "threshold", "gates", "asserted"}
-        status = data["status"]
-        gates = bool(data.get("gates", data.get("asserted", True)))
-        if status == "passed" and not gates:  # schema 1 stored "passed" for report-only checks
-            status = "reported"
-        return cls(
-            status=status,
-            detail=str(data.get("detail") or ""),
-            value=data.get("value"),
-            threshold=data.get("threshold"),
-            gates=gates,
-            extra={k: v for k, v in data.items() if k not in known},
-        )
+def to_json(check: Check) -> dict:
+    return msgspec.to_builtins(check)
 
 
 def as_check(check: Check | Mapping[str, Any]) -> Check:
-    return check if isinstance(check, Check) else Check.from_json(check)
+    return check if isinstance(check, Check) else check_from_json(check)
 
 
 # --- the one rule ----------------------------------------------------------------------------
@@ -140,6 +115,18 @@ def ending(check: Check | Mapping[str, Any]) -> tuple[str, str]:
 # --- verdicts ---------------------------------------------------------------------------------
 
 
+def _verdict(
+    status: str,
+    detail: str,
+    value: float | None = None,
+    threshold: float | None = None,
+    **more: Any,
+) -> Check:
+    if status not in STATUSES:
+        raise ValueError(f"check status must be one of {STATUSES}, not {status!r}")
+    return Check(status=status, detail=detail, value=value, threshold=threshold, **more)
+
+
 def finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
@@ -168,7 +155,7 @@ def quantize_check(
     nothing_changed: bool,
 ) -> Check:
     if unexpected:
-        return Check(
+        return _verdict(
             "failed",
             f"bytes outside the selected tensors changed: {', '.join(unexpected[:5])}",
             float(len(unexpected)),
@@ -179,14 +166,14 @@ def quantize_check(
         if nothing_changed
         else ""
     )
-    return Check(
+    return _verdict(
         "passed",
         f"{changed:,} of {total:,} elements changed in {n_tensors} selected tensors "
         f"({changed_bytes:,} bytes); every other byte of the {file_size / 1e6:.0f} MB file "
         f"identical{exact}",
         0.0,
         0.0,
-        extra={"changed_bytes": changed_bytes},
+        changed_bytes=changed_bytes,
     )
 
 
@@ -194,15 +181,15 @@ def numeric_check(max_rel: float, changed: int, total: int, limit: float) -> Che
     counts = f"{changed:,} of {total:,} elements changed"
     value = max_rel if math.isfinite(max_rel) else math.inf
     if value < limit:
-        return Check("passed", f"max rel error {value:.3g} < {limit:g} ({counts})", value, limit)
-    return Check("failed", f"max rel error {value:.3g} ≥ {limit:g} ({counts})", value, limit)
+        return _verdict("passed", f"max rel error {value:.3g} < {limit:g} ({counts})", value, limit)
+    return _verdict("failed", f"max rel error {value:.3g} ≥ {limit:g} ({counts})", value, limit)
 
 
 def load_check(ok: bool, load_time_ms: float | None, error: str | None) -> Check:
     if ok:
         took = f" in {load_time_ms:.0f} ms" if load_time_ms else ""
-        return Check("passed", f"llama.cpp loaded it (--check-tensors){took}")
-    return Check("failed", f"llama.cpp could not load it: {error}")
+        return _verdict("passed", f"llama.cpp loaded it (--check-tensors){took}")
+    return _verdict("failed", f"llama.cpp could not load it: {error}")
 
 
 def generate_check(generations: Iterable[tuple[str, bool, int, str]]) -> Check:
@@ -216,8 +203,8 @@ def generate_check(generations: Iterable[tuple[str, bool, int, str]]) -> Check:
             ok = False
             parts.append(f"{label} → nothing generated")
     if not parts:
-        return Check("error", "no prompts configured")
-    return Check("passed" if ok else "failed", "; ".join(parts))
+        return _verdict("error", "no prompts configured")
+    return _verdict("passed" if ok else "failed", "; ".join(parts))
 
 
 def perplexity_check(
@@ -225,35 +212,36 @@ def perplexity_check(
 ) -> Check:
     """|ΔPPL| / PPL strictly below ``limit`` (a fraction); a limit of 0 fails everything."""
     if not finite(delta_pct):
-        return Check("error", f"no finite perplexity delta (PPL {ppl} vs {base_ppl})")
+        return _verdict("error", f"no finite perplexity delta (PPL {ppl} vs {base_ppl})")
     has_err = finite(delta_pct_err)
     unc = f" ± {delta_pct_err:.2f}%" if has_err else ""
     tail = f"(PPL {ppl:.4f} vs {base_ppl:.4f}{'; ± = paired standard error' if has_err else ''})"
     rel = delta_pct / 100.0
     shown = f"perplexity delta {figure(delta_pct, '+.2f')}%{unc}"
     if abs(rel) < limit:
-        return Check("passed", f"{shown} < {100 * limit:.1f}% {tail}", rel, limit)
+        return _verdict("passed", f"{shown} < {100 * limit:.1f}% {tail}", rel, limit)
     op = ">" if abs(rel) > limit else "≥"
-    return Check("failed", f"{shown} {op} {100 * limit:.1f}% {tail}", rel, limit)
+    return _verdict("failed", f"{shown} {op} {100 * limit:.1f}% {tail}", rel, limit)
 
 
 def kld_check(
     mean_kld: float | None, same_top_pct: float | None, kld_max: float, same_top_min: float
 ) -> Check:
     if not finite(mean_kld) or not finite(same_top_pct):
-        return Check("error", "llama.cpp printed no finite KL divergence statistics")
+        return _verdict("error", "llama.cpp printed no finite KL divergence statistics")
     mean, same = mean_kld + 0.0, same_top_pct / 100.0  # + 0.0: llama.cpp prints -0.0
     ok_k, ok_s = mean <= kld_max, same >= same_top_min
     detail = (
         f"mean KLD {mean:.5f} {'≤' if ok_k else '>'} {kld_max:g}, same top token "
         f"{100 * same:.2f}% {'≥' if ok_s else '<'} {100 * same_top_min:g}%"
     )
-    return Check(
+    return _verdict(
         "passed" if ok_k and ok_s else "failed",
         detail,
         mean,
         kld_max,
-        extra={"same_top": same, "same_top_threshold": same_top_min},
+        same_top=same,
+        same_top_threshold=same_top_min,
     )
 
 
@@ -262,7 +250,7 @@ def agreement_check(
 ) -> Check:
     gates = limit is not None
     if not finite(token_agreement):
-        return Check("error", "no generations to compare", gates=gates)
+        return _verdict("error", "no generations to compare", gates=gates)
     text = f"greedy token agreement {100 * token_agreement:.1f}%" + (
         f", first divergence at token {first_divergence}"
         if first_divergence is not None
@@ -270,22 +258,22 @@ def agreement_check(
     )
     status = lower_limit(token_agreement, limit)
     if status == "reported":
-        return Check(status, f"{text} (fq_agreement_min unset)", token_agreement, gates=False)
+        return _verdict(status, f"{text} (fq_agreement_min unset)", token_agreement, gates=False)
     op = "≥" if status == "passed" else "<"
-    return Check(status, f"{text} {op} {100 * limit:g}%", token_agreement, limit)
+    return _verdict(status, f"{text} {op} {100 * limit:g}%", token_agreement, limit)
 
 
 def speed_check(ratio: float | None, base_tps: float | None, tps: float | None, limit) -> Check:
     """Treated over baseline perplexity throughput; gates only with fq_speed_ratio_min."""
     gates = limit is not None
     if not finite(ratio):
-        return Check("error", "speed not measured", gates=gates)
+        return _verdict("error", "speed not measured", gates=gates)
     text = f"perplexity throughput {tps:.0f} tokens/s vs {base_tps:.0f} baseline ({ratio:.2f}×)"
     status = lower_limit(ratio, limit)
     if status == "reported":
-        return Check(status, f"{text} (fq_speed_ratio_min unset)", ratio, gates=False)
+        return _verdict(status, f"{text} (fq_speed_ratio_min unset)", ratio, gates=False)
     op = "≥" if status == "passed" else "<"
-    return Check(status, f"{text} {op} {limit:g}×", ratio, limit)
+    return _verdict(status, f"{text} {op} {limit:g}×", ratio, limit)
 
 
 def placebo_verdict(
@@ -320,17 +308,58 @@ def placebo_check(
     """The effect against its placebos; gates only with fq_noise_factor_max set."""
     gates = limit is not None
     if n_seeds == 0:
-        return Check("skipped", "control not run (fq_placebo_seeds = 0)", gates=False)
+        return _verdict("skipped", "control not run (fq_placebo_seeds = 0)", gates=False)
     if error is not None:
-        return Check("error", f"placebo run failed: {error}", gates=gates)
+        return _verdict("error", f"placebo run failed: {error}", gates=gates)
     if ratio is None or math.isnan(ratio):
-        return Check("error", verdict, gates=gates)
+        return _verdict("error", verdict, gates=gates)
     spread = (
         f"placebo KLD {kld_min:.5f}–{kld_max:.5f}, " if finite(kld_min) and finite(kld_max) else ""
     )
     text = f"{verdict}: treatment KLD / largest placebo KLD = {ratio:.2f} ({spread}{n_seeds} seeds)"
     status = upper_limit(ratio, limit)
     if status == "reported":
-        return Check(status, f"{text}; fq_noise_factor_max unset", ratio, gates=False)
+        return _verdict(status, f"{text}; fq_noise_factor_max unset", ratio, gates=False)
     op = "≤" if status == "passed" else ">"
-    return Check(status, f"{text} {op} {limit:g}", ratio, limit)
+    return _verdict(status, f"{text} {op} {limit:g}", ratio, limit)
+
+
+# --- the treatment against its placebos, in words (stored once, rendered by the report) ----
+
+
+def delta_vs_placebo(value: float | None, lo: float | None, hi: float | None) -> str:
+    """ΔPPL % against the placebos' range: inside it, or how many times its largest |ΔPPL|."""
+    if not finite(lo) or not finite(hi):
+        return "control not run"
+    if not finite(value):
+        return "not measured"
+    largest = max(abs(lo), abs(hi))
+    if lo <= value <= hi or abs(value) <= largest:
+        return "within engine noise"
+    if largest == 0:
+        return "above the placebo, which changed nothing"
+    return f"{abs(value) / largest:.1f}× the largest placebo"
+
+
+def same_top_vs_placebo(value: float | None, placebo_min: float | None) -> str:
+    """Same-top % compared through the drop below 100 %, the way KLD is compared."""
+    if not finite(placebo_min):
+        return "control not run"
+    if not finite(value):
+        return "not measured"
+    drop, largest = 100.0 - value, 100.0 - placebo_min
+    if drop <= largest:
+        return "within engine noise"
+    if largest <= 0:
+        return "above the placebo, which changed nothing"
+    return f"{drop / largest:.1f}× the largest placebo drop"
+
+
+def kld_vs_placebo(changed: int | None, n_seeds: int, ratio: float | None, verdict: str) -> str:
+    if changed == 0:
+        return "no element changed: the model is identical to the baseline"
+    if n_seeds == 0:
+        return "control not run"
+    if finite(ratio) and "×" not in verdict:
+        return f"{verdict} (ratio {ratio:.2f})"
+    return verdict

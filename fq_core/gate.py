@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import checks
+from .record import StageRecord
 from .results import GateComponents, gate_entries, lookup_gate
 
 
@@ -24,16 +25,16 @@ class GateDecision:
     run_id: str | None = None
 
 
-def failure_reason(result: Mapping[str, Any]) -> str | None:
+def failure_reason(result: StageRecord) -> str | None:
     """Why a stored Test 1 result did not pass (its failing gating checks), or None if it did."""
-    reason = checks.failure_reason(result.get("checks") or {})
+    reason = checks.failure_reason(result.checks)
     if reason is not None:
         return reason
-    if result.get("outcome") == "passed":
+    if result.outcome == "passed":
         return None
-    if result.get("outcome") == "skipped":
-        return f"Test 1 was skipped: {result.get('skip_reason') or 'no reason recorded'}"
-    return f"Test 1 did not finish (outcome {result.get('outcome')!r})"
+    if result.outcome == "skipped":
+        return f"Test 1 was skipped: {result.skip_reason or 'no reason recorded'}"
+    return f"Test 1 did not finish (outcome {result.outcome!r})"
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -66,7 +67,7 @@ def decide(
     model: str,
     components: GateComponents,
     *,
-    session_result: Mapping[str, Any] | None = None,
+    session_result: StageRecord | None = None,
     ignore: bool = False,
     root: str | os.PathLike[str] | None = None,
 ) -> GateDecision:
@@ -84,12 +85,12 @@ def decide(
 def _decide(
     model: str,
     components: GateComponents,
-    session_result: Mapping[str, Any] | None,
+    session_result: StageRecord | None,
     root: str | os.PathLike[str] | None,
 ) -> GateDecision:
     prefix = f"gate: Test 1 has not passed for {model}"
     if session_result is not None:
-        run_id = session_result.get("run_id")
+        run_id = session_result.run_id
         reason = failure_reason(session_result)
         if reason is None:
             return GateDecision(True, f"Test 1 passed for {model} in this run", "session", run_id)

@@ -21,10 +21,11 @@ from typing import Any
 
 from filelock import FileLock
 
+from . import record
 from .errors import BadInput
 from .paths import results_dir
 
-SCHEMA = 1
+SCHEMA = record.SCHEMA
 GATE_FILE = "gate.json"
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -69,30 +70,29 @@ def lock_for(path: str | os.PathLike[str], timeout: float = -1) -> FileLock:
     return FileLock(str(path) + ".lock", timeout=timeout)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """NaN/Inf are not JSON: store them as null rather than writing an unreadable file."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _jsonable(value.item())
+        return jsonable(value.item())
     return value
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write JSON so that readers see the old file or the new one, never a partial one."""
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write a file so that readers see the old one or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(data), f, indent=2, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -102,38 +102,67 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     return path
 
 
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    """Any JSON-able value, atomically; NaN/Inf become null (JSON has neither)."""
+    text = json.dumps(jsonable(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def save_result(data: Mapping[str, Any], root: str | os.PathLike[str] | None = None) -> Path:
-    """Store one stage × model result at the path given by its run_id, stage and model name."""
-    path = result_path(data["run_id"], data["stage"], data["model"]["name"], root)
+def save_result(
+    data: record.StageRecord | Mapping[str, Any], root: str | os.PathLike[str] | None = None
+) -> Path:
+    """Validate one stage × model result against the typed record, then store it atomically.
+
+    Validation at every save means a protocol that writes a wrong field fails where it
+    writes, not later as a blank in a report.
+    """
+    if isinstance(data, record.StageRecord):
+        rec = data
+    else:
+        where = f"result {data.get('stage')}/{(data.get('model') or {}).get('name')}"
+        rec = record.from_builtins(jsonable(data), source=where)
+    path = result_path(rec.run_id, rec.stage, rec.model.name, root)
     with lock_for(path):
-        write_json_atomic(path, data)
+        write_bytes_atomic(path, record.encode(rec))
     return path
+
+
+def load_record(
+    run_id: str, stage: str, model: str, root: str | os.PathLike[str] | None = None
+) -> record.StageRecord | None:
+    path = result_path(run_id, stage, model, root)
+    if not path.exists():
+        return None
+    return record.read(path)
 
 
 def load_result(
     run_id: str, stage: str, model: str, root: str | os.PathLike[str] | None = None
 ) -> dict | None:
-    path = result_path(run_id, stage, model, root)
-    try:
-        return read_json(path)
-    except FileNotFoundError:
-        return None
+    """The stored record as plain data (validated on the way in)."""
+    rec = load_record(run_id, stage, model, root)
+    return None if rec is None else record.to_builtins(rec)
 
 
-def iter_results(run_id: str, root: str | os.PathLike[str] | None = None) -> Iterator[dict]:
-    """Every stage × model result of one run (for the report and the gate)."""
+def iter_records(
+    run_id: str, root: str | os.PathLike[str] | None = None
+) -> Iterator[record.StageRecord]:
+    """Every stage × model record of one run (for the report and the gate)."""
     base = run_dir(run_id, root)
     if not base.is_dir():
         return
     for path in sorted(base.glob("*/*.json")):
-        data = read_json(path)
-        if isinstance(data, dict) and "stage" in data and "checks" in data:
-            yield data
+        yield record.read(path)
+
+
+def iter_results(run_id: str, root: str | os.PathLike[str] | None = None) -> Iterator[dict]:
+    for rec in iter_records(run_id, root):
+        yield record.to_builtins(rec)
 
 
 def latest_run_id(root: str | os.PathLike[str] | None = None) -> str | None:
@@ -148,7 +177,7 @@ def latest_run_id(root: str | os.PathLike[str] | None = None) -> str | None:
 
 
 def canonical_json(data: Any) -> str:
-    return json.dumps(_jsonable(data), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return json.dumps(jsonable(data), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def cache_key(parts: Mapping[str, Any], length: int = 24) -> str:

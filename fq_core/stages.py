@@ -18,15 +18,18 @@ import platform
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, checks, metrics, patch, results
+import msgspec
+
+from . import __version__, checks, metrics, patch, record, results
 from .errors import FqError
 from .figures import figure
 from .gguf_index import read_index, read_tensor
 from .paths import cache_dir
+from .record import StageRecord, Thresholds
 from .selection import DEFAULT_TENSORS
 
 if TYPE_CHECKING:  # the stage definitions import without llama.cpp's side of the library
@@ -62,31 +65,6 @@ def stage(stage_id: str) -> Stage:
         if s.id == stage_id:
             return s
     raise KeyError(stage_id)
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Pass/fail limits. None = report only (the check records its value and never fails)."""
-
-    ppl_delta_max: float = 0.02  # |PPL(treated)/PPL(base) - 1|
-    max_rel_error: float = 1e-2
-    kld_mean_max: float = 0.02
-    same_top_min: float = 0.90  # fraction of tokens whose top-1 token is unchanged
-    agreement_min: float | None = None  # greedy token agreement, fraction
-    noise_factor_max: float | None = None  # treatment KLD / largest placebo KLD
-    speed_ratio_min: float | None = None  # treated / baseline perplexity tokens per second
-
-    def gates(self, check: str) -> bool:
-        """Whether a check decides anything: the report-only ones gate once given a limit."""
-        limit_of = {
-            "placebo": self.noise_factor_max,
-            "agreement": self.agreement_min,
-            "speed": self.speed_ratio_min,
-        }
-        return check not in limit_of or limit_of[check] is not None
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -129,7 +107,7 @@ class Experiment:
             format=self.fmt,
             rounding=self.rounding,
             settings=settings,
-            thresholds=self.thresholds.to_json(),
+            thresholds=msgspec.to_builtins(self.thresholds),
         )
 
 
@@ -154,7 +132,7 @@ def _evaluate():
 
 
 def _check(status: str, detail: str, *, gates: bool = True) -> dict:
-    return checks.Check(status, detail, gates=gates).to_json()
+    return checks.to_json(checks.Check(status=status, detail=detail, gates=gates))
 
 
 def _error(exc: BaseException) -> str:
@@ -225,7 +203,7 @@ def header(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dic
         "fq_version": __version__,
         "machine": machine_json(),
         "settings": exp.settings_json(),
-        "thresholds": exp.thresholds.to_json(),
+        "thresholds": msgspec.to_builtins(exp.thresholds),
         "checks": {},
         "numeric": None,
         "baseline": None,
@@ -241,7 +219,7 @@ def header(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dic
 
 def skipped_result(
     stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment, reason: str
-) -> dict:
+) -> StageRecord:
     """The result of a stage the gate closed: stored so the report can say why it did not run."""
     data = header(stage_, model, ctx, exp)
     for name in CHECKS:
@@ -249,7 +227,7 @@ def skipped_result(
     data["outcome"] = "skipped"
     data["skip_reason"] = reason
     data["finished_at"] = results.utc_now()
-    return data
+    return record.from_builtins(data, source=f"{stage_.id}/{model.name}")
 
 
 def outcome(checks_: Mapping[str, Mapping[str, Any]]) -> str:
@@ -332,23 +310,25 @@ def _numeric_json(manifest: patch.Manifest, original: Path, candidate: Path) -> 
 
 
 def _quantize_check(cmp: metrics.Comparison, manifest: patch.Manifest) -> dict:
-    return checks.quantize_check(
-        cmp.unexpected,
-        manifest.total_changed,
-        manifest.total_elements,
-        len(manifest.tensors),
-        sum(d.differing_bytes for d in cmp.differing),
-        cmp.file_size,
-        manifest.format,
-        manifest.nothing_changed,
-    ).to_json()
+    return checks.to_json(
+        checks.quantize_check(
+            cmp.unexpected,
+            manifest.total_changed,
+            manifest.total_elements,
+            len(manifest.tensors),
+            sum(d.differing_bytes for d in cmp.differing),
+            cmp.file_size,
+            manifest.format,
+            manifest.nothing_changed,
+        )
+    )
 
 
 def _numeric_check(manifest: patch.Manifest, limit: float) -> dict:
     t = manifest.totals
-    return checks.numeric_check(
-        t.max_rel, manifest.total_changed, manifest.total_elements, limit
-    ).to_json()
+    return checks.to_json(
+        checks.numeric_check(t.max_rel, manifest.total_changed, manifest.total_elements, limit)
+    )
 
 
 # --- evaluation evidence --------------------------------------------------------------------
@@ -446,12 +426,12 @@ def _agreement_json(cmp: Any) -> dict | None:
 
 
 def _load_check(ev: Any) -> dict:
-    return checks.load_check(ev.load.ok, ev.load.load_time_ms, ev.load.error).to_json()
+    return checks.to_json(checks.load_check(ev.load.ok, ev.load.load_time_ms, ev.load.error))
 
 
 def _generate_check(ev: Any) -> dict:
     gens = [(g.prompt, g.chat, g.n_tokens, g.text) for g in ev.generations]
-    return checks.generate_check(gens).to_json()
+    return checks.to_json(checks.generate_check(gens))
 
 
 placebo_verdict = checks.placebo_verdict
@@ -459,10 +439,10 @@ placebo_verdict = checks.placebo_verdict
 
 def _placebo_check(placebo: dict, limit: float | None, error: str | None = None) -> dict:
     kl = placebo.get("kld_mean") or {}
-    return checks.placebo_check(
+    return checks.to_json(checks.placebo_check(
         placebo["kld_ratio"], placebo["verdict"], len(placebo["seeds"]),
         kl.get("min"), kl.get("max"), limit, error,
-    ).to_json()  # fmt: skip
+    ))  # fmt: skip
 
 
 # --- placebo runs ---------------------------------------------------------------------------
@@ -575,10 +555,25 @@ def _placebo_summary(runs: list[dict], seeds: Sequence[int], treatment_kld: floa
     }
 
 
+def _compared(numeric: dict, treatment: dict, placebo: dict) -> dict:
+    """The treatment against its placebos in words: decided here, rendered by the report."""
+    d, same = placebo.get("delta_ppl_pct") or {}, placebo.get("same_top_pct") or {}
+    kld = treatment.get("kld") or {}
+    return {
+        "kld": checks.kld_vs_placebo(
+            numeric.get("changed"), len(placebo["seeds"]), placebo["kld_ratio"], placebo["verdict"]
+        ),
+        "delta_ppl": checks.delta_vs_placebo(
+            treatment.get("delta_ppl_pct"), d.get("min"), d.get("max")
+        ),
+        "same_top": checks.same_top_vs_placebo(kld.get("same_top_pct"), same.get("min")),
+    }
+
+
 # --- the protocol ---------------------------------------------------------------------------
 
 
-def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dict:
+def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> StageRecord:
     """Run one stage on one model, store the result after every step, record Test 1's verdict."""
     data = header(stage_, model, ctx, exp)
     found = data["checks"]
@@ -638,23 +633,25 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
     found["load"] = _load_check(ev)
     found["generate"] = _generate_check(ev)
     t = exp.thresholds
-    found["perplexity"] = checks.perplexity_check(
+    found["perplexity"] = checks.to_json(checks.perplexity_check(
         cmp.delta_ppl_pct, cmp.delta_ppl_pct_err, t.ppl_delta_max,
         baseline.perplexity.ppl, ev.perplexity.ppl,
-    ).to_json()  # fmt: skip
+    ))  # fmt: skip
     kld = ev.perplexity.kld
-    found["kld"] = checks.kld_check(
+    found["kld"] = checks.to_json(checks.kld_check(
         kld.mean_kld if kld else None, kld.same_top_pct if kld else None,
         t.kld_mean_max, t.same_top_min,
-    ).to_json()  # fmt: skip
+    ))  # fmt: skip
     agreement = data["treatment"]["agreement"] or {}
-    found["agreement"] = checks.agreement_check(
-        agreement.get("token_agreement"), agreement.get("first_divergence"), t.agreement_min
-    ).to_json()
-    found["speed"] = checks.speed_check(
+    found["agreement"] = checks.to_json(
+        checks.agreement_check(
+            agreement.get("token_agreement"), agreement.get("first_divergence"), t.agreement_min
+        )
+    )
+    found["speed"] = checks.to_json(checks.speed_check(
         _speed_ratio(cmp), baseline.perplexity.tokens_per_s, ev.perplexity.tokens_per_s,
         t.speed_ratio_min,
-    ).to_json()  # fmt: skip
+    ))  # fmt: skip
     save()
     if not exp.keep_models:
         dst.unlink(missing_ok=True)
@@ -672,28 +669,30 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
         placebo_error = _error(exc)
     treatment_kld = ev.perplexity.kld.mean_kld if ev.perplexity.kld else None
     data["placebo"] = _placebo_summary(runs, exp.placebo_seeds, treatment_kld)
+    data["placebo"]["compared"] = _compared(data["numeric"], data["treatment"], data["placebo"])
     found["placebo"] = _placebo_check(data["placebo"], t.noise_factor_max, placebo_error)
     return _finish(data, stage_, model, ctx, exp, dst)
 
 
 def _finish(
     data: dict, stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment, dst: Path
-) -> dict:
+) -> StageRecord:
     data["checks"] = {n: data["checks"][n] for n in CHECKS if n in data["checks"]}
     data["outcome"] = outcome(data["checks"])
     data["finished_at"] = results.utc_now()
     if not exp.keep_models:
         dst.unlink(missing_ok=True)
-    results.save_result(data, ctx.results_root)
+    rec = record.from_builtins(results.jsonable(data), source=f"{stage_.id}/{model.name}")
+    results.save_result(rec, ctx.results_root)
     if stage_.id == GATE_STAGE.id:
         from .gate import failure_reason
 
         results.record_gate(
             exp.gate_components(model, ctx.corpus, ctx.tools),
             model=model.name,
-            outcome=data["outcome"],
+            outcome=rec.outcome,
             run_id=ctx.run_id,
-            reason=failure_reason(data),
+            reason=failure_reason(rec),
             root=ctx.results_root,
         )
-    return data
+    return rec

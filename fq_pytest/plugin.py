@@ -302,7 +302,7 @@ class FqSession:
         self.root = results_root(config)
         self.selected: set[tuple[str, str]] = set()  # (stage, model_id) in this session
         self._models: dict[str, Any] = {}
-        self._results: dict[tuple[str, str], dict] = {}
+        self._results: dict[tuple[str, str], Any] = {}  # StageRecord
         self._tools = self._runner = self._corpus = None
 
     # inputs, resolved on first use so that collection stays fast
@@ -353,18 +353,20 @@ class FqSession:
 
     def result(self, case: StageCase) -> dict:
         """The stage × model result: computed once per run, even across xdist workers."""
-        from fq_core import results, stages
+        from fq_core import progress, results, stages
 
         key = (case.stage, case.model_id)
         if key in self._results:
             return self._results[key]
         path = results.result_path(self.run_id, case.stage, case.model_id, self.root)
         with results.lock_for(str(path) + ".compute"):
-            stored = results.load_result(self.run_id, case.stage, case.model_id, self.root)
-            if stored is None or stored.get("outcome") in (None, "running"):
-                stored = stages.run_stage(
-                    stages.stage(case.stage), self.model(case), self.context(), self.experiment
-                )
+            stored = results.load_record(self.run_id, case.stage, case.model_id, self.root)
+            if stored is None or stored.outcome == "running":
+                stage_ = stages.stage(case.stage)
+                with progress.context(stage=stage_.title, model=case.model_id):  # what runs
+                    stored = stages.run_stage(
+                        stage_, self.model(case), self.context(), self.experiment
+                    )
         self._results[key] = stored
         return stored
 
@@ -396,7 +398,7 @@ class FqSession:
             return
         path = results.result_path(self.run_id, case.stage, case.model_id, self.root)
         with results.lock_for(str(path) + ".compute"):
-            stored = results.load_result(self.run_id, case.stage, case.model_id, self.root)
+            stored = results.load_record(self.run_id, case.stage, case.model_id, self.root)
             if stored is None:
                 stored = stages.skipped_result(
                     stages.stage(case.stage), self.model(case), self.context(),
@@ -559,7 +561,7 @@ def fq_session(request: pytest.FixtureRequest) -> FqSession:
 
 
 @pytest.fixture
-def fq_result(request: pytest.FixtureRequest, fq_session: FqSession, fq_case: StageCase) -> dict:
+def fq_result(request: pytest.FixtureRequest, fq_session: FqSession, fq_case: StageCase):
     """The stored result of this test's stage × model; skips with the gate's reason if closed."""
     from fq_core import results
     from fq_core.errors import FqError

@@ -9,8 +9,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from record_factory import make_record
 
-from fq_core import gate, results
+from fq_core import gate, record, results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,13 +30,13 @@ def _components(**changes):
     return results.GateComponents(**base)
 
 
-def _test1(outcome: str, **checks) -> dict:
-    return {
-        "run_id": "R-now",
-        "stage": "layer0",
-        "outcome": outcome,
-        "checks": {n: {"status": s, "detail": d} for n, (s, d) in checks.items()},
-    }
+def _test1(outcome: str, **checks) -> record.StageRecord:
+    data = make_record(
+        run_id="R-now",
+        outcome=outcome,
+        checks={n: {"status": s, "detail": d} for n, (s, d) in checks.items()},
+    )
+    return record.from_builtins(data)
 
 
 def test_session_pass_opens(tmp_path):
@@ -107,7 +108,7 @@ def test_ignore_gate_opens_but_keeps_the_reason(tmp_path):
 
 
 def test_failure_reason_of_unfinished_result():
-    assert "did not finish" in gate.failure_reason({"outcome": "running", "checks": {}})
+    assert "did not finish" in gate.failure_reason(_test1("running"))
     assert gate.failure_reason(_test1("passed", kld=("passed", "x"))) is None
 
 
@@ -200,11 +201,11 @@ def test_placebo_verdict_wording(treatment, placebos, ratio, verdict):
     assert got_ratio is None or str(got_ratio) != "-0.0"
 
 
-def test_dash_k_gate_selects_only_test_1():
+def test_dash_k_gate_selects_only_test_1(tmp_path):
     """`pytest -k layer0` (make gate) collects Test 1's nine checks per model and nothing else."""
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-k", "layer0",
-         "-p", "no:cacheprovider"],
+         "-p", "no:cacheprovider", f"--html={tmp_path / 'r.html'}"],  # not over reports/
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -8,6 +8,7 @@ import os
 import re
 
 import pytest
+from record_factory import make_record
 
 from fq_core import results
 from fq_core.errors import BadInput
@@ -27,22 +28,33 @@ def test_result_path_layout(tmp_path):
 
 
 def test_save_and_load_round_trip_with_nan_as_null(tmp_path):
-    data = {
-        "run_id": "R1",
-        "stage": "layer0",
-        "model": {"name": "m"},
-        "checks": {},
-        "value": float("nan"),
-        "nested": [1.5, float("inf")],
-    }
+    data = make_record(
+        treatment=None,
+        baseline={
+            "ppl": float("nan"),
+            "ppl_err": None,
+            "chunk_ppls": [1.5, float("inf")],
+            "n_chunks": 2,
+            "tokens_per_s": None,
+            "load_time_ms": None,
+            "generations": [],
+        },  # fmt: skip
+    )
     path = results.save_result(data, tmp_path)
-    assert json.loads(path.read_text())["value"] is None
+    assert json.loads(path.read_text())["baseline"]["ppl"] is None
     loaded = results.load_result("R1", "layer0", "m", tmp_path)
-    assert loaded["nested"] == [1.5, None]
+    assert list(loaded["baseline"]["chunk_ppls"]) == [1.5, None]
     assert results.load_result("R1", "layer0", "other", tmp_path) is None
-    results.write_json_atomic(tmp_path / "R1" / "layer0" / "m.gguf.fq.json", {"tool": "fq"})
+    results.write_json_atomic(tmp_path / "R1" / "layer0" / "models" / "m.gguf.fq.json", {"t": 1})
     assert list(results.iter_results("R1", tmp_path)) == [loaded]  # results only, no manifest
     assert results.latest_run_id(tmp_path) == "R1"
+
+
+def test_save_refuses_a_record_that_does_not_match_the_schema(tmp_path):
+    bad = make_record(corpus=dict(make_record()["corpus"], n_tokens="many"))
+    with pytest.raises(BadInput, match=r"n_tokens"):
+        results.save_result(bad, tmp_path)
+    assert not any(tmp_path.rglob("*.json"))
 
 
 def test_atomic_write_leaves_old_file_when_serialisation_fails(tmp_path):

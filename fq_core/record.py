@@ -1,0 +1,394 @@
+"""The record of one stage × model run: one typed definition and its one JSON round trip.
+
+Why typed: everything downstream — the gate, the CLI, the HTML and markdown reports, the
+charts, the pytest hooks — reads these fields by attribute, so a misspelt name is an error
+where it is written, not a "—" in a report. Why msgspec: the Struct definitions *are* the
+schema; decoding validates every field and names the one that is wrong
+(`Expected `float`, got `str` - at `$.treatment.ppl``), with no hand-written to/from JSON.
+
+This module computes nothing. The protocol (fq_core.stages) fills the record; fq_core.results
+stores it; everything else renders it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from .errors import BadInput
+
+#: Version of the stored layout. 1: checks said `asserted`, report-only checks were "passed".
+SCHEMA = 2
+
+Status = Literal["passed", "failed", "reported", "skipped", "error"]
+Outcome = Literal["running", "passed", "failed", "skipped"]
+
+
+class _Part(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ModelInfo(_Part, kw_only=True):
+    name: str
+    path: str
+    sha256: str
+
+
+class CorpusInfo(_Part, kw_only=True):
+    path: str
+    sha256: str
+    n_bytes: int
+    n_tokens: int | None = None  # the whole corpus under the model's tokenizer
+
+
+class LlamaInfo(_Part, kw_only=True):
+    version: str
+    build_info: str
+    bin_dir: str
+
+
+class MachineInfo(_Part, kw_only=True):
+    hostname: str
+    cpu: str
+    cores: int | None
+    python: str
+    platform: str
+
+
+class Prompt(_Part, kw_only=True):
+    text: str
+    chat: bool
+
+
+class Settings(_Part, kw_only=True):
+    format: str
+    rounding: str
+    tensors: tuple[str, ...]
+    ctx: int
+    batch: int
+    chunks: int
+    kld_chunks: int
+    threads: int | None
+    gen_tokens: int
+    prompts: tuple[Prompt, ...]
+    placebo_seeds: tuple[int, ...]
+
+
+class Thresholds(_Part, kw_only=True):
+    """Pass/fail limits; None = report only (the check records its value and gates nothing)."""
+
+    ppl_delta_max: float = 0.02  # |PPL(treated)/PPL(base) - 1|
+    max_rel_error: float = 1e-2
+    kld_mean_max: float = 0.02
+    same_top_min: float = 0.90  # fraction of tokens whose top-1 token is unchanged
+    agreement_min: float | None = None  # greedy token agreement, fraction
+    noise_factor_max: float | None = None  # treatment KLD / largest placebo KLD
+    speed_ratio_min: float | None = None  # treated / baseline perplexity tokens per second
+
+    def gates(self, check: str) -> bool:
+        """Whether a check decides anything: the report-only ones gate once given a limit."""
+        limit_of = {
+            "placebo": self.noise_factor_max,
+            "agreement": self.agreement_min,
+            "speed": self.speed_ratio_min,
+        }
+        return check not in limit_of or limit_of[check] is not None
+
+
+class Check(_Part, kw_only=True):
+    """A verdict: status, the measured value and its threshold, and whether it gates."""
+
+    status: Status
+    detail: str  # one line: the test's message and the report's text
+    value: float | None = None
+    threshold: float | None = None
+    gates: bool = True  # decides the stage outcome, the gate and the pytest outcome
+    same_top: float | None = None  # kld: the second measured value and its limit
+    same_top_threshold: float | None = None
+    changed_bytes: int | None = None  # quantize
+
+
+class TensorError(_Part, kw_only=True):
+    name: str
+    layer: int | None
+    changed: int
+    n_elements: int
+    max_abs: float | None
+    mean_abs: float | None
+    max_rel: float | None
+    mean_rel: float | None
+
+
+class Distribution(_Part, kw_only=True):
+    n: int
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    percentiles: dict[str, float | None]
+    n_nonfinite: int = 0
+
+
+class Focus(_Part, kw_only=True):
+    """One patched tensor before and after, for the report's charts."""
+
+    layer: int | None
+    tensor: str
+    before: Distribution
+    after: Distribution
+    hist_edges: tuple[float, ...]
+    hist_before: tuple[int, ...]
+    hist_after: tuple[int, ...]
+    rel_error_edges: tuple[float, ...]
+    rel_error_counts: tuple[int, ...]
+
+
+class Numeric(_Part, kw_only=True):
+    manifest: str
+    n_tensors: int
+    n_elements: int
+    changed: int
+    max_abs: float | None
+    mean_abs: float | None
+    max_rel: float | None
+    mean_rel: float | None
+    max_ulp_bf16: float | None = None
+    summary: str
+    per_tensor: tuple[TensorError, ...]
+    focus: Focus | None = None
+
+
+class GenerationInfo(_Part, kw_only=True):
+    prompt: str
+    chat: bool
+    text: str
+    n_tokens: int
+    tokens_per_s: float | None
+    tool: str | None = None
+
+
+class Baseline(_Part, kw_only=True):
+    ppl: float | None
+    ppl_err: float | None
+    chunk_ppls: tuple[float | None, ...]
+    n_chunks: int
+    tokens_per_s: float | None
+    load_time_ms: float | None
+    generations: tuple[GenerationInfo, ...]
+    cached: bool | None = None
+    key: str | None = None
+
+
+class KLD(_Part, kw_only=True):
+    mean: float | None
+    mean_err: float | None = None
+    median: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    max: float | None = None
+    same_top_pct: float | None = None
+    same_top_err: float | None = None
+    rms_dp_pct: float | None = None
+    p999: float | None = None
+    ppl_ratio: float | None = None
+
+
+class PromptAgreement(_Part, kw_only=True):
+    prompt: str
+    chat: bool
+    same_text: bool
+    token_agreement: float | None
+    first_divergence: int | None
+
+
+class Agreement(_Part, kw_only=True):
+    token_agreement: float | None
+    first_divergence: int | None
+    per_prompt: tuple[PromptAgreement, ...]
+
+
+class Treatment(_Part, kw_only=True):
+    ppl: float | None
+    ppl_err: float | None
+    chunk_ppls: tuple[float | None, ...]
+    delta_ppl: float | None
+    delta_ppl_pct: float | None
+    delta_ppl_pct_err: float | None
+    kld: KLD | None
+    tokens_per_s: float | None
+    speed_ratio: float | None
+    gen_tokens_per_s: float | None
+    baseline_gen_tokens_per_s: float | None
+    load_time_ms: float | None
+    generations: tuple[GenerationInfo, ...]
+    agreement: Agreement | None
+
+
+class Range(_Part, kw_only=True):
+    min: float
+    max: float
+    mean: float
+
+
+class Command(_Part, kw_only=True):
+    argv: tuple[str, ...]
+    tool: str | None = None
+    cwd: str | None = None
+    env: dict[str, str] = {}
+    cleared_env: tuple[str, ...] = ()
+    started_at: str
+    duration_s: float
+    exit_status: int | None
+    timed_out: bool = False
+    stdout_path: str
+    stderr_path: str
+    role: str | None = None  # baseline, treatment, placebo seed N
+    cached: bool | None = None  # True when the run was reused from the cache, not made now
+
+
+class PlaceboRun(_Part, kw_only=True):
+    seed: int
+    key: str
+    layers: str
+    manifest: str
+    changed: int
+    n_elements: int
+    ppl: float | None
+    ppl_err: float | None
+    delta_ppl_pct: float | None
+    delta_ppl_pct_err: float | None
+    kld_mean: float | None
+    same_top_pct: float | None
+    kld: KLD | None
+    cached: bool | None = None
+
+
+class PlaceboComparison(_Part, kw_only=True):
+    """The treatment against its placebos in words, decided once by the protocol."""
+
+    kld: str  # "1.6× the largest placebo", "within engine noise", "control not run", ...
+    delta_ppl: str
+    same_top: str
+
+
+class Placebo(_Part, kw_only=True):
+    seeds: tuple[int, ...]
+    runs: tuple[PlaceboRun, ...]
+    kld_mean: Range | None
+    delta_ppl_pct: Range | None
+    same_top_pct: Range | None
+    kld_ratio: float | None
+    verdict: str
+    compared: PlaceboComparison | None = None
+
+
+class StageRecord(_Part, kw_only=True):
+    schema: int
+    run_id: str
+    stage: str  # the stage id, part of every test id: layer0, layers0-2, ...
+    stage_title: str  # Test 1, ...
+    stage_index: int
+    layers: str
+    model: ModelInfo
+    corpus: CorpusInfo
+    llama: LlamaInfo
+    fq_version: str
+    machine: MachineInfo
+    settings: Settings
+    thresholds: Thresholds
+    checks: dict[str, Check]
+    numeric: Numeric | None = None
+    baseline: Baseline | None = None
+    treatment: Treatment | None = None
+    placebo: Placebo | None = None
+    commands: tuple[Command, ...] = ()
+    outcome: Outcome
+    skip_reason: str | None = None
+    started_at: str
+    finished_at: str | None = None
+
+    @property
+    def n_layers(self) -> int | None:
+        """How many layers this stage quantized (the x axis of the cross-stage charts)."""
+        if self.numeric is None:
+            return None
+        layers = {t.layer for t in self.numeric.per_tensor if t.layer is not None}
+        return len(layers) or None
+
+
+# --- the one round trip ----------------------------------------------------------------------
+
+
+class _Version(msgspec.Struct):
+    schema: int
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def to_builtins(record: StageRecord) -> dict:
+    return msgspec.to_builtins(record)
+
+
+def encode(record: StageRecord) -> bytes:
+    """Pretty JSON (people read these files), NaN/Inf stored as null like any JSON encoder."""
+    return msgspec.json.format(_ENCODER.encode(record), indent=2) + b"\n"
+
+
+def from_builtins(data: Any, *, source: str = "record") -> StageRecord:
+    """Validate plain data (what the protocol builds) into a record; BadInput names the field."""
+    try:
+        version = msgspec.convert(data, _Version).schema
+    except msgspec.ValidationError as exc:
+        raise BadInput(f"{source}: not a stage record: {exc}") from exc
+    data = _upgrade(data, version, source)
+    try:
+        return msgspec.convert(data, StageRecord)
+    except msgspec.ValidationError as exc:
+        raise BadInput(f"{source}: {exc}") from exc
+
+
+def decode(raw: bytes | str, *, source: str = "record") -> StageRecord:
+    """Parse and validate a stored record; BadInput names the source and the field."""
+    try:
+        data = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise BadInput(f"{source}: not valid JSON ({exc})") from exc
+    return from_builtins(data, source=source)
+
+
+def read(path: str | os.PathLike[str]) -> StageRecord:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read results file ({exc.strerror or exc})") from exc
+    return decode(raw, source=str(path))
+
+
+def _upgrade(data: Any, version: int, source: str) -> Any:
+    """Older layouts are brought forward here, newer ones refused by name."""
+    if version == SCHEMA:
+        return data
+    if version > SCHEMA:
+        raise BadInput(
+            f"{source}: schema {version} is newer than this fq-suite reads ({SCHEMA}); "
+            "upgrade fq-suite to read it"
+        )
+    if version == 1 and isinstance(data, dict):
+        data = dict(data, schema=SCHEMA)
+        data["thresholds"] = dict(data.get("thresholds") or {})
+        data["thresholds"].setdefault("speed_ratio_min", None)
+        checks = {}
+        for name, c in (data.get("checks") or {}).items():
+            c = dict(c)
+            gates = bool(c.pop("asserted", c.get("gates", True)))
+            if c.get("status") == "passed" and not gates:
+                c["status"] = "reported"
+            checks[name] = dict(c, gates=gates)
+        data["checks"] = checks
+        return data
+    raise BadInput(f"{source}: schema {version} is not a layout this fq-suite knows")
