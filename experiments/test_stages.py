@@ -1,7 +1,7 @@
 """The experiment: Test 1-4 (stage ids layer0, layers0-2, layers0-9, all-layers) × model.
 
 Each check is its own test so the report shows which one failed. The protocol runs once per
-stage × model (fq_core.stages.run_stage) and stores every measurement first; these tests only
+stage × model (fq_core.protocol.run_stage) and stores every measurement first; these tests only
 assert on the stored result. `pytest -k layer0` is the go/no-go gate; later stages are skipped
 with the gate's reason unless Test 1 passed for that model.
 """

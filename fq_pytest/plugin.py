@@ -353,7 +353,7 @@ class FqSession:
 
     def result(self, case: StageCase) -> dict:
         """The stage × model result: computed once per run, even across xdist workers."""
-        from fq_core import progress, results, stages
+        from fq_core import progress, protocol, results, stages
 
         key = (case.stage, case.model_id)
         if key in self._results:
@@ -364,7 +364,7 @@ class FqSession:
             if stored is None or stored.outcome == "running":
                 stage_ = stages.stage(case.stage)
                 with progress.context(stage=stage_.title, model=case.model_id):  # what runs
-                    stored = stages.run_stage(
+                    stored = protocol.run_stage(
                         stage_, self.model(case), self.context(), self.experiment
                     )
         self._results[key] = stored
@@ -391,7 +391,7 @@ class FqSession:
 
     def skip_stage(self, case: StageCase, reason: str) -> None:
         """Store the closed stage's result (once) so the report can say why it did not run."""
-        from fq_core import results, stages
+        from fq_core import protocol, results, stages
 
         key = (case.stage, case.model_id)
         if key in self._results:
@@ -400,7 +400,7 @@ class FqSession:
         with results.lock_for(str(path) + ".compute"):
             stored = results.load_record(self.run_id, case.stage, case.model_id, self.root)
             if stored is None:
-                stored = stages.skipped_result(
+                stored = protocol.skipped_result(
                     stages.stage(case.stage), self.model(case), self.context(),
                     self.experiment, reason,
                 )  # fmt: skip

@@ -19,8 +19,8 @@ exist) fails here:
 - result fields: every field of the stage-result schema in docs/architecture.md (and every
   top-level field and threshold the code writes is in that schema), its check names and
   statuses, and every field the README says a result records (README_CLAIMS), are written by
-  the code. The record skeleton comes from `fq_core.stages.header` / `skipped_result`; the
-  measured sections from the real protocol (`fq_core.stages.run_stage`) on a small factory
+  the code. The record skeleton comes from `fq_core.protocol.header` / `skipped_result`; the
+  measured sections from the real protocol (`fq_core.protocol.run_stage`) on a small factory
   GGUF with llama.cpp replaced by a stub returning the runner's own result types. A `llama`
   test repeats the key checks on the newest complete result a real run stored, if any.
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 from gguf_factory import build_gguf
 
-from fq_core import record, results, stages
+from fq_core import protocol, record, results, stages
 from fq_core.checks import STATUSES
 from fq_core.cli import build_parser
 from fq_core.corpus import Corpus
@@ -440,7 +440,7 @@ def test_record_skeleton_has_every_documented_top_level_field(tmp_path):
     ref, corpus, tools = _inputs(tmp_path)
     ctx = stages.Context("R-docs", None, tools, corpus, tmp_path / "results")
     exp = stages.Experiment()
-    head = stages.header(stages.GATE_STAGE, ref, ctx, exp)
+    head = protocol.header(stages.GATE_STAGE, ref, ctx, exp)
     assert sorted(set(SCHEMA) - set(head)) == [], "documented, never written"
     assert sorted(set(head) - set(SCHEMA)) == [], "written, not in docs/architecture.md's schema"
     for name in ("model", "corpus", "llama", "machine", "settings", "thresholds"):
@@ -449,7 +449,7 @@ def test_record_skeleton_has_every_documented_top_level_field(tmp_path):
     # corpus.n_tokens: the key only (its value is known to stay null; a fix is under way)
     assert "n_tokens" in head["corpus"]
     skipped = record.to_builtins(
-        stages.skipped_result(stages.STAGES[1], ref, ctx, exp, "gate: closed")
+        protocol.skipped_result(stages.STAGES[1], ref, ctx, exp, "gate: closed")
     )
     assert list(skipped["checks"]) == list(stages.CHECKS)
     assert _missing({"checks": SCHEMA["checks"]}, skipped) == []
@@ -520,7 +520,7 @@ def stub_result(tmp_path_factory) -> dict:
         ctx = stages.Context(
             results.new_run_id(), StubRunner(tools, tmp), tools, corpus, tmp / "results"
         )
-        data = stages.run_stage(stages.GATE_STAGE, ref, ctx, stages.Experiment())
+        data = protocol.run_stage(stages.GATE_STAGE, ref, ctx, stages.Experiment())
     stored = results.read_json(
         results.result_path(ctx.run_id, data.stage, ref.name, ctx.results_root)
     )

@@ -193,7 +193,7 @@ def test_impossible_threshold_closes_the_gate_for_real(tmp_path):
     ],
 )
 def test_placebo_verdict_wording(treatment, placebos, ratio, verdict):
-    from fq_core.stages import placebo_verdict
+    from fq_core.checks import placebo_verdict
 
     got_ratio, got_verdict = placebo_verdict(treatment, placebos)
     assert got_verdict == verdict

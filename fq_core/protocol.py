@@ -1,0 +1,617 @@
+"""The protocol every stage × model runs, writing the typed record as it goes.
+
+Protocol: fake-quantize the stage's layers (treatment) and, with the same selection, flip the
+lowest mantissa bit by seeded masks (placebos); evaluate each with llama.cpp against the
+cached baseline of the unmodified model; compare; decide every check. The result is written
+to the store after each step, before anything asserts, so a failure or a crash still leaves
+the evidence. Why placebos: on these quantized models any change to a norm weight, even
+2^-24 relative, moves KLD by about as much as the real effect; without a control a threshold
+judges engine noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from . import __version__, checks, metrics, patch, record, results
+from .errors import FqError
+from .figures import figure
+from .gguf_index import read_index, read_tensor
+from .paths import cache_dir
+from .record import StageRecord
+from .stages import CHECKS, GATE_STAGE, Context, Experiment, Stage
+
+if TYPE_CHECKING:
+    from .corpus import Corpus
+    from .evaluate import EvalSettings
+    from .llama.tools import LlamaTools
+    from .models import ModelRef
+
+log = logging.getLogger(__name__)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _evaluate():
+    from . import evaluate
+
+    return evaluate
+
+
+def _check(status: str, detail: str, *, gates: bool = True) -> dict:
+    return checks.to_json(checks.Check(status=status, detail=detail, gates=gates))
+
+
+def _error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_json() -> dict:
+    return {
+        "hostname": socket.gethostname(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def model_json(model: ModelRef) -> dict:
+    return {"name": model.name, "path": str(model.path), "sha256": model.sha256}
+
+
+def corpus_json(corpus: Corpus, n_tokens: int | None = None) -> dict:
+    return {
+        "path": str(corpus.path),
+        "sha256": corpus.sha256,
+        "n_bytes": corpus.n_bytes,
+        "n_tokens": n_tokens,
+    }
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else figure(x, f"+.{digits}f") + "%"
+
+
+def _minmaxmean(values: Sequence[float]) -> dict | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None
+    return {"min": min(vals), "max": max(vals), "mean": sum(vals) / len(vals)}
+
+
+def header(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dict:
+    """Everything a result file states before any measurement: what, on which inputs, how."""
+    return {
+        "schema": results.SCHEMA,
+        "run_id": ctx.run_id,
+        "stage": stage_.id,
+        "stage_title": stage_.title,
+        "stage_index": stage_.index,
+        "layers": stage_.layers,
+        "model": model_json(model),
+        "corpus": corpus_json(ctx.corpus),
+        "llama": {
+            "version": ctx.tools.version,
+            "build_info": ctx.tools.build_info,
+            "bin_dir": str(ctx.tools.bin_dir),
+        },
+        "fq_version": __version__,
+        "machine": machine_json(),
+        "settings": exp.settings_json(),
+        "thresholds": msgspec.to_builtins(exp.thresholds),
+        "checks": {},
+        "numeric": None,
+        "baseline": None,
+        "treatment": None,
+        "placebo": None,
+        "commands": [],
+        "outcome": "running",
+        "skip_reason": None,
+        "started_at": results.utc_now(),
+        "finished_at": None,
+    }
+
+
+def skipped_result(
+    stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment, reason: str
+) -> StageRecord:
+    """The result of a stage the gate closed: stored so the report can say why it did not run."""
+    data = header(stage_, model, ctx, exp)
+    for name in CHECKS:
+        data["checks"][name] = _check("skipped", reason, gates=exp.thresholds.gates(name))
+    data["outcome"] = "skipped"
+    data["skip_reason"] = reason
+    data["finished_at"] = results.utc_now()
+    return record.from_builtins(data, source=f"{stage_.id}/{model.name}")
+
+
+def outcome(checks_: Mapping[str, Mapping[str, Any]]) -> str:
+    return checks.stage_outcome(checks_)
+
+
+def _commands(role: str, records: Sequence[Any]) -> list[dict]:
+    out = []
+    for rec in records:
+        if rec is None:
+            continue
+        d = rec.to_json() if hasattr(rec, "to_json") else dict(rec)
+        d["role"] = role
+        out.append(d)
+    return out
+
+
+# --- numeric evidence -----------------------------------------------------------------------
+
+
+def _focus_json(original: Path, candidate: Path, tensor_name: str, layer: int | None) -> dict:
+    """Before/after distributions and histograms of one patched tensor, for the report's charts."""
+    a_idx, b_idx = read_index(original), read_index(candidate)
+    before = read_tensor(a_idx, a_idx.tensor(tensor_name))
+    after = read_tensor(b_idx, b_idx.tensor(tensor_name))
+    edges, (h_before, h_after) = metrics.histogram(before, after, bins=50)
+    rel = metrics.relative_errors(before, after)
+    rel = rel[rel > 0]
+    hi = float(rel.max()) if rel.size else 1e-2
+    rel_edges, (rel_counts,) = metrics.histogram(rel, bins=40, value_range=(0.0, max(hi, 1e-12)))
+    return {
+        "layer": layer,
+        "tensor": tensor_name,
+        "before": metrics.distribution(before).to_json(),
+        "after": metrics.distribution(after).to_json(),
+        "hist_edges": edges,
+        "hist_before": h_before,
+        "hist_after": h_after,
+        "rel_error_edges": rel_edges,
+        "rel_error_counts": rel_counts,
+    }
+
+
+def _numeric_json(manifest: patch.Manifest, original: Path, candidate: Path) -> dict:
+    t = manifest.totals
+    per_tensor = [
+        {
+            "name": c.name,
+            "layer": c.layer,
+            "changed": c.changed,
+            "n_elements": c.n_elements,
+            "max_abs": c.max_abs,
+            "mean_abs": c.mean_abs,
+            "max_rel": c.max_rel,
+            "mean_rel": c.mean_rel,
+        }
+        for c in manifest.tensors
+    ]
+    focus = None
+    if manifest.tensors:
+        first = manifest.tensors[0]
+        try:
+            focus = _focus_json(original, candidate, first.name, first.layer)
+        except (FqError, OSError, ValueError) as exc:  # charts are evidence, not a verdict
+            log.warning("no focus distribution for %s: %s", first.name, exc)
+    return {
+        "manifest": manifest.path,
+        "n_tensors": len(manifest.tensors),
+        "n_elements": manifest.total_elements,
+        "changed": manifest.total_changed,
+        "max_abs": t.max_abs,
+        "mean_abs": t.mean_abs,
+        "max_rel": t.max_rel,
+        "mean_rel": t.mean_rel,
+        "max_ulp_bf16": getattr(t, "max_ulp_bf16", None),
+        "summary": manifest.summary(),
+        "per_tensor": per_tensor,
+        "focus": focus,
+    }
+
+
+def _quantize_check(cmp: metrics.Comparison, manifest: patch.Manifest) -> dict:
+    return checks.to_json(
+        checks.quantize_check(
+            cmp.unexpected,
+            manifest.total_changed,
+            manifest.total_elements,
+            len(manifest.tensors),
+            sum(d.differing_bytes for d in cmp.differing),
+            cmp.file_size,
+            manifest.format,
+            manifest.nothing_changed,
+        )
+    )
+
+
+def _numeric_check(manifest: patch.Manifest, limit: float) -> dict:
+    t = manifest.totals
+    return checks.to_json(
+        checks.numeric_check(t.max_rel, manifest.total_changed, manifest.total_elements, limit)
+    )
+
+
+# --- evaluation evidence --------------------------------------------------------------------
+
+
+def _gen_json(g: Any) -> dict:
+    return {
+        "prompt": g.prompt,
+        "chat": g.chat,
+        "text": g.text,
+        "n_tokens": g.n_tokens,
+        "tokens_per_s": g.tokens_per_s,
+        "tool": getattr(g, "tool", None),
+    }
+
+
+def _kld_json(k: Any) -> dict | None:
+    if k is None:
+        return None
+    return {
+        "mean": k.mean_kld,
+        "mean_err": k.mean_kld_err,
+        "median": getattr(k, "median_kld", None),
+        "p90": getattr(k, "p90_kld", None),
+        "p99": getattr(k, "p99_kld", None),
+        "max": getattr(k, "max_kld", None),
+        "same_top_pct": k.same_top_pct,
+        "same_top_err": getattr(k, "same_top_err", None),
+        "rms_dp_pct": getattr(k, "rms_dp_pct", None),
+        "p999": getattr(k, "p999_kld", None),
+        "ppl_ratio": getattr(k, "ppl_ratio", None),
+    }
+
+
+def _baseline_json(base: Any) -> dict:
+    p = base.perplexity
+    return {
+        "ppl": p.ppl,
+        "ppl_err": p.ppl_err,
+        "chunk_ppls": list(p.chunk_ppls),
+        "n_chunks": p.n_chunks,
+        "tokens_per_s": p.tokens_per_s,
+        "load_time_ms": base.load.load_time_ms if base.load else None,
+        "generations": [_gen_json(g) for g in base.generations],
+        "cached": getattr(base, "cached", None),
+        "key": getattr(base, "key", None),
+    }
+
+
+def _speed_ratio(cmp: Any) -> float | None:
+    base, cand = cmp.baseline_ppl_tokens_per_s, cmp.ppl_tokens_per_s
+    return cand / base if base and cand else None
+
+
+def _treatment_json(ev: Any, cmp: Any) -> dict:
+    p = ev.perplexity
+    return {
+        "ppl": p.ppl,
+        "ppl_err": p.ppl_err,
+        "chunk_ppls": list(p.chunk_ppls),
+        "delta_ppl": cmp.delta_ppl,
+        "delta_ppl_pct": cmp.delta_ppl_pct,
+        "delta_ppl_pct_err": cmp.delta_ppl_pct_err,
+        "kld": _kld_json(p.kld),
+        "tokens_per_s": p.tokens_per_s,
+        "speed_ratio": _speed_ratio(cmp),
+        "gen_tokens_per_s": cmp.gen_tokens_per_s,
+        "baseline_gen_tokens_per_s": cmp.baseline_gen_tokens_per_s,
+        "load_time_ms": ev.load.load_time_ms,
+        "generations": [_gen_json(g) for g in ev.generations],
+        "agreement": _agreement_json(cmp),
+    }
+
+
+def _agreement_json(cmp: Any) -> dict | None:
+    per_prompt = [
+        {
+            "prompt": a.prompt,
+            "chat": a.chat,
+            "same_text": a.same_text,
+            "token_agreement": a.token_agreement,
+            "first_divergence": a.first_divergence,
+        }
+        for a in cmp.agreement
+    ]
+    if not per_prompt:
+        return None
+    vals = [a["token_agreement"] for a in per_prompt if a["token_agreement"] is not None]
+    divs = [a["first_divergence"] for a in per_prompt if a["first_divergence"] is not None]
+    return {
+        "token_agreement": min(vals) if vals else None,
+        "first_divergence": min(divs) if divs else None,
+        "per_prompt": per_prompt,
+    }
+
+
+def _load_check(ev: Any) -> dict:
+    return checks.to_json(checks.load_check(ev.load.ok, ev.load.load_time_ms, ev.load.error))
+
+
+def _generate_check(ev: Any) -> dict:
+    gens = [(g.prompt, g.chat, g.n_tokens, g.text) for g in ev.generations]
+    return checks.to_json(checks.generate_check(gens))
+
+
+placebo_verdict = checks.placebo_verdict
+
+
+def _placebo_check(placebo: dict, limit: float | None, error: str | None = None) -> dict:
+    kl = placebo.get("kld_mean") or {}
+    return checks.to_json(checks.placebo_check(
+        placebo["kld_ratio"], placebo["verdict"], len(placebo["seeds"]),
+        kl.get("min"), kl.get("max"), limit, error,
+    ))  # fmt: skip
+
+
+# --- placebo runs ---------------------------------------------------------------------------
+
+
+def placebo_key(
+    model: ModelRef, corpus: Corpus, tools: LlamaTools, exp: Experiment, layers: str, seed: int
+) -> str:
+    s = exp.settings
+    return results.cache_key(
+        {
+            "what": "placebo",
+            "model_sha256": model.sha256,
+            "corpus_sha256": corpus.sha256,
+            "llama_version": tools.version,
+            "layers": layers,
+            "tensors": list(exp.tensors),
+            "seed": seed,
+            "ctx": s.ctx,
+            "batch": s.batch,
+            "chunks": s.chunks,
+            "kld_chunks": s.kld_chunks,
+            "fq_version": __version__,
+        }
+    )
+
+
+def run_placebo(
+    model: ModelRef,
+    baseline: Any,
+    ctx: Context,
+    exp: Experiment,
+    layers: str,
+    seed: int,
+) -> tuple[dict, bool]:
+    """One placebo run (cached across stages, runs and workers by its key): (record, cache hit)."""
+    key = placebo_key(model, ctx.corpus, ctx.tools, exp, layers, seed)
+    folder = cache_dir() / "placebos" / key
+
+    def compute() -> dict:
+        dst = folder / f"{results.safe_name(model.name)}.placebo{seed}.gguf"
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = patch.fake_quantize_file(
+            model.path, dst, layers=layers, tensors=exp.tensors, fmt="placebo", seed=seed,
+            force=True, fsync=False,
+        )  # fmt: skip
+        try:
+            ref = replace(model, name=f"{model.name}+placebo{seed}", path=dst,
+                          sha256=manifest.output.sha256, spec=None)  # fmt: skip
+            ev = _perplexity_only(ctx, ref, baseline, exp.settings)
+            cmp = _evaluate().compare(baseline, ev)
+        finally:
+            dst.unlink(missing_ok=True)
+        kld = ev.perplexity.kld
+        return {
+            "seed": seed,
+            "key": key,
+            "layers": layers,
+            "manifest": manifest.path,
+            "changed": manifest.total_changed,
+            "n_elements": manifest.total_elements,
+            "ppl": ev.perplexity.ppl,
+            "ppl_err": ev.perplexity.ppl_err,
+            "delta_ppl_pct": cmp.delta_ppl_pct,
+            "delta_ppl_pct_err": cmp.delta_ppl_pct_err,
+            "kld_mean": kld.mean_kld if kld else None,
+            "same_top_pct": kld.same_top_pct if kld else None,
+            "kld": _kld_json(kld),
+            "commands": _commands(f"placebo seed {seed}", _ppl_commands(ev)),
+        }
+
+    return results.cached_json(folder / "placebo.json", compute)
+
+
+def _perplexity_only(ctx: Context, model: ModelRef, baseline: Any, settings: EvalSettings):
+    """A placebo needs no load or generation check: one llama-perplexity run for PPL and KLD."""
+    ev = _evaluate()
+    s = settings
+    kld_run = ctx.runner.perplexity(
+        model, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.kld_chunks,
+        kl_against=baseline.kld_base,
+    )  # fmt: skip
+    ppl = kld_run
+    if s.chunks != s.kld_chunks:
+        plain = ctx.runner.perplexity(
+            model, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.chunks
+        )
+        ppl = replace(plain, kld=kld_run.kld)
+    return ev.ModelEvaluation(model, None, (), ppl, kld_run)
+
+
+def _ppl_commands(ev: Any) -> list:
+    runs = [ev.perplexity]
+    if ev.kld_perplexity is not None and ev.kld_perplexity is not ev.perplexity:
+        runs.append(ev.kld_perplexity)
+    return [r.command for r in runs]
+
+
+def _placebo_summary(runs: list[dict], seeds: Sequence[int], treatment_kld: float | None) -> dict:
+    klds = [r["kld_mean"] for r in runs if r.get("kld_mean") is not None]
+    ratio, verdict = placebo_verdict(treatment_kld, klds) if seeds else (None, "control not run")
+    return {
+        "seeds": list(seeds),
+        "runs": [{k: v for k, v in r.items() if k != "commands"} for r in runs],
+        "kld_mean": _minmaxmean(klds),
+        "delta_ppl_pct": _minmaxmean([r.get("delta_ppl_pct") for r in runs]),
+        "same_top_pct": _minmaxmean([r.get("same_top_pct") for r in runs]),
+        "kld_ratio": ratio,
+        "verdict": verdict,
+    }
+
+
+def _compared(numeric: dict, treatment: dict, placebo: dict) -> dict:
+    """The treatment against its placebos in words: decided here, rendered by the report."""
+    d, same = placebo.get("delta_ppl_pct") or {}, placebo.get("same_top_pct") or {}
+    kld = treatment.get("kld") or {}
+    return {
+        "kld": checks.kld_vs_placebo(
+            numeric.get("changed"), len(placebo["seeds"]), placebo["kld_ratio"], placebo["verdict"]
+        ),
+        "delta_ppl": checks.delta_vs_placebo(
+            treatment.get("delta_ppl_pct"), d.get("min"), d.get("max")
+        ),
+        "same_top": checks.same_top_vs_placebo(kld.get("same_top_pct"), same.get("min")),
+    }
+
+
+# --- the protocol ---------------------------------------------------------------------------
+
+
+def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> StageRecord:
+    """Run one stage on one model, store the result after every step, record Test 1's verdict."""
+    data = header(stage_, model, ctx, exp)
+    found = data["checks"]
+    path = results.result_path(ctx.run_id, stage_.id, model.name, ctx.results_root)
+    save = lambda: results.save_result(data, ctx.results_root)  # noqa: E731
+    save()
+    log.info("%s %s: %s", stage_.title, stage_.id, model.name)
+
+    def fail_rest(reason: str, names: Sequence[str]) -> None:
+        for n in names:
+            found.setdefault(n, _check("error", reason, gates=exp.thresholds.gates(n)))
+
+    # 1-2. fake quantization and its numeric effect
+    # models/ keeps the GGUF and its manifest out of the results glob (<stage>/*.json)
+    dst = path.parent / "models" / f"{path.stem}.gguf"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = patch.fake_quantize_file(
+            model.path, dst, layers=stage_.layers, tensors=exp.tensors, fmt=exp.fmt,
+            rounding=exp.rounding, force=True,
+        )  # fmt: skip
+        cmp_files = metrics.compare_files(model.path, dst)
+        found["quantize"] = _quantize_check(cmp_files, manifest)
+        data["numeric"] = _numeric_json(manifest, model.path, dst)
+        found["numeric"] = _numeric_check(manifest, exp.thresholds.max_rel_error)
+    except FqError as exc:
+        found["quantize"] = _check("error", f"fake quantization failed: {_error(exc)}")
+        fail_rest("no fake-quantized model (quantize failed)", CHECKS)
+        return _finish(data, stage_, model, ctx, exp, dst)
+    save()
+
+    # 3-6, 8, 9. the treatment against the cached baseline (one llama-perplexity run for PPL+KLD)
+    try:
+        baseline = _evaluate().evaluate_baseline(ctx.runner, model, ctx.corpus, exp.settings)
+        data["baseline"] = _baseline_json(baseline)
+        data["commands"] += [
+            dict(c, cached=baseline.cached) for c in _commands("baseline", baseline.commands())
+        ]
+        data["corpus"]["n_tokens"] = baseline.n_tokens
+    except FqError as exc:
+        fail_rest(f"baseline evaluation failed: {_error(exc)}", CHECKS)
+        return _finish(data, stage_, model, ctx, exp, dst)
+    save()
+
+    treated = replace(
+        model, name=f"{model.name}+{exp.fmt}", path=dst, sha256=manifest.output.sha256
+    )
+    try:
+        ev = _evaluate().evaluate_against(ctx.runner, treated, baseline, ctx.corpus, exp.settings)
+    except FqError as exc:
+        found["load"] = _check("failed", f"llama.cpp failed on the treated model: {_error(exc)}")
+        fail_rest("treated model not evaluated (llama.cpp failed)", CHECKS)
+        return _finish(data, stage_, model, ctx, exp, dst)
+    cmp = _evaluate().compare(baseline, ev)
+    data["commands"] += _commands("treatment", ev.commands())
+    data["treatment"] = _treatment_json(ev, cmp)
+    found["load"] = _load_check(ev)
+    found["generate"] = _generate_check(ev)
+    t = exp.thresholds
+    found["perplexity"] = checks.to_json(checks.perplexity_check(
+        cmp.delta_ppl_pct, cmp.delta_ppl_pct_err, t.ppl_delta_max,
+        baseline.perplexity.ppl, ev.perplexity.ppl,
+    ))  # fmt: skip
+    kld = ev.perplexity.kld
+    found["kld"] = checks.to_json(checks.kld_check(
+        kld.mean_kld if kld else None, kld.same_top_pct if kld else None,
+        t.kld_mean_max, t.same_top_min,
+    ))  # fmt: skip
+    agreement = data["treatment"]["agreement"] or {}
+    found["agreement"] = checks.to_json(
+        checks.agreement_check(
+            agreement.get("token_agreement"), agreement.get("first_divergence"), t.agreement_min
+        )
+    )
+    found["speed"] = checks.to_json(checks.speed_check(
+        _speed_ratio(cmp), baseline.perplexity.tokens_per_s, ev.perplexity.tokens_per_s,
+        t.speed_ratio_min,
+    ))  # fmt: skip
+    save()
+    if not exp.keep_models:
+        dst.unlink(missing_ok=True)
+
+    # 7. the selection-matched placebos
+    runs: list[dict] = []
+    placebo_error = None
+    try:
+        for seed in exp.placebo_seeds:
+            run, hit = run_placebo(model, baseline, ctx, exp, stage_.layers, seed)
+            run = dict(run, cached=hit)
+            runs.append(run)
+            data["commands"] += [dict(c, cached=hit) for c in run.get("commands", [])]
+    except FqError as exc:
+        placebo_error = _error(exc)
+    treatment_kld = ev.perplexity.kld.mean_kld if ev.perplexity.kld else None
+    data["placebo"] = _placebo_summary(runs, exp.placebo_seeds, treatment_kld)
+    data["placebo"]["compared"] = _compared(data["numeric"], data["treatment"], data["placebo"])
+    found["placebo"] = _placebo_check(data["placebo"], t.noise_factor_max, placebo_error)
+    return _finish(data, stage_, model, ctx, exp, dst)
+
+
+def _finish(
+    data: dict, stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment, dst: Path
+) -> StageRecord:
+    data["checks"] = {n: data["checks"][n] for n in CHECKS if n in data["checks"]}
+    data["outcome"] = outcome(data["checks"])
+    data["finished_at"] = results.utc_now()
+    if not exp.keep_models:
+        dst.unlink(missing_ok=True)
+    rec = record.from_builtins(results.jsonable(data), source=f"{stage_.id}/{model.name}")
+    results.save_result(rec, ctx.results_root)
+    if stage_.id == GATE_STAGE.id:
+        from .gate import failure_reason
+
+        results.record_gate(
+            exp.gate_components(model, ctx.corpus, ctx.tools),
+            model=model.name,
+            outcome=rec.outcome,
+            run_id=ctx.run_id,
+            reason=failure_reason(rec),
+            root=ctx.results_root,
+        )
+    return rec
