@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from . import __version__
+from . import __version__, atomic
 from .errors import FqError
 
 # Each command is two short functions: _add_<name>(subparsers) and _run_<name>(args) -> int.
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         format="fq: %(message)s",
         stream=sys.stderr,
     )
+    atomic.install_signal_cleanup()
     try:
         return int(args.run(args) or 0)
     except FqError as exc:
@@ -287,13 +288,13 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
     p.add_argument("--text", metavar="PATH", help="the corpus (else $FQ_TEXT or WikiText-2)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
     _add_llama_bin_dir(p)
     p.set_defaults(run=_run_evaluate)
 
 
 def _run_evaluate(args) -> int:
     import json
-    from pathlib import Path
 
     from .corpus import resolve_corpus
     from .errors import BadInput
@@ -308,6 +309,9 @@ def _run_evaluate(args) -> int:
             raise BadInput(f"--{opt.replace('_', '-')} must be at least 1, got {v}")
     candidate, baseline_ref = resolve_model(args.model), resolve_model(args.baseline)
     corpus = resolve_corpus(args.text)
+    inputs = (candidate.path, baseline_ref.path, corpus.path)
+    if args.json:  # refused now, not after minutes of evaluation
+        atomic.check_target(args.json, force=args.force, inputs=inputs)
     settings = EvalSettings(
         ctx=args.ctx, batch=args.ctx, chunks=args.chunks,
         kld_chunks=args.kld_chunks or args.chunks, threads=args.threads,
@@ -333,7 +337,8 @@ def _run_evaluate(args) -> int:
             "settings": settings.to_json(),
             "commands": [c.to_json() for c in base.commands() + cand.commands()],
         }  # fmt: skip
-        Path(args.json).write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+        text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+        atomic.write_text(args.json, text, force=args.force, inputs=inputs)
     return 0
 
 
@@ -395,19 +400,20 @@ def _add_compare(sub) -> None:
     p.add_argument("candidate", metavar="CANDIDATE", help="GGUF path (e.g. an fq quantize output)")
     p.add_argument("--focus-layer", type=int, metavar="N", help="detailed statistics for layer N")
     p.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.set_defaults(run=_run_compare)
 
 
 def _run_compare(args) -> int:
     import json
-    from pathlib import Path
 
     from .metrics import compare_files
     from .models import resolve_model
 
-    cmp = compare_files(
-        resolve_model(args.original).path, resolve_model(args.candidate).path, args.focus_layer
-    )
+    original, candidate = resolve_model(args.original).path, resolve_model(args.candidate).path
+    if args.json:
+        atomic.check_target(args.json, force=args.force, inputs=(original, candidate))
+    cmp = compare_files(original, candidate, args.focus_layer)
     print(f"compared {cmp.bytes_compared:,} bytes, {cmp.n_tensors} tensors")
     print(f"{'tensor':<32} {'changed':>13} {'max abs':>10} {'mean abs':>10} "
           f"{'max rel':>10} {'mean rel':>10} {'max ulp':>8}")  # fmt: skip
@@ -441,7 +447,8 @@ def _run_compare(args) -> int:
     else:
         print(f"UNEXPECTED differences{where}: {', '.join(cmp.unexpected)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(cmp.to_json(), indent=1) + "\n")
+        text = json.dumps(cmp.to_json(), indent=1) + "\n"
+        atomic.write_text(args.json, text, force=args.force, inputs=(original, candidate))
     return 0 if cmp.identical_elsewhere else 1
 
 

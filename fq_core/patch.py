@@ -20,7 +20,6 @@ import logging
 import mmap
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, hashing
+from . import __version__, atomic, hashing
 from .errors import BadInput, OutputRefused
 from .formats import FORMATS, ROUNDINGS, fake_quantize
 from .gguf_index import read_index, read_tensor
@@ -361,71 +360,58 @@ def fake_quantize_file(
 
     in_hasher = _InputHasher(src)
     out_hasher = _OutputHasher(src, patches)
-    tmp = man_tmp = None
     try:
-        fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".fq-tmp")
-        os.close(fd)
-        tmp = Path(name)
-        in_hasher.start()
-        out_hasher.start()
-        copy_and_patch(src, tmp, patches, header_end=index.data_start, fsync=fsync)
-        in_hasher.join()
-        out_hasher.join()
-        for h in (in_hasher, out_hasher):
-            if h.error is not None:
-                raise h.error
-        st_after = os.stat(src)
-        if (st_after.st_size, st_after.st_mtime_ns) != (st_before.st_size, st_before.st_mtime_ns):
-            raise BadInput(f"input {src} changed while it was being copied")
-        size = os.path.getsize(tmp)
-        os.chmod(tmp, _umask_mode())
-        manifest = Manifest(
-            tool="fq-suite",
-            tool_version=__version__,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
-            input=FileRecord(str(src.resolve()), in_hasher.hexdigest, st_before.st_size),
-            output=FileRecord(str(dst.resolve()), out_hasher.hexdigest, size),
-            format=fmt,
-            rounding=rounding,
-            seed=seed,
-            selection=selection.to_json(),
-            tensors=tuple(changes),
-            total_elements=sum(c.n_elements for c in changes),
-            total_changed=sum(c.changed for c in changes),
-            totals=combine(stats),
-            duration_s=time.perf_counter() - started,
-            path=str(manifest_path(dst)),
-        )
-        doc = manifest.to_json()
-        doc["gguf_py_version"] = _gguf_version()
-        fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".json-tmp")
-        man_tmp = Path(name)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.chmod(man_tmp, _umask_mode())
-        os.replace(tmp, dst)
-        tmp = None
-        try:
-            os.replace(man_tmp, manifest_path(dst))
-            man_tmp = None
+        with atomic.temporary_for(dst, force=force, inputs=[src], fsync=fsync) as tmp:
+            in_hasher.start()
+            out_hasher.start()
+            copy_and_patch(src, tmp, patches, header_end=index.data_start, fsync=fsync)
+            in_hasher.join()
+            out_hasher.join()
+            for h in (in_hasher, out_hasher):
+                if h.error is not None:
+                    raise h.error
+            st_after = os.stat(src)
+            if (st_after.st_size, st_after.st_mtime_ns) != (
+                st_before.st_size,
+                st_before.st_mtime_ns,
+            ):
+                raise BadInput(f"input {src} changed while it was being copied")
+            size = os.path.getsize(tmp)
+            os.chmod(tmp, _umask_mode())
+            manifest = Manifest(
+                tool="fq-suite",
+                tool_version=__version__,
+                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
+                input=FileRecord(str(src.resolve()), in_hasher.hexdigest, st_before.st_size),
+                output=FileRecord(str(dst.resolve()), out_hasher.hexdigest, size),
+                format=fmt,
+                rounding=rounding,
+                seed=seed,
+                selection=selection.to_json(),
+                tensors=tuple(changes),
+                total_elements=sum(c.n_elements for c in changes),
+                total_changed=sum(c.changed for c in changes),
+                totals=combine(stats),
+                duration_s=time.perf_counter() - started,
+                path=str(manifest_path(dst)),
+            )
+            doc = manifest.to_json()
+            doc["gguf_py_version"] = _gguf_version()
+            manifest_bytes = (json.dumps(doc, indent=2) + "\n").encode()
+            # the manifest is checked now so that a refusal comes before the model appears
+            atomic.check_target(manifest_path(dst), force=force, inputs=[src])
+        try:  # the model is published; its manifest follows, or the model goes again
+            atomic.write_bytes(
+                manifest_path(dst), manifest_bytes, force=force, inputs=[src], fsync=fsync
+            )
         except BaseException:
             dst.unlink(missing_ok=True)
             raise
-        if fsync:
-            _fsync_dir(dst.parent)
     except BaseException:
         out_hasher.stop.set()
         for h in (in_hasher, out_hasher):
             if h.is_alive():
                 h.join()
-        for leftover in (tmp, man_tmp):
-            if leftover is not None:
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
         raise
     with contextlib.suppress(OSError):
         hashing.remember_sha256(dst, manifest.output.sha256)

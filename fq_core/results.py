@@ -21,7 +21,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from . import record
+from . import atomic, record
 from .errors import BadInput
 from .paths import results_dir
 
@@ -86,20 +86,10 @@ def jsonable(value: Any) -> Any:
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write a file so that readers see the old one or the new one, never a partial one."""
+    """Replace a store file atomically (fq_core.atomic: temp beside it, one rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic.write_bytes(path, data, force=True)
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:

@@ -14,7 +14,7 @@ import pytest
 from gguf_factory import build_gguf
 
 from fq_core import patch as patch_mod
-from fq_core.errors import BadFormat, BadSelection, OutputRefused
+from fq_core.errors import BadFormat, BadSelection, FqError, OutputRefused
 from fq_core.formats import fake_quantize
 from fq_core.gguf_index import read_index, read_tensor
 from fq_core.metrics import compare_files
@@ -161,7 +161,7 @@ def test_failure_midway_leaves_nothing(model, tmp_path, monkeypatch, stage):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     dst = out_dir / "o.gguf"
-    real_copy, real_pread, real_replace = shutil.copyfile, os.pread, os.replace
+    real_copy, real_pread = shutil.copyfile, os.pread
 
     def boom(*a, **k):
         raise KeyboardInterrupt("injected")
@@ -201,19 +201,20 @@ def test_failure_midway_leaves_nothing(model, tmp_path, monkeypatch, stage):
 
         monkeypatch.setattr(patch_mod.os, "pread", pread)
     elif stage == "manifest":
-        monkeypatch.setattr(patch_mod.json, "dump", boom)
+        monkeypatch.setattr(patch_mod.json, "dumps", boom)
     else:
         calls = []
+        real_link = os.link
 
-        def replace(a, b):
+        def link(a, b):  # publishing without --force is a no-replace link: model, manifest
             calls.append(b)
             if len(calls) == 2:
                 raise KeyboardInterrupt("injected")
-            return real_replace(a, b)
+            return real_link(a, b)
 
-        monkeypatch.setattr(patch_mod.os, "replace", replace)
+        monkeypatch.setattr(patch_mod.os, "link", link)
     before = sha(model.path)
-    with pytest.raises((KeyboardInterrupt, OSError)):
+    with pytest.raises((KeyboardInterrupt, OSError, FqError)):  # disk errors: one-line FqError
         fake_quantize_file(model.path, dst)
     assert leftovers(out_dir) == []
     assert sha(model.path) == before

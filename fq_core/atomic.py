@@ -1,0 +1,235 @@
+"""Every file fq-suite writes goes through here: never a partial file, never an input lost.
+
+Why one place: a model, a manifest, a `--json`, a report or a results record can each
+destroy hours of work when written carelessly (`--json` naming the model replaced it with
+9 KB of JSON). The rules, once:
+
+- an output that is one of the command's inputs (same device and inode, so links and
+  symlinks count) is refused before anything is written;
+- the bytes go to a temporary file beside the target (same filesystem, so publishing is
+  one rename) named ``.<target>.<pid>.<random>.fq-tmp``;
+- without ``force`` the temporary is published with a hard link, which fails if the target
+  appeared meanwhile: of two concurrent writers exactly one wins; with ``force`` a rename
+  replaces the target in one step;
+- the temporary is removed on any exception, Ctrl-C, and (through ``install_signal_cleanup``)
+  SIGTERM and SIGHUP; one left by a kill -9 is removed by the next write to the same
+  directory once its owner process is gone, and ``stale_temporaries`` lists them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import FqError, OutputRefused
+
+TMP_SUFFIX = ".fq-tmp"
+_TMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.fq-tmp$")
+
+_live: set[Path] = set()  # temporaries this process has open, for the signal handler
+_live_lock = threading.Lock()
+
+
+class Terminated(FqError):
+    """SIGTERM or SIGHUP arrived; raised so that every cleanup on the way out runs."""
+
+    exit_status = 143
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def refuse_inputs(target: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]]):
+    """OutputRefused when ``target`` is (a link to) any of ``inputs``."""
+    target = Path(target)
+    try:
+        st_target = os.stat(target)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputRefused(f"cannot check output {target}: {exc.strerror}") from None
+    for given in inputs:
+        try:
+            st_in = os.stat(given)
+        except OSError:
+            continue
+        if same_file(st_target, st_in):
+            how = "" if os.path.abspath(target) == os.path.abspath(given) else " (through a link)"
+            raise OutputRefused(f"output {target} is the input {given}{how}; refusing")
+
+
+def check_target(
+    target: str | os.PathLike[str],
+    *,
+    force: bool,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+) -> Path:
+    """Every refusal that can be made before any work: input collision, existing file,
+    missing or unwritable directory, a name the filesystem cannot hold."""
+    target = Path(target)
+    refuse_inputs(target, inputs)
+    if target.exists() or target.is_symlink():
+        if not target.is_file():
+            raise OutputRefused(f"output {target} exists and is not a regular file")
+        if not force:
+            raise OutputRefused(f"output {target} exists; pass --force to replace it")
+    parent = target.parent
+    if not parent.is_dir():
+        raise OutputRefused(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputRefused(f"output directory {parent} is not writable")
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = len(os.fsencode(f".{target.name}.{os.getpid()}.00000000{TMP_SUFFIX}"))
+    if longest > limit:
+        raise OutputRefused(f"output name {target.name!r} is too long for this filesystem")
+    return target
+
+
+def _owner_gone(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Temporaries in ``directory`` whose writing process no longer exists (kill -9)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            m = _TMP_NAME.match(entry.name)
+            if m and _owner_gone(int(m.group("pid"))):
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
+def remove_stale(directory: str | os.PathLike[str]) -> list[Path]:
+    removed = []
+    for path in stale_temporaries(directory):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _disk_error(exc: OSError, target: Path) -> FqError:
+    if exc.errno == errno.ENOSPC:
+        return OutputRefused(f"no space left on the device while writing {target}")
+    if exc.errno == errno.EDQUOT:
+        return OutputRefused(f"disk quota exceeded while writing {target}")
+    if exc.errno == errno.ENAMETOOLONG:
+        return OutputRefused(f"output name {target.name!r} is too long for this filesystem")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputRefused(f"cannot write {target}: {exc.strerror}")
+    return OutputRefused(f"cannot write {target}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def temporary_for(
+    target: str | os.PathLike[str],
+    *,
+    force: bool,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    fsync: bool = True,
+) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; publish it there when the block succeeds.
+
+    The caller writes the temporary (any way it likes); nothing appears at ``target`` unless
+    the block finishes, and nothing is left behind when it does not.
+    """
+    inputs = tuple(inputs)
+    target = check_target(target, force=force, inputs=inputs)
+    remove_stale(target.parent)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    with _live_lock:
+        _live.add(tmp)
+    try:
+        try:
+            yield tmp
+            if fsync and tmp.exists():
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+            publish(tmp, target, force=force, inputs=inputs)
+            if fsync:
+                _fsync_dir(target.parent)
+        except OSError as exc:
+            raise _disk_error(exc, target) from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        with _live_lock:
+            _live.discard(tmp)
+
+
+def publish(tmp: Path, target: Path, *, force: bool, inputs: Iterable = ()) -> None:
+    """Make ``tmp`` appear at ``target`` in one step; without force never replace a file."""
+    refuse_inputs(target, inputs)  # a link may have been made meanwhile
+    if force:
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise OutputRefused(
+            f"output {target} appeared while it was being written (another writer?); "
+            "pass --force to replace it"
+        ) from None
+    tmp.unlink()
+
+
+def write_bytes(
+    target: str | os.PathLike[str],
+    data: bytes,
+    *,
+    force: bool = True,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    fsync: bool = True,
+) -> Path:
+    """``data`` at ``target``, atomically, under every rule above."""
+    with temporary_for(target, force=force, inputs=inputs, fsync=fsync) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return Path(target)
+
+
+def write_text(target, text: str, **kwargs) -> Path:
+    return write_bytes(target, text.encode("utf-8"), **kwargs)
+
+
+def _on_signal(signum, frame) -> None:  # pragma: no cover - exercised in subprocess tests
+    raise Terminated(f"terminated by {signal.Signals(signum).name}")
+
+
+def install_signal_cleanup() -> None:
+    """SIGTERM and SIGHUP raise Terminated, so every temporary is removed on the way out.
+
+    Only the CLI calls this (a library must not take over a host program's signals).
+    """
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread
+            signal.signal(sig, _on_signal)
