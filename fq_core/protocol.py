@@ -436,6 +436,21 @@ def run_placebo(
     return results.cached_json(folder / "placebo.json", compute)
 
 
+def _as_baseline(treated: ModelRef, baseline: Any):
+    """The evaluation of a file byte-identical to the baseline's: the baseline's own numbers,
+    with the KL divergence of a model against itself (zero, every top token the same)."""
+    from .llama.runner import KLDStats
+
+    zero = KLDStats(
+        mean_kld=0.0, mean_kld_err=0.0, median_kld=0.0, p90_kld=0.0, p99_kld=0.0,
+        p999_kld=0.0, max_kld=0.0, same_top_pct=100.0, same_top_err=0.0, rms_dp_pct=0.0,
+        rms_dp_err=0.0, ppl_ratio=1.0, ppl_ratio_err=0.0, mean_ppl_q=baseline.perplexity.ppl,
+        raw={},
+    )  # fmt: skip
+    ppl = replace(baseline.perplexity, kld=zero, tokens_per_s=None)
+    return _evaluate().ModelEvaluation(treated, baseline.load, baseline.generations, ppl, ppl)
+
+
 def _perplexity_only(ctx: Context, model: ModelRef, baseline: Any, settings: EvalSettings):
     """A placebo needs no load or generation check: one llama-perplexity run for PPL and KLD."""
     ev = _evaluate()
@@ -540,17 +555,31 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
     treated = replace(
         model, name=f"{model.name}+{exp.fmt}", path=dst, sha256=manifest.output.sha256
     )
+    identical = manifest.output.sha256 == model.sha256
     try:
-        ev = _evaluate().evaluate_against(ctx.runner, treated, baseline, ctx.corpus, exp.settings)
+        if identical:  # the SHA-256 proves the outcome: llama.cpp would rerun the baseline
+            ev = _as_baseline(treated, baseline)
+        else:
+            ev = _evaluate().evaluate_against(
+                ctx.runner, treated, baseline, ctx.corpus, exp.settings
+            )
     except FqError as exc:
         found["load"] = _check("failed", f"llama.cpp failed on the treated model: {_error(exc)}")
         fail_rest("treated model not evaluated (llama.cpp failed)", CHECKS)
         return _finish(data, stage_, model, ctx, exp, dst)
     cmp = _evaluate().compare(baseline, ev)
-    data["commands"] += _commands("treatment", ev.commands())
+    data["commands"] += _commands("treatment", [] if identical else ev.commands())
     data["treatment"] = _treatment_json(ev, cmp)
+    data["treatment"]["identical_to_baseline"] = identical
+    if identical:  # nothing ran: no speed or load time of its own to report
+        for key in ("tokens_per_s", "speed_ratio", "gen_tokens_per_s", "load_time_ms"):
+            data["treatment"][key] = None
     found["load"] = _load_check(ev)
     found["generate"] = _generate_check(ev)
+    if identical:
+        same = f"byte-identical to the baseline (SHA-256 {model.sha256[:12]}…): "
+        found["load"] = _check("passed", same + "the baseline's load stands")
+        found["generate"] = _check("passed", same + "the baseline's generations stand")
     t = exp.thresholds
     found["perplexity"] = checks.to_json(checks.perplexity_check(
         cmp.delta_ppl_pct, cmp.delta_ppl_pct_err, t.ppl_delta_max,
@@ -571,6 +600,10 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
         _speed_ratio(cmp), baseline.perplexity.tokens_per_s, ev.perplexity.tokens_per_s,
         t.speed_ratio_min,
     ))  # fmt: skip
+    if identical:
+        found["speed"] = _check(
+            "skipped", "not run: the file is byte-identical to the baseline", gates=False
+        )
     save()
     if not exp.keep_models:
         dst.unlink(missing_ok=True)

@@ -225,6 +225,7 @@ class Treatment(_Part, kw_only=True):
     load_time_ms: float | None
     generations: tuple[GenerationInfo, ...]
     agreement: Agreement | None
+    identical_to_baseline: bool = False  # byte-identical file: no llama.cpp run was needed
 
 
 class Range(_Part, kw_only=True):
