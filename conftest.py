@@ -4,7 +4,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-pytest_plugins = ["fq_pytest.plugin", "fq_pytest.report"]
+pytest_plugins = ["fq_pytest.plugin", "fq_pytest.markers", "fq_pytest.report", "fq_pytest.progress"]
 
 # Hypothesis profiles for tests/ and experiments/: `ci` is derandomized (same examples every
 # run, so the gate never flakes); `deep` explores far wider locally: HYPOTHESIS_PROFILE=deep.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from . import results
+from . import progress, results
 from .corpus import Corpus
 from .errors import LlamaFailed
 from .figures import figure
@@ -198,6 +198,7 @@ def baseline_key(model: ModelRef, corpus: Corpus, llama_version: str, settings) 
     )
 
 
+@progress.step("baseline")
 def evaluate_baseline(
     runner: LlamaRunner, model: ModelRef, corpus: Corpus, settings: EvalSettings | None = None
 ) -> BaselineEvaluation:
@@ -220,6 +221,7 @@ def evaluate_baseline(
             cached = dataclasses.replace(cached, n_tokens=n_tokens)
         if cached is not None:
             log.info("baseline %s reused from %s", model.name, root)
+            progress.note("cached")
             return cached
         log.info("computing the baseline for %s (cached in %s)", model.name, root)
         load = runner.load(model)
@@ -284,6 +286,7 @@ def _read_cached(meta, logits, model, corpus, settings, key) -> BaselineEvaluati
     )  # fmt: skip
 
 
+@progress.step("treatment")
 def evaluate_against(
     runner: LlamaRunner,
     model: ModelRef,

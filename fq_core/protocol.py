@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import __version__, checks, metrics, patch, record, results
+from . import __version__, checks, metrics, patch, progress, record, results
 from .errors import FqError
 from .figures import figure
 from .gguf_index import read_index, read_tensor
@@ -612,8 +612,12 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
     runs: list[dict] = []
     placebo_error = None
     try:
-        for seed in exp.placebo_seeds:
-            run, hit = run_placebo(model, baseline, ctx, exp, stage_.layers, seed)
+        n = len(exp.placebo_seeds)
+        for i, seed in enumerate(exp.placebo_seeds, start=1):
+            with progress.step(f"placebo {i}/{n}"):
+                run, hit = run_placebo(model, baseline, ctx, exp, stage_.layers, seed)
+                if hit:
+                    progress.note("cached")
             run = dict(run, cached=hit)
             runs.append(run)
             data["commands"] += [dict(c, cached=hit) for c in run.get("commands", [])]

@@ -164,3 +164,55 @@ def parse_token_count(stdout: str) -> int | None:
     """`llama-tokenize --show-count`: `Total number of tokens: 304830`."""
     m = _COUNT.search(stdout)
     return int(m.group(1)) if m else None
+
+
+# --- progress of a running llama-perplexity (read while it runs) ------------------------------
+# stderr: "perplexity: calculating perplexity over 8 chunks, n_ctx=512, batch_size=512, n_seq=1"
+#    (KLD: "kl_divergence: computing over 8 chunks, …"), after the first pass
+#    "perplexity: 1.63 seconds per pass - ETA " (the ETA itself goes to stdout: "0.20 minutes");
+# stdout: "[1]17.0123,[2]…," (KLD: one table row per chunk, "   1      12.6138 ± …").
+_RUN = re.compile(
+    r"(?:calculating perplexity|computing) over (\d+) chunks, n_ctx=\d+(?:, batch_size=\d+)?"
+    r"(?:, n_seq=(\d+))?"
+)
+_PER_PASS = re.compile(rf"\b{_NUM} seconds per pass - ETA", re.I)
+
+
+@dataclass(frozen=True)
+class ChunkProgress:
+    """How far a llama-perplexity run is: chunks done of total, and its own per-pass time."""
+
+    done: int
+    total: int | None  # None until llama-perplexity has said how many chunks it will run
+    seconds_per_pass: float | None  # printed after the first pass
+    n_seq: int = 1  # chunks evaluated per pass (n_batch / n_ctx)
+
+    def eta_s(self) -> float | None:
+        """Seconds left by llama.cpp's own per-pass time: passes left × seconds per pass."""
+        if self.total is None or self.seconds_per_pass is None:
+            return None
+        passes_left = -(-max(0, self.total - self.done) // max(1, self.n_seq))
+        return passes_left * self.seconds_per_pass
+
+
+def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
+    found = list(pattern.finditer(text))
+    return found[-1] if found else None
+
+
+def parse_progress(stdout: str, stderr: str) -> ChunkProgress | None:
+    """Progress from what a running (or finished) llama-perplexity has printed so far; also
+    works on the tails of both streams. None before it has started on the chunks."""
+    run = _last_match(_RUN, stderr)
+    per_pass = _last_match(_PER_PASS, stderr)
+    head = stdout.split("======", 1)[0]  # KLD: the statistics blocks are not chunk rows
+    done = max((int(m.group(1)) for m in _CHUNK.finditer(head)), default=0)
+    done = max(done, max((int(m.group(1)) for m in _KLD_ROW.finditer(head)), default=0))
+    if run is None and per_pass is None and done == 0:
+        return None
+    return ChunkProgress(
+        done=done,
+        total=int(run.group(1)) if run else None,
+        seconds_per_pass=_f(per_pass.group(1)) if per_pass else None,
+        n_seq=int(run.group(2)) if run and run.group(2) else 1,
+    )

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .. import progress
 from ..errors import LlamaFailed
 from ..paths import logs_dir
 from . import parse
@@ -125,8 +126,17 @@ def _last_line(path: Path) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def _wait(proc, timeout_s, t0, stdout_path, heartbeat, heartbeat_s) -> int:
-    if heartbeat is None:
+def _tail(path: Path, n_bytes: int = 16384) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - n_bytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _wait(proc, timeout_s, t0, stdout_path, heartbeat, heartbeat_s, watch=None, stderr_path=None):
+    if heartbeat is None and watch is None:
         return proc.wait(timeout=timeout_s)
     deadline = t0 + timeout_s
     while True:
@@ -136,9 +146,12 @@ def _wait(proc, timeout_s, t0, stdout_path, heartbeat, heartbeat_s) -> int:
         try:
             return proc.wait(timeout=min(heartbeat_s, left))
         except subprocess.TimeoutExpired:
-            line = _last_line(stdout_path)
-            if line:
-                heartbeat(line)
+            if heartbeat is not None:
+                line = _last_line(stdout_path)
+                if line:
+                    heartbeat(line)
+            if watch is not None:
+                watch(_tail(stdout_path), _tail(stderr_path))
 
 
 def _append_jsonl(record: CommandRecord, log_root: Path) -> None:
@@ -159,13 +172,16 @@ def run_logged(
     heartbeat: Callable[[str], None] | None = None,
     heartbeat_s: float = 5.0,
     log_dir: str | os.PathLike[str] | None = None,
+    watch: Callable[[str, str], None] | None = None,
 ) -> CommandRecord:
     """Run argv to completion (or kill it), save its output, log it; never raises on exit status.
 
     The child gets its own process group, so a timeout, Ctrl-C or any exception here ends the
     child and everything it started. Callers decide what a non-zero exit means.
     `heartbeat`, when given, is called every `heartbeat_s` with the last line of stdout so
-    long steps (a llama.cpp build) can show progress.
+    long steps (a llama.cpp build) can show progress. `watch`, when given, is called at the
+    same interval with the tails (last 16 KiB) of stdout and stderr written so far: for
+    progress that needs both streams (llama-perplexity's chunk counts and per-pass time).
     """
     argv_t = tuple(os.fspath(a) for a in argv)
     log_root = Path(log_dir).resolve() if log_dir is not None else logs_dir().resolve()
@@ -208,7 +224,9 @@ def run_logged(
             proc = None
         if proc is not None:
             try:
-                exit_status = _wait(proc, timeout_s, t0, stdout_path, heartbeat, heartbeat_s)
+                exit_status = _wait(
+                    proc, timeout_s, t0, stdout_path, heartbeat, heartbeat_s, watch, stderr_path
+                )
             except subprocess.TimeoutExpired:
                 timed_out = True
                 _kill_group(proc)
@@ -365,6 +383,33 @@ def _kld_stats(block: dict) -> KLDStats:
     )
 
 
+_PROGRESS_S = 2.0  # how often a running llama-perplexity's output is read for progress
+
+
+def _chunk_watch() -> Callable[..., None]:
+    """A run_logged `watch` turning llama-perplexity's output into progress.chunks events;
+    the ETA counts down from llama.cpp's per-pass time since the last chunk was seen done.
+    Never raises: progress must not stop (or kill) the run it reports on."""
+    seen = {"done": -1, "at": time.monotonic()}
+
+    def watch(stdout: str, stderr: str, *, final: bool = False) -> None:
+        try:
+            p = parse.parse_progress(stdout, stderr)
+            if p is None:
+                return
+            now = time.monotonic()
+            if p.done != seen["done"]:
+                seen["done"], seen["at"] = p.done, now
+            eta = 0.0 if final else p.eta_s()
+            if eta and p.total is not None and p.done < p.total:
+                eta = max(0.0, eta - (now - seen["at"]))
+            progress.chunks(p.done, p.total, p.seconds_per_pass, eta_s=eta)
+        except Exception:
+            log.warning("cannot report llama-perplexity's progress", exc_info=True)
+
+    return watch
+
+
 def _path_of(x) -> Path:
     """A model or corpus given as a path, a ModelRef or a Corpus (anything with .path)."""
     return Path(getattr(x, "path", x))
@@ -387,11 +432,12 @@ class LlamaRunner:
         self.timeout_s = timeout_s
 
     # -- plumbing ------------------------------------------------------------------------
-    def _run(self, tool: str, args: Sequence, *, timeout_s: float | None = None):
+    def _run(self, tool: str, args: Sequence, *, timeout_s: float | None = None, watch=None):
         argv = [self.tools.path(tool), *args]
         return run_logged(
-            argv, tool=tool, timeout_s=timeout_s or self.timeout_s, log_dir=self.log_dir
-        )
+            argv, tool=tool, timeout_s=timeout_s or self.timeout_s, log_dir=self.log_dir,
+            watch=watch, heartbeat_s=_PROGRESS_S,
+        )  # fmt: skip
 
     @staticmethod
     def failure(rec: CommandRecord, why: str) -> LlamaFailed:
@@ -512,7 +558,10 @@ class LlamaRunner:
             if not Path(kl_against).is_file():
                 raise LlamaFailed(f"KLD base logits {kl_against} do not exist")
             args += ["--kl-divergence-base", Path(kl_against), "--kl-divergence"]
-        rec = self._run("llama-perplexity", args)
+        watch = _chunk_watch() if progress.listening() else None
+        rec = self._run("llama-perplexity", args, watch=watch)
+        if watch is not None and rec.ok:  # the last chunks may have finished between looks
+            watch(rec.stdout(), rec.stderr(), final=True)
         try:
             return self._perplexity_result(rec, ctx, kld=kl_against is not None)
         except BaseException:
