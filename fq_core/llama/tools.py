@@ -24,10 +24,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from ..commands import CommandRecord, run_logged
 from ..errors import FetchFailed, ToolMissing
 from ..paths import cache_dir
 from .parse import parse_version
-from .runner import CommandRecord, run_logged
 
 log = logging.getLogger(__name__)
 
