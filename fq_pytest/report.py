@@ -13,9 +13,14 @@ from __future__ import annotations
 import base64
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from fq_core.record import Command
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +56,21 @@ def _run_dir(config: pytest.Config) -> Path | None:
         return None
 
 
-def commands_for(check: str, commands: list[dict]) -> list[dict]:
+def commands_for(check: str, commands: Sequence[Command]) -> list[Command]:
     """The commands a check's verdict rests on (placebo: the placebo runs; load: the rest)."""
     if check in ("quantize", "numeric"):
         return []
+
+    def placebo(c: Command) -> bool:
+        return (c.role or "").startswith("placebo")
+
     if check == "placebo":
-        return [c for c in commands if str(c.get("role", "")).startswith("placebo")]
+        return [c for c in commands if placebo(c)]
 
-    def tool(c: dict) -> str:
-        argv = c.get("argv") or [""]
-        return Path(str(argv[0])).name
+    def tool(c: Command) -> str:
+        return Path(c.argv[0]).name if c.argv else ""
 
-    main = [c for c in commands if not str(c.get("role", "")).startswith("placebo")]
+    main = [c for c in commands if not placebo(c)]
     if check in _CHECK_TOOLS:
         return [c for c in main if tool(c) in _CHECK_TOOLS[check]]
     known = _PPL_TOOLS + _GEN_TOOLS
@@ -98,29 +106,12 @@ def _stage_extras(item: pytest.Item) -> list[dict]:
     if result is None:
         return []
     check = getattr(item, "originalname", item.name).removeprefix("test_")
-    c = result.checks.get(check) or {}
-    head = (
-        f'<div class="fq" data-check="{check}"><p><b>{html.escape(check)}</b>: '
-        f'<span class="fq-status-{html.escape(str(c.get("status")))}">'
-        f"{html.escape(str(c.get('status', 'not recorded')))}</span> — "
-        f"{html.escape(str(c.get('detail', '')))}</p>"
-    )
-    if result.outcome == "skipped":
-        body = f"<p>Not run: {html.escape(str(result.data.get('skip_reason')))}</p>"
-    else:
-        charts = _charts_for(check, result, run)
-        notes = "".join(html.chart_html(ch) for ch in charts if ch.png is None)
-        body = (
-            html.metrics_table(result)
-            + notes
-            + "<h4>Commands this check rests on</h4>"
-            + html.commands_list(commands_for(check, list(result.data.get("commands") or [])))
-        )
-    out = [extras.html(html.STYLE + head + body + "</div>")]
-    if result.outcome != "skipped":
-        for ch in charts:
-            if ch.png is not None:
-                out.append(extras.png(base64.b64encode(ch.png).decode("ascii"), ch.title))
+    charts = _charts_for(check, result, run) if result.outcome != "skipped" else []
+    commands = commands_for(check, result.record.commands)
+    out = [extras.html(str(html.check_extra(check, result, charts, commands)))]
+    for ch in charts:
+        if ch.png is not None:
+            out.append(extras.png(base64.b64encode(ch.png).decode("ascii"), ch.title))
     return out
 
 
@@ -151,13 +142,10 @@ def pytest_html_results_summary(prefix, summary, postfix, session) -> None:
     try:
         _summary(prefix, summary, postfix, session)
     except Exception as exc:  # a broken record must not lose the rest of the HTML report
-        from html import escape
+        from fq_core.report import html
 
         log.exception("fq report summary failed")
-        prefix.append(
-            f'<p style="color:#c0392b"><b>fq-suite could not build its evidence summary: '
-            f"{escape(type(exc).__name__)}: {escape(str(exc))}</b></p>"
-        )
+        prefix.append(str(html.summary_error(f"{type(exc).__name__}: {exc}")))
 
 
 def _summary(prefix, summary, postfix, session) -> None:
@@ -165,37 +153,24 @@ def _summary(prefix, summary, postfix, session) -> None:
 
     config = session.config
     run_dir = _run_dir(config)
-    prefix.append(html.STYLE)
+    prefix.append(str(html.style()))
     if run_dir is None or not run_dir.is_dir() or not any(run_dir.glob("*/*.json")):
-        prefix.append(
-            '<div class="fq"><p class="fq-note">No experiment stage ran in this session, so '
-            "there is no go/no-go decision here. <code>pytest -k layer0</code> runs the "
-            "gate.</p></div>"
-        )
+        prefix.append(str(html.no_stage_note()))
         return
     run = load_run(run_dir)
     decided = decisions(run)
-    prefix.append(html.decision_block(decided, run))
+    prefix.append(str(html.decision_block(decided, run)))
     report = config.stash.get(_HTML_REPORT, None)
     if report is not None:
         report.title = f"{_TITLE}: " + ", ".join(f"{d.model} {d.verdict}" for d in decided)
-    summary.append(html.overview_table(run))
+    summary.append(str(html.overview_table(run)))
     all_charts = charts.run_charts(run)
     for model in run.models:
-        postfix.append(
-            f'<div class="fq"><h2>{html.escape(model)}: effect by number of quantized layers '
-            "(grey band: placebo range)</h2>"
-            + "".join(html.chart_html(c) for c in all_charts[model])
-            + "</div>"
-        )
+        postfix.append(str(html.model_charts(model, all_charts[model])))
         for r in run.for_model(model):
-            postfix.append(html.stage_section(r, all_charts[f"{r.stage}/{model}"]))
+            postfix.append(str(html.stage_section(r, all_charts[f"{r.stage}/{model}"])))
     html_path = _html_path(config)
     if html_path is not None:
         out = html_path.parent / "charts"
         written = charts.write_charts((c for cs in all_charts.values() for c in cs), out)
-        postfix.append(
-            f'<p class="fq-note">{len(written)} charts also written to '
-            f"<code>{html.escape(str(out))}</code>; results read from "
-            f"<code>{html.escape(str(run_dir))}</code>.</p>"
-        )
+        postfix.append(str(html.charts_note(len(written), out, run_dir)))

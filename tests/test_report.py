@@ -2,8 +2,12 @@
 charts and markdown reports checked against the results JSON it stored.
 
 The session fixture runs `pytest experiments -k layer0` (real llama.cpp, real models, a few
-chunks) into a temporary results directory, exactly as a user would; nothing here is
-hand-written JSON.
+chunks) into a temporary results directory, exactly as a user would; nothing there is
+hand-written JSON. The stored records are read back typed (fq_core.record) and every number
+the HTML shows is compared with the field its data-key names, by attribute.
+
+The fast tests further down need no llama.cpp: they render records built by
+tests/record_factory.py, and feed `fq report` results files broken by hand.
 """
 
 from __future__ import annotations
@@ -15,11 +19,18 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 import uuid
+from collections.abc import Iterable
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from record_factory import make_record
+
+from fq_core import record, results
+from fq_core.figures import figure
+from fq_core.record import StageRecord
 
 # tests using `real_run` are marked models + llama by fq_pytest.markers; the rest run offline
 
@@ -70,7 +81,7 @@ def real_run(tmp_path_factory):
         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     )
     assert html.is_file(), proc.stdout[-3000:]
-    results = {json.loads(f.read_text())["model"]["name"]: json.loads(f.read_text()) for f in files}
+    results = {rec.model.name: rec for rec in map(record.read, files)}
     return {"proc": proc, "run_dir": run_dir, "html": html, "results": results, "tmp": tmp}
 
 
@@ -108,21 +119,25 @@ def parse(html: str) -> _Dom:
     return dom
 
 
-def json_path(results: dict, key: str):
+def json_path(records: Iterable[StageRecord], key: str):
+    """The field a data-key names ("<stage>/<model>/treatment/kld/mean"), read by attribute."""
     stage, model, *path = key.split("/")
-    value = results[model]
-    assert value["stage"] == stage
+    (value,) = [r for r in records if r.stage == stage and r.model.name == model]
+    full = record.from_builtins(full_record())  # every section present
     for part in path:
-        value = value[part]
+        full = getattr(full, part)  # a key naming no field is an AttributeError...
+        if value is None:
+            continue  # ...even under a section the stage never reached
+        value = getattr(value, part)
     return value
 
 
-def expected_verdict(result: dict) -> str:
-    """GO iff every gating check of Test 1 passed: computed here from the JSON alone."""
-    asserted = [c for c in result["checks"].values() if c.get("gates", c.get("asserted", True))]
-    if any(c["status"] in ("failed", "error") for c in asserted):
+def expected_verdict(result: StageRecord) -> str:
+    """GO iff every gating check of Test 1 passed: computed here from the record alone."""
+    asserted = [c for c in result.checks.values() if c.gates]
+    if any(c.status in ("failed", "error") for c in asserted):
         return "NO-GO"
-    return "GO" if asserted and all(c["status"] == "passed" for c in asserted) else "NO DECISION"
+    return "GO" if asserted and all(c.status == "passed" for c in asserted) else "NO DECISION"
 
 
 def decode_png(data: bytes):
@@ -145,7 +160,7 @@ def test_report_opens_with_the_right_decision(real_run):
         assert blocks[model]["attrs"]["data-verdict"] == verdict
         assert blocks[model]["text"].lstrip().startswith(verdict)
         assert f"{model} {verdict}" in dom.title
-        failed = [n for n, c in result["checks"].items() if c["status"] in ("failed", "error")]
+        failed = [n for n, c in result.checks.items() if c.status in ("failed", "error")]
         for name in failed:  # a NO-GO names the checks that decided it
             assert name in blocks[model]["text"]
     # the summary opens with the decision: nothing of ours comes before it
@@ -155,14 +170,16 @@ def test_report_opens_with_the_right_decision(real_run):
     )
 
 
-def test_every_number_equals_the_results_json(real_run):
-    dom = parse(real_run["html"].read_text(encoding="utf-8"))
-    cells = [e for e in dom.elements if "data-key" in e["attrs"]]
-    checked = 0
+def check_number_cells(html: str, records: Iterable[StageRecord]) -> set[str]:
+    """Every data-key cell against the record: data-value is the stored number exactly, the
+    text is it rounded, and a cell without data-value is a field the record holds as None
+    (shown as "—"). Returns the keys seen."""
+    cells = [e for e in parse(html).elements if "data-key" in e["attrs"]]
+    assert cells
     for cell in cells:
-        stored = json_path(real_run["results"], cell["attrs"]["data-key"])
+        stored = json_path(records, cell["attrs"]["data-key"])
         if "data-value" not in cell["attrs"]:
-            assert stored is None, cell
+            assert stored is None and cell["text"].strip() == "—", cell
             continue
         assert float(cell["attrs"]["data-value"]) == stored, cell
         shown = re.match(r"\s*([+-]?[\d,]*\.?\d+(?:e[+-]\d+)?)", cell["text"]).group(1)
@@ -171,8 +188,13 @@ def test_every_number_equals_the_results_json(real_run):
         decimals = len(shown.split(".")[1].split("e")[0]) if "." in shown else 0
         exponent = int(shown.split("e")[1]) if "e" in shown else 0
         assert abs(shown_value - stored * scale) <= 0.5 * 10 ** (exponent - decimals) + 1e-12, cell
-        checked += 1
-    keys = {c["attrs"]["data-key"] for c in cells}
+    return {c["attrs"]["data-key"] for c in cells}
+
+
+def test_every_number_equals_the_results_json(real_run):
+    html = real_run["html"].read_text(encoding="utf-8")
+    keys = check_number_cells(html, real_run["results"].values())
+    checked = sum(1 for e in parse(html).elements if "data-value" in e["attrs"])
     for model in MODELS:
         for key in ("baseline/ppl", "treatment/ppl", "treatment/delta_ppl_pct",
                     "treatment/kld/mean", "numeric/max_rel", "numeric/changed"):  # fmt: skip
@@ -183,12 +205,15 @@ def test_every_number_equals_the_results_json(real_run):
 def test_placebo_comparison_in_words(real_run):
     text = real_run["html"].read_text(encoding="utf-8")
     for r in real_run["results"].values():
-        if r["numeric"]["changed"] == 0:
-            assert "no element changed: the model is identical to the baseline" in text
+        compared = r.placebo.compared
+        for words in (compared.kld, compared.delta_ppl, compared.same_top):
+            assert words in text  # the protocol's own wording, shown as stored
+        if r.numeric.changed == 0:
+            assert compared.kld == "no element changed: the model is identical to the baseline"
         else:
-            assert r["placebo"]["verdict"] in text  # the stage's own wording, shown as is
-        kld = r["placebo"]["kld_mean"]
-        assert f"{kld['min']:.5f} … {kld['max']:.5f}" in text
+            assert r.placebo.verdict in compared.kld
+        kld = r.placebo.kld_mean
+        assert f"{kld.min:.5f} … {kld.max:.5f}" in text
 
 
 def test_summary_images_decode_and_charts_are_written(real_run):
@@ -211,7 +236,7 @@ def test_summary_images_decode_and_charts_are_written(real_run):
 def test_zero_change_model_says_no_element_changed(real_run):
     """SmolLM2's ffn_norm weights are already BF16-exact: no empty plot, a sentence instead."""
     r = real_run["results"]["smollm2-135m"]
-    assert r["numeric"]["changed"] == 0
+    assert r.numeric.changed == 0
     dom = parse(real_run["html"].read_text(encoding="utf-8"))
     notes = {e["attrs"]["data-chart"]: e["text"] for e in dom.elements
              if "fq-chart-note" in e["attrs"].get("class", "")}  # fmt: skip
@@ -238,7 +263,7 @@ def test_each_stage_test_carries_its_evidence(real_run):
         result = real_run["results"][model]
         extras = entries[-1]["extras"]
         html_extra = next(x["content"] for x in extras if x["format_type"] == "html")
-        status = result["checks"][check]["status"]
+        status = result.checks[check].status
         assert f'data-check="{check}"' in html_extra
         assert f'fq-status-{status}">{status}</span>' in html_extra
         images = [x for x in extras if x["format_type"] == "image"]
@@ -246,11 +271,11 @@ def test_each_stage_test_carries_its_evidence(real_run):
             decode_png(base64.b64decode(x["content"].split(",", 1)[1]))
         if check == "perplexity":
             assert images, "the perplexity test carries the per-chunk PPL chart"
-            ppl_cmds = [c for c in result["commands"]
-                        if Path(c["argv"][0]).name == "llama-perplexity"]  # fmt: skip
+            ppl_cmds = [c for c in result.commands
+                        if Path(c.argv[0]).name == "llama-perplexity"]  # fmt: skip
             assert ppl_cmds
             for c in ppl_cmds:
-                assert c["argv"][0] in html_extra
+                assert c.argv[0] in html_extra
         seen.add((check, model))
     assert {(c, m) for c in ("quantize", "numeric", "perplexity", "kld") for m in MODELS} <= seen
 
@@ -270,12 +295,13 @@ def test_markdown_reports_state_the_decision_and_numbers(real_run, tmp_path):
         verdict = expected_verdict(r)
         assert f"**{model}: {verdict}**" in t1 and f"**{model}: {verdict}**" in ex
         assert f"{model}: {verdict}" in proc.stdout
-        b, t = r["baseline"], r["treatment"]
-        assert f"{b['ppl']:.4f} ± {b['ppl_err']:.4f}" in t1
-        assert f"{t['ppl']:.4f} ± {t['ppl_err']:.4f}" in t1
-        assert f"{t['delta_ppl_pct']:+.2f} %" in t1
-        assert f"{t['kld']['mean']:.5f}" in t1 and f"{t['kld']['mean']:.5f}" in ex
-        assert r["model"]["sha256"] in t1 and r["corpus"]["sha256"] in t1
+        b, t = r.baseline, r.treatment
+        assert f"{b.ppl:.4f} ± {b.ppl_err:.4f}" in t1
+        assert f"{t.ppl:.4f} ± {t.ppl_err:.4f}" in t1
+        assert f"{figure(t.delta_ppl_pct, '+.2f')} %" in t1
+        assert f"{t.kld.mean:.5f}" in t1 and f"{t.kld.mean:.5f}" in ex
+        assert r.placebo.compared.kld in t1 and r.placebo.compared.kld in ex
+        assert r.model.sha256 in t1 and r.corpus.sha256 in t1
     assert "No results for stages 2–4 in this run" in ex
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", t1 + ex)
     assert links
@@ -322,23 +348,276 @@ def test_report_without_stage_results_says_so(tmp_path):
     assert 'class="fq-decision"' not in text
 
 
+# --- fast: records built by hand, no llama.cpp ------------------------------------------------
+
+
+def full_record(**overrides) -> dict:
+    """A stage record with every measured section filled in (values like a Gemma3 Test 1)."""
+    errors = {"max_abs": 0.0625, "mean_abs": 0.000427, "max_rel": 0.00383, "mean_rel": 7.45e-05}
+    kld = {"mean": 0.00599, "mean_err": 0.00057, "median": 0.00329, "p90": 0.0111, "p99": 0.0432,
+           "max": 0.177, "same_top_pct": 95.29, "same_top_err": 0.4, "rms_dp_pct": 1.2}  # fmt: skip
+    gen = {"prompt": "Hello", "chat": False, "n_tokens": 8, "tokens_per_s": 4.1}
+    fields = {
+        "numeric": {"manifest": "/r/m.gguf.fq.json", "n_tensors": 1, "n_elements": 640,
+                    "changed": 14, **errors, "summary": "14 of 640 elements changed",
+                    "per_tensor": [{"name": "blk.0.ffn_norm.weight", "layer": 0, "changed": 14,
+                                    "n_elements": 640, **errors}]},
+        "baseline": {"ppl": 14.8414, "ppl_err": 2.30641, "chunk_ppls": [11.091, 14.8414],
+                     "n_chunks": 2, "tokens_per_s": 32.1047, "load_time_ms": 1900.1,
+                     "generations": [dict(gen, text=", I have a 20")]},
+        "treatment": {"ppl": 15.0872, "ppl_err": 2.3532, "chunk_ppls": [11.2, 15.0872],
+                      "delta_ppl": 0.2458, "delta_ppl_pct": 1.6562, "delta_ppl_pct_err": 0.18,
+                      "kld": kld, "tokens_per_s": 33.2689, "speed_ratio": 1.036,
+                      "gen_tokens_per_s": 4.0, "baseline_gen_tokens_per_s": 4.1,
+                      "load_time_ms": 1800.2, "generations": [dict(gen, text=", I have a 21")],
+                      "agreement": {"token_agreement": 0.875, "first_divergence": 7,
+                                    "per_prompt": []}},
+        "placebo": {"seeds": [1, 2], "runs": [
+                        {"seed": seed, "key": f"k{seed}", "layers": "0", "manifest": "p.json",
+                         "changed": 318 + seed, "n_elements": 640, "ppl": 14.89 + seed / 100,
+                         "ppl_err": 2.3, "delta_ppl_pct": 0.37 + seed / 100,
+                         "delta_ppl_pct_err": 0.1, "kld_mean": 0.0024 + seed / 1e4,
+                         "same_top_pct": 98.2 + seed / 100, "kld": None}
+                        for seed in (1, 2)],
+                    "kld_mean": {"min": 0.0025, "max": 0.0026, "mean": 0.00255},
+                    "delta_ppl_pct": {"min": 0.38, "max": 0.39, "mean": 0.385},
+                    "same_top_pct": {"min": 98.21, "max": 98.22, "mean": 98.215},
+                    "kld_ratio": 2.3, "verdict": "2.3× the largest placebo",
+                    "compared": {"kld": "2.3× the largest placebo",
+                                 "delta_ppl": "4.2× the largest placebo",
+                                 "same_top": "2.6× the largest placebo drop"}},
+        "commands": [{"argv": ["/llama/bin/llama-perplexity", "-m", "my model.gguf"],
+                      "started_at": "2026-11-29T00:00:10Z", "duration_s": 38.4,
+                      "exit_status": 0, "stdout_path": "/logs/1.out",
+                      "stderr_path": "/logs/1.err", "role": "treatment"}],
+    }  # fmt: skip
+    fields.update(overrides)
+    return make_record(**fields)
+
+
+def save_run(tmp_path: Path, *records: dict) -> Path:
+    """Store records as the protocol does (validated by results.save_result); the run dir."""
+    for data in records:
+        results.save_result(data, tmp_path / "results")
+    return tmp_path / "results" / "R1"
+
+
+def render_all(run) -> str:
+    from fq_core.report import decisions, html
+
+    return (
+        str(html.decision_block(decisions(run), run))
+        + str(html.overview_table(run))
+        + "".join(str(html.stage_section(r, ())) for r in run.results)
+    )
+
+
+def test_a_full_record_fills_every_row():
+    """Every field a row reads exists (a misspelt one is an AttributeError here) and holds a
+    value, so no row of a fully measured record shows "—"."""
+    from fq_core.report import rows
+
+    rec = record.from_builtins(full_record())
+    metric = rows.metric_rows(rec)
+    assert len(metric) >= 15
+    for row in metric:
+        for text in (row.label, row.baseline.text, row.treatment.text, row.placebo,
+                     row.verdict, row.threshold, row.status):  # fmt: skip
+            assert rows.MISSING not in text, row
+    for pair in rows.environment_rows(rec) + rows.setting_rows(rec):
+        assert rows.MISSING not in pair.value, pair
+    assert [c.shell for c in rows.command_rows(rec.commands)] == [
+        "/llama/bin/llama-perplexity -m 'my model.gguf'"
+    ]
+    assert rows.generation_rows(rec)[0].treatment == ", I have a 21"
+
+
+def test_html_numbers_equal_the_record_and_missing_means_none(tmp_path):
+    """data-value is the stored number, the text it rounded; "—" only where the record holds
+    None: a field left unmeasured, a stage that stopped before measuring."""
+    from fq_core.report import load_run
+
+    partial = full_record()
+    partial["treatment"]["kld"]["p90"] = None
+    partial["baseline"]["tokens_per_s"] = None
+    stopped = make_record(stage="layers0-2", stage_title="Test 2", stage_index=2, layers="0-2",
+                          outcome="running", finished_at=None)  # fmt: skip
+    run = load_run(save_run(tmp_path, partial, stopped))
+    text = render_all(run)
+    keys = check_number_cells(text, [r.record for r in run.results])
+    assert {"layer0/m/treatment/kld/p90", "layers0-2/m/treatment/ppl"} <= keys
+    cells = {e["attrs"]["data-key"]: e for e in parse(text).elements if "data-key" in e["attrs"]}
+    assert "data-value" not in cells["layer0/m/treatment/kld/p90"]["attrs"]
+    assert "data-value" not in cells["layer0/m/baseline/tokens_per_s"]["attrs"]
+    assert "data-value" in cells["layer0/m/treatment/kld/p99"]["attrs"]
+
+
+def test_placebo_words_are_the_protocols(tmp_path):
+    """The report shows record.placebo.compared as stored: it derives no comparison itself."""
+    from fq_core.report import html, load_run
+    from fq_core.report.markdown import write_reports
+
+    data = full_record()
+    data["placebo"]["compared"] = {"kld": "KLD words", "delta_ppl": "ΔPPL words",
+                                   "same_top": "same-top words"}  # fmt: skip
+    run = load_run(save_run(tmp_path, data))
+    text = render_all(run)
+    write_reports(tmp_path / "results", tmp_path / "md")
+    md = (tmp_path / "md" / "test1_results.md").read_text(encoding="utf-8")
+    for words in ("KLD words", "ΔPPL words", "same-top words"):
+        assert words in text and f"**{words}**" in md
+    assert text.count("KLD words") == 3  # decision, overview, metrics table
+    for gone in ("delta_vs_placebo", "same_top_vs_placebo", "kld_vs_placebo"):
+        assert not hasattr(html, gone)
+
+
+def test_html_and_markdown_render_the_same_rows(tmp_path):
+    from html import escape
+
+    from fq_core.report import load_run, rows
+    from fq_core.report.markdown import write_reports
+    from fq_core.report.render import cell
+
+    run = load_run(save_run(tmp_path, full_record()))
+    text = render_all(run)
+    write_reports(tmp_path / "results", tmp_path / "md")
+    md = (tmp_path / "md" / "test1_results.md").read_text(encoding="utf-8")
+    for row in rows.metric_rows(run.results[0].record):
+        md_line = (
+            f"| {cell(row.label)} | {cell(row.baseline.text)} | {cell(row.treatment.text)} | "
+            f"{cell(row.placebo)} |"
+        )
+        assert md_line in md, row
+        assert f">{escape(row.treatment.text, quote=False)}</td>" in text, row
+        assert escape(row.label, quote=False) in text, row
+
+
+def test_html_escapes_record_text(tmp_path):
+    from fq_core.report import load_run
+    from fq_core.report.markdown import write_reports
+
+    data = full_record()
+    data["treatment"]["generations"][0]["text"] = "<script>alert(1)</script> | done"
+    run = load_run(save_run(tmp_path, data))
+    text = render_all(run)
+    assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt; | done" in text
+    write_reports(tmp_path / "results", tmp_path / "md")
+    md = (tmp_path / "md" / "test1_results.md").read_text(encoding="utf-8")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; \\| done" in md
+
+
+def test_stage_ids_come_from_the_stage_definitions():
+    from fq_core import report, stages
+    from fq_core.report import StageResult, stage_sort_key
+
+    assert report.GATE_STAGE is stages.GATE_STAGE and not hasattr(report, "STAGE_ORDER")
+    ids = [s.id for s in stages.STAGES]
+    assert sorted(reversed(ids + ["zz-new"]), key=stage_sort_key) == ids + ["zz-new"]
+    for gone in ("data", "section", "checks"):  # renderers read the typed record
+        assert not hasattr(StageResult, gone)
+    templates = (ROOT / "fq_core/report/templates").glob("*")
+    renderers = [ROOT / "fq_core/report/html.py", ROOT / "fq_core/report/rows.py",
+                 ROOT / "fq_pytest/report.py", *templates]  # fmt: skip
+    for path in renderers:
+        assert "layer0" not in path.read_text(encoding="utf-8"), path
+
+
+def test_templates_are_package_data():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = config["tool"]["setuptools"]["package-data"]["fq_core.report"]
+    templates = sorted((ROOT / "fq_core/report/templates").iterdir())
+    assert templates
+    for path in templates:
+        assert any(path.match(g) for g in globs), path
+
+
+def _corrupt_run(tmp_path: Path, how: str) -> Path:
+    run_dir = save_run(tmp_path, full_record())
+    path = run_dir / "layer0" / "m.json"
+    raw = path.read_bytes()
+    if how == "string":
+        data = json.loads(raw)
+        data["treatment"]["ppl"] = str(data["treatment"]["ppl"])
+        path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    else:
+        path.write_bytes(raw[: len(raw) // 2])
+    return path
+
+
+@pytest.mark.parametrize(("how", "says"), [("string", "$.treatment.ppl"), ("cut", "truncated")])
+@pytest.mark.parametrize("existing_output", [False, True])
+def test_fq_report_refuses_a_broken_results_file(tmp_path, how, says, existing_output):
+    """A number turned into a string or a file cut in half: exit 2, one line naming the file
+    and what is wrong in it, and no output written (an existing folder left as it was)."""
+    path = _corrupt_run(tmp_path, how)
+    out = tmp_path / "out"
+    if existing_output:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    proc = run_fq("report", str(tmp_path / "results"), str(out))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert str(path) in lines[0] and says in lines[0]
+    assert lines[0].startswith("fq report: error: ")
+    if existing_output:
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["results"] + (["out"] if existing_output else [])
+    )
+
+
+def test_fq_report_writes_whole_or_nothing(tmp_path, monkeypatch):
+    """Rendering happens before any file is written: a failure half-way leaves no output
+    folder (nor a temporary one beside it); a success leaves the folder complete."""
+    from fq_core.report import markdown
+
+    save_run(tmp_path, full_record())
+    out = tmp_path / "out"
+    real_render = markdown.render
+
+    def fail_second(template, **context):
+        if template == "experiment_results.md.j2":
+            raise RuntimeError("renderer broke")
+        return real_render(template, **context)
+
+    monkeypatch.setattr(markdown, "render", fail_second)
+    with pytest.raises(RuntimeError):
+        markdown.write_reports(tmp_path / "results", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+    monkeypatch.setattr(markdown, "render", real_render)
+    written = markdown.write_reports(tmp_path / "results", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "results"]
+    assert written.test1.is_file() and written.experiment.is_file() and written.charts
+    for chart in written.charts:
+        decode_png(chart.read_bytes())
+    (out / "keep.txt").write_text("mine")  # an existing folder: files replaced, others kept
+    markdown.write_reports(tmp_path / "results", out)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert not [p for p in out.rglob("*") if "tmp" in p.name]
+
+
 @pytest.mark.parametrize(
-    ("value", "placebo", "words"),
+    ("value", "lo", "hi", "words"),
     [
-        (0.83, {"min": 0.20, "max": 0.35}, "2.4× the largest placebo"),  # Gemma3 Test 1, 8 chunks
-        (0.30, {"min": 0.20, "max": 0.35}, "within engine noise"),
-        (-0.30, {"min": 0.20, "max": 0.35}, "within engine noise"),
-        (0.62, None, "control not run"),
+        (0.83, 0.20, 0.35, "2.4× the largest placebo"),  # Gemma3 Test 1, 8 chunks
+        (0.30, 0.20, 0.35, "within engine noise"),
+        (-0.30, 0.20, 0.35, "within engine noise"),
+        (0.62, None, None, "control not run"),
     ],
 )
-def test_delta_ppl_in_words(value, placebo, words):
-    from fq_core.report.html import delta_vs_placebo
+def test_delta_ppl_in_words(value, lo, hi, words):
+    """The wording the protocol stores in record.placebo.compared (fq_core.checks)."""
+    from fq_core.checks import delta_vs_placebo
 
-    assert delta_vs_placebo(value, placebo) == words
+    assert delta_vs_placebo(value, lo, hi) == words
 
 
 def test_same_top_in_words():
-    from fq_core.report.html import same_top_vs_placebo
+    from fq_core.checks import same_top_vs_placebo
 
-    assert same_top_vs_placebo(95.6, {"min": 97.3, "max": 99.0}) == "1.6× the largest placebo drop"
-    assert same_top_vs_placebo(98.0, {"min": 97.3, "max": 99.0}) == "within engine noise"
+    assert same_top_vs_placebo(95.6, 97.3) == "1.6× the largest placebo drop"
+    assert same_top_vs_placebo(98.0, 97.3) == "within engine noise"

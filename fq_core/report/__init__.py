@@ -7,62 +7,48 @@ rebuilt from a results directory alone, on another machine, long after the run.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .. import checks
+from .. import record as record_mod
 from ..errors import BadInput
+from ..record import StageRecord
+from ..stages import GATE_STAGE, STAGES
 
 log = logging.getLogger(__name__)
 
-# The plan's stages in order; unknown stage ids sort after these, by name.
-STAGE_ORDER = ("layer0", "layers0-2", "layers0-9", "all-layers")
-GATE_STAGE = "layer0"
 FAILING = checks.FAILING
+_STAGE_IDS = tuple(s.id for s in STAGES)  # the plan's order; unknown ids sort after, by name
 
 
 @dataclass(frozen=True)
 class StageResult:
-    """One stage × model record, as stored; `data` is the JSON object itself."""
+    """One stage × model record as stored, typed (fq_core.record.StageRecord)."""
 
     path: Path
-    data: Mapping[str, Any]
+    record: StageRecord
 
     @property
     def stage(self) -> str:
-        return str(self.data.get("stage") or self.path.parent.name)
+        return self.record.stage
 
     @property
     def stage_title(self) -> str:
-        return str(self.data.get("stage_title") or self.stage)
+        return self.record.stage_title
 
     @property
     def model(self) -> str:
-        return str((self.data.get("model") or {}).get("name") or self.path.stem)
+        return self.record.model.name
 
     @property
     def outcome(self) -> str:
-        return str(self.data.get("outcome") or "unknown")
-
-    @property
-    def checks(self) -> Mapping[str, Mapping[str, Any]]:
-        return self.data.get("checks") or {}
-
-    def section(self, name: str) -> Mapping[str, Any]:
-        """A top-level object of the record, or {} when the stage did not get that far."""
-        value = self.data.get(name)
-        return value if isinstance(value, Mapping) else {}
+        return self.record.outcome
 
     @property
     def n_layers(self) -> int | None:
-        """How many layers this stage quantized (the x axis of the cross-stage charts)."""
-        per_tensor = self.section("numeric").get("per_tensor") or []
-        layers = {t.get("layer") for t in per_tensor if t.get("layer") is not None}
-        return len(layers) or None
+        return self.record.n_layers
 
 
 @dataclass(frozen=True)
@@ -100,7 +86,7 @@ class RunResults:
 
     def later_stages_present(self) -> bool:
         """True when any stage after Test 1 has a record that is not a gate skip."""
-        return any(r.stage != GATE_STAGE and r.outcome != "skipped" for r in self.results)
+        return any(r.stage != GATE_STAGE.id and r.outcome != "skipped" for r in self.results)
 
 
 @dataclass(frozen=True)
@@ -122,7 +108,9 @@ class Decision:
 
 
 def stage_sort_key(stage: str) -> tuple[int, str]:
-    return (STAGE_ORDER.index(stage), "") if stage in STAGE_ORDER else (len(STAGE_ORDER), stage)
+    if stage in _STAGE_IDS:
+        return (_STAGE_IDS.index(stage), "")
+    return (len(_STAGE_IDS), stage)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -158,34 +146,30 @@ def resolve_run_dir(path: str | Path) -> Path:
 
 
 def load_run(run_dir: str | Path) -> RunResults:
-    """Read every `<stage>/<model>.json` of a run; a record that is not valid JSON is an error
-    naming the file, never silently left out of the evidence."""
+    """Read every `<stage>/<model>.json` of a run, typed; a record that is not valid JSON or
+    does not match the schema is BadInput naming the file and the field, never silently left
+    out of the evidence."""
     run_dir = Path(run_dir)
-    results = []
-    for path in sorted(run_dir.glob("*/*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise BadInput(f"unreadable results file {path}: {exc}") from exc
-        if not isinstance(data, dict) or "stage" not in data:
-            log.info("skipping %s: not a stage record", path)
-            continue
-        results.append(StageResult(path=path, data=data))
-    run_id = next((str(r.data.get("run_id")) for r in results if r.data.get("run_id")), None)
+    results = [
+        StageResult(path=path, record=record_mod.read(path))
+        for path in sorted(run_dir.glob("*/*.json"))
+    ]
+    run_id = next((r.record.run_id for r in results), None)
     return RunResults(run_dir=run_dir, run_id=run_id or run_dir.name, results=tuple(results))
 
 
 def decide(run: RunResults, model: str) -> Decision:
     """The gate as the report states it: Test 1's gating checks (fq_core.checks' one rule)."""
-    result = run.get(GATE_STAGE, model)
+    gate = GATE_STAGE
+    result = run.get(gate.id, model)
     if result is None:
-        return Decision(model, "NO DECISION", "Test 1 (layer0) was not run in this run", (), ())
+        reason = f"{gate.title} ({gate.id}) was not run in this run"
+        return Decision(model, "NO DECISION", reason, (), ())
     if result.outcome == "skipped":
-        reason = result.data.get("skip_reason") or "Test 1 was skipped"
-        return Decision(model, "NO DECISION", str(reason), (), ())
+        reason = result.record.skip_reason or f"{gate.title} was skipped"
+        return Decision(model, "NO DECISION", reason, (), ())
     asserted, reported = [], []
-    for name, raw in result.checks.items():
-        check = checks.as_check(raw)
+    for name, check in result.record.checks.items():
         item = DecidingCheck(name, check.status, check.detail)
         (asserted if check.gates else reported).append(item)
     failed = [c for c in asserted if c.status in FAILING]
@@ -194,7 +178,8 @@ def decide(run: RunResults, model: str) -> Decision:
         names = ", ".join(c.name for c in failed)
         return Decision(model, "NO-GO", f"failed: {names}", tuple(failed), tuple(reported))
     if result.outcome in FAILING:
-        return Decision(model, "NO-GO", "Test 1 failed", tuple(asserted), tuple(reported))
+        failed_text = f"{gate.title} failed"
+        return Decision(model, "NO-GO", failed_text, tuple(asserted), tuple(reported))
     if pending or not asserted:
         names = ", ".join(c.name for c in pending) or "all"
         return Decision(

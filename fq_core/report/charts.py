@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from math import nan
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
+from ..record import Focus  # noqa: E402
 from . import RunResults, StageResult  # noqa: E402
 
 _SIZE = (6.4, 3.4)
@@ -53,13 +55,17 @@ def _label(r: StageResult) -> str:
     return f"{r.model}, {r.stage_title} ({r.stage})"
 
 
+def _focus(r: StageResult) -> Focus | None:
+    numeric = r.record.numeric
+    return numeric.focus if numeric is not None else None
+
+
 def weight_distribution(r: StageResult) -> Chart:
-    focus = r.section("numeric").get("focus") or {}
+    focus = _focus(r)
     key, title = _slug(r.stage, r.model, "weights"), "Weight distribution before/after"
-    edges, before, after = (focus.get(k) for k in ("hist_edges", "hist_before", "hist_after"))
-    if not edges or not before or not after:
+    if focus is None or not focus.hist_edges or not focus.hist_before or not focus.hist_after:
         return Chart(key, title, None, "no weight histogram was stored for this stage")
-    layer = focus.get("layer")
+    edges, before, after, layer = focus.hist_edges, focus.hist_before, focus.hist_after, focus.layer
     fig = Figure(figsize=_SIZE)
     ax = fig.subplots()
     ax.stairs(before, edges, label="original F32", color=BASELINE, linewidth=2.2)
@@ -72,11 +78,11 @@ def weight_distribution(r: StageResult) -> Chart:
 
 
 def rel_error_histogram(r: StageResult) -> Chart:
-    numeric = r.section("numeric")
-    focus = numeric.get("focus") or {}
+    numeric, focus = r.record.numeric, _focus(r)
     key, title = _slug(r.stage, r.model, "rel-error"), "Relative error of changed elements"
-    edges, counts = focus.get("rel_error_edges"), focus.get("rel_error_counts")
-    if numeric.get("changed") == 0 or (counts is not None and not any(counts)):
+    edges = focus.rel_error_edges if focus is not None else ()
+    counts = focus.rel_error_counts if focus is not None else ()
+    if (numeric is not None and numeric.changed == 0) or (focus is not None and not any(counts)):
         return Chart(
             key, title, None, "no element changed: every selected weight was already exact"
         )
@@ -88,24 +94,26 @@ def rel_error_histogram(r: StageResult) -> Chart:
     ax.set_xlabel("|new − old| / |old|")
     ax.set_ylabel("elements")
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
-    ax.set_title(f"{_label(r)}: layer {focus.get('layer')}", fontsize=9)
+    ax.set_title(f"{_label(r)}: layer {focus.layer}", fontsize=9)
     return Chart(key, title, _png(fig))
 
 
 def per_layer_max_rel_error(r: StageResult, threshold: float | None = None) -> Chart:
-    numeric = r.section("numeric")
-    per_tensor = [t for t in numeric.get("per_tensor") or [] if t.get("layer") is not None]
+    numeric = r.record.numeric
+    per_tensor = [
+        t for t in (numeric.per_tensor if numeric is not None else ()) if t.layer is not None
+    ]
     key, title = _slug(r.stage, r.model, "per-layer"), "Max relative error per layer"
     if not per_tensor:
         return Chart(key, title, None, "no per-tensor errors were stored for this stage")
-    if not any(t.get("changed") for t in per_tensor):
+    if not any(t.changed for t in per_tensor):
         return Chart(key, title, None, "no element changed in any layer: nothing to compare")
-    layers = [t["layer"] for t in per_tensor]
-    values = [t.get("max_rel") or 0.0 for t in per_tensor]
+    layers = [t.layer for t in per_tensor]
+    values = [t.max_rel or 0.0 for t in per_tensor]  # None: an unchanged tensor, drawn at 0
     fig = Figure(figsize=_SIZE)
     ax = fig.subplots()
     ax.bar(layers, values, color=TREATMENT, alpha=0.8, label="max relative error")
-    threshold = threshold if threshold is not None else r.section("thresholds").get("max_rel_error")
+    threshold = threshold if threshold is not None else r.record.thresholds.max_rel_error
     if threshold:
         ax.axhline(threshold, color="black", linestyle=":", label=f"threshold {threshold:g}")
         ax.set_yscale("log")
@@ -117,8 +125,9 @@ def per_layer_max_rel_error(r: StageResult, threshold: float | None = None) -> C
 
 
 def chunk_ppl(r: StageResult) -> Chart:
-    base = r.section("baseline").get("chunk_ppls") or []
-    treat = r.section("treatment").get("chunk_ppls") or []
+    b, t = r.record.baseline, r.record.treatment
+    base = [nan if x is None else x for x in (b.chunk_ppls if b is not None else ())]
+    treat = [nan if x is None else x for x in (t.chunk_ppls if t is not None else ())]
     key, title = _slug(r.stage, r.model, "chunk-ppl"), "Per-chunk PPL, baseline vs fake-quantized"
     if not base or not treat:
         return Chart(key, title, None, "no per-chunk perplexities were stored for this stage")
@@ -144,38 +153,46 @@ def _placebo_band(ax, xs: Sequence[float], lows: Sequence[float], highs: Sequenc
         ax.fill_between(xs, lows, highs, color=PLACEBO, alpha=0.3, label=label, step=None)
 
 
+# (key, label, treatment value, placebo range, per-seed value) of the cross-stage charts
+_EFFECTS: tuple[tuple[str, str, Callable, Callable, Callable], ...] = (
+    (
+        "delta-ppl", "ΔPPL %",
+        lambda t: t.delta_ppl_pct,
+        lambda p: p.delta_ppl_pct,
+        lambda run: run.delta_ppl_pct,
+    ),
+    (
+        "kld", "mean KLD",
+        lambda t: t.kld.mean if t.kld is not None else None,
+        lambda p: p.kld_mean,
+        lambda run: run.kld_mean,
+    ),
+)  # fmt: skip
+
+
 def effect_vs_layers(results: Iterable[StageResult], model: str) -> tuple[Chart, Chart]:
     """ΔPPL % and mean KLD against the number of quantized layers, placebo band behind."""
-    rows = [r for r in results if r.n_layers and r.section("treatment")]
+    rows = [r for r in results if r.n_layers and r.record.treatment is not None]
     out = []
-    for metric, label, pick in (
-        ("delta-ppl", "ΔPPL %", lambda t: t.get("delta_ppl_pct")),
-        ("kld", "mean KLD", lambda t: (t.get("kld") or {}).get("mean")),
-    ):
+    for metric, label, pick, band_of, seed_of in _EFFECTS:
         key, title = _slug(model, metric, "vs-layers"), f"{label} against quantized layers"
-        pts = [(r.n_layers, pick(r.section("treatment")), r) for r in rows]
+        pts = [(r.n_layers, pick(r.record.treatment), r) for r in rows]
         pts = sorted((p for p in pts if p[1] is not None), key=lambda p: p[0])
         if not pts:
             out.append(Chart(key, title, None, "no stage reached the perplexity run"))
             continue
         fig = Figure(figsize=_SIZE)
         ax = fig.subplots()
-        band_key = "delta_ppl_pct" if metric == "delta-ppl" else "kld_mean"
-        band = [(n, r.section("placebo").get(band_key) or {}) for n, _, r in pts]
-        band = [(n, b) for n, b in band if b.get("min") is not None and b.get("max") is not None]
-        runs_key = "delta_ppl_pct" if metric == "delta-ppl" else "kld_mean"
-        seeds = [
-            (n, run.get(runs_key))
-            for n, _, r in pts
-            for run in r.section("placebo").get("runs") or []
-        ]
+        placebos = [(n, r.record.placebo) for n, _, r in pts if r.record.placebo is not None]
+        band = [(n, band_of(p)) for n, p in placebos if band_of(p) is not None]
+        seeds = [(n, seed_of(run)) for n, p in placebos for run in p.runs]
         seeds = [(n, v) for n, v in seeds if v is not None]
         if seeds:
             ax.scatter([n for n, _ in seeds], [v for _, v in seeds], marker="_", s=200,
                        color=PLACEBO, label="placebo seeds", zorder=2)  # fmt: skip
         if band:
             _placebo_band(
-                ax, [n for n, _ in band], [b["min"] for _, b in band], [b["max"] for _, b in band]
+                ax, [n for n, _ in band], [b.min for _, b in band], [b.max for _, b in band]
             )
         ax.plot(
             [p[0] for p in pts],

@@ -1,0 +1,479 @@
+"""The report's display rows, built once from the typed record; HTML and markdown render them.
+
+Why one place: the HTML report (pytest-html) and the markdown reports (`fq report`) show the
+same metrics, checks and environment. Every figure is read by attribute from
+`fq_core.record.StageRecord` — a misspelt field is an AttributeError here, never a blank —
+and formatted with `fq_core.figures.figure`. "—" means the record holds None (not measured);
+"" means the column does not apply to the row. Placebo comparisons are the protocol's words
+(`record.placebo.compared`), shown as stored, never derived here.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from .. import checks
+from ..figures import figure
+from ..record import Check, Command, Range, StageRecord
+from ..stages import GATE_STAGE
+from . import Decision, RunResults, StageResult, decisions
+
+MISSING = "—"  # the record holds None: not measured
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+
+def text(x: float | int | None, spec: str, suffix: str = "", scale: float = 1.0) -> str:
+    """A stored number as people read it; MISSING when the record holds None."""
+    if x is None:
+        return MISSING
+    return figure(x * scale if scale != 1.0 else x, spec) + suffix
+
+
+def span(lo: float | int | None, hi: float | int | None, spec: str, suffix: str = "") -> str:
+    if lo is None or hi is None:
+        return MISSING
+    return f"{figure(lo, spec)}{suffix} … {figure(hi, spec)}{suffix}"
+
+
+def range_text(r: Range | None, spec: str, suffix: str = "") -> str:
+    return MISSING if r is None else span(r.min, r.max, spec, suffix)
+
+
+def spread(values: Iterable[float | int | None], spec: str, suffix: str = "") -> str:
+    """The min … max of per-seed values as stored (MISSING when no seed measured it)."""
+    vals = [v for v in values if v is not None]
+    return span(min(vals), max(vals), spec, suffix) if vals else MISSING
+
+
+def limit(value: float | None, spec: str, *, op: str, scale: float = 1.0, suffix: str = "") -> str:
+    """A threshold as text; a threshold left unset means the check only reports."""
+    if value is None:
+        return "reported only"
+    return f"{op} {figure(value * scale if scale != 1.0 else value, spec)}{suffix}"
+
+
+def plain(x: object) -> str:
+    if x is None:
+        return MISSING
+    if isinstance(x, (tuple, list)):
+        return ", ".join(plain(v) for v in x) if x else "(none)"
+    return str(x)
+
+
+def tone(words: str) -> str:
+    """How a placebo comparison reads: noise (green), above (red) or a note (grey)."""
+    if not words or words == MISSING or words == "control not run" or words.startswith("no "):
+        return "note"
+    if "noise" in words or words.startswith("better"):
+        return "noise"
+    return "above"
+
+
+# --- rows ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A value cell: `text` for people; `key` (record path, "<stage>/<model>/treatment/ppl")
+    and `value` (the stored number, None = not measured) for machines."""
+
+    text: str = ""
+    key: str | None = None
+    value: float | int | None = None
+
+    @property
+    def data_value(self) -> str | None:
+        return None if self.value is None else repr(self.value)
+
+
+EMPTY = Cell()
+
+
+def number(
+    key: str, value: float | int | None, spec: str, suffix: str = "", *, scale=1.0, more=""
+) -> Cell:
+    """A number cell; `more` (an uncertainty, a ratio) follows the number when there is one."""
+    if value is None:
+        return Cell(MISSING, key, None)
+    return Cell(text(value, spec, suffix, scale) + more, key, value)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One metric: baseline beside treatment, the placebo range and the protocol's words."""
+
+    label: str
+    baseline: Cell = EMPTY
+    treatment: Cell = EMPTY
+    placebo: str = ""  # min … max over the placebo seeds
+    verdict: str = ""  # record.placebo.compared, as stored
+    threshold: str = ""
+    check: str = ""  # the check deciding on this metric
+    status: str = ""  # that check's status (MISSING: not recorded)
+
+    @property
+    def tone(self) -> str:
+        return tone(self.verdict)
+
+
+def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
+    """Every metric of one stage × model, in the order both reports show them."""
+    k = f"{rec.stage}/{rec.model.name}"
+    n, b, t, p, th = rec.numeric, rec.baseline, rec.treatment, rec.placebo, rec.thresholds
+    kld = t.kld if t is not None else None
+    agr = t.agreement if t is not None else None
+    cmp = p.compared if p is not None else None
+    runs = p.runs if p is not None else ()
+
+    def status(name: str) -> str:
+        c = rec.checks.get(name)
+        return MISSING if c is None else c.status
+
+    def verdict(words: str | None) -> str:
+        return MISSING if words is None else words
+
+    changed = n.changed if n is not None else None
+    total = n.n_elements if n is not None else None
+    of = ""
+    if changed is not None and total is not None:
+        of = f" of {total:,}" + (f" ({100 * changed / total:.2f} %)" if total else "")
+    rows = [
+        Row(
+            "elements changed"
+            + (" — no element changed: the weights were already exact" if changed == 0 else ""),
+            treatment=number(f"{k}/numeric/changed", changed, ",d", more=of),
+            placebo=spread((r.changed for r in runs), ",d"),
+            check="quantize",
+            status=status("quantize"),
+        ),
+        Row("max abs error", treatment=number(f"{k}/numeric/max_abs", n and n.max_abs, ".3e")),
+        Row("mean abs error", treatment=number(f"{k}/numeric/mean_abs", n and n.mean_abs, ".3e")),
+        Row(
+            "max rel error",
+            treatment=number(f"{k}/numeric/max_rel", n and n.max_rel, ".3e"),
+            threshold=limit(th.max_rel_error, "g", op="<"),
+            check="numeric",
+            status=status("numeric"),
+        ),
+        Row("mean rel error", treatment=number(f"{k}/numeric/mean_rel", n and n.mean_rel, ".3e")),
+        Row(
+            "PPL",
+            baseline=number(
+                f"{k}/baseline/ppl", b and b.ppl, ".4f", more=f" ± {text(b and b.ppl_err, '.4f')}"
+            ),
+            treatment=number(
+                f"{k}/treatment/ppl", t and t.ppl, ".4f", more=f" ± {text(t and t.ppl_err, '.4f')}"
+            ),
+            placebo=spread((r.ppl for r in runs), ".4f"),
+        ),
+        Row(
+            "ΔPPL (absolute)",
+            treatment=number(f"{k}/treatment/delta_ppl", t and t.delta_ppl, "+.4f"),
+        ),
+        Row(
+            "ΔPPL % (± paired uncertainty)",
+            treatment=number(
+                f"{k}/treatment/delta_ppl_pct",
+                t and t.delta_ppl_pct,
+                "+.2f",
+                " %",
+                more=f" ± {text(t and t.delta_ppl_pct_err, '.2f', ' %')}",
+            ),
+            placebo=range_text(p and p.delta_ppl_pct, "+.2f", " %"),
+            verdict=verdict(cmp and cmp.delta_ppl),
+            threshold=limit(th.ppl_delta_max, ".1f", op="|Δ| <", scale=100, suffix=" %"),
+            check="perplexity",
+            status=status("perplexity"),
+        ),
+        Row(
+            "mean KLD (± err)",
+            treatment=number(
+                f"{k}/treatment/kld/mean",
+                kld and kld.mean,
+                ".5f",
+                more=f" ± {text(kld and kld.mean_err, '.5f')}",
+            ),
+            placebo=range_text(p and p.kld_mean, ".5f"),
+            verdict=verdict(cmp and cmp.kld),
+            threshold=limit(th.kld_mean_max, "g", op="≤"),
+            check="kld",
+            status=status("kld"),
+        ),
+    ]
+    for name, value in (
+        ("median", kld and kld.median),
+        ("p90", kld and kld.p90),
+        ("p99", kld and kld.p99),
+        ("max", kld and kld.max),
+    ):
+        rows.append(Row(f"KLD {name}", treatment=number(f"{k}/treatment/kld/{name}", value, ".5f")))
+    rows.append(
+        Row(
+            "same top token",
+            treatment=number(
+                f"{k}/treatment/kld/same_top_pct", kld and kld.same_top_pct, ".2f", " %"
+            ),
+            placebo=range_text(p and p.same_top_pct, ".2f", " %"),
+            verdict=verdict(cmp and cmp.same_top),
+            threshold=limit(th.same_top_min, ".1f", op="≥", scale=100, suffix=" %"),
+            check="kld",
+            status=status("kld"),
+        )
+    )
+    rows.append(
+        Row(
+            f"greedy generation agreement ({divergence(agr)})",
+            treatment=number(
+                f"{k}/treatment/agreement/token_agreement",
+                agr and agr.token_agreement,
+                ".1f",
+                " %",
+                scale=100,
+            ),
+            threshold=limit(th.agreement_min, ".1f", op="≥", scale=100, suffix=" %"),
+            check="agreement",
+            status=status("agreement"),
+        )
+    )
+    ratio = t.speed_ratio if t is not None else None
+    rows.append(
+        Row(
+            "tokens/s (llama-perplexity)",
+            baseline=number(f"{k}/baseline/tokens_per_s", b and b.tokens_per_s, ".1f"),
+            treatment=number(
+                f"{k}/treatment/tokens_per_s",
+                t and t.tokens_per_s,
+                ".1f",
+                more=f" ({text(ratio, '.2f')}×)" if ratio is not None else "",
+            ),
+            threshold=limit(th.speed_ratio_min, "g", op="≥", suffix="×"),
+            check="speed",
+            status=status("speed"),
+        )
+    )
+    return tuple(rows)
+
+
+def divergence(agr) -> str:
+    if agr is None:
+        return "not measured"
+    fd = agr.first_divergence
+    return "no divergence" if fd is None else f"first divergence at token {fd}"
+
+
+@dataclass(frozen=True)
+class Pair:
+    label: str
+    value: str
+
+
+def setting_rows(rec: StageRecord) -> tuple[Pair, ...]:
+    """Thresholds (unset: report only), then the settings the stage ran with."""
+    out = [
+        Pair(name, "unset (report only)" if value is None else plain(value))
+        for name, value in msgspec.structs.asdict(rec.thresholds).items()
+    ]
+    s = rec.settings
+    out += [
+        Pair(f"setting {name}", plain(value))
+        for name, value in msgspec.structs.asdict(s).items()
+        if name != "prompts"
+    ]
+    out.append(
+        Pair("setting prompts", "; ".join(f"{p.text!r}{' (chat)' if p.chat else ''}"
+                                          for p in s.prompts) or "(none)")
+    )  # fmt: skip
+    return tuple(out)
+
+
+def environment_rows(rec: StageRecord) -> tuple[Pair, ...]:
+    m, c, ll = rec.model, rec.corpus, rec.llama
+    machine = ", ".join(f"{k} {plain(v)}" for k, v in msgspec.structs.asdict(rec.machine).items())
+    return (
+        Pair("model", m.name),
+        Pair("model path", m.path),
+        Pair("model SHA-256", m.sha256),
+        Pair("corpus path", c.path),
+        Pair("corpus SHA-256", c.sha256),
+        Pair("corpus bytes / tokens", f"{plain(c.n_bytes)} / {plain(c.n_tokens)}"),
+        Pair("llama.cpp version", ll.version),
+        Pair("llama.cpp build", ll.build_info),
+        Pair("llama.cpp bin dir", ll.bin_dir),
+        Pair("fq version", rec.fq_version),
+        Pair("machine", machine),
+        Pair("run id", rec.run_id),
+        Pair("started / finished", f"{rec.started_at} / {plain(rec.finished_at)}"),
+        Pair("manifest", plain(rec.numeric.manifest if rec.numeric is not None else None)),
+    )
+
+
+@dataclass(frozen=True)
+class CommandRow:
+    role: str
+    exit_status: str
+    duration: str
+    cached: bool  # reused from the cache: run by an earlier test or run
+    shell: str  # the argv, shell-quoted
+    stdout: str
+    stderr: str
+
+
+def command_rows(commands: Iterable[Command]) -> tuple[CommandRow, ...]:
+    return tuple(
+        CommandRow(
+            role=c.role or "",
+            exit_status=plain(c.exit_status) + (" (timed out)" if c.timed_out else ""),
+            duration=text(c.duration_s, ".1f"),
+            cached=bool(c.cached),
+            shell=shlex.join(c.argv),
+            stdout=c.stdout_path,
+            stderr=c.stderr_path,
+        )
+        for c in commands
+    )
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    prompt: str
+    baseline: str
+    treatment: str
+
+
+def generation_rows(rec: StageRecord) -> tuple[GenerationRow, ...]:
+    if rec.baseline is None or rec.treatment is None:
+        return ()
+    return tuple(
+        GenerationRow(f"{gb.prompt}{' (chat)' if gb.chat else ''}", gb.text, gt.text)
+        for gb, gt in zip(rec.baseline.generations, rec.treatment.generations, strict=False)
+    )
+
+
+# --- a stage, the run, the decision ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageView:
+    """Everything both reports show about one stage × model."""
+
+    stage: str
+    title: str
+    model: str
+    layers: str
+    outcome: str
+    skip_reason: str | None
+    metrics: tuple[Row, ...]
+    checks: tuple[tuple[str, Check], ...]
+    generations: tuple[GenerationRow, ...]
+    settings: tuple[Pair, ...]
+    environment: tuple[Pair, ...]
+    commands: tuple[CommandRow, ...]
+
+
+def stage_view(r: StageResult) -> StageView:
+    rec = r.record
+    return StageView(
+        stage=rec.stage,
+        title=rec.stage_title,
+        model=rec.model.name,
+        layers=rec.layers,
+        outcome=rec.outcome,
+        skip_reason=rec.skip_reason,
+        metrics=metric_rows(rec),
+        checks=tuple(rec.checks.items()),
+        generations=generation_rows(rec),
+        settings=setting_rows(rec),
+        environment=environment_rows(rec),
+        commands=command_rows(rec.commands),
+    )
+
+
+@dataclass(frozen=True)
+class OverviewRow:
+    """One stage × model at a glance: outcome, effect, its placebo range and words, and why."""
+
+    stage: str
+    title: str
+    model: str
+    outcome: str
+    changed: Cell
+    delta_ppl: Cell
+    placebo_delta_ppl: str
+    kld: Cell
+    placebo_kld: str
+    verdict: str
+    why: str  # skip reason, or the gating checks that failed
+
+    @property
+    def tone(self) -> str:
+        return tone(self.verdict)
+
+
+def overview_rows(run: RunResults) -> tuple[OverviewRow, ...]:
+    out = []
+    for r in run.in_order():
+        rec = r.record
+        k = f"{rec.stage}/{rec.model.name}"
+        n, t, p = rec.numeric, rec.treatment, rec.placebo
+        kld = t.kld if t is not None else None
+        why = rec.skip_reason or "; ".join(
+            f"{name}: {c.detail}" for name, c in checks.failing(rec.checks)
+        )
+        out.append(
+            OverviewRow(
+                stage=rec.stage,
+                title=rec.stage_title,
+                model=rec.model.name,
+                outcome=rec.outcome,
+                changed=number(f"{k}/numeric/changed", n and n.changed, ",d"),
+                delta_ppl=number(
+                    f"{k}/treatment/delta_ppl_pct", t and t.delta_ppl_pct, "+.2f", " %"
+                ),
+                placebo_delta_ppl=range_text(p and p.delta_ppl_pct, "+.2f", " %"),
+                kld=number(f"{k}/treatment/kld/mean", kld and kld.mean, ".5f"),
+                placebo_kld=range_text(p and p.kld_mean, ".5f"),
+                verdict=MISSING if p is None or p.compared is None else p.compared.kld,
+                why=why,
+            )
+        )
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DecisionView:
+    """A model's GO / NO-GO and, when Test 1 measured it, its effect against the placebo."""
+
+    decision: Decision
+    delta_ppl: str | None  # None: Test 1 has no treatment to show
+    kld: str
+    verdict: str
+
+    @property
+    def tone(self) -> str:
+        return tone(self.verdict)
+
+
+def decision_views(run: RunResults, decided: Sequence[Decision] | None = None):
+    out = []
+    for d in decisions(run) if decided is None else decided:
+        r = run.get(GATE_STAGE.id, d.model)
+        t = r.record.treatment if r is not None else None
+        if t is None:
+            out.append(DecisionView(d, None, MISSING, MISSING))
+            continue
+        p = r.record.placebo
+        out.append(
+            DecisionView(
+                d,
+                text(t.delta_ppl_pct, "+.2f", " %"),
+                text(t.kld.mean if t.kld is not None else None, ".5f"),
+                MISSING if p is None or p.compared is None else p.compared.kld,
+            )
+        )
+    return tuple(out)
