@@ -13,7 +13,11 @@ destroy hours of work when written carelessly (`--json` naming the model replace
   replaces the target in one step;
 - the temporary is removed on any exception, Ctrl-C, and (through ``install_signal_cleanup``)
   SIGTERM and SIGHUP; one left by a kill -9 is removed by the next write to the same
-  directory once its owner process is gone, and ``stale_temporaries`` lists them.
+  directory once its owner process is gone, and ``stale_temporaries`` lists them;
+- publishing is never cut in half: Ctrl-C, SIGTERM or SIGHUP arriving while the link or
+  rename runs is held until the target is in place and recorded (``published``), then
+  delivered as usual; a caller can thus tell "interrupted before" from "done, then
+  interrupted" (the CLI exits 0 when every output of its command was published).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import re
 import secrets
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import FqError, OutputRefused
@@ -35,6 +39,9 @@ _TMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.fq-tmp$")
 
 _live: set[Path] = set()  # temporaries this process has open, for the signal handler
 _live_lock = threading.Lock()
+_published: set[tuple[int, ...]] = set()  # _identity() of every file this process published
+_listeners: list[Callable[[Path], None]] = []
+_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Terminated(FqError):
@@ -186,20 +193,91 @@ def temporary_for(
             _live.discard(tmp)
 
 
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP wait until the block is done, then are delivered as usual.
+
+    For steps that must not be cut in half (publish a file and record it). Only the main
+    thread receives signals, so elsewhere this does nothing. A handler changed inside the
+    block (the CLI ignoring signals once its work is complete) stands, and decides what
+    becomes of a held signal.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+
+    def hold(signum, frame) -> None:
+        arrived.append(signum)
+
+    previous: dict[int, object] = {}
+    try:
+        for sig in _HELD:
+            old = signal.getsignal(sig)
+            if old is None:  # installed outside Python: cannot be restored, so not held
+                continue
+            signal.signal(sig, hold)
+            previous[sig] = old
+    except (ValueError, OSError):  # pragma: no cover - no signal support here
+        pass
+    try:
+        yield
+    finally:
+        deliver = []
+        for sig, old in previous.items():
+            if signal.getsignal(sig) is hold:
+                signal.signal(sig, old)
+                if sig in arrived:
+                    deliver.append(sig)
+        for sig in deliver:
+            signal.raise_signal(sig)
+
+
+def published(path: str | os.PathLike[str]) -> bool:
+    """True when the file now at ``path`` is one this process published."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return _identity(st) in _published
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """Device and inode, plus size and mtime (which a link or rename keeps): a new file that
+    reuses a freed inode number is not mistaken for ours."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def add_publish_listener(listener: Callable[[Path], None]) -> None:
+    """Call ``listener(target)`` right after each publish, before any held signal."""
+    _listeners.append(listener)
+
+
+def remove_publish_listener(listener: Callable[[Path], None]) -> None:
+    with contextlib.suppress(ValueError):
+        _listeners.remove(listener)
+
+
 def publish(tmp: Path, target: Path, *, force: bool, inputs: Iterable = ()) -> None:
     """Make ``tmp`` appear at ``target`` in one step; without force never replace a file."""
     refuse_inputs(target, inputs)  # a link may have been made meanwhile
-    if force:
-        os.replace(tmp, target)
-        return
-    try:
-        os.link(tmp, target)
-    except FileExistsError:
-        raise OutputRefused(
-            f"output {target} appeared while it was being written (another writer?); "
-            "pass --force to replace it"
-        ) from None
-    tmp.unlink()
+    with held_signals():
+        st = os.stat(tmp)
+        if force:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise OutputRefused(
+                    f"output {target} appeared while it was being written (another writer?); "
+                    "pass --force to replace it"
+                ) from None
+        _published.add(_identity(st))
+        for listener in list(_listeners):
+            listener(target)
+    if not force:
+        tmp.unlink()
 
 
 def write_bytes(

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
-import logging
+import shlex
+import signal
 import sys
+import threading
+from pathlib import Path
 
-from . import __version__, atomic
+from . import __version__
 from .errors import FqError
 
 # Each command is two short functions: _add_<name>(subparsers) and _run_<name>(args) -> int.
-# Register new ones in COMMANDS at the bottom.
+# Register new ones in COMMANDS at the bottom. Module-level imports stay light (the heavy
+# ones happen inside the commands), so Ctrl-C during start-up lands inside main().
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an argument error is one line: `fq <command>: error: <message>`, exit 2.
+
+    Sub-command parsers are made by `add_parser` with the parent's class, so every one
+    of them reports this way.
+    """
+
+    def error(self, message: str):
+        text = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fq",
         description="Fake-quantize F32 tensors of GGUF models; measure the effect with llama.cpp.",
     )
@@ -26,25 +43,146 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Outputs:
+    """The files the running command promised to write; complete once this process has
+    published every one of them. A Ctrl-C (or SIGTERM) after that is not a failure: the
+    command's work is done, so it exits with the status it would have had."""
+
+    def __init__(self, owns_process: bool) -> None:
+        self.owns_process = owns_process
+        self.paths: tuple[Path, ...] = ()
+        self.status = 0  # the exit status once complete
+        self.complete = False
+        self.interrupted = False  # a SIGINT arrived (an import it cut short may say otherwise)
+        self.active = True  # main() is running: a deferred Ctrl-C may still be delivered
+        self.pending = False  # a Ctrl-C waits for an import to finish
+
+    def on_sigint(self, signum, frame) -> None:
+        """Ctrl-C: KeyboardInterrupt, except inside an import, where it waits for the import
+        to finish (an extension module cut short, like numpy's, prints its own traceback
+        and turns the interrupt into an ImportError)."""
+        self.interrupted = True
+        if _inside_import(frame):
+            self.pending = True
+            timer = threading.Timer(0.02, self._again)
+            timer.daemon = True
+            timer.start()
+            return
+        self.pending = False
+        raise KeyboardInterrupt
+
+    def _again(self) -> None:
+        if self.active:
+            _thread.interrupt_main(signal.SIGINT)  # runs on_sigint again in the main thread
+
+    def expect(self, *paths, status: int = 0) -> None:
+        self.paths = tuple(Path(p) for p in paths)
+        self.status = status
+
+    def on_published(self, target: Path) -> None:
+        """Called by fq_core.atomic right after each publish (signals are held meanwhile)."""
+        from . import atomic
+
+        if self.paths and all(atomic.published(p) for p in self.paths):
+            self.complete = True
+            if self.owns_process:  # the work is done: nothing may turn it into a failure now
+                _ignore_signals()
+
+
+def _inside_import(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _ignore_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except (ValueError, OSError):  # pragma: no cover - not the main thread
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `fq` command. With ``argv`` None it is the process (the console script): once
+    the command is over, signals are ignored until the interpreter exits."""
+    outputs = Outputs(owns_process=argv is None)
+    try:
+        previous = signal.signal(signal.SIGINT, outputs.on_sigint)
+    except (ValueError, OSError):  # pragma: no cover - not the main thread
+        previous = None
+    try:
+        return _main(argv, outputs)
+    except KeyboardInterrupt:  # during start-up (imports, building the parser)
+        if outputs.complete:
+            return outputs.status
+        print("fq: interrupted", file=sys.stderr)
+        return 130
+    except FqError as exc:  # SIGTERM between the command's end and here
+        if outputs.complete:
+            return outputs.status
+        print(f"fq: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except Exception:
+        # Ctrl-C inside a C extension's import comes out as ImportError (numpy's does)
+        if outputs.interrupted:
+            print("fq: interrupted", file=sys.stderr)
+            return 130
+        raise
+    finally:
+        outputs.active = False
+        if outputs.owns_process:
+            _ignore_signals()
+        elif previous is not None and signal.getsignal(signal.SIGINT) == outputs.on_sigint:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str] | None, outputs: Outputs) -> int:
+    import logging
+
+    from . import atomic
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.outputs = outputs
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="fq: %(message)s",
         stream=sys.stderr,
     )
     atomic.install_signal_cleanup()
+    atomic.add_publish_listener(outputs.on_published)
     try:
-        return int(args.run(args) or 0)
+        status = int(args.run(args) or 0)
+        if outputs.pending and not outputs.complete:  # the command ended before it was delivered
+            raise KeyboardInterrupt
+        return status
     except FqError as exc:
+        if outputs.complete and isinstance(exc, atomic.Terminated):
+            return outputs.status
         print(f"fq {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
+        if outputs.complete:
+            print(
+                f"fq {args.command}: Ctrl-C came after the output was complete: "
+                + ", ".join(str(p) for p in outputs.paths),
+                file=sys.stderr,
+            )
+            return outputs.status
         print(f"fq {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except Exception:
+        if outputs.interrupted and not outputs.complete:  # an import Ctrl-C cut short
+            print(f"fq {args.command}: interrupted", file=sys.stderr)
+            return 130
+        raise
+    finally:
+        atomic.remove_publish_listener(outputs.on_published)
 
 
 def _add_models(sub) -> None:
@@ -271,8 +409,56 @@ def _run_doctor(args) -> int:
         line(True, f"corpus ({c.source}): {c.path}\n       {c.n_bytes:,} bytes, sha256 {c.sha256}")
     except FqError as exc:
         line(False, f"corpus: {exc}", "fq setup   (or --text PATH / FQ_TEXT)")
+    stale, places = _stale_temporaries()
+    if stale:
+        shown = "\n".join(f"       {p}  ({_size(p)})" for p in stale[:10])
+        more = f"\n       … and {len(stale) - 10} more" if len(stale) > 10 else ""
+        line(
+            None,
+            f"{len(stale)} stale temporar{'y' if len(stale) == 1 else 'ies'} (*.fq-tmp) left by "
+            f"fq runs that were killed (their processes are gone):\n{shown}{more}",
+            "rm -f -- " + " ".join(shlex.quote(str(p)) for p in stale)
+            + "   (the next fq write to the same directory also removes them)",
+        )  # fmt: skip
+    else:
+        line(True, f"no stale *.fq-tmp temporaries in {places}")
     print("all good" if not missing else f"{missing} missing: run the fixes above")
     return 1 if missing else 0
+
+
+def _stale_temporaries() -> tuple[list[Path], str]:
+    """Temporaries of killed fq writers where fq writes: the current directory (and its
+    reports/), the results store and the per-user cache (not llama.cpp's build trees)."""
+    import os
+
+    from . import atomic
+    from .paths import cache_dir, results_dir
+
+    cwd = Path.cwd()
+    roots = [(cwd, False), (cwd / "reports", True), (results_dir(), True), (cache_dir(), True)]
+    skip = {cache_dir() / "llama.cpp", cache_dir() / "sdist"}
+    found: dict[Path, None] = {}
+    for root, deep in roots:
+        if not root.is_dir():
+            continue
+        dirs = [root]
+        if deep:
+            dirs = []
+            for d, subdirs, _ in os.walk(root):
+                subdirs[:] = [s for s in subdirs if Path(d, s) not in skip]
+                dirs.append(Path(d))
+        for d in dirs:
+            for tmp in atomic.stale_temporaries(d):
+                found.setdefault(tmp.absolute(), None)
+    places = f"{cwd}, {results_dir()}, {cache_dir()}"
+    return list(found), places
+
+
+def _size(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size:,} bytes"
+    except OSError:
+        return "gone"
 
 
 def _add_evaluate(sub) -> None:
@@ -294,13 +480,14 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    import json
-
+    from . import atomic
     from .corpus import resolve_corpus
     from .errors import BadInput
     from .evaluate import EvalSettings, compare, evaluate_against, evaluate_baseline, side_by_side
+    from .gguf_index import read_index
     from .llama.runner import LlamaRunner
     from .llama.tools import find_tools
+    from .metrics import json_dumps
     from .models import resolve_model
 
     for opt in ("chunks", "kld_chunks", "ctx", "gen_tokens", "threads"):
@@ -308,10 +495,13 @@ def _run_evaluate(args) -> int:
         if v is not None and v < 1:
             raise BadInput(f"--{opt.replace('_', '-')} must be at least 1, got {v}")
     candidate, baseline_ref = resolve_model(args.model), resolve_model(args.baseline)
+    for ref in (candidate, baseline_ref):  # a broken GGUF is bad input now, not a failed run later
+        read_index(ref.path)
     corpus = resolve_corpus(args.text)
     inputs = (candidate.path, baseline_ref.path, corpus.path)
     if args.json:  # refused now, not after minutes of evaluation
         atomic.check_target(args.json, force=args.force, inputs=inputs)
+        args.outputs.expect(args.json)
     settings = EvalSettings(
         ctx=args.ctx, batch=args.ctx, chunks=args.chunks,
         kld_chunks=args.kld_chunks or args.chunks, threads=args.threads,
@@ -337,7 +527,7 @@ def _run_evaluate(args) -> int:
             "settings": settings.to_json(),
             "commands": [c.to_json() for c in base.commands() + cand.commands()],
         }  # fmt: skip
-        text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+        text = json_dumps(doc, indent=1, ensure_ascii=False) + "\n"
         atomic.write_text(args.json, text, force=args.force, inputs=inputs)
     return 0
 
@@ -377,9 +567,10 @@ def _add_quantize(sub) -> None:
 
 def _run_quantize(args) -> int:
     from .models import resolve_model
-    from .patch import fake_quantize_file
+    from .patch import fake_quantize_file, manifest_path
     from .selection import describe
 
+    args.outputs.expect(args.output, manifest_path(args.output))
     src = resolve_model(args.input).path
     manifest = fake_quantize_file(
         src, args.output, layers=args.layers, tensors=tuple(args.tensors), fmt=args.format,
@@ -405,15 +596,15 @@ def _add_compare(sub) -> None:
 
 
 def _run_compare(args) -> int:
-    import json
-
-    from .metrics import compare_files
+    from . import atomic
+    from .metrics import compare_files, json_dumps
     from .models import resolve_model
 
     original, candidate = resolve_model(args.original).path, resolve_model(args.candidate).path
     if args.json:
         atomic.check_target(args.json, force=args.force, inputs=(original, candidate))
     cmp = compare_files(original, candidate, args.focus_layer)
+    status = 0 if cmp.identical_elsewhere and not cmp.became_nonfinite else 1
     print(f"compared {cmp.bytes_compared:,} bytes, {cmp.n_tensors} tensors")
     print(f"{'tensor':<32} {'changed':>13} {'max abs':>10} {'mean abs':>10} "
           f"{'max rel':>10} {'mean rel':>10} {'max ulp':>8}")  # fmt: skip
@@ -432,24 +623,35 @@ def _run_compare(args) -> int:
               f"{total.max_ulp_bf16:>8.3g}")  # fmt: skip
     else:
         print("no tensor differs: the files are byte-identical")
+    for d in cmp.differing:
+        s = d.stats
+        if s is not None and s.n_nonfinite:
+            became = f" ({s.n_became_nonfinite:,} finite values became NaN/±Inf)"
+            print(f"non-finite: {d.name}: {s.n_nonfinite:,} of {s.n_elements:,} pairs have "
+                  f"NaN/±Inf{became if s.n_became_nonfinite else ''}")  # fmt: skip
     for f in cmp.focus:
         e, b, a = f.errors, f.before, f.after
         print(f"layer {cmp.focus_layer} {f.name}: {e.changed}/{e.n_elements} changed, "
               f"max rel {e.max_rel:.3g}, max {e.max_ulp_bf16:.3g} BF16 ulp")  # fmt: skip
         for label, d in (("before", b), ("after", a)):
             pct = " ".join(f"p{k}={v:.6g}" for k, v in d.percentiles.items())
+            nonfinite = f" non-finite={d.n_nonfinite}" if d.n_nonfinite else ""
             print(f"  {label:<6} mean={d.mean:.6g} std={d.std:.6g} min={d.min:.6g} "
-                  f"max={d.max:.6g} {pct}")  # fmt: skip
+                  f"max={d.max:.6g} {pct}{nonfinite}")  # fmt: skip
     where = f" (expected tensors from {cmp.manifest.name})" if cmp.manifest else ""
     if cmp.identical_elsewhere:
         print(f"every other byte is identical: header/metadata, padding and "
               f"{cmp.n_tensors - len(cmp.differing)} other tensors{where}")  # fmt: skip
     else:
         print(f"UNEXPECTED differences{where}: {', '.join(cmp.unexpected)}")
+    if cmp.became_nonfinite:
+        print(f"NON-FINITE: {cmp.became_nonfinite:,} finite values of {original.name} are "
+              f"NaN/±Inf in {candidate.name}")  # fmt: skip
     if args.json:
-        text = json.dumps(cmp.to_json(), indent=1) + "\n"
+        text = json_dumps(cmp.to_json(), indent=1) + "\n"
+        args.outputs.expect(args.json, status=status)
         atomic.write_text(args.json, text, force=args.force, inputs=(original, candidate))
-    return 0 if cmp.identical_elsewhere else 1
+    return status
 
 
 def _add_inspect(sub) -> None:

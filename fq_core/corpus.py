@@ -1,5 +1,11 @@
 """The perplexity corpus (WikiText-2 raw test split): found locally or downloaded once.
 
+Resolved like the models, never relative to where the code is installed: the command line
+(``--text``), the environment (``FQ_TEXT``), the checkout the command runs in (the current
+directory or the nearest parent whose pyproject.toml names the fq-suite project: its
+``../shared/data/...`` then its ``data/...``), then the per-user cache
+(``$XDG_CACHE_HOME/fq-suite/corpus/...``), which is also where a download goes.
+
 Bytes are used exactly as found: a changed line ending changes tokenization and therefore
 perplexity, so nothing here decodes, re-encodes or normalises the text.
 """
@@ -21,6 +27,7 @@ from filelock import FileLock
 
 from .errors import BadInput, CorpusMissing
 from .hashing import copy_hashing, remember_sha256, sha256_file
+from .paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,7 @@ log = logging.getLogger(__name__)
 WIKITEXT_URL = "https://huggingface.co/datasets/ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip"
 ZIP_MEMBER = "wikitext-2-raw/wiki.test.raw"
 DOWNLOAD_TIMEOUT_S = 60.0
+PROJECT_NAME = "fq-suite"
 _CHUNK = 1024 * 1024
 
 
@@ -36,22 +44,48 @@ class Corpus:
     path: Path
     sha256: str
     n_bytes: int
-    source: str = "path"  # "argument" | "FQ_TEXT" | "shared" | "data" | "downloaded"
+    # "argument" | "FQ_TEXT" | "shared" | "data" | "cache" | "downloaded"
+    source: str = "path"
 
 
-def checkout_dir() -> Path:
-    """The project checkout: the directory holding the fq_core package (independent of cwd)."""
-    return Path(__file__).resolve().parent.parent
+def _is_project(directory: Path) -> bool:
+    """True when `directory` holds a pyproject.toml whose project is fq-suite."""
+    try:
+        import tomllib
+
+        with open(directory / "pyproject.toml", "rb") as f:
+            name = tomllib.load(f).get("project", {}).get("name", "")
+    except (OSError, ValueError):
+        return False
+    return isinstance(name, str) and name.lower().replace("_", "-") == PROJECT_NAME
 
 
-def shared_corpus_path(checkout: Path | None = None) -> Path:
-    """The corpus kept beside the checkout (../shared/data/...), shared by several clones."""
-    return (checkout or checkout_dir()).parent / "shared" / "data" / ZIP_MEMBER
+def project_root(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The fq-suite checkout the command runs in: `start` (default: the current directory)
+    or its nearest parent with fq-suite's pyproject.toml; None outside any checkout."""
+    try:
+        here = (Path(start) if start is not None else Path.cwd()).absolute()
+    except OSError:  # the current directory was removed
+        return None
+    for directory in (here, *here.parents):
+        if _is_project(directory):
+            return directory
+    return None
 
 
-def data_corpus_path(checkout: Path | None = None) -> Path:
-    """The checkout's own copy; also where a downloaded corpus goes."""
-    return (checkout or checkout_dir()) / "data" / ZIP_MEMBER
+def shared_corpus_path(checkout: Path) -> Path:
+    """The corpus kept beside a checkout (../shared/data/...), shared by several clones."""
+    return Path(checkout).parent / "shared" / "data" / ZIP_MEMBER
+
+
+def data_corpus_path(checkout: Path) -> Path:
+    """A checkout's own copy."""
+    return Path(checkout) / "data" / ZIP_MEMBER
+
+
+def cache_corpus_path() -> Path:
+    """The per-user copy; also where a downloaded corpus goes."""
+    return cache_dir() / "corpus" / ZIP_MEMBER
 
 
 def wikitext_url() -> str:
@@ -64,17 +98,19 @@ def resolve_corpus(
     download: bool = True,
     checkout: str | os.PathLike[str] | None = None,
 ) -> Corpus:
-    """Pick the corpus: `text`, then $FQ_TEXT, then ../shared/data, then data/, then download.
+    """Pick the corpus: `text`, then $FQ_TEXT, then the checkout's ../shared/data and data/,
+    then the per-user cache, then download (into the cache).
 
-    `checkout` overrides the project directory the relative locations hang off (tests).
+    `checkout` names the project directory instead of looking for it from the current
+    directory (tests).
     """
-    root = Path(checkout) if checkout is not None else checkout_dir()
+    root = Path(checkout) if checkout is not None else project_root()
     if text is not None and os.fspath(text) != "":
         return _given(Path(text).expanduser(), "argument", "--text")
     env = os.environ.get("FQ_TEXT")
     if env:
         return _given(Path(env).expanduser(), "FQ_TEXT", "FQ_TEXT")
-    for path, source in ((shared_corpus_path(root), "shared"), (data_corpus_path(root), "data")):
+    for path, source in _candidates(root):
         if path.is_file():
             if path.stat().st_size == 0:
                 log.warning("ignoring empty corpus file %s", path)
@@ -84,6 +120,13 @@ def resolve_corpus(
     if not download:
         raise CorpusMissing(_missing_message("downloading is disabled", root))
     return _download(wikitext_url(), root)
+
+
+def _candidates(root: Path | None) -> list[tuple[Path, str]]:
+    found = []
+    if root is not None:
+        found += [(shared_corpus_path(root), "shared"), (data_corpus_path(root), "data")]
+    return [*found, (cache_corpus_path(), "cache")]
 
 
 def _given(path: Path, source: str, what: str) -> Corpus:
@@ -103,23 +146,25 @@ def _corpus(path: Path, source: str) -> Corpus:
         raise BadInput(f"cannot read corpus file {path}: {exc.strerror}") from None
 
 
-def _missing_message(reason: str, root: Path) -> str:
+def _missing_message(reason: str, root: Path | None) -> str:
+    where = " or ".join(str(path) for path, _ in _candidates(root))
+    outside = "" if root is not None else " (not run inside an fq-suite checkout)"
     return (
-        f"no WikiText-2 corpus ({reason}); put wiki.test.raw at {shared_corpus_path(root)} "
-        f"or {data_corpus_path(root)}, or pass --text PATH / set FQ_TEXT"
+        f"no WikiText-2 corpus ({reason}); put wiki.test.raw at {where}, "
+        f"or pass --text PATH / set FQ_TEXT{outside}"
     )
 
 
-def _download(url: str, root: Path) -> Corpus:
-    """Fetch the zip, extract the test split into data/, rename into place atomically."""
-    dest = data_corpus_path(root)
+def _download(url: str, root: Path | None) -> Corpus:
+    """Fetch the zip, extract the test split into the per-user cache, rename into place."""
+    dest = cache_corpus_path()
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CorpusMissing(_missing_message(f"cannot create {dest.parent}: {exc}", root)) from None
     with FileLock(str(dest) + ".lock"):
         if dest.is_file() and dest.stat().st_size > 0:  # another process got there first
-            return _corpus(dest, "data")
+            return _corpus(dest, "cache")
         with tempfile.TemporaryDirectory(prefix=".corpus-", dir=dest.parent) as tmp:
             zip_path = Path(tmp) / "wikitext.zip"
             log.info("corpus: downloading %s", url)

@@ -8,14 +8,13 @@ llama.cpp's `gguf_init_from_file_impl` (ggml/src/gguf.cpp) would refuse, plus te
 past the end of the file (llama_model_loader's "not within the file bounds"), each with a
 one-line `BadModel` naming the file and the fault.
 
+A tensor type id gguf-py does not know is refused, naming the tensor and the id, as
+llama.cpp's reader refuses a type it does not know: ids in the gaps of the table (removed
+types such as Q4_2, Q4_0_4_4: block size 0), ids above its largest, negative ones. Without
+the type's block size the tensor's size, the next tensor's expected offset and the bytes to
+copy are unknown, and a copy would only be refused later by the llama.cpp that loads it.
+
 Deliberate differences from llama.cpp:
-- a tensor type id newer than gguf-py's table (above its largest id, below
-  `MAX_TYPE_ID`) is kept as ``UNKNOWN(<id>)`` with ``n_bytes=None`` instead of refused, so
-  a model with a brand-new quantization can still have its F32 norms patched. Its offset
-  must still equal the running padded size; the tensor after it can only be checked for
-  alignment and order (its start must not precede the unknown tensor's start), because the
-  unknown tensor's size cannot be computed. Ids in the gaps of the table (removed types
-  such as Q4_2, Q4_0_4_4) are refused, as llama.cpp does (block size 0).
 - counts too large for the bytes left in the file are refused up front (llama.cpp refuses
   them later, when the reads run out), so a corrupt count never starts a huge loop.
 - strings are decoded as UTF-8 with replacement characters (llama.cpp keeps raw bytes);
@@ -54,8 +53,6 @@ GGML_MAX_NAME = 64
 GGML_MAX_DIMS = 4
 INT64_MAX = 2**63 - 1
 SIZE_MAX = 2**64 - 1
-# Type ids at or above this are corrupt, not "newer than gguf-py" (ggml has 43 today).
-MAX_TYPE_ID = 256
 _MAX_KNOWN_TYPE = max(int(t) for t in gguf.GGML_QUANT_SIZES)
 
 # Smallest possible encodings, to refuse counts the file cannot possibly hold.
@@ -87,11 +84,11 @@ class TensorInfo:
 
     name: str
     ggml_type: int
-    type_name: str  # gguf.GGMLQuantizationType name or "UNKNOWN(<id>)"
+    type_name: str  # gguf.GGMLQuantizationType name
     shape: tuple[int, ...]  # GGUF order, ne[0] first
     n_elements: int
     offset: int
-    n_bytes: int | None  # None when the type is unknown to gguf-py
+    n_bytes: int
 
     @property
     def is_f32(self) -> bool:
@@ -341,20 +338,22 @@ class _Walker:
                 raise self.fail(f"tensor {name!r} shape {shape} overflows the element count")
             ggml_type = self.i32(what)
             type_name, block, type_size = self.tensor_type(name, ggml_type, shape)
-            n_bytes = None if block is None else n_elements // block * type_size
+            n_bytes = n_elements // block * type_size
             offset = self.u64(what)
             infos.append((name, shape, n_elements, ggml_type, type_name, n_bytes, offset))
         return infos
 
     def tensor_type(self, name: str, ggml_type: int, shape: tuple[int, ...]) -> tuple:
-        """(type_name, block_size, type_size); sizes are None for a type newer than gguf-py."""
+        """(type_name, block_size, type_size); BadModel for a type gguf-py does not know."""
         sizes = gguf.GGML_QUANT_SIZES.get(ggml_type) if ggml_type >= 0 else None
         if sizes is None:
             if ggml_type < 0 or ggml_type <= _MAX_KNOWN_TYPE:
                 raise self.fail(f"tensor {name!r} has invalid or removed ggml type {ggml_type}")
-            if ggml_type >= MAX_TYPE_ID:
-                raise self.fail(f"tensor {name!r} has invalid ggml type {ggml_type}")
-            return f"UNKNOWN({ggml_type})", None, None
+            raise self.fail(
+                f"tensor {name!r} has invalid ggml type {ggml_type}, unknown to gguf-py "
+                f"{_gguf_py_version()} (its newest is {_MAX_KNOWN_TYPE}); llama.cpp refuses "
+                "such a file"
+            )
         block, type_size = sizes
         ne0 = shape[0] if shape else 1
         type_name = QT(ggml_type).name
@@ -364,6 +363,15 @@ class _Walker:
                 f"not a multiple of the block size {block}"
             )
         return type_name, block, type_size
+
+
+def _gguf_py_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("gguf")
+    except Exception:  # noqa: BLE001 - informational only
+        return "(version unknown)"
 
 
 def read_index(path: str | os.PathLike[str]) -> GGUFIndex:
@@ -420,17 +428,16 @@ def _walk(path: Path, buf: mmap.mmap, size: int) -> GGUFIndex:
         )
 
     tensors: list[TensorInfo] = []
-    expected: int | None = 0  # the offset llama.cpp requires next; None after an unknown type
-    floor = 0  # the start of the last unknown-type tensor
+    expected = 0  # the offset llama.cpp requires next
     previous = None
     for name, shape, n_elements, ggml_type, type_name, n_bytes, rel in raw_infos:
-        if n_bytes is not None and n_bytes > SIZE_MAX - (alignment - 1):
+        if n_bytes > SIZE_MAX - (alignment - 1):
             raise w.fail(f"tensor {name!r} size {n_bytes} overflows")
         if rel % alignment:
             raise w.fail(
                 f"tensor {name!r} offset {rel} is not a multiple of the alignment {alignment}"
             )
-        if expected is not None and rel != expected:
+        if rel != expected:
             if rel < expected:
                 raise w.fail(
                     f"tensor {name!r} at data offset {rel} overlaps tensor {previous!r} "
@@ -440,24 +447,14 @@ def _walk(path: Path, buf: mmap.mmap, size: int) -> GGUFIndex:
                 f"tensor {name!r} has offset {rel}, expected {expected} "
                 f"(a gap after tensor {previous!r})"
             )
-        if expected is None and rel < floor:
-            raise w.fail(
-                f"tensor {name!r} at data offset {rel} starts before tensor {previous!r} "
-                f"(at {floor})"
-            )
         start = data_start + rel
-        end = start + (n_bytes or 0)
+        end = start + n_bytes
         if end > size:
             raise w.fail(
                 f"truncated: tensor {name!r} data ends at byte {end} but the file has {size} bytes"
             )
-        if n_bytes is None:
-            expected, floor = None, rel
-        elif expected is None:
-            expected = rel + _pad(n_bytes, alignment)
-        else:
-            expected += _pad(n_bytes, alignment)
-        if expected is not None and expected > SIZE_MAX:
+        expected += _pad(n_bytes, alignment)
+        if expected > SIZE_MAX:
             raise w.fail(f"tensor {name!r}: the data section size overflows")
         previous = name
         tensors.append(

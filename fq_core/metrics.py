@@ -6,12 +6,23 @@ original is 0 while changing no relative error of a normal original by more than
 itself; a larger eps such as 1e-12 would understate the error of small weights (1e-10 and
 below exist in real checkpoints).  Statistics use float64 so the mean of many tiny errors
 does not lose precision.
+
+Non-finite values are counted, never dropped silently.  A pair with NaN or ±Inf on either
+side counts in ``n_nonfinite``; a finite original whose candidate is not (fp16 ``nearest``
+turning 1e5 into +Inf, a tensor overwritten with NaN) also counts in ``n_became_nonfinite``.
+Such a pair's error is +Inf (a finite value against ±Inf) or NaN (against NaN), and the
+maximum errors say so: ``max_abs`` is NaN when any pair's error is NaN, else +Inf when any
+is infinite.  A pair that stays the same non-finite value (NaN to NaN, +Inf to +Inf) has no
+error.  The means are over the pairs where both values are finite (NaN when there is
+none).  JSON has no Inf or NaN, so ``json_dumps`` writes such a figure as the string "inf",
+"-inf" or "nan".
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,7 +51,13 @@ class ErrorStats:
     max_rel: float
     mean_rel: float
     max_ulp_bf16: float  # |o - q| in units of the last place of o's BF16 binade
-    n_nonfinite: int = 0  # pairs left out of the abs/rel/ulp figures (NaN or Inf on a side)
+    n_nonfinite: int = 0  # pairs with NaN or ±Inf on either side
+    n_became_nonfinite: int = 0  # finite originals whose candidate is NaN or ±Inf
+
+    @property
+    def finite(self) -> bool:
+        """No pair's error is NaN or infinite."""
+        return all(math.isfinite(v) for v in (self.max_abs, self.max_rel, self.max_ulp_bf16))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -66,6 +83,30 @@ def _as_f32(a) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a, dtype=np.float32)).reshape(-1)
 
 
+def worst(values) -> float:
+    """The largest value, NaN if any is NaN (Python's max() depends on the order then)."""
+    values = list(values)
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values, default=0.0)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def json_dumps(doc, **kwargs) -> str:
+    """JSON text of `doc`, a non-finite float written as "inf", "-inf" or "nan" (strict JSON
+    has no such numbers; Python's default `Infinity` breaks other readers)."""
+    return json.dumps(_json_safe(doc), allow_nan=False, **kwargs)
+
+
 def bf16_ulp(values: np.ndarray) -> np.ndarray:
     """Spacing of BF16 numbers in each value's binade (subnormals and 0 share 2**-133)."""
     v = np.abs(values.astype(np.float64))
@@ -82,8 +123,10 @@ def error_stats(orig, new) -> ErrorStats:
         raise ValueError(f"shapes differ: {o.shape} vs {q.shape}")
     n = int(o.size)
     changed = int(np.count_nonzero(o.view(np.uint32) != q.view(np.uint32)))
-    finite = np.isfinite(o) & np.isfinite(q)
+    o_finite, q_finite = np.isfinite(o), np.isfinite(q)
+    finite = o_finite & q_finite
     n_nonfinite = int(n - np.count_nonzero(finite))
+    n_became = int(np.count_nonzero(o_finite & ~q_finite))
     of, qf = o[finite].astype(np.float64), q[finite].astype(np.float64)
     if of.size:
         abs_err = np.abs(of - qf)
@@ -92,8 +135,19 @@ def error_stats(orig, new) -> ErrorStats:
         max_abs, mean_abs = float(abs_err.max()), float(abs_err.mean())
         max_rel, mean_rel = float(rel_err.max()), float(rel_err.mean())
         max_ulp = float(ulp_err.max())
-    else:
-        max_abs = mean_abs = max_rel = mean_rel = max_ulp = 0.0
+    else:  # no finite pair to average: NaN says so when there were pairs at all
+        max_abs = max_rel = max_ulp = 0.0
+        mean_abs = mean_rel = math.nan if n else 0.0
+    if n_nonfinite:
+        # the same non-finite value on both sides is no error; any other such pair's error is
+        # |o - q|: +Inf against a finite value or the other infinity, NaN against NaN
+        on, qn = o[~finite].astype(np.float64), q[~finite].astype(np.float64)
+        same = (np.isnan(on) & np.isnan(qn)) | (on == qn)
+        with np.errstate(invalid="ignore"):
+            err = np.abs(on[~same] - qn[~same])
+        if err.size:
+            nonfinite_max = math.nan if np.isnan(err).any() else math.inf
+            max_abs = max_rel = max_ulp = worst([max_abs, nonfinite_max])
     return ErrorStats(
         n_elements=n,
         changed=changed,
@@ -104,6 +158,7 @@ def error_stats(orig, new) -> ErrorStats:
         mean_rel=mean_rel,
         max_ulp_bf16=max_ulp,
         n_nonfinite=n_nonfinite,
+        n_became_nonfinite=n_became,
     )
 
 
@@ -211,6 +266,11 @@ class Comparison:
         return not self.unexpected
 
     @property
+    def became_nonfinite(self) -> int:
+        """Finite values of the original that are NaN or ±Inf in the candidate."""
+        return sum(d.stats.n_became_nonfinite for d in self.differing if d.stats is not None)
+
+    @property
     def total(self) -> ErrorStats | None:
         stats = [d.stats for d in self.differing if d.stats is not None]
         return combine(stats) if stats else None
@@ -228,6 +288,7 @@ class Comparison:
             "padding_identical": self.padding_identical,
             "identical_elsewhere": self.identical_elsewhere,
             "unexpected": list(self.unexpected),
+            "became_nonfinite": self.became_nonfinite,
             "manifest": str(self.manifest) if self.manifest else None,
             "differing": [d.to_json() for d in self.differing],
             "total": total.to_json() if total else None,
@@ -237,29 +298,29 @@ class Comparison:
 
 
 def combine(stats: Sequence[ErrorStats]) -> ErrorStats:
-    """Totals over several tensors (means weighted by their finite element counts)."""
+    """Totals over several tensors (means weighted by their finite element counts; a NaN
+    maximum anywhere makes the total's maximum NaN)."""
     n = sum(s.n_elements for s in stats)
     changed = sum(s.changed for s in stats)
     weights = [s.n_elements - s.n_nonfinite for s in stats]
     wsum = sum(weights)
 
     def wmean(attr: str) -> float:
-        return (
-            sum(getattr(s, attr) * w for s, w in zip(stats, weights, strict=True)) / wsum
-            if wsum
-            else 0.0
-        )
+        if not wsum:  # no finite pair anywhere
+            return math.nan if n else 0.0
+        return sum(getattr(s, attr) * w for s, w in zip(stats, weights, strict=True) if w) / wsum
 
     return ErrorStats(
         n_elements=n,
         changed=changed,
         fraction=changed / n if n else 0.0,
-        max_abs=max((s.max_abs for s in stats), default=0.0),
+        max_abs=worst(s.max_abs for s in stats),
         mean_abs=wmean("mean_abs"),
-        max_rel=max((s.max_rel for s in stats), default=0.0),
+        max_rel=worst(s.max_rel for s in stats),
         mean_rel=wmean("mean_rel"),
-        max_ulp_bf16=max((s.max_ulp_bf16 for s in stats), default=0.0),
+        max_ulp_bf16=worst(s.max_ulp_bf16 for s in stats),
         n_nonfinite=sum(s.n_nonfinite for s in stats),
+        n_became_nonfinite=sum(s.n_became_nonfinite for s in stats),
     )
 
 
@@ -342,7 +403,7 @@ def compare_files(original, candidate, focus_layer: int | None = None) -> Compar
                 for info in sorted(a_idx.tensors, key=lambda t: t.offset):
                     if info.offset > pos:
                         padding_diff += _count_diff(va, vb, pos, info.offset)
-                    n_bytes = info.n_bytes if info.n_bytes is not None else _span(a_idx, info)
+                    n_bytes = info.n_bytes
                     end = info.offset + n_bytes
                     nd = _count_diff(va, vb, info.offset, end)
                     pos = max(pos, end)
@@ -405,12 +466,6 @@ def compare_files(original, candidate, focus_layer: int | None = None) -> Compar
         focus_layer=focus_layer,
         focus=tuple(focus),
     )
-
-
-def _span(index, info) -> int:
-    """Byte length of a tensor of a type gguf-py does not know: up to the next tensor or EOF."""
-    later = [t.offset for t in index.tensors if t.offset > info.offset]
-    return (min(later) if later else index.file_size) - info.offset
 
 
 # --- what each format would do (fq inspect) ---------------------------------------------

@@ -152,14 +152,17 @@ def cache_status(name: str) -> CacheStatus:
     path = model_path(name)
     if not path.is_file():
         return CacheStatus(spec, path, False, None, False)
-    return CacheStatus(spec, path, True, path.stat().st_size, sha256_file(path) == spec.sha256)
+    verified = sha256_file(path, verify=True) == spec.sha256
+    return CacheStatus(spec, path, True, path.stat().st_size, verified)
 
 
 def resolve_model(name_or_path: str | os.PathLike[str], *, fetch: bool = True) -> ModelRef:
     """A registry name or a path to a local GGUF -> a ModelRef with a checked SHA-256.
 
-    Registry files are verified against their pinned hash (cached by stat, so cheap); a
-    missing or corrupted file is fetched again when `fetch` is true, otherwise refused.
+    Registry files are verified against their pinned hash, computed from the file's bytes
+    once per cache entry (then cached by stat, so cheap; a hash only remembered from the
+    download is not enough); a missing or corrupted file is fetched again when `fetch` is
+    true, otherwise refused.
     """
     text = os.fspath(name_or_path)
     if isinstance(name_or_path, str) and text in REGISTRY:
@@ -184,7 +187,7 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, fetch: bool = True) -
 def _resolve_registered(spec: ModelSpec, *, allow_fetch: bool) -> ModelRef:
     path = model_path(spec.name)
     if path.is_file():
-        digest = sha256_file(path)
+        digest = sha256_file(path, verify=True)
         if digest == spec.sha256:
             return ModelRef(spec.name, path, digest, spec)
         if not allow_fetch:
@@ -211,7 +214,7 @@ def fetch(name: str) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final.parent) + ".lock"):
         if final.is_file():
-            digest = sha256_file(final)
+            digest = sha256_file(final, verify=True)
             if digest == spec.sha256:
                 log.info("%s: already cached and verified at %s", name, final)
                 return final

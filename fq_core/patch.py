@@ -5,10 +5,12 @@ re-serialising the model (GGUFReader + GGUFWriter: ~13 s and 1.25 GB for Gemma3)
 input is copied with the kernel's fast path (``shutil.copyfile`` -> sendfile /
 copy_file_range) into a temporary file beside the output, the selected byte ranges are
 overwritten through a memory map, read back and checked, the file is fsync'ed and renamed
-over the output in one step.  While the kernel copies, a second thread computes the
-output's SHA-256 from the input's bytes with the new tensor data substituted, so the
-manifest costs no extra pass.  Any failure or Ctrl-C removes the temporary files: there is
-never a partial OUTPUT or OUTPUT.fq.json.
+over the output in one step.  While the kernel copies, a second thread reads the input once
+and computes both SHA-256s from those bytes: the input's, and the output's (the input with
+the new tensor data substituted), so the manifest costs no extra pass and never records a
+hash remembered from an earlier look at the file.  Any failure or Ctrl-C removes the
+temporary files: there is never a partial OUTPUT or OUTPUT.fq.json, and never an OUTPUT
+without its manifest.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from . import __version__, atomic, hashing
 from .errors import BadInput, OutputRefused
 from .formats import FORMATS, ROUNDINGS, fake_quantize
 from .gguf_index import read_index, read_tensor
-from .metrics import ErrorStats, combine, error_stats
+from .metrics import ErrorStats, combine, error_stats, json_dumps
 from .selection import DEFAULT_TENSORS, Selection, resolve
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class TensorChange:
     max_rel: float
     mean_rel: float
     max_ulp_bf16: float
+    n_nonfinite: int = 0  # pairs with NaN or ±Inf on either side (metrics.ErrorStats)
+    n_became_nonfinite: int = 0  # finite values the conversion made NaN or ±Inf
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -110,12 +114,21 @@ class Manifest:
                 "the output is byte-identical to the input"
             )
         t = self.totals
-        return (
+        text = (
             f"{self.total_changed:,} of {self.total_elements:,} elements changed "
             f"({100 * t.fraction:.2f}%) in {len(self.tensors)} tensors; "
             f"max abs error {t.max_abs:.3g}, max rel error {t.max_rel:.3g}, "
             f"mean rel error {t.mean_rel:.3g}"
         )
+        if t.n_became_nonfinite:
+            text += (
+                f"; {t.n_became_nonfinite:,} finite values became NaN/±Inf "
+                f"(beyond what {self.format} can hold)"
+            )
+        already = t.n_nonfinite - t.n_became_nonfinite
+        if already:
+            text += f"; {already:,} values were NaN/±Inf in the input"
+        return text
 
     def to_json(self) -> dict:
         return {
@@ -222,19 +235,24 @@ def copy_and_patch(
             os.fsync(fd)
 
 
-class _OutputHasher(threading.Thread):
-    """SHA-256 of the output, computed from the input with the patches substituted."""
+class _Hasher(threading.Thread):
+    """SHA-256 of the input and of the output, from one read of the input's bytes.
+
+    The output's hash is the input's bytes with the patches substituted, which is what
+    copy_and_patch writes (it verifies the patched ranges and the header read back).
+    """
 
     def __init__(self, src: Path, patches: Sequence[Patch]):
-        super().__init__(name="fq-output-sha256", daemon=True)
+        super().__init__(name="fq-sha256", daemon=True)
         self.src, self.patches = src, sorted(patches, key=lambda p: p.offset)
         self.stop = threading.Event()
+        self.in_hexdigest: str | None = None
         self.hexdigest: str | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            digest = hashlib.sha256()
+            digest_in, digest_out = hashlib.sha256(), hashlib.sha256()
             buf = bytearray(_CHUNK)
             view = memoryview(buf)
             pos = 0
@@ -243,30 +261,22 @@ class _OutputHasher(threading.Thread):
                     n = f.readinto(buf)
                     if not n:
                         break
+                    digest_in.update(view[:n])
                     for p in self.patches:
                         lo, hi = max(p.offset, pos), min(p.offset + len(p.data), pos + n)
                         if lo < hi:
                             buf[lo - pos : hi - pos] = p.data[lo - p.offset : hi - p.offset]
-                    digest.update(view[:n])
+                    digest_out.update(view[:n])
                     pos += n
             if not self.stop.is_set():
-                self.hexdigest = digest.hexdigest()
+                self.in_hexdigest, self.hexdigest = digest_in.hexdigest(), digest_out.hexdigest()
         except BaseException as exc:  # re-raised in the caller's thread
             self.error = exc
 
 
-class _InputHasher(threading.Thread):
-    def __init__(self, src: Path):
-        super().__init__(name="fq-input-sha256", daemon=True)
-        self.src = src
-        self.hexdigest: str | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.hexdigest = hashing.sha256_file(self.src)
-        except BaseException as exc:
-            self.error = exc
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What must not change while the input is copied and hashed."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -321,6 +331,8 @@ def plan_changes(
                 max_rel=es.max_rel,
                 mean_rel=es.mean_rel,
                 max_ulp_bf16=es.max_ulp_bf16,
+                n_nonfinite=es.n_nonfinite,
+                n_became_nonfinite=es.n_became_nonfinite,
             )
         )
         if es.changed:
@@ -358,23 +370,17 @@ def fake_quantize_file(
     patches, changes, stats = plan_changes(index, selection, fmt, rounding, seed)
     st_before = os.stat(src)
 
-    in_hasher = _InputHasher(src)
-    out_hasher = _OutputHasher(src, patches)
+    hasher = _Hasher(src, patches)
+    mpath = manifest_path(dst)
     try:
         with atomic.temporary_for(dst, force=force, inputs=[src], fsync=fsync) as tmp:
-            in_hasher.start()
-            out_hasher.start()
+            hasher.start()
             copy_and_patch(src, tmp, patches, header_end=index.data_start, fsync=fsync)
-            in_hasher.join()
-            out_hasher.join()
-            for h in (in_hasher, out_hasher):
-                if h.error is not None:
-                    raise h.error
+            hasher.join()
+            if hasher.error is not None:
+                raise hasher.error
             st_after = os.stat(src)
-            if (st_after.st_size, st_after.st_mtime_ns) != (
-                st_before.st_size,
-                st_before.st_mtime_ns,
-            ):
+            if _identity(st_after) != _identity(st_before):
                 raise BadInput(f"input {src} changed while it was being copied")
             size = os.path.getsize(tmp)
             os.chmod(tmp, _umask_mode())
@@ -382,8 +388,8 @@ def fake_quantize_file(
                 tool="fq-suite",
                 tool_version=__version__,
                 created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
-                input=FileRecord(str(src.resolve()), in_hasher.hexdigest, st_before.st_size),
-                output=FileRecord(str(dst.resolve()), out_hasher.hexdigest, size),
+                input=FileRecord(str(src.resolve()), hasher.in_hexdigest, st_before.st_size),
+                output=FileRecord(str(dst.resolve()), hasher.hexdigest, size),
                 format=fmt,
                 rounding=rounding,
                 seed=seed,
@@ -393,27 +399,29 @@ def fake_quantize_file(
                 total_changed=sum(c.changed for c in changes),
                 totals=combine(stats),
                 duration_s=time.perf_counter() - started,
-                path=str(manifest_path(dst)),
+                path=str(mpath),
             )
             doc = manifest.to_json()
             doc["gguf_py_version"] = _gguf_version()
-            manifest_bytes = (json.dumps(doc, indent=2) + "\n").encode()
+            manifest_bytes = (json_dumps(doc, indent=2) + "\n").encode()
             # the manifest is checked now so that a refusal comes before the model appears
-            atomic.check_target(manifest_path(dst), force=force, inputs=[src])
-        try:  # the model is published; its manifest follows, or the model goes again
-            atomic.write_bytes(
-                manifest_path(dst), manifest_bytes, force=force, inputs=[src], fsync=fsync
-            )
-        except BaseException:
-            dst.unlink(missing_ok=True)
-            raise
+            atomic.check_target(mpath, force=force, inputs=[src])
+        # the model is published; its manifest follows, or the model goes again
+        atomic.write_bytes(mpath, manifest_bytes, force=force, inputs=[src], fsync=fsync)
     except BaseException:
-        out_hasher.stop.set()
-        for h in (in_hasher, out_hasher):
-            if h.is_alive():
-                h.join()
+        # Whatever stopped us (an error, Ctrl-C, SIGTERM): a model of ours without its
+        # manifest is removed; once the manifest is published both stand (the work is done).
+        if atomic.published(dst) and not atomic.published(mpath):
+            dst.unlink(missing_ok=True)
+        hasher.stop.set()
+        if hasher.is_alive():
+            hasher.join()
         raise
     with contextlib.suppress(OSError):
+        # the input's hash was computed from its bytes as st_before saw them (unchanged since)
+        hashing.remember_sha256(
+            src, manifest.input.sha256, key=hashing.stat_key(src, st_before), from_bytes=True
+        )
         hashing.remember_sha256(dst, manifest.output.sha256)
     log.info("%s: %s", dst, manifest.summary())
     return manifest

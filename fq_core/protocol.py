@@ -202,6 +202,8 @@ def _numeric_json(manifest: patch.Manifest, original: Path, candidate: Path) -> 
             "mean_abs": c.mean_abs,
             "max_rel": c.max_rel,
             "mean_rel": c.mean_rel,
+            "n_nonfinite": c.n_nonfinite,
+            "n_became_nonfinite": c.n_became_nonfinite,
         }
         for c in manifest.tensors
     ]
@@ -222,6 +224,8 @@ def _numeric_json(manifest: patch.Manifest, original: Path, candidate: Path) -> 
         "max_rel": t.max_rel,
         "mean_rel": t.mean_rel,
         "max_ulp_bf16": getattr(t, "max_ulp_bf16", None),
+        "n_nonfinite": t.n_nonfinite,
+        "n_became_nonfinite": t.n_became_nonfinite,
         "summary": manifest.summary(),
         "per_tensor": per_tensor,
         "focus": focus,

@@ -120,6 +120,8 @@ class TensorError(_Part, kw_only=True):
     mean_abs: float | None
     max_rel: float | None
     mean_rel: float | None
+    n_nonfinite: int = 0  # pairs with NaN or ±Inf on either side
+    n_became_nonfinite: int = 0  # finite values the conversion made NaN or ±Inf
 
 
 class Distribution(_Part, kw_only=True):
@@ -156,6 +158,8 @@ class Numeric(_Part, kw_only=True):
     max_rel: float | None
     mean_rel: float | None
     max_ulp_bf16: float | None = None
+    n_nonfinite: int = 0  # pairs with NaN or ±Inf on either side, all tensors
+    n_became_nonfinite: int = 0  # finite values the conversion made NaN or ±Inf
     summary: str
     per_tensor: tuple[TensorError, ...]
     focus: Focus | None = None

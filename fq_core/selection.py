@@ -87,6 +87,7 @@ def parse_layers(spec: str, block_count: int) -> tuple[int, ...]:
     if not text:
         raise BadSelection("--layers is empty; give 'all', a layer (0), a range (0-2) or a list")
     layers: set[int] = set()
+    beyond: list[int] = []
     for item in text.split(","):
         item = item.strip().replace(" ", "")
         m = _LAYER_ITEM_RE.match(item)
@@ -94,18 +95,26 @@ def parse_layers(spec: str, block_count: int) -> tuple[int, ...]:
             raise BadSelection(
                 f"--layers {spec!r}: cannot read {item!r}; use 'all', 0, 0-2 or 0,4,9"
             )
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
+        lo = _layer_number(m.group(1), spec)
+        hi = _layer_number(m.group(2), spec) if m.group(2) is not None else lo
         if hi < lo:
             raise BadSelection(f"--layers {spec!r}: range {item!r} runs backwards; write {hi}-{lo}")
+        if hi >= block_count:  # checked before the range is expanded: 0-100000000000 is no list
+            beyond.append(max(lo, block_count))
+            continue
         layers.update(range(lo, hi + 1))
-    beyond = sorted(n for n in layers if n >= block_count)
     if beyond:
         raise BadSelection(
-            f"--layers {spec!r}: layer {beyond[0]} is beyond the model's {block_count} blocks "
+            f"--layers {spec!r}: layer {min(beyond)} is beyond the model's {block_count} blocks "
             f"(layers 0-{block_count - 1})"
         )
     return tuple(sorted(layers))
+
+
+def _layer_number(digits: str, spec: str) -> int:
+    if len(digits) > 18:  # no model has 10**18 blocks; int() of a huge string is slow or refused
+        raise BadSelection(f"--layers {spec!r}: {digits[:12]}… is not a layer number of any model")
+    return int(digits)
 
 
 def _looks_like_plan_range(spec: str) -> tuple[int, int] | None:
@@ -182,11 +191,6 @@ def resolve(
     order = {t.name: i for i, t in enumerate(index.tensors)}
     selected = tuple(sorted(chosen.values(), key=lambda s: order[s.info.name]))
     for s in selected:
-        if s.info.n_bytes is None or s.info.type_name.startswith("UNKNOWN"):
-            raise BadSelection(
-                f"{s.info.name} has tensor type {s.info.type_name}, unknown to gguf-py; "
-                "only F32 tensors can be fake-quantized"
-            )
         if s.info.type_name != "F32":
             raise BadSelection(
                 f"{s.info.name} is {s.info.type_name}, not F32; only F32 tensors can be "

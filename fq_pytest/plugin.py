@@ -185,7 +185,8 @@ def _options() -> tuple[Option, ...]:
         Option("fq_rounding", "truncate", "rounding of the treatment (default truncate, the "
                "plan's algorithm: keep the high 16 bits)", _choice(ROUNDINGS)),
         Option("fq_text", "", "corpus file (default: FQ_TEXT, else WikiText-2 test beside the "
-               "checkout or under data/, else downloaded)", lambda t: t or None),
+               "checkout pytest runs in or under its data/, else the per-user cache, else "
+               "downloaded there)", lambda t: t or None),
     )  # fmt: skip
 
 

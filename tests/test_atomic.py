@@ -201,3 +201,45 @@ def test_a_name_too_long_for_the_filesystem_is_one_line(two_models, tmp_path, ca
     a, _ = two_models
     status, _, err = run(capsys, "quantize", a, tmp_path / ("x" * 300 + ".gguf"))
     assert status == 2 and "too long" in err and err.count("\n") == 1
+
+
+# --- publishing is never cut in half -------------------------------------------------------------
+
+
+def test_published_records_what_this_process_published(tmp_path):
+    target = tmp_path / "a.json"
+    assert not atomic.published(target)
+    atomic.write_text(target, "{}")
+    assert atomic.published(target)
+    target.unlink()
+    target.write_text("someone else's")  # another file at the same name is not ours
+    assert not atomic.published(target)
+
+
+def test_a_signal_inside_publish_waits_until_it_is_recorded(tmp_path, monkeypatch):
+    target, seen = tmp_path / "out.bin", []
+    real_link = os.link
+
+    def link(src, dst, **kwargs):
+        real_link(src, dst, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # arrives between the link and the bookkeeping
+
+    monkeypatch.setattr(atomic.os, "link", link)
+    atomic.add_publish_listener(seen.append)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic.write_bytes(target, b"data", force=False)
+    finally:
+        atomic.remove_publish_listener(seen.append)
+    assert target.read_bytes() == b"data" and atomic.published(target) and seen == [target]
+    assert temporaries(tmp_path) == []
+
+
+def test_held_signals_delivers_after_the_block_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGINT)
+    order = []
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.held_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            order.append("block finished")
+    assert order == ["block finished"] and signal.getsignal(signal.SIGINT) is before

@@ -1,10 +1,13 @@
-"""Corpus resolution: argument, FQ_TEXT, ../shared, data/, download; bytes kept exactly."""
+"""Corpus resolution: argument, FQ_TEXT, the checkout's ../shared and data/, the per-user cache,
+download (into the cache); bytes kept exactly. Never relative to where the code is installed."""
 
 from __future__ import annotations
 
 import hashlib
 import http.server
 import io
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +21,7 @@ from fq_core import corpus
 from fq_core.corpus import ZIP_MEMBER, resolve_corpus
 from fq_core.errors import BadInput, CorpusMissing, FetchFailed
 
+ROOT = Path(__file__).resolve().parent.parent
 REAL_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
 REAL_BYTES = 1_290_547
 TEXT = b" = Valkyria Chronicles III = \r\n\r\n Senj\xc5\x8d no Valkyria 3 \r\n"
@@ -79,30 +83,76 @@ def test_given_path_errors(tmp_path, checkout, monkeypatch):
         resolve_corpus(checkout=checkout)
 
 
-@pytest.mark.skipif(not corpus.shared_corpus_path().is_file(), reason="no ../shared corpus here")
+def test_cache_comes_after_the_checkout(tmp_path, checkout):
+    cached = _put(corpus.cache_corpus_path(), b"cached\n")
+    assert cached == tmp_path / "xdg" / "fq-suite" / "corpus" / ZIP_MEMBER
+    c = resolve_corpus(checkout=checkout, download=False)
+    assert (c.path, c.source) == (cached, "cache")
+    data = _put(checkout / "data" / ZIP_MEMBER, b"data\n")
+    assert resolve_corpus(checkout=checkout, download=False).path == data
+
+
+@pytest.mark.skipif(
+    not corpus.shared_corpus_path(ROOT).is_file(), reason="no ../shared corpus beside this checkout"
+)
 def test_real_shared_corpus(tmp_path):
-    c = resolve_corpus(download=False)
-    assert c.source == "shared" and c.path == corpus.shared_corpus_path()
+    c = resolve_corpus(checkout=ROOT, download=False)
+    assert c.source == "shared" and c.path == corpus.shared_corpus_path(ROOT)
     assert c.n_bytes == REAL_BYTES == c.path.stat().st_size
     assert c.sha256 == REAL_SHA256 == hashlib.sha256(c.path.read_bytes()).hexdigest()
-    # found from the package location, whatever the working directory
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from fq_core.corpus import resolve_corpus; print(resolve_corpus())",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
+    # found from the checkout the command runs in, also from a directory inside it
+    script = "from fq_core.corpus import resolve_corpus; print(resolve_corpus(download=False))"
+    for cwd in (ROOT, ROOT / "tests"):
+        run = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        assert str(c.path) in run.stdout and REAL_SHA256 in run.stdout
+
+
+def _project(directory: Path, name: str = "fq-suite") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "pyproject.toml").write_text(f'[project]\nname = "{name}"\n')
+    return directory
+
+
+def test_project_root_is_found_from_the_working_directory(tmp_path, monkeypatch):
+    proj = _project(tmp_path / "ws" / "proj")
+    (proj / "a" / "b").mkdir(parents=True)
+    assert corpus.project_root(proj / "a" / "b") == proj
+    assert corpus.project_root(proj) == proj
+    _project(proj / "a", name="something-else")  # another project's pyproject is no checkout
+    assert corpus.project_root(proj / "a" / "b") == proj
+    assert corpus.project_root(tmp_path) is None
+    assert corpus.project_root(ROOT / "tests") == ROOT
+    monkeypatch.chdir(proj / "a")
+    assert corpus.project_root() == proj
+
+
+def test_installed_copy_run_from_a_checkout_finds_its_corpus(tmp_path):
+    """`pip install .` (not editable) puts fq_core in site-packages; run from the checkout,
+    the corpus beside the checkout is found, not one beside the installed code."""
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "fq_core", site / "fq_core",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    proj = _project(tmp_path / "ws" / "proj")
+    (proj / "sub").mkdir()
+    shared = _put(tmp_path / "ws" / "shared" / "data" / ZIP_MEMBER, TEXT)
+    env = {**os.environ, "PYTHONPATH": str(site), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+           "FQ_LOG_DIR": str(tmp_path / "logs")}  # fmt: skip
+    env.pop("FQ_TEXT", None)
+    script = (
+        "import fq_core, sys; print(fq_core.__file__);"
+        "from fq_core.cli import main; sys.exit(main(['doctor']))"
     )
-    assert str(c.path) in run.stdout and REAL_SHA256 in run.stdout
-
-
-def test_checkout_dir_is_the_project():
-    assert corpus.checkout_dir() == Path(__file__).resolve().parent.parent
-    assert (corpus.checkout_dir() / "fq_core" / "corpus.py").is_file()
+    run = subprocess.run([sys.executable, "-c", script], cwd=proj / "sub", env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.stdout.splitlines()[0] == str(site / "fq_core" / "__init__.py")
+    assert f"[ok  ] corpus (shared): {shared}" in run.stdout, run.stdout + run.stderr
+    # outside any checkout: the per-user cache, or a message naming where to put it
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert "[MISS] corpus: no WikiText-2 corpus" in run.stdout
+    assert str(tmp_path / "xdg" / "fq-suite" / "corpus" / ZIP_MEMBER) in run.stdout
+    assert "not run inside an fq-suite checkout" in run.stdout
 
 
 # --- download -------------------------------------------------------------------------
@@ -152,12 +202,13 @@ def test_download_extracts_member_atomically(server, checkout, monkeypatch):
     )
     monkeypatch.setenv("FQ_WIKITEXT_URL", f"{base}/wt.zip")
     c = resolve_corpus(checkout=checkout)
-    dest = checkout / "data" / ZIP_MEMBER
+    dest = corpus.cache_corpus_path()  # the per-user cache, not the checkout or the code
     assert (c.path, c.source, c.n_bytes) == (dest, "downloaded", len(body))
     assert dest.read_bytes() == body and c.sha256 == hashlib.sha256(body).hexdigest()
     assert sorted(p.name for p in dest.parent.iterdir()) == ["wiki.test.raw", "wiki.test.raw.lock"]
+    assert not (checkout / "data").exists()
     again = resolve_corpus(checkout=checkout)
-    assert (again.source, again.sha256) == ("data", c.sha256) and hits == ["/wt.zip"]
+    assert (again.source, again.sha256) == ("cache", c.sha256) and hits == ["/wt.zip"]
 
 
 @pytest.mark.parametrize(
@@ -174,10 +225,9 @@ def test_download_bad_responses(server, checkout, monkeypatch, route, match):
     monkeypatch.setenv("FQ_WIKITEXT_URL", f"{base}/wt.zip")
     with pytest.raises(CorpusMissing, match=match):
         resolve_corpus(checkout=checkout)
-    assert not (checkout / "data" / ZIP_MEMBER).exists()
-    assert [p.name for p in (checkout / "data" / "wikitext-2-raw").iterdir()] == [
-        "wiki.test.raw.lock"
-    ]
+    dest = corpus.cache_corpus_path()
+    assert not dest.exists()
+    assert [p.name for p in dest.parent.iterdir()] == ["wiki.test.raw.lock"]
 
 
 def test_no_network_says_where_to_put_the_file(checkout, monkeypatch):
@@ -191,6 +241,7 @@ def test_no_network_says_where_to_put_the_file(checkout, monkeypatch):
     assert "Connection refused" in msg
     assert str(checkout.parent / "shared" / "data" / ZIP_MEMBER) in msg
     assert str(checkout / "data" / ZIP_MEMBER) in msg and "FQ_TEXT" in msg
+    assert str(corpus.cache_corpus_path()) in msg
     assert isinstance(info.value, FetchFailed) and info.value.exit_status == 1
     with pytest.raises(CorpusMissing, match="downloading is disabled"):
         resolve_corpus(checkout=checkout, download=False)

@@ -561,7 +561,10 @@ README_CLAIMS = {
         "placebo.kld_mean.min", "placebo.kld_mean.max", "placebo.verdict",
     ),
     "**thresholds** used": ("thresholds.ppl_delta_max", "thresholds.kld_mean_max"),
-    "which passed, failed, were only reported, were skipped, and why": ("checks.*.status", "checks.*.detail"),
+    "which passed, failed, were only reported, were skipped, and why": (
+        "checks.*.status",
+        "checks.*.detail",
+    ),
     "model name, path, SHA-256": ("model.name", "model.path", "model.sha256"),
     "corpus path, SHA-256, bytes, tokens": (
         "corpus.path", "corpus.sha256", "corpus.n_bytes", "corpus.n_tokens",

@@ -398,29 +398,34 @@ def test_data_past_end_of_file(small):
         read_index(path)
 
 
-# ---- a tensor type newer than gguf-py ----
+# ---- a tensor type gguf-py does not know ----
 
 
-def test_unknown_type_is_kept_unless_selected(small):
+@pytest.mark.parametrize("type_id", [42, 43, 255, 256])
+def test_unknown_type_is_refused_naming_tensor_and_id(small, type_id):
+    """llama.cpp refuses a type id it does not know; a copy fq wrote would only fail later."""
     at = tensor_info_offsets(small.path, "blk.2.ffn_up.weight")["type"]
-    path = patched_int(small.path, at, 42, 4)
-    index = read_index(path)
-    info = index.tensor("blk.2.ffn_up.weight")
-    assert info.type_name == "UNKNOWN(42)" and info.n_bytes is None
-    assert info.shape == (64, 96)
-    with pytest.raises(BadSelection, match="UNKNOWN\\(42\\), not F32"):
-        read_tensor(index, info)
-    out = index.tensor("output_norm.weight")
-    assert np.array_equal(read_tensor(index, out), small.f32["output_norm.weight"])
-
-
-def test_tensor_after_unknown_type_must_not_start_before_it(small):
-    # positions come from the intact file: gguf-py's reader raises on type 42
-    at = tensor_info_offsets(small.path, "blk.2.ffn_up.weight")["type"]
-    _, rel_unknown = _relative_offset(small.path, "blk.2.ffn_up.weight")
-    off_at, _ = _relative_offset(small.path, "output_norm.weight")
-    path = patched_int(patched_int(small.path, at, 42, 4), off_at, rel_unknown - 32, 8)
-    with pytest.raises(BadModel, match="starts before tensor 'blk.2.ffn_up.weight'"):
+    path = patched_int(small.path, at, type_id, 4)
+    with pytest.raises(
+        BadModel,
+        match=rf"^model\.int{type_id}_\d+\.gguf: tensor 'blk\.2\.ffn_up\.weight' has invalid ggml "
+        rf"type {type_id}, unknown to gguf-py",
+    ):
         read_index(path)
     with pytest.raises(ValueError):  # gguf-py 0.19.0 cannot read the type at all
-        gguf.GGUFReader(patched_int(small.path, at, 42, 4))
+        gguf.GGUFReader(path)
+
+
+def test_unknown_type_is_refused_by_inspect_and_quantize(small, tmp_path, capsys, monkeypatch):
+    from fq_core.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    at = tensor_info_offsets(small.path, "blk.2.ffn_up.weight")["type"]
+    path = patched_int(small.path, at, 42, 4)
+    out = tmp_path / "out"
+    out.mkdir()
+    for argv in (["inspect", str(path)], ["quantize", str(path), str(out / "o.gguf")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "'blk.2.ffn_up.weight' has invalid ggml type 42" in err
+    assert list(out.iterdir()) == []

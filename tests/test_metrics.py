@@ -68,3 +68,67 @@ def test_histogram_shares_edges():
     edges, (ca, cb) = histogram(a, b, bins=3)
     assert edges == [0.0, 1.0, 2.0, 3.0]
     assert ca == [1, 1, 2] and cb == [2, 0, 2]
+
+
+# --- non-finite values are counted and shown, never dropped ------------------------------------
+
+
+def test_values_made_non_finite_make_the_maxima_infinite():
+    big = np.float32(np.finfo(np.float32).max)
+    o = np.array([1.0 + 2**-12, big, 1e5, -7e4], dtype=np.float32)
+    q = fake_quantize(o, "fp16", "nearest")  # beyond fp16's range: ±Inf
+    assert np.isinf(q[1:]).all()
+    s = error_stats(o, q)
+    assert (s.n_nonfinite, s.n_became_nonfinite, s.changed) == (3, 3, 4)
+    assert s.max_abs == s.max_rel == s.max_ulp_bf16 == np.inf and not s.finite
+    assert s.mean_abs == pytest.approx(abs(float(o[0]) - float(q[0])))  # over the finite pair
+
+
+def test_a_nan_copy_is_nan_not_zero():
+    o = np.linspace(0.5, 2.0, 640, dtype=np.float32)
+    q = np.full_like(o, np.nan)
+    s = error_stats(o, q)
+    assert (s.changed, s.n_nonfinite, s.n_became_nonfinite) == (640, 640, 640)
+    assert np.isnan([s.max_abs, s.max_rel, s.max_ulp_bf16, s.mean_abs, s.mean_rel]).all()
+
+
+@pytest.mark.parametrize(
+    "o, q, expected",
+    [
+        (np.nan, np.nan, 0.0),  # NaN stays NaN: no error
+        (np.inf, np.inf, 0.0),  # +Inf stays +Inf
+        (np.inf, -np.inf, np.inf),
+        (np.inf, 3.0, np.inf),
+        (np.inf, np.nan, np.nan),  # e4m3fn has no Inf
+        (2.0, np.nan, np.nan),
+        (-2.0, -np.inf, np.inf),
+    ],
+)
+def test_non_finite_pairs(o, q, expected):
+    s = error_stats(np.array([1.0, o], dtype=np.float32), np.array([1.0, q], dtype=np.float32))
+    assert s.n_nonfinite == 1 and s.n_became_nonfinite == int(np.isfinite(o))
+    if np.isnan(expected):
+        assert np.isnan(s.max_abs) and np.isnan(s.max_rel)
+    else:
+        assert s.max_abs == s.max_rel == expected
+
+
+def test_combine_keeps_nan_whatever_the_order():
+    from fq_core.metrics import combine
+
+    fine = error_stats(np.ones(4, np.float32), np.full(4, 1.5, np.float32))
+    nan = error_stats(np.ones(4, np.float32), np.full(4, np.nan, np.float32))
+    for stats in ([fine, nan], [nan, fine]):
+        t = combine(stats)
+        assert np.isnan(t.max_abs) and np.isnan(t.max_rel)
+        assert (t.n_nonfinite, t.n_became_nonfinite) == (4, 4) and t.mean_abs == 0.5
+
+
+def test_json_has_no_bare_infinity():
+    import json
+
+    from fq_core.metrics import json_dumps
+
+    text = json_dumps({"a": float("inf"), "b": [float("nan"), -float("inf"), 1.5]})
+    assert json.loads(text) == {"a": "inf", "b": ["nan", "-inf", 1.5]}
+    assert "Infinity" not in text and "NaN" not in text

@@ -343,3 +343,104 @@ def test_cli_fetch_force_downloads_again(local_wheels, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("(already cached)") == 1 and out.count("fetched in") == 2
     assert models.model_path("testmodel").read_bytes() == data
+
+
+# --- the hash cache never vouches for bytes it did not read -----------------------------------
+
+
+@pytest.fixture
+def registered_factory(tmp_path, tmp_cache, monkeypatch):
+    """A small factory GGUF installed in a private cache as registry model `factorymodel`,
+    recorded the way `fetch` records it (its hash remembered from the download)."""
+    from gguf_factory import build_gguf
+
+    from fq_core import hashing
+
+    src = build_gguf(tmp_path / "src", n_layers=2).path
+    spec = ModelSpec(name="factorymodel", packages=("fq-factorymodel==1.0",),
+                     filename="factory.gguf", sha256=_sha256(src), description="factory",
+                     parts=(WheelPart("fq-factorymodel==1.0", "factory.gguf"),))  # fmt: skip
+    monkeypatch.setitem(REGISTRY, "factorymodel", spec)
+    final = models.model_path("factorymodel")
+    final.parent.mkdir(parents=True)
+    shutil.copyfile(src, final)
+    hashing.remember_sha256(final, spec.sha256)  # what _assemble does after a download
+    return spec, final
+
+
+def _flip_byte_keep_mtime(path: Path, offset: int) -> None:
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+
+
+def test_flipped_byte_with_mtime_restored_is_not_verified(registered_factory, capsys):
+    spec, final = registered_factory
+    assert models.cache_status("factorymodel").verified  # hashed from the bytes: it is the pin
+    _flip_byte_keep_mtime(final, final.stat().st_size - 3)  # inside the last tensor's data
+    assert not models.cache_status("factorymodel").verified
+    assert cli.main(["models"]) == 0
+    assert re.search(r"^factorymodel\s+CORRUPT\s", capsys.readouterr().out, re.M)
+    with pytest.raises(FetchFailed, match="SHA-256"):
+        resolve_model("factorymodel", fetch=False)
+
+
+def test_a_remembered_hash_is_checked_against_the_bytes_once(
+    registered_factory, capsys, monkeypatch
+):
+    """The entry a download leaves says "remembered": verification reads the bytes, even when
+    the file on disk no longer matches what the downloader hashed (same stat key)."""
+    from fq_core import hashing
+
+    spec, final = registered_factory
+    _flip_byte_keep_mtime(final, final.stat().st_size - 3)
+    monkeypatch.setattr(hashing, "RACY_S", -1e9)  # not "racily clean": the flag alone decides
+    hashing.remember_sha256(final, spec.sha256)  # a writer vouching for bytes it did not read
+    assert hashing.sha256_file(final) == spec.sha256  # a plain lookup trusts the entry...
+    assert hashing.sha256_file(final, verify=True) == _sha256(final) != spec.sha256  # ...this not
+    assert not models.cache_status("factorymodel").verified
+    assert cli.main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["factorymodel"]["status"] == "CORRUPT"
+
+
+def test_manifest_records_the_hash_of_the_bytes_not_the_pin(registered_factory, tmp_path, capsys):
+    spec, final = registered_factory
+    _flip_byte_keep_mtime(final, final.stat().st_size - 3)
+    from fq_core import hashing
+
+    hashing.remember_sha256(final, spec.sha256)  # the cache still says: this is the pinned file
+    dst = tmp_path / "o.gguf"
+    from fq_core.patch import fake_quantize_file
+
+    manifest = fake_quantize_file(final, dst, layers="0")
+    assert manifest.input.sha256 == _sha256(final) != spec.sha256
+    assert manifest.output.sha256 == _sha256(dst)
+    # and the input's entry is now one computed from its bytes
+    assert hashing.sha256_file(final, verify=True) == _sha256(final)
+
+
+def test_cache_entries_that_cannot_be_trusted_are_hashed_again(tmp_cache, tmp_path, monkeypatch):
+    from fq_core import hashing
+
+    real = hashlib.sha256(b"real bytes").hexdigest()
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"real bytes")
+    key = hashing.stat_key(f)
+    tmp_cache.mkdir(parents=True, exist_ok=True)
+    (tmp_cache / "sha256-cache.json").write_text(json.dumps({key: "0" * 64}))  # older layout
+    assert hashing.sha256_file(f) == real  # where it came from, and when, is unknown
+    # "racily clean": recorded within RACY_S of the file's last change, a change in the same
+    # clock tick would keep the stat key, so the entry is not trusted
+    hashing.remember_sha256(f, "1" * 64, from_bytes=True)
+    assert hashing.sha256_file(f) == real
+    monkeypatch.setattr(hashing, "RACY_S", -1e9)  # as if recorded long after the change
+    hashing.remember_sha256(f, "2" * 64, from_bytes=True)
+    assert hashing.sha256_file(f, verify=True) == "2" * 64  # trusted: a cache hit
+    hashing.remember_sha256(f, "3" * 64)  # only remembered
+    assert hashing.sha256_file(f) == "3" * 64 and hashing.sha256_file(f, verify=True) == real

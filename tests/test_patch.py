@@ -294,3 +294,41 @@ def test_smollm2_zero_changed(smollm2_gguf, tmp_path):
     doc = json.loads((tmp_path / "s.gguf.fq.json").read_text())
     assert doc["nothing_changed"] is True and doc["total_changed"] == 0
     assert doc["output"]["sha256"] == doc["input"]["sha256"] == sha(dst)
+
+
+def _with_big_values(tmp_path):
+    big = np.array([1.0, np.finfo(np.float32).max, 1e5, -7e4, 0.5, 2.0, 3.0, 4.0], np.float32)
+    return build_gguf(tmp_path / "in", n_layers=2, extra_tensors={"blk.0.big_norm.weight": big})
+
+
+def test_values_beyond_the_format_are_counted_in_summary_and_manifest(tmp_path):
+    m = _with_big_values(tmp_path)
+    dst = tmp_path / "out.gguf"
+    man = fake_quantize_file(m.path, dst, tensors=["big_norm"], fmt="fp16", rounding="nearest")
+    t = man.totals
+    assert (t.n_nonfinite, t.n_became_nonfinite) == (3, 3)
+    assert t.max_abs == t.max_rel == float("inf")
+    assert "max abs error inf, max rel error inf" in man.summary()
+    assert "3 finite values became NaN/±Inf" in man.summary()
+    text = (tmp_path / "out.gguf.fq.json").read_text()
+    assert "Infinity" not in text  # strict JSON: the figure is the string "inf"
+    doc = json.loads(text)
+    assert doc["totals"]["max_rel"] == "inf" and doc["totals"]["n_became_nonfinite"] == 3
+    assert doc["tensors"][0]["n_nonfinite"] == 3 and doc["tensors"][0]["max_abs"] == "inf"
+    # bf16 truncation never makes a finite value infinite: the counts say 0
+    man = fake_quantize_file(m.path, tmp_path / "b.gguf", tensors=["big_norm"])
+    assert man.totals.n_became_nonfinite == 0 and np.isfinite(man.totals.max_rel)
+    assert "NaN" not in man.summary()
+
+
+def test_manifest_input_hash_is_computed_not_remembered(model, tmp_path, monkeypatch):
+    """A stale or lying hash-cache entry for the input never reaches the manifest."""
+    from fq_core import hashing
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashing, "RACY_S", -1e9)
+    hashing.remember_sha256(model.path, "0" * 64, from_bytes=True)  # a wrong, trusted entry
+    assert hashing.sha256_file(model.path) == "0" * 64
+    man = fake_quantize_file(model.path, tmp_path / "o.gguf", layers="0")
+    assert man.input.sha256 == sha(model.path) and man.output.sha256 == sha(tmp_path / "o.gguf")
+    assert hashing.sha256_file(model.path, verify=True) == sha(model.path)  # entry corrected

@@ -147,3 +147,21 @@ def test_real_models(real_gguf):
         resolve(idx, str(idx.block_count))
     with pytest.raises(BadSelection, match="not F32"):
         resolve(idx, "0", ["blk.*.ffn_down*"])
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("0-100000000000", "layer 10 is beyond the model's 10 blocks"),
+        ("3,5-99999999999999999", "layer 10 is beyond"),
+        ("0-" + "9" * 5000, "is not a layer number of any model"),  # int() would refuse it
+    ],
+)
+def test_huge_ranges_are_checked_before_they_are_expanded(spec, words):
+    """No MemoryError and no wait: the bounds are checked against the block count first."""
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(BadSelection, match=words):
+        parse_layers(spec, 10)
+    assert time.monotonic() - started < 0.5
