@@ -144,6 +144,17 @@ def lower_limit(value: float, limit: float | None) -> str:
     return "passed" if value >= limit else "failed"
 
 
+def _optional_limit(
+    text: str, value: float, limit: float | None, option: str, at_least: bool, shown: str
+) -> Check:
+    """A check whose limit is an option: reported (gating nothing) until the option is set."""
+    status = (lower_limit if at_least else upper_limit)(value, limit)
+    if status == "reported":
+        return _verdict(status, f"{text} ({option} unset)", value, gates=False)
+    ok, bad = ("≥", "<") if at_least else ("≤", ">")
+    return _verdict(status, f"{text} {ok if status == 'passed' else bad} {shown}", value, limit)
+
+
 def quantize_check(
     unexpected: Sequence[str],
     changed: int,
@@ -256,11 +267,8 @@ def agreement_check(
         if first_divergence is not None
         else ", no divergence"
     )
-    status = lower_limit(token_agreement, limit)
-    if status == "reported":
-        return _verdict(status, f"{text} (fq_agreement_min unset)", token_agreement, gates=False)
-    op = "≥" if status == "passed" else "<"
-    return _verdict(status, f"{text} {op} {100 * limit:g}%", token_agreement, limit)
+    shown = f"{100 * limit:g}%" if limit is not None else ""
+    return _optional_limit(text, token_agreement, limit, "fq_agreement_min", True, shown)
 
 
 def speed_check(ratio: float | None, base_tps: float | None, tps: float | None, limit) -> Check:
@@ -269,11 +277,8 @@ def speed_check(ratio: float | None, base_tps: float | None, tps: float | None, 
     if not finite(ratio):
         return _verdict("error", "speed not measured", gates=gates)
     text = f"perplexity throughput {tps:.0f} tokens/s vs {base_tps:.0f} baseline ({ratio:.2f}×)"
-    status = lower_limit(ratio, limit)
-    if status == "reported":
-        return _verdict(status, f"{text} (fq_speed_ratio_min unset)", ratio, gates=False)
-    op = "≥" if status == "passed" else "<"
-    return _verdict(status, f"{text} {op} {limit:g}×", ratio, limit)
+    shown = f"{limit:g}×" if limit is not None else ""
+    return _optional_limit(text, ratio, limit, "fq_speed_ratio_min", True, shown)
 
 
 def placebo_verdict(
@@ -317,11 +322,8 @@ def placebo_check(
         f"placebo KLD {kld_min:.5f}–{kld_max:.5f}, " if finite(kld_min) and finite(kld_max) else ""
     )
     text = f"{verdict}: treatment KLD / largest placebo KLD = {ratio:.2f} ({spread}{n_seeds} seeds)"
-    status = upper_limit(ratio, limit)
-    if status == "reported":
-        return _verdict(status, f"{text}; fq_noise_factor_max unset", ratio, gates=False)
-    op = "≤" if status == "passed" else ">"
-    return _verdict(status, f"{text} {op} {limit:g}", ratio, limit)
+    shown = f"{limit:g}" if limit is not None else ""
+    return _optional_limit(text, ratio, limit, "fq_noise_factor_max", False, shown)
 
 
 # --- the treatment against its placebos, in words (stored once, rendered by the report) ----
