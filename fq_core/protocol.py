@@ -642,7 +642,9 @@ def _finish(
     data["finished_at"] = results.utc_now()
     if not exp.keep_models:
         dst.unlink(missing_ok=True)
-    rec = record.from_builtins(results.jsonable(data), source=f"{stage_.id}/{model.name}")
+    rec = record.from_builtins(
+        results.jsonable(data, words=True), source=f"{stage_.id}/{model.name}"
+    )
     results.save_result(rec, ctx.results_root)
     if stage_.id == GATE_STAGE.id:
         from .gate import failure_reason

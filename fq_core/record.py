@@ -12,6 +12,7 @@ stores it; everything else renders it.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,10 @@ from .errors import BadInput
 SCHEMA = 2
 
 Status = Literal["passed", "failed", "reported", "skipped", "error"]
+#: A measured number. JSON has no NaN or infinity, and null means "not measured", so a value
+#: that is not a number is stored as one of these words and shown as such, never as a blank.
+NonFinite = Literal["nan", "inf", "-inf"]
+Num = float | NonFinite | None
 Outcome = Literal["running", "passed", "failed", "skipped"]
 
 
@@ -103,11 +108,11 @@ class Check(_Part, kw_only=True):
 
     status: Status
     detail: str  # one line: the test's message and the report's text
-    value: float | None = None
-    threshold: float | None = None
+    value: Num = None
+    threshold: Num = None
     gates: bool = True  # decides the stage outcome, the gate and the pytest outcome
-    same_top: float | None = None  # kld: the second measured value and its limit
-    same_top_threshold: float | None = None
+    same_top: Num = None  # kld: the second measured value and its limit
+    same_top_threshold: Num = None
     changed_bytes: int | None = None  # quantize
 
 
@@ -116,21 +121,21 @@ class TensorError(_Part, kw_only=True):
     layer: int | None
     changed: int
     n_elements: int
-    max_abs: float | None
-    mean_abs: float | None
-    max_rel: float | None
-    mean_rel: float | None
+    max_abs: Num
+    mean_abs: Num
+    max_rel: Num
+    mean_rel: Num
     n_nonfinite: int = 0  # pairs with NaN or ±Inf on either side
     n_became_nonfinite: int = 0  # finite values the conversion made NaN or ±Inf
 
 
 class Distribution(_Part, kw_only=True):
     n: int
-    mean: float | None
-    std: float | None
-    min: float | None
-    max: float | None
-    percentiles: dict[str, float | None]
+    mean: Num
+    std: Num
+    min: Num
+    max: Num
+    percentiles: dict[str, Num]
     n_nonfinite: int = 0
 
 
@@ -153,11 +158,11 @@ class Numeric(_Part, kw_only=True):
     n_tensors: int
     n_elements: int
     changed: int
-    max_abs: float | None
-    mean_abs: float | None
-    max_rel: float | None
-    mean_rel: float | None
-    max_ulp_bf16: float | None = None
+    max_abs: Num
+    mean_abs: Num
+    max_rel: Num
+    mean_rel: Num
+    max_ulp_bf16: Num = None
     n_nonfinite: int = 0  # pairs with NaN or ±Inf on either side, all tensors
     n_became_nonfinite: int = 0  # finite values the conversion made NaN or ±Inf
     summary: str
@@ -170,63 +175,63 @@ class GenerationInfo(_Part, kw_only=True):
     chat: bool
     text: str
     n_tokens: int
-    tokens_per_s: float | None
+    tokens_per_s: Num
     tool: str | None = None
 
 
 class Baseline(_Part, kw_only=True):
-    ppl: float | None
-    ppl_err: float | None
-    chunk_ppls: tuple[float | None, ...]
+    ppl: Num
+    ppl_err: Num
+    chunk_ppls: tuple[Num, ...]
     n_chunks: int
-    tokens_per_s: float | None
-    load_time_ms: float | None
+    tokens_per_s: Num
+    load_time_ms: Num
     generations: tuple[GenerationInfo, ...]
     cached: bool | None = None
     key: str | None = None
 
 
 class KLD(_Part, kw_only=True):
-    mean: float | None
-    mean_err: float | None = None
-    median: float | None = None
-    p90: float | None = None
-    p99: float | None = None
-    max: float | None = None
-    same_top_pct: float | None = None
-    same_top_err: float | None = None
-    rms_dp_pct: float | None = None
-    p999: float | None = None
-    ppl_ratio: float | None = None
+    mean: Num
+    mean_err: Num = None
+    median: Num = None
+    p90: Num = None
+    p99: Num = None
+    max: Num = None
+    same_top_pct: Num = None
+    same_top_err: Num = None
+    rms_dp_pct: Num = None
+    p999: Num = None
+    ppl_ratio: Num = None
 
 
 class PromptAgreement(_Part, kw_only=True):
     prompt: str
     chat: bool
     same_text: bool
-    token_agreement: float | None
+    token_agreement: Num
     first_divergence: int | None
 
 
 class Agreement(_Part, kw_only=True):
-    token_agreement: float | None
+    token_agreement: Num
     first_divergence: int | None
     per_prompt: tuple[PromptAgreement, ...]
 
 
 class Treatment(_Part, kw_only=True):
-    ppl: float | None
-    ppl_err: float | None
-    chunk_ppls: tuple[float | None, ...]
-    delta_ppl: float | None
-    delta_ppl_pct: float | None
-    delta_ppl_pct_err: float | None
+    ppl: Num
+    ppl_err: Num
+    chunk_ppls: tuple[Num, ...]
+    delta_ppl: Num
+    delta_ppl_pct: Num
+    delta_ppl_pct_err: Num
     kld: KLD | None
-    tokens_per_s: float | None
-    speed_ratio: float | None
-    gen_tokens_per_s: float | None
-    baseline_gen_tokens_per_s: float | None
-    load_time_ms: float | None
+    tokens_per_s: Num
+    speed_ratio: Num
+    gen_tokens_per_s: Num
+    baseline_gen_tokens_per_s: Num
+    load_time_ms: Num
     generations: tuple[GenerationInfo, ...]
     agreement: Agreement | None
     identical_to_baseline: bool = False  # byte-identical file: no llama.cpp run was needed
@@ -261,12 +266,12 @@ class PlaceboRun(_Part, kw_only=True):
     manifest: str
     changed: int
     n_elements: int
-    ppl: float | None
-    ppl_err: float | None
-    delta_ppl_pct: float | None
-    delta_ppl_pct_err: float | None
-    kld_mean: float | None
-    same_top_pct: float | None
+    ppl: Num
+    ppl_err: Num
+    delta_ppl_pct: Num
+    delta_ppl_pct_err: Num
+    kld_mean: Num
+    same_top_pct: Num
     kld: KLD | None
     cached: bool | None = None
 
@@ -285,7 +290,7 @@ class Placebo(_Part, kw_only=True):
     kld_mean: Range | None
     delta_ppl_pct: Range | None
     same_top_pct: Range | None
-    kld_ratio: float | None
+    kld_ratio: Num
     verdict: str
     compared: PlaceboComparison | None = None
 
@@ -338,9 +343,30 @@ def to_builtins(record: StageRecord) -> dict:
     return msgspec.to_builtins(record)
 
 
+def words_for_nonfinite(value: Any) -> Any:
+    """Plain data with every NaN / ±Inf float replaced by its NonFinite word."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: words_for_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [words_for_nonfinite(v) for v in value]
+    return value
+
+
+def as_float(value: float | str | None) -> float:
+    """A stored number for arithmetic and plotting: None and "nan" are NaN."""
+    if value is None:
+        return math.nan
+    if isinstance(value, str):
+        return {"inf": math.inf, "-inf": -math.inf}.get(value, math.nan)
+    return float(value)
+
+
 def encode(record: StageRecord) -> bytes:
-    """Pretty JSON (people read these files), NaN/Inf stored as null like any JSON encoder."""
-    return msgspec.json.format(_ENCODER.encode(record), indent=2) + b"\n"
+    """Pretty JSON (people read these files); NaN/Inf stored as words, not as null."""
+    data = words_for_nonfinite(msgspec.to_builtins(record))
+    return msgspec.json.format(_ENCODER.encode(data), indent=2) + b"\n"
 
 
 def from_builtins(data: Any, *, source: str = "record") -> StageRecord:
@@ -349,7 +375,7 @@ def from_builtins(data: Any, *, source: str = "record") -> StageRecord:
         version = msgspec.convert(data, _Version).schema
     except msgspec.ValidationError as exc:
         raise BadInput(f"{source}: not a stage record: {exc}") from exc
-    data = _upgrade(data, version, source)
+    data = words_for_nonfinite(_upgrade(data, version, source))
     try:
         return msgspec.convert(data, StageRecord)
     except msgspec.ValidationError as exc:

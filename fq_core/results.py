@@ -70,18 +70,19 @@ def lock_for(path: str | os.PathLike[str], timeout: float = -1) -> FileLock:
     return FileLock(str(path) + ".lock", timeout=timeout)
 
 
-def jsonable(value: Any) -> Any:
-    """NaN/Inf are not JSON: store them as null rather than writing an unreadable file."""
+def jsonable(value: Any, *, words: bool = False) -> Any:
+    """NaN/Inf are not JSON: null in caches, or (``words``, for records) "nan"/"inf"/"-inf"
+    so that a stored result says "not a number" instead of looking unmeasured."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return record.words_for_nonfinite(value) if words else None
     if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v, words=words) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
+        return [jsonable(v, words=words) for v in value]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return jsonable(value.item())
+        return jsonable(value.item(), words=words)
     return value
 
 
@@ -115,7 +116,7 @@ def save_result(
         rec = data
     else:
         where = f"result {data.get('stage')}/{(data.get('model') or {}).get('name')}"
-        rec = record.from_builtins(jsonable(data), source=where)
+        rec = record.from_builtins(jsonable(data, words=True), source=where)
     path = result_path(rec.run_id, rec.stage, rec.model.name, root)
     with lock_for(path):
         write_bytes_atomic(path, record.encode(rec))

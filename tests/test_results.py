@@ -27,7 +27,7 @@ def test_result_path_layout(tmp_path):
         results.result_path("R1", "layer0", "..", tmp_path)
 
 
-def test_save_and_load_round_trip_with_nan_as_null(tmp_path):
+def test_save_and_load_round_trip_with_nonfinite_as_words(tmp_path):
     data = make_record(
         treatment=None,
         baseline={
@@ -41,9 +41,9 @@ def test_save_and_load_round_trip_with_nan_as_null(tmp_path):
         },  # fmt: skip
     )
     path = results.save_result(data, tmp_path)
-    assert json.loads(path.read_text())["baseline"]["ppl"] is None
+    assert json.loads(path.read_text())["baseline"]["ppl"] == "nan"  # not null: measured
     loaded = results.load_result("R1", "layer0", "m", tmp_path)
-    assert list(loaded["baseline"]["chunk_ppls"]) == [1.5, None]
+    assert list(loaded["baseline"]["chunk_ppls"]) == [1.5, "inf"]
     assert results.load_result("R1", "layer0", "other", tmp_path) is None
     results.write_json_atomic(tmp_path / "R1" / "layer0" / "models" / "m.gguf.fq.json", {"t": 1})
     assert list(results.iter_results("R1", tmp_path)) == [loaded]  # results only, no manifest
@@ -129,3 +129,26 @@ def test_corrupt_gate_record_is_a_clear_error(tmp_path):
     (tmp_path / "gate.json").write_text("{not json")
     with pytest.raises(BadInput, match="gate.json"):
         results.lookup_gate(_components(), tmp_path)
+
+
+def test_nonfinite_numbers_read_as_words_not_blanks(tmp_path):
+    """A NaN is 'not a number' in the report, never the blank of 'not measured'."""
+    from fq_core.report import load_run
+    from fq_core.report.rows import MISSING, metric_rows
+
+    data = make_record(
+        baseline={
+            "ppl": float("nan"),
+            "ppl_err": None,
+            "chunk_ppls": [float("-inf")],
+            "n_chunks": 1,
+            "tokens_per_s": None,
+            "load_time_ms": None,
+            "generations": [],
+        },  # fmt: skip
+    )
+    results.save_result(data, tmp_path)
+    (r,) = load_run(tmp_path / "R1").results
+    ppl = next(row for row in metric_rows(r.record) if row.label.startswith("PPL"))
+    assert ppl.baseline.text.startswith("not a number") and ppl.baseline.text != MISSING
+    assert ppl.baseline.data_value == "nan"

@@ -12,7 +12,7 @@ import io
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from math import nan
+from math import isfinite
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
-from ..record import Focus  # noqa: E402
+from ..record import Focus, as_float  # noqa: E402
 from . import RunResults, StageResult  # noqa: E402
 
 _SIZE = (6.4, 3.4)
@@ -109,7 +109,8 @@ def per_layer_max_rel_error(r: StageResult, threshold: float | None = None) -> C
     if not any(t.changed for t in per_tensor):
         return Chart(key, title, None, "no element changed in any layer: nothing to compare")
     layers = [t.layer for t in per_tensor]
-    values = [t.max_rel or 0.0 for t in per_tensor]  # None: an unchanged tensor, drawn at 0
+    # None: an unchanged tensor, drawn at 0; a non-finite word plots as NaN/inf (no bar)
+    values = [0.0 if t.max_rel is None else as_float(t.max_rel) for t in per_tensor]
     fig = Figure(figsize=_SIZE)
     ax = fig.subplots()
     ax.bar(layers, values, color=TREATMENT, alpha=0.8, label="max relative error")
@@ -126,8 +127,8 @@ def per_layer_max_rel_error(r: StageResult, threshold: float | None = None) -> C
 
 def chunk_ppl(r: StageResult) -> Chart:
     b, t = r.record.baseline, r.record.treatment
-    base = [nan if x is None else x for x in (b.chunk_ppls if b is not None else ())]
-    treat = [nan if x is None else x for x in (t.chunk_ppls if t is not None else ())]
+    base = [as_float(x) for x in (b.chunk_ppls if b is not None else ())]
+    treat = [as_float(x) for x in (t.chunk_ppls if t is not None else ())]
     key, title = _slug(r.stage, r.model, "chunk-ppl"), "Per-chunk PPL, baseline vs fake-quantized"
     if not base or not treat:
         return Chart(key, title, None, "no per-chunk perplexities were stored for this stage")
@@ -177,7 +178,8 @@ def effect_vs_layers(results: Iterable[StageResult], model: str) -> tuple[Chart,
     for metric, label, pick, band_of, seed_of in _EFFECTS:
         key, title = _slug(model, metric, "vs-layers"), f"{label} against quantized layers"
         pts = [(r.n_layers, pick(r.record.treatment), r) for r in rows]
-        pts = sorted((p for p in pts if p[1] is not None), key=lambda p: p[0])
+        pts = [(n, as_float(v), r) for n, v, r in pts if v is not None]
+        pts = sorted((p for p in pts if isfinite(p[1])), key=lambda p: p[0])
         if not pts:
             out.append(Chart(key, title, None, "no stage reached the perplexity run"))
             continue
@@ -186,7 +188,8 @@ def effect_vs_layers(results: Iterable[StageResult], model: str) -> tuple[Chart,
         placebos = [(n, r.record.placebo) for n, _, r in pts if r.record.placebo is not None]
         band = [(n, band_of(p)) for n, p in placebos if band_of(p) is not None]
         seeds = [(n, seed_of(run)) for n, p in placebos for run in p.runs]
-        seeds = [(n, v) for n, v in seeds if v is not None]
+        seeds = [(n, as_float(v)) for n, v in seeds if v is not None]
+        seeds = [(n, v) for n, v in seeds if isfinite(v)]
         if seeds:
             ax.scatter([n for n, _ in seeds], [v for _, v in seeds], marker="_", s=200,
                        color=PLACEBO, label="placebo seeds", zorder=2)  # fmt: skip

@@ -18,7 +18,7 @@ import msgspec
 
 from .. import checks
 from ..figures import figure
-from ..record import Check, Command, Range, StageRecord
+from ..record import Check, Command, Range, StageRecord, as_float
 from ..stages import GATE_STAGE
 from . import Decision, RunResults, StageResult, decisions
 
@@ -28,17 +28,23 @@ MISSING = "—"  # the record holds None: not measured
 # --- formatting ------------------------------------------------------------------------------
 
 
-def text(x: float | int | None, spec: str, suffix: str = "", scale: float = 1.0) -> str:
+#: how a stored non-finite word reads: never a blank, which would mean "not measured"
+NONFINITE_TEXT = {"nan": "not a number", "inf": "+∞", "-inf": "−∞"}
+
+
+def text(x: float | int | str | None, spec: str, suffix: str = "", scale: float = 1.0) -> str:
     """A stored number as people read it; MISSING when the record holds None."""
     if x is None:
         return MISSING
+    if isinstance(x, str):
+        return NONFINITE_TEXT.get(x, x)
     return figure(x * scale if scale != 1.0 else x, spec) + suffix
 
 
 def span(lo: float | int | None, hi: float | int | None, spec: str, suffix: str = "") -> str:
     if lo is None or hi is None:
         return MISSING
-    return f"{figure(lo, spec)}{suffix} … {figure(hi, spec)}{suffix}"
+    return f"{text(lo, spec, suffix)} … {text(hi, spec, suffix)}"
 
 
 def range_text(r: Range | None, spec: str, suffix: str = "") -> str:
@@ -48,7 +54,9 @@ def range_text(r: Range | None, spec: str, suffix: str = "") -> str:
 def spread(values: Iterable[float | int | None], spec: str, suffix: str = "") -> str:
     """The min … max of per-seed values as stored (MISSING when no seed measured it)."""
     vals = [v for v in values if v is not None]
-    return span(min(vals), max(vals), spec, suffix) if vals else MISSING
+    if not vals:
+        return MISSING
+    return span(min(vals, key=as_float), max(vals, key=as_float), spec, suffix)
 
 
 def limit(value: float | None, spec: str, *, op: str, scale: float = 1.0, suffix: str = "") -> str:
@@ -89,7 +97,9 @@ class Cell:
 
     @property
     def data_value(self) -> str | None:
-        return None if self.value is None else repr(self.value)
+        if self.value is None or isinstance(self.value, str):
+            return self.value
+        return repr(self.value)
 
 
 EMPTY = Cell()
