@@ -9,10 +9,10 @@ PYTEST_ARGS ?=
 
 .PHONY: gate test check test-latest lock lock-upgrade setup doctor lint clean
 
-# The venv is built by uv from the hash-locked requirements/lock.txt, so a run next month
+# The venv is built by uv from the hash-locked requirements.txt, so a run next month
 # installs exactly what this one did; a changed lock rebuilds it. System packages (apt) come
 # first; a changed bootstrap script runs again without rebuilding the venv (order-only).
-$(STAMP): pyproject.toml requirements/lock.txt requirements/uv.txt scripts/python-env.sh | $(SYSTEM)
+$(STAMP): pyproject.toml requirements.txt requirements-uv.txt scripts/python-env.sh | $(SYSTEM)
 	PYTHON=$(PYTHON) bash scripts/python-env.sh locked $(VENV)
 	touch $(SYSTEM) $@
 

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from .figures import figure
-from .record import Check
+from .record import Check, upgrade_check
 
 #: passed/failed: a gating check met or missed its threshold. reported: measured, no
 #: threshold set. skipped: not run (gate closed, control off). error: no value to judge.
@@ -39,13 +39,8 @@ CHECKS = (
 
 
 def check_from_json(data: Mapping[str, Any]) -> Check:
-    """A stored check; schema-1 records said ``asserted`` where this says ``gates``."""
-    data = dict(data)
-    gates = bool(data.pop("asserted", data.get("gates", True)))
-    if data.get("status") == "passed" and not gates:  # schema 1: report-only "passed"
-        data["status"] = "reported"
-    data["gates"] = gates
-    return msgspec.convert(data, Check)
+    """A stored check (schema 1 brought forward by record.upgrade_check)."""
+    return msgspec.convert(upgrade_check(dict(data)), Check)
 
 
 def to_json(check: Check) -> dict:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput
+from .figures import nonfinite_as_words
 from .gguf_index import read_index, read_tensor
 
 log = logging.getLogger(__name__)
@@ -91,20 +92,10 @@ def worst(values) -> float:
     return max(values, default=0.0)
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def json_dumps(doc, **kwargs) -> str:
     """JSON text of `doc`, a non-finite float written as "inf", "-inf" or "nan" (strict JSON
     has no such numbers; Python's default `Infinity` breaks other readers)."""
-    return json.dumps(_json_safe(doc), allow_nan=False, **kwargs)
+    return json.dumps(nonfinite_as_words(doc), allow_nan=False, **kwargs)
 
 
 def bf16_ulp(values: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, atomic, hashing
-from .errors import BadInput, OutputRefused
+from .errors import BadInput
 from .formats import FORMATS, ROUNDINGS, fake_quantize
 from .gguf_index import read_index, read_tensor
 from .metrics import ErrorStats, combine, error_stats, json_dumps
@@ -173,27 +173,9 @@ def read_manifest(dst_or_manifest_path) -> dict:
 
 
 def check_output(src, dst, *, force: bool = False) -> None:
-    """Refuse an OUTPUT that is the INPUT (by device and inode, so links count) or exists."""
-    src, dst = Path(src), Path(dst)
-    st_src = os.stat(src)
+    """Refuse an OUTPUT (or its manifest) that is the INPUT, through links too, or exists."""
     for target in (dst, manifest_path(dst)):
-        try:
-            st = os.stat(target)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise OutputRefused(f"cannot check output {target}: {exc.strerror}") from None
-        if (st.st_dev, st.st_ino) == (st_src.st_dev, st_src.st_ino):
-            how = "through a link " if os.path.abspath(target) != os.path.abspath(src) else ""
-            raise OutputRefused(f"output {target} is the input file {how}({src}); refusing")
-        if not os.path.isfile(target):
-            raise OutputRefused(f"output {target} exists and is not a regular file")
-        if not force:
-            raise OutputRefused(f"output {target} exists; pass --force to replace it")
-    if not dst.parent.is_dir():
-        raise OutputRefused(f"output directory {dst.parent} does not exist")
-    if not os.access(dst.parent, os.W_OK):
-        raise OutputRefused(f"output directory {dst.parent} is not writable")
+        atomic.check_target(target, force=force, inputs=[src])
 
 
 # --- the copy-and-patch core ------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import msgspec
 
 from .errors import BadInput
+from .figures import nonfinite_as_words
 
 #: Version of the stored layout. 1: checks said `asserted`, report-only checks were "passed".
 SCHEMA = 2
@@ -343,17 +344,6 @@ def to_builtins(record: StageRecord) -> dict:
     return msgspec.to_builtins(record)
 
 
-def words_for_nonfinite(value: Any) -> Any:
-    """Plain data with every NaN / ±Inf float replaced by its NonFinite word."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: words_for_nonfinite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [words_for_nonfinite(v) for v in value]
-    return value
-
-
 def as_float(value: float | str | None) -> float:
     """A stored number for arithmetic and plotting: None and "nan" are NaN."""
     if value is None:
@@ -365,7 +355,7 @@ def as_float(value: float | str | None) -> float:
 
 def encode(record: StageRecord) -> bytes:
     """Pretty JSON (people read these files); NaN/Inf stored as words, not as null."""
-    data = words_for_nonfinite(msgspec.to_builtins(record))
+    data = nonfinite_as_words(msgspec.to_builtins(record))
     return msgspec.json.format(_ENCODER.encode(data), indent=2) + b"\n"
 
 
@@ -375,7 +365,7 @@ def from_builtins(data: Any, *, source: str = "record") -> StageRecord:
         version = msgspec.convert(data, _Version).schema
     except msgspec.ValidationError as exc:
         raise BadInput(f"{source}: not a stage record: {exc}") from exc
-    data = words_for_nonfinite(_upgrade(data, version, source))
+    data = nonfinite_as_words(_upgrade(data, version, source))
     try:
         return msgspec.convert(data, StageRecord)
     except msgspec.ValidationError as exc:
@@ -400,6 +390,18 @@ def read(path: str | os.PathLike[str]) -> StageRecord:
     return decode(raw, source=str(path))
 
 
+def upgrade_check(check: Any) -> Any:
+    """A schema-1 check said `asserted` where this says `gates`, and stored a report-only
+    check as "passed"; a current check passes through unchanged."""
+    if not isinstance(check, dict) or "asserted" not in check:
+        return check
+    c = dict(check)
+    gates = bool(c.pop("asserted"))
+    if c.get("status") == "passed" and not gates:
+        c["status"] = "reported"
+    return dict(c, gates=gates)
+
+
 def _upgrade(data: Any, version: int, source: str) -> Any:
     """Older layouts are brought forward here, newer ones refused by name."""
     if version == SCHEMA:
@@ -413,13 +415,6 @@ def _upgrade(data: Any, version: int, source: str) -> Any:
         data = dict(data, schema=SCHEMA)
         data["thresholds"] = dict(data.get("thresholds") or {})
         data["thresholds"].setdefault("speed_ratio_min", None)
-        checks = {}
-        for name, c in (data.get("checks") or {}).items():
-            c = dict(c)
-            gates = bool(c.pop("asserted", c.get("gates", True)))
-            if c.get("status") == "passed" and not gates:
-                c["status"] = "reported"
-            checks[name] = dict(c, gates=gates)
-        data["checks"] = checks
+        data["checks"] = {n: upgrade_check(c) for n, c in (data.get("checks") or {}).items()}
         return data
     raise BadInput(f"{source}: schema {version} is not a layout this fq-suite knows")

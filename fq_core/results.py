@@ -23,6 +23,7 @@ from filelock import FileLock
 
 from . import atomic, record
 from .errors import BadInput
+from .figures import nonfinite_as_words
 from .paths import results_dir
 
 SCHEMA = record.SCHEMA
@@ -74,7 +75,7 @@ def jsonable(value: Any, *, words: bool = False) -> Any:
     """NaN/Inf are not JSON: null in caches, or (``words``, for records) "nan"/"inf"/"-inf"
     so that a stored result says "not a number" instead of looking unmeasured."""
     if isinstance(value, float) and not math.isfinite(value):
-        return record.words_for_nonfinite(value) if words else None
+        return nonfinite_as_words(value) if words else None
     if isinstance(value, Mapping):
         return {str(k): jsonable(v, words=words) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds a virtualenv with uv, from the lock or from the newest releases, and refreshes the lock.
 #
-#   scripts/python-env.sh locked VENV   what CI and `make` use: exactly requirements/lock.txt
+#   scripts/python-env.sh locked VENV   what CI and `make` use: exactly requirements.txt
 #   scripts/python-env.sh latest VENV   newest releases pyproject.toml allows (make test-latest)
-#   scripts/python-env.sh lock [--upgrade]  re-resolve requirements/lock.txt: keep the pins that
+#   scripts/python-env.sh lock [--upgrade]  re-resolve requirements.txt: keep the pins that
 #                                       still fit (make lock), or take the newest (make lock-upgrade)
 #
-# uv is itself pinned by hash (requirements/uv.txt) and installed with the venv's pip. uv
+# uv is itself pinned by hash (requirements-uv.txt) and installed with the venv's pip. uv
 # reads no pip.conf, so the index, extra indexes, find-links and CA file that this
 # machine's pip is configured for are handed to it: the lock installs wherever pip would.
 set -euo pipefail
@@ -39,7 +39,7 @@ make_venv() {  # a new venv with pip (fq fetches models with `python -m pip down
   rm -rf "$venv"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check --require-hashes \
-    -r requirements/uv.txt
+    -r requirements-uv.txt
 }
 
 export_pip_index_to_uv
@@ -48,7 +48,7 @@ case "$mode" in
     venv=${2:?usage: python-env.sh locked VENV}
     make_venv "$venv"
     "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --require-hashes \
-      -r requirements/lock.txt
+      -r requirements.txt
     "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --no-deps -e .
     ;;
   latest)
@@ -57,7 +57,7 @@ case "$mode" in
     "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --upgrade -e '.[test]'
     echo "newest releases installed in $venv; differences from the lock:" >&2
     "$venv/bin/uv" pip freeze --quiet --python "$venv/bin/python" --exclude-editable |
-      grep -v -x -F -f <(sed -n 's/^\([A-Za-z0-9._-]*==[^ ;]*\).*/\1/p' requirements/lock.txt) \
+      grep -v -x -F -f <(sed -n 's/^\([A-Za-z0-9._-]*==[^ ;]*\).*/\1/p' requirements.txt) \
       | grep -v -E "^(uv|pip|setuptools)==" >&2 || echo "  none" >&2
     ;;
   lock)
@@ -65,11 +65,11 @@ case "$mode" in
     trap 'rm -rf "$tmp"' EXIT
     "$python" -m venv "$tmp/venv"
     "$tmp/venv/bin/pip" install --quiet --disable-pip-version-check --require-hashes \
-      -r requirements/uv.txt
+      -r requirements-uv.txt
     shift
     UV_CUSTOM_COMPILE_COMMAND="make lock" "$tmp/venv/bin/uv" pip compile pyproject.toml \
-      --extra test --universal --generate-hashes --quiet -o requirements/lock.txt "$@"
-    echo "requirements/lock.txt re-resolved; review with: git diff requirements/lock.txt" >&2
+      --extra test --universal --generate-hashes --quiet -o requirements.txt "$@"
+    echo "requirements.txt re-resolved; review with: git diff requirements.txt" >&2
     ;;
   *)
     echo "python-env.sh: unknown mode '$mode' (locked, latest or lock)" >&2
