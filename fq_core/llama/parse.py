@@ -17,6 +17,10 @@ _BUILT = re.compile(r"^(built with .+?)\s*$", re.M)
 _FINAL = re.compile(rf"Final estimate: PPL = {_NUM} \+/- {_NUM}", re.I)
 _CHUNK = re.compile(rf"\[(\d+)\]{_NUM}", re.I)
 _KLD_ROW = re.compile(rf"^\s*(\d+)\s+{_NUM}\s+±", re.M | re.I)
+# a KLD table row: chunk, PPL(Q) ± e, ln(PPL(Q)/PPL(base)) ± e, KL divergence ± e, ...
+_KLD_ROW_KLD = re.compile(
+    rf"^\s*(\d+)\s+{_NUM}\s+±\s+{_NUM}\s+{_NUM}\s+±\s+{_NUM}\s+{_NUM}\s+±", re.M | re.I
+)
 _CALC = re.compile(
     r"^(\d+)\.(\d+)\.(\d+)\.(\d+) I (?:perplexity: calculating perplexity|kl_divergence: computing)"
     r" over (\d+) chunks, n_ctx=(\d+)",
@@ -60,6 +64,19 @@ def parse_kld_chunk_ppls(stdout: str) -> tuple[float, ...]:
     """Running PPL(Q) per chunk from the KLD table (`   1      12.6138 ±    2.4322 ...`)."""
     head = stdout.split("======", 1)[0]
     return tuple(_f(m.group(2)) for m in _KLD_ROW.finditer(head))
+
+
+def parse_kld_chunk_klds(stdout: str) -> tuple[float, ...]:
+    """Each chunk's own mean KLD, recovered from the table's running means (r_i = mean of
+    chunks 1..i, so chunk i is i·r_i − (i−1)·r_(i−1)). The table prints 5 decimals, so each
+    value carries up to ±i·5e-6 of print rounding: fine for effects of 1e-3, not below 1e-4."""
+    head = stdout.split("======", 1)[0]
+    running = [(int(m.group(1)), _f(m.group(6))) for m in _KLD_ROW_KLD.finditer(head)]
+    out, prev = [], 0.0
+    for i, r in running:
+        out.append(i * r - (i - 1) * prev)
+        prev = r
+    return tuple(out)
 
 
 def _stamp_s(m: re.Match) -> float:

@@ -8,7 +8,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import progress
@@ -71,6 +71,10 @@ class KLDStats:
     ppl_ratio_err: float | None
     mean_ppl_q: float | None
     raw: dict  # every "name: value ± err" line, as parsed
+    # mean KLD of each chunk on its own (paired bootstrap intervals need per-chunk values)
+    chunk_klds: tuple[float, ...] = ()
+    # full-precision logits (fq_core.llama.logits) instead of llama-perplexity's 16-bit base
+    exact: bool = False
 
     def to_json(self) -> dict:
         return {
@@ -336,7 +340,7 @@ class LlamaRunner:
             block = parse.parse_kld_block(out)
             if block is None or "Mean KLD" not in block or "Same top p" not in block:
                 raise self.failure(rec, "printed no KL divergence statistics")
-            kld_stats = _kld_stats(block)
+            kld_stats = replace(_kld_stats(block), chunk_klds=parse.parse_kld_chunk_klds(out))
             if "Mean PPL(Q)" not in block:
                 raise self.failure(rec, "printed no Mean PPL(Q)")
             ppl, ppl_err = block["Mean PPL(Q)"]
