@@ -23,7 +23,8 @@ from .errors import BadInput
 from .figures import nonfinite_as_words
 
 #: Version of the stored layout. 1: checks said `asserted`, report-only checks were "passed".
-SCHEMA = 2
+#: 2: no variant (every record measured the model as deployed), no resolution.
+SCHEMA = 3
 
 Status = Literal["passed", "failed", "reported", "skipped", "error"]
 #: A measured number. JSON has no NaN or infinity, and null means "not measured", so a value
@@ -31,6 +32,17 @@ Status = Literal["passed", "failed", "reported", "skipped", "error"]
 NonFinite = Literal["nan", "inf", "-inf"]
 Num = float | NonFinite | None
 Outcome = Literal["running", "passed", "failed", "skipped"]
+#: Which model a stage measured: the quantized file as deployed, or its float twin (every
+#: quantized tensor dequantized), where no activation rounding hides the intrinsic effect.
+Variant = Literal["deployed", "intrinsic"]
+VARIANTS: tuple[Variant, ...] = ("deployed", "intrinsic")
+#: Appended to the model's name in test ids and result file names: `layer0-gemma3-270m-twin`.
+VARIANT_SUFFIX: dict[str, str] = {"deployed": "", "intrinsic": "-twin"}
+
+
+def case_name(model: str, variant: str = "deployed") -> str:
+    """The model's part of a test id and result file name for one variant."""
+    return model + VARIANT_SUFFIX[variant]
 
 
 class _Part(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -204,6 +216,8 @@ class KLD(_Part, kw_only=True):
     rms_dp_pct: Num = None
     p999: Num = None
     ppl_ratio: Num = None
+    chunk_means: tuple[Num, ...] = ()  # each chunk's own mean KLD (paired intervals)
+    exact: bool = False  # full-precision logits, not llama-perplexity's 16-bit base file
 
 
 class PromptAgreement(_Part, kw_only=True):
@@ -296,6 +310,42 @@ class Placebo(_Part, kw_only=True):
     compared: PlaceboComparison | None = None
 
 
+class TwinInfo(_Part, kw_only=True):
+    """The float twin an intrinsic record measured (the model itself is named in `model`)."""
+
+    path: str
+    sha256: str
+    dtype: str  # f32 | f16 | bf16: what the quantized tensors became
+    source_sha256: str
+
+
+class Interval(_Part, kw_only=True):
+    estimate: Num
+    low: Num
+    high: Num
+    level: float = 0.95
+    n: int  # resampled units (chunks)
+    method: str  # e.g. "bootstrap over 8 chunks, paired, BCa"
+
+
+class Resolution(_Part, kw_only=True):
+    """What this measurement can resolve, and the treatment's effect against it.
+
+    The floor is measured, not assumed: the placebos' mean KLD (a change no model should
+    notice) under the same engine, selection and chunks. An effect whose excess over the
+    placebos is not resolved is stated as an upper bound, never as zero."""
+
+    metric: str  # "kld"
+    engine: str  # how it was measured, in words
+    floor: Num  # the largest placebo's upper bound: what "no effect" measures here
+    floor_detail: str
+    effect: Interval | None = None  # the treatment's mean, with its interval
+    excess: Interval | None = None  # treatment − mean of the placebos, paired per chunk
+    ratio: Num = None  # effect / floor
+    resolved: bool | None = None  # the excess interval lies above zero
+    sentence: str  # the one sentence the report prints
+
+
 class StageRecord(_Part, kw_only=True):
     schema: int
     run_id: str
@@ -303,7 +353,9 @@ class StageRecord(_Part, kw_only=True):
     stage_title: str  # Test 1, ...
     stage_index: int
     layers: str
-    model: ModelInfo
+    variant: Variant = "deployed"
+    model: ModelInfo  # the model as deployed (its name and SHA-256 key the gate)
+    twin: TwinInfo | None = None  # intrinsic: the float twin that was measured
     corpus: CorpusInfo
     llama: LlamaInfo
     fq_version: str
@@ -315,11 +367,17 @@ class StageRecord(_Part, kw_only=True):
     baseline: Baseline | None = None
     treatment: Treatment | None = None
     placebo: Placebo | None = None
+    resolution: Resolution | None = None
     commands: tuple[Command, ...] = ()
     outcome: Outcome
     skip_reason: str | None = None
     started_at: str
     finished_at: str | None = None
+
+    @property
+    def case(self) -> str:
+        """The model's part of the test id and the result file name (`gemma3-270m-twin`)."""
+        return case_name(self.model.name, self.variant)
 
     @property
     def n_layers(self) -> int | None:
@@ -411,6 +469,8 @@ def _upgrade(data: Any, version: int, source: str) -> Any:
             f"{source}: schema {version} is newer than this fq-suite reads ({SCHEMA}); "
             "upgrade fq-suite to read it"
         )
+    if version == 2 and isinstance(data, dict):  # the fields it lacks have their defaults
+        return dict(data, schema=SCHEMA)
     if version == 1 and isinstance(data, dict):
         data = dict(data, schema=SCHEMA)
         data["thresholds"] = dict(data.get("thresholds") or {})

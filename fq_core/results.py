@@ -118,7 +118,7 @@ def save_result(
     else:
         where = f"result {data.get('stage')}/{(data.get('model') or {}).get('name')}"
         rec = record.from_builtins(jsonable(data, words=True), source=where)
-    path = result_path(rec.run_id, rec.stage, rec.model.name, root)
+    path = result_path(rec.run_id, rec.stage, rec.case, root)
     with lock_for(path):
         write_bytes_atomic(path, record.encode(rec))
     return path
