@@ -112,7 +112,9 @@ def header(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dic
         "stage_title": stage_.title,
         "stage_index": stage_.index,
         "layers": stage_.layers,
+        "variant": exp.variant,
         "model": model_json(model),
+        "twin": None,
         "corpus": corpus_json(ctx.corpus),
         "llama": {
             "version": ctx.tools.version,
@@ -128,6 +130,7 @@ def header(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dic
         "baseline": None,
         "treatment": None,
         "placebo": None,
+        "resolution": None,
         "commands": [],
         "outcome": "running",
         "skip_reason": None,
@@ -137,9 +140,11 @@ def header(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dic
 
 
 def skipped_result(
-    stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment, reason: str
+    stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment, reason: str,
+    variant: str = "deployed",
 ) -> StageRecord:
     """The result of a stage the gate closed: stored so the report can say why it did not run."""
+    exp = exp.for_variant(variant)
     data = header(stage_, model, ctx, exp)
     for name in CHECKS:
         data["checks"][name] = _check("skipped", reason, gates=exp.thresholds.gates(name))
@@ -283,6 +288,8 @@ def _kld_json(k: Any) -> dict | None:
         "rms_dp_pct": getattr(k, "rms_dp_pct", None),
         "p999": getattr(k, "p999_kld", None),
         "ppl_ratio": getattr(k, "ppl_ratio", None),
+        "chunk_means": list(getattr(k, "chunk_klds", ()) or ()),
+        "exact": bool(getattr(k, "exact", False)),
     }
 
 
@@ -388,6 +395,7 @@ def placebo_key(
             "batch": s.batch,
             "chunks": s.chunks,
             "kld_chunks": s.kld_chunks,
+            "engine": getattr(s, "engine", "llama-perplexity"),
             "fq_version": __version__,
         }
     )
@@ -459,15 +467,18 @@ def _perplexity_only(ctx: Context, model: ModelRef, baseline: Any, settings: Eva
     """A placebo needs no load or generation check: one llama-perplexity run for PPL and KLD."""
     ev = _evaluate()
     s = settings
-    kld_run = ctx.runner.perplexity(
+    perplexity = (
+        ctx.runner.exact_perplexity
+        if getattr(s, "engine", "llama-perplexity") == "logits"
+        else ctx.runner.perplexity
+    )
+    kld_run = perplexity(
         model, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.kld_chunks,
         kl_against=baseline.kld_base,
     )  # fmt: skip
     ppl = kld_run
     if s.chunks != s.kld_chunks:
-        plain = ctx.runner.perplexity(
-            model, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.chunks
-        )
+        plain = perplexity(model, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.chunks)
         ppl = replace(plain, kld=kld_run.kld)
     return ev.ModelEvaluation(model, None, (), ppl, kld_run)
 
@@ -511,31 +522,51 @@ def _compared(numeric: dict, treatment: dict, placebo: dict) -> dict:
 # --- the protocol ---------------------------------------------------------------------------
 
 
-def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> StageRecord:
-    """Run one stage on one model, store the result after every step, record Test 1's verdict."""
+def run_stage(
+    stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment, variant: str = "deployed"
+) -> StageRecord:
+    """Run one stage on one model, store the result after every step, record Test 1's verdict.
+
+    `variant` "deployed" measures the model as given; "intrinsic" measures its float twin
+    (every quantized tensor dequantized) with full-precision logits, through the same checks.
+    """
+    exp = exp.for_variant(variant)
     data = header(stage_, model, ctx, exp)
     found = data["checks"]
-    path = results.result_path(ctx.run_id, stage_.id, model.name, ctx.results_root)
+    path = results.result_path(ctx.run_id, stage_.id, record.case_name(model.name, variant),
+                               ctx.results_root)  # fmt: skip
     save = lambda: results.save_result(data, ctx.results_root)  # noqa: E731
     save()
-    log.info("%s %s: %s", stage_.title, stage_.id, model.name)
+    log.info("%s %s: %s (%s)", stage_.title, stage_.id, model.name, variant)
 
     def fail_rest(reason: str, names: Sequence[str]) -> None:
         for n in names:
             found.setdefault(n, _check("error", reason, gates=exp.thresholds.gates(n)))
 
+    dst = path.parent / "models" / f"{path.stem}.gguf"
+    measured = model  # the file the stage patches and evaluates
+    if exp.variant == "intrinsic":
+        try:
+            with progress.step("float twin"):
+                measured = _twin().twin_for(model, exp.twin_dtype)
+        except FqError as exc:
+            fail_rest(f"no float twin of {model.name}: {_error(exc)}", CHECKS)
+            return _finish(data, stage_, model, ctx, exp, dst)
+        data["twin"] = {"path": str(measured.path), "sha256": measured.sha256,
+                        "dtype": exp.twin_dtype, "source_sha256": model.sha256}  # fmt: skip
+        save()
+
     # 1-2. fake quantization and its numeric effect
     # models/ keeps the GGUF and its manifest out of the results glob (<stage>/*.json)
-    dst = path.parent / "models" / f"{path.stem}.gguf"
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         manifest = patch.fake_quantize_file(
-            model.path, dst, layers=stage_.layers, tensors=exp.tensors, fmt=exp.fmt,
+            measured.path, dst, layers=stage_.layers, tensors=exp.tensors, fmt=exp.fmt,
             rounding=exp.rounding, force=True,
         )  # fmt: skip
-        cmp_files = metrics.compare_files(model.path, dst)
+        cmp_files = metrics.compare_files(measured.path, dst)
         found["quantize"] = _quantize_check(cmp_files, manifest)
-        data["numeric"] = _numeric_json(manifest, model.path, dst)
+        data["numeric"] = _numeric_json(manifest, measured.path, dst)
         found["numeric"] = _numeric_check(manifest, exp.thresholds.max_rel_error)
     except FqError as exc:
         found["quantize"] = _check("error", f"fake quantization failed: {_error(exc)}")
@@ -545,7 +576,7 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
 
     # 3-6, 8, 9. the treatment against the cached baseline (one llama-perplexity run for PPL+KLD)
     try:
-        baseline = _evaluate().evaluate_baseline(ctx.runner, model, ctx.corpus, exp.settings)
+        baseline = _evaluate().evaluate_baseline(ctx.runner, measured, ctx.corpus, exp.settings)
         data["baseline"] = _baseline_json(baseline)
         data["commands"] += [
             dict(c, cached=baseline.cached) for c in _commands("baseline", baseline.commands())
@@ -557,9 +588,9 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
     save()
 
     treated = replace(
-        model, name=f"{model.name}+{exp.fmt}", path=dst, sha256=manifest.output.sha256
+        measured, name=f"{measured.name}+{exp.fmt}", path=dst, sha256=manifest.output.sha256
     )
-    identical = manifest.output.sha256 == model.sha256
+    identical = manifest.output.sha256 == measured.sha256
     try:
         if identical:  # the SHA-256 proves the outcome: llama.cpp would rerun the baseline
             ev = _as_baseline(treated, baseline)
@@ -581,7 +612,7 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
     found["load"] = _load_check(ev)
     found["generate"] = _generate_check(ev)
     if identical:
-        same = f"byte-identical to the baseline (SHA-256 {model.sha256[:12]}…): "
+        same = f"byte-identical to the baseline (SHA-256 {measured.sha256[:12]}…): "
         found["load"] = _check("passed", same + "the baseline's load stands")
         found["generate"] = _check("passed", same + "the baseline's generations stand")
     t = exp.thresholds
@@ -619,7 +650,7 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
         n = len(exp.placebo_seeds)
         for i, seed in enumerate(exp.placebo_seeds, start=1):
             with progress.step(f"placebo {i}/{n}"):
-                run, hit = run_placebo(model, baseline, ctx, exp, stage_.layers, seed)
+                run, hit = run_placebo(measured, baseline, ctx, exp, stage_.layers, seed)
                 if hit:
                     progress.note("cached")
             run = dict(run, cached=hit)
@@ -631,7 +662,40 @@ def run_stage(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> 
     data["placebo"] = _placebo_summary(runs, exp.placebo_seeds, treatment_kld)
     data["placebo"]["compared"] = _compared(data["numeric"], data["treatment"], data["placebo"])
     found["placebo"] = _placebo_check(data["placebo"], t.noise_factor_max, placebo_error)
+    data["resolution"] = _resolution(exp, ev, runs, identical)
     return _finish(data, stage_, model, ctx, exp, dst)
+
+
+ENGINE_WORDS = {
+    "llama-perplexity": "llama-perplexity --kl-divergence (16-bit base log-probabilities, "
+    "F16 KV cache)",
+    "logits": "full-precision logits through llama.cpp's library (F32 KV cache)",
+}
+VARIANT_WORDS = {"deployed": "as deployed", "intrinsic": "intrinsically"}
+
+
+def _resolution(exp: Experiment, ev: Any, runs: Sequence[dict], identical: bool) -> dict:
+    """The treatment's KLD against the floor this variant's own method measured."""
+    from . import stats
+
+    kld = ev.perplexity.kld
+    engine = getattr(exp.settings, "engine", "llama-perplexity")
+    res = stats.resolution(
+        engine=ENGINE_WORDS.get(engine, engine),
+        treatment_chunks=list(getattr(kld, "chunk_klds", ()) or ()) if kld else [],
+        treatment_mean=kld.mean_kld if kld else None,
+        placebo_chunks=[list((r.get("kld") or {}).get("chunk_means") or ()) for r in runs],
+        placebo_means=[r.get("kld_mean") for r in runs],
+        identical=identical,
+        label=VARIANT_WORDS[exp.variant],
+    )
+    return msgspec.to_builtins(res)
+
+
+def _twin():
+    from . import twin
+
+    return twin
 
 
 def _finish(
@@ -646,7 +710,7 @@ def _finish(
         results.jsonable(data, words=True), source=f"{stage_.id}/{model.name}"
     )
     results.save_result(rec, ctx.results_root)
-    if stage_.id == GATE_STAGE.id:
+    if stage_.id == GATE_STAGE.id and exp.variant == exp.gate_variant:
         from .gate import failure_reason
 
         results.record_gate(

@@ -93,6 +93,8 @@ class Settings(_Part, kw_only=True):
     gen_tokens: int
     prompts: tuple[Prompt, ...]
     placebo_seeds: tuple[int, ...]
+    engine: str = "llama-perplexity"  # or "logits": full-precision logits, F32 KV cache
+    twin_dtype: str | None = None  # intrinsic: what the twin's quantized tensors became
 
 
 class Thresholds(_Part, kw_only=True):

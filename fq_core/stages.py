@@ -6,14 +6,14 @@ verdicts are fq_core.checks.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from . import checks, results
-from .record import Thresholds
+from .record import VARIANTS, Thresholds
 from .selection import DEFAULT_TENSORS
 
 if TYPE_CHECKING:  # the stage definitions import without llama.cpp's side of the library
@@ -57,9 +57,22 @@ def stage(stage_id: str) -> Stage:
     raise KeyError(stage_id)
 
 
+#: Limits for the intrinsic answer (the float twin, full-precision logits). Its floor is
+#: ~2e-7 KLD and BF16 in all 18 Gemma3 layers measured 2.6e-5, so the deployed limits
+#: (set above the Q4 engine's 0.003-0.005 noise) would gate nothing there.
+INTRINSIC_THRESHOLDS = Thresholds(ppl_delta_max=0.005, kld_mean_max=1e-3, same_top_min=0.98)
+
+#: What `fq_twin` chooses: which answers each stage gives.
+TWIN_CHOICES = {"both": VARIANTS, "deployed": ("deployed",), "intrinsic": ("intrinsic",)}
+
+
 @dataclass(frozen=True)
 class Experiment:
-    """Everything a stage run depends on besides the model: settings, format, control, limits."""
+    """Everything a stage run depends on besides the model: settings, format, control, limits.
+
+    `settings`, `thresholds` and `placebo_seeds` are the deployed answer's; `for_variant`
+    gives the experiment one variant runs with (the intrinsic one reads full-precision logits
+    and has its own limits and seeds)."""
 
     settings: EvalSettings = field(default_factory=_eval_settings)
     fmt: str = "bf16"
@@ -68,6 +81,26 @@ class Experiment:
     placebo_seeds: tuple[int, ...] = (1, 2, 3)
     thresholds: Thresholds = field(default_factory=Thresholds)
     keep_models: bool = False  # keep the fake-quantized GGUFs (large) after evaluation
+    variants: tuple[str, ...] = VARIANTS  # which answers each stage gives
+    gate_variant: str = "deployed"  # whose Test 1 opens the later stages
+    twin_dtype: str = "f32"
+    intrinsic_thresholds: Thresholds = INTRINSIC_THRESHOLDS
+    intrinsic_placebo_seeds: tuple[int, ...] = (1,)
+    variant: str = "deployed"  # the variant this experiment object runs (see for_variant)
+
+    def for_variant(self, variant: str) -> Experiment:
+        """The experiment as one variant runs it: its engine, limits and placebo seeds."""
+        if variant == "deployed":
+            return replace(self, variant=variant)
+        if variant != "intrinsic":
+            raise ValueError(f"unknown variant {variant!r}")
+        return replace(
+            self,
+            variant=variant,
+            settings=replace(self.settings, engine="logits"),
+            thresholds=self.intrinsic_thresholds,
+            placebo_seeds=self.intrinsic_placebo_seeds,
+        )
 
     def settings_json(self) -> dict:
         s = self.settings
@@ -83,13 +116,18 @@ class Experiment:
             "gen_tokens": s.gen_tokens,
             "prompts": [{"text": p.text, "chat": p.chat} for p in s.prompts],
             "placebo_seeds": list(self.placebo_seeds),
+            "engine": getattr(s, "engine", "llama-perplexity"),
+            "twin_dtype": self.twin_dtype if self.variant == "intrinsic" else None,
         }
 
     def gate_components(
         self, model: ModelRef, corpus: Corpus, tools: LlamaTools
     ) -> results.GateComponents:
-        """The gate key. Threads are left out: llama.cpp is bit-identical across thread counts."""
-        settings = {k: v for k, v in self.settings_json().items() if k != "threads"}
+        """The gate key. Threads are left out: llama.cpp is bit-identical across thread counts.
+        The key is that of the variant whose Test 1 is the gate."""
+        exp = self.for_variant(self.gate_variant)
+        settings = {k: v for k, v in exp.settings_json().items() if k != "threads"}
+        settings["variant"] = exp.variant
         return results.GateComponents(
             model_sha256=model.sha256,
             corpus_sha256=corpus.sha256,
@@ -97,7 +135,7 @@ class Experiment:
             format=self.fmt,
             rounding=self.rounding,
             settings=settings,
-            thresholds=msgspec.to_builtins(self.thresholds),
+            thresholds=msgspec.to_builtins(exp.thresholds),
         )
 
 

@@ -184,6 +184,46 @@ def _options() -> tuple[Option, ...]:
                "plan's experiment)", _choice(tuple(f for f in FORMATS if f != "placebo"))),
         Option("fq_rounding", "truncate", "rounding of the treatment (default truncate, the "
                "plan's algorithm: keep the high 16 bits)", _choice(ROUNDINGS)),
+        Option(
+            "fq_twin", "both",
+            "which answers each stage gives (default both): deployed = the quantized model "
+            "as llama.cpp runs it, where 8-bit activation rounding makes any norm change look "
+            "like KLD 0.003-0.005; intrinsic = its float twin (every quantized tensor "
+            "dequantized to F32) read through full-precision logits, floor ~2e-7; test ids "
+            "of the intrinsic answer end in -twin",
+            _choice(("both", "deployed", "intrinsic")),
+        ),
+        Option(
+            "fq_gate_variant", "deployed",
+            "whose Test 1 opens the later stages (default deployed: the model as it is used)",
+            _choice(("deployed", "intrinsic")),
+        ),
+        Option(
+            "fq_twin_ppl_delta_max", "0.005",
+            "intrinsic answer: largest allowed |PPL ratio - 1| (default 0.005 = 0.5%%): "
+            "BF16 norms in all 18 Gemma3 layers moved the twin's PPL by well under that",
+            _positive,
+        ),
+        Option(
+            "fq_twin_kld_mean_max", "0.001",
+            "intrinsic answer: largest allowed mean KLD (default 1e-3): BF16 in all layers "
+            "measured 2.6e-5 on Gemma3's twin, the placebo floor ~2e-7; 1e-3 is 40x the "
+            "measured effect and far below the deployed model's own noise (0.003)",
+            _positive,
+        ),
+        Option(
+            "fq_twin_same_top_min", "0.98",
+            "intrinsic answer: smallest allowed same-top-token fraction (default 0.98): BF16 "
+            "in all layers kept 99.3%% on Gemma3's twin, placebos 100%%",
+            _fraction,
+        ),
+        Option(
+            "fq_twin_placebo_seeds", "1",
+            "intrinsic answer: placebo runs per stage (default 1): with full-precision logits "
+            "two seeds measured the same floor (1.7e-7 vs 1.8e-7 KLD), and each twin run costs "
+            "~4x a quantized one",
+            _count,
+        ),
         Option("fq_text", "", "corpus file (default: FQ_TEXT, else WikiText-2 test beside the "
                "checkout pytest runs in or under its data/, else the per-user cache, else "
                "downloaded there)", lambda t: t or None),
@@ -237,7 +277,7 @@ def option_values(config: pytest.Config) -> dict[str, Any]:
 
 def experiment_from(values: dict[str, Any], keep_models: bool = False):
     from fq_core.evaluate import EvalSettings
-    from fq_core.stages import Experiment, Thresholds
+    from fq_core.stages import TWIN_CHOICES, Experiment, Thresholds
 
     base = EvalSettings()
     settings = EvalSettings(
@@ -264,6 +304,18 @@ def experiment_from(values: dict[str, Any], keep_models: bool = False):
             speed_ratio_min=values["fq_speed_ratio_min"],
         ),
         keep_models=keep_models,
+        variants=TWIN_CHOICES[values["fq_twin"]],
+        gate_variant=values["fq_gate_variant"],
+        intrinsic_thresholds=Thresholds(
+            ppl_delta_max=values["fq_twin_ppl_delta_max"],
+            max_rel_error=values["fq_max_rel_error"],
+            kld_mean_max=values["fq_twin_kld_mean_max"],
+            same_top_min=values["fq_twin_same_top_min"],
+            agreement_min=values["fq_agreement_min"],
+            noise_factor_max=values["fq_noise_factor_max"],
+            speed_ratio_min=values["fq_speed_ratio_min"],
+        ),
+        intrinsic_placebo_seeds=tuple(range(1, values["fq_twin_placebo_seeds"] + 1)),
     )
 
 
@@ -286,10 +338,18 @@ class StageCase:
     stage: str
     model: str  # as given (registry name or path)
     model_id: str
+    variant: str = "deployed"
+
+    @property
+    def case(self) -> str:
+        """The model's part of the id for this variant: `gemma3-270m` or `gemma3-270m-twin`."""
+        from fq_core.record import case_name
+
+        return case_name(self.model_id, self.variant)
 
     @property
     def id(self) -> str:
-        return f"{self.stage}-{self.model_id}"
+        return f"{self.stage}-{self.case}"
 
 
 class FqSession:
@@ -301,7 +361,7 @@ class FqSession:
         self.run_id: str = config.stash[RUN_ID]
         self.ignore_gate: bool = config.getoption("fq_ignore_gate")
         self.root = results_root(config)
-        self.selected: set[tuple[str, str]] = set()  # (stage, model_id) in this session
+        self.selected: set[tuple[str, str]] = set()  # (stage, case) in this session
         self._models: dict[str, Any] = {}
         self._results: dict[tuple[str, str], Any] = {}  # StageRecord
         self._tools = self._runner = self._corpus = None
@@ -356,17 +416,17 @@ class FqSession:
         """The stage × model result: computed once per run, even across xdist workers."""
         from fq_core import progress, protocol, results, stages
 
-        key = (case.stage, case.model_id)
+        key = (case.stage, case.case)
         if key in self._results:
             return self._results[key]
-        path = results.result_path(self.run_id, case.stage, case.model_id, self.root)
+        path = results.result_path(self.run_id, case.stage, case.case, self.root)
         with results.lock_for(str(path) + ".compute"):
-            stored = results.load_record(self.run_id, case.stage, case.model_id, self.root)
+            stored = results.load_record(self.run_id, case.stage, case.case, self.root)
             if stored is None or stored.outcome == "running":
                 stage_ = stages.stage(case.stage)
-                with progress.context(stage=stage_.title, model=case.model_id):  # what runs
+                with progress.context(stage=stage_.title, model=case.case):  # what runs
                     stored = protocol.run_stage(
-                        stage_, self.model(case), self.context(), self.experiment
+                        stage_, self.model(case), self.context(), self.experiment, case.variant
                     )
         self._results[key] = stored
         return stored
@@ -379,8 +439,9 @@ class FqSession:
         if case.stage == gate_stage:
             return gate.GateDecision(True, "Test 1 is the gate", "session", self.run_id)
         session_result = None
-        if (gate_stage, case.model_id) in self.selected:
-            session_result = self.result(StageCase(gate_stage, case.model, case.model_id))
+        gate_case = StageCase(gate_stage, case.model, case.model_id, self.experiment.gate_variant)
+        if (gate_stage, gate_case.case) in self.selected:
+            session_result = self.result(gate_case)
         components = self.experiment.gate_components(self.model(case), self.corpus, self.tools)
         return gate.decide(
             case.model_id,
@@ -394,16 +455,16 @@ class FqSession:
         """Store the closed stage's result (once) so the report can say why it did not run."""
         from fq_core import protocol, results, stages
 
-        key = (case.stage, case.model_id)
+        key = (case.stage, case.case)
         if key in self._results:
             return
-        path = results.result_path(self.run_id, case.stage, case.model_id, self.root)
+        path = results.result_path(self.run_id, case.stage, case.case, self.root)
         with results.lock_for(str(path) + ".compute"):
-            stored = results.load_record(self.run_id, case.stage, case.model_id, self.root)
+            stored = results.load_record(self.run_id, case.stage, case.case, self.root)
             if stored is None:
                 stored = protocol.skipped_result(
                     stages.stage(case.stage), self.model(case), self.context(),
-                    self.experiment, reason,
+                    self.experiment, reason, case.variant,
                 )  # fmt: skip
                 results.save_result(stored, self.root)
         self._results[key] = stored
@@ -469,7 +530,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"fq: run {s.run_id} -> {s.root / s.run_id}",
         f"fq: models {' '.join(_models(config))}; {s.experiment.fmt}/{s.experiment.rounding}; "
         f"chunks {s.experiment.settings.chunks} x ctx {s.experiment.settings.ctx}; "
-        f"placebo seeds {len(s.experiment.placebo_seeds)}",
+        f"placebo seeds {len(s.experiment.placebo_seeds)}; answers "
+        f"{' + '.join(s.experiment.variants)} (gate: {s.experiment.gate_variant})",
         f"fq: thresholds dPPL<{t.ppl_delta_max:g} rel<{t.max_rel_error:g} "
         f"KLD<={t.kld_mean_max:g} same-top>={t.same_top_min:g} agreement>={t.agreement_min} "
         f"noise-factor<={t.noise_factor_max} speed-ratio>={t.speed_ratio_min}"
@@ -491,7 +553,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     from fq_core.stages import STAGES
 
-    cases = [StageCase(s.id, m, model_id(m)) for s in STAGES for m in _models(metafunc.config)]
+    variants = metafunc.config.stash[SESSION].experiment.variants
+    cases = [StageCase(s.id, m, model_id(m), v)
+             for s in STAGES for m in _models(metafunc.config) for v in variants]  # fmt: skip
     # one xdist group per model: with `-n N` (loadgroup) a model's stages share one worker, in
     # order; marked here because xdist names the groups before any modifyitems hook of ours
     params = [
@@ -517,14 +581,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     session = config.stash[SESSION]
     order = {s.id: s.index for s in STAGES}
     models = {model_id(m): i for i, m in enumerate(_models(config))}
+    variants = {"deployed": 0, "intrinsic": 1}
     keyed = []
     for pos, item in enumerate(items):
         case = _case(item)
         if case is None:
-            keyed.append(((0, 0, 0, pos), item))
+            keyed.append(((0, 0, 0, 0, pos), item))
             continue
-        session.selected.add((case.stage, case.model_id))
-        keyed.append(((1, order[case.stage], models.get(case.model_id, 99), pos), item))
+        session.selected.add((case.stage, case.case))
+        where = (order[case.stage], models.get(case.model_id, 99), variants[case.variant])
+        keyed.append(((1, *where, pos), item))
     items[:] = [item for _, item in sorted(keyed, key=lambda kv: kv[0])]
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None and workerinput.get("fq_dist") == "loadgroup":
@@ -568,12 +634,13 @@ def fq_result(request: pytest.FixtureRequest, fq_session: FqSession, fq_case: St
     from fq_core.errors import FqError
 
     node = request.node
-    path = results.result_path(fq_session.run_id, fq_case.stage, fq_case.model_id,
+    path = results.result_path(fq_session.run_id, fq_case.stage, fq_case.case,
                                fq_session.root)  # fmt: skip
     node.user_properties += [
         ("fq_run_id", fq_session.run_id),
         ("fq_stage", fq_case.stage),
         ("fq_model", fq_case.model_id),
+        ("fq_variant", fq_case.variant),
         ("fq_result", str(path)),
     ]
     try:

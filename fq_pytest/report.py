@@ -163,6 +163,7 @@ def _summary(prefix, summary, postfix, session) -> None:
     report = config.stash.get(_HTML_REPORT, None)
     if report is not None:
         report.title = f"{_TITLE}: " + ", ".join(f"{d.model} {d.verdict}" for d in decided)
+    summary.append(str(html.answers_table(run)))
     summary.append(str(html.overview_table(run)))
     all_charts = charts.run_charts(run)
     for model in run.models:

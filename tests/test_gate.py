@@ -202,7 +202,8 @@ def test_placebo_verdict_wording(treatment, placebos, ratio, verdict):
 
 
 def test_dash_k_gate_selects_only_test_1(tmp_path):
-    """`pytest -k layer0` (make gate) collects Test 1's nine checks per model and nothing else."""
+    """`pytest -k layer0` (make gate) collects Test 1's nine checks per model and answer
+    (deployed and -twin), and nothing else."""
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-k", "layer0",
          "-p", "no:cacheprovider", f"--html={tmp_path / 'r.html'}"],  # not over reports/
@@ -210,5 +211,6 @@ def test_dash_k_gate_selects_only_test_1(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ids = [ln for ln in proc.stdout.splitlines() if "::" in ln]
-    assert len(ids) == 9 * 2, ids
+    assert len(ids) == 9 * 2 * 2, ids
     assert all(i.startswith("experiments/test_stages.py::") and "[layer0-" in i for i in ids), ids
+    assert sum(i.endswith("-twin]") for i in ids) == 9 * 2, ids

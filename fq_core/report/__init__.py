@@ -40,7 +40,17 @@ class StageResult:
 
     @property
     def model(self) -> str:
+        """The model as every table names it: `gemma3-270m`, or `gemma3-270m-twin` for the
+        intrinsic answer (its float twin), so each answer has its own rows and charts."""
+        return self.record.case
+
+    @property
+    def base_model(self) -> str:
         return self.record.model.name
+
+    @property
+    def variant(self) -> str:
+        return self.record.variant
 
     @property
     def outcome(self) -> str:

@@ -36,6 +36,11 @@ def decision_block(decisions: Sequence[Decision], run: RunResults) -> Markup:
     return _m().decision_block(rows_mod.decision_views(run, decisions), GATE_STAGE)
 
 
+def answers_table(run: RunResults) -> Markup:
+    """The plan's question per stage, answered as deployed and intrinsically, with floors."""
+    return _m().answers_table(rows_mod.answer_rows(run))
+
+
 def overview_table(run: RunResults) -> Markup:
     """Stage × model outcomes at a glance, with the effect and its placebo comparison."""
     return _m().overview_table(rows_mod.overview_rows(run))

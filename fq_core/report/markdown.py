@@ -53,6 +53,7 @@ def render_reports(run: RunResults) -> dict[str, bytes]:
     }
     links = {c.key: f"{CHARTS}/{c.key}.png" for cs in all_charts.values() for c in cs if c.png}
     views = rows_mod.decision_views(run, decisions(run))
+    answers = rows_mod.answer_rows(run)
     common = {"run": run, "gate": GATE_STAGE, "decisions": views, "links": links}
 
     blocks = []
@@ -60,7 +61,10 @@ def render_reports(run: RunResults) -> dict[str, bytes]:
         r = run.get(GATE_STAGE.id, model)
         view = rows_mod.stage_view(r) if r is not None else None
         blocks.append((model, view, all_charts[f"{r.stage}/{model}"] if r is not None else ()))
-    files[TEST1] = render("test1_results.md.j2", blocks=blocks, **common).encode("utf-8")
+    test1_answers = tuple(a for a in answers if a.stage == GATE_STAGE.id)
+    files[TEST1] = render(
+        "test1_results.md.j2", blocks=blocks, answers=test1_answers, **common
+    ).encode("utf-8")
 
     models = []
     for model in run.models:
@@ -72,6 +76,7 @@ def render_reports(run: RunResults) -> dict[str, bytes]:
         later_present=run.later_stages_present(),
         later=STAGES[1:],
         overview=rows_mod.overview_rows(run),
+        answers=answers,
         models=models,
         **common,
     ).encode("utf-8")

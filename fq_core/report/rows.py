@@ -134,7 +134,7 @@ class Row:
 
 def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
     """Every metric of one stage × model, in the order both reports show them."""
-    k = f"{rec.stage}/{rec.model.name}"
+    k = f"{rec.stage}/{rec.case}"
     n, b, t, p, th = rec.numeric, rec.baseline, rec.treatment, rec.placebo, rec.thresholds
     kld = t.kld if t is not None else None
     agr = t.agreement if t is not None else None
@@ -293,7 +293,7 @@ def setting_rows(rec: StageRecord) -> tuple[Pair, ...]:
     out += [
         Pair(f"setting {name}", plain(value))
         for name, value in msgspec.structs.asdict(s).items()
-        if name != "prompts"
+        if name != "prompts" and not (name == "twin_dtype" and value is None)  # deployed
     ]
     out.append(
         Pair("setting prompts", "; ".join(f"{p.text!r}{' (chat)' if p.chat else ''}"
@@ -391,7 +391,7 @@ def stage_view(r: StageResult) -> StageView:
     return StageView(
         stage=rec.stage,
         title=rec.stage_title,
-        model=rec.model.name,
+        model=rec.case,
         layers=rec.layers,
         outcome=rec.outcome,
         skip_reason=rec.skip_reason,
@@ -429,7 +429,7 @@ def overview_rows(run: RunResults) -> tuple[OverviewRow, ...]:
     out = []
     for r in run.in_order():
         rec = r.record
-        k = f"{rec.stage}/{rec.model.name}"
+        k = f"{rec.stage}/{rec.case}"
         n, t, p = rec.numeric, rec.treatment, rec.placebo
         kld = t.kld if t is not None else None
         why = rec.skip_reason or "; ".join(
@@ -439,7 +439,7 @@ def overview_rows(run: RunResults) -> tuple[OverviewRow, ...]:
             OverviewRow(
                 stage=rec.stage,
                 title=rec.stage_title,
-                model=rec.model.name,
+                model=rec.case,
                 outcome=rec.outcome,
                 changed=number(f"{k}/numeric/changed", n and n.changed, ",d"),
                 delta_ppl=number(
@@ -486,4 +486,90 @@ def decision_views(run: RunResults, decided: Sequence[Decision] | None = None):
                 MISSING if p is None or p.compared is None else p.compared.kld,
             )
         )
+    return tuple(out)
+
+
+# --- the plan's question, answered twice -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One variant's answer for one stage × model: the effect, its control, its floor."""
+
+    variant: str  # deployed | intrinsic
+    case: str
+    outcome: str
+    kld: str  # mean KLD with its interval when there is one
+    placebo: str  # the placebos' mean KLD range
+    floor: str
+    sentence: str  # the protocol's words (record.resolution.sentence)
+    resolved: bool | None
+
+    @property
+    def tone(self) -> str:
+        """Resolved above its floor reads like "above the placebo"; unresolved like noise."""
+        if self.resolved is None:
+            return "note"
+        return "above" if self.resolved else "noise"
+
+
+@dataclass(frozen=True)
+class AnswerRow:
+    stage: str
+    title: str
+    model: str
+    deployed: Answer | None
+    intrinsic: Answer | None
+
+
+def _interval(iv) -> str:
+    from ..stats import sci
+
+    if iv is None:
+        return MISSING
+    if iv.low is None or iv.high is None:
+        return sci(as_float(iv.estimate))
+    return f"{sci(as_float(iv.estimate))} [{sci(as_float(iv.low))}, {sci(as_float(iv.high))}]"
+
+
+def _answer(rec: StageRecord) -> Answer:
+    from ..stats import sci
+
+    res, p = rec.resolution, rec.placebo
+    kld = rec.treatment.kld if rec.treatment is not None else None
+    if res is not None and res.effect is not None:
+        kld_text = _interval(res.effect)
+    else:
+        kld_text = sci(as_float(kld.mean)) if kld is not None else MISSING
+    placebo = MISSING
+    if p is not None and p.kld_mean is not None:
+        lo, hi = p.kld_mean.min, p.kld_mean.max
+        placebo = sci(lo) if lo == hi else f"{sci(lo)}–{sci(hi)}"
+    if rec.outcome == "skipped":
+        sentence = f"not run: {rec.skip_reason or 'skipped'}"
+    elif res is None:
+        sentence = MISSING
+    else:
+        sentence = res.sentence
+    return Answer(
+        variant=rec.variant, case=rec.case, outcome=rec.outcome, kld=kld_text, placebo=placebo,
+        floor=sci(as_float(res.floor)) if res is not None and res.floor is not None else MISSING,
+        sentence=sentence, resolved=res.resolved if res is not None else None,
+    )  # fmt: skip
+
+
+def answer_rows(run: RunResults) -> tuple[AnswerRow, ...]:
+    """Per stage × model, the deployed and the intrinsic answer side by side."""
+    grouped: dict[tuple[str, str], dict[str, StageRecord]] = {}
+    titles: dict[str, str] = {}
+    for r in run.in_order():
+        rec = r.record
+        grouped.setdefault((rec.stage, rec.model.name), {})[rec.variant] = rec
+        titles[rec.stage] = rec.stage_title
+    out = []
+    for (stage, model), by_variant in grouped.items():
+        d, i = by_variant.get("deployed"), by_variant.get("intrinsic")
+        out.append(AnswerRow(stage=stage, title=titles[stage], model=model,
+                             deployed=_answer(d) if d is not None else None,
+                             intrinsic=_answer(i) if i is not None else None))  # fmt: skip
     return tuple(out)

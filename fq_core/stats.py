@@ -1,0 +1,160 @@
+"""Intervals, floors and false-discovery control: what a measurement can and cannot resolve.
+
+Why chunks are the resampling unit: tokens within a 512-token chunk share their context, so
+they are not independent; chunks are. Why paired: the treatment and its placebos are scored
+on the same tokens, so their per-chunk difference cancels what the text itself contributes.
+Distributions come from scipy, not from hand-written formulas.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from .figures import figure
+from .record import Interval, Resolution
+
+LEVEL = 0.95
+N_RESAMPLES = 9_999
+SEED = 20261130  # fixed: the same record always gets the same interval
+
+
+def _finite(values: Sequence[float | None]) -> np.ndarray:
+    arr = np.asarray([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    return arr[np.isfinite(arr)]
+
+
+def mean_interval(values: Sequence[float | None], *, what: str = "chunks") -> Interval | None:
+    """The mean with its bootstrap (BCa) interval; None without two finite values."""
+    x = _finite(values)
+    if x.size == 0:
+        return None
+    est = float(x.mean())
+    if x.size < 2 or float(x.max()) == float(x.min()):  # nothing to resample: the value itself
+        return Interval(estimate=est, low=est, high=est, level=LEVEL, n=int(x.size),
+                        method=f"{x.size} identical {what}: no spread")  # fmt: skip
+    from scipy import stats
+
+    with warnings.catch_warnings():  # tiny samples: BCa may warn and fall back; NaN handled
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap(
+            (x,), np.mean, confidence_level=LEVEL, n_resamples=N_RESAMPLES, method="BCa",
+            rng=np.random.default_rng(SEED),
+        )  # fmt: skip
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    method = "BCa"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        low, high = (float(v) for v in np.percentile(res.bootstrap_distribution, [2.5, 97.5]))
+        method = "percentile"
+    return Interval(estimate=est, low=min(low, est), high=max(high, est), level=LEVEL,
+                    n=int(x.size), method=f"bootstrap over {x.size} {what}, {method}")  # fmt: skip
+
+
+def paired_excess(
+    treatment: Sequence[float | None], placebos: Sequence[Sequence[float | None]]
+) -> Interval | None:
+    """Treatment − mean of the placebos, chunk by chunk, with its bootstrap interval."""
+    runs = [list(p) for p in placebos if p]
+    if not treatment or not runs or any(len(p) != len(treatment) for p in runs):
+        return None
+    control = np.nanmean(np.asarray(runs, dtype=np.float64), axis=0)
+    diff = np.asarray(treatment, dtype=np.float64) - control
+    iv = mean_interval(list(diff))
+    if iv is None:
+        return None
+    return Interval(estimate=iv.estimate, low=iv.low, high=iv.high, level=iv.level, n=iv.n,
+                    method=iv.method.replace("bootstrap", "paired bootstrap", 1))  # fmt: skip
+
+
+def sci(x: float | None, digits: int = 2) -> str:
+    """A KLD-sized number people can read: 2.0e-05, 0.0060 ("—" when not measured)."""
+    if x is None:
+        return "—"
+    if not math.isfinite(x):
+        return figure(x, ".4f")
+    if x != 0 and abs(x) < 1e-3:
+        return f"{x:.{digits - 1}e}"
+    return figure(x, ".4f")
+
+
+def _interval_text(iv: Interval) -> str:
+    if iv.low is None or iv.high is None:
+        return sci(iv.estimate)
+    return f"{sci(iv.estimate)} [{sci(iv.low)}, {sci(iv.high)}]"
+
+
+def resolution(
+    *,
+    engine: str,
+    treatment_chunks: Sequence[float | None],
+    treatment_mean: float | None,
+    placebo_chunks: Sequence[Sequence[float | None]],
+    placebo_means: Sequence[float | None],
+    identical: bool = False,
+    label: str = "",
+) -> Resolution:
+    """The treatment's KLD against the floor its own method measured (the placebos).
+
+    Floor = the largest placebo's upper interval bound (its mean when no per-chunk values):
+    what this engine reports for a change no model should notice. The effect is resolved
+    when the paired excess over the placebos lies above zero; otherwise it is stated as an
+    upper bound, never as zero."""
+    lead = f"{label}, " if label else ""
+    if identical:
+        return Resolution(metric="kld", engine=engine, floor=0.0,
+                          floor_detail="not needed: the file is byte-identical to the baseline",
+                          ratio=None, resolved=None,
+                          sentence=f"{lead}identical to the baseline (byte-identical file): "
+                                   "no effect, proven by SHA-256")  # fmt: skip
+    bounds = []
+    for chunks, mean in zip(placebo_chunks, placebo_means, strict=False):
+        iv = mean_interval(chunks) if chunks else None
+        bounds.append(iv.high if iv is not None else mean)
+    bounds = [b for b in bounds if b is not None and math.isfinite(b)]
+    floor = max(bounds) if bounds else None
+    n = len(bounds)
+    floor_detail = (
+        f"largest upper {LEVEL:.0%} bound of {n} placebo{'s' if n != 1 else ''}' mean KLD"
+        if n else "not measured: no placebo ran"
+    )  # fmt: skip
+    effect = mean_interval(treatment_chunks) if treatment_chunks else None
+    if effect is None and treatment_mean is not None:
+        effect = Interval(estimate=treatment_mean, low=None, high=None, level=LEVEL, n=0,
+                          method="no per-chunk values: no interval")  # fmt: skip
+    excess = paired_excess(treatment_chunks, [c for c in placebo_chunks if c])
+    est = effect.estimate if effect is not None else treatment_mean
+    ratio = est / floor if est is not None and floor else None
+    if excess is not None:
+        resolved = excess.low is not None and excess.low > 0
+    elif est is not None and floor is not None:
+        resolved = est > floor
+    else:
+        resolved = None
+    if est is None:
+        sentence = f"{lead}not measured"
+    elif floor is None:
+        shown = _interval_text(effect) if effect is not None else sci(est)
+        sentence = f"{lead}KLD {shown}, floor not measured (no placebo)"
+    elif resolved:
+        times = f"{ratio:.1f}×" if ratio < 10 else f"> {10 ** int(math.log10(ratio)):d}×"
+        sentence = f"{lead}KLD {_interval_text(effect)}, {times} its floor ({sci(floor)})"
+    else:
+        upper = max(v for v in (floor, effect.high if effect else None, est) if v is not None)
+        sentence = f"{lead}below the resolution of this measurement (< {sci(upper)})"
+    return Resolution(metric="kld", engine=engine, floor=floor, floor_detail=floor_detail,
+                      effect=effect, excess=excess, ratio=ratio, resolved=resolved,
+                      sentence=sentence)  # fmt: skip
+
+
+def false_discoveries(pvalues: Sequence[float], q: float = 0.05) -> list[bool]:
+    """Benjamini–Hochberg at rate q: which of many cells are discoveries."""
+    from scipy import stats
+
+    p = np.asarray(pvalues, dtype=np.float64)
+    if p.size == 0:
+        return []
+    adjusted = stats.false_discovery_control(np.clip(p, 0.0, 1.0), method="bh")
+    return [bool(a <= q) for a in adjusted]
