@@ -90,3 +90,23 @@ def test_token_ids_and_count():
     assert parse.parse_token_ids("[]\n") == ()
     assert parse.parse_token_count("[1, 2]\nTotal number of tokens: 304830\n") == 304830
     assert parse.parse_token_count("nothing") is None
+
+
+def test_each_chunks_own_kld_from_the_running_means():
+    """The table prints running means r_i; chunk i's own mean is i·r_i − (i−1)·r_(i−1)."""
+    assert parse.parse_kld_chunk_klds(read("kld_smollm2.stdout")) == pytest.approx((0.0, 0.0))
+    table = (
+        "chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence"
+        "              Δp RMS            Same top p\n"
+        "   1      12.9610 ±    2.5331       0.02852 ±    0.02383       0.05140 ±    0.00686"
+        "     5.259 ±  0.718 %    91.373 ±  1.762 %\n"
+        "   2      21.9156 ±    3.2421       0.03174 ±    0.01737       0.04940 ±    0.00386"
+        "     5.249 ±  0.534 %    89.608 ±  1.353 %\n"
+        "   3      20.0000 ±    3.0000       0.03000 ±    0.01500       0.05000 ±    0.00300"
+        "     5.000 ±  0.500 %    90.000 ±  1.000 %\n"
+        "\n====== Perplexity statistics ======\nMean PPL(Q)  :  21.915582 ±   3.242097\n"
+    )
+    got = parse.parse_kld_chunk_klds(table)
+    assert got == pytest.approx((0.0514, 0.0474, 0.0512))
+    assert sum(got) / 3 == pytest.approx(0.05)  # the chunks average back to the last mean
+    assert parse.parse_kld_chunk_klds("no table here") == ()
