@@ -238,7 +238,7 @@ def kld_check(
     mean, same = mean_kld + 0.0, same_top_pct / 100.0  # + 0.0: llama.cpp prints -0.0
     ok_k, ok_s = mean <= kld_max, same >= same_top_min
     detail = (
-        f"mean KLD {mean:.5f} {'≤' if ok_k else '>'} {kld_max:g}, same top token "
+        f"mean KLD {mean:.3g} {'≤' if ok_k else '>'} {kld_max:g}, same top token "
         f"{100 * same:.2f}% {'≥' if ok_s else '<'} {100 * same_top_min:g}%"
     )
     return _verdict(
@@ -314,7 +314,7 @@ def placebo_check(
     if ratio is None or math.isnan(ratio):
         return _verdict("error", verdict, gates=gates)
     spread = (
-        f"placebo KLD {kld_min:.5f}–{kld_max:.5f}, " if finite(kld_min) and finite(kld_max) else ""
+        f"placebo KLD {kld_min:.3g}–{kld_max:.3g}, " if finite(kld_min) and finite(kld_max) else ""
     )
     text = f"{verdict}: treatment KLD / largest placebo KLD = {ratio:.2f} ({spread}{n_seeds} seeds)"
     shown = f"{limit:g}" if limit is not None else ""

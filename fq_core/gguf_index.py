@@ -113,6 +113,14 @@ class GGUFIndex:
     metadata: Mapping[str, int | float | bool | str | ArrayInfo]
     tensors: tuple[TensorInfo, ...]
     value_types: Mapping[str, int] = field(default_factory=dict)  # key -> GGUFValueType
+    # Byte ranges of the header, for writers that copy it (fq_core/twin.py): the key-value
+    # section is [kv_start, infos_start), the tensor infos [infos_start, infos_end) (the
+    # data section starts at data_start, after padding); value_offsets maps each key to the
+    # absolute offset of its value (for an array: of its item type).
+    kv_start: int = 0
+    infos_start: int = 0
+    infos_end: int = 0
+    value_offsets: Mapping[str, int] = field(default_factory=dict)
 
     @cached_property
     def _by_name(self) -> dict[str, TensorInfo]:
@@ -246,6 +254,7 @@ class _Walker:
     def key_values(self, n_kv: int) -> tuple[dict, dict]:
         metadata: dict[str, int | float | bool | str | ArrayInfo] = {}
         types: dict[str, int] = {}
+        self.value_offsets: dict[str, int] = {}
         seen: set[bytes] = set()
         for i in range(n_kv):
             raw_key = self.raw_string(f"key {i}")
@@ -257,6 +266,7 @@ class _Walker:
             key = raw_key.decode("utf-8", "replace")
             what = f"the value of key {key!r}"
             vtype = self.i32(f"the type of key {key!r}")
+            self.value_offsets[key] = self.pos
             if vtype == VT.ARRAY:
                 item_type = self.i32(f"the item type of key {key!r}")
                 length = self.u64(f"the length of key {key!r}")
@@ -407,7 +417,9 @@ def read_index(path: str | os.PathLike[str]) -> GGUFIndex:
 def _walk(path: Path, buf: mmap.mmap, size: int) -> GGUFIndex:
     w = _Walker(path, buf, size)
     version, n_tensors, n_kv = w.header()
+    kv_start = w.pos
     metadata, types = w.key_values(n_kv)
+    infos_start = w.pos
 
     alignment = gguf.GGUF_DEFAULT_ALIGNMENT
     if "general.alignment" in metadata:
@@ -421,6 +433,7 @@ def _walk(path: Path, buf: mmap.mmap, size: int) -> GGUFIndex:
             raise w.fail(f"general.alignment {alignment} is not a power of 2")
 
     raw_infos = w.tensor_infos(n_tensors)
+    infos_end = w.pos
     data_start = _pad(w.pos, alignment) if n_tensors else w.pos
     if data_start > size:
         raise w.fail(
@@ -477,6 +490,10 @@ def _walk(path: Path, buf: mmap.mmap, size: int) -> GGUFIndex:
         metadata=MappingProxyType(metadata),
         tensors=tuple(tensors),
         value_types=MappingProxyType(types),
+        kv_start=kv_start,
+        infos_start=infos_start,
+        infos_end=infos_end,
+        value_offsets=MappingProxyType(w.value_offsets),
     )
 
 

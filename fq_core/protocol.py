@@ -663,6 +663,7 @@ def run_stage(
     data["placebo"]["compared"] = _compared(data["numeric"], data["treatment"], data["placebo"])
     found["placebo"] = _placebo_check(data["placebo"], t.noise_factor_max, placebo_error)
     data["resolution"] = _resolution(exp, ev, runs, identical)
+    found["placebo"]["detail"] += f"; resolution: {data['resolution']['sentence']}"
     return _finish(data, stage_, model, ctx, exp, dst)
 
 

@@ -206,10 +206,10 @@ def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
             treatment=number(
                 f"{k}/treatment/kld/mean",
                 kld and kld.mean,
-                ".5f",
-                more=f" ± {text(kld and kld.mean_err, '.5f')}",
+                ".3g",
+                more=f" ± {text(kld and kld.mean_err, '.3g')}",
             ),
-            placebo=range_text(p and p.kld_mean, ".5f"),
+            placebo=range_text(p and p.kld_mean, ".3g"),
             verdict=verdict(cmp and cmp.kld),
             threshold=limit(th.kld_mean_max, "g", op="≤"),
             check="kld",
@@ -222,7 +222,7 @@ def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
         ("p99", kld and kld.p99),
         ("max", kld and kld.max),
     ):
-        rows.append(Row(f"KLD {name}", treatment=number(f"{k}/treatment/kld/{name}", value, ".5f")))
+        rows.append(Row(f"KLD {name}", treatment=number(f"{k}/treatment/kld/{name}", value, ".3g")))
     rows.append(
         Row(
             "same top token",
@@ -446,8 +446,8 @@ def overview_rows(run: RunResults) -> tuple[OverviewRow, ...]:
                     f"{k}/treatment/delta_ppl_pct", t and t.delta_ppl_pct, "+.2f", " %"
                 ),
                 placebo_delta_ppl=range_text(p and p.delta_ppl_pct, "+.2f", " %"),
-                kld=number(f"{k}/treatment/kld/mean", kld and kld.mean, ".5f"),
-                placebo_kld=range_text(p and p.kld_mean, ".5f"),
+                kld=number(f"{k}/treatment/kld/mean", kld and kld.mean, ".3g"),
+                placebo_kld=range_text(p and p.kld_mean, ".3g"),
                 verdict=MISSING if p is None or p.compared is None else p.compared.kld,
                 why=why,
             )
@@ -482,7 +482,7 @@ def decision_views(run: RunResults, decided: Sequence[Decision] | None = None):
             DecisionView(
                 d,
                 text(t.delta_ppl_pct, "+.2f", " %"),
-                text(t.kld.mean if t.kld is not None else None, ".5f"),
+                text(t.kld.mean if t.kld is not None else None, ".3g"),
                 MISSING if p is None or p.compared is None else p.compared.kld,
             )
         )
