@@ -3,6 +3,10 @@
 The baseline (load, generations, one llama-perplexity run that also saves its logits) is
 computed once per (model, corpus, llama.cpp version, settings) and cached, because the stage
 tests compare many treatments and placebos with the same baseline.
+
+Two engines give PPL and KLD: "llama-perplexity" (the tool; its base stores log-probabilities
+in 16 bits, F16 KV cache) and "logits" (fq_core.llama.logits: llama.cpp's library, raw
+float32 logits, F32 KV cache, exact KLD). Load and generations are the same for both.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from filelock import FileLock
 
 from . import progress, results
 from .corpus import Corpus
-from .errors import LlamaFailed
+from .errors import BadInput, LlamaFailed
 from .figures import figure
 from .llama.runner import (
     CommandRecord,
@@ -44,21 +48,35 @@ class Prompt:
 
 DEFAULT_PROMPTS = (Prompt("Hello", chat=False), Prompt("你好，請介紹一下自己。", chat=True))
 
+DEFAULT_ENGINE = "llama-perplexity"
+ENGINES = (DEFAULT_ENGINE, "logits")  # "logits": exact KLD (fq_core.llama.logits)
+
 
 @dataclass(frozen=True)
 class EvalSettings:
     ctx: int = 512
     batch: int = 512
     chunks: int = 8
-    kld_chunks: int = 8  # KLD logits cost ~134 MB per chunk for Gemma3: settable on their own
+    kld_chunks: int = 8  # KLD logits cost ~134 MB per chunk for Gemma3 (267 MB: engine="logits")
     threads: int | None = None
     gen_tokens: int = 32
     prompts: tuple[Prompt, ...] = DEFAULT_PROMPTS
     chat_template: str | None = None  # overrides the models' own hint (a copy has none)
+    engine: str = DEFAULT_ENGINE  # what computes PPL and KLD: one of ENGINES
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise BadInput(f"unknown engine {self.engine!r} (one of: {', '.join(ENGINES)})")
+
+    @property
+    def exact(self) -> bool:
+        return self.engine == "logits"
 
     def key_fields(self) -> dict:
-        """What changes the numbers. Threads do not: results are bit-identical for -t 1 and 2."""
-        return {
+        """What changes the numbers. Threads do not: results are bit-identical for -t 1 and 2.
+        The engine is named only when it is not the default, so the keys of baselines (and
+        gate records) made before engines existed stay what they were."""
+        fields = {
             "ctx": self.ctx,
             "batch": self.batch,
             "chunks": self.chunks,
@@ -67,6 +85,9 @@ class EvalSettings:
             "prompts": [[p.text, p.chat] for p in self.prompts],
             "chat_template": self.chat_template,
         }
+        if self.engine != DEFAULT_ENGINE:
+            fields["engine"] = self.engine
+        return fields
 
     def to_json(self) -> dict:
         return {**self.key_fields(), "threads": self.threads}
@@ -94,7 +115,7 @@ class BaselineEvaluation(ModelEvaluation):
     settings: EvalSettings = field(default_factory=EvalSettings)
     key: str = ""
     cache_path: Path | None = None
-    kld_base: Path | None = None  # the saved logits (--kl-divergence-base)
+    kld_base: Path | None = None  # the saved logits (--kl-divergence-base, or logits' .npy)
     kld_base_bytes: int = 0
     llama_version: str = ""
     cached: bool = False  # True when loaded from the cache instead of computed now
@@ -156,8 +177,9 @@ def _ppl_from(d: dict) -> PerplexityResult:
         n_chunks=d["n_chunks"],
         ctx=d["ctx"],
         tokens_per_s=d["tokens_per_s"],
-        kld=KLDStats(**kld) if kld else None,
+        kld=KLDStats(**{**kld, "chunk_klds": tuple(kld.get("chunk_klds", ()))}) if kld else None,
         command=_record_from(d["command"]),
+        details=Path(d["details"]) if d.get("details") else None,
     )
 
 
@@ -171,6 +193,15 @@ def _generations(runner, model, settings, chat_template) -> tuple[Generation, ..
         )
         for p in settings.prompts
     )
+
+
+def ppl_call(runner: LlamaRunner, settings: EvalSettings):
+    """The runner call of the settings' engine: same signature, same PerplexityResult."""
+    return runner.exact_perplexity if settings.exact else runner.perplexity
+
+
+def _logits_name(settings: EvalSettings) -> str:
+    return "logits.npy" if settings.exact else "logits.kld"
 
 
 def _runner_for(runner: LlamaRunner, settings: EvalSettings) -> LlamaRunner:
@@ -202,15 +233,19 @@ def baseline_key(model: ModelRef, corpus: Corpus, llama_version: str, settings) 
 def evaluate_baseline(
     runner: LlamaRunner, model: ModelRef, corpus: Corpus, settings: EvalSettings | None = None
 ) -> BaselineEvaluation:
-    """Load, generate and run llama-perplexity once with --kl-divergence-base; cached."""
+    """Load, generate and run llama-perplexity once with --kl-divergence-base (or the exact
+    engine once with --save-base); cached."""
     settings = settings or EvalSettings()
     runner = _runner_for(runner, settings)
+    if settings.exact:
+        runner.tools.library()  # ToolMissing before any work when the build has no library
     version = runner.tools.version
     key = baseline_key(model, corpus, version, settings)
     root = cache_dir() / "baselines" / key
     root.mkdir(parents=True, exist_ok=True)
     meta = root / "baseline.json"
-    logits = root / "logits.kld"
+    logits = root / _logits_name(settings)
+    run_ppl = ppl_call(runner, settings)
     with FileLock(str(root) + ".lock"):
         cached = _read_cached(meta, logits, model, corpus, settings, key)
         if cached is not None and cached.n_tokens is None:  # cached before tokens were counted
@@ -226,18 +261,20 @@ def evaluate_baseline(
         log.info("computing the baseline for %s (cached in %s)", model.name, root)
         load = runner.load(model)
         gens = _generations(runner, model, settings, settings.chat_template or model.chat_template)
-        tmp_logits = root / f"logits.kld.tmp{os.getpid()}"
-        kld_run = runner.perplexity(
+        # the exact engine publishes its base atomically itself (the .npy and its .meta.json)
+        tmp_logits = logits if settings.exact else root / f"logits.kld.tmp{os.getpid()}"
+        kld_run = run_ppl(
             model, corpus.path, ctx=settings.ctx, batch=settings.batch,
             chunks=settings.kld_chunks, kl_base=tmp_logits,
         )  # fmt: skip
         if settings.chunks == settings.kld_chunks:
             ppl = kld_run
         else:
-            ppl = runner.perplexity(
+            ppl = run_ppl(
                 model, corpus.path, ctx=settings.ctx, batch=settings.batch, chunks=settings.chunks
             )
-        os.replace(tmp_logits, logits)
+        if tmp_logits != logits:
+            os.replace(tmp_logits, logits)
         n_bytes = logits.stat().st_size
         n_tokens = runner.count_tokens(model, corpus.path)
         result = BaselineEvaluation(
@@ -252,6 +289,7 @@ def evaluate_baseline(
             "corpus": {"path": str(corpus.path), "sha256": corpus.sha256, "n_tokens": n_tokens},
             "llama_version": version,
             "settings": settings.to_json(),
+            "engine": settings.engine,
             "kld_base_bytes": n_bytes,
             "load": _to_plain(load),
             "generations": _to_plain(gens),
@@ -269,6 +307,12 @@ def _read_cached(meta, logits, model, corpus, settings, key) -> BaselineEvaluati
         return None
     if doc.get("schema") != _CACHE_SCHEMA or not logits.is_file():
         return None
+    if settings.exact:
+        from .llama.logits import meta_path
+
+        if not meta_path(logits).is_file():
+            log.warning("cached logits %s have no description: recomputing", logits)
+            return None
     if logits.stat().st_size != doc.get("kld_base_bytes"):
         log.warning("cached KLD logits %s have the wrong size: recomputing", logits)
         return None
@@ -294,28 +338,74 @@ def evaluate_against(
     corpus: Corpus | None = None,
     settings: EvalSettings | None = None,
 ) -> ModelEvaluation:
-    """Load, generate, and one llama-perplexity --kl-divergence run giving PPL and KLD."""
+    """Load, generate, and one llama-perplexity --kl-divergence run (or one exact-engine run
+    --against the baseline's logits) giving PPL and KLD."""
     settings = settings or baseline.settings
     corpus = corpus or baseline.corpus
     if baseline.corpus is not None and corpus.sha256 != baseline.corpus.sha256:
         raise LlamaFailed("the baseline was computed on a different corpus")
+    if settings.engine != baseline.settings.engine:
+        raise BadInput(
+            f"the baseline was computed by the {baseline.settings.engine} engine, "
+            f"not {settings.engine}: its logits cannot be compared"
+        )
     runner = _runner_for(runner, settings)
+    run_ppl = ppl_call(runner, settings)
     load = runner.load(model)
     # A fake-quantized copy has no registry entry: it inherits the baseline's chat template.
     template = settings.chat_template or model.chat_template or baseline.model.chat_template
     gens = _generations(runner, model, settings, template)
-    kld_run = runner.perplexity(
+    kld_run = run_ppl(
         model, corpus.path, ctx=settings.ctx, batch=settings.batch,
         chunks=settings.kld_chunks, kl_against=baseline.kld_base,
     )  # fmt: skip
     if settings.chunks == settings.kld_chunks:
         ppl = kld_run
     else:
-        plain = runner.perplexity(
+        plain = run_ppl(
             model, corpus.path, ctx=settings.ctx, batch=settings.batch, chunks=settings.chunks
         )
         ppl = dataclasses.replace(plain, kld=kld_run.kld)
     return ModelEvaluation(model, load, gens, ppl, kld_run)
+
+
+def evaluate_against_cached(
+    runner: LlamaRunner,
+    model: ModelRef,
+    baseline: BaselineEvaluation,
+    corpus: Corpus | None = None,
+    settings: EvalSettings | None = None,
+) -> tuple[ModelEvaluation, bool]:
+    """`evaluate_against`, cached by the treated file's SHA-256: (evaluation, cache hit).
+
+    Why: the SHA-256 of the treated file, the baseline it is compared with and the settings
+    decide every number (llama.cpp is bit-reproducible on one build and CPU), so a second
+    run of the same treatment repeats nothing — this is what keeps a warm `make gate` short
+    when a twin run costs a minute."""
+    settings = settings or baseline.settings
+    key = results.cache_key({
+        "what": "treatment", "schema": _CACHE_SCHEMA, "model_sha256": model.sha256,
+        "baseline_key": baseline.key, "settings": settings.key_fields(),
+        "llama_version": runner.tools.version,
+    })  # fmt: skip
+
+    def compute() -> dict:
+        ev = evaluate_against.__wrapped__(runner, model, baseline, corpus, settings)
+        return {"key": key, "load": _to_plain(ev.load), "generations": _to_plain(ev.generations),
+                "perplexity": _to_plain(ev.perplexity),
+                "kld_perplexity": _to_plain(ev.kld_perplexity)}  # fmt: skip
+
+    with progress.step("treatment"):
+        doc, hit = results.cached_json(cache_dir() / "treatments" / key / "evaluation.json",
+                                       compute)  # fmt: skip
+        if hit:
+            progress.note("cached")
+    ppl = _ppl_from(doc["perplexity"])
+    kld_run = _ppl_from(doc["kld_perplexity"]) if doc.get("kld_perplexity") else None
+    if kld_run is not None and doc["kld_perplexity"] == doc["perplexity"]:
+        kld_run = ppl
+    gens = tuple(_gen_from(g) for g in doc["generations"])
+    return ModelEvaluation(model, _load_from(doc["load"]), gens, ppl, kld_run), hit
 
 
 # ---------------------------------------------------------------------------------------------

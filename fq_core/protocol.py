@@ -467,11 +467,7 @@ def _perplexity_only(ctx: Context, model: ModelRef, baseline: Any, settings: Eva
     """A placebo needs no load or generation check: one llama-perplexity run for PPL and KLD."""
     ev = _evaluate()
     s = settings
-    perplexity = (
-        ctx.runner.exact_perplexity
-        if getattr(s, "engine", "llama-perplexity") == "logits"
-        else ctx.runner.perplexity
-    )
+    perplexity = ev.ppl_call(ctx.runner, s)  # llama-perplexity, or the exact engine
     kld_run = perplexity(
         model, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.kld_chunks,
         kl_against=baseline.kld_base,
@@ -592,10 +588,11 @@ def run_stage(
     )
     identical = manifest.output.sha256 == measured.sha256
     try:
+        treatment_cached = False
         if identical:  # the SHA-256 proves the outcome: llama.cpp would rerun the baseline
             ev = _as_baseline(treated, baseline)
         else:
-            ev = _evaluate().evaluate_against(
+            ev, treatment_cached = _evaluate().evaluate_against_cached(
                 ctx.runner, treated, baseline, ctx.corpus, exp.settings
             )
     except FqError as exc:
@@ -603,7 +600,8 @@ def run_stage(
         fail_rest("treated model not evaluated (llama.cpp failed)", CHECKS)
         return _finish(data, stage_, model, ctx, exp, dst)
     cmp = _evaluate().compare(baseline, ev)
-    data["commands"] += _commands("treatment", [] if identical else ev.commands())
+    data["commands"] += [dict(c, cached=treatment_cached)
+                         for c in _commands("treatment", [] if identical else ev.commands())]
     data["treatment"] = _treatment_json(ev, cmp)
     data["treatment"]["identical_to_baseline"] = identical
     if identical:  # nothing ran: no speed or load time of its own to report

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,54 @@ def test_the_cache_build_is_complete_and_described(real_bin):
     assert rec["package"] == "llama-cpp-python==0.3.36"
     assert rec["cmake_args"] == list(T.cmake_args())
     assert rec["version"] == T.find_tools().version
+    # one build for both engines: the shared libraries and the bindings of the same source
+    tree = T.cache_build_dir()
+    t = T.find_tools()
+    assert t.lib_dir == tree / "lib" and t.python_dir == tree / "python" and t.has_library
+    assert (tree / "lib" / "libllama.so").exists() and "libllama.so" in rec["libraries"]
+    assert any(n.startswith("libggml") for n in rec["libraries"])
+    assert (tree / "python" / "llama_cpp" / "llama_cpp.py").is_file()
+    assert not (tree / "python" / "llama_cpp" / "lib").exists()  # libraries live in lib/ only
+
+
+@pytest.mark.llama
+def test_the_tools_find_their_libraries_by_a_relative_rpath(real_bin):
+    """The staged tools load the staged libllama through RUNPATH $ORIGIN/../lib: no
+    LD_LIBRARY_PATH, no build tree."""
+    if T.locate()[1] != "cache":
+        pytest.skip("llama.cpp comes from PATH / FQ_LLAMA_BIN_DIR here, not from the cache")
+    tree = T.cache_build_dir()
+    if shutil.which("readelf"):
+        dyn = subprocess.run(
+            ["readelf", "-d", str(tree / "bin" / "llama-perplexity")],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert "(RUNPATH)" in dyn and "[$ORIGIN/../lib]" in dyn
+    if shutil.which("ldd"):
+        env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+        ldd = subprocess.run(
+            ["ldd", str(tree / "bin" / "llama-completion")],
+            capture_output=True, text=True, check=True, env=env,
+        ).stdout  # fmt: skip
+        assert "not found" not in ldd
+        assert any(
+            "libllama.so" in ln and f"=> {tree / 'bin'}/../lib/" in ln for ln in ldd.splitlines()
+        )
+
+
+def test_library_dirs_need_both_the_library_and_the_bindings(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    assert T.library_dirs(tree / "bin") == (None, None)
+    (tree / "lib").mkdir()
+    (tree / "lib" / "libllama.so").write_bytes(b"")
+    assert T.library_dirs(tree / "bin") == (None, None)  # a lone libllama.so is no use
+    (tree / "python" / "llama_cpp").mkdir(parents=True)
+    (tree / "python" / "llama_cpp" / "llama_cpp.py").write_text("")
+    assert T.library_dirs(tree / "bin") == (tree / "lib", tree / "python")
+
+
+def test_the_build_flags_make_shared_libraries_with_a_relative_rpath():
+    args = T.BASE_CMAKE_ARGS
+    assert "-DBUILD_SHARED_LIBS=ON" in args and "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON" in args
+    assert "-DCMAKE_INSTALL_RPATH=$ORIGIN/../lib" in args

@@ -233,3 +233,31 @@ def parse_progress(stdout: str, stderr: str) -> ChunkProgress | None:
         seconds_per_pass=_f(per_pass.group(1)) if per_pass else None,
         n_seq=int(run.group(2)) if run and run.group(2) else 1,
     )
+
+
+# --- the exact engine (fq_core.llama.logits) -------------------------------------------------
+# stdout: "[0/8] n_ctx=512 n_vocab=49152 tokens=304830" when it starts on the chunks, then one
+# "[3/8] 6.12 s" per chunk; a known failure ends stderr with "fq-logits: error: <one line>".
+_LOGITS_STEP = re.compile(rf"^\[(\d+)/(\d+)\](?:\s+{_NUM} s\b)?", re.M)
+_LOGITS_ERROR = re.compile(r"^fq-logits: error: (.+?)\s*$", re.M)
+
+
+def parse_logits_progress(stdout: str, stderr: str = "") -> ChunkProgress | None:
+    """Progress of a running fq_core.llama.logits worker: chunks done of total, and the mean
+    seconds per chunk so far. None before it has started on the chunks."""
+    found = list(_LOGITS_STEP.finditer(stdout))
+    if not found:
+        return None
+    last = found[-1]
+    secs = [_f(m.group(3)) for m in found if m.group(3) is not None]
+    return ChunkProgress(
+        done=int(last.group(1)),
+        total=int(last.group(2)),
+        seconds_per_pass=sum(secs) / len(secs) if secs else None,
+    )
+
+
+def parse_logits_error(stderr: str) -> str | None:
+    """The worker's own one-line reason for failing (the last one), if it gave one."""
+    found = _LOGITS_ERROR.findall(stderr)
+    return found[-1] if found else None

@@ -3,10 +3,13 @@ typed results; all parsing of their output is in parse.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,6 +17,7 @@ from pathlib import Path
 from .. import progress
 from ..commands import CommandRecord, run_logged
 from ..errors import LlamaFailed
+from ..paths import logs_dir
 from . import parse
 
 __all__ = ["CommandRecord", "run_logged"]  # re-exported: callers that drive llama.cpp
@@ -102,6 +106,8 @@ class PerplexityResult:
     tokens_per_s: float | None
     kld: KLDStats | None
     command: CommandRecord
+    # the exact engine's result document (its per-token arrays: logits.per_token_path(details))
+    details: Path | None = None
 
     def to_json(self) -> dict:
         return {
@@ -144,15 +150,16 @@ def _kld_stats(block: dict) -> KLDStats:
 _PROGRESS_S = 2.0  # how often a running llama-perplexity's output is read for progress
 
 
-def _chunk_watch() -> Callable[..., None]:
-    """A run_logged `watch` turning llama-perplexity's output into progress.chunks events;
-    the ETA counts down from llama.cpp's per-pass time since the last chunk was seen done.
+def _chunk_watch(parser=parse.parse_progress) -> Callable[..., None]:
+    """A run_logged `watch` turning llama-perplexity's (or, with parse.parse_logits_progress,
+    the exact engine's) output into progress.chunks events; the ETA counts down from the
+    per-pass time since the last chunk was seen done.
     Never raises: progress must not stop (or kill) the run it reports on."""
     seen = {"done": -1, "at": time.monotonic()}
 
     def watch(stdout: str, stderr: str, *, final: bool = False) -> None:
         try:
-            p = parse.parse_progress(stdout, stderr)
+            p = parser(stdout, stderr)
             if p is None:
                 return
             now = time.monotonic()
@@ -166,6 +173,46 @@ def _chunk_watch() -> Callable[..., None]:
             log.warning("cannot report llama-perplexity's progress", exc_info=True)
 
     return watch
+
+
+def _exact_kld_stats(k: dict) -> KLDStats:
+    """KLDStats from the exact engine's "kld" block (fq_core.llama.logits.kld_summary)."""
+    pair = lambda v, e: [k[v], k.get(e)]  # noqa: E731
+    raw = {
+        "Mean PPL(Q)": pair("ppl_q", "ppl_q_err"),
+        "Mean PPL(base)": pair("ppl_base", "ppl_base_err"),
+        "Mean ln(PPL(Q)/PPL(base))": pair("ln_ppl_ratio", "ln_ppl_ratio_err"),
+        "Mean PPL(Q)/PPL(base)": pair("ppl_ratio", "ppl_ratio_err"),
+        "Mean KLD": pair("mean", "mean_err"),
+        "Maximum KLD": [k["max"], None],
+        "99.9% KLD": [k["p999"], None],
+        "99.0% KLD": [k["p99"], None],
+        "90.0% KLD": [k["p90"], None],
+        "Median KLD": [k["median"], None],
+        "Minimum KLD": [k["min"], None],
+        "Mean Δp": pair("mean_dp_pct", "mean_dp_err"),
+        "RMS Δp": pair("rms_dp_pct", "rms_dp_err"),
+        "Same top p": pair("same_top_pct", "same_top_err"),
+    }
+    return KLDStats(
+        mean_kld=k["mean"],
+        mean_kld_err=k["mean_err"],
+        median_kld=k["median"],
+        p90_kld=k["p90"],
+        p99_kld=k["p99"],
+        p999_kld=k["p999"],
+        max_kld=k["max"],
+        same_top_pct=k["same_top_pct"],
+        same_top_err=k["same_top_err"],
+        rms_dp_pct=k["rms_dp_pct"],
+        rms_dp_err=k["rms_dp_err"],
+        ppl_ratio=k["ppl_ratio"],
+        ppl_ratio_err=k["ppl_ratio_err"],
+        mean_ppl_q=k["ppl_q"],
+        raw=raw,
+        chunk_klds=tuple(k["chunk_klds"]),
+        exact=True,
+    )
 
 
 def _path_of(x) -> Path:
@@ -183,11 +230,17 @@ class LlamaRunner:
         threads: int | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         timeout_s: float = 3600.0,
+        gpu_layers: int | None = None,
     ) -> None:
         self.tools = tools
         self.threads = threads or os.cpu_count() or 1
         self.log_dir = log_dir
         self.timeout_s = timeout_s
+        # layers offloaded to a GPU build (-ngl); None passes nothing (llama.cpp's default)
+        self.gpu_layers = gpu_layers
+
+    def _ngl(self) -> list[str]:
+        return [] if self.gpu_layers is None else ["-ngl", str(self.gpu_layers)]
 
     # -- plumbing ------------------------------------------------------------------------
     def _run(self, tool: str, args: Sequence, *, timeout_s: float | None = None, watch=None):
@@ -215,7 +268,7 @@ class LlamaRunner:
         rec = self._run(
             "llama-completion",
             ["-m", m, "--check-tensors", "-p", " ", "-n", "0", "-no-cnv", "--temp", "0"]
-            + ["-t", str(self.threads)],
+            + ["-t", str(self.threads), *self._ngl()],
             timeout_s=min(self.timeout_s, 600),
         )
         err = rec.stderr()
@@ -247,7 +300,7 @@ class LlamaRunner:
             hint = getattr(model, "chat_template", None)
             chat_template = hint() if callable(hint) else hint
         args = ["-m", m, "-p", prompt, "-n", str(n_tokens), "--temp", "0", "--seed", str(seed)]
-        args += ["--no-display-prompt", "-t", str(self.threads)]
+        args += ["--no-display-prompt", "-t", str(self.threads), *self._ngl()]
         args += ["-st"] if chat else ["-no-cnv"]
         if chat and chat_template:
             args += ["--chat-template", chat_template]
@@ -307,7 +360,7 @@ class LlamaRunner:
         if kl_base is not None and kl_against is not None:
             raise ValueError("kl_base and kl_against are exclusive")
         args = ["-m", _path_of(model), "-f", _path_of(text), "-c", str(ctx), "-b", str(batch)]
-        args += ["-t", str(self.threads)]
+        args += ["-t", str(self.threads), *self._ngl()]
         if chunks is not None:
             args += ["--chunks", str(chunks)]
         if kl_base is not None:
@@ -326,6 +379,87 @@ class LlamaRunner:
             if kl_base is not None:  # never leave half-written logits behind
                 Path(kl_base).unlink(missing_ok=True)
             raise
+
+    def exact_perplexity(
+        self,
+        model,
+        text,
+        *,
+        ctx: int = 512,
+        batch: int = 512,
+        chunks: int | None = None,
+        kl_base: str | os.PathLike[str] | None = None,
+        kl_against: str | os.PathLike[str] | None = None,
+    ) -> PerplexityResult:
+        """`perplexity` by the exact engine (fq_core.llama.logits, llama.cpp's library in a
+        logged subprocess): kl_base saves the raw float32 logits (.npy + .meta.json),
+        kl_against compares with them exactly (KLDStats.exact, chunk_klds)."""
+        from . import logits as engine  # numpy only; the bindings load in the subprocess
+
+        if kl_base is not None and kl_against is not None:
+            raise ValueError("kl_base and kl_against are exclusive")
+        lib_dir, python_dir = self.tools.library()
+        if kl_against is not None and not Path(kl_against).is_file():
+            raise LlamaFailed(f"KLD base logits {kl_against} do not exist")
+        root = Path(self.log_dir).resolve() if self.log_dir is not None else logs_dir().resolve()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        out = root / "logits" / f"{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        argv = [sys.executable, "-m", "fq_core.llama.logits", "--model", _path_of(model)]
+        argv += ["--text", _path_of(text), "--ctx", str(ctx), "--batch", str(batch)]
+        argv += ["--threads", str(self.threads), "--out", out]
+        if chunks is not None:
+            argv += ["--chunks", str(chunks)]
+        if kl_base is not None:
+            argv += ["--save-base", Path(kl_base)]
+        if kl_against is not None:
+            argv += ["--against", Path(kl_against)]
+        # the bindings of this build first; fq_core importable wherever the caller runs
+        fq_root = Path(__file__).resolve().parents[2]
+        paths = [str(python_dir), str(fq_root), os.environ.get("PYTHONPATH", "")]
+        env = {
+            "LLAMA_CPP_LIB_PATH": str(lib_dir),
+            "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+        }
+        watch = _chunk_watch(parse.parse_logits_progress) if progress.listening() else None
+        rec = run_logged(
+            argv, tool="fq-logits", timeout_s=self.timeout_s, log_dir=self.log_dir,
+            env_overrides=env, watch=watch, heartbeat_s=_PROGRESS_S,
+        )  # fmt: skip
+        if watch is not None and rec.ok:
+            watch(rec.stdout(), rec.stderr(), final=True)
+        try:
+            return self._exact_result(rec, out, kld=kl_against is not None)
+        except BaseException:
+            if kl_base is not None:  # never leave a base behind that did not finish
+                Path(kl_base).unlink(missing_ok=True)
+                engine.meta_path(kl_base).unlink(missing_ok=True)
+            raise
+
+    def _exact_result(self, rec: CommandRecord, out: Path, *, kld: bool) -> PerplexityResult:
+        if rec.timed_out:
+            raise self.failure(rec, f"timed out after {rec.duration_s:.0f} s")
+        if rec.exit_status != 0:
+            why = parse.parse_logits_error(rec.stderr())
+            if why:
+                raise LlamaFailed(f"{rec.tool} failed: {why} ({rec.command_line})")
+            raise self.failure(rec, f"exited with status {rec.exit_status}")
+        try:
+            doc = json.loads(out.read_text())
+        except (OSError, ValueError) as exc:
+            raise self.failure(rec, f"wrote no readable result {out}: {exc}") from None
+        ppl, ppl_err = doc["ppl"], doc["ppl_err"]
+        chunk_ppls = tuple(doc["chunk_ppls"])
+        if not math.isfinite(ppl) or any(not math.isfinite(c) for c in chunk_ppls):
+            raise self.failure(rec, f"gave a non-finite perplexity ({ppl}): NaN/Inf logits")
+        kld_stats = None
+        if kld:
+            if "kld" not in doc:
+                raise self.failure(rec, "wrote no KL divergence statistics")
+            kld_stats = _exact_kld_stats(doc["kld"])
+        return PerplexityResult(
+            ppl, ppl_err if ppl_err is not None else math.nan, chunk_ppls, doc["n_chunks"],
+            doc["n_ctx"], doc.get("tokens_per_s"), kld_stats, rec, out,
+        )  # fmt: skip
 
     def _perplexity_result(self, rec: CommandRecord, ctx: int, *, kld: bool) -> PerplexityResult:
         self._require_ok(rec)

@@ -4,6 +4,12 @@ Order: --llama-bin-dir / FQ_LLAMA_BIN_DIR, then PATH, then the cache; else build
 is keyed by the pinned source version and a hash of every CMake argument, serialized by a
 file lock, and made in a temporary directory renamed into place only when complete, so an
 interrupted build is never mistaken for a good one.
+
+One build serves both engines: llama.cpp is built with shared libraries, so the same tree
+holds the tools (`bin/`, RPATH `$ORIGIN/../lib`), the libraries they load (`lib/`: libllama,
+libggml*, libllama-common) and the sdist's own ctypes bindings for exactly this source
+(`python/llama_cpp`, unpacked, never built or installed), which fq_core.llama.logits uses
+for full-precision logits.
 """
 
 from __future__ import annotations
@@ -41,9 +47,15 @@ BUILD_TARGETS = REQUIRED_TOOLS + OPTIONAL_TOOLS
 # every instruction the CPU has (several times faster than the portable build). Because a home
 # directory can be shared between machines, a fingerprint of the CPU goes into the flags hash:
 # another CPU gets its own build instead of crashing on an illegal instruction.
+# Shared libraries: the tools and fq_core.llama.logits (ctypes) load the same libllama. The
+# tools find the libraries through their RPATH, relative to themselves, so the tree works from
+# the cache after the temporary build directory is gone (and when copied as a whole).
+LIB_RPATH = "$ORIGIN/../lib"
 BASE_CMAKE_ARGS = (
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=OFF",  # self-contained binaries: the bin dir can be copied as is
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+    f"-DCMAKE_INSTALL_RPATH={LIB_RPATH}",
     "-DGGML_NATIVE=ON",
     "-DGGML_CCACHE=OFF",
     "-DLLAMA_CURL=OFF",
@@ -62,14 +74,21 @@ _BUILD_TIMEOUT_S = 3 * 3600
 Progress = Callable[[str], None]
 
 
+LIBRARY = "libllama.so"  # what the bindings load from LLAMA_CPP_LIB_PATH
+BINDINGS = Path("llama_cpp") / "llama_cpp.py"
+
+
 @dataclass(frozen=True)
 class LlamaTools:
-    """A directory of llama.cpp executables and the version they report."""
+    """A directory of llama.cpp executables and the version they report; with a build made
+    by fq (shared libraries), also its libraries and the matching Python bindings."""
 
     bin_dir: Path
     version: str
     build_info: str
     source: str  # "flag" | "env" | "PATH" | "cache" | "built"
+    lib_dir: Path | None = None  # libllama.so and libggml*.so of this build
+    python_dir: Path | None = None  # holds llama_cpp/ (the sdist's ctypes bindings)
 
     def path(self, tool: str) -> Path:
         p = self.bin_dir / tool
@@ -80,17 +99,44 @@ class LlamaTools:
     def has(self, tool: str) -> bool:
         return _is_exe(self.bin_dir / tool)
 
+    @property
+    def has_library(self) -> bool:
+        return self.lib_dir is not None and self.python_dir is not None
+
+    def library(self) -> tuple[Path, Path]:
+        """(lib_dir, python_dir) for fq_core.llama.logits; ToolMissing when this llama.cpp has
+        no shared libraries and bindings (tools from PATH or --llama-bin-dir)."""
+        if self.lib_dir is None or self.python_dir is None:
+            raise ToolMissing(
+                f"the llama.cpp at {self.bin_dir} ({self.source}) has no {LIBRARY} and Python "
+                "bindings beside it: the logits engine needs fq's own build (run `fq setup` "
+                "without --llama-bin-dir / FQ_LLAMA_BIN_DIR, or point it at such a build's bin/)"
+            )
+        return self.lib_dir, self.python_dir
+
     def to_json(self) -> dict:
         return {
             "bin_dir": str(self.bin_dir),
             "version": self.version,
             "build_info": self.build_info,
             "source": self.source,
+            "lib_dir": str(self.lib_dir) if self.lib_dir else None,
+            "python_dir": str(self.python_dir) if self.python_dir else None,
         }
 
 
 def _is_exe(p: Path) -> bool:
     return p.is_file() and os.access(p, os.X_OK)
+
+
+def library_dirs(bin_dir: Path) -> tuple[Path | None, Path | None]:
+    """`<tree>/lib` and `<tree>/python` beside a bin dir laid out like fq's build, when both
+    are there (a lone libllama.so, e.g. /usr/local/lib, is no use without its bindings)."""
+    tree = bin_dir.parent
+    lib, py = tree / "lib", tree / "python"
+    if (lib / LIBRARY).is_file() and (py / BINDINGS).is_file():
+        return lib, py
+    return None, None
 
 
 def _has_required(bin_dir: Path) -> bool:
@@ -154,7 +200,11 @@ def tool_version(bin_dir: Path) -> tuple[str, str, CommandRecord]:
 
 def _tools_at(bin_dir: Path, source: str) -> LlamaTools:
     version, build_info, _ = tool_version(bin_dir)
-    return LlamaTools(bin_dir=bin_dir, version=version, build_info=build_info, source=source)
+    lib_dir, python_dir = library_dirs(bin_dir)
+    return LlamaTools(
+        bin_dir=bin_dir, version=version, build_info=build_info, source=source,
+        lib_dir=lib_dir, python_dir=python_dir,
+    )  # fmt: skip
 
 
 def locate(bin_dir: str | os.PathLike[str] | None = None) -> tuple[Path | None, str]:
@@ -170,7 +220,7 @@ def locate(bin_dir: str | os.PathLike[str] | None = None) -> tuple[Path | None, 
         if len(dirs) == 1:
             return dirs.pop(), "PATH"
     cached = cache_build_dir() / "bin"
-    if _has_required(cached):
+    if _has_required(cached) and library_dirs(cached) != (None, None):
         return cached, "cache"
     return None, "missing"
 
@@ -240,8 +290,8 @@ def build_llama(*, progress: Progress | None = None) -> Path:
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".build.lock")):
-        if _has_required(final / "bin"):  # another process finished it while we waited
-            return final / "bin"
+        if _has_required(final / "bin") and library_dirs(final / "bin") != (None, None):
+            return final / "bin"  # another process finished it while we waited
         t0 = time.monotonic()
         sdist = fetch_source(progress)
         with tempfile.TemporaryDirectory(dir=root, prefix=".building-") as tmp:
@@ -281,6 +331,9 @@ def build_llama(*, progress: Progress | None = None) -> Path:
                 if not _is_exe(built):
                     raise ToolMissing(f"the build finished but produced no {built}")
                 shutil.copy2(built, staged / "bin" / t)
+            libs = _stage_libraries(build_dir / "bin", staged / "lib")
+            _stage_bindings(top, staged / "python")
+            # runs the staged tool: proves the RPATH finds the staged libraries
             version, build_info, _ = tool_version(staged / "bin")
             (staged / "build.json").write_text(
                 json.dumps(
@@ -289,6 +342,8 @@ def build_llama(*, progress: Progress | None = None) -> Path:
                         "sdist": str(sdist),
                         "cmake_args": list(cmake_args()),
                         "targets": list(BUILD_TARGETS),
+                        "libraries": libs,
+                        "bindings": str(BINDINGS),
                         "version": version,
                         "build_info": build_info,
                         "build_seconds": round(time.monotonic() - t0, 1),
@@ -302,6 +357,29 @@ def build_llama(*, progress: Progress | None = None) -> Path:
             os.replace(staged, final)  # atomic: the tree appears only when complete
         _say(progress, f"llama.cpp {version} built in {time.monotonic() - t0:.0f} s: {final}")
         return final / "bin"
+
+
+def _stage_libraries(built: Path, dest: Path) -> list[str]:
+    """Every shared library the build made (with its soname links, kept as links)."""
+    dest.mkdir(parents=True)
+    names = []
+    for p in sorted(built.iterdir()):
+        if p.name.startswith("lib") and (p.name.endswith(".so") or ".so." in p.name):
+            shutil.copy2(p, dest / p.name, follow_symlinks=False)
+            names.append(p.name)
+    if not (dest / LIBRARY).exists():
+        raise ToolMissing(f"the build finished but produced no {built / LIBRARY}")
+    return names
+
+
+def _stage_bindings(sdist_top: Path, dest: Path) -> None:
+    """The sdist's pure-Python llama_cpp package: the ctypes bindings of this exact source."""
+    src = sdist_top / "llama_cpp"
+    if not (sdist_top / BINDINGS).is_file():
+        raise ToolMissing(f"the sdist has no {BINDINGS}")
+    shutil.copytree(
+        src, dest / "llama_cpp", ignore=shutil.ignore_patterns("__pycache__", "lib", "*.so")
+    )
 
 
 def build_record(bin_dir: Path) -> dict | None:
