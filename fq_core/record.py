@@ -339,7 +339,7 @@ class Resolution(_Part, kw_only=True):
 
     metric: str  # "kld"
     engine: str  # how it was measured, in words
-    floor: Num  # the largest placebo's upper bound: what "no effect" measures here
+    floor: Num  # the largest placebo's mean KLD: what "no effect" measures here
     floor_detail: str
     effect: Interval | None = None  # the treatment's mean, with its interval
     excess: Interval | None = None  # treatment − mean of the placebos, paired per chunk

@@ -98,10 +98,10 @@ def resolution(
 ) -> Resolution:
     """The treatment's KLD against the floor its own method measured (the placebos).
 
-    Floor = the largest placebo's upper interval bound (its mean when no per-chunk values):
-    what this engine reports for a change no model should notice. The effect is resolved
-    when the paired excess over the placebos lies above zero; otherwise it is stated as an
-    upper bound, never as zero."""
+    Floor = the largest placebo's mean KLD: what this engine reports for a change no model
+    should notice. The effect is resolved when the paired excess over the placebos lies above
+    zero (its interval, bootstrapped over chunks); otherwise it is stated as an upper bound —
+    the larger of the floor and the effect's upper interval bound — never as zero."""
     lead = f"{label}, " if label else ""
     if identical:
         return Resolution(metric="kld", engine=engine, floor=0.0,
@@ -109,16 +109,17 @@ def resolution(
                           ratio=None, resolved=None,
                           sentence=f"{lead}identical to the baseline (byte-identical file): "
                                    "no effect, proven by SHA-256")  # fmt: skip
-    bounds = []
+    means = []
     for chunks, mean in zip(placebo_chunks, placebo_means, strict=False):
         iv = mean_interval(chunks) if chunks else None
-        bounds.append(iv.high if iv is not None else mean)
-    bounds = [b for b in bounds if b is not None and math.isfinite(b)]
-    floor = max(bounds) if bounds else None
-    n = len(bounds)
+        means.append(iv.estimate if iv is not None else mean)
+    means = [m for m in means if m is not None and math.isfinite(m)]
+    floor = max(means) if means else None
+    n = len(means)
     floor_detail = (
-        f"largest upper {LEVEL:.0%} bound of {n} placebo{'s' if n != 1 else ''}' mean KLD"
-        if n else "not measured: no placebo ran"
+        f"the largest of {n} placebo{'s' if n != 1 else ''}' mean KLD (lowest mantissa bit "
+        "flipped in the same tensors, same engine and chunks)" if n else
+        "not measured: no placebo ran"
     )  # fmt: skip
     effect = mean_interval(treatment_chunks) if treatment_chunks else None
     if effect is None and treatment_mean is not None:
