@@ -4,7 +4,14 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-pytest_plugins = ["fq_pytest.plugin", "fq_pytest.markers", "fq_pytest.report", "fq_pytest.progress"]
+pytest_plugins = [
+    "fq_pytest.plugin",
+    "fq_pytest.markers",
+    "fq_pytest.report",
+    "fq_pytest.progress",
+    "fq_pytest.regression",
+    "fq_pytest.sweep",
+]
 
 # Hypothesis profiles for tests/ and experiments/: `ci` is derandomized (same examples every
 # run, so the gate never flakes); `deep` explores far wider locally: HYPOTHESIS_PROFILE=deep.

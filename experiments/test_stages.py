@@ -71,3 +71,11 @@ def test_agreement(fq_result):
 def test_speed(fq_result):
     """Perplexity throughput relative to the baseline; gates only with fq_speed_ratio_min."""
     _assert_check(fq_result, "speed")
+
+
+def test_regression(fq_regression):
+    """Every metric against the reference (--fq-compare): fails only when a metric is worse by
+    more than its tolerance and by more than twice its uncertainty; skipped without a reference."""
+    from fq_pytest.regression import regression_outcome
+
+    regression_outcome(fq_regression)

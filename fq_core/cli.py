@@ -299,8 +299,9 @@ def _add_report(sub) -> None:
         help="write test1_results.md and experiment_results.md (+ charts) from stored results",
     )
     p.add_argument(
-        "results_dir", metavar="RESULTS_DIR",
-        help="a run directory results/<run-id>/, or results/ (its newest run is used)",
+        "results_dir", metavar="RESULTS_DIR", nargs="+",
+        help="a run directory results/<run-id>/, or results/ (its newest run is used); "
+        "several: the shards of one sensitivity sweep, merged into one sensitivity report",
     )  # fmt: skip
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="where the reports and charts/ go")
     p.set_defaults(run=_run_report)
@@ -310,7 +311,12 @@ def _run_report(args) -> int:
     from .report import decisions, load_run
     from .report.markdown import write_reports
 
-    out = write_reports(args.results_dir, args.output_dir)
+    dirs = args.results_dir
+    # the sensitivity sweep's cells (results/<run-id>/sweep/cells/): one report over all dirs
+    sweep = _report_sweep(dirs, args.output_dir)
+    if len(dirs) > 1 or (sweep and not _has_stage_results(dirs[0])):
+        return 0
+    out = write_reports(dirs[0], args.output_dir)
     print(f"run: {out.run_dir}")
     for d in decisions(load_run(out.run_dir)):
         print(f"  {d.model}: {d.verdict} ({d.reason})")
@@ -320,6 +326,44 @@ def _run_report(args) -> int:
     if not out.later_stages:
         print("no results for stages 2-4 in this run (only Test 1): said so in the report")
     return 0
+
+
+def _has_stage_results(path) -> bool:
+    """A run directory with <stage>/<case>.json, or a results root holding one (a run's
+    sweep/ directory, with its cells one level deeper, is not a run)."""
+    from .report import is_run_dir
+    from .sweep import SWEEP_DIR
+
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    return is_run_dir(p) or any(is_run_dir(c) for c in p.iterdir() if c.name != SWEEP_DIR)
+
+
+def _report_sweep(dirs, output_dir) -> bool:
+    """The sensitivity report (fq_core.report.sensitivity) when the dirs hold sweep cells:
+    with several dirs every one must (the shards of one sweep, identities checked)."""
+    from .errors import BadInput
+    from .sweep import cells_dir
+
+    found = [d for d in dirs if cells_dir(d) is not None]
+    if len(dirs) > 1 and len(found) < len(dirs):
+        missing = next(d for d in dirs if d not in found)
+        raise BadInput(f"no sweep cells (sweep/cells/*.json) under {missing}: several "
+                       "RESULTS_DIRs are merged as shards of one sensitivity sweep")  # fmt: skip
+    if not found:
+        return False
+    from .report.sensitivity import write_report
+
+    rep = write_report(found, output_dir)
+    a = rep.analysis
+    where = "directory" if len(a.sources) == 1 else "directories"
+    print(f"sweep: {len(a.rows)} cells from {len(a.sources)} {where}: "
+          f"{', '.join(map(str, a.sources))}")  # fmt: skip
+    print(f"  {a.sentence}")
+    print(f"wrote {rep.html}")
+    print(f"wrote {rep.markdown} and {len(rep.charts)} charts to {rep.markdown.parent / 'charts'}")
+    return True
 
 
 def _add_llama_bin_dir(p) -> None:
@@ -392,6 +436,10 @@ def _run_doctor(args) -> int:
         for t in REQUIRED_TOOLS + OPTIONAL_TOOLS:
             ok = tools.has(t) or (None if t in OPTIONAL_TOOLS else False)
             line(ok, f"{t}: {tools.bin_dir / t}", "" if ok else "fq setup")
+        if tools.has_library:  # the exact engine (fq_core.llama.logits); optional
+            line(True, f"libllama + bindings (logits engine): {tools.lib_dir}, {tools.python_dir}")
+        else:
+            line(None, "libllama + bindings (logits engine): none beside these tools", "fq setup")
     except FqError as exc:
         line(False, f"llama.cpp: {exc}", "fq setup   (builds the pinned llama.cpp, ~5 min)")
     for name in REGISTRY:
@@ -698,9 +746,187 @@ def _run_inspect(args) -> int:
     return 0
 
 
+def _add_twin(sub) -> None:
+    p = sub.add_parser(
+        "twin",
+        help="write the float twin of a quantized GGUF (every quantized tensor dequantized)",
+    )
+    p.add_argument("model", metavar="MODEL", help="registry name or GGUF path")
+    p.add_argument(
+        "output", metavar="OUT", nargs="?",
+        help="GGUF to write (default: the per-user cache, made once and reused)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dtype", default="f32", choices=("f32", "f16", "bf16"),
+        help="what quantized tensors become: f32 (default: llama.cpp then keeps activations "
+        "in F32) or f16/bf16 (half the size, faster, but activations rounded to F16/BF16)",
+    )  # fmt: skip
+    p.add_argument(
+        "--force", action="store_true",
+        help="replace an existing OUT (without OUT: make the cached twin again)",
+    )  # fmt: skip
+    p.set_defaults(run=_run_twin)
+
+
+def _run_twin(args) -> int:
+    from .models import resolve_model
+    from .twin import make_twin, manifest_path, twin_for, twin_path
+
+    model = resolve_model(args.model)
+    if args.output is not None:
+        args.outputs.expect(args.output, manifest_path(args.output))
+        manifest = make_twin(model.path, args.output, dtype=args.dtype, force=args.force)
+        path, note = Path(args.output), "wrote"
+    else:
+        path = twin_path(model, args.dtype)
+        args.outputs.expect(path, manifest_path(path))
+        ref = twin_for(model, args.dtype, rebuild=args.force)
+        manifest, path = ref.manifest, ref.path
+        note = "made" if ref.made else f"cached since {manifest.created_at}, reused"
+    print(f"{model.name}: {manifest.summary()} ({note})")
+    print(path)
+    return 0
+
+
+def _add_results_root(p) -> None:
+    p.add_argument(
+        "--results", metavar="DIR",
+        help="the results store run ids refer to (default: $FQ_RESULTS_DIR, else results)",
+    )  # fmt: skip
+
+
+def _add_reference(sub) -> None:
+    p = sub.add_parser(
+        "reference",
+        help="save a run's stage records as the reference (a small directory to commit) that "
+        "pytest --fq-compare and fq diff compare with",
+    )
+    p.add_argument("action", choices=("save",), help="save: copy the run's records into DIR")
+    p.add_argument(
+        "run_id", nargs="?", default="latest", metavar="RUN_ID",
+        help="a run id of the results store, `latest` (default) or a run directory",
+    )  # fmt: skip
+    p.add_argument(
+        "dir", nargs="?", default=None, metavar="DIR",
+        help="where the reference goes (default: fq-reference in the current directory)",
+    )  # fmt: skip
+    p.add_argument(
+        "--force", action="store_true",
+        help="replace the reference already in DIR; save a run that regressed against its own",
+    )  # fmt: skip
+    _add_results_root(p)
+    p.set_defaults(run=_run_reference)
+
+
+def _run_reference(args) -> int:
+    from . import history, regression
+    from .errors import BadInput
+
+    source = history.resolve(args.run_id, args.results)
+    dest = Path(args.dir) if args.dir else history.reference_dir()
+    regressed = [
+        f"{cmp.stage}/{cmp.case}"
+        for cmp in map(regression.read, sorted(source.path.glob("*/regression/*.json")))
+        if cmp.status == "regressed"
+    ]
+    if regressed and not args.force:
+        raise BadInput(
+            f"{source.label} regressed against its reference ({', '.join(regressed)}); "
+            "pass --force to make it the reference anyway"
+        )
+    saved = history.save_reference(source, dest, force=args.force, root=args.results)
+    cases = saved.manifest.cases
+    print(f"saved {source.label} as the reference in {saved.path} ({len(cases)} records)")
+    for c in cases:
+        note = "" if c.outcome == "passed" else f"  (outcome {c.outcome}: it is the reference now)"
+        print(f"  {c.stage}/{c.case}: {c.format}, model {c.model_sha256[:12]}…, "
+              f"llama.cpp {c.llama_version}{note}")  # fmt: skip
+    for line in saved.skipped:
+        print(f"  not saved: {line}")
+    print(f"commit it (git add {saved.path}); pytest --fq-compare compares with it from now on")
+    return 0
+
+
+def _add_diff(sub) -> None:
+    p = sub.add_parser(
+        "diff",
+        help="compare two runs (or saved references) stage x case: every metric, its change, "
+        "its uncertainty and the verdict; exit 1 on a regression",
+    )
+    p.add_argument("a", metavar="A", help="the reference: run id, `latest` or a directory")
+    p.add_argument("b", metavar="B", help="the run compared with it: run id or a directory")
+    p.add_argument(
+        "--compare-fail", action="append", metavar="EXPR",
+        help="tolerances as pytest --fq-compare-fail: METRIC:N%% (relative), METRIC:N "
+        "(absolute), METRIC:report or METRIC:off, comma-separated or repeated",
+    )  # fmt: skip
+    _add_results_root(p)
+    p.set_defaults(run=_run_diff)
+
+
+def _run_diff(args) -> int:
+    from . import history, regression
+
+    tolerances = regression.parse_tolerances(args.compare_fail)
+    a, b = history.resolve(args.a, args.results), history.resolve(args.b, args.results)
+    old = {(r.stage, r.case): r for r in a.records()}
+    new = {(r.stage, r.case): r for r in b.records()}
+    ma, mb = history.source_manifest(a), history.source_manifest(b)
+    print(f"A: {a.label}  {a.path}{_manifest_note(ma)}")
+    print(f"B: {b.label}  {b.path}{_manifest_note(mb)}")
+    order = {s: i for i, s in enumerate(_stage_order())}
+    keys = sorted(set(old) & set(new), key=lambda k: (order.get(k[0], 99), k[0], k[1]))
+    counts: dict[str, int] = {}
+    for key in keys:
+        cmp = regression.compare(
+            old[key], new[key], tolerances, reference_source=a.label,
+            reference_path=str(a.record_path(*key)),
+            reference_commit=_short_commit(ma), commit=_short_commit(mb),
+        )  # fmt: skip
+        counts[cmp.status] = counts.get(cmp.status, 0) + 1
+        print()
+        print(regression.render_table(cmp))
+        print(f"  → {cmp.summary}")
+    print()
+    only_a = [f"{s}/{c}" for s, c in sorted(set(old) - set(new))]
+    only_b = [f"{s}/{c}" for s, c in sorted(set(new) - set(old))]
+    if only_a:
+        print(f"only in A: {', '.join(only_a)}")
+    if only_b:
+        print(f"only in B: {', '.join(only_b)}")
+    if not keys:
+        print("no stage x case is in both: nothing compared")
+        return 0
+    tally = ", ".join(f"{n} {s}" for s, n in counts.items())
+    print(f"{len(keys)} compared: {tally}")
+    return 1 if counts.get("regressed") else 0
+
+
+def _stage_order() -> list[str]:
+    from .stages import STAGES
+
+    return [s.id for s in STAGES]
+
+
+def _short_commit(manifest) -> str | None:
+    if manifest is None or manifest.git.commit is None:
+        return None
+    return manifest.git.commit[:12] + (" (dirty)" if manifest.git.dirty else "")
+
+
+def _manifest_note(manifest) -> str:
+    if manifest is None:
+        return ""
+    parts = [f"started {manifest.started_at}"]
+    if manifest.git.commit:
+        parts.append(f"commit {_short_commit(manifest)}")
+    parts.append(f"on {manifest.host.hostname}")
+    return "  (" + ", ".join(parts) + ")"
+
+
 COMMANDS: list = [
     _add_models, _add_fetch, _add_report, _add_setup, _add_doctor, _add_evaluate,
-    _add_quantize, _add_compare, _add_inspect,
+    _add_quantize, _add_compare, _add_inspect, _add_twin, _add_reference, _add_diff,
 ]  # fmt: skip
 
 if __name__ == "__main__":

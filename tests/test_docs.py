@@ -239,10 +239,11 @@ class _OptionRecorder:
 
 @pytest.fixture(scope="module")
 def plugin_options() -> _OptionRecorder:
-    from fq_pytest import plugin
+    from fq_pytest import plugin, regression
 
     rec = _OptionRecorder()
     plugin.pytest_addoption(rec)
+    regression.pytest_addoption(rec)
     assert rec.flags and rec.inis
     return rec
 

@@ -145,23 +145,23 @@ def test_impossible_threshold_closes_the_gate_for_real(tmp_path):
             sys.executable, "-m", "pytest", "experiments/test_stages.py", "-p", "no:cacheprovider",
             "-p", "no:randomly", "-q", "--fq-model", "smollm2-135m", "--fq-chunks", "2",
             "--fq-placebo-seeds", "0", "--fq-gen-tokens", "4", "--fq-ppl-delta-max", "0",
-            "--fq-run-id", "gate-closes", f"--junitxml={junit}",
+            "--fq-twin", "deployed", "--fq-run-id", "gate-closes", f"--junitxml={junit}",
         ],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = _junit_cases(junit)
-    assert len(cases) == 36, sorted(cases)
+    assert len(cases) == 40, sorted(cases)  # 10 checks (regression included) × 4 stages
     assert cases["test_perplexity[layer0-smollm2-135m]"][0] == "failure"
     assert "perplexity delta" in cases["test_perplexity[layer0-smollm2-135m]"][1]
     for check in ("quantize", "numeric", "load", "generate", "kld"):
         assert cases[f"test_{check}[layer0-smollm2-135m]"][0] == "passed", check
     # no threshold set and no control run: these asserted nothing, so none shows as PASSED
-    for check in ("agreement", "speed", "placebo"):
+    for check in ("agreement", "speed", "placebo", "regression"):
         outcome, message = cases[f"test_{check}[layer0-smollm2-135m]"]
         assert outcome == "skipped", (check, outcome, message)
     later = {n: c for n, c in cases.items() if "layer0-" not in n}
-    assert len(later) == 27
+    assert len(later) == 30
     for name, (outcome, message) in later.items():
         assert outcome == "skipped", name
         assert "gate: Test 1 has not passed for smollm2-135m: perplexity delta" in message
@@ -202,7 +202,7 @@ def test_placebo_verdict_wording(treatment, placebos, ratio, verdict):
 
 
 def test_dash_k_gate_selects_only_test_1(tmp_path):
-    """`pytest -k layer0` (make gate) collects Test 1's nine checks per model and answer
+    """`pytest -k layer0` (make gate) collects Test 1's ten checks per model and answer
     (deployed and -twin), and nothing else."""
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-k", "layer0",
@@ -211,6 +211,6 @@ def test_dash_k_gate_selects_only_test_1(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ids = [ln for ln in proc.stdout.splitlines() if "::" in ln]
-    assert len(ids) == 9 * 2 * 2, ids
+    assert len(ids) == 10 * 2 * 2, ids
     assert all(i.startswith("experiments/test_stages.py::") and "[layer0-" in i for i in ids), ids
-    assert sum(i.endswith("-twin]") for i in ids) == 9 * 2, ids
+    assert sum(i.endswith("-twin]") for i in ids) == 10 * 2, ids
