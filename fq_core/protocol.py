@@ -120,6 +120,7 @@ def header(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dic
             "version": ctx.tools.version,
             "build_info": ctx.tools.build_info,
             "bin_dir": str(ctx.tools.bin_dir),
+            "instruction_set": getattr(ctx.tools, "instruction_set", None),
         },
         "fq_version": __version__,
         "machine": machine_json(),

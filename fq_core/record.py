@@ -66,6 +66,9 @@ class LlamaInfo(_Part, kw_only=True):
     version: str
     build_info: str
     bin_dir: str
+    # native builds are bit-identical only on one CPU model; FQ_LLAMA_CPU=x86-64-v3 etc. on
+    # every CPU with that level (None: tools not built by fq, the instruction set unknown)
+    instruction_set: str | None = None
 
 
 class MachineInfo(_Part, kw_only=True):

@@ -491,7 +491,10 @@ def identity_differences(
         ("corpus SHA-256", ref.corpus.sha256, now.corpus.sha256, True),
         ("llama.cpp version", ref.llama.version, now.llama.version, True),
         ("llama.cpp build", ref.llama.build_info, now.llama.build_info, True),
-        ("CPU", ref.machine.cpu, now.machine.cpu, True),
+        ("llama.cpp instruction set", ref.llama.instruction_set, now.llama.instruction_set,
+         True),
+        # a native build's kernels follow the CPU; a fixed level (FQ_LLAMA_CPU) does not
+        ("CPU", ref.machine.cpu, now.machine.cpu, not _fixed_level(ref, now)),
         ("KLD logits", _exact(ref), _exact(now), True),
     ]  # fmt: skip
     a, b = msgspec.to_builtins(ref.settings), msgspec.to_builtins(now.settings)
@@ -520,6 +523,12 @@ def identity_differences(
             out.append(IdentityDifference(field=name, reference=sx, now=sy,
                                           affects_numbers=numbers))  # fmt: skip
     return tuple(out)
+
+
+def _fixed_level(ref: StageRecord, now: StageRecord) -> bool:
+    """Both built for one fixed instruction-set level: the CPU model does not change numbers."""
+    a, b = ref.llama.instruction_set, now.llama.instruction_set
+    return a is not None and a == b and not a.startswith("native")
 
 
 def _exact(r: StageRecord) -> str | None:

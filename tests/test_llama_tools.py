@@ -147,3 +147,26 @@ def test_the_build_flags_make_shared_libraries_with_a_relative_rpath():
     args = T.BASE_CMAKE_ARGS
     assert "-DBUILD_SHARED_LIBS=ON" in args and "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON" in args
     assert "-DCMAKE_INSTALL_RPATH=$ORIGIN/../lib" in args
+
+
+def test_fixed_instruction_set_level(monkeypatch):
+    """FQ_LLAMA_CPU=x86-64-v3: GGML_NATIVE off, the level's features on, and a key that does
+    not depend on this CPU (runners of one kind share the build and its numbers)."""
+    from fq_core.errors import BadInput
+    from fq_core.llama import tools
+
+    monkeypatch.delenv("FQ_LLAMA_CPU", raising=False)
+    native_args, native_key = tools.cmake_args(), tools.flags_hash()
+    assert "-DGGML_NATIVE=ON" in native_args and tools.instruction_set().startswith("native (")
+    monkeypatch.setenv("FQ_LLAMA_CPU", "x86-64-v3")
+    args = tools.cmake_args()
+    assert "-DGGML_NATIVE=OFF" in args and "-DGGML_AVX2=ON" in args
+    assert "-DGGML_NATIVE=ON" not in args and "-DGGML_AVX512=ON" not in args
+    key = tools.flags_hash()
+    assert key != native_key
+    monkeypatch.setattr(tools, "_cpu_fingerprint", lambda: "model name: another CPU")
+    assert tools.flags_hash() == key  # the CPU is not part of a fixed level's key
+    assert tools.instruction_set() == "x86-64-v3 (sse42, avx, avx2, bmi2, fma, f16c)"
+    monkeypatch.setenv("FQ_LLAMA_CPU", "pentium4")
+    with pytest.raises(BadInput, match="FQ_LLAMA_CPU='pentium4'"):
+        tools.cmake_args()

@@ -755,3 +755,25 @@ def test_fq_reference_save_refuses_a_run_that_regressed(tmp_path, capsys):
     status, _, _ = _cli(capsys, "reference", "save", "BAD", str(tmp_path / "ref"),
                         "--results", str(root), "--force")  # fmt: skip
     assert status == 0 and history.open_directory(tmp_path / "ref").run_id == "BAD"
+
+
+def _on(cpu: str, isa: str | None) -> dict:
+    return {"machine": {"hostname": "h", "cpu": cpu, "cores": 2, "python": "3.11",
+                        "platform": "Linux"},
+            "llama": dict(make_record()["llama"], instruction_set=isa)}  # fmt: skip
+
+
+def test_a_fixed_instruction_set_makes_the_cpu_model_irrelevant():
+    """FQ_LLAMA_CPU=x86-64-v3 on both runners: another CPU model runs the same kernels."""
+    level = "x86-64-v3 (sse42, avx, avx2, bmi2, fma, f16c)"
+    cmp = compare(rec(**_on("AMD EPYC", level)), rec("R2", **_on("Intel Xeon", level)))
+    fields = {d.field: d for d in cmp.identity}
+    assert not fields["CPU"].affects_numbers and cmp.same_identity
+
+
+def test_native_builds_on_other_cpus_are_not_the_same_identity():
+    a = rec(**_on("AMD EPYC", "native (avx, avx2, fma)"))
+    b = rec("R2", **_on("Intel Xeon", "native (avx, avx2, fma, avx512f)"))
+    fields = {d.field: d for d in compare(a, b).identity}
+    assert fields["CPU"].affects_numbers
+    assert fields["llama.cpp instruction set"].affects_numbers

@@ -66,6 +66,21 @@ BASE_CMAKE_ARGS = (
     "-DLLAMA_BUILD_TOOLS=ON",
 )
 
+# FQ_LLAMA_CPU picks the instruction set. `native` (default) is fastest, but its numbers are
+# bit-identical only on this CPU model; a fixed level gives every runner of one kind the same
+# kernels, so a reference made on one transfers to the others (CI runners differ in CPU).
+CPU_LEVELS: dict[str, tuple[str, ...]] = {
+    "x86-64-v2": ("SSE42",),
+    "x86-64-v3": ("SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C"),
+    "x86-64-v4": ("SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C", "AVX512"),
+}
+# what ggml's CPU backend may use, as /proc/cpuinfo names them (the native build's identity)
+_GGML_CPU_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512bw",
+    "avx512vl", "avx512dq", "avx512_vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+    "asimd", "sve", "i8mm", "dotprod",
+)  # fmt: skip
+
 _VERSION_TIMEOUT_S = 30
 _DOWNLOAD_TIMEOUT_S = 900
 _CONFIGURE_TIMEOUT_S = 600
@@ -88,6 +103,8 @@ class LlamaTools:
     build_info: str
     source: str  # "flag" | "env" | "PATH" | "cache" | "built"
     lib_dir: Path | None = None  # libllama.so and libggml*.so of this build
+    # what the build may execute ("native (avx2, …)" or "x86-64-v3 (…)"); None: not fq's build
+    instruction_set: str | None = None
     python_dir: Path | None = None  # holds llama_cpp/ (the sdist's ctypes bindings)
 
     def path(self, tool: str) -> Path:
@@ -163,16 +180,48 @@ def extra_cmake_args() -> tuple[str, ...]:
     return tuple(shlex.split(os.environ.get("FQ_LLAMA_CMAKE_ARGS", "")))
 
 
+def cpu_level() -> str:
+    """FQ_LLAMA_CPU: `native` (default) or a fixed level such as `x86-64-v3`."""
+    from ..errors import BadInput
+
+    level = os.environ.get("FQ_LLAMA_CPU", "").strip() or "native"
+    if level != "native" and level not in CPU_LEVELS:
+        raise BadInput(
+            f"FQ_LLAMA_CPU={level!r}: choose native or one of {', '.join(CPU_LEVELS)}"
+        )
+    return level
+
+
+def instruction_set(level: str | None = None) -> str:
+    """What the build may execute, in words: part of a record's identity (fq_core.regression)."""
+    level = level or cpu_level()
+    if level != "native":
+        return f"{level} ({', '.join(f.lower() for f in CPU_LEVELS[level])})"
+    flags: set[str] = set()
+    for line in _cpu_fingerprint().splitlines():
+        if line.split(":", 1)[0].strip() in ("flags", "Features"):
+            flags.update(line.split(":", 1)[1].split())
+    return f"native ({', '.join(f for f in _GGML_CPU_FLAGS if f in flags) or 'baseline'})"
+
+
 def cmake_args() -> tuple[str, ...]:
-    return BASE_CMAKE_ARGS + extra_cmake_args()
+    level = cpu_level()
+    if level == "native":
+        return BASE_CMAKE_ARGS + extra_cmake_args()
+    fixed = ("-DGGML_NATIVE=OFF", *(f"-DGGML_{f}=ON" for f in CPU_LEVELS[level]))
+    base = tuple(a for a in BASE_CMAKE_ARGS if a != "-DGGML_NATIVE=ON")
+    return base + fixed + extra_cmake_args()
 
 
 def flags_hash() -> str:
+    """The build's key. A native build is keyed by this CPU too; a fixed level is not, so
+    machines of one kind share it (and its numbers)."""
     h = hashlib.sha256()
     h.update(f"{PINNED_PACKAGE}=={PINNED_VERSION}\n".encode())
     h.update("\n".join(cmake_args()).encode())
     h.update(b"\n" + ",".join(BUILD_TARGETS).encode())
-    h.update(b"\n" + _cpu_fingerprint().encode())
+    if cpu_level() == "native":
+        h.update(b"\n" + _cpu_fingerprint().encode())
     return h.hexdigest()[:12]
 
 
@@ -201,9 +250,13 @@ def tool_version(bin_dir: Path) -> tuple[str, str, CommandRecord]:
 def _tools_at(bin_dir: Path, source: str) -> LlamaTools:
     version, build_info, _ = tool_version(bin_dir)
     lib_dir, python_dir = library_dirs(bin_dir)
+    built = build_record(bin_dir) or {}
+    isa = built.get("instruction_set")
+    if isa is None and built:  # a build made before the field existed: native, on this CPU
+        isa = instruction_set("native")
     return LlamaTools(
         bin_dir=bin_dir, version=version, build_info=build_info, source=source,
-        lib_dir=lib_dir, python_dir=python_dir,
+        lib_dir=lib_dir, python_dir=python_dir, instruction_set=isa,
     )  # fmt: skip
 
 
@@ -341,6 +394,7 @@ def build_llama(*, progress: Progress | None = None) -> Path:
                         "package": f"{PINNED_PACKAGE}=={PINNED_VERSION}",
                         "sdist": str(sdist),
                         "cmake_args": list(cmake_args()),
+                        "instruction_set": instruction_set(),
                         "targets": list(BUILD_TARGETS),
                         "libraries": libs,
                         "bindings": str(BINDINGS),
