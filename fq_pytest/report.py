@@ -1,7 +1,8 @@
 """pytest-html hooks: the go/no-go summary and per-test evidence.
 
 The summary opens with the decision per model (GO / NO-GO for moving past Test 1 and the
-checks that decided it), then every stage × model with its metrics, placebo comparison,
+checks that decided it) and, after `--fq-compare`, the comparison with the reference (status,
+summary, identity differences); then every stage × model with its metrics, placebo comparison,
 charts, thresholds, environment and commands. Each stage test carries its stage's table,
 the charts that belong to its check and the commands it depends on. Everything is read
 from the results store of this session's run (fq_pytest.plugin's run id); nothing is
@@ -106,6 +107,8 @@ def _stage_extras(item: pytest.Item) -> list[dict]:
     if result is None:
         return []
     check = getattr(item, "originalname", item.name).removeprefix("test_")
+    if check == "regression":  # not a check of the record: its comparison is in the summary
+        return []
     charts = _charts_for(check, result, run) if result.outcome != "skipped" else []
     commands = commands_for(check, result.record.commands)
     out = [extras.html(str(html.check_extra(check, result, charts, commands)))]
@@ -160,6 +163,9 @@ def _summary(prefix, summary, postfix, session) -> None:
     run = load_run(run_dir)
     decided = decisions(run)
     prefix.append(str(html.decision_block(decided, run)))
+    against = str(html.reference_block(run))  # empty unless --fq-compare stored comparisons
+    if against:
+        prefix.append(against)
     report = config.stash.get(_HTML_REPORT, None)
     if report is not None:
         report.title = f"{_TITLE}: " + ", ".join(f"{d.model} {d.verdict}" for d in decided)

@@ -2,7 +2,9 @@
 
 Nothing here runs llama.cpp or computes a metric; every figure comes from
 `results/<run-id>/<stage>/<model>.json` as the stage protocol stored it, so a report can be
-rebuilt from a results directory alone, on another machine, long after the run.
+rebuilt from a results directory alone, on another machine, long after the run. A
+comparison with a reference (`--fq-compare`) is read the same way, from
+`results/<run-id>/<stage>/regression/<case>.json`, as fq_core.regression stored it.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import checks
+from .. import checks, history, regression
 from .. import record as record_mod
 from ..errors import BadInput
 from ..record import StageRecord
+from ..regression import Comparison
 from ..stages import GATE_STAGE, STAGES
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,9 @@ class StageResult:
 
     path: Path
     record: StageRecord
+    #: the regression check's result for this stage × case (`--fq-compare`, `fq diff` stores
+    #: none), read from results/<run>/<stage>/regression/<case>.json; None when not compared
+    comparison: Comparison | None = None
 
     @property
     def stage(self) -> str:
@@ -94,6 +100,15 @@ class RunResults:
             )
         )
 
+    @property
+    def results_root(self) -> Path:
+        """The results store this run lives in (its earlier runs are the history charts')."""
+        return self.run_dir.parent
+
+    def compared(self) -> tuple[StageResult, ...]:
+        """The stage × case records that carry a comparison with a reference, in order."""
+        return tuple(r for r in self.in_order() if r.comparison is not None)
+
     def later_stages_present(self) -> bool:
         """True when any stage after Test 1 has a record that is not a gate skip."""
         return any(r.stage != GATE_STAGE.id and r.outcome != "skipped" for r in self.results)
@@ -123,8 +138,14 @@ def stage_sort_key(stage: str) -> tuple[int, str]:
     return (len(_STAGE_IDS), stage)
 
 
+def record_files(run_dir: Path) -> list[Path]:
+    """A run's stage records, `<stage>/<case>.json`. Not a results root's `<run>/run.json`
+    (fq_core.history's run manifest): without this, a root would pass for a run directory."""
+    return sorted(p for p in run_dir.glob("*/*.json") if p.name != history.MANIFEST_FILE)
+
+
 def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.glob("*/*.json"))
+    return path.is_dir() and bool(record_files(path))
 
 
 def latest_run_dir(results_root: Path, *, newer_than: float | None = None) -> Path | None:
@@ -139,7 +160,7 @@ def latest_run_dir(results_root: Path, *, newer_than: float | None = None) -> Pa
 
 
 def _newest_mtime(run_dir: Path) -> float:
-    return max((p.stat().st_mtime for p in run_dir.glob("*/*.json")), default=0.0)
+    return max((p.stat().st_mtime for p in record_files(run_dir)), default=0.0)
 
 
 def resolve_run_dir(path: str | Path) -> Path:
@@ -160,12 +181,28 @@ def load_run(run_dir: str | Path) -> RunResults:
     does not match the schema is BadInput naming the file and the field, never silently left
     out of the evidence."""
     run_dir = Path(run_dir)
-    results = [
-        StageResult(path=path, record=record_mod.read(path))
-        for path in sorted(run_dir.glob("*/*.json"))
-    ]
+    results = []
+    for path in record_files(run_dir):
+        rec = record_mod.read(path)
+        results.append(StageResult(path=path, record=rec, comparison=_comparison(run_dir, rec)))
     run_id = next((r.record.run_id for r in results), None)
     return RunResults(run_dir=run_dir, run_id=run_id or run_dir.name, results=tuple(results))
+
+
+def _comparison(run_dir: Path, rec: StageRecord) -> Comparison | None:
+    """The stored comparison of this stage × case (fq_core.history.comparison_path), or None.
+
+    One that cannot be read, or that belongs to another stage × case, is BadInput naming the
+    file: a regression must never drop out of the report silently."""
+    where = run_dir.resolve()
+    path = history.comparison_path(where.name, rec.stage, rec.case, where.parent)
+    if not path.is_file():
+        return None
+    cmp = regression.read(path)
+    if (cmp.stage, cmp.case) != (rec.stage, rec.case):
+        raise BadInput(f"{path}: a comparison of {cmp.stage}/{cmp.case}, stored for "
+                       f"{rec.stage}/{rec.case}")  # fmt: skip
+    return cmp
 
 
 def decide(run: RunResults, model: str) -> Decision:

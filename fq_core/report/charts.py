@@ -3,7 +3,9 @@
 Figures are built with `matplotlib.figure.Figure` (no pyplot state, no display needed), so
 charts can be drawn in pytest-xdist workers and in the `fq report` command alike. A chart
 with nothing to show (a stage that changed no element, a stage that never reached
-perplexity) comes back with `png=None` and a note saying why, never as an empty plot.
+perplexity) comes back with `png=None` and a note saying why, never as an empty plot. The
+history chart of a stage × model is the one chart read beyond the run: every run of the same
+results store that measured it (fq_core.history.runs_with), drawn only when there are two.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
-from ..record import Focus, as_float  # noqa: E402
+from .. import history  # noqa: E402
+from ..record import Focus, StageRecord, as_float  # noqa: E402
 from . import RunResults, StageResult  # noqa: E402
 
 _SIZE = (6.4, 3.4)
@@ -231,13 +234,129 @@ def stage_charts(r: StageResult) -> tuple[Chart, ...]:
     )
 
 
+@dataclass(frozen=True)
+class HistoryPoint:
+    """One run's record of a stage × case, as the history chart plots it."""
+
+    run_id: str
+    started_at: str
+    record: StageRecord
+
+
+def history_points(root: Path, stage: str, case: str) -> tuple[HistoryPoint, ...]:
+    """Every run under the results root with a measured record of this stage × case, oldest
+    first (fq_core.history.runs_with: unreadable and unmeasured records are passed over)."""
+    found = [HistoryPoint(src.run_id or src.path.name, rec.started_at, rec)
+             for src, rec in history.runs_with(stage, case, root)]  # fmt: skip
+    return tuple(reversed(found))
+
+
+_MAX_TICKS = 10
+
+
+def _tick(p: HistoryPoint) -> str:
+    when = p.started_at[:16].replace("T", " ")
+    return p.run_id if p.run_id.startswith(p.started_at[:4]) else f"{p.run_id}\n{when}"
+
+
+# (label, the treatment's value and its error, the placebo's min–max) of the history panels
+_HISTORY: tuple[tuple[str, Callable, Callable, Callable], ...] = (
+    (
+        "mean KLD",
+        lambda t: t.kld.mean if t.kld is not None else None,
+        lambda t: t.kld.mean_err if t.kld is not None else None,
+        lambda p: p.kld_mean,
+    ),
+    ("ΔPPL %", lambda t: t.delta_ppl_pct, lambda t: t.delta_ppl_pct_err, lambda p: p.delta_ppl_pct),
+)  # fmt: skip
+
+
+def _finite(x) -> float | None:
+    if x is None:
+        return None
+    v = as_float(x)
+    return v if isfinite(v) else None
+
+
+def history_chart(
+    r: StageResult,
+    root: Path,
+    *,
+    points: Sequence[HistoryPoint] | None = None,
+    reference_run: str | None = None,
+) -> Chart | None:
+    """Mean KLD and ΔPPL % of one stage × case over every run in the results store, each
+    run's placebo min–max as a grey band behind its point. None with fewer than two runs."""
+    pts = tuple(points) if points is not None else history_points(root, r.stage, r.model)
+    if len(pts) < 2:
+        return None
+    key, title = _slug(r.stage, r.model, "history"), "Mean KLD and ΔPPL % over the runs"
+    xs = list(range(len(pts)))
+    fig = Figure(figsize=(_SIZE[0], 5.2))
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, (label, pick, err_of, band_of) in zip(axes, _HISTORY, strict=True):
+        banded = False
+        vals: list[tuple[int, float, float | None]] = []
+        for x, p in zip(xs, pts, strict=True):
+            t, pl = p.record.treatment, p.record.placebo
+            band = band_of(pl) if pl is not None else None
+            lo, hi = (_finite(band.min), _finite(band.max)) if band is not None else (None, None)
+            if lo is not None and hi is not None:
+                ax.bar(x, hi - lo, bottom=lo, width=0.6, color=PLACEBO, alpha=0.3,
+                       label=None if banded else "placebo range (min–max over seeds)")  # fmt: skip
+                banded = True
+            v = _finite(pick(t)) if t is not None else None
+            if v is not None:
+                vals.append((x, v, _finite(err_of(t))))
+        if vals:
+            errs = [e if e is not None else 0.0 for _, _, e in vals]
+            ax.errorbar([x for x, _, _ in vals], [v for _, v, _ in vals], yerr=errs,
+                        marker="o", color=TREATMENT, capsize=3, label="treatment (± s.e.)",
+                        zorder=3)  # fmt: skip
+        for x, p in zip(xs, pts, strict=True):
+            if p.run_id == reference_run:
+                ax.axvline(x, color=BASELINE, linestyle=":", linewidth=1,
+                           label="reference run")  # fmt: skip
+        if pts[-1].run_id == r.record.run_id:
+            ax.axvspan(xs[-1] - 0.4, xs[-1] + 0.4, color=TREATMENT, alpha=0.06)
+        if label.startswith("Δ"):
+            ax.axhline(0, color="black", linewidth=0.6)
+        if not vals:
+            ax.text(0.5, 0.5, f"no run measured {label}", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=8, color=PLACEBO)  # fmt: skip
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 0.0), max(hi, 0.0))  # zero in view, as in the by-stage charts
+        ax.set_ylabel(label)
+    handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
+    if handles:
+        by_label = {}
+        for ax in axes:
+            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                by_label.setdefault(lab, h)
+        axes[0].legend(by_label.values(), by_label.keys(), fontsize=7)
+    step = -(-len(pts) // _MAX_TICKS)  # at most _MAX_TICKS labels; the newest always named
+    ticks = sorted(set(xs[::step]) | {xs[-1]})
+    if len(ticks) > 1 and ticks[-1] - ticks[-2] < step:
+        ticks.pop(-2)
+    axes[-1].set_xticks(ticks, [_tick(pts[x]) for x in ticks],
+                        rotation=30 if len(ticks) > 3 else 0,
+                        ha="right" if len(ticks) > 3 else "center", fontsize=7)  # fmt: skip
+    axes[-1].set_xlabel("run (oldest first; shaded: this run)")
+    axes[0].set_title(f"{_label(r)}: {len(pts)} runs", fontsize=9)
+    return Chart(key, f"{title} ({len(pts)} runs)", _png(fig))
+
+
 def run_charts(run: RunResults) -> dict[str, tuple[Chart, ...]]:
-    """Every chart of a run, keyed by "<stage>/<model>" and "<model>" for the cross-stage ones."""
+    """Every chart of a run, keyed by "<stage>/<model>" and "<model>" for the cross-stage ones.
+    A stage × model measured in two runs or more of the results store also gets its history
+    chart (mean KLD and ΔPPL % run by run)."""
     charts: dict[str, tuple[Chart, ...]] = {}
     for model in run.models:
         charts[model] = effect_vs_layers(run.for_model(model), model)
         for r in run.for_model(model):
-            charts[f"{r.stage}/{model}"] = stage_charts(r)
+            ref = r.comparison.reference_run_id if r.comparison is not None else None
+            past = history_chart(r, run.results_root, reference_run=ref)
+            charts[f"{r.stage}/{model}"] = stage_charts(r) + ((past,) if past else ())
     return charts
 
 

@@ -5,6 +5,8 @@ rows of `fq_core.report.rows`, the same rows the markdown reports render. Every 
 carries the stored value in `data-key`/`data-value`, so the report can be checked against the
 results JSON by machine, and shows it rounded for people. Placebo comparisons are the
 protocol's words, stored in the record ("within engine noise", "1.6× the largest placebo").
+Comparisons with a reference are shown as fq_core.regression stored them (status, summary,
+identity differences, each metric's change, uncertainty and verdict).
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ def style() -> Markup:
 def decision_block(decisions: Sequence[Decision], run: RunResults) -> Markup:
     """The first thing a reader sees: per model GO / NO-GO for moving past Test 1, and why."""
     return _m().decision_block(rows_mod.decision_views(run, decisions), GATE_STAGE)
+
+
+def reference_block(run: RunResults) -> Markup:
+    """Against the reference (`--fq-compare`): per stage × case the status, the summary line
+    and what differs in the identity; empty when nothing in the run was compared."""
+    block = rows_mod.reference_block(run)
+    return Markup("") if block is None else _m().reference_block(block)
 
 
 def answers_table(run: RunResults) -> Markup:

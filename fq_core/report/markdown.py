@@ -1,7 +1,10 @@
 """`fq report RESULTS_DIR OUTPUT_DIR`: the plan's markdown reports from a stored run.
 
 `test1_results.md` is the gate decision and its evidence; `experiment_results.md` compares
-all stages. Both link the same PNG charts (OUTPUT_DIR/charts/). A run with only Test 1 is
+all stages. Both link the same PNG charts (OUTPUT_DIR/charts/). When the run was compared
+with a reference (`--fq-compare`), both open with that comparison after the decision and
+every metrics table gets a "vs reference" column; a stage × model measured by two runs or
+more of the results store gets its history chart. A run with only Test 1 is
 normal (`pytest -k layer0`): the experiment report then says stages 2–4 have no results
 instead of failing.
 
@@ -54,7 +57,8 @@ def render_reports(run: RunResults) -> dict[str, bytes]:
     links = {c.key: f"{CHARTS}/{c.key}.png" for cs in all_charts.values() for c in cs if c.png}
     views = rows_mod.decision_views(run, decisions(run))
     answers = rows_mod.answer_rows(run)
-    common = {"run": run, "gate": GATE_STAGE, "decisions": views, "links": links}
+    common = {"run": run, "gate": GATE_STAGE, "decisions": views, "links": links,
+              "reference": rows_mod.reference_block(run)}  # fmt: skip
 
     blocks = []
     for model in run.models:

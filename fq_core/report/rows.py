@@ -5,11 +5,14 @@ same metrics, checks and environment. Every figure is read by attribute from
 `fq_core.record.StageRecord` — a misspelt field is an AttributeError here, never a blank —
 and formatted with `fq_core.figures.figure`. "—" means the record holds None (not measured);
 "" means the column does not apply to the row. Placebo comparisons are the protocol's words
-(`record.placebo.compared`), shown as stored, never derived here.
+(`record.placebo.compared`), shown as stored, never derived here; so are comparisons with
+a reference (fq_core.regression.Comparison: verdicts, changes, uncertainties, identity).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ import msgspec
 from .. import checks
 from ..figures import figure
 from ..record import Check, Command, Range, StageRecord, as_float
+from ..regression import METRICS, Comparison, IdentityDifference, MetricComparison, magnitude
 from ..stages import GATE_STAGE
 from . import Decision, RunResults, StageResult, decisions
 
@@ -126,14 +130,121 @@ class Row:
     threshold: str = ""
     check: str = ""  # the check deciding on this metric
     status: str = ""  # that check's status (MISSING: not recorded)
+    compares: tuple[str, ...] = ()  # the regression metrics (fq_core.regression) of this row
+    reference: tuple[RefCell, ...] = ()  # those metrics against the reference, when compared
 
     @property
     def tone(self) -> str:
         return tone(self.verdict)
 
 
-def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
-    """Every metric of one stage × model, in the order both reports show them."""
+# --- against the reference (fq_core.regression's stored Comparison) ---------------------------
+
+
+def reference_tone(verdict: str) -> str:
+    """How a regression verdict reads: worse (red), better (green), drift (amber: worse, but
+    within its tolerance), same (grey: within noise, reported only, not measured)."""
+    if verdict in ("regressed", "missing"):
+        return "worse"
+    if verdict in ("identical", "improved"):
+        return "better"
+    if verdict == "within tolerance":
+        return "drift"
+    return "same"
+
+
+def status_tone(status: str) -> str:
+    return {"regressed": "worse", "identical": "better", "passed": "better"}.get(status, "same")
+
+
+def _value(x: float | str | None) -> str | None:
+    """A stored number for a data attribute: repr, the stored word, or None."""
+    if x is None or isinstance(x, str):
+        return x
+    return repr(x)
+
+
+def change_text(m: MetricComparison) -> str:
+    """`+0.00182 (+30.6 %)`: the change in the metric's own format, relative change beside
+    (not for figures that are percentages themselves: ΔPPL %, same-top %)."""
+    metric = METRICS.get(m.metric)
+    d = m.change
+    if metric is None or d is None or isinstance(d, str) or not math.isfinite(d):
+        return m.shown[2]
+    if d == 0:
+        return "0"
+    show = metric.show
+    out = ("+" if d > 0 else "−") + magnitude(show, d)
+    pct = m.change_pct
+    if pct is not None and not isinstance(pct, str) and getattr(show, "suffix", "").strip() != "%":
+        out += f" ({pct:+.1f} %)".replace("-", "−")
+    return out
+
+
+@dataclass(frozen=True)
+class RefCell:
+    """One metric against the reference, as stored (fq_core.regression.MetricComparison):
+    `text` for people, the stored change, uncertainty and verdict for machines."""
+
+    metric: str
+    text: str
+    verdict: str
+    detail: str  # the comparison's own line: both values, the change, why this verdict
+    change: str | None  # data attributes: the stored numbers (repr), None = none
+    change_pct: str | None
+    uncertainty: str | None
+
+    @property
+    def tone(self) -> str:
+        return reference_tone(self.verdict)
+
+
+def reference_cell(m: MetricComparison, prefix: str = "") -> RefCell:
+    """`+0.00182 (+30.6 %) ±0.00126 REGRESSED`, `identical`, `−0.0002 ±0.0005 within noise`."""
+    if m.verdict == "identical":
+        body = "identical"
+    elif m.verdict in ("not measured", "off"):
+        body = m.verdict
+    elif m.verdict == "missing":
+        body = f"MISSING (reference {m.shown[0]})"
+    else:
+        parts = [change_text(m)]
+        if m.shown[3].startswith("±"):  # "exact" (deterministic) or "—" (nothing known): no ±
+            parts.append(m.shown[3])
+        parts.append("REGRESSED" if m.verdict == "regressed" else m.verdict)
+        body = " ".join(p for p in parts if p and p != MISSING) or m.verdict
+    return RefCell(
+        metric=m.metric, text=prefix + body, verdict=m.verdict, detail=m.detail,
+        change=_value(m.change), change_pct=_value(m.change_pct),
+        uncertainty=_value(m.uncertainty),
+    )  # fmt: skip
+
+
+def _with_reference(rows: Sequence[Row], cmp: Comparison | None) -> tuple[Row, ...]:
+    """Each row with its metrics against the reference; a compared metric no row shows (KLD
+    p99.9, RMS Δp, the placebo ratio) gets a row of its own. No comparison: rows unchanged."""
+    if cmp is None or not cmp.metrics:
+        return tuple(rows)
+    by_key = {m.metric: m for m in cmp.metrics}
+    out, used = [], set()
+    for row in rows:
+        cells = []
+        for key in row.compares:
+            if key in by_key:
+                m = by_key[key]
+                cells.append(reference_cell(m, "baseline: " if key == "baseline_ppl" else ""))
+                used.add(key)
+        out.append(dataclasses.replace(row, reference=tuple(cells)))
+    for m in cmp.metrics:
+        if m.metric not in used:
+            out.append(Row(m.label, treatment=Cell(m.shown[1]), compares=(m.metric,),
+                           reference=(reference_cell(m),)))  # fmt: skip
+    return tuple(out)
+
+
+def metric_rows(rec: StageRecord, comparison: Comparison | None = None) -> tuple[Row, ...]:
+    """Every metric of one stage × model, in the order both reports show them; with a
+    comparison, each beside its change against the reference."""
     k = f"{rec.stage}/{rec.case}"
     n, b, t, p, th = rec.numeric, rec.baseline, rec.treatment, rec.placebo, rec.thresholds
     kld = t.kld if t is not None else None
@@ -161,6 +272,7 @@ def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
             placebo=spread((r.changed for r in runs), ",d"),
             check="quantize",
             status=status("quantize"),
+            compares=("changed",),
         ),
         Row("max abs error", treatment=number(f"{k}/numeric/max_abs", n and n.max_abs, ".3e")),
         Row("mean abs error", treatment=number(f"{k}/numeric/mean_abs", n and n.mean_abs, ".3e")),
@@ -170,6 +282,7 @@ def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
             threshold=limit(th.max_rel_error, "g", op="<"),
             check="numeric",
             status=status("numeric"),
+            compares=("max_rel",),
         ),
         Row("mean rel error", treatment=number(f"{k}/numeric/mean_rel", n and n.mean_rel, ".3e")),
         Row(
@@ -181,6 +294,7 @@ def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
                 f"{k}/treatment/ppl", t and t.ppl, ".4f", more=f" ± {text(t and t.ppl_err, '.4f')}"
             ),
             placebo=spread((r.ppl for r in runs), ".4f"),
+            compares=("ppl", "baseline_ppl"),
         ),
         Row(
             "ΔPPL (absolute)",
@@ -200,6 +314,7 @@ def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
             threshold=limit(th.ppl_delta_max, ".1f", op="|Δ| <", scale=100, suffix=" %"),
             check="perplexity",
             status=status("perplexity"),
+            compares=("delta_ppl",),
         ),
         Row(
             "mean KLD (± err)",
@@ -214,6 +329,7 @@ def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
             threshold=limit(th.kld_mean_max, "g", op="≤"),
             check="kld",
             status=status("kld"),
+            compares=("kld",),
         ),
     ]
     for name, value in (
@@ -222,7 +338,8 @@ def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
         ("p99", kld and kld.p99),
         ("max", kld and kld.max),
     ):
-        rows.append(Row(f"KLD {name}", treatment=number(f"{k}/treatment/kld/{name}", value, ".3g")))
+        rows.append(Row(f"KLD {name}", treatment=number(f"{k}/treatment/kld/{name}", value, ".3g"),
+                        compares=(f"kld_{name}",)))  # fmt: skip
     rows.append(
         Row(
             "same top token",
@@ -234,6 +351,7 @@ def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
             threshold=limit(th.same_top_min, ".1f", op="≥", scale=100, suffix=" %"),
             check="kld",
             status=status("kld"),
+            compares=("same_top",),
         )
     )
     rows.append(
@@ -249,6 +367,7 @@ def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
             threshold=limit(th.agreement_min, ".1f", op="≥", scale=100, suffix=" %"),
             check="agreement",
             status=status("agreement"),
+            compares=("agreement",),
         )
     )
     ratio = t.speed_ratio if t is not None else None
@@ -265,9 +384,10 @@ def metric_rows(rec: StageRecord) -> tuple[Row, ...]:
             threshold=limit(th.speed_ratio_min, "g", op="≥", suffix="×"),
             check="speed",
             status=status("speed"),
+            compares=("speed",),
         )
     )
-    return tuple(rows)
+    return _with_reference(rows, comparison)
 
 
 def divergence(agr) -> str:
@@ -384,6 +504,13 @@ class StageView:
     settings: tuple[Pair, ...]
     environment: tuple[Pair, ...]
     commands: tuple[CommandRow, ...]
+    #: against the reference: the status line, and (when metrics were compared) the column
+    reference: ReferenceView | None = None
+
+    @property
+    def compared(self) -> bool:
+        """Whether the metrics table has its "vs reference" column."""
+        return any(row.reference for row in self.metrics)
 
 
 def stage_view(r: StageResult) -> StageView:
@@ -395,12 +522,96 @@ def stage_view(r: StageResult) -> StageView:
         layers=rec.layers,
         outcome=rec.outcome,
         skip_reason=rec.skip_reason,
-        metrics=metric_rows(rec),
+        metrics=metric_rows(rec, r.comparison),
         checks=tuple(rec.checks.items()),
         generations=generation_rows(rec),
         settings=setting_rows(rec),
         environment=environment_rows(rec),
         commands=command_rows(rec.commands),
+        reference=reference_view(r.comparison) if r.comparison is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class IdentityRow:
+    """What differs between the reference and this run in what produced them."""
+
+    field: str
+    reference: str
+    now: str
+    affects_numbers: bool  # False: host, threads, thresholds, fq version, git commit
+
+    @property
+    def text(self) -> str:
+        mark = "" if self.affects_numbers else " (does not change the numbers)"
+        return f"{self.field}: {self.reference} → {self.now}{mark}"
+
+
+@dataclass(frozen=True)
+class ReferenceView:
+    """One stage × case against its reference: the status and summary line as stored, the
+    identity differences, the note (same identity, different numbers)."""
+
+    stage: str
+    title: str
+    case: str
+    status: str  # identical | passed | regressed | not compared
+    summary: str
+    note: str | None
+    run_id: str
+    reference_run_id: str
+    reference_source: str
+    identity: tuple[IdentityRow, ...]
+    regressed: tuple[str, ...]  # the metrics that failed, by tolerance name
+    improved: tuple[str, ...]
+
+    @property
+    def tone(self) -> str:
+        return status_tone(self.status)
+
+
+def _identity_row(d: IdentityDifference) -> IdentityRow:
+    return IdentityRow(d.field, d.reference, d.now, d.affects_numbers)
+
+
+def reference_view(cmp: Comparison) -> ReferenceView:
+    return ReferenceView(
+        stage=cmp.stage, title=cmp.stage_title, case=cmp.case, status=cmp.status,
+        summary=cmp.summary, note=cmp.note, run_id=cmp.run_id,
+        reference_run_id=cmp.reference_run_id, reference_source=cmp.reference_source,
+        identity=tuple(_identity_row(d) for d in cmp.identity),
+        regressed=tuple(m.metric for m in cmp.regressions),
+        improved=tuple(m.metric for m in cmp.improvements),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ReferenceBlock:
+    """The summary's "Against the reference (run X)": every compared stage × case."""
+
+    reference_runs: tuple[str, ...]  # the reference run ids, as first seen
+    sources: tuple[str, ...]  # where they were read from ("reference fq-reference (run X)")
+    views: tuple[ReferenceView, ...]
+
+    @property
+    def heading(self) -> str:
+        runs = ", ".join(self.reference_runs)
+        return f"Against the reference (run{'s' if len(self.reference_runs) > 1 else ''} {runs})"
+
+    @property
+    def regressed(self) -> tuple[ReferenceView, ...]:
+        return tuple(v for v in self.views if v.status == "regressed")
+
+
+def reference_block(run: RunResults) -> ReferenceBlock | None:
+    """None when no stage × case of the run was compared (no `--fq-compare`)."""
+    views = tuple(reference_view(r.comparison) for r in run.compared())
+    if not views:
+        return None
+    return ReferenceBlock(
+        reference_runs=tuple(dict.fromkeys(v.reference_run_id for v in views)),
+        sources=tuple(dict.fromkeys(v.reference_source for v in views)),
+        views=views,
     )
 
 
