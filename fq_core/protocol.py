@@ -642,7 +642,19 @@ def run_stage(
     if not exp.keep_models:
         dst.unlink(missing_ok=True)
 
-    # 7. the selection-matched placebos
+    # 7. the selection-matched placebos: the engine's noise, against which an effect is read.
+    # A byte-identical file has no effect to read, so its placebos would be minutes for nothing.
+    if identical:
+        treatment_kld = ev.perplexity.kld.mean_kld if ev.perplexity.kld else None
+        data["placebo"] = _placebo_summary([], (), treatment_kld)
+        data["placebo"]["compared"] = _compared(data["numeric"], data["treatment"], data["placebo"])
+        data["resolution"] = _resolution(exp, ev, [], identical)
+        found["placebo"] = _check(
+            "skipped", "not run: the treated file is byte-identical to the baseline "
+            f"(SHA-256 {measured.sha256[:12]}…), so there is no effect to compare with the "
+            "engine's noise", gates=False,
+        )  # fmt: skip
+        return _finish(data, stage_, model, ctx, exp, dst)
     runs: list[dict] = []
     placebo_error = None
     try:

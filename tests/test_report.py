@@ -13,6 +13,7 @@ tests/record_factory.py, and feed `fq report` results files broken by hand.
 from __future__ import annotations
 
 import base64
+import html as html_lib
 import io
 import json
 import os
@@ -76,12 +77,12 @@ def real_run(tmp_path_factory):
                                         "out": proc.stdout, "err": proc.stderr,
                                         "run_dir": str(run_dir), "html": str(html)}))  # fmt: skip
     files = sorted(run_dir.glob("layer0/*.json"))
-    assert len(files) == len(MODELS), (
+    assert len(files) == 2 * len(MODELS), (  # as deployed and intrinsic (-twin)
         f"the stage run stored {len(files)} results (exit {proc.returncode}):\n"
         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     )
     assert html.is_file(), proc.stdout[-3000:]
-    results = {rec.model.name: rec for rec in map(record.read, files)}
+    results = {rec.case: rec for rec in map(record.read, files)}
     return {"proc": proc, "run_dir": run_dir, "html": html, "results": results, "tmp": tmp}
 
 
@@ -154,8 +155,9 @@ def test_report_opens_with_the_right_decision(real_run):
     dom = parse(text)
     blocks = {e["attrs"]["data-model"]: e for e in dom.elements if "fq-decision" in
               e["attrs"].get("class", "").split()}  # fmt: skip
-    assert set(blocks) == set(MODELS)
-    for model, result in real_run["results"].items():
+    assert set(blocks) == set(MODELS)  # one decision per model: the deployed Test 1's
+    for model in MODELS:
+        result = real_run["results"][model]
         verdict = expected_verdict(result)
         assert blocks[model]["attrs"]["data-verdict"] == verdict
         assert blocks[model]["text"].lstrip().startswith(verdict)
@@ -210,10 +212,33 @@ def test_placebo_comparison_in_words(real_run):
             assert words in text  # the protocol's own wording, shown as stored
         if r.numeric.changed == 0:
             assert compared.kld == "no element changed: the model is identical to the baseline"
-        else:
-            assert r.placebo.verdict in compared.kld
+            assert r.placebo.runs == ()  # a byte-identical file: no effect, no placebo run
+            continue
+        assert r.placebo.verdict in compared.kld
         kld = r.placebo.kld_mean
-        assert f"{kld.min:.5f} … {kld.max:.5f}" in text
+        assert f"{kld.min:.3g} … {kld.max:.3g}" in text
+
+
+def test_both_answers_with_their_floors(real_run):
+    """The report answers the plan's question twice per model: as deployed and intrinsic
+    (the float twin), each with its placebo, its floor and the protocol's one sentence."""
+    text = real_run["html"].read_text(encoding="utf-8")
+    assert "Two answers per stage" in text
+    for model in MODELS:
+        deployed, twin = real_run["results"][model], real_run["results"][f"{model}-twin"]
+        assert (deployed.variant, twin.variant) == ("deployed", "intrinsic")
+        assert twin.twin is not None and twin.twin.source_sha256 == deployed.model.sha256
+        for r in (deployed, twin):
+            assert r.resolution is not None
+            assert html_lib.escape(r.resolution.sentence, quote=False) in text
+    smol = real_run["results"]["smollm2-135m-twin"]
+    assert "identical to the baseline" in smol.resolution.sentence
+    gemma = real_run["results"]["gemma3-270m-twin"]
+    assert gemma.treatment.kld.exact and len(gemma.treatment.kld.chunk_means) == 2  # --fq-chunks
+    assert gemma.resolution.floor is not None and gemma.resolution.floor > 0
+    assert gemma.resolution.effect.low <= gemma.resolution.effect.estimate
+    # intrinsic KLD sits orders of magnitude below the deployed model's engine noise
+    assert gemma.treatment.kld.mean < 0.01 * real_run["results"]["gemma3-270m"].treatment.kld.mean
 
 
 def test_summary_images_decode_and_charts_are_written(real_run):

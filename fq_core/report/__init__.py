@@ -243,4 +243,10 @@ def decide(run: RunResults, model: str) -> Decision:
 
 
 def decisions(run: RunResults) -> tuple[Decision, ...]:
-    return tuple(decide(run, m) for m in run.models)
+    """One decision per model, from its deployed Test 1 (the default gate); from the
+    intrinsic one (`-twin`) only when the run measured nothing else for that model."""
+    cases = []
+    for base in sorted({r.base_model for r in run.results}):
+        deployed = any(r.base_model == base and r.variant == "deployed" for r in run.results)
+        cases.append(base if deployed else record_mod.case_name(base, "intrinsic"))
+    return tuple(decide(run, c) for c in cases)
