@@ -29,7 +29,7 @@ _TITLE = "fq-suite go/no-go report"
 _HTML_REPORT = pytest.StashKey[object]()
 
 # Which llama.cpp commands a check's verdict rests on, by the tool's file name.
-_PPL_TOOLS = ("llama-perplexity",)
+_PPL_TOOLS = ("llama-perplexity", "fq-logits")  # fq-logits: the exact engine (twin answer)
 _GEN_TOOLS = ("llama-completion", "llama-cli", "llama-simple", "llama-run")
 _CHECK_TOOLS = {
     "perplexity": _PPL_TOOLS,
@@ -69,7 +69,7 @@ def commands_for(check: str, commands: Sequence[Command]) -> list[Command]:
         return [c for c in commands if placebo(c)]
 
     def tool(c: Command) -> str:
-        return Path(c.argv[0]).name if c.argv else ""
+        return c.tool or (Path(c.argv[0]).name if c.argv else "")
 
     main = [c for c in commands if not placebo(c)]
     if check in _CHECK_TOOLS:
