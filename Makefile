@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.fq-installed
 SYSTEM := $(VENV)/.fq-system
 PYTEST_ARGS ?=
 
-.PHONY: gate test check test-latest lock lock-upgrade setup doctor lint clean
+.PHONY: gate test check sweep test-latest lock lock-upgrade setup doctor lint clean
 
 # The venv is built by uv from the hash-locked requirements.txt, so a run next month
 # installs exactly what this one did; a changed lock rebuilds it. System packages (apt) come
@@ -30,6 +30,14 @@ gate: setup
 
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The sensitivity sweep (experiments/test_sensitivity.py): the full plan the fq_sweep_* values
+# describe (default Gemma3, ffn_norm, every layer alone + the cumulative curve, BF16, both
+# variants) -> reports/sensitivity.html, .md, .json and charts/. Cells are cached: a wider or
+# interrupted sweep runs only new cells. Its pytest-html report goes to reports/sweep.html.
+sweep: setup
+	$(BIN)/pytest -m sweep --fq-sweep-plan full --html=reports/sweep.html \
+	  --benchmark-json=reports/sweep-benchmark.json $(PYTEST_ARGS)
 
 # The offline tier: builds nothing, downloads nothing (empty cache and no network are fine).
 # Its report and benchmark figures go beside, not over, those of `make gate` / `make test`.

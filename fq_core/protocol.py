@@ -141,7 +141,11 @@ def header(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dic
 
 
 def skipped_result(
-    stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment, reason: str,
+    stage_: Stage,
+    model: ModelRef,
+    ctx: Context,
+    exp: Experiment,
+    reason: str,
     variant: str = "deployed",
 ) -> StageRecord:
     """The result of a stage the gate closed: stored so the report can say why it did not run."""
@@ -601,8 +605,10 @@ def run_stage(
         fail_rest("treated model not evaluated (llama.cpp failed)", CHECKS)
         return _finish(data, stage_, model, ctx, exp, dst)
     cmp = _evaluate().compare(baseline, ev)
-    data["commands"] += [dict(c, cached=treatment_cached)
-                         for c in _commands("treatment", [] if identical else ev.commands())]
+    data["commands"] += [
+        dict(c, cached=treatment_cached)
+        for c in _commands("treatment", [] if identical else ev.commands())
+    ]
     data["treatment"] = _treatment_json(ev, cmp)
     data["treatment"]["identical_to_baseline"] = identical
     if identical:  # nothing ran: no speed or load time of its own to report

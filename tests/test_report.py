@@ -298,8 +298,9 @@ def test_each_stage_test_carries_its_evidence(real_run):
             decode_png(base64.b64decode(x["content"].split(",", 1)[1]))
         if check == "perplexity":
             assert images, "the perplexity test carries the per-chunk PPL chart"
-            ppl_cmds = [c for c in result.commands  # the exact engine for the twin
-                        if (c.tool or Path(c.argv[0]).name) in ("llama-perplexity", "fq-logits")]  # fmt: skip
+            engines = ("llama-perplexity", "fq-logits")  # fq-logits: the twin's exact engine
+            ppl_cmds = [c for c in result.commands
+                        if (c.tool or Path(c.argv[0]).name) in engines]  # fmt: skip
             assert ppl_cmds
             for c in ppl_cmds:
                 assert c.argv[0] in html_extra

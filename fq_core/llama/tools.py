@@ -186,9 +186,7 @@ def cpu_level() -> str:
 
     level = os.environ.get("FQ_LLAMA_CPU", "").strip() or "native"
     if level != "native" and level not in CPU_LEVELS:
-        raise BadInput(
-            f"FQ_LLAMA_CPU={level!r}: choose native or one of {', '.join(CPU_LEVELS)}"
-        )
+        raise BadInput(f"FQ_LLAMA_CPU={level!r}: choose native or one of {', '.join(CPU_LEVELS)}")
     return level
 
 

@@ -230,22 +230,43 @@ def _scale(ax, rows: Sequence[Row]) -> None:
         ax.set_yscale("log")
 
 
+def _excess_panel(ax, xs, rows: Sequence[Row]) -> None:
+    """What the ranking compares: treatment − mean placebo, paired per chunk, with its
+    interval; zero = no more than the engine's own noise."""
+    ys, lo, hi = [], [], []
+    for r in rows:
+        iv = r.record.resolution.excess if r.record.resolution is not None else None
+        v = as_float(iv.estimate) if iv is not None else math.nan
+        low = as_float(iv.low) if iv is not None and iv.low is not None else v
+        high = as_float(iv.high) if iv is not None and iv.high is not None else v
+        ys.append(v)
+        lo.append(max(0.0, v - low) if math.isfinite(v) else 0.0)
+        hi.append(max(0.0, high - v) if math.isfinite(v) else 0.0)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.errorbar(xs, ys, yerr=[lo, hi], fmt="s", color=TREATMENT, capsize=3, markersize=4,
+                label="excess over placebo, paired (95% interval)")  # fmt: skip
+    ax.set_ylabel("excess KLD", fontsize=8)
+    ax.legend(fontsize=7)
+
+
 def layer_curve(key: str, title: str, rows: Sequence[Row], fmt: str) -> Chart:
     rows = sorted((r for r in rows if r.cell.series == "layer"), key=lambda r: r.cell.layer)
     if len(rows) < 2:
         return Chart(key, title, None, "fewer than two single-layer cells: no curve")
     xs = [r.cell.layer for r in rows]
-    fig = Figure(figsize=_DPI_SIZE)
-    ax = fig.subplots()
+    fig = Figure(figsize=(_DPI_SIZE[0], _DPI_SIZE[1] * 1.6))
+    ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     _band(ax, xs, rows)
     _errorbars(ax, xs, rows, f"{fmt}, one layer alone (95% interval)")
     _scale(ax, rows)
-    ax.set_xlabel("layer")
     ax.set_ylabel("mean KLD")
-    ax.set_xticks(xs)
-    ax.tick_params(labelsize=7)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
+    _excess_panel(ax2, xs, rows)
+    ax2.set_xlabel("layer")
+    ax2.set_xticks(xs)
+    for a in (ax, ax2):
+        a.tick_params(labelsize=7)
     return Chart(key, title, _png(fig))
 
 
