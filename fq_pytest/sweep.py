@@ -1,0 +1,401 @@
+"""pytest wiring of the sensitivity sweep (experiments/test_sensitivity.py); logic in fq_core.sweep.
+
+- Options: `fq_sweep_*` ini values, each also a `--fq-sweep-…` flag, and `--fq-gpu-layers`.
+- Which plan: `fq_sweep_plan = smoke` (default: what plain `pytest` and CI run — Gemma3,
+  ffn_norm, layers 0-1, BF16, deployed, 2 chunks, ≈ 1 min) or `full` (`make sweep`: the axes the
+  other `fq_sweep_*` values give). A `--fq-sweep-…` axis flag without `--fq-sweep-plan full` is
+  a usage error, never silently ignored.
+- One test per cell, id naming every axis (`gemma3-270m-ffn_norm-blk03-bf16-deployed`,
+  `…-first04-…` for the cumulative curve); all carry the `sweep` marker, so `-m sweep` runs
+  only the sweep and `-m "not sweep"` none of it. Ordered by model, variant, format, kind,
+  layer (the baseline is made once, first; pytest-split shards get contiguous runs).
+- Progress: each cell runs inside `progress.context(stage="sweep i/n · ETA …")`.
+- At the end of the session (controller only): reports/sensitivity.html and .md (beside the
+  HTML report) from this run's cells, and a section in the pytest-html report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fq_pytest.plugin import SESSION, Option, _choice, _optional, _pos_int, model_id
+
+log = logging.getLogger(__name__)
+
+PLANS = ("smoke", "full")
+SWEEP = pytest.StashKey["SweepSession"]()
+
+
+def _text(t: str) -> str:
+    if not t.strip():
+        raise ValueError("must not be empty")
+    return " ".join(t.split())
+
+
+def _onoff(t: str) -> bool:
+    v = t.strip().lower()
+    if v in ("on", "yes", "true", "1"):
+        return True
+    if v in ("off", "no", "false", "0"):
+        return False
+    raise ValueError("on or off")
+
+
+def _rate(t: str) -> float:
+    v = float(t)
+    if not 0 < v < 1:
+        raise ValueError("a false discovery rate between 0 and 1")
+    return v
+
+
+def _gpu(t: str) -> int:
+    v = int(t)
+    if v < 0:
+        raise ValueError("must be ≥ 0")
+    return v
+
+
+def _options() -> tuple[Option, ...]:
+    return (
+        Option("fq_sweep_plan", "smoke",
+               "which sweep experiments/test_sensitivity.py runs (default smoke: Gemma3, "
+               "ffn_norm, layers 0-1, bf16, deployed, 2 chunks, about a minute, so plain pytest "
+               "and CI cover the machinery; full: the sweep the other fq_sweep_* values "
+               "describe, as `make sweep` runs it)", _choice(PLANS)),
+        Option("fq_sweep_models", "gemma3-270m",
+               "full sweep: models (registry names or GGUF paths, space-separated; default "
+               "gemma3-270m, whose norms BF16 truncation changes — SmolLM2's are BF16-exact)",
+               _text),
+        Option("fq_sweep_kinds", "ffn_norm",
+               "full sweep: F32 tensor kinds, space-separated, or all = every F32 kind the "
+               "model has (Gemma3: attn_norm attn_q_norm attn_k_norm post_attention_norm "
+               "ffn_norm post_ffw_norm output_norm); default ffn_norm, the plan's", _text),
+        Option("fq_sweep_formats", "bf16",
+               "full sweep: formats (bf16 fp16 fp8_e4m3 fp8_e5m2 int8, each optionally "
+               "/truncate or /nearest; all = every one; default bf16 with fq_rounding)", _text),
+        Option("fq_sweep_layers", "all",
+               "full sweep: layers, each alone (the --layers grammar: all, 3, 0-5, 0,4,9; "
+               "default all)", _text),
+        Option("fq_sweep_variants", "both",
+               "full sweep: deployed (the quantized model via llama-perplexity), intrinsic (its "
+               "float twin via full-precision logits, ~4x the cost) or both (default)",
+               _choice(("both", "deployed", "intrinsic"))),
+        Option("fq_sweep_cumulative", "on",
+               "full sweep: also the cumulative curve, the first 1, 2, 4, ... N layers together "
+               "per kind, format and variant (default on)", _onoff),
+        Option("fq_sweep_chunks", "",
+               "full sweep: chunks per run (default unset = fq_chunks; the smoke plan uses 2)",
+               _optional(_pos_int)),
+        Option("fq_sweep_fdr", "0.05",
+               "false discovery rate q of the Benjamini-Hochberg control over all cells of a "
+               "sensitivity report (default 0.05)", _rate),
+        Option("fq_gpu_layers", "",
+               "layers llama.cpp offloads to the GPU in sweep runs (-ngl; default unset = "
+               "not passed: a CPU build runs on the CPU). Needs a GPU build "
+               "(FQ_LLAMA_CMAKE_ARGS=-DGGML_CUDA=ON). GPU results are not bit-identical to "
+               "CPU ones: the backend is part of every cache key, so each backend has its own "
+               "references", _optional(_gpu)),
+    )  # fmt: skip
+
+
+AXIS_OPTIONS = ("fq_sweep_models", "fq_sweep_kinds", "fq_sweep_formats", "fq_sweep_layers",
+                "fq_sweep_variants", "fq_sweep_cumulative", "fq_sweep_chunks")  # fmt: skip
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup(
+        "fq-sweep", "fq-suite sensitivity sweep (experiments/test_sensitivity.py)"
+    )
+    for opt in _options():
+        shown = opt.default or "unset"
+        group.addoption(opt.flag, dest=opt.name, default=None, metavar="VALUE",
+                        help=f"{opt.help} [ini {opt.name}, default {shown}]")  # fmt: skip
+        parser.addini(opt.name, opt.help, default=opt.default)
+
+
+def option_values(config: pytest.Config) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for opt in _options():
+        given = config.getoption(opt.name)
+        text = str(given if given is not None else config.getini(opt.name)).strip()
+        try:
+            values[opt.name] = opt.parse(text)
+        except ValueError as exc:
+            raise pytest.UsageError(f"{opt.flag} / {opt.name} = {text!r}: {exc}") from None
+    if values["fq_sweep_plan"] != "full":
+        given = [o.flag for o in _options() if o.name in AXIS_OPTIONS
+                 and config.getoption(o.name) is not None]  # fmt: skip
+        if given:
+            raise pytest.UsageError(
+                f"{', '.join(given)} set(s) the full sweep's axes: add --fq-sweep-plan full "
+                "(the default smoke plan is fixed)"
+            )
+    return values
+
+
+def plan_from(values: dict[str, Any], rounding: str):
+    from fq_core import sweep
+
+    if values["fq_sweep_plan"] == "smoke":
+        return sweep.SMOKE
+    try:
+        formats = sweep.parse_formats(values["fq_sweep_formats"], rounding)
+        variants = sweep.parse_variants(values["fq_sweep_variants"])
+    except Exception as exc:
+        raise pytest.UsageError(str(exc)) from None
+    return sweep.Plan(
+        name="full",
+        models=tuple(values["fq_sweep_models"].split()),
+        kinds=tuple(values["fq_sweep_kinds"].replace(",", " ").split()),
+        formats=formats,
+        layers=values["fq_sweep_layers"],
+        variants=variants,
+        cumulative=values["fq_sweep_cumulative"],
+        chunks=values["fq_sweep_chunks"],
+    )
+
+
+@dataclass(frozen=True)
+class SweepCase:
+    model: str  # as given
+    cell: Any  # fq_core.sweep.Cell, or None when the model was not available at collection
+    reason: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.cell.id if self.cell is not None else f"{model_id(self.model)}-not-collected"
+
+
+class SweepSession:
+    """Per-process state: the plan, the runner (with --fq-gpu-layers), progress counters."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.values = option_values(config)
+        self._plan = None
+        self._runner = self._tools = None
+        self.total = 0  # sweep items selected in this process
+        self.done = 0
+        self.computed_s: list[float] = []  # wall time of cells not from the cache
+
+    @property
+    def fq(self):
+        return self.config.stash[SESSION]
+
+    @property
+    def plan(self):
+        if self._plan is None:
+            self._plan = plan_from(self.values, self.fq.values["fq_rounding"])
+        return self._plan
+
+    @property
+    def tools(self):
+        if self._tools is None:
+            from fq_core.sweep import tools_for_backend
+
+            self._tools = tools_for_backend(self.fq.tools, self.values["fq_gpu_layers"])
+        return self._tools
+
+    @property
+    def runner(self):
+        if self._runner is None:
+            from fq_core.llama.runner import LlamaRunner
+
+            # threads as the settings say: evaluate._runner_for would otherwise replace this
+            # runner (and drop its gpu_layers)
+            self._runner = LlamaRunner(self.tools, threads=self.fq.experiment.settings.threads,
+                                       gpu_layers=self.values["fq_gpu_layers"])  # fmt: skip
+        return self._runner
+
+    def context(self):
+        from fq_core.stages import Context
+
+        fq = self.fq
+        return Context(fq.run_id, self.runner, self.tools, fq.corpus, fq.root)
+
+    def cases(self) -> list[SweepCase]:
+        from fq_core import sweep
+        from fq_core.errors import FqError
+        from fq_core.gguf_index import read_index
+        from fq_core.models import resolve_model
+
+        out: list[SweepCase] = []
+        for m in dict.fromkeys(self.plan.models):
+            try:  # collection never downloads: `make check` collects offline
+                ref = resolve_model(m, fetch=False)
+            except FqError as exc:
+                out.append(SweepCase(m, None, f"{m} was not available when collected ({exc}); "
+                                     "`fq fetch` it (or `make setup`) and run again"))  # fmt: skip
+                continue
+            try:
+                cells = sweep.cells_for(self.plan, model_id(m), read_index(ref.path))
+            except FqError as exc:
+                raise pytest.UsageError(f"sweep plan on {m}: {exc}") from None
+            out += [SweepCase(m, c) for c in sorted(cells, key=sweep.sort_key)]
+        return out
+
+    def label(self) -> str:
+        """'sweep 3/38 · ETA 4 min 10 s' (ETA from the cells computed so far)."""
+        from fq_pytest.progress import duration
+
+        text = f"sweep {self.done + 1}/{self.total}" if self.total else "sweep"
+        if self.computed_s and self.total:
+            left = max(0, self.total - self.done)
+            text += f" · ETA {duration(left * sum(self.computed_s) / len(self.computed_s))}"
+        return text
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[SWEEP] = SweepSession(config)  # validates every option now
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    s = config.stash[SWEEP]
+    try:
+        plan = s.plan.describe()
+    except pytest.UsageError as exc:
+        return [f"fq sweep: {exc}"]
+    gpu = s.values["fq_gpu_layers"]
+    return [
+        f"fq sweep (experiments/test_sensitivity.py): {plan}"
+        + (f"; -ngl {gpu}" if gpu is not None else "")
+    ]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "fq_sweep_case" not in metafunc.fixturenames:
+        return
+    cases = metafunc.config.stash[SWEEP].cases()
+    metafunc.parametrize("fq_sweep_case", [pytest.param(c, id=c.id) for c in cases])
+
+
+def _case(item: pytest.Item) -> SweepCase | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("fq_sweep_case") if callspec is not None else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Sweep items in the plan's order (model, variant, format, kind, layer), where the first
+    of them stood; everything else keeps its place."""
+    from fq_core import sweep
+
+    pos = [i for i, item in enumerate(items) if _case(item) is not None]
+    if not pos:
+        return
+    ordered = sorted(
+        (items[i] for i in pos),
+        key=lambda it: (
+            (0, sweep.sort_key(_case(it).cell)) if _case(it).cell is not None else (1, ())
+        ),
+    )
+    for i, item in zip(pos, ordered, strict=True):
+        items[i] = item
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    session.config.stash[SWEEP].total = sum(1 for it in session.items if _case(it) is not None)
+
+
+@pytest.fixture
+def fq_sweep_cell(request: pytest.FixtureRequest, fq_sweep_case: SweepCase):
+    """The stored record of this test's cell (measured now, or from the cell cache)."""
+    from fq_core import progress, sweep
+    from fq_core.errors import FqError
+
+    if fq_sweep_case.cell is None:
+        pytest.skip(fq_sweep_case.reason)
+    s: SweepSession = request.config.stash[SWEEP]
+    fq = s.fq
+    cell = fq_sweep_case.cell
+    request.node.user_properties += [
+        ("fq_run_id", fq.run_id), ("fq_sweep_cell", cell.id),
+        ("fq_sweep_result", str(sweep.cell_path(fq.run_id, cell.id, fq.root))),
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        with progress.context(stage=s.label(), model=cell.id):
+            ref = fq.model(_stage_case(fq_sweep_case))
+            rec = sweep.run_cell(cell, ref, s.context(), fq.experiment, chunks=s.plan.chunks)
+    except FqError as exc:  # a missing model, corpus or tool: one line, not a traceback
+        pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)
+    finally:
+        s.done += 1
+    if rec.status == "measured" and not rec.cached:
+        s.computed_s.append(time.perf_counter() - t0)
+    return rec
+
+
+def _stage_case(case: SweepCase):
+    from fq_pytest.plugin import StageCase
+
+    return StageCase("sweep", case.model, model_id(case.model))
+
+
+# --- the reports at the end ----------------------------------------------------------------------
+
+
+def _cells_dir(config: pytest.Config) -> Path | None:
+    from fq_core import sweep
+
+    fq = config.stash[SESSION]
+    d = sweep.cell_path(fq.run_id, "x", fq.root).parent
+    return d if d.is_dir() and any(d.glob("*.json")) else None
+
+
+def _reports_dir(config: pytest.Config) -> Path:
+    import os
+
+    html = config.getoption("htmlpath", default=None)
+    if html:
+        return (Path.cwd() / Path(os.path.expandvars(html)).expanduser()).parent
+    return config.rootpath / "reports"
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """Write reports/sensitivity.{html,md,json} from this run's cells (controller only)."""
+    if hasattr(config, "workerinput"):
+        return
+    cells = _cells_dir(config)
+    if cells is None:
+        return
+    from fq_core.report import sensitivity
+
+    fq = config.stash[SESSION]
+    try:
+        out = sensitivity.write_report([cells], _reports_dir(config),
+                                       q=config.stash[SWEEP].values["fq_sweep_fdr"])  # fmt: skip
+    except Exception as exc:  # the report must never turn the run into an internal error
+        log.exception("sensitivity report failed")
+        terminalreporter.write_line(
+            f"fq sweep: no sensitivity report ({type(exc).__name__}: {exc})"
+        )
+        return
+    if config.get_verbosity() >= 0:
+        terminalreporter.write_line(f"fq sweep: {out.analysis.sentence}")
+        terminalreporter.write_line(
+            f"fq sweep: {len(out.analysis.rows)} cells of run {fq.run_id} -> {out.html}, "
+            f"{out.markdown}"
+        )
+
+
+@pytest.hookimpl(optionalhook=True, trylast=True)
+def pytest_html_results_summary(prefix, summary, postfix, session) -> None:
+    """The sensitivity section in the main HTML report, after the stages (when cells exist)."""
+    config = session.config
+    cells = _cells_dir(config)
+    if cells is None:
+        return
+    try:
+        from fq_core.report import sensitivity
+        from fq_core.sweep import analyze_dirs
+
+        analysis = analyze_dirs([cells], q=config.stash[SWEEP].values["fq_sweep_fdr"])
+        postfix.append(sensitivity.section_html(analysis))
+    except Exception as exc:
+        log.warning("no sensitivity section in the HTML report: %s", exc)

@@ -1,0 +1,596 @@
+"""The sensitivity sweep (fq_core.sweep, fq_core.report.sensitivity, fq_pytest.sweep).
+
+Offline (`make check`): the plan's cells and ids, the statistics (t-test p-values,
+Benjamini–Hochberg, rank ranges where overlapping intervals tie, the sentence), merging shards
+and refusing ones whose identities disagree, the reports, `fq report A B OUT`, and one cell
+through the real code with llama.cpp stubbed (cached, placebos shared, disk flat). With
+llama.cpp and the models: a small sweep sharded in two by pytest-split and merged by
+`fq report` gives the unsharded numbers exactly, and the per-cell overhead over a bare
+llama-perplexity run (pytest-benchmark, reported in extra_info, not asserted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+from gguf_factory import build_gguf
+
+from fq_core import results, stages, sweep
+from fq_core.cli import main
+from fq_core.corpus import Corpus
+from fq_core.errors import BadInput, BadSelection
+from fq_core.gguf_index import read_index
+from fq_core.hashing import sha256_file
+from fq_core.llama.runner import CommandRecord, KLDStats, LoadResult, PerplexityResult
+from fq_core.llama.tools import LlamaTools
+from fq_core.models import ModelRef
+from fq_core.report import sensitivity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- the plan ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory):
+    return build_gguf(tmp_path_factory.mktemp("sweep-model"), "factory.gguf", n_layers=5)
+
+
+def _plan(**kw) -> sweep.Plan:
+    base = dict(name="full", models=("factory",), kinds=("ffn_norm",),
+                formats=(("bf16", "truncate"),), layers="all", variants=("deployed",))  # fmt: skip
+    return sweep.Plan(**{**base, **kw})
+
+
+def test_cells_name_every_axis_and_never_say_layer(factory):
+    cells = sweep.cells_for(_plan(), "factory", read_index(factory.path))
+    ids = [c.id for c in cells]
+    assert ids == [
+        "factory-ffn_norm-blk00-bf16-deployed", "factory-ffn_norm-blk01-bf16-deployed",
+        "factory-ffn_norm-blk02-bf16-deployed", "factory-ffn_norm-blk03-bf16-deployed",
+        "factory-ffn_norm-blk04-bf16-deployed",
+        "factory-ffn_norm-first02-bf16-deployed", "factory-ffn_norm-first04-bf16-deployed",
+        "factory-ffn_norm-first05-bf16-deployed",
+    ]  # fmt: skip
+    assert not any("layer" in i for i in ids), "`pytest -k layer0` is the stage gate"
+    cum = [c for c in cells if c.series == "cumulative"]
+    assert [(c.n_layers, c.layers) for c in cum] == [(2, "0-1"), (4, "0-3"), (5, "all")]
+
+
+def test_all_kinds_formats_and_variants(factory):
+    plan = _plan(kinds=("all",), formats=sweep.parse_formats("bf16 fp8_e4m3/nearest"),
+                 variants=sweep.parse_variants("both"), layers="1", cumulative=False)  # fmt: skip
+    cells = sweep.cells_for(plan, "factory", read_index(factory.path))
+    assert sweep.kinds_of(read_index(factory.path)) == ("attn_norm", "ffn_norm", "output_norm")
+    # 2 variants x 2 formats x (attn_norm, ffn_norm at layer 1 + output_norm, which has no layer)
+    assert len(cells) == 2 * 2 * 3
+    whole = [c for c in cells if c.kind == "output_norm"]
+    assert {c.series for c in whole} == {"whole"} and {c.layers for c in whole} == {"all"}
+    assert "factory-output_norm-fp8_e4m3-nearest-intrinsic" in {c.id for c in cells}
+
+
+def test_plan_faults_are_one_line(factory):
+    with pytest.raises(BadSelection, match="no F32 tensor of kind post_ffw_norm"):
+        sweep.cells_for(_plan(kinds=("post_ffw_norm",)), "factory", read_index(factory.path))
+    with pytest.raises(BadInput, match="unknown sweep format 'placebo'"):
+        sweep.parse_formats("placebo")
+    with pytest.raises(BadInput, match="variants"):
+        sweep.parse_variants("twin")
+    assert sweep.parse_formats("all") == tuple((f, "truncate") for f in sweep.SWEEP_FORMATS)
+    assert sweep.cumulative_sizes(18) == (1, 2, 4, 8, 16, 18)
+    assert sweep.cumulative_sizes(2) == (1, 2)
+
+
+# --- statistics on synthetic cells -----------------------------------------------------------
+
+SETTINGS = sweep.CellSettings(ctx=512, batch=512, chunks=8, kld_chunks=8,
+                              engine="llama-perplexity", placebo_seeds=(1, 2, 3))  # fmt: skip
+IDENT = sweep.Identity(model_sha256="a" * 64, measured_sha256="a" * 64, corpus_sha256="c" * 64,
+                       llama_version="0000 (stub)", settings=SETTINGS)  # fmt: skip
+
+
+def _record(layer: int | None, treat, placebos, *, kind="ffn_norm", series="layer", n=None,
+            ident=IDENT, run_id="R1", identical=False) -> sweep.CellRecord:  # fmt: skip
+    treat = [float(x) for x in treat]
+    cell = sweep.Cell(model="m", kind=kind, fmt="bf16", rounding="truncate", variant="deployed",
+                      series=series, layers=str(layer) if layer is not None else "all",
+                      layer=layer if series == "layer" else None,
+                      n_layers=n or (1 if series == "layer" else None))  # fmt: skip
+    pl = tuple(sweep.CellPlacebo(seed=i + 1, key=f"k{i}", kld_mean=float(np.mean(c)),
+                                 chunk_klds=tuple(c)) for i, c in enumerate(placebos))  # fmt: skip
+    res, p = sweep.cell_statistics("llama-perplexity", "deployed", treat, float(np.mean(treat)),
+                                   pl, identical=identical)  # fmt: skip
+    return sweep.CellRecord(
+        schema=sweep.CELL_SCHEMA, run_id=run_id, cell=sweep.CellInfo(**cell.to_json()),
+        identity=ident, status="measured",
+        numeric=sweep.CellNumeric(tensors=("t",), n_elements=640, changed=14, max_abs=0.1,
+                                  max_rel=0.004, mean_rel=1e-4),
+        treatment=sweep.CellTreatment(identical=identical, kld_mean=float(np.mean(treat)),
+                                      chunk_klds=tuple(treat), same_top_pct=95.0, ppl=17.1,
+                                      baseline_ppl=17.0, delta_ppl_pct=0.6,
+                                      delta_ppl_pct_err=0.2),
+        placebo=pl, resolution=res, p_value=p, key=f"key-{cell.id}",
+        started_at="2026-01-01T00:00:00Z",
+    )  # fmt: skip
+
+
+NOISE = [0.0030, 0.0034, 0.0029, 0.0033, 0.0031, 0.0032, 0.0030, 0.0035]
+
+
+def _placebos(rng):
+    return [[float(x) for x in np.asarray(NOISE) + rng.normal(0, 1e-4, 8)] for _ in range(3)]
+
+
+def _cells_dir(tmp: Path, recs) -> Path:
+    for r in recs:
+        sweep.save_cell(r, tmp / "results")
+    return tmp / "results"
+
+
+def test_p_value_is_scipys_one_sided_t_test():
+    from scipy import stats
+
+    t = [0.006, 0.007, 0.0065, 0.0062]
+    pl = [[0.003, 0.004, 0.0035, 0.003], [0.0031, 0.0039, 0.0036, 0.0029]]
+    d = np.asarray(t) - np.mean(pl, axis=0)
+    expected = stats.ttest_1samp(d, 0.0, alternative="greater").pvalue
+    assert sweep.p_value(t, pl) == pytest.approx(expected)
+    assert sweep.p_value(t, []) is None  # no control: nothing to test
+    assert sweep.p_value([0.1, 0.1], [[0.0, 0.0]]) == 0.0  # constant positive difference
+    assert sweep.p_value([0.0, 0.0], [[0.1, 0.1]]) == 1.0
+
+
+def test_analysis_ranks_with_ties_and_names_the_standout():
+    rng = np.random.default_rng(0)
+    recs = []
+    for layer in range(6):  # layer 2 is far above its placebo, the rest are noise
+        shift = 0.004 if layer == 2 else 0.0
+        treat = list(np.asarray(NOISE) + shift + rng.normal(0, 1e-4, 8))
+        recs.append(_record(layer, treat, _placebos(rng)))
+    a = sweep.analyze([sweep.Loaded(Path(f"{r.cell.id}.json"), r) for r in recs])
+    top = a.rows[0]
+    assert top.cell.layer == 2 and top.discovery and (top.rank_lo, top.rank_hi) == (1, 1)
+    assert top.q_value <= 0.05 < min(r.q_value for r in a.rows[1:])
+    # the noise cells overlap one another: ties, a rank range, never a strict order
+    assert all(r.rank_lo >= 2 and r.rank_hi > r.rank_lo for r in a.rows[1:])
+    assert [r.rank_lo for r in a.rows[1:3]] == [2, 2]  # the top noise cells tie for 2nd
+    assert a.n_tested == 6
+    assert "Most sensitive: ffn_norm layer 2 (m, deployed, bf16)" in a.sentence
+    assert "ffn_norm layer 2" in a.groups[0].sentence and "1 of 6 cells" in a.groups[0].sentence
+
+
+def test_analysis_says_when_nothing_stands_out():
+    rng = np.random.default_rng(1)
+    recs = [_record(n, list(np.asarray(NOISE) + rng.normal(0, 1e-4, 8)), _placebos(rng))
+            for n in range(4)]  # fmt: skip
+    a = sweep.analyze([sweep.Loaded(Path("x"), r) for r in recs])
+    assert a.sentence.startswith("No layer or tensor kind stands out: none of the 4 tested")
+    assert not any(r.discovery for r in a.rows)
+    assert all((r.rank_lo, r.rank_hi) == (1, 4) for r in a.rows)  # all tied
+
+
+def test_cells_all_above_their_placebos_but_tied_do_not_stand_out():
+    rng = np.random.default_rng(8)
+    recs = [_record(n, list(np.asarray(NOISE) + 0.002 + rng.normal(0, 3e-4, 8)), _placebos(rng))
+            for n in range(4)]  # fmt: skip
+    a = sweep.analyze([sweep.Loaded(Path("x"), r) for r in recs])
+    assert all(r.discovery for r in a.rows) and not a.groups[0].leaders
+    assert a.sentence.startswith("No layer or tensor kind stands out: 4 of the 4 tested cells")
+    assert "a tie, not a ranking" in a.groups[0].sentence
+
+
+def test_identical_cells_are_not_tested_and_say_so():
+    rec = _record(0, [0.0] * 8, [], identical=True)
+    a = sweep.analyze([sweep.Loaded(Path("x"), rec)])
+    assert a.n_tested == 0 and a.rows[0].verdict == "identical file: no element changed"
+    assert "byte-identical" in a.groups[0].sentence
+
+
+# --- merging shards -----------------------------------------------------------------------------
+
+
+def _sweep_records(rng, **kw):
+    recs = []
+    for layer in range(4):
+        treat = list(np.asarray(NOISE) + (0.003 if layer == 0 else 0) + rng.normal(0, 1e-4, 8))
+        recs.append(_record(layer, treat, _placebos(rng), **kw))
+    recs.append(_record(None, list(np.asarray(NOISE) + 0.001), _placebos(rng),
+                         series="cumulative", n=2, **kw))  # fmt: skip
+    return recs
+
+
+def test_shards_merge_to_the_same_numbers(tmp_path):
+    recs = _sweep_records(np.random.default_rng(2))
+    whole = _cells_dir(tmp_path / "one", recs)
+    a = _cells_dir(tmp_path / "a", recs[:2])
+    b = _cells_dir(tmp_path / "b", recs[2:])
+    single = sweep.analyze_dirs([whole]).to_json()
+    merged = sweep.analyze_dirs([a, b]).to_json()
+    assert merged == single
+    # the same cell in two shards is kept once
+    assert sweep.analyze_dirs([a, b, whole]).to_json() == single
+
+
+def test_shards_that_disagree_are_refused_in_one_line(tmp_path):
+    rng = np.random.default_rng(3)
+    other = msgspec.structs.replace(IDENT, settings=msgspec.structs.replace(SETTINGS, chunks=4))
+    a = _cells_dir(tmp_path / "a", _sweep_records(rng)[:2])
+    b = _cells_dir(tmp_path / "b", _sweep_records(rng, ident=other)[2:])
+    with pytest.raises(BadInput) as exc:
+        sweep.analyze_dirs([a, b])
+    text = str(exc.value)
+    assert "\n" not in text and "setting chunks 8 vs 4" in text and "m (deployed)" in text
+    gpu = msgspec.structs.replace(IDENT, llama_version="0000 (stub) [cuda; -ngl 99]")
+    c = _cells_dir(tmp_path / "c", _sweep_records(rng, ident=gpu)[2:])
+    with pytest.raises(BadInput, match=r"llama.cpp version '0000 \(stub\)' vs .*cuda"):
+        sweep.analyze_dirs([a, c])
+    # the same cell measured differently is refused, not silently picked
+    d = _cells_dir(tmp_path / "d", _sweep_records(np.random.default_rng(4))[:1])
+    with pytest.raises(BadInput, match="measured differently"):
+        sweep.analyze_dirs([a, d])
+
+
+def test_cells_dir_accepts_a_root_a_run_and_the_cells(tmp_path):
+    root = _cells_dir(tmp_path, _sweep_records(np.random.default_rng(5)))
+    cells = root / "R1" / "sweep" / "cells"
+    for given in (root, root / "R1", root / "R1" / "sweep", cells):
+        assert sweep.cells_dir(given) == cells
+    with pytest.raises(BadInput, match="not found"):
+        sweep.cells_dir(tmp_path / "missing")
+    # a sweep's cells are one level deeper than stage records: the stage report never reads them
+    from fq_core.report import is_run_dir
+
+    assert not is_run_dir(root / "R1")
+
+
+# --- the reports --------------------------------------------------------------------------------
+
+
+def test_reports_are_self_contained_and_link_their_charts(tmp_path):
+    root = _cells_dir(tmp_path, _sweep_records(np.random.default_rng(6)))
+    rep = sensitivity.write_report([root], tmp_path / "out")
+    html = rep.html.read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 3  # heatmap, per-layer curve, cumulative
+    assert 'src="http' not in html and "<script" not in html
+    assert rep.analysis.sentence in html
+    md = rep.markdown.read_text(encoding="utf-8")
+    links = [line.split("](")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
+    assert len(links) == 3 and all((rep.markdown.parent / link).is_file() for link in links)
+    assert "| rank | cell |" in md and "ffn_norm layer 0" in md
+    numbers = json.loads(rep.numbers.read_text())
+    assert numbers["sentence"] == rep.analysis.sentence and len(numbers["cells"]) == 5
+    section = sensitivity.section_html(rep.analysis)
+    assert section.startswith('<div class="fq fq-sensitivity">') and "fq-ranked" in section
+
+
+def test_fq_report_merges_shards_and_keeps_one_dir_reports(tmp_path, capsys):
+    recs = _sweep_records(np.random.default_rng(7))
+    a = _cells_dir(tmp_path / "a", recs[:3])
+    b = _cells_dir(tmp_path / "b", recs[3:])
+    assert main(["report", str(a), str(b), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "sweep: 5 cells from 2 directories" in out
+        and (tmp_path / "out" / "sensitivity.md").is_file()
+    )
+    assert not (tmp_path / "out" / "test1_results.md").exists()
+    # a dir without cells among several: exit 2, one line
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(a), str(tmp_path / "empty"), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no sweep cells" in err
+    # one dir with neither stage results nor cells: the stage report's own error, as before
+    assert main(["report", str(tmp_path / "empty"), str(tmp_path / "out3")]) == 2
+    assert "no stage results" in capsys.readouterr().err
+
+
+# --- one cell through the real code, llama.cpp stubbed -------------------------------------------
+
+
+class StubRunner:
+    """LlamaRunner's interface with no process: KLD grows with the bytes a file differs from
+    the model by (treatments), placebos give a small seed-dependent noise."""
+
+    threads = 1
+    log_dir = None
+    timeout_s = 60.0
+
+    def __init__(self, tools, tmp: Path, original: Path) -> None:
+        self.tools, self.tmp, self.original = tools, tmp, original.read_bytes()
+        self.perplexity_calls = 0
+
+    def _record(self, tool, *args):
+        return CommandRecord(
+            argv=(str(self.tools.bin_dir / tool), *map(str, args)), cwd=str(self.tmp), env={},
+            started_at=results.utc_now(), duration_s=0.5, exit_status=0,
+            stdout_path=self.tmp / "stdout", stderr_path=self.tmp / "stderr", timed_out=False,
+            tool=tool,
+        )  # fmt: skip
+
+    def load(self, model, *, check=True):
+        return LoadResult(True, 12.5, 1_000, self._record("llama-completion", model.path))
+
+    def generate(self, model, prompt, n_tokens, *, chat=False, chat_template=None, **kw):
+        from fq_core.llama.runner import Generation
+
+        rec = self._record("llama-completion", "-m", model.path)
+        return Generation(prompt, chat, "x", n_tokens, 100.0, "llama-completion", rec, (1,))
+
+    def count_tokens(self, model, text):
+        return 1_234
+
+    def perplexity(self, model, text, *, ctx=512, batch=512, chunks=None, kl_base=None,
+                   kl_against=None):  # fmt: skip
+        self.perplexity_calls += 1
+        if kl_base is not None:
+            Path(kl_base).write_bytes(b"logits")
+        n = chunks or 8
+        data = Path(model.path).read_bytes()
+        diff = sum(a != b for a, b in zip(data, self.original, strict=False))
+        if "placebo" in model.name:
+            mean = 0.003 + 1e-5 * int(model.name[-1])
+        else:
+            mean = 0.003 + 2e-5 * diff
+        chunk = tuple(mean * (1 + 0.02 * ((i % 3) - 1)) for i in range(n))
+        kld = None
+        if kl_against is not None:
+            kld = KLDStats(mean_kld=float(np.mean(chunk)), mean_kld_err=1e-4, median_kld=mean,
+                           p90_kld=mean, p99_kld=mean, p999_kld=mean, max_kld=mean,
+                           same_top_pct=96.0, same_top_err=0.5, rms_dp_pct=1.0, rms_dp_err=0.1,
+                           ppl_ratio=1.001, ppl_ratio_err=1e-3, mean_ppl_q=17.0, raw={},
+                           chunk_klds=chunk)  # fmt: skip
+        ppls = tuple(17.0 + 0.01 * i + 10 * mean for i in range(n))
+        rec = self._record("llama-perplexity", "-m", model.path, "--chunks", n)
+        return PerplexityResult(ppls[-1], 0.5, ppls, n, ctx, 2500.0, kld, rec)
+
+    exact_perplexity = perplexity
+
+
+@pytest.fixture
+def stub_world(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = build_gguf(tmp_path / "model", "factory.gguf", n_layers=4)
+    corpus_path = tmp_path / "corpus.txt"
+    corpus_path.write_text("text\n" * 50, encoding="utf-8")
+    ref = ModelRef("factory", model.path, sha256_file(model.path), None)
+    corpus = Corpus(corpus_path, sha256_file(corpus_path), corpus_path.stat().st_size)
+    tools = LlamaTools(bin_dir=tmp_path / "bin", version="0000 (stub)", build_info="stub",
+                       source="flag")  # fmt: skip
+    runner = StubRunner(tools, tmp_path, model.path)
+    ctx = stages.Context("R-sweep", runner, tools, corpus, tmp_path / "results")
+    exp = stages.Experiment()
+    plan = _plan(layers="0-3")
+    cells = sweep.cells_for(plan, "factory", read_index(model.path))
+    return ref, ctx, exp, cells, runner, tmp_path
+
+
+def test_a_cell_is_cached_its_placebos_shared_and_its_gguf_deleted(stub_world):
+    ref, ctx, exp, cells, runner, tmp = stub_world
+    first = cells[0]
+    rec = sweep.run_cell(first, ref, ctx, exp, chunks=4)
+    assert rec.status == "measured", rec.error
+    assert not rec.cached and len(rec.treatment.chunk_klds) == 4
+    assert [p.cached for p in rec.placebo] == [False, False, False]
+    assert rec.resolution is not None and rec.p_value is not None
+    stored = sweep.read_cell(sweep.cell_path("R-sweep", first.id, tmp / "results"))
+    assert stored == rec
+    cache = tmp / "cache" / "fq-suite"
+    assert not list(cache.rglob("*.gguf")), "disk flat: every fake-quantized GGUF is deleted"
+    calls = runner.perplexity_calls
+    again = sweep.run_cell(first, ref, ctx, exp, chunks=4)
+    assert runner.perplexity_calls == calls, "a cached cell runs nothing"
+    assert again.cached and all(p.cached for p in again.placebo)
+    assert again.treatment == rec.treatment
+    # another format of the same selection: a new treatment, the same (shared) placebos
+    other = sweep.run_cell(dataclasses.replace(first, fmt="fp8_e4m3"), ref, ctx, exp, chunks=4)
+    assert not other.cached and all(p.cached for p in other.placebo)
+    assert runner.perplexity_calls == calls + 1
+
+
+def test_the_cell_key_changes_with_what_changes_the_numbers(stub_world):
+    ref, ctx, exp, cells, runner, tmp = stub_world
+    e = sweep.experiment_for(exp, cells[0], 4)
+    ident = sweep.Identity(model_sha256=ref.sha256, measured_sha256=ref.sha256,
+                           corpus_sha256="c", llama_version="v",
+                           settings=sweep.cell_settings(e))  # fmt: skip
+    key = sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"])
+    assert key == sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"])
+    gpu = msgspec.structs.replace(ident, llama_version="v [cuda; -ngl 99]")
+    more = msgspec.structs.replace(ident, settings=msgspec.structs.replace(ident.settings,
+                                                                          chunks=8))  # fmt: skip
+    seeds = msgspec.structs.replace(ident, settings=msgspec.structs.replace(
+        ident.settings, placebo_seeds=(1,)))  # fmt: skip
+    assert sweep.cell_key(gpu, cells[0], ["blk.0.ffn_norm.weight"]) != key
+    assert sweep.cell_key(more, cells[0], ["blk.0.ffn_norm.weight"]) != key
+    assert sweep.cell_key(ident, cells[0], ["blk.1.ffn_norm.weight"]) != key
+    assert sweep.cell_key(seeds, cells[0], ["blk.0.ffn_norm.weight"]) == key  # separate runs
+
+
+def test_a_failing_cell_is_stored_with_its_reason(stub_world):
+    ref, ctx, exp, cells, runner, tmp = stub_world
+    from fq_core.errors import LlamaFailed
+
+    def broken(*a, **kw):
+        raise LlamaFailed("llama-perplexity exited with status 1: boom")
+
+    runner.perplexity = broken
+    rec = sweep.run_cell(cells[1], ref, ctx, exp, chunks=4)
+    assert rec.status == "error" and "boom" in rec.error
+    assert sweep.read_cell(sweep.cell_path("R-sweep", cells[1].id, tmp / "results")).error
+
+
+def test_backend_names_gpu_builds_and_layers(tmp_path):
+    tools = LlamaTools(bin_dir=tmp_path / "bin", version="v", build_info="b", source="cache")
+    assert sweep.backend(tools, None) == "" and sweep.tools_for_backend(tools, None) is tools
+    assert sweep.backend(tools, 0) == ""
+    assert sweep.tools_for_backend(tools, 99).version == "v [-ngl 99]"
+    (tmp_path / "build.json").write_text(json.dumps({"cmake_args": ["-DGGML_CUDA=ON"]}))
+    assert sweep.backend(tools, None) == "cuda"
+    assert sweep.tools_for_backend(tools, 20).version == "v [cuda; -ngl 20]"
+
+
+def test_runner_passes_gpu_layers_only_when_given(tmp_path):
+    from fq_core.llama.runner import LlamaRunner
+
+    tools = LlamaTools(bin_dir=tmp_path, version="v", build_info="b", source="flag")
+    assert LlamaRunner(tools)._ngl() == []
+    assert LlamaRunner(tools, gpu_layers=99)._ngl() == ["-ngl", "99"]
+
+
+# --- the pytest wiring (collection only, on a factory model: offline) ----------------------------
+
+
+def _pytest(tmp: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FQ_RESULTS_DIR=str(tmp / "results"), FQ_LOG_DIR=str(tmp / "logs"))
+    env.pop("PYTEST_XDIST_WORKER", None)
+    argv = [sys.executable, "-m", "pytest", "experiments/test_sensitivity.py", "-p",
+            "no:cacheprovider", f"--html={tmp / 'reports' / 'report.html'}",
+            f"--benchmark-json={tmp / 'bench.json'}", *args]  # fmt: skip
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def test_collection_ids_selection_and_usage_errors(tmp_path):
+    model = build_gguf(tmp_path / "m", "tiny.gguf", n_layers=3)
+    full = ("--fq-sweep-plan", "full", "--fq-sweep-models", str(model.path))
+    axes = ("--fq-sweep-kinds", "all", "--fq-sweep-formats", "bf16 int8")
+    proc = _pytest(
+        tmp_path, "--collect-only", "-q", *full, *axes, "--fq-sweep-variants", "deployed"
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = [line.split("[", 1)[1].rstrip("]") for line in proc.stdout.splitlines() if "[" in line]
+    # 2 formats x (attn_norm, ffn_norm: 3 layers + first02 + first03; output_norm) = 2 x 11
+    assert len(ids) == 22 and "tiny-output_norm-int8-deployed" in ids
+    assert (
+        "tiny-attn_norm-blk02-bf16-deployed" in ids and "tiny-ffn_norm-first03-int8-deployed" in ids
+    )
+    sel = _pytest(tmp_path, "--collect-only", "-q", *full, "-k", "tiny and ffn_norm and bf16")
+    assert sum("[" in line for line in sel.stdout.splitlines()) == 10, sel.stdout  # 2 variants
+    gate = _pytest(tmp_path, "--collect-only", "-q", *full, "-k", "layer0")
+    assert "[" not in gate.stdout, "the stage gate's -k layer0 must not pick sweep cells"
+    bad = _pytest(tmp_path, "--collect-only", "-q", "--fq-sweep-kinds", "all")
+    assert bad.returncode == 4 and "add --fq-sweep-plan full" in bad.stderr
+
+
+# --- real llama.cpp: shards merge to the unsharded numbers; the overhead per cell ----------------
+
+
+@pytest.mark.llama
+@pytest.mark.models
+def test_sharded_sweep_merges_to_the_unsharded_numbers(tmp_path):
+    """The smoke sweep unsharded, then as two pytest-split shards with their own results
+    directories, merged by `fq report`: identical numbers (cells are cached, so the shards
+    only read the cell cache)."""
+    none = tmp_path / "no-durations.json"  # split by count: both shards agree on the order
+    runs = {}
+    for name, extra in (("one", ()), ("g1", ("--splits", "2", "--group", "1")),
+                        ("g2", ("--splits", "2", "--group", "2"))):  # fmt: skip
+        d = tmp_path / name
+        proc = _pytest(d, "-q", "--durations-path", str(none), *extra, timeout=3600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[name] = d / "results"
+    n = {k: len(list(v.glob("*/sweep/cells/*.json"))) for k, v in runs.items()}
+    assert n["g1"] and n["g2"] and n["g1"] + n["g2"] == n["one"] == 3, n
+    assert main(["report", str(runs["one"]), str(tmp_path / "rep-one")]) == 0
+    assert main(["report", str(runs["g1"]), str(runs["g2"]), str(tmp_path / "rep-merged")]) == 0
+    one = json.loads((tmp_path / "rep-one" / sensitivity.NUMBERS).read_text())
+    merged = json.loads((tmp_path / "rep-merged" / sensitivity.NUMBERS).read_text())
+    assert merged == one
+    md = (tmp_path / "rep-merged" / sensitivity.MARKDOWN).read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table == [line for line in (tmp_path / "rep-one" / sensitivity.MARKDOWN)
+                     .read_text().splitlines() if line.startswith("| ")]  # fmt: skip
+
+
+@pytest.mark.llama
+@pytest.mark.models
+def test_bench_cell_vs_bare_llama(benchmark, tmp_path, monkeypatch):
+    """One deployed Gemma3 cell (fake-quantize one layer's ffn_norm, one llama-perplexity KLD
+    run, the record) against that llama-perplexity command run bare on a file made
+    beforehand. Placebos are left out (they are cached runs of their own); the baseline is
+    made first, outside the timing."""
+    from fq_core.corpus import resolve_corpus
+    from fq_core.evaluate import evaluate_baseline
+    from fq_core.llama.runner import LlamaRunner
+    from fq_core.llama.tools import find_tools
+    from fq_core.models import resolve_model
+    from fq_core.patch import fake_quantize_file
+    from fq_core.paths import cache_dir
+
+    chunks = 2  # the smoke plan's: its baseline is usually cached already
+    monkeypatch.setenv("FQ_LOG_DIR", str(tmp_path / "logs"))
+    tools, gemma, corpus = find_tools(), resolve_model("gemma3-270m"), resolve_corpus()
+    threads = os.cpu_count() or 1
+    runner = LlamaRunner(tools, threads=threads)
+    ctx = stages.Context("bench", runner, tools, corpus, tmp_path / "results")
+    exp = stages.Experiment(placebo_seeds=())
+    cell = sweep.Cell(
+        model="gemma3-270m",
+        kind="ffn_norm",
+        fmt="bf16",
+        rounding="truncate",
+        variant="deployed",
+        series="layer",
+        layers="5",
+        layer=5,
+        n_layers=1,
+    )
+    e = sweep.experiment_for(exp, cell, chunks)
+    base = evaluate_baseline(runner, gemma, corpus, e.settings)  # outside the timing
+    key = sweep.run_cell(cell, gemma, ctx, exp, chunks=chunks).key
+    shutil.rmtree(cache_dir() / "cells" / key)  # so that the timed run computes the cell
+
+    treated = tmp_path / "bare.gguf"
+    fake_quantize_file(gemma.path, treated, layers="5", tensors=("ffn_norm",), fsync=False)
+    argv = [tools.path("llama-perplexity"), "-m", treated, "-f", corpus.path, "-c", "512", "-b",
+            "512", "-t", str(threads), "--chunks", str(chunks), "--kl-divergence-base",
+            base.kld_base, "--kl-divergence"]  # fmt: skip
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        subprocess.run([str(a) for a in argv], stdin=subprocess.DEVNULL, capture_output=True,
+                       check=True, timeout=1800)  # fmt: skip
+        return time.perf_counter() - t0
+
+    def cell_run():
+        shutil.rmtree(cache_dir() / "cells" / key, ignore_errors=True)  # computed, not cached
+        t0 = time.perf_counter()
+        rec = sweep.run_cell(cell, gemma, ctx, exp, chunks=chunks)
+        return time.perf_counter() - t0, rec
+
+    # alternated, twice each, minimum of each: the machine's other load hits both alike
+    bare_s = [bare()]
+    cell_s, rec = benchmark.pedantic(cell_run, rounds=1, iterations=1)
+    cells = [(cell_s, rec)]
+    bare_s.append(bare())
+    cells.append(cell_run())
+    treated.unlink()
+    assert all(r.status == "measured" for _, r in cells), [r.error for _, r in cells]
+    t0 = time.perf_counter()
+    assert sweep.run_cell(cell, gemma, ctx, exp, chunks=chunks).cached
+    cached_s = time.perf_counter() - t0
+    best_cell, best_rec = min(cells, key=lambda c: c[0])
+    benchmark.extra_info.update({
+        "bare_llama_perplexity_s": [round(b, 2) for b in bare_s],
+        "cell_s": [round(c, 2) for c, _ in cells],
+        "cell_quantize_s": [round(r.timing.quantize_s, 2) for _, r in cells],
+        "cell_llama_process_s": [round(r.timing.llama_s, 2) for _, r in cells],
+        "overhead_ratio": round(best_cell / min(bare_s), 3),  # issue target ≤ 1.10
+        # the same cell against its own llama.cpp process: immune to load between runs
+        "overhead_ratio_own_process": round(best_cell / best_rec.timing.llama_s, 3),
+        "cached_cell_s": round(cached_s, 3),
+        "chunks": chunks,
+        "threads": threads,
+    })  # fmt: skip
+    print(benchmark.extra_info)
