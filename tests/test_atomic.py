@@ -216,7 +216,16 @@ def test_published_records_what_this_process_published(tmp_path):
     assert not atomic.published(target)
 
 
-def test_a_signal_inside_publish_waits_until_it_is_recorded(tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C as Python delivers it at a terminal, even when pytest was started from a
+    background job (which inherits SIGINT ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_signal_inside_publish_waits_until_it_is_recorded(tmp_path, monkeypatch, sigint_raises):
     target, seen = tmp_path / "out.bin", []
     real_link = os.link
 
@@ -235,7 +244,7 @@ def test_a_signal_inside_publish_waits_until_it_is_recorded(tmp_path, monkeypatc
     assert temporaries(tmp_path) == []
 
 
-def test_held_signals_delivers_after_the_block_and_restores_the_handler():
+def test_held_signals_delivers_after_the_block_and_restores_the_handler(sigint_raises):
     before = signal.getsignal(signal.SIGINT)
     order = []
     with pytest.raises(KeyboardInterrupt):
