@@ -150,7 +150,7 @@ def _kld_stats(block: dict) -> KLDStats:
 _PROGRESS_S = 2.0  # how often a running llama-perplexity's output is read for progress
 
 
-def _chunk_watch(parser=parse.parse_progress) -> Callable[..., None]:
+def _chunk_watch(parser=None) -> Callable[..., None]:
     """A run_logged `watch` turning llama-perplexity's (or, with parse.parse_logits_progress,
     the exact engine's) output into progress.chunks events; the ETA counts down from the
     per-pass time since the last chunk was seen done.
@@ -159,7 +159,7 @@ def _chunk_watch(parser=parse.parse_progress) -> Callable[..., None]:
 
     def watch(stdout: str, stderr: str, *, final: bool = False) -> None:
         try:
-            p = parser(stdout, stderr)
+            p = (parser or parse.parse_progress)(stdout, stderr)  # looked up at each call
             if p is None:
                 return
             now = time.monotonic()
