@@ -239,11 +239,12 @@ class _OptionRecorder:
 
 @pytest.fixture(scope="module")
 def plugin_options() -> _OptionRecorder:
-    from fq_pytest import plugin, regression
+    from fq_pytest import plugin, regression, sweep
 
     rec = _OptionRecorder()
     plugin.pytest_addoption(rec)
     regression.pytest_addoption(rec)
+    sweep.pytest_addoption(rec)
     assert rec.flags and rec.inis
     return rec
 
