@@ -190,6 +190,14 @@ def test_cells_all_above_their_placebos_but_tied_do_not_stand_out():
     assert "a tie, not a ranking" in a.groups[0].sentence
 
 
+def test_placebos_that_change_nothing_give_a_floor_of_zero():
+    """Gemma3's last layers: a flipped lowest bit moves no printed KLD digit."""
+    rec = _record(17, [4e-4, 5e-4, 4.5e-4, 4e-4], [[0.0] * 4, [0.0] * 4, [0.0] * 4])
+    assert rec.resolution.floor == 0.0 and rec.resolution.ratio is None
+    assert rec.resolution.resolved and rec.p_value < 0.01
+    assert "floor of 0" in rec.resolution.sentence
+
+
 def test_identical_cells_are_not_tested_and_say_so():
     rec = _record(0, [0.0] * 8, [], identical=True)
     a = sweep.analyze([sweep.Loaded(Path("x"), rec)])
