@@ -20,7 +20,7 @@ the stage report's ``<stage>/<case>.json`` glob never sees it, and shards of one
 
 Statistics (scipy/numpy, fq_core.stats): per cell the treatment's mean KLD with a bootstrap
 interval over chunks, the paired excess over its placebos (treatment − mean placebo, chunk by
-chunk), the floor (largest placebo upper bound) and a one-sided p-value from a one-sample
+chunk), the floor (the largest placebo mean KLD) and a one-sided p-value from a one-sample
 t-test on those per-chunk differences. Across the cells of a report `analyze` controls the
 false discovery rate with Benjamini–Hochberg, ranks cells with rank *ranges* (a cell is
 only above another when their excess intervals do not overlap: overlapping intervals are
