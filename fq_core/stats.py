@@ -139,6 +139,9 @@ def resolution(
     elif floor is None:
         shown = _interval_text(effect) if effect is not None else sci(est)
         sentence = f"{lead}KLD {shown}, floor not measured (no placebo)"
+    elif resolved and not ratio:  # the placebos measured exactly 0: no ratio to state
+        sentence = f"{lead}KLD {_interval_text(effect)}, above its floor of 0 (its placebos "\
+                   "changed nothing measurable)"  # fmt: skip
     elif resolved:
         times = f"{ratio:.1f}×" if ratio < 10 else f"> {10 ** int(math.log10(ratio)):d}×"
         sentence = f"{lead}KLD {_interval_text(effect)}, {times} its floor ({sci(floor)})"

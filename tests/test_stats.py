@@ -131,3 +131,10 @@ def test_false_discoveries_benjamini_hochberg(pvalues, discoveries):
 )
 def test_sci(x, text):
     assert stats.sci(x) == text
+
+
+def test_placebos_that_measured_zero_give_a_floor_of_zero_and_no_ratio():
+    res = stats.resolution(engine="x", treatment_chunks=Q4_BF16_L0, treatment_mean=None,
+                           placebo_chunks=[[0.0] * 8], placebo_means=[0.0])  # fmt: skip
+    assert res.floor == 0.0 and res.ratio is None and res.resolved is True
+    assert "above its floor of 0" in res.sentence
