@@ -628,37 +628,10 @@ def cell_statistics(
         identical=identical,
         label=protocol.VARIANT_WORDS.get(variant, variant),
     )
-    zero_floor = bool(placebos) and all(_f(p.kld_mean) == 0 for p in placebos)
-    try:
-        res = stats.resolution(**kw)
-    except TypeError:
-        if not zero_floor:
-            raise
-        res = _zero_floor_resolution(**kw)  # stats.resolution cannot divide by a floor of 0
+    res = stats.resolution(**kw)  # placebos of KLD 0 (Gemma3's last layers): floor 0, no ratio
     res = msgspec.convert(results.jsonable(msgspec.to_builtins(res), words=True), Resolution)
     p = None if identical else p_value(treatment_chunks, [p.chunk_klds for p in placebos])
     return res, p
-
-
-def _zero_floor_resolution(*, engine, treatment_chunks, treatment_mean, placebo_chunks,
-                           placebo_means, identical, label) -> Resolution:  # fmt: skip
-    """Placebos that changed nothing measurable (KLD 0 at the engine's printed precision, as
-    for Gemma3's last layers): the floor is 0 and the effect is not a multiple of it."""
-    from . import stats
-
-    effect = stats.mean_interval(treatment_chunks) if treatment_chunks else None
-    excess = stats.paired_excess(treatment_chunks, [c for c in placebo_chunks if c])
-    resolved = excess.low is not None and excess.low > 0 if excess is not None else None
-    lead = f"{label}, " if label else ""
-    shown = stats.sci(effect.estimate if effect is not None else treatment_mean)
-    if resolved:
-        sentence = f"{lead}KLD {shown} over a floor of 0 (its placebos changed nothing measurable)"
-    else:
-        sentence = f"{lead}KLD {shown}, not above its placebos (floor 0)"
-    return Resolution(metric="kld", engine=engine, floor=0.0,
-                      floor_detail=f"{len(placebo_means)} placebos with mean KLD 0",
-                      effect=effect, excess=excess, ratio=None, resolved=resolved,
-                      sentence=sentence)  # fmt: skip
 
 
 def run_cell(
