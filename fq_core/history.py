@@ -35,6 +35,7 @@ import msgspec
 
 from . import __version__, record, results
 from .errors import BadInput, OutputRefused
+from .protocol import cpu_name
 from .record import StageRecord
 
 MANIFEST_FILE = "run.json"
@@ -171,20 +172,10 @@ def _dirty(folder: Path) -> bool | None:
     return bool(rec.stdout().strip())
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def host_info() -> Host:
     return Host(
         hostname=socket.gethostname(),
-        cpu=_cpu_name(),
+        cpu=cpu_name(),
         cores=os.cpu_count(),
         platform=platform.platform(),
         python=sys.version.split()[0],

@@ -59,7 +59,7 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
@@ -72,7 +72,7 @@ def _cpu_name() -> str:
 def machine_json() -> dict:
     return {
         "hostname": socket.gethostname(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -255,17 +255,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--fq-run-id", default=None, metavar="ID",
         help="results/<ID>/ to write into (default: FQ_RUN_ID or a new UTC timestamp id)",
     )  # fmt: skip
-    for opt in _options():
+    add_options(parser, group, _options())
+
+
+def add_options(parser: pytest.Parser, group, options: tuple[Option, ...]) -> None:
+    """Each option as an ini value and its `--fq-…` flag, the default shown in the help."""
+    for opt in options:
         shown = opt.default or "unset"
         group.addoption(opt.flag, dest=opt.name, default=None, metavar="VALUE",
                         help=f"{opt.help} [ini {opt.name}, default {shown}]")  # fmt: skip
         parser.addini(opt.name, opt.help, default=opt.default)
 
 
-def option_values(config: pytest.Config) -> dict[str, Any]:
+def option_values(config: pytest.Config, options: tuple[Option, ...] | None = None) -> dict:
     """Every fq option: command line over pytest.ini over the documented default."""
     values: dict[str, Any] = {}
-    for opt in _options():
+    for opt in _options() if options is None else options:
         given = config.getoption(opt.name)
         text = str(given if given is not None else config.getini(opt.name)).strip()
         try:

@@ -24,7 +24,16 @@ from typing import Any
 
 import pytest
 
-from fq_pytest.plugin import SESSION, Option, _choice, _optional, _pos_int, model_id
+from fq_pytest.plugin import (
+    SESSION,
+    Option,
+    _choice,
+    _optional,
+    _pos_int,
+    add_options,
+    model_id,
+)
+from fq_pytest.plugin import option_values as plugin_option_values
 
 log = logging.getLogger(__name__)
 
@@ -112,22 +121,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup(
         "fq-sweep", "fq-suite sensitivity sweep (experiments/test_sensitivity.py)"
     )
-    for opt in _options():
-        shown = opt.default or "unset"
-        group.addoption(opt.flag, dest=opt.name, default=None, metavar="VALUE",
-                        help=f"{opt.help} [ini {opt.name}, default {shown}]")  # fmt: skip
-        parser.addini(opt.name, opt.help, default=opt.default)
+    add_options(parser, group, _options())
 
 
 def option_values(config: pytest.Config) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for opt in _options():
-        given = config.getoption(opt.name)
-        text = str(given if given is not None else config.getini(opt.name)).strip()
-        try:
-            values[opt.name] = opt.parse(text)
-        except ValueError as exc:
-            raise pytest.UsageError(f"{opt.flag} / {opt.name} = {text!r}: {exc}") from None
+    values = plugin_option_values(config, _options())
     if values["fq_sweep_plan"] != "full":
         given = [o.flag for o in _options() if o.name in AXIS_OPTIONS
                  and config.getoption(o.name) is not None]  # fmt: skip
