@@ -156,6 +156,51 @@ def _disk_error(exc: OSError, target: Path) -> FqError:
     return OutputRefused(f"cannot write {target}: {exc.strerror or exc}")
 
 
+def output_error(exc: OSError, target: str | os.PathLike[str]) -> FqError:
+    """An OSError met while making ``target`` (a file, a directory tree, a rename), as the one
+    line the CLI prints: a full or read-only disk, or a file where a directory must be."""
+    target = Path(target)
+    if exc.errno == errno.ENOTDIR:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return OutputRefused(f"cannot write {target}: a file is where a directory must be{where}")
+    if exc.errno == errno.EBUSY:
+        return OutputRefused(f"cannot replace {target}: it is busy (a mount point?)")
+    return _disk_error(exc, target)
+
+
+@contextlib.contextmanager
+def output_errors(target: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn any OSError inside the block into ``output_error``: one line, never a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise output_error(exc, target) from exc
+
+
+def check_directory(path: str | os.PathLike[str], *, what: str = "output directory") -> Path:
+    """Refuse, before any work, a directory output that cannot be made or written: a file
+    where the directory (or one of its parents) must be, or a read-only place."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == path:
+            raise OutputRefused(f"{what} {path} is not a directory")
+        raise OutputRefused(f"{what} {path} cannot be made: {existing} is not a directory")
+    if not os.access(existing, os.W_OK):
+        why = "on a read-only file system" if _read_only(existing) else "not writable"
+        raise OutputRefused(f"{what} {path} cannot be written: {existing} is {why}")
+    return path
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def temporary_for(
     target: str | os.PathLike[str],

@@ -812,7 +812,9 @@ def _add_reference(sub) -> None:
     )  # fmt: skip
     p.add_argument(
         "--force", action="store_true",
-        help="replace the reference already in DIR; save a run that regressed against its own",
+        help="replace the reference already in DIR (only a reference fq-suite wrote: a DIR "
+        "holding anything else is refused, --force or not); save a run that regressed against "
+        "its own",
     )  # fmt: skip
     _add_results_root(p)
     p.set_defaults(run=_run_reference)
@@ -866,11 +868,15 @@ def _add_diff(sub) -> None:
 
 def _run_diff(args) -> int:
     from . import history, regression
+    from .errors import BadInput
 
     tolerances = regression.parse_tolerances(args.compare_fail)
     a, b = history.resolve(args.a, args.results), history.resolve(args.b, args.results)
     old = {(r.stage, r.case): r for r in a.records()}
     new = {(r.stage, r.case): r for r in b.records()}
+    if not set(old) & set(new):
+        raise BadInput(f"nothing compared: no stage x case is in both {a.label} "
+                       f"({_cases(old)}) and {b.label} ({_cases(new)})")  # fmt: skip
     ma, mb = history.source_manifest(a), history.source_manifest(b)
     print(f"A: {a.label}  {a.path}{_manifest_note(ma)}")
     print(f"B: {b.label}  {b.path}{_manifest_note(mb)}")
@@ -894,12 +900,17 @@ def _run_diff(args) -> int:
         print(f"only in A: {', '.join(only_a)}")
     if only_b:
         print(f"only in B: {', '.join(only_b)}")
-    if not keys:
-        print("no stage x case is in both: nothing compared")
-        return 0
     tally = ", ".join(f"{n} {s}" for s, n in counts.items())
     print(f"{len(keys)} compared: {tally}")
+    if counts.get("not compared") == len(keys):
+        raise BadInput(f"nothing compared: none of the {len(keys)} stage x case in both "
+                       "could be compared (see above)")  # fmt: skip
     return 1 if counts.get("regressed") else 0
+
+
+def _cases(records) -> str:
+    names = [f"{s}/{c}" for s, c in sorted(records)]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _stage_order() -> list[str]:

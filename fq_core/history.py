@@ -20,6 +20,7 @@ No pytest here; the only subprocess (`git status`) goes through commands.run_log
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import secrets
@@ -33,7 +34,7 @@ from typing import Literal
 
 import msgspec
 
-from . import __version__, record, results
+from . import __version__, atomic, record, results
 from .errors import BadInput, OutputRefused
 from .protocol import cpu_name
 from .record import StageRecord
@@ -254,9 +255,11 @@ def _read_manifest_file(path: Path) -> RunManifest | None:
     except OSError as exc:
         raise BadInput(f"{path}: cannot read run manifest ({exc.strerror or exc})") from exc
     try:
-        return msgspec.json.decode(raw, type=RunManifest)
+        manifest = msgspec.json.decode(raw, type=RunManifest)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BadInput(f"{path}: not an fq-suite run manifest ({exc})") from exc
+    _known_schema(path, "run manifest", manifest.schema)
+    return manifest
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -347,7 +350,12 @@ def reference_dir(base: str | os.PathLike[str] | None = None) -> Path:
 
 def default_reference(base: str | os.PathLike[str] | None = None) -> Source | None:
     """The saved reference in the checkout, when there is one."""
-    path = reference_dir(base)
+    return saved_reference(reference_dir(base))
+
+
+def saved_reference(path: str | os.PathLike[str]) -> Source | None:
+    """The reference saved in the directory `path`, when there is one."""
+    path = Path(path)
     if (path / REFERENCE_FILE).is_file() and _has_records(path):
         return open_directory(path)
     return None
@@ -424,9 +432,19 @@ def read_reference(path: str | os.PathLike[str]) -> ReferenceManifest:
     except OSError as exc:
         raise BadInput(f"{file}: cannot read ({exc.strerror or exc})") from exc
     try:
-        return msgspec.json.decode(raw, type=ReferenceManifest)
+        manifest = msgspec.json.decode(raw, type=ReferenceManifest)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BadInput(f"{file}: not an fq-suite reference ({exc})") from exc
+    _known_schema(file, "reference", manifest.schema)
+    return manifest
+
+
+def _known_schema(file: Path, what: str, schema: int) -> None:
+    """A manifest of a schema this version does not know is refused by name, never read as if
+    its fields meant what ours mean."""
+    if schema != SCHEMA:
+        raise BadInput(f"{file}: unknown {what} schema {schema} (fq-suite {__version__} "
+                       f"reads schema {SCHEMA})")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -446,16 +464,11 @@ def save_reference(
     """Copy a run's measured records (validated) into `dest`, with `reference.json`.
 
     The directory is built beside `dest` and renamed into place, so a reader never sees
-    half a reference; an existing `dest` is replaced only with `force` (refused otherwise).
-    `dest` must not be the source itself.
+    half a reference. What `dest` may hold is `check_reference_dest`'s rule: nothing, or a
+    reference fq-suite wrote and nothing else (replaced only with `force`).
     """
     dest = Path(dest)
-    if dest.exists() and not dest.is_dir():
-        raise OutputRefused(f"{dest} exists and is not a directory")
-    if dest.exists() and dest.resolve() == source.path.resolve():
-        raise OutputRefused(f"{dest} is the run being saved; choose another directory")
-    if dest.exists() and any(dest.iterdir()) and not force:
-        raise OutputRefused(f"{dest} exists; pass --force to replace the reference in it")
+    check_reference_dest(dest, force=force, source=source, root=root)
     kept: list[tuple[Path, StageRecord]] = []
     skipped: list[str] = []
     for path in source.record_paths():
@@ -490,36 +503,148 @@ def save_reference(
             for _, rec in kept
         ),
     )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # not named *.fq-tmp: atomic.remove_stale unlinks files of that name, not directories
-    build = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.building"
-    try:
-        build.mkdir()
-        for _, rec in kept:
-            target = build / results.safe_name(rec.stage) / f"{results.safe_name(rec.case)}.json"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            results.write_bytes_atomic(target, record.encode(rec))
-        results.write_bytes_atomic(build / REFERENCE_FILE, _encode(manifest))
-        _swap_in(build, dest)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
+    files = {_case_file(rec.stage, rec.case): record.encode(rec) for _, rec in kept}
+    files[REFERENCE_FILE] = _encode(manifest)
+    with atomic.output_errors(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # not named *.fq-tmp: atomic.remove_stale unlinks files of that name, not directories
+        build = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.building"
+        build.mkdir()  # ours from here on, so ours to remove
+        try:
+            for rel, data in files.items():
+                (build / rel).parent.mkdir(parents=True, exist_ok=True)
+                with open(build / rel, "wb") as f:
+                    f.write(data)
+                    os.fsync(f.fileno())
+            _swap_in(build, dest)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
     return SavedReference(dest, manifest, tuple(skipped))
 
 
-def _swap_in(build: Path, dest: Path) -> None:
-    """`build` becomes `dest` in one rename; an old `dest` is moved aside first, then removed."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.replaced"
-        os.rename(dest, old)
+def _case_file(stage: str, case: str) -> str:
+    return f"{results.safe_name(stage)}/{results.safe_name(case)}.json"
+
+
+def check_reference_dest(
+    dest: str | os.PathLike[str],
+    *,
+    force: bool,
+    source: Source | None = None,
+    root: str | os.PathLike[str] | None = None,
+) -> None:
+    """Every refusal a reference directory can meet, before anything is copied (pytest makes
+    them before the session runs).
+
+    Why so strict: replacing a directory deletes what is in it. `dest` is replaced only when
+    it holds a reference fq-suite wrote (its `reference.json` and the records it names) and
+    nothing else, and only with `force`; anything else in it is refused, `force` or not. The
+    results store, a directory inside it or holding it, and the source are never a `dest`.
+    """
+    dest = Path(dest)
+    if dest.is_symlink():
+        raise OutputRefused(f"{dest} is a symbolic link; give the reference directory itself")
+    atomic.check_directory(dest, what="reference directory")
+    here = dest.resolve()
+    store = (Path(root) if root is not None else results.results_dir()).resolve()
+    for what, there in (("the results store", store),
+                        ("the run being saved", source.path.resolve() if source else None)):
+        if there is None:
+            continue
+        if here == there:
+            raise OutputRefused(f"{dest} is {what}; save the reference elsewhere "
+                                f"(default {DEFAULT_REFERENCE_DIR}/)")  # fmt: skip
+        if here.is_relative_to(there):
+            raise OutputRefused(f"{dest} is inside {what} {there}; save the reference elsewhere")
+        if there.is_relative_to(here):
+            raise OutputRefused(f"{dest} holds {what} {there}; refusing to replace it")
+    if not dest.is_dir() or not any(dest.iterdir()):
+        return
+    foreign = foreign_files(dest)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                          else "")  # fmt: skip
+        raise OutputRefused(f"{dest} holds files fq-suite did not write ({shown}); refusing to "
+                            "replace it, --force or not: choose a new or empty directory")
+    if not force:
+        run_id = read_reference(dest).run_id
+        raise OutputRefused(f"{dest} holds the reference of run {run_id}; pass --force to "
+                            "replace it")  # fmt: skip
+
+
+def _suite_files(path: Path) -> tuple[set[str], set[str]]:
+    """(files, directories) a reference fq-suite wrote at `path` consists of, relative to it;
+    nothing when its reference.json is missing or is not one this version reads."""
     try:
-        os.rename(build, dest)
-    except OSError:
-        if old is not None:
-            os.rename(old, dest)
-        raise
+        manifest = read_reference(path)
+    except BadInput:
+        return set(), set()
+    files = {REFERENCE_FILE} | {_case_file(c.stage, c.case) for c in manifest.cases}
+    return files, {f.split("/")[0] for f in files if "/" in f}
+
+
+def foreign_files(path: str | os.PathLike[str]) -> list[str]:
+    """What the directory `path` holds besides a reference fq-suite wrote (relative paths; a
+    directory ends in "/"; links and unreadable directories count as foreign)."""
+    path = Path(path)
+    files, dirs = _suite_files(path)
+    found: list[str] = []
+
+    def unreadable(exc: OSError) -> None:
+        found.append(f"{Path(exc.filename).relative_to(path).as_posix()}/ (unreadable)")
+
+    for here, subdirs, names in os.walk(path, onerror=unreadable):
+        rel = Path(here).relative_to(path)
+        ours = []
+        for name in subdirs:
+            r = (rel / name).as_posix()
+            if r in dirs and not Path(here, name).is_symlink():
+                ours.append(name)
+            else:
+                found.append(r + "/")
+        subdirs[:] = ours
+        for name in names:
+            r = (rel / name).as_posix()
+            if r not in files or Path(here, name).is_symlink():
+                found.append(r)
+    return sorted(found)
+
+
+def _swap_in(build: Path, dest: Path) -> None:
+    """`build` becomes `dest` in one rename (signals held: never neither of them in place); an
+    old reference is moved aside first and then removed file by file, what it named only."""
+    old = None
+    with atomic.held_signals():
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.replaced"
+            os.rename(dest, old)
+            foreign = foreign_files(old)
+            if foreign:  # written into it since it was checked
+                os.rename(old, dest)
+                raise OutputRefused(f"{dest} holds files fq-suite did not write "
+                                    f"({', '.join(foreign[:3])}); refusing to replace it")
+        try:
+            os.rename(build, dest)
+        except OSError:
+            if old is not None:
+                os.rename(old, dest)
+            raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_reference(old)
+
+
+def _remove_reference(path: Path) -> None:
+    """Remove a replaced reference: the files its manifest names, then the emptied directories;
+    anything else (written meanwhile) stays, with the directory, and is logged."""
+    files, dirs = _suite_files(path)
+    try:
+        for rel in sorted(files, key=lambda f: f == REFERENCE_FILE):  # the manifest last
+            (path / rel).unlink(missing_ok=True)
+        for rel in dirs:
+            (path / rel).rmdir()
+        path.rmdir()
+    except OSError as exc:
+        logging.getLogger(__name__).warning("left %s: %s", path, exc.strerror or exc)
 
 
 # --- where comparisons are stored ----------------------------------------------------------

@@ -6,7 +6,9 @@
   option the test is skipped with the reason: it never passes having compared nothing.
 - `--fq-compare-fail=EXPR[,EXPR…]` (repeatable): tolerances, pytest-benchmark's syntax
   (`kld:10%`, `delta_ppl:0.5`, `speed:20%`, `kld_max:off`) over the documented defaults.
-- `--fq-save-reference[=DIR]`: when the session passed, its records become the reference.
+- `--fq-save-reference` (no value: it never swallows a test path): when the session passed,
+  its records become the reference in `--fq-reference-dir` (default `fq-reference/`), which
+  may hold nothing but a reference fq-suite wrote (fq_core.history.check_reference_dest).
 - Every run directory gets `run.json` (git commit, argv, host, timestamps, exit status).
 
 Each comparison is stored beside the record (results/<run>/<stage>/regression/<case>.json)
@@ -49,11 +51,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "its uncertainty (llama.cpp's standard errors + the placebo spread)",
     )  # fmt: skip
     group.addoption(
-        "--fq-save-reference", dest="fq_save_reference", nargs="?", const="", default=None,
-        metavar="DIR",
-        help="when the session passed, save its stage records as the reference in DIR "
-        "(default fq-reference/ in the rootdir), replacing the one there; commit that "
-        "directory. Same as `fq reference save RUN_ID DIR --force` afterwards",
+        "--fq-save-reference", dest="fq_save_reference", action="store_true", default=False,
+        help="when the session passed, save its stage records as the reference in "
+        "--fq-reference-dir, replacing the reference there (never anything else: a directory "
+        "holding other files is refused before the session runs); commit that directory. "
+        "Same as `fq reference save RUN_ID DIR --force` afterwards. Takes no value, so a test "
+        "path after it stays a test path",
+    )  # fmt: skip
+    group.addoption(
+        "--fq-reference-dir", dest="fq_reference_dir", default=None, metavar="DIR",
+        help="the reference directory --fq-save-reference writes and --fq-compare (without a "
+        "value) reads first (default: fq-reference/ in the rootdir)",
     )  # fmt: skip
 
 
@@ -63,6 +71,7 @@ class RegressionState:
     tolerances: dict[str, Any]
     root: Path  # the results store
     rootdir: Path
+    reference_dir: Path  # --fq-reference-dir
     run_id: str
     source: Any = None  # history.Source when given explicitly
     save_dir: Path | None = None
@@ -91,7 +100,7 @@ class RegressionState:
             if ref is None:
                 return f"not compared: {self.source.label} has no record of {where}"
             return self.source, ref
-        default = history.default_reference(self.rootdir)
+        default = history.saved_reference(self.reference_dir)
         if default is not None:
             ref = default.load(rec.stage, rec.case)
             if ref is not None:
@@ -100,10 +109,9 @@ class RegressionState:
             rec.stage, rec.case, self.root, exclude=self.run_id, before=rec.started_at
         )
         if found is None:
-            ref_dir = history.DEFAULT_REFERENCE_DIR
             return (
-                f"not compared: nothing to compare {where} with (no {ref_dir}/ "
-                f"with it in {self.rootdir} and no earlier run in {self.root} has it); "
+                f"not compared: nothing to compare {where} with (no reference with it in "
+                f"{self.reference_dir} and no earlier run in {self.root} has it); "
                 "save one with --fq-save-reference or `fq reference save`"
             )
         return found
@@ -126,10 +134,15 @@ def pytest_configure(config: pytest.Config) -> None:
     from fq_core import history, regression
     from fq_core.errors import FqError
 
+    from fq_core import atomic
+
     spec = config.getoption("fq_compare", default=None)
     if spec is not None and not str(spec).strip():
         spec = _AUTO
-    root = _results_root(config)
+    try:  # a bad results store is one line now, not a traceback in the first stage test
+        root = atomic.check_directory(_results_root(config), what="results store")
+    except FqError as exc:
+        raise pytest.UsageError(str(exc)) from None
     try:
         tolerances = regression.parse_tolerances(config.getoption("fq_compare_fail", None))
         source = None
@@ -137,13 +150,18 @@ def pytest_configure(config: pytest.Config) -> None:
             source = history.resolve(str(spec), root)
     except FqError as exc:
         raise pytest.UsageError(f"--fq-compare / --fq-compare-fail: {exc}") from None
-    save = config.getoption("fq_save_reference", default=None)
+    given = config.getoption("fq_reference_dir", default=None)
+    reference_dir = Path(given) if given else config.rootpath / history.DEFAULT_REFERENCE_DIR
     save_dir = None
-    if save is not None:
-        save_dir = Path(save) if save else config.rootpath / history.DEFAULT_REFERENCE_DIR
+    if config.getoption("fq_save_reference", default=False):
+        save_dir = reference_dir
+        try:  # refused before the session runs, not after it
+            history.check_reference_dest(save_dir, force=True, root=root)
+        except FqError as exc:
+            raise pytest.UsageError(f"--fq-save-reference: {exc}") from None
     config.stash[STATE] = RegressionState(
         spec=spec, tolerances=tolerances, root=root, rootdir=config.rootpath,
-        run_id=_run_id(config), source=source, save_dir=save_dir,
+        reference_dir=reference_dir, run_id=_run_id(config), source=source, save_dir=save_dir,
     )  # fmt: skip
 
 
@@ -152,7 +170,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if state is None or state.spec is None:
         return []
     what = (state.source.label if state.source is not None else
-            "fq-reference/ if it has the stage x case, else the latest earlier run")  # fmt: skip
+            f"{state.reference_dir} if it has the stage x case, else the latest earlier run")  # fmt: skip
     return [f"fq: compare with {what}; tolerances {state.tolerance_text}"]
 
 

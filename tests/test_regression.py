@@ -554,13 +554,27 @@ def test_fq_diff_identical_and_regressed(tmp_path, capsys):
 
 
 def test_fq_diff_directories_and_missing_cases(tmp_path, capsys):
-    root = _store(tmp_path, rec("A"))
-    other = record.from_builtins(make_record(run_id="B", stage="layers0-2"))
-    results.save_result(other, root)
+    root = _store(tmp_path, rec("A"), rec("B"))
+    results.save_result(record.from_builtins(make_record(run_id="B", stage="layers0-2")), root)
     status, out, _ = _cli(capsys, "diff", str(root / "A"), str(root / "B"))
-    assert status == 0
-    assert "only in A: layer0/gemma3-270m" in out and "only in B: layers0-2/m" in out
-    assert "nothing compared" in out
+    assert status == 0 and "only in B: layers0-2/m" in out and "1 compared: 1 identical" in out
+
+
+def test_fq_diff_that_compares_nothing_exits_2(tmp_path, capsys):
+    """Attack: two runs with nothing in common said "nothing compared" and exited 0."""
+    root = _store(tmp_path, rec("A"))
+    results.save_result(record.from_builtins(make_record(run_id="B", stage="layers0-2")), root)
+    status, out, err = _cli(capsys, "diff", str(root / "A"), str(root / "B"))
+    assert (status, out) == (2, "")
+    assert err == ("fq diff: error: nothing compared: no stage x case is in both run A "
+                   "(layer0/gemma3-270m) and run B (layers0-2/m)\n")  # fmt: skip
+    # in both, but none could be compared (the reference measured nothing): tables, exit 2
+    results.save_result(record.from_builtins(make_record(
+        run_id="C", outcome="skipped", skip_reason="gate: closed",
+        model={"name": "gemma3-270m", "path": "/m", "sha256": "ab" * 32})), root)  # fmt: skip
+    status, out, err = _cli(capsys, "diff", "C", "A", "--results", str(root))
+    assert status == 2 and "not compared: the reference record (run C) measured nothing" in out
+    assert err.startswith("fq diff: error: nothing compared: none of the 1 stage x case in both")
 
 
 @pytest.mark.parametrize("what", ["unknown", "empty", "broken", "tolerance"])
@@ -737,8 +751,8 @@ def test_save_reference_refused_after_a_failing_session(inner, tmp_path, monkeyp
     results.save_result(rec("REF"), store)
     results.save_result(with_kld(0.02, run_id="NOW"), store)
     _current(tmp_path, monkeypatch, with_kld(0.02, run_id="NOW"))
-    result = _run(inner, "--fq-compare=REF", "--fq-run-id", "NOW",
-                  f"--fq-save-reference={tmp_path / 'ref'}")  # fmt: skip
+    result = _run(inner, "--fq-compare=REF", "--fq-run-id", "NOW", "--fq-save-reference",
+                  f"--fq-reference-dir={tmp_path / 'ref'}")  # fmt: skip
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["fq: reference NOT saved to *: the session did not pass*"])
     assert not (tmp_path / "ref").exists()

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import atomic
-from ..errors import OutputRefused
 from ..stages import GATE_STAGE, STAGES
 from . import RunResults, decisions, load_run, resolve_run_dir
 from . import charts as charts_mod
@@ -114,11 +113,10 @@ def write_reports(results_dir: str | Path, output_dir: str | Path) -> MarkdownRe
     """Write both markdown reports and their charts; returns what was written."""
     run_dir = resolve_run_dir(results_dir)
     run = load_run(run_dir)  # BadInput naming the file and the field, before any output
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputRefused(f"output directory is a file: {out}")
+    out = atomic.check_directory(output_dir)
     files = render_reports(run)
-    _write_tree(out, files)
+    with atomic.output_errors(out):
+        _write_tree(out, files)
     charts = tuple(out / rel for rel in files if rel.startswith(f"{CHARTS}/"))
     return MarkdownReports(
         out / TEST1, out / EXPERIMENT, charts, run_dir, run.later_stages_present()

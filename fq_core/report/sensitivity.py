@@ -384,13 +384,10 @@ def write_report(paths: Sequence[str | Path], output_dir: str | Path, *, q: floa
     and write sensitivity.html / .md / .json and charts/sensitivity-*.png into output_dir."""
     analysis = analyze_dirs(paths, q=q)
     files = render_files(analysis)
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        from ..errors import OutputRefused
-
-        raise OutputRefused(f"output directory is a file: {out}")
-    for rel, data in files.items():
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_bytes(out / rel, data, force=True)
+    out = atomic.check_directory(output_dir)
+    with atomic.output_errors(out):
+        for rel, data in files.items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_bytes(out / rel, data, force=True)
     charts = tuple(out / rel for rel in files if rel.startswith(f"{CHARTS}/"))
     return SensitivityReport(out / HTML, out / MARKDOWN, out / NUMBERS, charts, analysis)
