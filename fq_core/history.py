@@ -547,8 +547,10 @@ def check_reference_dest(
     atomic.check_directory(dest, what="reference directory")
     here = dest.resolve()
     store = (Path(root) if root is not None else results.results_dir()).resolve()
-    for what, there in (("the results store", store),
-                        ("the run being saved", source.path.resolve() if source else None)):
+    for what, there in (
+        ("the results store", store),
+        ("the run being saved", source.path.resolve() if source else None),
+    ):
         if there is None:
             continue
         if here == there:
@@ -564,8 +566,10 @@ def check_reference_dest(
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
                                           else "")  # fmt: skip
-        raise OutputRefused(f"{dest} holds files fq-suite did not write ({shown}); refusing to "
-                            "replace it, --force or not: choose a new or empty directory")
+        raise OutputRefused(
+            f"{dest} holds files fq-suite did not write ({shown}); refusing to "
+            "replace it, --force or not: choose a new or empty directory"
+        )
     if not force:
         run_id = read_reference(dest).run_id
         raise OutputRefused(f"{dest} holds the reference of run {run_id}; pass --force to "
@@ -621,8 +625,10 @@ def _swap_in(build: Path, dest: Path) -> None:
             foreign = foreign_files(old)
             if foreign:  # written into it since it was checked
                 os.rename(old, dest)
-                raise OutputRefused(f"{dest} holds files fq-suite did not write "
-                                    f"({', '.join(foreign[:3])}); refusing to replace it")
+                raise OutputRefused(
+                    f"{dest} holds files fq-suite did not write "
+                    f"({', '.join(foreign[:3])}); refusing to replace it"
+                )
         try:
             os.rename(build, dest)
         except OSError:

@@ -131,10 +131,8 @@ def _run_id(config: pytest.Config) -> str:
 
 @pytest.hookimpl(trylast=True)  # after fq_pytest.plugin has chosen the run id
 def pytest_configure(config: pytest.Config) -> None:
-    from fq_core import history, regression
+    from fq_core import atomic, history, regression
     from fq_core.errors import FqError
-
-    from fq_core import atomic
 
     spec = config.getoption("fq_compare", default=None)
     if spec is not None and not str(spec).strip():
@@ -169,8 +167,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     state = config.stash.get(STATE, None)
     if state is None or state.spec is None:
         return []
-    what = (state.source.label if state.source is not None else
-            f"{state.reference_dir} if it has the stage x case, else the latest earlier run")  # fmt: skip
+    what = (
+        state.source.label
+        if state.source is not None
+        else f"{state.reference_dir} if it has the stage x case, else the latest earlier run"
+    )
     return [f"fq: compare with {what}; tolerances {state.tolerance_text}"]
 
 
