@@ -476,10 +476,14 @@ class FqSession:
 
 
 def results_root(config: pytest.Config) -> Path:
-    """FQ_RESULTS_DIR, or results/ under the rootdir (not the cwd)."""
+    """FQ_RESULTS_DIR, or results/ under the rootdir (not the cwd); a file there is one line."""
+    from fq_core.errors import FqError
     from fq_core.paths import results_dir
 
-    root = results_dir()
+    try:
+        root = results_dir()
+    except FqError as exc:
+        raise pytest.UsageError(str(exc)) from None
     return root if root.is_absolute() else config.rootpath / root
 
 

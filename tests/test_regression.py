@@ -758,6 +758,41 @@ def test_save_reference_refused_after_a_failing_session(inner, tmp_path, monkeyp
     assert not (tmp_path / "ref").exists()
 
 
+def test_save_reference_takes_no_value_so_a_test_path_stays_one(inner, tmp_path, monkeypatch):
+    """Attack: `--fq-save-reference experiments -k …` took the test directory as the reference
+    directory and replaced it (the tracked test files were deleted)."""
+    results.save_result(rec("NOW"), tmp_path / "store")
+    _current(tmp_path, monkeypatch, rec("NOW"))
+    tests = inner.path / "experiments"
+    tests.mkdir()
+    (inner.path / "test_inner.py").rename(tests / "test_inner.py")
+    before = (tests / "test_inner.py").read_bytes()
+    result = _run(inner, "--fq-run-id", "NOW", "--fq-save-reference", "experiments", "-k", "reg")
+    result.assert_outcomes(skipped=1)  # experiments/ was collected as the test path it is
+    result.stdout.fnmatch_lines(["fq: saved run NOW as the reference in */fq-reference (1 *"])
+    assert (tests / "test_inner.py").read_bytes() == before
+    # asked for by name, a directory of tests is refused before anything runs
+    result = _run(inner, "--fq-run-id", "NOW", "--fq-save-reference",
+                  "--fq-reference-dir=experiments", "experiments")  # fmt: skip
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --fq-save-reference: experiments holds files fq-suite "
+                                 "did not write (*test_inner.py*); refusing to replace it, "
+                                 "--force or not*"])  # fmt: skip
+    assert (tests / "test_inner.py").read_bytes() == before
+
+
+def test_a_bad_results_store_is_a_usage_error(inner, tmp_path, monkeypatch):
+    """Attack: FQ_RESULTS_DIR = a file gave NotADirectoryError tracebacks."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("FQ_RESULTS_DIR", str(blocker))
+    _current(tmp_path, monkeypatch, rec("NOW"))
+    result = _run(inner)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: FQ_RESULTS_DIR={blocker} is not a directory"])
+    assert blocker.read_text() == "x"
+
+
 def test_fq_reference_save_refuses_a_run_that_regressed(tmp_path, capsys):
     root = _store(tmp_path, rec("REF"), with_kld(0.02, run_id="BAD"))
     regression.save(compare(rec("REF"), with_kld(0.02, run_id="BAD")), root)
