@@ -331,3 +331,35 @@ def test_a_build_made_before_manifests_is_adopted_by_setup_and_flagged_by_doctor
     main(["doctor"])
     out, _ = capsys.readouterr()
     assert f"[ok  ] build {t.build_id[:16]}: every file matches its manifest" in out
+
+
+@pytest.mark.llama
+def test_the_real_build_is_named_by_its_files_and_a_wrapper_is_not_it(real_bin, tmp_path):
+    """The build `fq setup` made: its id covers every tool, library and binding file; a copy
+    is the same build; a wrapper that prints the same version is another; a copy whose
+    llama-perplexity was replaced is refused, naming the file."""
+    from fq_core.errors import BuildChanged
+
+    real = T.find_tools(real_bin)
+    if T.build_record(real_bin) is None or not real.has_library:
+        pytest.skip("llama.cpp comes from PATH / FQ_LLAMA_BIN_DIR here, not from fq's build")
+    files = T.build_files(real_bin)
+    libs = {p.name for p in real.lib_dir.iterdir() if T._is_library(p.name)}
+    assert {f"lib/{n}" for n in libs} <= set(files) and "lib/libllama.so" in files
+    assert "python/llama_cpp/llama_cpp.py" in files
+    assert {f"bin/{t}" for t in T.REQUIRED_TOOLS} <= set(files)
+    assert real.build_id == T.build_id_of(files)
+    copy = tmp_path / "copy"
+    shutil.copytree(real_bin.parent, copy, symlinks=True)
+    assert T.find_tools(copy / "bin").build_id == real.build_id
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    (wrapper / "llama-completion").symlink_to(real_bin / "llama-completion")
+    _script(wrapper / "llama-perplexity", f'#!/bin/sh\nexec {real_bin / "llama-perplexity"} "$@"\n')
+    wrapped = T.find_tools(wrapper)
+    assert wrapped.version == real.version and wrapped.build_id != real.build_id
+    T.record_manifest(copy / "bin")  # a build made before manifests: recorded as it is
+    (copy / "bin" / "llama-perplexity").unlink()
+    shutil.copy2(wrapper / "llama-perplexity", copy / "bin" / "llama-perplexity")
+    with pytest.raises(BuildChanged, match=r"bin/llama-perplexity: sha256 \w+ != manifest"):
+        T.find_tools(copy / "bin")
