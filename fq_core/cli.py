@@ -385,16 +385,29 @@ def _run_setup(args) -> int:
     import time
 
     from .corpus import resolve_corpus
-    from .llama.tools import find_tools
+    from .errors import BuildChanged
+    from .llama.tools import build_record, find_tools, record_manifest
     from .models import REGISTRY, cache_status, fetch
 
     def progress(msg: str) -> None:
         print(f"fq setup: {msg}", file=sys.stderr, flush=True)
 
     t0 = time.monotonic()
-    tools = find_tools(args.llama_bin_dir, build=True, progress=progress)
+    try:
+        tools = find_tools(args.llama_bin_dir, build=True, progress=progress)
+    except BuildChanged as exc:
+        print(f"llama.cpp: {exc.tree} differs from the manifest written when it was built:")
+        print("\n".join(f"  {d}" for d in exc.differences), flush=True)
+        raise
     print(f"llama.cpp: {tools.bin_dir} ({tools.source}, {time.monotonic() - t0:.1f} s)")
-    print(f"  {tools.version}; {tools.build_info}", flush=True)
+    print(f"  {tools.version}; {tools.build_info}")
+    if tools.manifest:
+        print(f"  build {tools.build_id[:16]}: its files match its manifest", flush=True)
+    elif build_record(tools.bin_dir) is not None:  # fq's build, made before manifests
+        record_manifest(tools.bin_dir)
+        print(f"  build {tools.build_id[:16]}: manifest recorded now (its files as they are)")
+    else:
+        print(f"  build {tools.build_id[:16]}: from its own files (not fq's build, no manifest)")
     for name in REGISTRY:
         if not cache_status(name).verified:
             progress(f"fetching {name}")
@@ -415,8 +428,8 @@ def _add_doctor(sub) -> None:
 
 def _run_doctor(args) -> int:
     from .corpus import resolve_corpus
-    from .errors import FqError
-    from .llama.tools import OPTIONAL_TOOLS, REQUIRED_TOOLS, find_tools
+    from .errors import BuildChanged, FqError
+    from .llama.tools import OPTIONAL_TOOLS, REQUIRED_TOOLS, build_record, find_tools
     from .models import REGISTRY, cache_status
     from .paths import cache_dir, logs_dir, results_dir
 
@@ -433,6 +446,13 @@ def _run_doctor(args) -> int:
         tools = find_tools(args.llama_bin_dir, build=False)
         line(True, f"llama.cpp ({tools.source}): {tools.bin_dir}")
         print(f"       {tools.version}; {tools.build_info}")
+        if tools.manifest:
+            line(True, f"build {tools.build_id[:16]}: every file matches its manifest")
+        elif build_record(tools.bin_dir) is not None:
+            line(None, f"build {tools.build_id[:16]}: no manifest (built before fq wrote one)",
+                 "fq setup   (records it)")  # fmt: skip
+        else:
+            line(True, f"build {tools.build_id[:16]}: from its own files (no manifest)")
         for t in REQUIRED_TOOLS + OPTIONAL_TOOLS:
             ok = tools.has(t) or (None if t in OPTIONAL_TOOLS else False)
             line(ok, f"{t}: {tools.bin_dir / t}", "" if ok else "fq setup")
@@ -440,6 +460,11 @@ def _run_doctor(args) -> int:
             line(True, f"libllama + bindings (logits engine): {tools.lib_dir}, {tools.python_dir}")
         else:
             line(None, "libllama + bindings (logits engine): none beside these tools", "fq setup")
+    except BuildChanged as exc:
+        what = "\n".join(f"       {d}" for d in exc.differences)
+        line(False, f"llama.cpp build at {exc.tree} differs from its manifest:\n{what}",
+             f"mv {shlex.quote(str(exc.tree))} {shlex.quote(str(exc.tree) + '.changed')} "
+             "&& fq setup   (rebuilds it)")  # fmt: skip
     except FqError as exc:
         line(False, f"llama.cpp: {exc}", "fq setup   (builds the pinned llama.cpp, ~5 min)")
     for name in REGISTRY:

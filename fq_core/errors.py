@@ -45,3 +45,16 @@ class LlamaFailed(FqError):
 
 class ToolMissing(LlamaFailed):
     """A llama.cpp tool is neither found nor buildable."""
+
+
+class BuildChanged(ToolMissing):
+    """A llama.cpp build's files are not the ones its manifest recorded when it was built."""
+
+    def __init__(self, tree, differences: tuple[str, ...]):
+        self.tree = tree
+        self.differences = tuple(differences)
+        more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+        super().__init__(
+            f"the llama.cpp build at {tree} differs from its manifest: {differences[0]}{more}; "
+            f"move it aside (mv {tree} {tree}.changed) and run fq setup to rebuild it"
+        )

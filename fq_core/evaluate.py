@@ -215,14 +215,15 @@ def _runner_for(runner: LlamaRunner, settings: EvalSettings) -> LlamaRunner:
     return runner
 
 
-def baseline_key(model: ModelRef, corpus: Corpus, llama_version: str, settings) -> str:
+def baseline_key(model: ModelRef, corpus: Corpus, llama_build: str, settings) -> str:
+    """`llama_build`: the build's id (LlamaTools.build_id), its files by content."""
     return results.cache_key(
         {
             "what": "baseline",
             "schema": _CACHE_SCHEMA,
             "model_sha256": model.sha256,
             "corpus_sha256": corpus.sha256,
-            "llama_version": llama_version,
+            "llama_build": llama_build,
             "settings": settings.key_fields(),
         },
         length=20,
@@ -240,7 +241,7 @@ def evaluate_baseline(
     if settings.exact:
         runner.tools.library()  # ToolMissing before any work when the build has no library
     version = runner.tools.version
-    key = baseline_key(model, corpus, version, settings)
+    key = baseline_key(model, corpus, runner.tools.build_id, settings)
     root = cache_dir() / "baselines" / key
     root.mkdir(parents=True, exist_ok=True)
     meta = root / "baseline.json"
@@ -288,6 +289,7 @@ def evaluate_baseline(
             "model": {"name": model.name, "path": str(model.path), "sha256": model.sha256},
             "corpus": {"path": str(corpus.path), "sha256": corpus.sha256, "n_tokens": n_tokens},
             "llama_version": version,
+            "llama_build": runner.tools.build_id,
             "settings": settings.to_json(),
             "engine": settings.engine,
             "kld_base_bytes": n_bytes,
@@ -386,7 +388,7 @@ def evaluate_against_cached(
     key = results.cache_key({
         "what": "treatment", "schema": _CACHE_SCHEMA, "model_sha256": model.sha256,
         "baseline_key": baseline.key, "settings": settings.key_fields(),
-        "llama_version": runner.tools.version,
+        "llama_build": runner.tools.build_id,
     })  # fmt: skip
 
     def compute() -> dict:

@@ -69,6 +69,8 @@ class LlamaInfo(_Part, kw_only=True):
     # native builds are bit-identical only on one CPU model; FQ_LLAMA_CPU=x86-64-v3 etc. on
     # every CPU with that level (None: tools not built by fq, the instruction set unknown)
     instruction_set: str | None = None
+    # SHA-256 over the build's files (fq_core.llama.tools.build_files): what the cache keys name
+    build_id: str | None = None
 
 
 class MachineInfo(_Part, kw_only=True):

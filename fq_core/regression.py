@@ -491,6 +491,7 @@ def identity_differences(
         ("corpus SHA-256", ref.corpus.sha256, now.corpus.sha256, True),
         ("llama.cpp version", ref.llama.version, now.llama.version, True),
         ("llama.cpp build", ref.llama.build_info, now.llama.build_info, True),
+        ("llama.cpp build SHA-256", ref.llama.build_id, now.llama.build_id, True),
         ("llama.cpp instruction set", ref.llama.instruction_set, now.llama.instruction_set,
          True),
         # a native build's kernels follow the CPU; a fixed level (FQ_LLAMA_CPU) does not

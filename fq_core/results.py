@@ -206,7 +206,7 @@ class GateComponents:
 
     model_sha256: str
     corpus_sha256: str
-    llama_version: str
+    llama_build: str  # LlamaTools.build_id: the build by content, not its version string
     format: str
     rounding: str
     settings: Mapping[str, Any]
@@ -216,7 +216,7 @@ class GateComponents:
         return {
             "model_sha256": self.model_sha256,
             "corpus_sha256": self.corpus_sha256,
-            "llama_version": self.llama_version,
+            "llama_build": self.llama_build,
             "format": self.format,
             "rounding": self.rounding,
             "settings": dict(self.settings),

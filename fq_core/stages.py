@@ -131,7 +131,7 @@ class Experiment:
         return results.GateComponents(
             model_sha256=model.sha256,
             corpus_sha256=corpus.sha256,
-            llama_version=tools.version,
+            llama_build=tools.build_id,
             format=self.fmt,
             rounding=self.rounding,
             settings=settings,

@@ -303,6 +303,7 @@ class Identity(_Part, kw_only=True):
     measured_sha256: str  # the file patched: the model itself, or its float twin
     corpus_sha256: str
     llama_version: str  # with the backend when not the CPU: "… [cuda; -ngl 99]"
+    llama_build: str = ""  # LlamaTools.build_id (its files by content), with the backend too
     settings: CellSettings
 
 
@@ -440,10 +441,12 @@ def backend(tools: LlamaTools, gpu_layers: int | None) -> str:
 
 
 def tools_for_backend(tools: LlamaTools, gpu_layers: int | None) -> LlamaTools:
-    """The tools as the sweep keys them: the version names the backend when it is not the CPU,
-    so baselines, placebos and cells of a GPU run never mix with CPU references."""
+    """The tools as the sweep keys them: the version and the build id name the backend when it
+    is not the CPU, so baselines, placebos and cells of a GPU run never mix with CPU references."""
     tag = backend(tools, gpu_layers)
-    return replace(tools, version=f"{tools.version} [{tag}]") if tag else tools
+    if not tag:
+        return tools
+    return replace(tools, version=f"{tools.version} [{tag}]", build_id=f"{tools.build_id} [{tag}]")
 
 
 def cell_settings(exp: Experiment) -> CellSettings:
@@ -462,7 +465,7 @@ def cell_key(identity: Identity, cell: Cell, tensors: Sequence[str]) -> str:
     return results.cache_key({
         "what": "sweep-cell", "schema": CELL_SCHEMA, "fq_version": __version__,
         "model_sha256": identity.model_sha256, "measured_sha256": identity.measured_sha256,
-        "corpus_sha256": identity.corpus_sha256, "llama_version": identity.llama_version,
+        "corpus_sha256": identity.corpus_sha256, "llama_build": identity.llama_build,
         "variant": cell.variant, "tensors": list(tensors), "format": cell.fmt,
         "rounding": cell.rounding, "ctx": s.ctx, "batch": s.batch, "chunks": s.chunks,
         "kld_chunks": s.kld_chunks, "engine": s.engine,
@@ -656,7 +659,7 @@ def run_cell(
     info = CellInfo(**{k: v for k, v in cell.to_json().items()})
     ident = Identity(model_sha256=model.sha256, measured_sha256=model.sha256,
                      corpus_sha256=ctx.corpus.sha256, llama_version=ctx.tools.version,
-                     settings=cell_settings(exp))  # fmt: skip
+                     llama_build=ctx.tools.build_id, settings=cell_settings(exp))  # fmt: skip
     base_rec = dict(schema=CELL_SCHEMA, run_id=ctx.run_id, cell=info, identity=ident,
                     machine=protocol.machine_json(), started_at=started, key="")  # fmt: skip
 
@@ -796,6 +799,7 @@ _IDENTITY_WORDS = {
     "measured_sha256": "measured file (float twin) SHA-256",
     "corpus_sha256": "corpus SHA-256",
     "llama_version": "llama.cpp version",
+    "llama_build": "llama.cpp build id",
 }
 
 
@@ -803,7 +807,8 @@ def _identity_difference(a: Identity, b: Identity) -> str | None:
     for field, words in _IDENTITY_WORDS.items():
         x, y = getattr(a, field), getattr(b, field)
         if x != y:
-            short = (lambda v: v[:12] + "…") if field.endswith("sha256") else repr
+            digest = field.endswith("sha256") or field == "llama_build"
+            short = (lambda v: v[:12] + "…") if digest else repr
             return f"{words} {short(x)} vs {short(y)}"
     sa, sb = msgspec.to_builtins(a.settings), msgspec.to_builtins(b.settings)
     for k in sa:

@@ -28,7 +28,12 @@ BASE: dict[str, Any] = {
         "n_bytes": 1290547,
         "n_tokens": 295173,
     },  # fmt: skip
-    "llama": {"version": "0.5.0-dev", "build_info": "GNU 12", "bin_dir": "/llama/bin"},
+    "llama": {
+        "version": "0.5.0-dev",
+        "build_info": "GNU 12",
+        "bin_dir": "/llama/bin",
+        "build_id": "ef" * 32,
+    },  # fmt: skip
     "fq_version": "0.1.0",
     "machine": {
         "hostname": "h",

@@ -433,7 +433,8 @@ def _inputs(tmp: Path) -> tuple[ModelRef, Corpus, LlamaTools]:
     corpus_path.write_text(" = Valkyria Chronicles III = \n" * 50, encoding="utf-8")
     ref = ModelRef("factory", model.path, sha256_file(model.path), None)
     corpus = Corpus(corpus_path, sha256_file(corpus_path), corpus_path.stat().st_size)
-    tools = LlamaTools(bin_dir=tmp / "bin", version="0000 (stub)", build_info="stub", source="flag")
+    tools = LlamaTools(bin_dir=tmp / "bin", version="0000 (stub)", build_info="stub", source="flag",
+                       build_id="0" * 64)  # fmt: skip
     return ref, corpus, tools
 
 
@@ -574,8 +575,8 @@ README_CLAIMS = {
     "Its path, SHA-256, bytes and token count are recorded in every result": (
         "corpus.path", "corpus.sha256", "corpus.n_bytes", "corpus.n_tokens",
     ),
-    "llama.cpp version and build flags; fq version; machine": (
-        "llama.version", "llama.build_info", "fq_version", "machine.cpu",
+    "llama.cpp version, build flags and build id; fq version; machine": (
+        "llama.version", "llama.build_info", "llama.build_id", "fq_version", "machine.cpu",
     ),
     "**commands** each check ran": ("commands[].argv",),
     "and the generated text": ("baseline.generations[].text", "treatment.generations[].text"),

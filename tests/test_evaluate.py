@@ -176,3 +176,30 @@ def test_fq_evaluate_bad_input_is_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fq evaluate: error:")
     assert main(["evaluate", "gemma3-270m", "--baseline", "gemma3-270m", "--chunks", "0"]) == 2
+
+
+@pytest.mark.llama
+@pytest.mark.models
+def test_a_wrapper_printing_the_same_version_gets_its_own_baseline(env):
+    """Attack (issue 18): FQ_LLAMA_BIN_DIR = a wrapper that prints the cached build's version
+    but alters perplexity. Before: baselines were keyed by the version string, so one's PPL
+    was served for the other. Now the key names the build by its files."""
+    runner, smol, corpus, root = env
+    real = evaluate_baseline(runner, smol, corpus, SETTINGS)  # cached by the test above, if run
+    bin_dir = runner.tools.bin_dir
+    wrapper = root / "wrapper"
+    wrapper.mkdir()
+    for tool in ("llama-completion", "llama-tokenize"):
+        (wrapper / tool).symlink_to(bin_dir / tool)
+    (wrapper / "llama-perplexity").write_text(
+        f'#!/bin/sh\nexec {bin_dir / "llama-perplexity"} "$@" -c 256\n'
+    )
+    (wrapper / "llama-perplexity").chmod(0o755)
+    wrapped = find_tools(wrapper)
+    assert wrapped.version == runner.tools.version and wrapped.build_id != runner.tools.build_id
+    other = evaluate_baseline(LlamaRunner(wrapped, log_dir=root / "logs"), smol, corpus, SETTINGS)
+    assert not other.cached and other.key != real.key
+    assert other.perplexity.command.argv[0] == str(wrapper / "llama-perplexity")
+    assert other.perplexity.ppl != real.perplexity.ppl  # the wrapper's figure is its own
+    again = evaluate_baseline(runner, smol, corpus, SETTINGS)
+    assert again.cached and again.perplexity.ppl == real.perplexity.ppl

@@ -20,7 +20,7 @@ def _components(**changes):
     base = dict(
         model_sha256="a" * 64,
         corpus_sha256="c" * 64,
-        llama_version="6800 (abc)",
+        llama_build="b" * 64,
         format="bf16",
         rounding="truncate",
         settings={"ctx": 512, "chunks": 8, "placebo_seeds": [1, 2, 3]},
@@ -92,7 +92,7 @@ def test_missing_record_closes(tmp_path):
         ({"corpus_sha256": "d" * 64}, "corpus_sha256"),
         ({"thresholds": {"ppl_delta_max": 0.01, "kld_mean_max": 0.02}}, "thresholds.ppl_delta_max"),
         ({"settings": {"ctx": 512, "chunks": 4, "placebo_seeds": [1, 2, 3]}}, "settings.chunks"),
-        ({"llama_version": "6900 (def)"}, "llama_version"),
+        ({"llama_build": "e" * 64}, "llama_build"),
     ],
 )
 def test_stale_record_closes_and_names_what_changed(tmp_path, change, named):

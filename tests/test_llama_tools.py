@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fq_core.errors import ToolMissing
+from fq_core.hashing import sha256_file
 from fq_core.llama import tools as T
 
 
@@ -170,3 +172,194 @@ def test_fixed_instruction_set_level(monkeypatch):
     monkeypatch.setenv("FQ_LLAMA_CPU", "pentium4")
     with pytest.raises(BadInput, match="FQ_LLAMA_CPU='pentium4'"):
         tools.cmake_args()
+
+
+# --- the build's identity: its files by content (issue 18) ---------------------------------------
+
+_VERSION_SCRIPT = "#!/bin/sh\necho 'version: 9999 (fake)' >&2\necho 'built with sh for test' >&2\n"
+
+
+def _script(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+def _fq_tree(tree: Path) -> Path:
+    """A tree laid out like fq's build (tools, libraries with soname links, bindings,
+    build.json without a manifest, as builds made before manifests have): real files whose
+    tools answer --version like llama.cpp's."""
+    (tree / "bin").mkdir(parents=True)
+    _script(tree / "bin" / "llama-completion", _VERSION_SCRIPT)
+    _script(tree / "bin" / "llama-perplexity", "#!/bin/sh\necho 'Final estimate: PPL = 10'\n")
+    (tree / "lib").mkdir()
+    (tree / "lib" / "libllama.so").write_bytes(b"\x7fELF libllama")
+    (tree / "lib" / "libggml-cpu.so.0.1").write_bytes(b"\x7fELF kernels v1")
+    (tree / "lib" / "libggml-cpu.so.0").symlink_to("libggml-cpu.so.0.1")
+    (tree / "python" / "llama_cpp").mkdir(parents=True)
+    (tree / "python" / "llama_cpp" / "llama_cpp.py").write_text("# bindings\n")
+    (tree / "build.json").write_text(json.dumps({"package": "fake", "version": "9999 (fake)"}))
+    return tree / "bin"
+
+
+@pytest.fixture
+def fake_cache_build(empty_cache, tmp_path, monkeypatch):
+    """The cache's build for the current flags, manifest recorded; logs kept in tmp_path."""
+    monkeypatch.setenv("FQ_LOG_DIR", str(tmp_path / "logs"))
+    bin_dir = _fq_tree(T.cache_build_dir())
+    T.record_manifest(bin_dir)
+    return bin_dir
+
+
+def test_the_build_id_names_every_file_the_numbers_depend_on(fake_cache_build):
+    t = T.find_tools(build=False)
+    assert t.source == "cache" and t.manifest and t.version == "9999 (fake)"
+    rec = T.build_record(fake_cache_build)
+    assert t.build_id == rec["build_id"] and len(t.build_id) == 64
+    assert sorted(rec["files"]) == [
+        "bin/llama-completion", "bin/llama-perplexity", "lib/libggml-cpu.so.0",
+        "lib/libggml-cpu.so.0.1", "lib/libllama.so", "python/llama_cpp/llama_cpp.py",
+    ]  # fmt: skip
+    # a copy elsewhere is the same build; a library rebuilt with the same version is not
+    copy = fake_cache_build.parent.parent / "copy"
+    shutil.copytree(fake_cache_build.parent, copy, symlinks=True)
+    assert T.find_tools(copy / "bin").build_id == t.build_id
+    (copy / "lib" / "libggml-cpu.so.0.1").write_bytes(b"\x7fELF kernels v2")
+    with pytest.raises(
+        ToolMissing, match=r"lib/libggml-cpu.so.0: sha256 \w+ != manifest \w+ \(and 1 more\)"
+    ):
+        T.find_tools(copy / "bin")  # its build.json came along: checked against it
+    (copy / "build.json").unlink()
+    other = T.find_tools(copy / "bin")
+    assert other.version == t.version and other.build_id != t.build_id and not other.manifest
+
+
+def test_a_tool_replaced_in_the_cached_build_is_refused_and_named(fake_cache_build, capsys):
+    """Attack: the cached llama-perplexity replaced in place. Before: `fq setup` / `fq doctor`
+    said ok and the figures were served under the version string's key."""
+    from fq_core.cli import main
+    from fq_core.errors import BuildChanged
+
+    want = T.build_record(fake_cache_build)["files"]["bin/llama-perplexity"]
+    _script(fake_cache_build / "llama-perplexity", "#!/bin/sh\necho 'Final estimate: PPL = 11'\n")
+    with pytest.raises(BuildChanged) as exc:
+        T.find_tools(build=False)
+    have = sha256_file(fake_cache_build / "llama-perplexity")
+    named = f"bin/llama-perplexity: sha256 {have[:16]} != manifest {want[:16]}"
+    assert exc.value.differences == (named,)
+    assert "\n" not in str(exc.value) and named in str(exc.value)
+    status = main(["doctor"])
+    out, _ = capsys.readouterr()
+    assert status == 1
+    assert f"[MISS] llama.cpp build at {fake_cache_build.parent} differs from its manifest" in out
+    assert named in out and "fq setup" in out
+    status = main(["setup"])  # refuses before fetching anything
+    out, err = capsys.readouterr()
+    assert status == 1 and named in out
+    assert err.count("\n") == 1 and "differs from its manifest" in err
+
+
+def test_a_missing_or_relinked_library_is_named(fake_cache_build):
+    lib = fake_cache_build.parent / "lib"
+    (lib / "libggml-cpu.so.0.2").write_bytes(b"\x7fELF other kernels")
+    (lib / "libggml-cpu.so.0").unlink()
+    (lib / "libggml-cpu.so.0").symlink_to("libggml-cpu.so.0.2")  # same names, other content
+    diffs = T.build_differences(fake_cache_build)
+    assert diffs[0].startswith("lib/libggml-cpu.so.0: sha256 ")
+    assert diffs[1].startswith("lib/libggml-cpu.so.0.2: not in the manifest")
+    (lib / "libllama.so").unlink()
+    (lib / "libllama.so").symlink_to("gone.so")
+    assert "lib/libllama.so: missing (manifest sha256 " in "\n".join(
+        T.build_differences(fake_cache_build)
+    )
+
+
+def test_a_wrapper_with_the_same_version_gets_its_own_keys(fake_cache_build, tmp_path, monkeypatch):
+    """Attack: FQ_LLAMA_BIN_DIR = a wrapper printing the cached build's version that alters
+    perplexity. Before: the baseline, placebos, treatments, cells and the gate were keyed by
+    the version string, so the wrapper's figures and the build's were served for each other."""
+    from fq_core import evaluate, protocol, stages, sweep
+    from fq_core.corpus import Corpus
+    from fq_core.models import ModelRef
+
+    cached = T.find_tools(build=False)
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    (wrapper / "llama-completion").symlink_to(fake_cache_build / "llama-completion")
+    real = fake_cache_build / "llama-perplexity"
+    _script(wrapper / "llama-perplexity", f'#!/bin/sh\nexec {real} "$@" --temp 2\n')
+    monkeypatch.setenv("FQ_LLAMA_BIN_DIR", str(wrapper))
+    wrapped = T.find_tools(build=False)
+    assert wrapped.source == "env" and wrapped.version == cached.version
+    assert wrapped.build_id != cached.build_id and not wrapped.manifest
+    model, corpus = (
+        ModelRef("m", tmp_path / "m.gguf", "a" * 64, None),
+        Corpus(tmp_path, "c" * 64, 1),
+    )
+    exp = stages.Experiment()
+    settings = exp.settings
+    keys = [
+        lambda t: evaluate.baseline_key(model, corpus, t.build_id, settings),
+        lambda t: protocol.placebo_key(model, corpus, t, exp, "0", 1),
+        lambda t: exp.gate_components(model, corpus, t).key,
+        lambda t: sweep.cell_key(
+            sweep.Identity(model_sha256="a", measured_sha256="a", corpus_sha256="c",
+                           llama_version=t.version, llama_build=t.build_id,
+                           settings=sweep.cell_settings(exp)),
+            sweep.Cell(model="m", kind="ffn_norm", fmt="bf16", rounding="truncate",
+                       variant="deployed", series="layer", layers="0", layer=0, n_layers=None),
+            ["blk.0.ffn_norm.weight"]),
+    ]  # fmt: skip
+    for key in keys:
+        assert key(wrapped) != key(cached)
+        assert key(cached) == key(T.find_tools(fake_cache_build))  # the same files: one key
+
+
+def test_a_build_made_before_manifests_is_adopted_by_setup_and_flagged_by_doctor(
+    empty_cache, tmp_path, monkeypatch, capsys
+):
+    from fq_core.cli import main
+
+    monkeypatch.setenv("FQ_LOG_DIR", str(tmp_path / "logs"))
+    bin_dir = _fq_tree(T.cache_build_dir())
+    t = T.find_tools(build=False)
+    assert not t.manifest and T.build_differences(bin_dir) is None
+    main(["doctor"])
+    out, _ = capsys.readouterr()
+    assert f"[warn] build {t.build_id[:16]}: no manifest (built before fq wrote one)" in out
+    assert T.record_manifest(bin_dir) == t.build_id  # what `fq setup` does first
+    assert T.find_tools(build=False).manifest and T.build_differences(bin_dir) == ()
+    main(["doctor"])
+    out, _ = capsys.readouterr()
+    assert f"[ok  ] build {t.build_id[:16]}: every file matches its manifest" in out
+
+
+@pytest.mark.llama
+def test_the_real_build_is_named_by_its_files_and_a_wrapper_is_not_it(real_bin, tmp_path):
+    """The build `fq setup` made: its id covers every tool, library and binding file; a copy
+    is the same build; a wrapper that prints the same version is another; a copy whose
+    llama-perplexity was replaced is refused, naming the file."""
+    from fq_core.errors import BuildChanged
+
+    real = T.find_tools(real_bin)
+    if T.build_record(real_bin) is None or not real.has_library:
+        pytest.skip("llama.cpp comes from PATH / FQ_LLAMA_BIN_DIR here, not from fq's build")
+    files = T.build_files(real_bin)
+    libs = {p.name for p in real.lib_dir.iterdir() if T._is_library(p.name)}
+    assert {f"lib/{n}" for n in libs} <= set(files) and "lib/libllama.so" in files
+    assert "python/llama_cpp/llama_cpp.py" in files
+    assert {f"bin/{t}" for t in T.REQUIRED_TOOLS} <= set(files)
+    assert real.build_id == T.build_id_of(files)
+    copy = tmp_path / "copy"
+    shutil.copytree(real_bin.parent, copy, symlinks=True)
+    assert T.find_tools(copy / "bin").build_id == real.build_id
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    (wrapper / "llama-completion").symlink_to(real_bin / "llama-completion")
+    _script(wrapper / "llama-perplexity", f'#!/bin/sh\nexec {real_bin / "llama-perplexity"} "$@"\n')
+    wrapped = T.find_tools(wrapper)
+    assert wrapped.version == real.version and wrapped.build_id != real.build_id
+    T.record_manifest(copy / "bin")  # a build made before manifests: recorded as it is
+    (copy / "bin" / "llama-perplexity").unlink()
+    shutil.copy2(wrapper / "llama-perplexity", copy / "bin" / "llama-perplexity")
+    with pytest.raises(BuildChanged, match=r"bin/llama-perplexity: sha256 \w+ != manifest"):
+        T.find_tools(copy / "bin")

@@ -89,7 +89,7 @@ def _components(**changes):
     base = dict(
         model_sha256="a" * 64,
         corpus_sha256="c" * 64,
-        llama_version="6800 (abc)",
+        llama_build="b" * 64,
         format="bf16",
         rounding="truncate",
         settings={"ctx": 512, "chunks": 8},
@@ -104,7 +104,7 @@ def test_gate_key_depends_on_every_component():
         _components().key,
         _components(model_sha256="b" * 64).key,
         _components(corpus_sha256="d" * 64).key,
-        _components(llama_version="6801").key,
+        _components(llama_build="e" * 64).key,
         _components(format="fp16").key,
         _components(rounding="nearest").key,
         _components(settings={"ctx": 512, "chunks": 4}).key,

@@ -243,6 +243,10 @@ def test_shards_that_disagree_are_refused_in_one_line(tmp_path):
     c = _cells_dir(tmp_path / "c", _sweep_records(rng, ident=gpu)[2:])
     with pytest.raises(BadInput, match=r"llama.cpp version '0000 \(stub\)' vs .*cuda"):
         sweep.analyze_dirs([a, c])
+    rebuilt = msgspec.structs.replace(IDENT, llama_build="e" * 64)  # same version, other files
+    e = _cells_dir(tmp_path / "e", _sweep_records(rng, ident=rebuilt)[2:])
+    with pytest.raises(BadInput, match=r"llama.cpp build id … vs eeeeeeeeeeee…"):
+        sweep.analyze_dirs([a, e])
     # the same cell measured differently is refused, not silently picked
     d = _cells_dir(tmp_path / "d", _sweep_records(np.random.default_rng(4))[:1])
     with pytest.raises(BadInput, match="measured differently"):
@@ -414,12 +418,14 @@ def test_the_cell_key_changes_with_what_changes_the_numbers(stub_world):
                            settings=sweep.cell_settings(e))  # fmt: skip
     key = sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"])
     assert key == sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"])
-    gpu = msgspec.structs.replace(ident, llama_version="v [cuda; -ngl 99]")
+    gpu = msgspec.structs.replace(ident, llama_build="b [cuda; -ngl 99]")
+    rebuilt = msgspec.structs.replace(ident, llama_build="e" * 64)  # same version string
     more = msgspec.structs.replace(ident, settings=msgspec.structs.replace(ident.settings,
                                                                           chunks=8))  # fmt: skip
     seeds = msgspec.structs.replace(ident, settings=msgspec.structs.replace(
         ident.settings, placebo_seeds=(1,)))  # fmt: skip
     assert sweep.cell_key(gpu, cells[0], ["blk.0.ffn_norm.weight"]) != key
+    assert sweep.cell_key(rebuilt, cells[0], ["blk.0.ffn_norm.weight"]) != key
     assert sweep.cell_key(more, cells[0], ["blk.0.ffn_norm.weight"]) != key
     assert sweep.cell_key(ident, cells[0], ["blk.1.ffn_norm.weight"]) != key
     assert sweep.cell_key(seeds, cells[0], ["blk.0.ffn_norm.weight"]) == key  # separate runs
@@ -439,13 +445,15 @@ def test_a_failing_cell_is_stored_with_its_reason(stub_world):
 
 
 def test_backend_names_gpu_builds_and_layers(tmp_path):
-    tools = LlamaTools(bin_dir=tmp_path / "bin", version="v", build_info="b", source="cache")
+    tools = LlamaTools(bin_dir=tmp_path / "bin", version="v", build_info="b", source="cache",
+                       build_id="id")  # fmt: skip
     assert sweep.backend(tools, None) == "" and sweep.tools_for_backend(tools, None) is tools
     assert sweep.backend(tools, 0) == ""
     assert sweep.tools_for_backend(tools, 99).version == "v [-ngl 99]"
     (tmp_path / "build.json").write_text(json.dumps({"cmake_args": ["-DGGML_CUDA=ON"]}))
     assert sweep.backend(tools, None) == "cuda"
     assert sweep.tools_for_backend(tools, 20).version == "v [cuda; -ngl 20]"
+    assert sweep.tools_for_backend(tools, 20).build_id == "id [cuda; -ngl 20]"
 
 
 def test_runner_passes_gpu_layers_only_when_given(tmp_path):

@@ -10,6 +10,12 @@ holds the tools (`bin/`, RPATH `$ORIGIN/../lib`), the libraries they load (`lib/
 libggml*, libllama-common) and the sdist's own ctypes bindings for exactly this source
 (`python/llama_cpp`, unpacked, never built or installed), which fq_core.llama.logits uses
 for full-precision logits.
+
+A build is named by its content, not its version string: `build_id` is the SHA-256 over the
+SHA-256 of every file it runs (tools, libraries, bindings). fq's build records those digests
+in its build.json when it is made (the manifest); every use checks the tree against them and
+refuses a build whose files changed. Cache keys and the gate key name the id, so a rebuilt,
+patched or wrapped llama.cpp that prints the same version never reuses a cached figure.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from ..commands import CommandRecord, run_logged
-from ..errors import FetchFailed, ToolMissing
+from ..errors import BuildChanged, FetchFailed, ToolMissing
+from ..hashing import sha256_file
 from ..paths import cache_dir
 from .parse import parse_version
 
@@ -106,6 +113,9 @@ class LlamaTools:
     # what the build may execute ("native (avx2, …)" or "x86-64-v3 (…)"); None: not fq's build
     instruction_set: str | None = None
     python_dir: Path | None = None  # holds llama_cpp/ (the sdist's ctypes bindings)
+    # SHA-256 over this build's files (build_files); what every cache key and the gate key name
+    build_id: str = ""
+    manifest: bool = False  # the files were checked against a manifest written at build time
 
     def path(self, tool: str) -> Path:
         p = self.bin_dir / tool
@@ -135,6 +145,7 @@ class LlamaTools:
         return {
             "bin_dir": str(self.bin_dir),
             "version": self.version,
+            "build_id": self.build_id,
             "build_info": self.build_info,
             "source": self.source,
             "lib_dir": str(self.lib_dir) if self.lib_dir else None,
@@ -246,6 +257,10 @@ def tool_version(bin_dir: Path) -> tuple[str, str, CommandRecord]:
 
 
 def _tools_at(bin_dir: Path, source: str) -> LlamaTools:
+    files = build_files(bin_dir)
+    differences = build_differences(bin_dir, files)
+    if differences:  # checked before any of its tools runs
+        raise BuildChanged(bin_dir.parent, differences)
     version, build_info, _ = tool_version(bin_dir)
     lib_dir, python_dir = library_dirs(bin_dir)
     built = build_record(bin_dir) or {}
@@ -255,6 +270,7 @@ def _tools_at(bin_dir: Path, source: str) -> LlamaTools:
     return LlamaTools(
         bin_dir=bin_dir, version=version, build_info=build_info, source=source,
         lib_dir=lib_dir, python_dir=python_dir, instruction_set=isa,
+        build_id=build_id_of(files), manifest=differences is not None,
     )  # fmt: skip
 
 
@@ -386,6 +402,7 @@ def build_llama(*, progress: Progress | None = None) -> Path:
             _stage_bindings(top, staged / "python")
             # runs the staged tool: proves the RPATH finds the staged libraries
             version, build_info, _ = tool_version(staged / "bin")
+            files = build_files(staged / "bin", use_cache=False)
             (staged / "build.json").write_text(
                 json.dumps(
                     {
@@ -399,6 +416,8 @@ def build_llama(*, progress: Progress | None = None) -> Path:
                         "version": version,
                         "build_info": build_info,
                         "build_seconds": round(time.monotonic() - t0, 1),
+                        "build_id": build_id_of(files),
+                        "files": files,
                     },
                     indent=2,
                 )
@@ -440,3 +459,87 @@ def build_record(bin_dir: Path) -> dict | None:
         return json.loads((bin_dir.parent / "build.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+# --- the build's identity: its files by content ------------------------------------------------
+
+# llama.cpp's own shared libraries, when a bin dir is not laid out like fq's build (a build
+# tree keeps them beside the tools, an install prefix in ../lib)
+_LLAMA_LIBS = ("libllama", "libggml", "libmtmd", "libllama-common")
+
+
+def _is_library(name: str, prefixes: tuple[str, ...] = ("lib",)) -> bool:
+    return name.startswith(prefixes) and (name.endswith(".so") or ".so." in name)
+
+
+def build_files(bin_dir: Path, *, use_cache: bool = True) -> dict[str, str]:
+    """{path relative to the tree: SHA-256} of everything the numbers depend on: the tools,
+    the shared libraries they and the logits engine load, and the bindings. Links are
+    followed (what is loaded counts); a link to nothing is "missing"."""
+    tree = bin_dir.parent
+    lib_dir, python_dir = library_dirs(bin_dir)
+    paths = [bin_dir / t for t in BUILD_TARGETS if (bin_dir / t).exists()]
+    if lib_dir is not None:  # fq's layout: every library of the build
+        paths += [p for p in lib_dir.iterdir() if _is_library(p.name)]
+    else:
+        for d in (bin_dir, tree / "lib"):
+            if d.is_dir():
+                paths += [p for p in d.iterdir() if _is_library(p.name, _LLAMA_LIBS)]
+    if python_dir is not None:
+        paths += [
+            p for p in (python_dir / "llama_cpp").rglob("*.py") if "__pycache__" not in p.parts
+        ]
+    files = {}
+    for p in paths:
+        name = p.relative_to(tree).as_posix()
+        files[name] = sha256_file(p, use_cache=use_cache) if p.exists() else "missing"
+    return dict(sorted(files.items()))
+
+
+def build_id_of(files: dict[str, str]) -> str:
+    """One SHA-256 naming a build by its files (names and contents)."""
+    text = "".join(f"{name}\t{digest}\n" for name, digest in sorted(files.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def build_differences(bin_dir: Path, files: dict[str, str] | None = None) -> tuple[str, ...] | None:
+    """What differs between a build's files and the manifest written when it was built:
+    () when nothing does, None when it has no manifest (not fq's build, or one made before
+    manifests: `record_manifest`)."""
+    rec = build_record(bin_dir) or {}
+    want = rec.get("files")
+    if not isinstance(want, dict):
+        return None
+    have = build_files(bin_dir) if files is None else files
+    out = []
+    for name in sorted(set(want) | set(have)):
+        now, then = have.get(name), want.get(name)
+        if now == then:
+            continue
+        if now is None or now == "missing":
+            out.append(f"{name}: missing (manifest sha256 {str(then)[:16]})")
+        elif then is None:
+            out.append(f"{name}: not in the manifest (sha256 {now[:16]})")
+        else:
+            out.append(f"{name}: sha256 {now[:16]} != manifest {str(then)[:16]}")
+    if not out and rec.get("build_id") != build_id_of(want):
+        out.append(
+            f"build.json: build_id {str(rec.get('build_id'))[:16]} is not the id of its files"
+        )
+    return tuple(out)
+
+
+def record_manifest(bin_dir: Path) -> str:
+    """Write the manifest into the build.json of an fq build made before manifests existed
+    (its files as they are now: trusted on first use); returns the build id."""
+    from ..atomic import write_text
+
+    rec = build_record(bin_dir)
+    if rec is None:
+        raise ToolMissing(f"{bin_dir.parent} has no build.json: it is not a build fq made")
+    if isinstance(rec.get("files"), dict):
+        return rec["build_id"]
+    files = build_files(bin_dir)
+    rec.update(build_id=build_id_of(files), files=files)
+    write_text(bin_dir.parent / "build.json", json.dumps(rec, indent=2) + "\n")
+    return rec["build_id"]

@@ -434,6 +434,7 @@ def environment_rows(rec: StageRecord) -> tuple[Pair, ...]:
         Pair("corpus bytes / tokens", f"{plain(c.n_bytes)} / {plain(c.n_tokens)}"),
         Pair("llama.cpp version", ll.version),
         Pair("llama.cpp build", ll.build_info),
+        Pair("llama.cpp build id", plain(ll.build_id)),
         Pair("llama.cpp bin dir", ll.bin_dir),
         Pair("fq version", rec.fq_version),
         Pair("machine", machine),
