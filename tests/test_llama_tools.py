@@ -174,6 +174,23 @@ def test_fixed_instruction_set_level(monkeypatch):
         tools.cmake_args()
 
 
+
+def test_a_native_build_never_compiles_amx(monkeypatch):
+    """A CPU advertising AMX gets a native build without it (its tiles trapped with SIGILL in
+    this VM); a CPU without AMX gets the plain native flags."""
+    from fq_core.llama import tools
+
+    monkeypatch.delenv("FQ_LLAMA_CPU", raising=False)
+    monkeypatch.delenv("FQ_LLAMA_CMAKE_ARGS", raising=False)
+    monkeypatch.setattr(tools, "_cpu_fingerprint", lambda: "flags: avx2 avx512f amx_tile amx_int8")
+    args = tools.cmake_args()
+    assert "-DGGML_NATIVE=ON" in args
+    assert "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in args
+    assert "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in args
+    assert "amx" not in tools.instruction_set()
+    monkeypatch.setattr(tools, "_cpu_fingerprint", lambda: "flags: avx2 fma")
+    assert not any("amx" in a for a in tools.cmake_args())
+
 # --- the build's identity: its files by content (issue 18) ---------------------------------------
 
 _VERSION_SCRIPT = "#!/bin/sh\necho 'version: 9999 (fake)' >&2\necho 'built with sh for test' >&2\n"

@@ -84,9 +84,14 @@ CPU_LEVELS: dict[str, tuple[str, ...]] = {
 # what ggml's CPU backend may use, as /proc/cpuinfo names them (the native build's identity)
 _GGML_CPU_FLAGS = (
     "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512bw",
-    "avx512vl", "avx512dq", "avx512_vbmi", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+    "avx512vl", "avx512dq", "avx512_vbmi", "avx512_vnni", "avx512_bf16",
     "asimd", "sve", "i8mm", "dotprod",
 )  # fmt: skip
+# A native build never uses AMX. Seen here (Intel Xeon in a Firecracker VM, 2026-12-05): cpuid
+# and the kernel advertise amx_tile/amx_int8 and grant the tile permission, yet the first
+# `tilezero` in libggml-cpu traps (SIGILL, exit 132) as soon as a model is loaded. AMX only
+# speeds up large int8 matrix products, nothing these models need.
+_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 _VERSION_TIMEOUT_S = 30
 _DOWNLOAD_TIMEOUT_S = 900
@@ -216,7 +221,10 @@ def instruction_set(level: str | None = None) -> str:
 def cmake_args() -> tuple[str, ...]:
     level = cpu_level()
     if level == "native":
-        return BASE_CMAKE_ARGS + extra_cmake_args()
+        no_amx = ()
+        if "amx_tile" in _cpu_fingerprint():
+            no_amx = (f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}")
+        return BASE_CMAKE_ARGS + no_amx + extra_cmake_args()
     fixed = ("-DGGML_NATIVE=OFF", *(f"-DGGML_{f}=ON" for f in CPU_LEVELS[level]))
     base = tuple(a for a in BASE_CMAKE_ARGS if a != "-DGGML_NATIVE=ON")
     return base + fixed + extra_cmake_args()
