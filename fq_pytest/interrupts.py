@@ -61,6 +61,5 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if removed and reporter is not None:
         reporter.write_line(
-            f"fq: removed {len(removed)} file(s) left by killed fq processes "
-            f"(e.g. {removed[0]})"
+            f"fq: removed {len(removed)} file(s) left by killed fq processes (e.g. {removed[0]})"
         )
