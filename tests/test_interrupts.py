@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,111 @@ def test_the_next_session_removes_what_a_kill_9_left(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+# --- real llama.cpp runs interrupted: a baseline (with the stage's model), a sweep cell ----------
+
+FAST = ["--fq-model", "smollm2-135m", "--fq-ctx", "128", "--fq-chunks", "2"]
+FAST += ["--fq-gen-tokens", "1", "--fq-placebo-seeds", "1"]
+
+
+@pytest.fixture
+def private(tmp_path):
+    """A private cache (only the models linked from the shared one) and results store."""
+    from fq_core.llama.tools import find_tools
+    from fq_core.models import resolve_model
+    from fq_core.paths import cache_dir
+
+    tools = find_tools()
+    models = resolve_model("smollm2-135m").path.parent.parent
+    assert models == cache_dir() / "models"
+    (tmp_path / "xdg" / "fq-suite").mkdir(parents=True)
+    (tmp_path / "xdg" / "fq-suite" / "models").symlink_to(models)
+    env = dict(
+        os.environ,
+        XDG_CACHE_HOME=str(tmp_path / "xdg"),
+        FQ_LLAMA_BIN_DIR=str(tools.bin_dir),
+        FQ_RESULTS_DIR=str(tmp_path / "results"),
+        FQ_LOG_DIR=str(tmp_path / "logs"),
+    )
+    return tmp_path, env
+
+
+def _experiment(env: dict, *args: str) -> subprocess.Popen:
+    """The suite's own pytest on the real experiment (reports and plugins as `make` has them,
+    but no HTML or benchmark file written into this checkout)."""
+    argv = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:randomly"]
+    argv += ["-p", "no:cacheprovider", *args]
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def _wait_for(proc: subprocess.Popen, root: Path, pattern: str, timeout_s: float = 300) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = sorted(root.glob(pattern))
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            pytest.fail(
+                f"ended ({proc.returncode}) before {pattern} appeared:\n{proc.stdout.read()}"
+            )
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"{pattern} did not appear in {timeout_s} s")
+
+
+@pytest.mark.llama
+@pytest.mark.models
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_a_signal_during_a_baseline_leaves_nothing_behind(private, sig):
+    """The attack: SIGINT/SIGTERM while llama-perplexity writes the baseline's KLD logits left
+    them (logits.kld.tmp<PID>) in the cache and the stage's GGUF under results/…/models/."""
+    tmp_path, env = private
+    cache, res = tmp_path / "xdg" / "fq-suite", tmp_path / "results"
+    proc = _experiment(env, "experiments/test_stages.py", "-k", "layer0 and not twin", *FAST)
+    logits = _wait_for(proc, cache, f"baselines/*/.logits.kld.*{atomic.TMP_SUFFIX}")
+    model = _wait_for(proc, res, "*/layer0/models/smollm2-135m.gguf", 5)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        left = {Path(p).name for p in leftovers(cache, res)}
+        assert {logits.name, model.name} <= left and len(left) == 3, left  # + model's marker
+        doctor = subprocess.run(
+            [sys.executable, "-m", "fq_core.cli", "doctor"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert "[warn] 3 stale temporaries" in doctor.stdout, doctor.stdout
+        assert f"       {logits}  (" in doctor.stdout and f"       {model}  (" in doctor.stdout
+        proc = _experiment(env, "experiments/test_stages.py", "--collect-only", *FAST)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        assert "fq: removed 3 file(s) left by killed fq processes" in out, out
+    else:
+        assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+        assert "Traceback" not in out, out
+    assert leftovers(cache, res) == []
+    assert not list(cache.glob("baselines/*/logits.kld"))  # nothing half-written was published
+
+
+@pytest.mark.llama
+@pytest.mark.models
+def test_sigterm_during_a_sweep_cell_leaves_nothing_behind(private):
+    """The attack: SIGTERM while a cell's fake-quantized GGUF is evaluated left it (253 MB for
+    Gemma3) in the cache's cells/<key>/."""
+    tmp_path, env = private
+    cache, res = tmp_path / "xdg" / "fq-suite", tmp_path / "results"
+    sweep = ["--fq-sweep-plan", "full", "--fq-sweep-models", "smollm2-135m"]
+    sweep += ["--fq-sweep-kinds", "ffn_norm", "--fq-sweep-formats", "fp8_e4m3"]
+    sweep += ["--fq-sweep-layers", "0", "--fq-sweep-variants", "deployed"]
+    sweep += ["--fq-sweep-cumulative", "off", "--fq-sweep-chunks", "4"]
+    proc = _experiment(env, "experiments/test_sensitivity.py", *FAST, *sweep)
+    cell = _wait_for(proc, cache, "cells/*/smollm2-135m.*.gguf")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert "Terminated: terminated by SIGTERM" in out, out
+    assert not cell.exists() and leftovers(cache, res) == []
+    assert not list(cache.glob("cells/*/cell.json"))  # the interrupted cell was not cached
