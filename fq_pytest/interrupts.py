@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -27,21 +29,48 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP arrived: pytest ends the session as interrupted (exit status 2)."""
 
 
+def _children() -> list[int]:
+    """This process's children (Linux /proc; elsewhere none)."""
+    me, found = os.getpid(), []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                found.append(int(entry.name))
+    return found
+
+
 def _raise(signum, frame) -> None:
     raise Terminated(f"terminated by {signal.Signals(signum).name}")
 
 
+def _forward_then_raise(signum, frame) -> None:
+    """The xdist controller passes the signal on: its workers would otherwise be killed
+    outright by the teardown, leaving their scratch files to the next session."""
+    for pid in _children():
+        with contextlib.suppress(OSError):
+            os.kill(pid, signum)
+    _raise(signum, frame)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    dist = getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput")
+    handler = _forward_then_raise if dist else _raise
     previous = {}
     for sig in _SIGNALS:
         with contextlib.suppress(ValueError, OSError):  # not the main thread
-            previous[sig] = signal.signal(sig, _raise)
+            previous[sig] = signal.signal(sig, handler)
 
     def restore() -> None:
         for sig, old in previous.items():
             with contextlib.suppress(ValueError, OSError, TypeError):
-                if signal.getsignal(sig) is _raise:
+                if signal.getsignal(sig) is handler:
                     signal.signal(sig, old)
 
     config.add_cleanup(restore)

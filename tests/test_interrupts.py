@@ -185,10 +185,15 @@ def _pytest(tmp_path: Path, *args: str, **kw) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_a_signal_ends_the_pytest_session_and_leaves_nothing(tmp_path, sig):
+@pytest.mark.parametrize(
+    "sig, workers",
+    [(signal.SIGTERM, []), (signal.SIGINT, []), (signal.SIGHUP, []), (signal.SIGTERM, ["-n", "1"])],
+)
+def test_a_signal_ends_the_pytest_session_and_leaves_nothing(tmp_path, sig, workers):
+    """With xdist the signal reaches the controller only (kill PID): it passes it on, or the
+    teardown kills the worker outright and its scratch files stay."""
     (tmp_path / "scratch").mkdir()
-    proc = _pytest(tmp_path, "-s", "test_inner.py", stderr=subprocess.PIPE)
+    proc = _pytest(tmp_path, "-s", *workers, "test_inner.py", stderr=subprocess.PIPE)
     assert proc.stderr.readline() == "ready\n"
     assert sorted(p.name for p in (tmp_path / "scratch").iterdir())[-1] == "model.gguf"
     proc.send_signal(sig)
