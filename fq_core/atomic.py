@@ -43,6 +43,8 @@ TMP_SUFFIX = ".fq-tmp"
 OWNER_SUFFIX = ".fq-owner"
 _TMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.fq-tmp$")
 _OWNER_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.fq-owner$")
+# what fq before issue 18 left in a baseline's cache directory on SIGINT/SIGTERM (up to 134 MB)
+_OLD_TMP_NAME = re.compile(r"^logits\.kld\.tmp(?P<pid>\d+)$")
 
 _live: set[Path] = set()  # temporaries this process has open, for the signal handler
 _live_lock = threading.Lock()
@@ -129,7 +131,8 @@ def _scan(directory: str | os.PathLike[str]) -> tuple[list[Path], dict[str, list
     owners: dict[str, list[bool]] = {}
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
-            tmp, owner = _TMP_NAME.match(entry.name), _OWNER_NAME.match(entry.name)
+            tmp = _TMP_NAME.match(entry.name) or _OLD_TMP_NAME.match(entry.name)
+            owner = _OWNER_NAME.match(entry.name)
             m = tmp or owner
             gone = m is not None and _owner_gone(int(m.group("pid")))
             if gone:
@@ -151,7 +154,7 @@ def stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
 
 
 def _is_owned_file(path: Path) -> bool:
-    return not (_TMP_NAME.match(path.name) or _OWNER_NAME.match(path.name))
+    return not any(r.match(path.name) for r in (_TMP_NAME, _OLD_TMP_NAME, _OWNER_NAME))
 
 
 def remove_stale(directory: str | os.PathLike[str]) -> list[Path]:
@@ -265,9 +268,12 @@ def owned(path: str | os.PathLike[str], *, keep: bool = False) -> Iterator[Path]
     one. Its marker lets the next run or ``fq doctor`` find it after a kill -9. Not a
     temporary name: the file is a model llama.cpp loads, with its manifest beside it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     marker = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{OWNER_SUFFIX}"
-    os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError as exc:
+        raise _disk_error(exc, path) from exc
     done = False
     try:
         yield path

@@ -17,7 +17,7 @@ import pytest
 
 from fq_core import atomic
 from fq_core.cli import main
-from fq_core.errors import BadInput
+from fq_core.errors import BadInput, OutputRefused
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,6 +72,17 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_an_owned_file_that_cannot_be_marked_is_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for path, why in [
+        (tmp_path / "a-file" / "m.gguf", "cannot write"),
+        (tmp_path / ("x" * 240 + ".gguf"), "too long for this filesystem"),
+    ]:
+        with pytest.raises(OutputRefused, match=why):
+            with atomic.owned(path):
+                pytest.fail("the block ran without its marker")
 
 
 _HOLDER = """
@@ -213,13 +224,16 @@ def test_the_next_session_removes_what_a_kill_9_left(tmp_path):
         proc.wait()
     tmp = cache / f".cell.json.{dead_pid()}.0123abcd{atomic.TMP_SUFFIX}"
     tmp.write_bytes(b"{")
+    old = tmp_path / "cache" / "fq-suite" / "baselines" / "k" / f"logits.kld.tmp{dead_pid()}"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"x")  # what fq left there before it used temporary names
     alive = _holding(cache / "live.gguf")
     try:
-        assert len(leftovers(tmp_path / "cache", tmp_path / "results")) == 7
+        assert len(leftovers(tmp_path / "cache", tmp_path / "results")) == 7 and old.exists()
         proc = _pytest(tmp_path, "--collect-only", "-q", "test_inner.py")
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
-        assert "fq: removed 5 file(s) left by killed fq processes" in out
+        assert "fq: removed 6 file(s) left by killed fq processes" in out and not old.exists()
         marker, model = (Path(n).name for n in leftovers(tmp_path / "cache", tmp_path / "results"))
         assert model == "live.gguf" and marker.startswith(f".live.gguf.{alive.pid}.")
     finally:
