@@ -11,6 +11,7 @@ pytest_plugins = [
     "fq_pytest.progress",
     "fq_pytest.regression",
     "fq_pytest.sweep",
+    "fq_pytest.interrupts",
 ]
 
 # Hypothesis profiles for tests/ and experiments/: `ci` is derandomized (same examples every

@@ -14,6 +14,10 @@ destroy hours of work when written carelessly (`--json` naming the model replace
 - the temporary is removed on any exception, Ctrl-C, and (through ``install_signal_cleanup``)
   SIGTERM and SIGHUP; one left by a kill -9 is removed by the next write to the same
   directory once its owner process is gone, and ``stale_temporaries`` lists them;
+- a scratch file that must keep its own name while it lives (a fake-quantized model that
+  llama.cpp loads, with its manifest beside it) is ``owned``: removed when its block ends,
+  whatever ends it, and announced by a marker ``.<name>.<pid>.<random>.fq-owner`` beside it,
+  so one left by a kill -9 is found and removed the same way once its owner is gone;
 - publishing is never cut in half: Ctrl-C, SIGTERM or SIGHUP arriving while the link or
   rename runs is held until the target is in place and recorded (``published``), then
   delivered as usual; a caller can thus tell "interrupted before" from "done, then
@@ -29,13 +33,18 @@ import re
 import secrets
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import FqError, OutputRefused
 
 TMP_SUFFIX = ".fq-tmp"
+OWNER_SUFFIX = ".fq-owner"
 _TMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.fq-tmp$")
+_OWNER_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.fq-owner$")
+# what fq before issue 18 left in a baseline's cache directory on SIGINT/SIGTERM (up to 134 MB)
+_OLD_TMP_NAME = re.compile(r"^logits\.kld\.tmp(?P<pid>\d+)$")
 
 _live: set[Path] = set()  # temporaries this process has open, for the signal handler
 _live_lock = threading.Lock()
@@ -115,24 +124,83 @@ def _owner_gone(pid: int) -> bool:
     return False
 
 
-def stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
-    """Temporaries in ``directory`` whose writing process no longer exists (kill -9)."""
-    found = []
+def _scan(directory: str | os.PathLike[str]) -> tuple[list[Path], dict[str, list[bool]]]:
+    """Dead writers' temporaries and owner markers, and for each owned name whether each of
+    its owners is gone."""
+    dead: list[Path] = []
+    owners: dict[str, list[bool]] = {}
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
-            m = _TMP_NAME.match(entry.name)
-            if m and _owner_gone(int(m.group("pid"))):
-                found.append(Path(entry.path))
+            tmp = _TMP_NAME.match(entry.name) or _OLD_TMP_NAME.match(entry.name)
+            owner = _OWNER_NAME.match(entry.name)
+            m = tmp or owner
+            gone = m is not None and _owner_gone(int(m.group("pid")))
+            if gone:
+                dead.append(Path(entry.path))
+            if owner:
+                owners.setdefault(owner.group("target"), []).append(gone)
+    return dead, owners
+
+
+def stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """What kill -9'd fq processes left in ``directory``: their temporaries, the markers of
+    their owned files, and those files (unless a live process owns the same name now)."""
+    found, owners = _scan(directory)
+    for name, gone in owners.items():
+        target = Path(directory, name)
+        if all(gone) and (target.exists() or target.is_symlink()):
+            found.append(target)
     return sorted(found)
 
 
+def _is_owned_file(path: Path) -> bool:
+    return not any(r.match(path.name) for r in (_TMP_NAME, _OLD_TMP_NAME, _OWNER_NAME))
+
+
 def remove_stale(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove ``stale_temporaries(directory)``. An owned file goes only while no live process
+    has claimed its name since and it was not written after we began looking."""
+    began = time.time()
     removed = []
-    for path in stale_temporaries(directory):
-        with contextlib.suppress(FileNotFoundError):
+    # owned files before their markers: a file is never left without the marker naming it
+    for path in sorted(stale_temporaries(directory), key=lambda p: not _is_owned_file(p)):
+        if _is_owned_file(path):
+            _, owners = _scan(directory)  # a new owner may have claimed the name meanwhile
+            try:
+                if not all(owners.get(path.name, [True])) or path.lstat().st_mtime >= began:
+                    continue
+            except FileNotFoundError:
+                continue
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
             path.unlink()
             removed.append(path)
     return removed
+
+
+def _directories(roots: Iterable, skip: Iterable | None) -> Iterator[str]:
+    if skip is None:  # llama.cpp's build and its sources: large, never fq's scratch files
+        from .paths import cache_dir
+
+        skip = (cache_dir() / "llama.cpp", cache_dir() / "sdist")
+    skipped = {Path(p) for p in skip}
+    for root in roots:
+        for d, subdirs, _ in os.walk(root):  # symlinks are not followed
+            subdirs[:] = [s for s in subdirs if Path(d, s) not in skipped]
+            yield d
+
+
+def stale_under(roots: Iterable[str | os.PathLike[str]], *, skip: Iterable | None = None):
+    """``stale_temporaries`` of every directory under ``roots`` (but ``skip``): where
+    ``fq doctor`` looks, and what a new pytest session clears."""
+    found: dict[Path, None] = {}
+    for d in _directories(roots, skip):
+        for path in stale_temporaries(d):
+            found.setdefault(path.absolute(), None)
+    return list(found)
+
+
+def remove_stale_under(roots: Iterable[str | os.PathLike[str]], *, skip: Iterable | None = None):
+    return [p for d in _directories(roots, skip) for p in remove_stale(d)]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -236,6 +304,29 @@ def temporary_for(
             tmp.unlink()
         with _live_lock:
             _live.discard(tmp)
+
+
+@contextlib.contextmanager
+def owned(path: str | os.PathLike[str], *, keep: bool = False) -> Iterator[Path]:
+    """``path`` is this process's scratch file for the block: removed when the block ends
+    (kept when it succeeds and ``keep``), on any exception, Ctrl-C or SIGTERM turned into
+    one. Its marker lets the next run or ``fq doctor`` find it after a kill -9. Not a
+    temporary name: the file is a model llama.cpp loads, with its manifest beside it."""
+    path = Path(path)
+    marker = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{OWNER_SUFFIX}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError as exc:
+        raise _disk_error(exc, path) from exc
+    done = False
+    try:
+        yield path
+        done = True
+    finally:
+        if not (done and keep):
+            path.unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -488,43 +488,28 @@ def _run_doctor(args) -> int:
         more = f"\n       … and {len(stale) - 10} more" if len(stale) > 10 else ""
         line(
             None,
-            f"{len(stale)} stale temporar{'y' if len(stale) == 1 else 'ies'} (*.fq-tmp) left by "
-            f"fq runs that were killed (their processes are gone):\n{shown}{more}",
+            f"{len(stale)} stale temporar{'y' if len(stale) == 1 else 'ies'} (*.fq-tmp, "
+            f"*.fq-owner and the files they name) left by fq runs that were killed (their "
+            f"processes are gone):\n{shown}{more}",
             "rm -f -- " + " ".join(shlex.quote(str(p)) for p in stale)
-            + "   (the next fq write to the same directory also removes them)",
+            + "   (the next pytest run, or fq write to the same directory, also removes them)",
         )  # fmt: skip
     else:
-        line(True, f"no stale *.fq-tmp temporaries in {places}")
+        line(True, f"no stale temporaries (*.fq-tmp, *.fq-owner) in {places}")
     print("all good" if not missing else f"{missing} missing: run the fixes above")
     return 1 if missing else 0
 
 
 def _stale_temporaries() -> tuple[list[Path], str]:
-    """Temporaries of killed fq writers where fq writes: the current directory (and its
-    reports/), the results store and the per-user cache (not llama.cpp's build trees)."""
-    import os
-
+    """What killed fq processes left where fq writes: the current directory (and its
+    reports/), the results store and the per-user cache."""
     from . import atomic
     from .paths import cache_dir, results_dir
 
     cwd = Path.cwd()
-    roots = [(cwd, False), (cwd / "reports", True), (results_dir(), True), (cache_dir(), True)]
-    skip = {cache_dir() / "llama.cpp", cache_dir() / "sdist"}
-    found: dict[Path, None] = {}
-    for root, deep in roots:
-        if not root.is_dir():
-            continue
-        dirs = [root]
-        if deep:
-            dirs = []
-            for d, subdirs, _ in os.walk(root):
-                subdirs[:] = [s for s in subdirs if Path(d, s) not in skip]
-                dirs.append(Path(d))
-        for d in dirs:
-            for tmp in atomic.stale_temporaries(d):
-                found.setdefault(tmp.absolute(), None)
-    places = f"{cwd}, {results_dir()}, {cache_dir()}"
-    return list(found), places
+    found = [p.absolute() for p in atomic.stale_temporaries(cwd)]
+    found += atomic.stale_under([cwd / "reports", results_dir(), cache_dir()])
+    return list(dict.fromkeys(found)), f"{cwd}, {results_dir()}, {cache_dir()}"
 
 
 def _size(path: Path) -> str:

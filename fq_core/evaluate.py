@@ -11,16 +11,16 @@ float32 logits, F32 KV cache, exact KLD). Load and generations are the same for 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock
 
-from . import progress, results
+from . import atomic, progress, results
 from .corpus import Corpus
 from .errors import BadInput, LlamaFailed
 from .figures import figure
@@ -262,20 +262,25 @@ def evaluate_baseline(
         log.info("computing the baseline for %s (cached in %s)", model.name, root)
         load = runner.load(model)
         gens = _generations(runner, model, settings, settings.chat_template or model.chat_template)
-        # the exact engine publishes its base atomically itself (the .npy and its .meta.json)
-        tmp_logits = logits if settings.exact else root / f"logits.kld.tmp{os.getpid()}"
-        kld_run = run_ppl(
-            model, corpus.path, ctx=settings.ctx, batch=settings.batch,
-            chunks=settings.kld_chunks, kl_base=tmp_logits,
-        )  # fmt: skip
-        if settings.chunks == settings.kld_chunks:
-            ppl = kld_run
-        else:
-            ppl = run_ppl(
-                model, corpus.path, ctx=settings.ctx, batch=settings.batch, chunks=settings.chunks
-            )
-        if tmp_logits != logits:
-            os.replace(tmp_logits, logits)
+        # the exact engine publishes its base atomically itself (the .npy and its .meta.json);
+        # llama-perplexity's goes to a temporary that no interruption leaves behind
+        scratch = (
+            contextlib.nullcontext(logits)
+            if settings.exact
+            else atomic.temporary_for(logits, force=True, fsync=False)
+        )
+        with scratch as tmp_logits:
+            kld_run = run_ppl(
+                model, corpus.path, ctx=settings.ctx, batch=settings.batch,
+                chunks=settings.kld_chunks, kl_base=tmp_logits,
+            )  # fmt: skip
+            if settings.chunks == settings.kld_chunks:
+                ppl = kld_run
+            else:
+                ppl = run_ppl(
+                    model, corpus.path, ctx=settings.ctx, batch=settings.batch,
+                    chunks=settings.chunks,
+                )  # fmt: skip
         n_bytes = logits.stat().st_size
         n_tokens = runner.count_tokens(model, corpus.path)
         result = BaselineEvaluation(

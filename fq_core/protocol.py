@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import __version__, checks, metrics, patch, progress, record, results
+from . import __version__, atomic, checks, metrics, patch, progress, record, results
 from .errors import FqError
 from .figures import figure
 from .gguf_index import read_index, read_tensor
@@ -421,18 +421,15 @@ def run_placebo(
 
     def compute() -> dict:
         dst = folder / f"{results.safe_name(model.name)}.placebo{seed}.gguf"
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest = patch.fake_quantize_file(
-            model.path, dst, layers=layers, tensors=exp.tensors, fmt="placebo", seed=seed,
-            force=True, fsync=False,
-        )  # fmt: skip
-        try:
+        with atomic.owned(dst):  # the GGUF lives only while it is evaluated
+            manifest = patch.fake_quantize_file(
+                model.path, dst, layers=layers, tensors=exp.tensors, fmt="placebo", seed=seed,
+                force=True, fsync=False,
+            )  # fmt: skip
             ref = replace(model, name=f"{model.name}+placebo{seed}", path=dst,
                           sha256=manifest.output.sha256, spec=None)  # fmt: skip
             ev = _perplexity_only(ctx, ref, baseline, exp.settings)
             cmp = _evaluate().compare(baseline, ev)
-        finally:
-            dst.unlink(missing_ok=True)
         kld = ev.perplexity.kld
         return {
             "seed": seed,
@@ -531,21 +528,29 @@ def run_stage(
 
     `variant` "deployed" measures the model as given; "intrinsic" measures its float twin
     (every quantized tensor dequantized) with full-precision logits, through the same checks.
+    The fake-quantized model (results/<run>/<stage>/models/) is owned by this process: an
+    interruption removes it, even with keep_models.
     """
     exp = exp.for_variant(variant)
-    data = header(stage_, model, ctx, exp)
-    found = data["checks"]
     path = results.result_path(ctx.run_id, stage_.id, record.case_name(model.name, variant),
                                ctx.results_root)  # fmt: skip
+    with atomic.owned(path.parent / "models" / f"{path.stem}.gguf", keep=exp.keep_models) as dst:
+        return _run_stage(stage_, model, ctx, exp, dst)
+
+
+def _run_stage(
+    stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment, dst: Path
+) -> StageRecord:
+    data = header(stage_, model, ctx, exp)
+    found = data["checks"]
     save = lambda: results.save_result(data, ctx.results_root)  # noqa: E731
     save()
-    log.info("%s %s: %s (%s)", stage_.title, stage_.id, model.name, variant)
+    log.info("%s %s: %s (%s)", stage_.title, stage_.id, model.name, exp.variant)
 
     def fail_rest(reason: str, names: Sequence[str]) -> None:
         for n in names:
             found.setdefault(n, _check("error", reason, gates=exp.thresholds.gates(n)))
 
-    dst = path.parent / "models" / f"{path.stem}.gguf"
     measured = model  # the file the stage patches and evaluates
     if exp.variant == "intrinsic":
         try:

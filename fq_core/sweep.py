@@ -522,20 +522,20 @@ def _placebo(measured, baseline, ctx, exp, layers, seed, need_chunks: bool):
 
 def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
     """The cached part of a cell: quantize, evaluate once, delete the GGUF."""
-    from . import patch, progress, protocol
+    from . import atomic, patch, progress, protocol
 
     dst = folder / f"{results.safe_name(cell.model)}.{cell.format_label}.gguf"
-    folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with progress.step("quantize"):
-        manifest = patch.fake_quantize_file(
-            measured.path, dst, layers=cell.layers, tensors=(cell.kind,), fmt=cell.fmt,
-            rounding=cell.rounding, force=True, fsync=False,
-        )  # fmt: skip
-    quantize_s = time.perf_counter() - t0
-    identical = manifest.output.sha256 == measured.sha256
-    t1 = time.perf_counter()
-    try:
+    # disk flat: the cell's GGUF lives only while evaluated, whatever ends that
+    with atomic.owned(dst):
+        t0 = time.perf_counter()
+        with progress.step("quantize"):
+            manifest = patch.fake_quantize_file(
+                measured.path, dst, layers=cell.layers, tensors=(cell.kind,), fmt=cell.fmt,
+                rounding=cell.rounding, force=True, fsync=False,
+            )  # fmt: skip
+        quantize_s = time.perf_counter() - t0
+        identical = manifest.output.sha256 == measured.sha256
+        t1 = time.perf_counter()
         if identical:  # the SHA-256 proves llama.cpp would rerun the baseline
             kld, ppl, cmd, commands = None, baseline.perplexity, None, []
         else:
@@ -546,8 +546,6 @@ def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
             ppl, kld = ev.perplexity, ev.perplexity.kld
             cmd = ev.perplexity.command
             commands = protocol._commands("treatment", protocol._ppl_commands(ev))
-    finally:
-        dst.unlink(missing_ok=True)  # disk flat: the cell's GGUF lives only while evaluated
     evaluate_s = time.perf_counter() - t1
     from .evaluate import paired_delta_pct_err
 

@@ -402,7 +402,7 @@ def test_doctor_names_stale_temporaries(tmp_path, monkeypatch, capsys):
     live.write_bytes(b"mine")
     main(["doctor"])
     out = capsys.readouterr().out
-    assert "[warn] 3 stale temporaries (*.fq-tmp)" in out
+    assert "[warn] 3 stale temporaries (*.fq-tmp, *.fq-owner and the files they name)" in out
     for p in stale:
         assert f"       {p}  (10 bytes)" in out
     fix = next(line for line in out.splitlines() if "fix: rm -f -- " in line)
@@ -411,7 +411,7 @@ def test_doctor_names_stale_temporaries(tmp_path, monkeypatch, capsys):
     for p in stale:
         p.unlink()
     main(["doctor"])
-    assert "[ok  ] no stale *.fq-tmp temporaries in" in capsys.readouterr().out
+    assert "[ok  ] no stale temporaries (*.fq-tmp, *.fq-owner) in" in capsys.readouterr().out
 
 
 def test_evaluate_refuses_a_broken_gguf_before_any_llama_run(model, tmp_path, monkeypatch, capsys):
