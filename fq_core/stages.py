@@ -150,10 +150,13 @@ class Experiment:
         and thresholds, and (when given) the model, corpus and llama.cpp it would measure
         with. Threads are left out: llama.cpp is bit-identical across thread counts."""
         exp = self.for_variant(rec.variant)
-        now: dict = {"settings": exp.settings_json(),
-                     "thresholds": msgspec.to_builtins(exp.thresholds)}  # fmt: skip
-        then: dict = {"settings": msgspec.to_builtins(rec.settings),
-                      "thresholds": msgspec.to_builtins(rec.thresholds)}  # fmt: skip
+        now, then = (
+            results.jsonable(msgspec.to_builtins({"settings": settings, "thresholds": limits}))
+            for settings, limits in (
+                (exp.settings_json(), exp.thresholds),
+                (rec.settings, rec.thresholds),
+            )
+        )
         for side in (now, then):
             side["settings"].pop("threads", None)
         for name, given, recorded in (
