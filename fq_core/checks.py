@@ -285,7 +285,7 @@ def speed_check(
     if apart is not None:
         return _verdict("skipped", f"speed not compared: {apart}", gates=False)
     gates = limit is not None
-    more = f" ({note})" if note else ""
+    more = f"; {note}" if note else ""
     if not finite(ratio):
         return _verdict("error", f"speed not measured{more}", gates=gates)
     text = f"perplexity throughput {tps:.0f} tokens/s vs {base_tps:.0f} baseline ({ratio:.2f}×)"

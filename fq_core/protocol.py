@@ -351,7 +351,7 @@ def _speed(
         return checks.speed_check(None, None, None, limit, note=note), None, []
     base_tps, tps = (r.tokens_per_s for r in runs)
     ratio = _speed_ratio(base_tps, tps)
-    note = f"both timed now, back to back ({' and '.join(cached)} cached)"
+    note = f"both timed now, back to back: the {' and the '.join(cached)} came from the cache"
     check = checks.speed_check(ratio, base_tps, tps, limit, note=note)
     return check, ratio, [r.command for r in runs]
 

@@ -114,10 +114,10 @@ def test_speed_of_two_sessions_is_not_compared_and_gates_nothing(ratio, limit):
 def test_speed_timed_together_says_so():
     c = checks.speed_check(0.98, 1000.0, 980.0, 0.8, note="both timed now")
     assert (c.status, c.gates) == ("passed", True)
-    assert c.detail.endswith("(0.98×) ≥ 0.8× (both timed now)")
+    assert c.detail.endswith("(0.98×) ≥ 0.8×; both timed now")
     failed = checks.speed_check(None, None, None, 0.8, note="timing both now failed: boom")
     assert (failed.status, failed.gates) == ("error", True)
-    assert failed.detail == "speed not measured (timing both now failed: boom)"
+    assert failed.detail == "speed not measured; timing both now failed: boom"
 
 
 # ratio, seeds, limit, error -> (status, gates)

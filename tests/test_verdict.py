@@ -242,3 +242,155 @@ def test_make_gate_never_reports_an_older_run(tmp_path):
     assert re.search(r"make gate: run \S+ stored no results \(pytest exit 4\): "
                      rf"{re.escape(str(reports))}/ not rewritten", proc.stderr)  # fmt: skip
     assert not reports.exists()
+
+
+# --- real llama.cpp runs: a private cache beside the shared build and models -------------------
+
+SMALL = ("--fq-ctx", "128", "--fq-batch", "128", "--fq-chunks", "1", "--fq-placebo-seeds", "0",
+         "--fq-gen-tokens", "2", "--fq-twin", "deployed")  # fmt: skip
+
+
+@pytest.fixture
+def private_cache(tmp_path, smollm2_gguf, monkeypatch) -> Path:
+    """XDG_CACHE_HOME in tmp_path: the shared llama.cpp build and SmolLM2 linked in, nothing
+    else, so baselines are computed here and a kill leaves nothing in the shared cache."""
+    from fq_core.llama.tools import find_tools
+    from fq_core.paths import cache_dir
+
+    build = find_tools(build=False).bin_dir.parent
+    own = tmp_path / "xdg" / "fq-suite"
+    (own / "llama.cpp").mkdir(parents=True)
+    (own / "llama.cpp" / build.name).symlink_to(build)
+    model_dir = own / "models" / MODEL
+    model_dir.mkdir(parents=True)
+    (model_dir / smollm2_gguf.name).symlink_to(smollm2_gguf)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == own
+    return own
+
+
+def _stage_argv(run_id: str, *more: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", "experiments/test_stages.py", "-k",
+            "layer0 and not twin", "--fq-model", MODEL, *SMALL, "--fq-run-id", run_id,
+            "-p", "no:cacheprovider", "-p", "no:randomly", "-q", *more]  # fmt: skip
+
+
+def _stage_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "FQ_RUN_ID"))}
+    env.update(FQ_RESULTS_DIR=str(tmp_path / "results"), FQ_LOG_DIR=str(tmp_path / "logs"))
+    return env
+
+
+@pytest.mark.llama
+@pytest.mark.models
+def test_kill_during_test1_then_report_resume_and_reuse(private_cache, tmp_path):
+    """kill -9 once Test 1 stored its first two checks (the baseline is being computed):
+    `fq report` says NO DECISION; the same run id resumes with the same settings and
+    finishes; with another format it is refused."""
+    import json
+    import signal
+    import time
+
+    env = _stage_env(tmp_path)
+    stored = tmp_path / "results" / "KILL" / "layer0" / f"{MODEL}.json"
+    proc = subprocess.Popen(_stage_argv("KILL"), cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if stored.is_file() and "numeric" in json.loads(stored.read_bytes())["checks"]:
+                break
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    killed = record.read(stored)
+    assert (killed.outcome, list(killed.checks)) == ("running", ["quantize", "numeric"])
+
+    out = tmp_path / "out"
+    report = _fq("report", str(tmp_path / "results"), str(out), env=env)
+    assert report.returncode == 0, report.stderr
+    assert f"{MODEL}: NO DECISION (Test 1 did not finish: its record is still 'running'" in (
+        report.stdout
+    )
+    assert "checks so far: quantize passed, numeric passed" in report.stdout
+    assert f"**{MODEL}: NO DECISION**" in (out / "test1_results.md").read_text(encoding="utf-8")
+
+    other = subprocess.run(_stage_argv("KILL", "--fq-format", "int8"), cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert other.returncode == pytest.ExitCode.USAGE_ERROR, other.stdout[-2000:]
+    assert (f"ERROR: run KILL already holds layer0/{MODEL} made with other settings "
+            "(settings.format bf16 → int8)") in other.stderr  # fmt: skip
+    assert record.read(stored).outcome == "running"  # the refused session touched nothing
+
+    resumed = subprocess.run(_stage_argv("KILL"), cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode in (0, 1), resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    done = record.read(stored)
+    assert done.outcome in ("passed", "failed") and done.finished_at is not None
+    report = _fq("report", str(tmp_path / "results" / "KILL"), str(out), env=env)
+    verdict = "GO" if done.outcome == "passed" else "NO-GO"
+    assert f"{MODEL}: {verdict} (" in report.stdout, report.stdout
+
+
+@pytest.mark.llama
+@pytest.mark.models
+def test_speed_ratio_only_from_one_session(private_cache, tmp_path):
+    """Test 1 three times on one private cache: the first session measures both runs (its
+    ratio stands); the second gets both from the cache (not compared, gates nothing); the
+    third sets fq_speed_ratio_min, so both are timed again, back to back."""
+    from fq_core import protocol
+    from fq_core.evaluate import EvalSettings
+    from fq_core.llama.runner import LlamaRunner
+    from fq_core.llama.tools import find_tools
+    from fq_core.record import Thresholds
+
+    tools = find_tools(build=False)
+    model = resolve_model(MODEL, fetch=False)
+    corpus = resolve_corpus(download=False)
+    settings = EvalSettings(ctx=128, batch=128, chunks=1, kld_chunks=1, gen_tokens=2)
+
+    def run(run_id: str, speed_min: float | None) -> record.StageRecord:
+        exp = stages.Experiment(  # fp8: SmolLM2's norms are BF16-exact, so BF16 changes none
+            settings=settings, fmt="fp8_e4m3", placebo_seeds=(), variants=("deployed",),
+            thresholds=Thresholds(speed_ratio_min=speed_min),
+        )  # fmt: skip
+        ctx = stages.Context(run_id, LlamaRunner(tools, threads=2, log_dir=tmp_path / "logs"),
+                             tools, corpus, tmp_path / "results")  # fmt: skip
+        return protocol.run_stage(stages.GATE_STAGE, model, ctx, exp)
+
+    def speed_runs(rec: record.StageRecord) -> list:
+        return [c for c in rec.commands if c.role == "speed"]
+
+    first = run("FRESH", None)
+    assert first.treatment.identical_to_baseline is False and not first.baseline.cached
+    c = first.checks["speed"]
+    assert (c.status, c.gates) == ("reported", False)
+    assert (
+        c.value
+        == first.treatment.speed_ratio
+        == pytest.approx(first.treatment.tokens_per_s / first.baseline.tokens_per_s)
+    )
+    assert speed_runs(first) == []
+
+    second = run("CACHED", None)
+    assert second.baseline.cached
+    c = second.checks["speed"]
+    assert (c.status, c.gates, c.value) == ("skipped", False, None)
+    assert c.detail == ("speed not compared: the baseline and the treatment came from the "
+                        "cache, timed in another session; set fq_speed_ratio_min to time both "
+                        "now")  # fmt: skip
+    assert second.treatment.speed_ratio is None
+    assert second.outcome == first.outcome  # the speed decides nothing here
+
+    third = run("TOGETHER", 0.5)
+    c = third.checks["speed"]
+    assert c.gates and c.status == ("passed" if c.value >= 0.5 else "failed")
+    assert c.value == third.treatment.speed_ratio
+    assert c.detail.endswith(
+        "; both timed now, back to back: the baseline and the treatment came from the cache"
+    )
+    timed = speed_runs(third)
+    assert [Path(t.argv[t.argv.index("-m") + 1]).name for t in timed] == [
+        model.path.name, f"{third.stage}-{third.case}.gguf"
+    ]  # fmt: skip
