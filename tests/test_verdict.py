@@ -80,6 +80,7 @@ def test_the_same_record_finished_still_says_go(tmp_path):
     proc = _fq("report", str(root), str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     assert f"{MODEL}: GO (all 9 asserted checks passed" in proc.stdout
+    assert f"run: {root / 'DONE'} (started 2026-11-29T00:00:00Z)" in proc.stdout  # which, when
 
 
 # --- a session that had errors: the pytest-html title and decision -------------------------
