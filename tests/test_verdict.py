@@ -349,7 +349,7 @@ def test_speed_ratio_only_from_one_session(private_cache, tmp_path):
     tools = find_tools(build=False)
     model = resolve_model(MODEL, fetch=False)
     corpus = resolve_corpus(download=False)
-    settings = EvalSettings(ctx=128, batch=128, chunks=1, kld_chunks=1, gen_tokens=2)
+    settings = EvalSettings(ctx=128, batch=128, chunks=2, kld_chunks=2, gen_tokens=2)  # 2: KLD
 
     def run(run_id: str, speed_min: float | None) -> record.StageRecord:
         exp = stages.Experiment(  # fp8: SmolLM2's norms are BF16-exact, so BF16 changes none
@@ -392,6 +392,6 @@ def test_speed_ratio_only_from_one_session(private_cache, tmp_path):
         "; both timed now, back to back: the baseline and the treatment came from the cache"
     )
     timed = speed_runs(third)
-    assert [Path(t.argv[t.argv.index("-m") + 1]).name for t in timed] == [
-        model.path.name, f"{third.stage}-{third.case}.gguf"
-    ]  # fmt: skip
+    timed_files = [Path(t.argv[t.argv.index("-m") + 1]) for t in timed]
+    assert timed_files == [model.path, tmp_path / "results" / "TOGETHER" / "layer0" / "models" /
+                           f"{third.case}.gguf"]  # the model, then its treated file  # fmt: skip
