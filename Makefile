@@ -6,6 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fq-installed
 SYSTEM := $(VENV)/.fq-system
 PYTEST_ARGS ?=
+REPORTS ?= reports
 
 .PHONY: gate test check sweep test-latest lock lock-upgrade setup doctor lint clean
 
@@ -24,9 +25,17 @@ setup: $(STAMP)
 	$(BIN)/fq setup
 
 # The plan's markdown reports are written even on NO-GO; the exit status stays pytest's.
+# They come from this session's run (FQ_RUN_ID, else a new id) and no other: a session that
+# stored nothing (a usage error: exit 4) leaves the reports of an older run as they were.
 gate: setup
-	$(BIN)/pytest -k layer0 $(PYTEST_ARGS); status=$$?; \
-	$(BIN)/fq report $${FQ_RESULTS_DIR:-results} reports || true; exit $$status
+	@run=$${FQ_RUN_ID:-$$($(BIN)/python -c 'from fq_core.results import new_run_id as n; print(n())')}; \
+	dir=$${FQ_RESULTS_DIR:-results}/$$run; \
+	echo "FQ_RUN_ID=$$run $(BIN)/pytest -k layer0 $(PYTEST_ARGS)"; \
+	FQ_RUN_ID=$$run $(BIN)/pytest -k layer0 $(PYTEST_ARGS); status=$$?; \
+	if [ -d "$$dir" ]; then $(BIN)/fq report "$$dir" $(REPORTS) || true; \
+	else echo "make gate: run $$run stored no results (pytest exit $$status):" \
+	  "$(REPORTS)/ not rewritten" >&2; fi; \
+	exit $$status
 
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -317,8 +317,11 @@ def _run_report(args) -> int:
     if len(dirs) > 1 or (sweep and not _has_stage_results(dirs[0])):
         return 0
     out = write_reports(dirs[0], args.output_dir)
-    print(f"run: {out.run_dir}")
-    for d in decisions(load_run(out.run_dir)):
+    run = load_run(out.run_dir)
+    # which run and when: given a results root, this is its newest, perhaps an old one
+    started = min(r.record.started_at for r in run.results)
+    print(f"run: {out.run_dir} (started {started})")
+    for d in decisions(run):
         print(f"  {d.model}: {d.verdict} ({d.reason})")
     print(f"wrote {out.test1}")
     print(f"wrote {out.experiment}")

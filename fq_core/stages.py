@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from . import checks, results
-from .record import VARIANTS, Thresholds
+from .errors import BadInput
+from .record import VARIANTS, StageRecord, Thresholds
 from .selection import DEFAULT_TENSORS
 
 if TYPE_CHECKING:  # the stage definitions import without llama.cpp's side of the library
@@ -137,6 +138,53 @@ class Experiment:
             settings=settings,
             thresholds=msgspec.to_builtins(exp.thresholds),
         )
+
+    def differences(
+        self,
+        rec: StageRecord,
+        model: ModelRef | None = None,
+        corpus: Corpus | None = None,
+        tools: LlamaTools | None = None,
+    ) -> list[str]:
+        """What this experiment would record differently from `rec`: its variant's settings
+        and thresholds, and (when given) the model, corpus and llama.cpp it would measure
+        with. Threads are left out: llama.cpp is bit-identical across thread counts."""
+        exp = self.for_variant(rec.variant)
+        now, then = (
+            results.jsonable(msgspec.to_builtins({"settings": settings, "thresholds": limits}))
+            for settings, limits in (
+                (exp.settings_json(), exp.thresholds),
+                (rec.settings, rec.thresholds),
+            )
+        )
+        for side in (now, then):
+            side["settings"].pop("threads", None)
+        for name, given, recorded in (
+            ("model_sha256", model and model.sha256, rec.model.sha256),
+            ("corpus_sha256", corpus and corpus.sha256, rec.corpus.sha256),
+            ("llama_build", tools and tools.build_id, rec.llama.build_id),
+        ):
+            if given is not None:
+                now[name], then[name] = given, recorded
+        from .gate import describe_changes
+
+        return describe_changes(then, now)
+
+
+def check_resume(run_id: str, exp: Experiment, root: Path | None = None) -> None:
+    """A run id that already holds records is resumed only with the settings that wrote
+    them: otherwise a finished record of one format would answer for another (an int8
+    session passing on a bf16 record) and a run would mix two experiments. BadInput if not."""
+    for rec in results.iter_records(run_id, root):
+        changes = exp.differences(rec)
+        if changes:
+            shown = ", ".join(changes[:3]) + (
+                f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+            )
+            raise BadInput(
+                f"run {run_id} already holds {rec.stage}/{rec.case} made with other settings "
+                f"({shown}): resume it with the same settings, or use a new run id"
+            )
 
 
 @dataclass(frozen=True)

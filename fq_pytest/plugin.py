@@ -427,6 +427,8 @@ class FqSession:
         path = results.result_path(self.run_id, case.stage, case.case, self.root)
         with results.lock_for(str(path) + ".compute"):
             stored = results.load_record(self.run_id, case.stage, case.case, self.root)
+            if stored is not None and stored.outcome != "running":
+                self.check_reuse(stored, case)
             if stored is None or stored.outcome == "running":
                 stage_ = stages.stage(case.stage)
                 with progress.context(stage=stage_.title, model=case.case):  # what runs
@@ -435,6 +437,18 @@ class FqSession:
                     )
         self._results[key] = stored
         return stored
+
+    def check_reuse(self, stored, case: StageCase) -> None:
+        """A finished record of this run id answers for this session only if this session
+        would have measured the same thing (BadInput naming what differs)."""
+        from fq_core.errors import BadInput
+
+        changes = self.experiment.differences(stored, self.model(case), self.corpus, self.tools)
+        if changes:
+            raise BadInput(
+                f"run {self.run_id} already holds {case.stage}/{case.case} measured on other "
+                f"inputs ({', '.join(changes[:3])}): use a new run id"
+            )
 
     def gate(self, case: StageCase):
         """Open or closed, with the reason; Test 1 of this session is run first when needed."""
@@ -506,7 +520,20 @@ def pytest_configure(config: pytest.Config) -> None:
     # the command log goes beside results/ under the rootdir, wherever pytest was started
     if not os.environ.get("FQ_LOG_DIR"):
         os.environ["FQ_LOG_DIR"] = str(config.rootpath / "logs")
-    config.stash[SESSION] = FqSession(config)  # validates every option now, not mid-run
+    config.stash[SESSION] = session = FqSession(config)  # validates every option now
+    if workerinput is None:
+        _refuse_other_settings(session)
+
+
+def _refuse_other_settings(session: FqSession) -> None:
+    """A run id holding records is resumed only with their settings (fq_core.stages)."""
+    from fq_core.errors import FqError
+    from fq_core.stages import check_resume
+
+    try:
+        check_resume(session.run_id, session.experiment, session.root)
+    except FqError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 @pytest.hookimpl(tryfirst=True)

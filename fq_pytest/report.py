@@ -28,6 +28,31 @@ log = logging.getLogger(__name__)
 _TITLE = "fq-suite go/no-go report"
 _HTML_REPORT = pytest.StashKey[object]()
 
+
+class _Errors:
+    """The tests (and collectors) of this session that ended in an error: a session with
+    any states no GO, whatever its records say (fq_core.report.session_errors)."""
+
+    def __init__(self) -> None:
+        self.nodeids: list[str] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.failed and report.when != "call":
+            self.nodeids.append(report.nodeid)
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self.nodeids.append(report.nodeid or "collection")
+
+
+_ERRORS = pytest.StashKey[_Errors]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_ERRORS] = errors = _Errors()
+    config.pluginmanager.register(errors, "fq-session-errors")
+
+
 # Which llama.cpp commands a check's verdict rests on, by the tool's file name.
 _PPL_TOOLS = ("llama-perplexity", "fq-logits")  # fq-logits: the exact engine (twin answer)
 _GEN_TOOLS = ("llama-completion", "llama-cli", "llama-simple", "llama-run")
@@ -152,7 +177,7 @@ def pytest_html_results_summary(prefix, summary, postfix, session) -> None:
 
 
 def _summary(prefix, summary, postfix, session) -> None:
-    from fq_core.report import charts, decisions, html, load_run
+    from fq_core.report import charts, decisions, html, load_run, session_errors
 
     config = session.config
     run_dir = _run_dir(config)
@@ -161,7 +186,8 @@ def _summary(prefix, summary, postfix, session) -> None:
         prefix.append(str(html.no_stage_note()))
         return
     run = load_run(run_dir)
-    decided = decisions(run)
+    errors = config.stash[_ERRORS].nodeids if _ERRORS in config.stash else []
+    decided = session_errors(decisions(run), errors)
     prefix.append(str(html.decision_block(decided, run)))
     against = str(html.reference_block(run))  # empty unless --fq-compare stored comparisons
     if against:

@@ -98,6 +98,28 @@ def test_speed_boundaries(ratio, limit, status, gates):
     assert (c.status, c.gates) == (status, gates)
 
 
+@pytest.mark.parametrize("ratio,limit", [(0.31, 0.8), (0.98, 0.8), (0.31, None), (None, 0.8)])
+def test_speed_of_two_sessions_is_not_compared_and_gates_nothing(ratio, limit):
+    """The attack: baseline and treatment from the cache, timed 28 min apart in different
+    sessions, gave 0.31× and failed Test 1 (measured together: 0.98×)."""
+    c = checks.speed_check(ratio, 3000.0, 930.0, limit, apart="the baseline came from the cache")
+    assert (c.status, c.gates, c.value) == ("skipped", False, None)
+    assert c.detail == "speed not compared: the baseline came from the cache"
+    assert checks.ending(c) == ("skip", c.detail)
+    assert checks.stage_outcome({"speed": c, "numeric": Check(status="passed", detail="")}) == (
+        "passed"
+    )
+
+
+def test_speed_timed_together_says_so():
+    c = checks.speed_check(0.98, 1000.0, 980.0, 0.8, note="both timed now")
+    assert (c.status, c.gates) == ("passed", True)
+    assert c.detail.endswith("(0.98×) ≥ 0.8×; both timed now")
+    failed = checks.speed_check(None, None, None, 0.8, note="timing both now failed: boom")
+    assert (failed.status, failed.gates) == ("error", True)
+    assert failed.detail == "speed not measured; timing both now failed: boom"
+
+
 # ratio, seeds, limit, error -> (status, gates)
 PLACEBO_ROWS = [
     (1.6, 3, None, None, "reported", False),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from record_factory import make_record
 
-from fq_core import history, record, regression, results
+from fq_core import history, record, regression, results, stages
 from fq_core.cli import main
 from fq_core.errors import BadInput, OutputRefused
 from fq_core.regression import METRICS, Tolerance, compare, compare_metric, parse_tolerances
@@ -644,6 +644,11 @@ def inner(pytester, monkeypatch, tmp_path):
     return pytester
 
 
+#: A session resumes a run id only with the settings its records were made with
+#: (fq_core.stages.check_resume): the inner session's are the defaults.
+SESSION_SETTINGS = stages.Experiment().settings_json()
+
+
 def _current(tmp_path, monkeypatch, r: record.StageRecord) -> None:
     """The record the inner session's fq_result returns (its 'this run')."""
     path = tmp_path / f"now-{r.run_id}.json"
@@ -732,9 +737,10 @@ def test_bad_options_are_usage_errors(inner, tmp_path, monkeypatch, args, words)
 
 def test_save_reference_after_a_passing_session_and_the_manifest(inner, tmp_path, monkeypatch):
     store = tmp_path / "store"
-    results.save_result(rec("NOW"), store)  # what the stage tests would have stored
+    now = rec("NOW", settings=SESSION_SETTINGS)  # what the stage tests would have stored
+    results.save_result(now, store)
     results.save_result(rec("REF"), store)
-    _current(tmp_path, monkeypatch, rec("NOW"))
+    _current(tmp_path, monkeypatch, now)
     result = _run(inner, "--fq-compare=REF", "--fq-run-id", "NOW", "--fq-save-reference")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
@@ -749,8 +755,9 @@ def test_save_reference_after_a_passing_session_and_the_manifest(inner, tmp_path
 def test_save_reference_refused_after_a_failing_session(inner, tmp_path, monkeypatch):
     store = tmp_path / "store"
     results.save_result(rec("REF"), store)
-    results.save_result(with_kld(0.02, run_id="NOW"), store)
-    _current(tmp_path, monkeypatch, with_kld(0.02, run_id="NOW"))
+    now = with_kld(0.02, run_id="NOW", settings=SESSION_SETTINGS)
+    results.save_result(now, store)
+    _current(tmp_path, monkeypatch, now)
     result = _run(inner, "--fq-compare=REF", "--fq-run-id", "NOW", "--fq-save-reference",
                   f"--fq-reference-dir={tmp_path / 'ref'}")  # fmt: skip
     result.assert_outcomes(failed=1)

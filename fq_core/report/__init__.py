@@ -10,7 +10,8 @@ comparison with a reference (`--fq-compare`) is read the same way, from
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import checks, history, regression
@@ -219,6 +220,8 @@ def decide(run: RunResults, model: str) -> Decision:
     for name, check in result.record.checks.items():
         item = DecidingCheck(name, check.status, check.detail)
         (asserted if check.gates else reported).append(item)
+    if result.outcome == "running":
+        return Decision(model, "NO DECISION", unfinished(result.record), (), tuple(reported))
     failed = [c for c in asserted if c.status in FAILING]
     pending = [c for c in asserted if c.status not in FAILING + ("passed",)]
     if failed:
@@ -239,6 +242,30 @@ def decide(run: RunResults, model: str) -> Decision:
         f"all {len(asserted)} asserted checks passed ({names})",
         tuple(asserted),
         tuple(reported),
+    )
+
+
+def unfinished(rec: StageRecord) -> str:
+    """Why a record that never finished decides nothing: the checks it holds are the ones
+    done before it stopped (killed, interrupted, or still running), never the whole test."""
+    done = ", ".join(f"{n} {c.status}" for n, c in rec.checks.items()) or "none"
+    return (f"{rec.stage_title} did not finish: its record is still {rec.outcome!r} since "
+            f"{rec.started_at} (killed, interrupted or still running); checks so far: "
+            f"{done}")  # fmt: skip
+
+
+def session_errors(decided: Sequence[Decision], errors: Sequence[str]) -> tuple[Decision, ...]:
+    """The decisions as a session that had errors states them: no GO. A test that errored
+    (a fixture, a worker, a tool) means the session did not do what its GO would claim."""
+    if not errors:
+        return tuple(decided)
+    first = errors[0] + (f" and {len(errors) - 1} more" if len(errors) > 1 else "")
+    why = f"this session had {len(errors)} error{'s' if len(errors) > 1 else ''} ({first})"
+    return tuple(
+        replace(d, verdict="NO DECISION", reason=f"{why}; Test 1 alone: {d.reason}")
+        if d.verdict == "GO"
+        else d
+        for d in decided
     )
 
 
