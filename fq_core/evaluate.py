@@ -342,6 +342,19 @@ def evaluate_against(
     return ModelEvaluation(model, load, gens, ppl, kld_run)
 
 
+def treatment_key(
+    model: ModelRef, baseline: BaselineEvaluation, settings: EvalSettings, llama_version: str
+) -> str:
+    """The treated file, the content of the baseline logits it is compared with (not only the
+    baseline's key: the same key may hold other logits once an entry is remade), settings."""
+    return results.cache_key({
+        "what": "treatment", "schema": _CACHE_SCHEMA, "model_sha256": model.sha256,
+        "baseline_key": baseline.key, "settings": settings.key_fields(),
+        "llama_version": llama_version,
+        "base_sha256": baseline.kld_base_sha256,
+    })  # fmt: skip
+
+
 def evaluate_against_cached(
     runner: LlamaRunner,
     model: ModelRef,
@@ -356,12 +369,7 @@ def evaluate_against_cached(
     on one build and CPU), so a second run of the same treatment repeats nothing — this is
     what keeps a warm `make gate` short when a twin run costs a minute."""
     settings = settings or baseline.settings
-    key = results.cache_key({
-        "what": "treatment", "schema": _CACHE_SCHEMA, "model_sha256": model.sha256,
-        "baseline_key": baseline.key, "settings": settings.key_fields(),
-        "llama_version": runner.tools.version,
-        "base_sha256": baseline.kld_base_sha256,
-    })  # fmt: skip
+    key = treatment_key(model, baseline, settings, runner.tools.version)
 
     def compute(_folder: Path) -> dict:
         ev = evaluate_against.__wrapped__(runner, model, baseline, corpus, settings)

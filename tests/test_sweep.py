@@ -412,17 +412,19 @@ def test_the_cell_key_changes_with_what_changes_the_numbers(stub_world):
     ident = sweep.Identity(model_sha256=ref.sha256, measured_sha256=ref.sha256,
                            corpus_sha256="c", llama_version="v",
                            settings=sweep.cell_settings(e))  # fmt: skip
-    key = sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"])
-    assert key == sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"])
+    key = sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64)
+    assert key == sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64)
     gpu = msgspec.structs.replace(ident, llama_version="v [cuda; -ngl 99]")
     more = msgspec.structs.replace(ident, settings=msgspec.structs.replace(ident.settings,
                                                                           chunks=8))  # fmt: skip
     seeds = msgspec.structs.replace(ident, settings=msgspec.structs.replace(
         ident.settings, placebo_seeds=(1,)))  # fmt: skip
-    assert sweep.cell_key(gpu, cells[0], ["blk.0.ffn_norm.weight"]) != key
-    assert sweep.cell_key(more, cells[0], ["blk.0.ffn_norm.weight"]) != key
-    assert sweep.cell_key(ident, cells[0], ["blk.1.ffn_norm.weight"]) != key
-    assert sweep.cell_key(seeds, cells[0], ["blk.0.ffn_norm.weight"]) == key  # separate runs
+    assert sweep.cell_key(gpu, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
+    assert sweep.cell_key(more, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
+    assert sweep.cell_key(ident, cells[0], ["blk.1.ffn_norm.weight"], "b" * 64) != key
+    # compared with other baseline logits (their content, not the baseline's key)
+    assert sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "c" * 64) != key
+    assert sweep.cell_key(seeds, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) == key
 
 
 def test_a_failing_cell_is_stored_with_its_reason(stub_world):
