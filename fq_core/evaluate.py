@@ -264,13 +264,11 @@ def evaluate_baseline(
             )
         if tmp_logits != logits:
             os.replace(tmp_logits, logits)
+        n_tokens = runner.count_tokens(model, corpus.path)
         return {
             "key": key,
             "model": {"name": model.name, "path": str(model.path), "sha256": model.sha256},
-            "corpus": {
-                "path": str(corpus.path), "sha256": corpus.sha256,
-                "n_tokens": runner.count_tokens(model, corpus.path),
-            },  # fmt: skip
+            "corpus": {"path": str(corpus.path), "sha256": corpus.sha256, "n_tokens": n_tokens},
             "llama_version": version,
             "settings": settings.to_json(),
             "engine": settings.engine,

@@ -201,10 +201,10 @@ def test_a_cached_treatment_or_placebo_holding_nothing_is_remade(stage_world, ki
 def test_treatments_are_keyed_by_the_content_of_their_base(stage_world):
     _, ref, corpus, tools = stage_world
     settings = stages.Experiment().settings
-    base = evaluate.evaluate_baseline(StubRunner(tools, Path("/tmp")), ref, corpus, settings)
-    assert base.kld_base_sha256 == cache.read(
-        "baselines", base.key, "baseline.json", files=("logits.kld",)
-    ).files["logits.kld"]
+    runner = StubRunner(tools, Path(os.environ["XDG_CACHE_HOME"]).parent)
+    base = evaluate.evaluate_baseline(runner, ref, corpus, settings)
+    stored = cache.read("baselines", base.key, "baseline.json", files=("logits.kld",))
+    assert base.kld_base_sha256 == stored.files["logits.kld"] and stored.hit
     other = dataclasses.replace(base, kld_base_sha256="0" * 64)
     key = evaluate.treatment_key(ref, base, settings, tools.version)
     assert evaluate.treatment_key(ref, other, settings, tools.version) != key
