@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 from filelock import FileLock
 
-from . import __version__, hashing, results
+from . import __version__, hashing, progress, results
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ def move_aside(kind: str, key: str, reason: str) -> Path:
     os.replace(folder, dest)
     log.warning("cache entry %s/%s rejected: %s; moved to %s, measuring again", kind, key,
                 reason, dest)  # fmt: skip
+    progress.note(f"cache entry rejected ({reason}), measured again")
     return dest
 
 
