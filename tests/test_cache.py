@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from test_docs import StubRunner, _inputs
 
-from fq_core import cache, evaluate, protocol, record, results, stages
+from fq_core import cache, evaluate, progress, protocol, record, results, stages
 from fq_core.paths import cache_dir
 from fq_core.report.markdown import write_reports
 
@@ -109,8 +109,15 @@ def test_an_entry_that_fails_its_proof_is_moved_aside_and_measured_again(
     first = _entry()
     hurt(first.folder)
     damaged = {p.name: p.read_bytes() for p in first.folder.iterdir()}
-    with caplog.at_level(logging.WARNING, logger="fq_core.cache"):
-        again = _entry()
+    events = []
+    listener = progress.subscribe(events.append)
+    try:
+        with caplog.at_level(logging.WARNING, logger="fq_core.cache"), progress.step("baseline"):
+            again = _entry()
+    finally:
+        progress.unsubscribe(listener)
+    (end,) = [e for e in events if e.kind == "end"]  # the progress line says it too
+    assert end.notes == (f"cache entry rejected ({again.rejected}), measured again",)
     assert not again.hit and _n_computed() == 2
     assert reason in again.rejected and "\n" not in again.rejected
     assert again.value == first.value and again.files == first.files  # measured again
