@@ -118,7 +118,10 @@ def read(
             raise Rejected(f"{fname} is missing") from None
         if not isinstance(want, dict) or size != want.get("bytes"):
             raise Rejected(f"{fname} has {size} bytes, not {want.get('bytes')}")
-        digests[fname] = _file_digest(fpath)
+        try:
+            digests[fname] = _file_digest(fpath)
+        except OSError as exc:
+            raise Rejected(f"cannot read {fname} ({exc.strerror or exc})") from exc
         if digests[fname] != want.get("sha256"):
             raise Rejected(f"{fname} does not match its SHA-256 (changed since it was measured)")
     try:
