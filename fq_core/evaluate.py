@@ -18,9 +18,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filelock import FileLock
-
-from . import atomic, progress, results
+from . import atomic, cache, progress, results
 from .corpus import Corpus
 from .errors import BadInput, LlamaFailed
 from .figures import figure
@@ -33,7 +31,6 @@ from .llama.runner import (
     PerplexityResult,
 )
 from .models import ModelRef
-from .paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +117,8 @@ class BaselineEvaluation(ModelEvaluation):
     llama_version: str = ""
     cached: bool = False  # True when loaded from the cache instead of computed now
     n_tokens: int | None = None  # the whole corpus under this model's tokenizer
+    kld_base_sha256: str = ""  # what every treatment compared with it is keyed by
+    provenance: dict | None = None  # its cache entry for the record (cache.Entry.provenance)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,31 +234,21 @@ def evaluate_baseline(
     runner: LlamaRunner, model: ModelRef, corpus: Corpus, settings: EvalSettings | None = None
 ) -> BaselineEvaluation:
     """Load, generate and run llama-perplexity once with --kl-divergence-base (or the exact
-    engine once with --save-base); cached."""
+    engine once with --save-base); a verified cache entry (fq_core.cache) standing for the
+    logits, which every treatment is compared with."""
     settings = settings or EvalSettings()
     runner = _runner_for(runner, settings)
     if settings.exact:
         runner.tools.library()  # ToolMissing before any work when the build has no library
     version = runner.tools.version
     key = baseline_key(model, corpus, runner.tools.build_id, settings)
-    root = cache_dir() / "baselines" / key
-    root.mkdir(parents=True, exist_ok=True)
-    meta = root / "baseline.json"
-    logits = root / _logits_name(settings)
+    name = _logits_name(settings)
+    files = (name, f"{name}.meta.json") if settings.exact else (name,)
     run_ppl = ppl_call(runner, settings)
-    with FileLock(str(root) + ".lock"):
-        cached = _read_cached(meta, logits, model, corpus, settings, key)
-        if cached is not None and cached.n_tokens is None:  # cached before tokens were counted
-            n_tokens = runner.count_tokens(model, corpus.path)
-            doc = results.read_json(meta)
-            doc["corpus"]["n_tokens"] = n_tokens
-            results.write_json_atomic(meta, doc)
-            cached = dataclasses.replace(cached, n_tokens=n_tokens)
-        if cached is not None:
-            log.info("baseline %s reused from %s", model.name, root)
-            progress.note("cached")
-            return cached
+
+    def compute(root: Path) -> dict:
         log.info("computing the baseline for %s (cached in %s)", model.name, root)
+        logits = root / name
         load = runner.load(model)
         gens = _generations(runner, model, settings, settings.chat_template or model.chat_template)
         # the exact engine publishes its base atomically itself (the .npy and its .meta.json);
@@ -281,15 +270,8 @@ def evaluate_baseline(
                     model, corpus.path, ctx=settings.ctx, batch=settings.batch,
                     chunks=settings.chunks,
                 )  # fmt: skip
-        n_bytes = logits.stat().st_size
         n_tokens = runner.count_tokens(model, corpus.path)
-        result = BaselineEvaluation(
-            model=model, load=load, generations=gens, perplexity=ppl, kld_perplexity=kld_run,
-            corpus=corpus, settings=settings, key=key, cache_path=root, kld_base=logits,
-            kld_base_bytes=n_bytes, llama_version=version, cached=False, n_tokens=n_tokens,
-        )  # fmt: skip
-        doc = {
-            "schema": _CACHE_SCHEMA,
+        return {
             "key": key,
             "model": {"name": model.name, "path": str(model.path), "sha256": model.sha256},
             "corpus": {"path": str(corpus.path), "sha256": corpus.sha256, "n_tokens": n_tokens},
@@ -297,43 +279,32 @@ def evaluate_baseline(
             "llama_build": runner.tools.build_id,
             "settings": settings.to_json(),
             "engine": settings.engine,
-            "kld_base_bytes": n_bytes,
+            "kld_base_bytes": logits.stat().st_size,
             "load": _to_plain(load),
             "generations": _to_plain(gens),
             "perplexity": _to_plain(ppl),
             "kld_perplexity": _to_plain(kld_run),
         }
-        results.write_json_atomic(meta, doc)  # written last: its presence means it is complete
-        return result
 
+    def decode(doc: dict) -> BaselineEvaluation:
+        kld_run = _ppl_from(doc["kld_perplexity"])
+        ppl = kld_run if settings.chunks == settings.kld_chunks else _ppl_from(doc["perplexity"])
+        root = cache.folder_for("baselines", key)
+        return BaselineEvaluation(
+            model=model, load=_load_from(doc["load"]),
+            generations=tuple(_gen_from(g) for g in doc["generations"]), perplexity=ppl,
+            kld_perplexity=kld_run, corpus=corpus, settings=settings, key=key,
+            cache_path=root, kld_base=root / name, kld_base_bytes=doc["kld_base_bytes"],
+            llama_version=doc["llama_version"], n_tokens=doc["corpus"]["n_tokens"],
+        )  # fmt: skip
 
-def _read_cached(meta, logits, model, corpus, settings, key) -> BaselineEvaluation | None:
-    try:
-        doc = results.read_json(meta)
-    except (OSError, ValueError):
-        return None
-    if doc.get("schema") != _CACHE_SCHEMA or not logits.is_file():
-        return None
-    if settings.exact:
-        from .llama.logits import meta_path
-
-        if not meta_path(logits).is_file():
-            log.warning("cached logits %s have no description: recomputing", logits)
-            return None
-    if logits.stat().st_size != doc.get("kld_base_bytes"):
-        log.warning("cached KLD logits %s have the wrong size: recomputing", logits)
-        return None
-    kld_run = _ppl_from(doc["kld_perplexity"])
-    ppl = _ppl_from(doc["perplexity"])
-    if settings.chunks == settings.kld_chunks:
-        ppl = kld_run
-    return BaselineEvaluation(
-        model=model, load=_load_from(doc["load"]),
-        generations=tuple(_gen_from(g) for g in doc["generations"]), perplexity=ppl,
-        kld_perplexity=kld_run, corpus=corpus, settings=settings, key=key,
-        cache_path=meta.parent, kld_base=logits, kld_base_bytes=doc["kld_base_bytes"],
-        llama_version=doc["llama_version"], cached=True,
-        n_tokens=(doc.get("corpus") or {}).get("n_tokens"),
+    entry = cache.verified("baselines", key, "baseline.json", compute, decode=decode, files=files)
+    if entry.hit:
+        log.info("baseline %s reused from %s", model.name, entry.folder)
+        progress.note("cached")
+    return dataclasses.replace(
+        entry.value, cached=entry.hit, kld_base_sha256=entry.files[name],
+        provenance=entry.provenance("baseline"),
     )  # fmt: skip
 
 
@@ -376,43 +347,54 @@ def evaluate_against(
     return ModelEvaluation(model, load, gens, ppl, kld_run)
 
 
+def treatment_key(
+    model: ModelRef, baseline: BaselineEvaluation, settings: EvalSettings, llama_build: str
+) -> str:
+    """The treated file, the content of the baseline logits it is compared with (not only the
+    baseline's key: the same key may hold other logits once an entry is remade), settings."""
+    return results.cache_key({
+        "what": "treatment", "schema": _CACHE_SCHEMA, "model_sha256": model.sha256,
+        "baseline_key": baseline.key, "settings": settings.key_fields(),
+        "llama_build": llama_build,
+        "base_sha256": baseline.kld_base_sha256,
+    })  # fmt: skip
+
+
 def evaluate_against_cached(
     runner: LlamaRunner,
     model: ModelRef,
     baseline: BaselineEvaluation,
     corpus: Corpus | None = None,
     settings: EvalSettings | None = None,
-) -> tuple[ModelEvaluation, bool]:
-    """`evaluate_against`, cached by the treated file's SHA-256: (evaluation, cache hit).
+) -> tuple[ModelEvaluation, cache.Entry]:
+    """`evaluate_against`, a verified cache entry keyed by the treated file's SHA-256 and the
+    SHA-256 of the baseline logits it was compared with: (evaluation, its cache entry).
 
-    Why: the SHA-256 of the treated file, the baseline it is compared with and the settings
-    decide every number (llama.cpp is bit-reproducible on one build and CPU), so a second
-    run of the same treatment repeats nothing — this is what keeps a warm `make gate` short
-    when a twin run costs a minute."""
+    Why: those two files and the settings decide every number (llama.cpp is bit-reproducible
+    on one build and CPU), so a second run of the same treatment repeats nothing — this is
+    what keeps a warm `make gate` short when a twin run costs a minute."""
     settings = settings or baseline.settings
-    key = results.cache_key({
-        "what": "treatment", "schema": _CACHE_SCHEMA, "model_sha256": model.sha256,
-        "baseline_key": baseline.key, "settings": settings.key_fields(),
-        "llama_build": runner.tools.build_id,
-    })  # fmt: skip
+    key = treatment_key(model, baseline, settings, runner.tools.build_id)
 
-    def compute() -> dict:
+    def compute(_folder: Path) -> dict:
         ev = evaluate_against.__wrapped__(runner, model, baseline, corpus, settings)
         return {"key": key, "load": _to_plain(ev.load), "generations": _to_plain(ev.generations),
                 "perplexity": _to_plain(ev.perplexity),
                 "kld_perplexity": _to_plain(ev.kld_perplexity)}  # fmt: skip
 
+    def decode(doc: dict) -> ModelEvaluation:
+        ppl = _ppl_from(doc["perplexity"])
+        kld_run = _ppl_from(doc["kld_perplexity"]) if doc["kld_perplexity"] else None
+        if kld_run is not None and doc["kld_perplexity"] == doc["perplexity"]:
+            kld_run = ppl
+        gens = tuple(_gen_from(g) for g in doc["generations"])
+        return ModelEvaluation(model, _load_from(doc["load"]), gens, ppl, kld_run)
+
     with progress.step("treatment"):
-        doc, hit = results.cached_json(cache_dir() / "treatments" / key / "evaluation.json",
-                                       compute)  # fmt: skip
-        if hit:
+        entry = cache.verified("treatments", key, "evaluation.json", compute, decode=decode)
+        if entry.hit:
             progress.note("cached")
-    ppl = _ppl_from(doc["perplexity"])
-    kld_run = _ppl_from(doc["kld_perplexity"]) if doc.get("kld_perplexity") else None
-    if kld_run is not None and doc["kld_perplexity"] == doc["perplexity"]:
-        kld_run = ppl
-    gens = tuple(_gen_from(g) for g in doc["generations"])
-    return ModelEvaluation(model, _load_from(doc["load"]), gens, ppl, kld_run), hit
+    return entry.value, entry
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,11 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import __version__, atomic, checks, metrics, patch, progress, record, results
+from . import __version__, atomic, cache, checks, metrics, patch, progress, record, results
 from .errors import FqError
 from .figures import figure
 from .gguf_index import read_index, read_tensor
-from .paths import cache_dir
 from .record import StageRecord
 from .stages import CHECKS, GATE_STAGE, Context, Experiment, Stage
 
@@ -134,6 +133,7 @@ def header(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dic
         "placebo": None,
         "resolution": None,
         "commands": [],
+        "cache": [],
         "outcome": "running",
         "skip_reason": None,
         "started_at": results.utc_now(),
@@ -423,8 +423,17 @@ def _placebo_check(placebo: dict, limit: float | None, error: str | None = None)
 
 
 def placebo_key(
-    model: ModelRef, corpus: Corpus, tools: LlamaTools, exp: Experiment, layers: str, seed: int
+    model: ModelRef,
+    corpus: Corpus,
+    tools: LlamaTools,
+    exp: Experiment,
+    layers: str,
+    seed: int,
+    *,
+    base_sha256: str,
 ) -> str:
+    """`base_sha256`: the baseline logits the placebo is compared with (its numbers depend
+    on their content, not on the baseline's key)."""
     s = exp.settings
     return results.cache_key(
         {
@@ -441,8 +450,17 @@ def placebo_key(
             "kld_chunks": s.kld_chunks,
             "engine": getattr(s, "engine", "llama-perplexity"),
             "fq_version": __version__,
+            "base_sha256": base_sha256,
         }
     )
+
+
+def _placebo_run(payload: dict) -> dict:
+    """A cached placebo has the record's shape (record.PlaceboRun) or is not one."""
+    msgspec.convert({k: v for k, v in payload.items() if k != "commands"}, record.PlaceboRun)
+    if not isinstance(payload.get("commands", []), list):
+        raise TypeError("commands is not a list")
+    return payload
 
 
 def run_placebo(
@@ -452,12 +470,14 @@ def run_placebo(
     exp: Experiment,
     layers: str,
     seed: int,
-) -> tuple[dict, bool]:
-    """One placebo run (cached across stages, runs and workers by its key): (record, cache hit)."""
-    key = placebo_key(model, ctx.corpus, ctx.tools, exp, layers, seed)
-    folder = cache_dir() / "placebos" / key
+) -> tuple[dict, cache.Entry]:
+    """One placebo run, a verified cache entry shared across stages, runs and workers:
+    (record, its cache entry)."""
+    key = placebo_key(
+        model, ctx.corpus, ctx.tools, exp, layers, seed, base_sha256=baseline.kld_base_sha256
+    )
 
-    def compute() -> dict:
+    def compute(folder: Path) -> dict:
         dst = folder / f"{results.safe_name(model.name)}.placebo{seed}.gguf"
         with atomic.owned(dst):  # the GGUF lives only while it is evaluated
             manifest = patch.fake_quantize_file(
@@ -486,7 +506,8 @@ def run_placebo(
             "commands": _commands(f"placebo seed {seed}", _ppl_commands(ev)),
         }
 
-    return results.cached_json(folder / "placebo.json", compute)
+    entry = cache.verified("placebos", key, "placebo.json", compute, decode=_placebo_run)
+    return entry.value, entry
 
 
 def _as_baseline(treated: ModelRef, baseline: Any):
@@ -627,6 +648,7 @@ def _run_stage(
             dict(c, cached=baseline.cached) for c in _commands("baseline", baseline.commands())
         ]
         data["corpus"]["n_tokens"] = baseline.n_tokens
+        data["cache"].append(baseline.provenance)
     except FqError as exc:
         fail_rest(f"baseline evaluation failed: {_error(exc)}", CHECKS)
         return _finish(data, stage_, model, ctx, exp, dst)
@@ -641,9 +663,11 @@ def _run_stage(
         if identical:  # the SHA-256 proves the outcome: llama.cpp would rerun the baseline
             ev = _as_baseline(treated, baseline)
         else:
-            ev, treatment_cached = _evaluate().evaluate_against_cached(
+            ev, entry = _evaluate().evaluate_against_cached(
                 ctx.runner, treated, baseline, ctx.corpus, exp.settings
             )
+            treatment_cached = entry.hit
+            data["cache"].append(entry.provenance("treatment"))
     except FqError as exc:
         found["load"] = _check("failed", f"llama.cpp failed on the treated model: {_error(exc)}")
         fail_rest("treated model not evaluated (llama.cpp failed)", CHECKS)
@@ -713,9 +737,11 @@ def _run_stage(
         n = len(exp.placebo_seeds)
         for i, seed in enumerate(exp.placebo_seeds, start=1):
             with progress.step(f"placebo {i}/{n}"):
-                run, hit = run_placebo(measured, baseline, ctx, exp, stage_.layers, seed)
+                run, entry = run_placebo(measured, baseline, ctx, exp, stage_.layers, seed)
+                hit = entry.hit
                 if hit:
                     progress.note("cached")
+            data["cache"].append(entry.provenance(f"placebo seed {seed}"))
             run = dict(run, cached=hit)
             runs.append(run)
             data["commands"] += [dict(c, cached=hit) for c in run.get("commands", [])]

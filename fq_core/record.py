@@ -298,6 +298,18 @@ class PlaceboRun(_Part, kw_only=True):
     cached: bool | None = None
 
 
+class CacheUse(_Part, kw_only=True):
+    """Where a part of the record's figures came from: a verified cache entry (fq_core.cache),
+    measured now or read back, with when it was measured."""
+
+    role: str  # baseline | treatment | placebo seed N: the figures it gave
+    kind: str  # baselines, treatments, placebos
+    key: str
+    hit: bool  # read from the cache: measured earlier, by another test or run
+    measured_at: str | None
+    rejected: str | None = None  # an earlier entry at this key failed its proof (moved aside)
+
+
 class PlaceboComparison(_Part, kw_only=True):
     """The treatment against its placebos in words, decided once by the protocol."""
 
@@ -376,6 +388,7 @@ class StageRecord(_Part, kw_only=True):
     placebo: Placebo | None = None
     resolution: Resolution | None = None
     commands: tuple[Command, ...] = ()
+    cache: tuple[CacheUse, ...] = ()  # the cache entries behind the figures, in order of use
     outcome: Outcome
     skip_reason: str | None = None
     started_at: str

@@ -1,5 +1,7 @@
 """The results store: run ids, one JSON per stage × model, the gate record, cache keys, locks.
 
+Cached measurements themselves are fq_core.cache's verified entries.
+
 Why a store at all: every check writes its measurements here *before* anything asserts, so a
 failing or interrupted run still leaves complete evidence, and the report is built from these
 files alone. Writes are atomic (temp file + rename) and serialized by file locks, so parallel
@@ -14,7 +16,7 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,26 +177,6 @@ def canonical_json(data: Any) -> str:
 def cache_key(parts: Mapping[str, Any], length: int = 24) -> str:
     """A stable key for anything computed from `parts` (model/corpus hashes, settings, ...)."""
     return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:length]
-
-
-def cached_json(path: str | os.PathLike[str], compute: Callable[[], Any]) -> tuple[Any, bool]:
-    """Return (value, hit): the JSON at `path`, or compute it once under a lock and store it.
-
-    A second process asking for the same key waits on the lock and then reads the stored value,
-    so an expensive llama.cpp run is never made twice, in parallel or across runs.
-    """
-    path = Path(path)
-    try:
-        return read_json(path), True
-    except (FileNotFoundError, ValueError):
-        pass
-    with lock_for(path):
-        try:
-            return read_json(path), True
-        except (FileNotFoundError, ValueError):
-            value = compute()
-            write_json_atomic(path, value)
-            return value, False
 
 
 # --- the gate record -------------------------------------------------------------------------

@@ -9,7 +9,10 @@ its numbers, so a wider sweep runs only its new cells and an interrupted one res
 
     cache_dir()/cells/<key>/cell.json    key = model (and twin) SHA-256, corpus SHA-256,
                                          llama.cpp version (+ backend), variant, resolved
-                                         tensors, format, rounding, ctx/batch/chunks/engine
+                                         tensors, format, rounding, ctx/batch/chunks/engine,
+                                         the SHA-256 of the baseline logits
+
+a verified entry (fq_core.cache): one that fails its proof is moved aside and made again.
 
 The fake-quantized GGUF is written beside it, evaluated and deleted (disk stays flat).
 
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import __version__, results
+from . import __version__, cache, results
 from .errors import BadInput, BadSelection, FqError
 from .formats import FORMATS, ROUNDINGS
 from .record import VARIANTS, Interval, NonFinite, Resolution
@@ -335,6 +338,7 @@ class CellPlacebo(_Part, kw_only=True):
     chunk_klds: tuple[Num, ...]
     same_top_pct: Num = None
     cached: bool | None = None
+    measured_at: str | None = None  # when its cache entry was measured
 
 
 class CellTiming(_Part, kw_only=True):
@@ -362,6 +366,8 @@ class CellRecord(_Part, kw_only=True):
     p_test: str = P_TEST
     key: str  # the cell's cache key
     cached: bool = False  # the treatment was reused from the cell cache
+    measured_at: str | None = None  # when the cell's cache entry was measured
+    rejected: str | None = None  # an earlier entry at its key failed its proof (moved aside)
     timing: CellTiming | None = None
     machine: dict[str, Any] = {}
     commands: tuple[dict[str, Any], ...] = ()
@@ -458,9 +464,10 @@ def cell_settings(exp: Experiment) -> CellSettings:
     )  # fmt: skip
 
 
-def cell_key(identity: Identity, cell: Cell, tensors: Sequence[str]) -> str:
-    """Everything that decides a cell's treatment numbers (placebo seeds do not: they are
-    separate cached runs; threads do not: llama.cpp is bit-identical across thread counts)."""
+def cell_key(identity: Identity, cell: Cell, tensors: Sequence[str], base_sha256: str) -> str:
+    """Everything that decides a cell's treatment numbers, with the content of the baseline
+    logits it is compared with (placebo seeds do not: they are separate cached runs; threads
+    do not: llama.cpp is bit-identical across thread counts)."""
     s = identity.settings
     return results.cache_key({
         "what": "sweep-cell", "schema": CELL_SCHEMA, "fq_version": __version__,
@@ -468,7 +475,7 @@ def cell_key(identity: Identity, cell: Cell, tensors: Sequence[str]) -> str:
         "corpus_sha256": identity.corpus_sha256, "llama_build": identity.llama_build,
         "variant": cell.variant, "tensors": list(tensors), "format": cell.fmt,
         "rounding": cell.rounding, "ctx": s.ctx, "batch": s.batch, "chunks": s.chunks,
-        "kld_chunks": s.kld_chunks, "engine": s.engine,
+        "kld_chunks": s.kld_chunks, "engine": s.engine, "base_sha256": base_sha256,
     })  # fmt: skip
 
 
@@ -497,27 +504,35 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 
 
-def _placebo(measured, baseline, ctx, exp, layers, seed, need_chunks: bool):
-    """protocol.run_placebo (its cache, shared with the stages); an entry cached before
-    per-chunk KLDs were recorded cannot be paired, so it is made again, once."""
-    from . import protocol
+class _CellMeasurement(msgspec.Struct):
+    """The shape of a cell's cache entry (what `_measure` stores): checked when it is read."""
 
-    run, hit = protocol.run_placebo(measured, baseline, ctx, exp, layers, seed)
-    if need_chunks and not ((run.get("kld") or {}).get("chunk_means")):
-        key = protocol.placebo_key(measured, ctx.corpus, ctx.tools, exp, layers, seed)
-        from .paths import cache_dir
+    tensors: list[str]
+    n_elements: int
+    changed: int
+    max_abs: float | None
+    max_rel: float | None
+    mean_rel: float | None
+    identical: bool
+    kld_mean: float | None
+    chunk_klds: list[float | None]
+    same_top_pct: float | None
+    kld: dict[str, Any] | None
+    chunk_ppls: list[float | None]
+    ppl: float | None
+    baseline_ppl: float | None
+    delta_ppl_pct: float | None
+    delta_ppl_pct_err: float | None
+    quantize_s: float
+    evaluate_s: float
+    llama_s: float | None
+    commands: list[dict[str, Any]]
+    n_became_nonfinite: int = 0
 
-        path = cache_dir() / "placebos" / key / "placebo.json"
-        with results.lock_for(path):
-            try:
-                stale = not (results.read_json(path).get("kld") or {}).get("chunk_means")
-            except (OSError, ValueError):
-                stale = False
-            if stale:
-                log.warning("placebo %s has no per-chunk KLD (cached by an older fq): redoing", key)
-                path.unlink(missing_ok=True)
-        run, hit = protocol.run_placebo(measured, baseline, ctx, exp, layers, seed)
-    return run, hit
+
+def _cell_measurement(payload: dict) -> dict:
+    msgspec.convert(payload, _CellMeasurement)
+    return payload
 
 
 def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
@@ -648,7 +663,6 @@ def run_cell(
     "error" with the one-line reason, then returned (the caller decides)."""
     from . import evaluate, progress, protocol
     from .gguf_index import read_index
-    from .paths import cache_dir
     from .selection import resolve
 
     started = results.utc_now()
@@ -672,14 +686,16 @@ def run_cell(
         ident = msgspec.structs.replace(ident, measured_sha256=measured.sha256)
         base_rec["identity"] = ident
         sel = resolve(read_index(measured.path), cell.layers, (cell.kind,))
-        key = cell_key(ident, cell, sel.names)
-        base_rec["key"] = key
         baseline = evaluate.evaluate_baseline(ctx.runner, measured, ctx.corpus, exp.settings)
-        folder = cache_dir() / "cells" / key
+        key = cell_key(ident, cell, sel.names, baseline.kld_base_sha256)
+        base_rec["key"] = key
         with progress.step("cell"):  # its quantize and treatment steps inside, or "cached"
-            meas, hit = results.cached_json(
-                folder / "cell.json", lambda: _measure(cell, measured, baseline, ctx, exp, folder)
-            )
+            entry = cache.verified(
+                "cells", key, "cell.json",
+                lambda folder: _measure(cell, measured, baseline, ctx, exp, folder),
+                decode=_cell_measurement,
+            )  # fmt: skip
+            meas, hit = entry.value, entry.hit
             if hit:
                 progress.note("cached")
     except FqError as exc:
@@ -692,8 +708,10 @@ def run_cell(
             n = len(exp.placebo_seeds)
             for i, seed in enumerate(exp.placebo_seeds, start=1):
                 with progress.step(f"placebo {i}/{n}"):
-                    run, p_hit = _placebo(measured, baseline, ctx, exp, cell.layers, seed,
-                                          need_chunks=bool(meas["chunk_klds"]))  # fmt: skip
+                    run, p_entry = protocol.run_placebo(
+                        measured, baseline, ctx, exp, cell.layers, seed
+                    )
+                    p_hit = p_entry.hit
                     if p_hit:
                         progress.note("cached")
                 kld = run.get("kld") or {}
@@ -701,6 +719,7 @@ def run_cell(
                     seed=seed, key=run.get("key", ""), kld_mean=run.get("kld_mean"),
                     chunk_klds=tuple(kld.get("chunk_means") or ()),
                     same_top_pct=run.get("same_top_pct"), cached=p_hit,
+                    measured_at=p_entry.measured_at,
                 ))  # fmt: skip
     except FqError as exc:
         return failed(exc, key)
@@ -738,6 +757,8 @@ def run_cell(
         ),  # fmt: skip
         p_value=p,
         cached=hit,
+        measured_at=entry.measured_at,
+        rejected=entry.rejected,
         timing=CellTiming(
             quantize_s=meas["quantize_s"],
             evaluate_s=meas["evaluate_s"],

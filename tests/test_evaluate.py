@@ -72,8 +72,9 @@ def test_baseline_is_computed_once_then_reused(env):
     assert again.generations[0].token_ids == first.generations[0].token_ids
     assert first.kld_base.stat().st_size == first.kld_base_bytes > 10_000_000
     assert first.kld_base.parent == first.cache_path
-    doc = json.loads((first.cache_path / "baseline.json").read_text())
+    doc = json.loads((first.cache_path / "baseline.json").read_text())["payload"]
     assert doc["model"]["sha256"] == smol.sha256 and doc["corpus"]["sha256"] == corpus.sha256
+    assert again.provenance["measured_at"] == first.provenance["measured_at"]
 
 
 @pytest.mark.llama
@@ -82,11 +83,25 @@ def test_other_settings_get_another_baseline_and_a_damaged_one_is_redone(env):
     runner, smol, corpus, root = env
     base = evaluate_baseline(runner, smol, corpus, SETTINGS)
     other = EvalSettings(chunks=1, kld_chunks=1, gen_tokens=4, prompts=(Prompt("Hi"),))
-    assert evaluate_baseline(runner, smol, corpus, other).key != base.key
-    with open(base.kld_base, "r+b") as f:  # truncated logits: never trusted
-        f.truncate(1000)
+    small = evaluate_baseline(runner, smol, corpus, other)
+    assert small.key != base.key
+    size = base.kld_base.stat().st_size
+    with open(base.kld_base, "r+b") as f:  # zeroed logits of the same size: never trusted
+        f.write(bytes(size))
     redone = evaluate_baseline(runner, smol, corpus, SETTINGS)
     assert not redone.cached and redone.kld_base.stat().st_size == base.kld_base_bytes
+    assert "logits.kld does not match its SHA-256" in redone.provenance["rejected"]
+    assert redone.kld_base_sha256 == base.kld_base_sha256  # llama.cpp made the same logits
+    assert redone.perplexity.ppl == base.perplexity.ppl
+    meta = small.cache_path / "baseline.json"  # an edited PPL (ΔPPL +16 %): never served
+    doc = json.loads(meta.read_text())
+    doc["payload"]["kld_perplexity"]["ppl"] *= 1.16
+    meta.write_text(json.dumps(doc))
+    again = evaluate_baseline(runner, smol, corpus, other)
+    assert not again.cached and "does not match its checksum" in again.provenance["rejected"]
+    assert again.perplexity.ppl == small.perplexity.ppl
+    aside = root / "xdg" / "fq-suite" / "rejected" / "baselines"
+    assert sorted(p.name.split(".")[0] for p in aside.iterdir()) == sorted([base.key, small.key])
 
 
 @pytest.mark.llama

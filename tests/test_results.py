@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import re
 
 import pytest
@@ -64,25 +62,6 @@ def test_atomic_write_leaves_old_file_when_serialisation_fails(tmp_path):
         results.write_json_atomic(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
-
-
-def _compute_in_child(args):
-    path, counter = args
-
-    def compute():
-        with open(counter, "a") as f:
-            f.write(f"{os.getpid()}\n")
-        return {"pid": os.getpid()}
-
-    return results.cached_json(path, compute)[0]
-
-
-def test_cached_json_computes_once_across_processes(tmp_path):
-    path, counter = tmp_path / "cache" / "v.json", tmp_path / "count"
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        values = pool.map(_compute_in_child, [(path, counter)] * 8)
-    assert len(counter.read_text().split()) == 1
-    assert len({v["pid"] for v in values}) == 1
 
 
 def _components(**changes):

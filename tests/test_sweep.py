@@ -410,25 +410,63 @@ def test_a_cell_is_cached_its_placebos_shared_and_its_gguf_deleted(stub_world):
     assert runner.perplexity_calls == calls + 1
 
 
+def _damage_cell(tmp: Path, key: str, change) -> None:
+    path = tmp / "cache" / "fq-suite" / "cells" / key / "cell.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps(change(doc)))
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda doc: {}, "entry schema None is not 1"),
+    (lambda doc: {**doc, "payload": {**doc["payload"], "kld_mean": 2.0e5}},
+     "does not match its checksum"),
+])  # fmt: skip
+def test_a_damaged_cell_is_measured_again_never_served_nor_dropped(stub_world, change, reason):
+    """A cell holding {} (a KeyError in every later run, dropped from the report) or an
+    edited KLD (reported as measured): moved aside, measured again, in the report."""
+    ref, ctx, exp, cells, runner, tmp = stub_world
+    first = sweep.run_cell(cells[0], ref, ctx, exp, chunks=4)
+    _damage_cell(tmp, first.key, change)
+    again = sweep.run_cell(cells[0], ref, ctx, exp, chunks=4)
+    assert again.status == "measured" and not again.cached
+    assert reason in again.rejected
+    assert again.treatment == first.treatment  # 2e5 never reported
+    assert again.measured_at >= first.measured_at
+    aside = tmp / "cache" / "fq-suite" / "rejected" / "cells"
+    assert [p.name.split(".")[0] for p in aside.iterdir()] == [first.key]
+    analysis = sweep.analyze_dirs([tmp / "results"])
+    assert [r.cell.id for r in analysis.rows] == [cells[0].id] and not analysis.errors
+    sensitivity.write_report([tmp / "results"], tmp / "out")
+    text = (tmp / "out" / sensitivity.MARKDOWN).read_text()
+    assert f"- `{cells[0].id}`: " in text and reason in text  # measured again, and why
+    cached = sweep.run_cell(cells[0], ref, ctx, exp, chunks=4)
+    assert cached.cached and cached.measured_at == again.measured_at
+    sensitivity.write_report([tmp / "results"], tmp / "out2")
+    text = (tmp / "out2" / sensitivity.MARKDOWN).read_text()
+    assert f"(1 reused from the cell cache, measured {again.measured_at})" in text
+
+
 def test_the_cell_key_changes_with_what_changes_the_numbers(stub_world):
     ref, ctx, exp, cells, runner, tmp = stub_world
     e = sweep.experiment_for(exp, cells[0], 4)
     ident = sweep.Identity(model_sha256=ref.sha256, measured_sha256=ref.sha256,
                            corpus_sha256="c", llama_version="v",
                            settings=sweep.cell_settings(e))  # fmt: skip
-    key = sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"])
-    assert key == sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"])
+    key = sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64)
+    assert key == sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64)
     gpu = msgspec.structs.replace(ident, llama_build="b [cuda; -ngl 99]")
     rebuilt = msgspec.structs.replace(ident, llama_build="e" * 64)  # same version string
     more = msgspec.structs.replace(ident, settings=msgspec.structs.replace(ident.settings,
                                                                           chunks=8))  # fmt: skip
     seeds = msgspec.structs.replace(ident, settings=msgspec.structs.replace(
         ident.settings, placebo_seeds=(1,)))  # fmt: skip
-    assert sweep.cell_key(gpu, cells[0], ["blk.0.ffn_norm.weight"]) != key
-    assert sweep.cell_key(rebuilt, cells[0], ["blk.0.ffn_norm.weight"]) != key
-    assert sweep.cell_key(more, cells[0], ["blk.0.ffn_norm.weight"]) != key
-    assert sweep.cell_key(ident, cells[0], ["blk.1.ffn_norm.weight"]) != key
-    assert sweep.cell_key(seeds, cells[0], ["blk.0.ffn_norm.weight"]) == key  # separate runs
+    assert sweep.cell_key(gpu, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
+    assert sweep.cell_key(rebuilt, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
+    assert sweep.cell_key(more, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
+    assert sweep.cell_key(ident, cells[0], ["blk.1.ffn_norm.weight"], "b" * 64) != key
+    # compared with other baseline logits (their content, not the baseline's key)
+    assert sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "c" * 64) != key
+    assert sweep.cell_key(seeds, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) == key
 
 
 def test_a_failing_cell_is_stored_with_its_reason(stub_world):

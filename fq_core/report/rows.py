@@ -471,6 +471,28 @@ def command_rows(commands: Iterable[Command]) -> tuple[CommandRow, ...]:
 
 
 @dataclass(frozen=True)
+class SourceRow:
+    """Where one part of a stage's figures came from (record.CacheUse), in words."""
+
+    role: str  # baseline | treatment | placebo seed N
+    hit: bool
+    text: str  # "from the cache, measured … (entry …)" | "measured in this run, …"
+
+
+def source_rows(rec: StageRecord) -> tuple[SourceRow, ...]:
+    out = []
+    for u in rec.cache:
+        when = plain(u.measured_at)
+        words = (f"from the cache, measured {when}" if u.hit
+                 else f"measured in this run, {when}")  # fmt: skip
+        words += f" ({u.kind}/{u.key[:12]})"
+        if u.rejected:
+            words += f"; an earlier cache entry was rejected: {u.rejected}"
+        out.append(SourceRow(u.role, u.hit, words))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class GenerationRow:
     prompt: str
     baseline: str
@@ -505,6 +527,7 @@ class StageView:
     settings: tuple[Pair, ...]
     environment: tuple[Pair, ...]
     commands: tuple[CommandRow, ...]
+    sources: tuple[SourceRow, ...] = ()  # which figures came from the cache, measured when
     #: against the reference: the status line, and (when metrics were compared) the column
     reference: ReferenceView | None = None
 
@@ -529,6 +552,7 @@ def stage_view(r: StageResult) -> StageView:
         settings=setting_rows(rec),
         environment=environment_rows(rec),
         commands=command_rows(rec.commands),
+        sources=source_rows(rec),
         reference=reference_view(r.comparison) if r.comparison is not None else None,
     )
 

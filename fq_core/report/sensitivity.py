@@ -339,7 +339,14 @@ def _context(analysis: Analysis, groups: Sequence[GroupView]) -> dict:
     ]  # fmt: skip
     n = len(analysis.rows)
     cached = sum(1 for r in analysis.rows if r.record.cached)
+    when = sorted(r.record.measured_at for r in analysis.rows
+                  if r.record.cached and r.record.measured_at)  # fmt: skip
+    cached_when = "" if not when else f", measured {when[0]}" + (
+        f" … {when[-1]}" if when[-1] != when[0] else "")  # fmt: skip
+    remade = [r for r in analysis.rows if r.record.rejected]
     return {
+        "cached_when": cached_when,
+        "remade": [{"id": r.cell.id, "why": r.record.rejected} for r in remade],
         "a": analysis,
         "groups": groups,
         "identities": identities,
