@@ -174,7 +174,6 @@ def test_fixed_instruction_set_level(monkeypatch):
         tools.cmake_args()
 
 
-
 def test_a_native_build_never_compiles_amx(monkeypatch):
     """A CPU advertising AMX gets a native build without it (its tiles trapped with SIGILL in
     this VM); a CPU without AMX gets the plain native flags."""
@@ -190,6 +189,7 @@ def test_a_native_build_never_compiles_amx(monkeypatch):
     assert "amx" not in tools.instruction_set()
     monkeypatch.setattr(tools, "_cpu_fingerprint", lambda: "flags: avx2 fma")
     assert not any("amx" in a for a in tools.cmake_args())
+
 
 # --- the build's identity: its files by content (issue 18) ---------------------------------------
 
@@ -316,7 +316,7 @@ def test_a_wrapper_with_the_same_version_gets_its_own_keys(fake_cache_build, tmp
     settings = exp.settings
     keys = [
         lambda t: evaluate.baseline_key(model, corpus, t.build_id, settings),
-        lambda t: protocol.placebo_key(model, corpus, t, exp, "0", 1),
+        lambda t: protocol.placebo_key(model, corpus, t, exp, "0", 1, base_sha256="b" * 64),
         lambda t: exp.gate_components(model, corpus, t).key,
         lambda t: sweep.cell_key(
             sweep.Identity(model_sha256="a", measured_sha256="a", corpus_sha256="c",
@@ -324,7 +324,7 @@ def test_a_wrapper_with_the_same_version_gets_its_own_keys(fake_cache_build, tmp
                            settings=sweep.cell_settings(exp)),
             sweep.Cell(model="m", kind="ffn_norm", fmt="bf16", rounding="truncate",
                        variant="deployed", series="layer", layers="0", layer=0, n_layers=None),
-            ["blk.0.ffn_norm.weight"]),
+            ["blk.0.ffn_norm.weight"], "b" * 64),
     ]  # fmt: skip
     for key in keys:
         assert key(wrapped) != key(cached)

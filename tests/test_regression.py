@@ -768,8 +768,9 @@ def test_save_reference_refused_after_a_failing_session(inner, tmp_path, monkeyp
 def test_save_reference_takes_no_value_so_a_test_path_stays_one(inner, tmp_path, monkeypatch):
     """Attack: `--fq-save-reference experiments -k …` took the test directory as the reference
     directory and replaced it (the tracked test files were deleted)."""
-    results.save_result(rec("NOW"), tmp_path / "store")
-    _current(tmp_path, monkeypatch, rec("NOW"))
+    now = rec("NOW", settings=SESSION_SETTINGS)  # what the stage tests would have stored
+    results.save_result(now, tmp_path / "store")
+    _current(tmp_path, monkeypatch, now)
     tests = inner.path / "experiments"
     tests.mkdir()
     (inner.path / "test_inner.py").rename(tests / "test_inner.py")
