@@ -18,10 +18,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import atomic, cache, progress, results
+from . import atomic, cache, progress
 from .corpus import Corpus
 from .errors import BadInput, LlamaFailed
 from .figures import figure
+from .identity import Identity
 from .llama.runner import (
     CommandRecord,
     Generation,
@@ -216,17 +217,12 @@ def _runner_for(runner: LlamaRunner, settings: EvalSettings) -> LlamaRunner:
 
 def baseline_key(model: ModelRef, corpus: Corpus, llama_build: str, settings) -> str:
     """`llama_build`: the build's id (LlamaTools.build_id), its files by content."""
-    return results.cache_key(
-        {
-            "what": "baseline",
-            "schema": _CACHE_SCHEMA,
-            "model_sha256": model.sha256,
-            "corpus_sha256": corpus.sha256,
-            "llama_build": llama_build,
-            "settings": settings.key_fields(),
-        },
-        length=20,
-    )
+    return Identity(
+        model_sha256=model.sha256,
+        corpus_sha256=corpus.sha256,
+        llama_build=llama_build,
+        settings=settings.key_fields(),
+    ).key("baseline", schema=_CACHE_SCHEMA, length=20)
 
 
 @progress.step("baseline")
@@ -352,12 +348,12 @@ def treatment_key(
 ) -> str:
     """The treated file, the content of the baseline logits it is compared with (not only the
     baseline's key: the same key may hold other logits once an entry is remade), settings."""
-    return results.cache_key({
-        "what": "treatment", "schema": _CACHE_SCHEMA, "model_sha256": model.sha256,
-        "baseline_key": baseline.key, "settings": settings.key_fields(),
-        "llama_build": llama_build,
-        "base_sha256": baseline.kld_base_sha256,
-    })  # fmt: skip
+    return Identity(
+        model_sha256=model.sha256,
+        base_sha256=baseline.kld_base_sha256,
+        llama_build=llama_build,
+        settings=settings.key_fields(),
+    ).key("treatment", schema=_CACHE_SCHEMA, baseline_key=baseline.key)
 
 
 def evaluate_against_cached(

@@ -12,9 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from . import checks
+from .identity import Identity
 from .record import StageRecord
-from .results import GateComponents, gate_entries, lookup_gate
+from .results import gate_entries, lookup_gate
 
 
 @dataclass(frozen=True)
@@ -37,35 +40,19 @@ def failure_reason(result: StageRecord) -> str | None:
     return f"Test 1 did not finish (outcome {result.outcome!r})"
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in data.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, name + "."))
-        else:
-            flat[name] = v
-    return flat
-
-
-def describe_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """What differs between a recorded gate key and the current one, e.g. 'corpus_sha256'."""
-    old, new = _flatten(recorded), _flatten(current)
-    changes = []
-    for name in sorted(set(old) | set(new)):
-        a, b = old.get(name), new.get(name)
-        if a == b:
-            continue
-        if name.endswith("sha256"):
-            changes.append(f"{name} {str(a)[:12]}… → {str(b)[:12]}…")
-        else:
-            changes.append(f"{name} {a} → {b}")
-    return changes
+def describe_changes(recorded: Mapping[str, Any], current: Identity) -> list[str]:
+    """What differs between a recorded gate identity (gate.json's components) and the current
+    one, e.g. `corpus SHA-256 cdcdcdcdcdcd… → 0123456789ab…`."""
+    try:
+        then = msgspec.convert(recorded, Identity)
+    except msgspec.ValidationError as exc:
+        return [f"a setup this version cannot read ({exc})"]
+    return [d.text for d in then.differences(current)]
 
 
 def decide(
     model: str,
-    components: GateComponents,
+    components: Identity,
     *,
     session_result: StageRecord | None = None,
     ignore: bool = False,
@@ -84,7 +71,7 @@ def decide(
 
 def _decide(
     model: str,
-    components: GateComponents,
+    components: Identity,
     session_result: StageRecord | None,
     root: str | os.PathLike[str] | None,
 ) -> GateDecision:
@@ -105,7 +92,6 @@ def _decide(
         why = entry.reason or "it failed"
         return GateDecision(False, f"{prefix}: {why} (run {entry.run_id})", "record", entry.run_id)
 
-    current = components.to_json()
     same_model = [
         e
         for e in gate_entries(root)
@@ -113,7 +99,7 @@ def _decide(
     ]
     if same_model:
         latest = max(same_model, key=lambda e: e.recorded_at)
-        changes = describe_changes(latest.components, current)
+        changes = describe_changes(latest.components, components)
         shown = ", ".join(changes[:3]) + (
             f" and {len(changes) - 3} more" if len(changes) > 3 else ""
         )

@@ -22,11 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
 import secrets
 import shutil
-import socket
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +33,7 @@ import msgspec
 
 from . import __version__, atomic, record, results
 from .errors import BadInput, OutputRefused
-from .protocol import cpu_name
+from .identity import MachineInfo, machine_info
 from .record import StageRecord
 
 MANIFEST_FILE = "run.json"
@@ -57,14 +54,6 @@ class GitInfo(_Part, kw_only=True):
     dirty: bool | None  # None: not known (no git binary, or not a work tree)
 
 
-class Host(_Part, kw_only=True):
-    hostname: str
-    cpu: str
-    cores: int | None
-    platform: str
-    python: str
-
-
 class RunManifest(_Part, kw_only=True):
     """What produced a run: written when it starts, completed when it ends."""
 
@@ -77,7 +66,7 @@ class RunManifest(_Part, kw_only=True):
     cwd: str
     fq_version: str
     git: GitInfo
-    host: Host
+    host: MachineInfo
     ci: dict[str, str] = {}  # CI, GITHUB_SHA, GITHUB_RUN_ID, ... when set
 
 
@@ -173,16 +162,6 @@ def _dirty(folder: Path) -> bool | None:
     return bool(rec.stdout().strip())
 
 
-def host_info() -> Host:
-    return Host(
-        hostname=socket.gethostname(),
-        cpu=cpu_name(),
-        cores=os.cpu_count(),
-        platform=platform.platform(),
-        python=sys.version.split()[0],
-    )
-
-
 _CI_VARS = ("CI", "GITHUB_SHA", "GITHUB_REF", "GITHUB_RUN_ID", "GITHUB_RUN_ATTEMPT",
             "GITHUB_WORKFLOW", "CI_COMMIT_SHA", "CI_PIPELINE_ID")  # fmt: skip
 
@@ -198,7 +177,7 @@ def new_manifest(
         cwd=str(where),
         fq_version=__version__,
         git=git_info(where),
-        host=host_info(),
+        host=machine_info(),
         ci={k: os.environ[k] for k in _CI_VARS if os.environ.get(k)},
     )
 

@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import platform
-import socket
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +24,7 @@ from . import __version__, atomic, cache, checks, metrics, patch, progress, reco
 from .errors import FqError
 from .figures import figure
 from .gguf_index import read_index, read_tensor
+from .identity import Identity, machine_info
 from .record import StageRecord
 from .stages import CHECKS, GATE_STAGE, Context, Experiment, Stage
 
@@ -56,26 +53,6 @@ def _check(status: str, detail: str, *, gates: bool = True) -> dict:
 def _error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_json() -> dict:
-    return {
-        "hostname": socket.gethostname(),
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-    }
 
 
 def model_json(model: ModelRef) -> dict:
@@ -123,7 +100,7 @@ def header(stage_: Stage, model: ModelRef, ctx: Context, exp: Experiment) -> dic
             "build_id": getattr(ctx.tools, "build_id", None) or None,
         },
         "fq_version": __version__,
-        "machine": machine_json(),
+        "machine": msgspec.to_builtins(machine_info()),
         "settings": exp.settings_json(),
         "thresholds": msgspec.to_builtins(exp.thresholds),
         "checks": {},
@@ -435,24 +412,18 @@ def placebo_key(
     """`base_sha256`: the baseline logits the placebo is compared with (its numbers depend
     on their content, not on the baseline's key)."""
     s = exp.settings
-    return results.cache_key(
-        {
-            "what": "placebo",
-            "model_sha256": model.sha256,
-            "corpus_sha256": corpus.sha256,
-            "llama_build": tools.build_id,
-            "layers": layers,
-            "tensors": list(exp.tensors),
-            "seed": seed,
-            "ctx": s.ctx,
-            "batch": s.batch,
-            "chunks": s.chunks,
-            "kld_chunks": s.kld_chunks,
-            "engine": getattr(s, "engine", "llama-perplexity"),
-            "fq_version": __version__,
-            "base_sha256": base_sha256,
-        }
-    )
+    return Identity(
+        model_sha256=model.sha256,
+        layers=layers,
+        tensors=tuple(exp.tensors),
+        seed=seed,
+        corpus_sha256=corpus.sha256,
+        base_sha256=base_sha256,
+        llama_build=tools.build_id,
+        settings={"ctx": s.ctx, "batch": s.batch, "chunks": s.chunks, "kld_chunks": s.kld_chunks,
+                  "engine": getattr(s, "engine", "llama-perplexity")},  # fmt: skip
+        fq_version=__version__,
+    ).key("placebo")
 
 
 def _placebo_run(payload: dict) -> dict:
@@ -804,7 +775,7 @@ def _finish(
         from .gate import failure_reason
 
         results.record_gate(
-            exp.gate_components(model, ctx.corpus, ctx.tools),
+            exp.gate_identity(model, ctx.corpus, ctx.tools),
             model=model.name,
             outcome=rec.outcome,
             run_id=ctx.run_id,

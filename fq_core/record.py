@@ -21,6 +21,7 @@ import msgspec
 
 from .errors import BadInput
 from .figures import nonfinite_as_words
+from .identity import MachineInfo
 
 #: Version of the stored layout. 1: checks said `asserted`, report-only checks were "passed".
 #: 2: no variant (every record measured the model as deployed), no resolution.
@@ -71,14 +72,6 @@ class LlamaInfo(_Part, kw_only=True):
     instruction_set: str | None = None
     # SHA-256 over the build's files (fq_core.llama.tools.build_files): what the cache keys name
     build_id: str | None = None
-
-
-class MachineInfo(_Part, kw_only=True):
-    hostname: str
-    cpu: str
-    cores: int | None
-    python: str
-    platform: str
 
 
 class Prompt(_Part, kw_only=True):

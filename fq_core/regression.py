@@ -38,6 +38,8 @@ import msgspec
 
 from . import results
 from .errors import BadInput
+from .identity import Difference as IdentityDifference
+from .identity import Identity
 from .record import Num, StageRecord, as_float
 
 SCHEMA = 1
@@ -426,13 +428,6 @@ class MetricComparison(_Part, kw_only=True):
     detail: str  # one line
 
 
-class IdentityDifference(_Part, kw_only=True):
-    field: str
-    reference: str
-    now: str
-    affects_numbers: bool  # False: host name, threads, thresholds, fq version, commit
-
-
 class Comparison(_Part, kw_only=True):
     schema: int = SCHEMA
     stage: str
@@ -465,14 +460,6 @@ class Comparison(_Part, kw_only=True):
 # --- identity -------------------------------------------------------------------------------
 
 
-def _text(v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_text(x) for x in v) if v else "—"
-    if isinstance(v, dict):
-        return ", ".join(f"{k}={_text(x)}" for k, x in v.items())
-    return "—" if v is None else str(v)
-
-
 def identity_differences(
     ref: StageRecord,
     now: StageRecord,
@@ -480,63 +467,13 @@ def identity_differences(
     reference_commit: str | None = None,
     commit: str | None = None,
 ) -> tuple[IdentityDifference, ...]:
-    """What differs in what produced the two records; `affects_numbers` marks what llama.cpp's
-    bit-reproducibility depends on (model, corpus, build, settings, CPU)."""
-    rows: list[tuple[str, Any, Any, bool]] = [
-        ("variant", ref.variant, now.variant, True),
-        ("model SHA-256", ref.model.sha256, now.model.sha256, True),
-        ("twin SHA-256", ref.twin.sha256 if ref.twin else None,
-         now.twin.sha256 if now.twin else None, True),
-        ("layers", ref.layers, now.layers, True),
-        ("corpus SHA-256", ref.corpus.sha256, now.corpus.sha256, True),
-        ("llama.cpp version", ref.llama.version, now.llama.version, True),
-        ("llama.cpp build", ref.llama.build_info, now.llama.build_info, True),
-        ("llama.cpp build SHA-256", ref.llama.build_id, now.llama.build_id, True),
-        ("llama.cpp instruction set", ref.llama.instruction_set, now.llama.instruction_set,
-         True),
-        # a native build's kernels follow the CPU; a fixed level (FQ_LLAMA_CPU) does not
-        ("CPU", ref.machine.cpu, now.machine.cpu, not _fixed_level(ref, now)),
-        ("KLD logits", _exact(ref), _exact(now), True),
-    ]  # fmt: skip
-    a, b = msgspec.to_builtins(ref.settings), msgspec.to_builtins(now.settings)
-    for key in sorted(set(a) | set(b)):
-        rows.append((f"settings.{key}", a.get(key), b.get(key), key != "threads"))
-    rows += [
-        ("host", ref.machine.hostname, now.machine.hostname, False),
-        ("cores", ref.machine.cores, now.machine.cores, False),
-        ("platform", ref.machine.platform, now.machine.platform, False),
-        ("fq version", ref.fq_version, now.fq_version, False),
-    ]  # fmt: skip
-    a, b = msgspec.to_builtins(ref.thresholds), msgspec.to_builtins(now.thresholds)
-    for key in sorted(set(a) | set(b)):
-        rows.append((f"thresholds.{key}", a.get(key), b.get(key), False))
-    if reference_commit or commit:
-        rows.append(("git commit", reference_commit, commit, False))
-    out = []
-    for name, x, y, numbers in rows:
-        if x != y:
-            sx, sy = _text(x), _text(y)
-            if name.endswith("SHA-256"):
-                sx, sy = (
-                    sx[:12] + ("…" if len(sx) > 12 else ""),
-                    sy[:12] + ("…" if len(sy) > 12 else ""),
-                )
-            out.append(IdentityDifference(field=name, reference=sx, now=sy,
-                                          affects_numbers=numbers))  # fmt: skip
-    return tuple(out)
-
-
-def _fixed_level(ref: StageRecord, now: StageRecord) -> bool:
-    """Both built for one fixed instruction-set level: the CPU model does not change numbers."""
-    a, b = ref.llama.instruction_set, now.llama.instruction_set
-    return a is not None and a == b and not a.startswith("native")
-
-
-def _exact(r: StageRecord) -> str | None:
-    k = _kld(r)
-    if k is None:
-        return None
-    return "full precision" if k.exact else "llama-perplexity 16-bit"
+    """What differs in what produced the two records (fq_core.identity), and the git commit
+    of their runs; `affects_numbers` marks what llama.cpp's bit-reproducibility depends on."""
+    out = Identity.of_record(ref).differences(Identity.of_record(now))
+    if reference_commit != commit:
+        out += (IdentityDifference.between("git commit", reference_commit, commit,
+                                           affects_numbers=False),)  # fmt: skip
+    return out
 
 
 # --- the comparison ----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ pytest-xdist workers never see half a file or overwrite each other.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from filelock import FileLock
 from . import atomic, record
 from .errors import BadInput
 from .figures import nonfinite_as_words
+from .identity import Identity
 from .paths import results_dir
 
 SCHEMA = record.SCHEMA
@@ -174,40 +174,7 @@ def canonical_json(data: Any) -> str:
     return json.dumps(jsonable(data), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def cache_key(parts: Mapping[str, Any], length: int = 24) -> str:
-    """A stable key for anything computed from `parts` (model/corpus hashes, settings, ...)."""
-    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:length]
-
-
 # --- the gate record -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GateComponents:
-    """Everything that must match for a recorded Test 1 verdict to stand for this run."""
-
-    model_sha256: str
-    corpus_sha256: str
-    llama_build: str  # LlamaTools.build_id: the build by content, not its version string
-    format: str
-    rounding: str
-    settings: Mapping[str, Any]
-    thresholds: Mapping[str, Any]
-
-    def to_json(self) -> dict:
-        return {
-            "model_sha256": self.model_sha256,
-            "corpus_sha256": self.corpus_sha256,
-            "llama_build": self.llama_build,
-            "format": self.format,
-            "rounding": self.rounding,
-            "settings": dict(self.settings),
-            "thresholds": dict(self.thresholds),
-        }
-
-    @property
-    def key(self) -> str:
-        return cache_key(self.to_json(), length=32)
 
 
 @dataclass(frozen=True)
@@ -265,15 +232,21 @@ def gate_entries(root: str | os.PathLike[str] | None = None) -> tuple[GateEntry,
 
 
 def lookup_gate(
-    components: GateComponents, root: str | os.PathLike[str] | None = None
+    components: Identity, root: str | os.PathLike[str] | None = None
 ) -> GateEntry | None:
     data = _read_gate(gate_path(root))
-    entry = data["entries"].get(components.key)
-    return GateEntry.from_json(components.key, entry) if entry else None
+    key = gate_key(components)
+    entry = data["entries"].get(key)
+    return GateEntry.from_json(key, entry) if entry else None
+
+
+def gate_key(components: Identity) -> str:
+    """The key of a gate record: the identity of the gate stage's Test 1 (with its thresholds)."""
+    return components.key(length=32)
 
 
 def record_gate(
-    components: GateComponents,
+    components: Identity,
     *,
     model: str,
     outcome: str,
@@ -285,7 +258,7 @@ def record_gate(
     if outcome not in ("passed", "failed"):
         raise ValueError(f"gate outcome must be passed or failed, not {outcome!r}")
     entry = GateEntry(
-        key=components.key,
+        key=gate_key(components),
         model=model,
         outcome=outcome,
         reason=reason,

@@ -14,6 +14,7 @@ import msgspec
 
 from . import checks, results
 from .errors import BadInput
+from .identity import Identity
 from .record import VARIANTS, StageRecord, Thresholds
 from .selection import DEFAULT_TENSORS
 
@@ -121,15 +122,13 @@ class Experiment:
             "twin_dtype": self.twin_dtype if self.variant == "intrinsic" else None,
         }
 
-    def gate_components(
-        self, model: ModelRef, corpus: Corpus, tools: LlamaTools
-    ) -> results.GateComponents:
-        """The gate key. Threads are left out: llama.cpp is bit-identical across thread counts.
-        The key is that of the variant whose Test 1 is the gate."""
+    def gate_identity(self, model: ModelRef, corpus: Corpus, tools: LlamaTools) -> Identity:
+        """The gate's identity. Threads are left out: llama.cpp is bit-identical across thread
+        counts. It is that of the variant whose Test 1 is the gate."""
         exp = self.for_variant(self.gate_variant)
         settings = {k: v for k, v in exp.settings_json().items() if k != "threads"}
         settings["variant"] = exp.variant
-        return results.GateComponents(
+        return Identity(
             model_sha256=model.sha256,
             corpus_sha256=corpus.sha256,
             llama_build=tools.build_id,
@@ -166,9 +165,8 @@ class Experiment:
         ):
             if given is not None:
                 now[name], then[name] = given, recorded
-        from .gate import describe_changes
-
-        return describe_changes(then, now)
+        then_id, now_id = (msgspec.convert(side, Identity) for side in (then, now))
+        return [d.text for d in then_id.differences(now_id)]
 
 
 def check_resume(run_id: str, exp: Experiment, root: Path | None = None) -> None:

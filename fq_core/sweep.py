@@ -46,6 +46,7 @@ import msgspec
 from . import __version__, cache, results
 from .errors import BadInput, BadSelection, FqError
 from .formats import FORMATS, ROUNDINGS
+from .identity import Identity, MachineInfo, machine_info
 from .record import VARIANTS, Interval, NonFinite, Resolution
 from .selection import format_layers, parse_layers, split_name
 
@@ -289,27 +290,6 @@ class CellInfo(_Part, kw_only=True):
     n_layers: int | None = None
 
 
-class CellSettings(_Part, kw_only=True):
-    ctx: int
-    batch: int
-    chunks: int
-    kld_chunks: int
-    engine: str
-    placebo_seeds: tuple[int, ...]
-    twin_dtype: str | None = None
-
-
-class Identity(_Part, kw_only=True):
-    """What must agree for cells to be compared (and for shards to be merged)."""
-
-    model_sha256: str
-    measured_sha256: str  # the file patched: the model itself, or its float twin
-    corpus_sha256: str
-    llama_version: str  # with the backend when not the CPU: "… [cuda; -ngl 99]"
-    llama_build: str = ""  # LlamaTools.build_id (its files by content), with the backend too
-    settings: CellSettings
-
-
 class CellNumeric(_Part, kw_only=True):
     tensors: tuple[str, ...]
     n_elements: int
@@ -369,7 +349,7 @@ class CellRecord(_Part, kw_only=True):
     measured_at: str | None = None  # when the cell's cache entry was measured
     rejected: str | None = None  # an earlier entry at its key failed its proof (moved aside)
     timing: CellTiming | None = None
-    machine: dict[str, Any] = {}
+    machine: MachineInfo | None = None
     commands: tuple[dict[str, Any], ...] = ()
     started_at: str
     finished_at: str | None = None
@@ -455,28 +435,27 @@ def tools_for_backend(tools: LlamaTools, gpu_layers: int | None) -> LlamaTools:
     return replace(tools, version=f"{tools.version} [{tag}]", build_id=f"{tools.build_id} [{tag}]")
 
 
-def cell_settings(exp: Experiment) -> CellSettings:
+def cell_settings(exp: Experiment) -> dict[str, Any]:
+    """The settings part of a cell's identity."""
     s = exp.settings
-    return CellSettings(
-        ctx=s.ctx, batch=s.batch, chunks=s.chunks, kld_chunks=s.kld_chunks,
-        engine=getattr(s, "engine", "llama-perplexity"), placebo_seeds=tuple(exp.placebo_seeds),
-        twin_dtype=exp.twin_dtype if exp.variant == "intrinsic" else None,
-    )  # fmt: skip
+    return {
+        "ctx": s.ctx, "batch": s.batch, "chunks": s.chunks, "kld_chunks": s.kld_chunks,
+        "engine": getattr(s, "engine", "llama-perplexity"),
+        "placebo_seeds": list(exp.placebo_seeds),
+        "twin_dtype": exp.twin_dtype if exp.variant == "intrinsic" else None,
+    }  # fmt: skip
 
 
 def cell_key(identity: Identity, cell: Cell, tensors: Sequence[str], base_sha256: str) -> str:
     """Everything that decides a cell's treatment numbers, with the content of the baseline
     logits it is compared with (placebo seeds do not: they are separate cached runs; threads
     do not: llama.cpp is bit-identical across thread counts)."""
-    s = identity.settings
-    return results.cache_key({
-        "what": "sweep-cell", "schema": CELL_SCHEMA, "fq_version": __version__,
-        "model_sha256": identity.model_sha256, "measured_sha256": identity.measured_sha256,
-        "corpus_sha256": identity.corpus_sha256, "llama_build": identity.llama_build,
-        "variant": cell.variant, "tensors": list(tensors), "format": cell.fmt,
-        "rounding": cell.rounding, "ctx": s.ctx, "batch": s.batch, "chunks": s.chunks,
-        "kld_chunks": s.kld_chunks, "engine": s.engine, "base_sha256": base_sha256,
-    })  # fmt: skip
+    settings = {k: v for k, v in identity.settings.items() if k != "placebo_seeds"}
+    return msgspec.structs.replace(
+        identity, variant=cell.variant, tensors=tuple(tensors), format=cell.fmt,
+        rounding=cell.rounding, base_sha256=base_sha256, settings=settings,
+        fq_version=__version__,
+    ).key("sweep-cell", schema=CELL_SCHEMA)  # fmt: skip
 
 
 def experiment_for(exp: Experiment, cell: Cell, chunks: int | None = None) -> Experiment:
@@ -673,7 +652,7 @@ def run_cell(
                      corpus_sha256=ctx.corpus.sha256, llama_version=ctx.tools.version,
                      llama_build=ctx.tools.build_id, settings=cell_settings(exp))  # fmt: skip
     base_rec = dict(schema=CELL_SCHEMA, run_id=ctx.run_id, cell=info, identity=ident,
-                    machine=protocol.machine_json(), started_at=started, key="")  # fmt: skip
+                    machine=machine_info(), started_at=started, key="")  # fmt: skip
 
     def failed(exc: BaseException, key: str = "") -> CellRecord:
         rec = CellRecord(**{**base_rec, "key": key}, status="error", error=_error(exc),
@@ -726,7 +705,7 @@ def run_cell(
     placebo_s = time.perf_counter() - t_placebo
 
     res, p = cell_statistics(
-        ident.settings.engine, cell.variant, meas["chunk_klds"], meas["kld_mean"], placebos,
+        ident.settings["engine"], cell.variant, meas["chunk_klds"], meas["kld_mean"], placebos,
         identical=meas["identical"],
     )  # fmt: skip
     rec = CellRecord(
@@ -813,29 +792,6 @@ class Loaded:
     record: CellRecord
 
 
-_IDENTITY_WORDS = {
-    "model_sha256": "model SHA-256",
-    "measured_sha256": "measured file (float twin) SHA-256",
-    "corpus_sha256": "corpus SHA-256",
-    "llama_version": "llama.cpp version",
-    "llama_build": "llama.cpp build id",
-}
-
-
-def _identity_difference(a: Identity, b: Identity) -> str | None:
-    for field, words in _IDENTITY_WORDS.items():
-        x, y = getattr(a, field), getattr(b, field)
-        if x != y:
-            digest = field.endswith("sha256") or field == "llama_build"
-            short = (lambda v: v[:12] + "…") if digest else repr
-            return f"{words} {short(x)} vs {short(y)}"
-    sa, sb = msgspec.to_builtins(a.settings), msgspec.to_builtins(b.settings)
-    for k in sa:
-        if sa[k] != sb.get(k):
-            return f"setting {k} {sa[k]!r} vs {sb.get(k)!r}"
-    return None
-
-
 def load_cells(paths: Iterable[str | Path]) -> tuple[list[Loaded], list[Path]]:
     """Every cell of the given results directories (shards), checked to belong together:
     one identity per model × variant across all of them, else BadInput naming the difference
@@ -855,11 +811,11 @@ def load_cells(paths: Iterable[str | Path]) -> tuple[list[Loaded], list[Path]]:
             rec = read_cell(f)
             group = (rec.cell.model, rec.cell.variant)
             first = ident.setdefault(group, Loaded(f, rec))
-            why = _identity_difference(first.record.identity, rec.identity)
+            why = first.record.identity.differences(rec.identity)
             if why:
                 raise BadInput(
                     f"cannot merge {first.path.parent} and {f.parent}: {rec.cell.model} "
-                    f"({rec.cell.variant}) differs: {why}"
+                    f"({rec.cell.variant}) differs: {why[0].text}"
                 )
             old = seen.get(rec.cell.id)
             if old is not None:
@@ -1085,7 +1041,7 @@ def analyze(
         summaries.append(_group_summary(g, single, q))
     n_tested = len(tested)
     run_ids = tuple(sorted({c.record.run_id for c in cells}))
-    machines = tuple(sorted({str(c.record.machine.get("cpu", "?")) for c in cells}))
+    machines = tuple(sorted({c.record.machine.cpu if c.record.machine else "?" for c in cells}))
     identities = {}
     for c in cells:
         identities.setdefault((c.record.cell.model, c.record.cell.variant), c.record.identity)

@@ -461,7 +461,7 @@ class FqSession:
         gate_case = StageCase(gate_stage, case.model, case.model_id, self.experiment.gate_variant)
         if (gate_stage, gate_case.case) in self.selected:
             session_result = self.result(gate_case)
-        components = self.experiment.gate_components(self.model(case), self.corpus, self.tools)
+        components = self.experiment.gate_identity(self.model(case), self.corpus, self.tools)
         return gate.decide(
             case.model_id,
             components,

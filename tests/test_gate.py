@@ -12,6 +12,7 @@ import pytest
 from record_factory import make_record
 
 from fq_core import gate, record, results
+from fq_core.identity import Identity
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,7 @@ def _components(**changes):
         thresholds={"ppl_delta_max": 0.02, "kld_mean_max": 0.02},
     )
     base.update(changes)
-    return results.GateComponents(**base)
+    return Identity(**base)
 
 
 def _test1(outcome: str, **checks) -> record.StageRecord:
@@ -88,11 +89,11 @@ def test_missing_record_closes(tmp_path):
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        ({"model_sha256": "b" * 64}, "model_sha256"),
-        ({"corpus_sha256": "d" * 64}, "corpus_sha256"),
+        ({"model_sha256": "b" * 64}, "model SHA-256 aaaaaaaaaaaa… → bbbbbbbbbbbb…"),
+        ({"corpus_sha256": "d" * 64}, "corpus SHA-256"),
         ({"thresholds": {"ppl_delta_max": 0.01, "kld_mean_max": 0.02}}, "thresholds.ppl_delta_max"),
         ({"settings": {"ctx": 512, "chunks": 4, "placebo_seeds": [1, 2, 3]}}, "settings.chunks"),
-        ({"llama_build": "e" * 64}, "llama_build"),
+        ({"llama_build": "e" * 64}, "llama.cpp build SHA-256"),
     ],
 )
 def test_stale_record_closes_and_names_what_changed(tmp_path, change, named):
@@ -100,6 +101,22 @@ def test_stale_record_closes_and_names_what_changed(tmp_path, change, named):
     d = gate.decide("m", _components(**change), root=tmp_path)
     assert not d.open and d.source == "stale"
     assert named in d.reason and "run R1" in d.reason
+
+
+def test_a_gate_record_written_before_the_identity_type_still_opens(tmp_path):
+    """gate.json as fq-suite d29b1ef wrote it (GateComponents: this key, these components):
+    the identity gives the same key, so a recorded Test 1 stays valid across the change."""
+    components = _components().to_json()
+    entry = {"model": "m", "outcome": "passed", "reason": None, "run_id": "R0",
+             "recorded_at": "2025-01-01T00:00:00Z", "components": components}  # fmt: skip
+    results.write_json_atomic(
+        results.gate_path(tmp_path),
+        {"schema": 3, "entries": {"e9c642942660b44dcd56d5b888d41fab": entry}},
+    )
+    d = gate.decide("m", _components(), root=tmp_path)
+    assert d.open and d.source == "record" and d.run_id == "R0"
+    d = gate.decide("m", _components(format="int8"), root=tmp_path)
+    assert not d.open and d.source == "stale" and "format bf16 → int8" in d.reason
 
 
 def test_ignore_gate_opens_but_keeps_the_reason(tmp_path):

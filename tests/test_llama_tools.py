@@ -12,6 +12,7 @@ import pytest
 
 from fq_core.errors import ToolMissing
 from fq_core.hashing import sha256_file
+from fq_core.identity import Identity
 from fq_core.llama import tools as T
 
 
@@ -317,11 +318,11 @@ def test_a_wrapper_with_the_same_version_gets_its_own_keys(fake_cache_build, tmp
     keys = [
         lambda t: evaluate.baseline_key(model, corpus, t.build_id, settings),
         lambda t: protocol.placebo_key(model, corpus, t, exp, "0", 1, base_sha256="b" * 64),
-        lambda t: exp.gate_components(model, corpus, t).key,
+        lambda t: exp.gate_identity(model, corpus, t).key(),
         lambda t: sweep.cell_key(
-            sweep.Identity(model_sha256="a", measured_sha256="a", corpus_sha256="c",
-                           llama_version=t.version, llama_build=t.build_id,
-                           settings=sweep.cell_settings(exp)),
+            Identity(model_sha256="a", measured_sha256="a", corpus_sha256="c",
+                     llama_version=t.version, llama_build=t.build_id,
+                     settings=sweep.cell_settings(exp)),
             sweep.Cell(model="m", kind="ffn_norm", fmt="bf16", rounding="truncate",
                        variant="deployed", series="layer", layers="0", layer=0, n_layers=None),
             ["blk.0.ffn_norm.weight"], "b" * 64),

@@ -10,6 +10,7 @@ from record_factory import make_record
 
 from fq_core import results
 from fq_core.errors import BadInput
+from fq_core.identity import Identity
 
 
 def test_run_ids_sort_by_time_and_are_unique():
@@ -75,22 +76,24 @@ def _components(**changes):
         thresholds={"ppl_delta_max": 0.02},
     )
     base.update(changes)
-    return results.GateComponents(**base)
+    return Identity(**base)
 
 
 def test_gate_key_depends_on_every_component():
     keys = {
-        _components().key,
-        _components(model_sha256="b" * 64).key,
-        _components(corpus_sha256="d" * 64).key,
-        _components(llama_build="e" * 64).key,
-        _components(format="fp16").key,
-        _components(rounding="nearest").key,
-        _components(settings={"ctx": 512, "chunks": 4}).key,
-        _components(thresholds={"ppl_delta_max": 0.01}).key,
+        results.gate_key(_components()),
+        results.gate_key(_components(model_sha256="b" * 64)),
+        results.gate_key(_components(corpus_sha256="d" * 64)),
+        results.gate_key(_components(llama_build="e" * 64)),
+        results.gate_key(_components(format="fp16")),
+        results.gate_key(_components(rounding="nearest")),
+        results.gate_key(_components(settings={"ctx": 512, "chunks": 4})),
+        results.gate_key(_components(thresholds={"ppl_delta_max": 0.01})),
     }
     assert len(keys) == 8
-    assert _components().key == _components(settings={"chunks": 8, "ctx": 512}).key
+    assert results.gate_key(_components()) == results.gate_key(
+        _components(settings={"chunks": 8, "ctx": 512})
+    )
 
 
 def test_gate_record_latest_verdict_wins(tmp_path):

@@ -31,6 +31,7 @@ from fq_core.corpus import Corpus
 from fq_core.errors import BadInput, BadSelection
 from fq_core.gguf_index import read_index
 from fq_core.hashing import sha256_file
+from fq_core.identity import Identity
 from fq_core.llama.runner import CommandRecord, KLDStats, LoadResult, PerplexityResult
 from fq_core.llama.tools import LlamaTools
 from fq_core.models import ModelRef
@@ -94,10 +95,10 @@ def test_plan_faults_are_one_line(factory):
 
 # --- statistics on synthetic cells -----------------------------------------------------------
 
-SETTINGS = sweep.CellSettings(ctx=512, batch=512, chunks=8, kld_chunks=8,
-                              engine="llama-perplexity", placebo_seeds=(1, 2, 3))  # fmt: skip
-IDENT = sweep.Identity(model_sha256="a" * 64, measured_sha256="a" * 64, corpus_sha256="c" * 64,
-                       llama_version="0000 (stub)", settings=SETTINGS)  # fmt: skip
+SETTINGS = {"ctx": 512, "batch": 512, "chunks": 8, "kld_chunks": 8, "engine": "llama-perplexity",
+            "placebo_seeds": [1, 2, 3], "twin_dtype": None}  # fmt: skip
+IDENT = Identity(model_sha256="a" * 64, measured_sha256="a" * 64, corpus_sha256="c" * 64,
+                 llama_version="0000 (stub)", settings=SETTINGS)  # fmt: skip
 
 
 def _record(layer: int | None, treat, placebos, *, kind="ffn_norm", series="layer", n=None,
@@ -232,20 +233,20 @@ def test_shards_merge_to_the_same_numbers(tmp_path):
 
 def test_shards_that_disagree_are_refused_in_one_line(tmp_path):
     rng = np.random.default_rng(3)
-    other = msgspec.structs.replace(IDENT, settings=msgspec.structs.replace(SETTINGS, chunks=4))
+    other = msgspec.structs.replace(IDENT, settings={**SETTINGS, "chunks": 4})
     a = _cells_dir(tmp_path / "a", _sweep_records(rng)[:2])
     b = _cells_dir(tmp_path / "b", _sweep_records(rng, ident=other)[2:])
     with pytest.raises(BadInput) as exc:
         sweep.analyze_dirs([a, b])
     text = str(exc.value)
-    assert "\n" not in text and "setting chunks 8 vs 4" in text and "m (deployed)" in text
+    assert "\n" not in text and "settings.chunks 8 → 4" in text and "m (deployed)" in text
     gpu = msgspec.structs.replace(IDENT, llama_version="0000 (stub) [cuda; -ngl 99]")
     c = _cells_dir(tmp_path / "c", _sweep_records(rng, ident=gpu)[2:])
-    with pytest.raises(BadInput, match=r"llama.cpp version '0000 \(stub\)' vs .*cuda"):
+    with pytest.raises(BadInput, match=r"llama.cpp version 0000 \(stub\) → .*cuda"):
         sweep.analyze_dirs([a, c])
     rebuilt = msgspec.structs.replace(IDENT, llama_build="e" * 64)  # same version, other files
     e = _cells_dir(tmp_path / "e", _sweep_records(rng, ident=rebuilt)[2:])
-    with pytest.raises(BadInput, match=r"llama.cpp build id … vs eeeeeeeeeeee…"):
+    with pytest.raises(BadInput, match=r"llama.cpp build SHA-256 — → eeeeeeeeeeee…"):
         sweep.analyze_dirs([a, e])
     # the same cell measured differently is refused, not silently picked
     d = _cells_dir(tmp_path / "d", _sweep_records(np.random.default_rng(4))[:1])
@@ -449,17 +450,19 @@ def test_a_damaged_cell_is_measured_again_never_served_nor_dropped(stub_world, c
 def test_the_cell_key_changes_with_what_changes_the_numbers(stub_world):
     ref, ctx, exp, cells, runner, tmp = stub_world
     e = sweep.experiment_for(exp, cells[0], 4)
-    ident = sweep.Identity(model_sha256=ref.sha256, measured_sha256=ref.sha256,
-                           corpus_sha256="c", llama_version="v",
-                           settings=sweep.cell_settings(e))  # fmt: skip
+    ident = Identity(
+        model_sha256=ref.sha256,
+        measured_sha256=ref.sha256,
+        corpus_sha256="c",
+        llama_version="v",
+        settings=sweep.cell_settings(e),
+    )
     key = sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64)
     assert key == sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64)
     gpu = msgspec.structs.replace(ident, llama_build="b [cuda; -ngl 99]")
     rebuilt = msgspec.structs.replace(ident, llama_build="e" * 64)  # same version string
-    more = msgspec.structs.replace(ident, settings=msgspec.structs.replace(ident.settings,
-                                                                          chunks=8))  # fmt: skip
-    seeds = msgspec.structs.replace(ident, settings=msgspec.structs.replace(
-        ident.settings, placebo_seeds=(1,)))  # fmt: skip
+    more = msgspec.structs.replace(ident, settings={**ident.settings, "chunks": 8})
+    seeds = msgspec.structs.replace(ident, settings={**ident.settings, "placebo_seeds": [1]})
     assert sweep.cell_key(gpu, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
     assert sweep.cell_key(rebuilt, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
     assert sweep.cell_key(more, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key

@@ -203,8 +203,8 @@ def test_a_reused_record_must_name_the_same_inputs(tmp_path):
     corpus = resolve_corpus(text, download=False)
     exp = stages.Experiment()
     changes = exp.differences(rec, model, corpus)
-    assert changes == [f"corpus_sha256 {'cd' * 6}… → {corpus.sha256[:12]}…",
-                       f"model_sha256 {'ab' * 6}… → {model.sha256[:12]}…"]  # fmt: skip
+    assert changes == [f"model SHA-256 {'ab' * 6}… → {model.sha256[:12]}…",
+                       f"corpus SHA-256 {'cd' * 6}… → {corpus.sha256[:12]}…"]  # fmt: skip
     assert exp.differences(rec) == []  # settings and limits alone: the same run
 
 

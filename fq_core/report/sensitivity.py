@@ -322,15 +322,15 @@ def _context(analysis: Analysis, groups: Sequence[GroupView]) -> dict:
     identities = []
     for (model, variant), ident in sorted(analysis.identities.items()):
         s = ident.settings
-        seeds = ", ".join(map(str, s.placebo_seeds)) or "none"
+        seeds = ", ".join(map(str, s.get("placebo_seeds", ()))) or "none"
         identities.append({
             "model": model, "variant": variant, "model_sha256": ident.model_sha256,
             "measured_sha256": ident.measured_sha256, "corpus_sha256": ident.corpus_sha256,
             "llama_version": ident.llama_version
             + (f" (build {ident.llama_build[:12]})" if ident.llama_build else ""),
-            "settings": f"ctx {s.ctx}, batch {s.batch}, {s.chunks} chunks (KLD {s.kld_chunks}), "
-                        f"engine {s.engine}, placebo seeds {seeds}"
-                        + (f", twin {s.twin_dtype}" if s.twin_dtype else ""),
+            "settings": f"ctx {s['ctx']}, batch {s['batch']}, {s['chunks']} chunks "
+                        f"(KLD {s['kld_chunks']}), engine {s['engine']}, placebo seeds {seeds}"
+                        + (f", twin {s['twin_dtype']}" if s.get("twin_dtype") else ""),
         })  # fmt: skip
     cost = [
         {"variant": v, "cells": c["cells"], "cell_s": f"{c['cell_s']:.1f} s",
