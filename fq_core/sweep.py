@@ -380,6 +380,8 @@ def read_cell(path: str | Path) -> CellRecord:
     if not isinstance(data, dict) or data.get("schema") != CELL_SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else None
         raise BadInput(f"{path}: not a sweep cell of schema {CELL_SCHEMA} (schema {found!r})")
+    if data.get("machine") == {}:  # the default before MachineInfo: nothing was recorded
+        data["machine"] = None
     try:
         return msgspec.convert(data, CellRecord)
     except msgspec.ValidationError as exc:

@@ -3,10 +3,12 @@ change the numbers, and the identities stored before it (cell records, run manif
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 import pytest
 
-from fq_core import history
+from fq_core import history, sweep
 from fq_core.identity import Identity, MachineInfo, machine_info
 
 MACHINE = MachineInfo(hostname="h", cpu="Intel Xeon", cores=2, python="3.11.2", platform="Linux")
@@ -91,3 +93,17 @@ def test_one_machine_type_for_records_cells_and_run_manifests(tmp_path):
     assert isinstance(m.host, MachineInfo) and m.host == here
     old = {"hostname": "h", "cpu": "c", "cores": 2, "platform": "Linux", "python": "3.11"}
     assert msgspec.convert(old, MachineInfo).platform == "Linux"  # run.json's older order
+
+
+def test_a_cell_record_without_machine_information_still_reads(tmp_path):
+    """Cell records before MachineInfo could hold `"machine": {}` (the old default)."""
+    from test_sweep import _record
+
+    path = sweep.save_cell(_record(0, [0.01] * 8, [[0.001] * 8]), tmp_path)
+    data = json.loads(path.read_text())
+    data["machine"] = {}
+    path.write_text(json.dumps(data))
+    assert sweep.read_cell(path).machine is None
+    data["machine"] = msgspec.to_builtins(MACHINE)
+    path.write_text(json.dumps(data))
+    assert sweep.read_cell(path).machine == MACHINE
