@@ -52,14 +52,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _limit(text: str) -> float:
-    """Limits may be 0: an impossible threshold is how a user (or a test) closes the gate."""
-    value = _float(text)
-    if value < 0:
-        raise ValueError("must be ≥ 0")
-    return value
-
-
 def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def inner(text: str) -> Any:
         return None if text.strip().lower() in ("", "none", "off", "unset") else parse(text)
@@ -67,18 +59,20 @@ def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return inner
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be ≥ 0")
-    return value
+def _at_least(convert: Callable[[str], Any], low: int) -> Callable[[str], Any]:
+    def inner(text: str) -> Any:
+        value = convert(text)
+        if value < low:
+            raise ValueError(f"must be ≥ {low}")
+        return value
+
+    return inner
 
 
-def _pos_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be ≥ 1")
-    return value
+# limits may be 0: an impossible threshold is how a user (or a test) closes the gate
+_limit = _at_least(_float, 0)
+_count = _at_least(int, 0)
+_pos_int = _at_least(int, 1)
 
 
 def _threads(text: str) -> int:
