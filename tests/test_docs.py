@@ -323,6 +323,18 @@ def test_pytest_ini_sets_only_known_options(plugin_options):
     assert sorted(keys - set(plugin_options.inis)) == []
 
 
+# "`fq_twin_kld_mean_max` (1e-3)", "(`fq_sweep_fdr`, 0.05)": a default the prose repeats
+PROSE_DEFAULT = re.compile(r"`(fq_[a-z0-9_]+)`(?: \(|, )(\d[\d.e-]*)( ?%)?\)")
+
+
+def test_defaults_the_docs_repeat_are_the_settings():
+    found = PROSE_DEFAULT.findall(README + ARCHITECTURE)
+    assert len(found) >= 4, "the docs no longer repeat a default: update PROSE_DEFAULT"
+    for name, number, percent in found:
+        stated = float(number) / (100 if percent else 1)
+        assert stated == pytest.approx(settings.default(name), rel=1e-12), name
+
+
 def test_every_default_is_the_settings_definition(plugin_options):
     """fq_core.settings is the one definition: the plugins register its defaults, pytest.ini
     sets nothing else (else the README's table would not be what `pytest` runs with), and the
