@@ -523,15 +523,20 @@ def _size(path: Path) -> str:
 
 
 def _add_evaluate(sub) -> None:
+    from .settings import default  # the stages' settings, so the cached baseline is shared
+
     p = sub.add_parser(
         "evaluate", help="load, generate, PPL and KLD of MODEL against a baseline, side by side"
     )
     p.add_argument("model", metavar="MODEL", help="registry name or GGUF path")
     p.add_argument("--baseline", required=True, metavar="MODEL2", help="registry name or path")
-    p.add_argument("--chunks", type=int, default=8, help="perplexity chunks (default 8)")
+    for flag, name, what in (
+        ("--chunks", "fq_chunks", "perplexity chunks"),
+        ("--ctx", "fq_ctx", "context size"),
+        ("--gen-tokens", "fq_gen_tokens", "tokens per generation"),
+    ):
+        p.add_argument(flag, type=int, default=default(name), help=f"{what} (default %(default)s)")
     p.add_argument("--kld-chunks", type=int, help="KLD chunks (default: --chunks)")
-    p.add_argument("--ctx", type=int, default=512, help="context size (default 512)")
-    p.add_argument("--gen-tokens", type=int, default=32, help="tokens per generation (32)")
     p.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
     p.add_argument("--text", metavar="PATH", help="the corpus (else $FQ_TEXT or WikiText-2)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")

@@ -32,6 +32,7 @@ from .llama.runner import (
     PerplexityResult,
 )
 from .models import ModelRef
+from .settings import default
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,13 @@ ENGINES = (DEFAULT_ENGINE, "logits")  # "logits": exact KLD (fq_core.llama.logit
 
 @dataclass(frozen=True)
 class EvalSettings:
-    ctx: int = 512
-    batch: int = 512
-    chunks: int = 8
-    kld_chunks: int = 8  # KLD logits cost ~134 MB per chunk for Gemma3 (267 MB: engine="logits")
-    threads: int | None = None
-    gen_tokens: int = 32
+    ctx: int = default("fq_ctx")
+    batch: int = default("fq_batch")
+    chunks: int = default("fq_chunks")
+    # KLD logits cost ~134 MB per chunk for Gemma3 (267 MB: engine="logits")
+    kld_chunks: int = default("fq_kld_chunks") or default("fq_chunks")
+    threads: int | None = None  # None: all cores (fq_threads = auto)
+    gen_tokens: int = default("fq_gen_tokens")
     prompts: tuple[Prompt, ...] = DEFAULT_PROMPTS
     chat_template: str | None = None  # overrides the models' own hint (a copy has none)
     engine: str = DEFAULT_ENGINE  # what computes PPL and KLD: one of ENGINES
@@ -206,12 +208,7 @@ def _logits_name(settings: EvalSettings) -> str:
 
 def _runner_for(runner: LlamaRunner, settings: EvalSettings) -> LlamaRunner:
     if settings.threads and settings.threads != runner.threads:
-        return LlamaRunner(
-            runner.tools,
-            threads=settings.threads,
-            log_dir=runner.log_dir,
-            timeout_s=runner.timeout_s,
-        )
+        return runner.with_threads(settings.threads)
     return runner
 
 

@@ -90,10 +90,6 @@ class TensorInfo:
     offset: int
     n_bytes: int
 
-    @property
-    def is_f32(self) -> bool:
-        return self.ggml_type == QT.F32
-
 
 @dataclass(frozen=True)
 class ArrayInfo:

@@ -327,11 +327,6 @@ def reference_dir(base: str | os.PathLike[str] | None = None) -> Path:
     return Path(base or Path.cwd()) / DEFAULT_REFERENCE_DIR
 
 
-def default_reference(base: str | os.PathLike[str] | None = None) -> Source | None:
-    """The saved reference in the checkout, when there is one."""
-    return saved_reference(reference_dir(base))
-
-
 def saved_reference(path: str | os.PathLike[str]) -> Source | None:
     """The reference saved in the directory `path`, when there is one."""
     path = Path(path)

@@ -22,6 +22,7 @@ import msgspec
 from .errors import BadInput
 from .figures import nonfinite_as_words
 from .identity import MachineInfo
+from .settings import default
 
 #: Version of the stored layout. 1: checks said `asserted`, report-only checks were "passed".
 #: 2: no variant (every record measured the model as deployed), no resolution.
@@ -98,13 +99,13 @@ class Settings(_Part, kw_only=True):
 class Thresholds(_Part, kw_only=True):
     """Pass/fail limits; None = report only (the check records its value and gates nothing)."""
 
-    ppl_delta_max: float = 0.02  # |PPL(treated)/PPL(base) - 1|
-    max_rel_error: float = 1e-2
-    kld_mean_max: float = 0.02
-    same_top_min: float = 0.90  # fraction of tokens whose top-1 token is unchanged
-    agreement_min: float | None = None  # greedy token agreement, fraction
-    noise_factor_max: float | None = None  # treatment KLD / largest placebo KLD
-    speed_ratio_min: float | None = None  # treated / baseline perplexity tokens per second
+    ppl_delta_max: float = default("fq_ppl_delta_max")  # |PPL(treated)/PPL(base) - 1|
+    max_rel_error: float = default("fq_max_rel_error")
+    kld_mean_max: float = default("fq_kld_mean_max")
+    same_top_min: float = default("fq_same_top_min")  # fraction of top-1 tokens unchanged
+    agreement_min: float | None = default("fq_agreement_min")  # greedy token agreement
+    noise_factor_max: float | None = default("fq_noise_factor_max")  # KLD / largest placebo's
+    speed_ratio_min: float | None = default("fq_speed_ratio_min")  # treated / baseline tok/s
 
     def gates(self, check: str) -> bool:
         """Whether a check decides anything: the report-only ones gate once given a limit."""

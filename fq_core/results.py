@@ -135,14 +135,6 @@ def load_record(
     return record.read(path)
 
 
-def load_result(
-    run_id: str, stage: str, model: str, root: str | os.PathLike[str] | None = None
-) -> dict | None:
-    """The stored record as plain data (validated on the way in)."""
-    rec = load_record(run_id, stage, model, root)
-    return None if rec is None else record.to_builtins(rec)
-
-
 def iter_records(
     run_id: str, root: str | os.PathLike[str] | None = None
 ) -> Iterator[record.StageRecord]:
@@ -152,11 +144,6 @@ def iter_records(
         return
     for path in sorted(base.glob("*/*.json")):
         yield record.read(path)
-
-
-def iter_results(run_id: str, root: str | os.PathLike[str] | None = None) -> Iterator[dict]:
-    for rec in iter_records(run_id, root):
-        yield record.to_builtins(rec)
 
 
 def latest_run_id(root: str | os.PathLike[str] | None = None) -> str | None:

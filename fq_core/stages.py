@@ -6,9 +6,10 @@ verdicts are fq_core.checks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -17,6 +18,7 @@ from .errors import BadInput
 from .identity import Identity
 from .record import VARIANTS, StageRecord, Thresholds
 from .selection import DEFAULT_TENSORS
+from .settings import default, seeds
 
 if TYPE_CHECKING:  # the stage definitions import without llama.cpp's side of the library
     from .corpus import Corpus
@@ -62,7 +64,11 @@ def stage(stage_id: str) -> Stage:
 #: Limits for the intrinsic answer (the float twin, full-precision logits). Its floor is
 #: ~2e-7 KLD and BF16 in all 18 Gemma3 layers measured 2.6e-5, so the deployed limits
 #: (set above the Q4 engine's 0.003-0.005 noise) would gate nothing there.
-INTRINSIC_THRESHOLDS = Thresholds(ppl_delta_max=0.005, kld_mean_max=1e-3, same_top_min=0.98)
+INTRINSIC_THRESHOLDS = Thresholds(
+    ppl_delta_max=default("fq_twin_ppl_delta_max"),
+    kld_mean_max=default("fq_twin_kld_mean_max"),
+    same_top_min=default("fq_twin_same_top_min"),
+)
 
 #: What `fq_twin` chooses: which answers each stage gives.
 TWIN_CHOICES = {"both": VARIANTS, "deployed": ("deployed",), "intrinsic": ("intrinsic",)}
@@ -77,17 +83,17 @@ class Experiment:
     and has its own limits and seeds)."""
 
     settings: EvalSettings = field(default_factory=_eval_settings)
-    fmt: str = "bf16"
-    rounding: str = "truncate"
+    fmt: str = default("fq_format")
+    rounding: str = default("fq_rounding")
     tensors: tuple[str, ...] = DEFAULT_TENSORS
-    placebo_seeds: tuple[int, ...] = (1, 2, 3)
+    placebo_seeds: tuple[int, ...] = seeds(default("fq_placebo_seeds"))
     thresholds: Thresholds = field(default_factory=Thresholds)
     keep_models: bool = False  # keep the fake-quantized GGUFs (large) after evaluation
-    variants: tuple[str, ...] = VARIANTS  # which answers each stage gives
-    gate_variant: str = "deployed"  # whose Test 1 opens the later stages
+    variants: tuple[str, ...] = TWIN_CHOICES[default("fq_twin")]  # which answers a stage gives
+    gate_variant: str = default("fq_gate_variant")  # whose Test 1 opens the later stages
     twin_dtype: str = "f32"
     intrinsic_thresholds: Thresholds = INTRINSIC_THRESHOLDS
-    intrinsic_placebo_seeds: tuple[int, ...] = (1,)
+    intrinsic_placebo_seeds: tuple[int, ...] = seeds(default("fq_twin_placebo_seeds"))
     variant: str = "deployed"  # the variant this experiment object runs (see for_variant)
 
     def for_variant(self, variant: str) -> Experiment:
@@ -167,6 +173,48 @@ class Experiment:
                 now[name], then[name] = given, recorded
         then_id, now_id = (msgspec.convert(side, Identity) for side in (then, now))
         return [d.text for d in then_id.differences(now_id)]
+
+
+def experiment_from(values: Mapping[str, Any], keep_models: bool = False) -> Experiment:
+    """The experiment the option values describe (fq_core.settings: name -> parsed value)."""
+    from .evaluate import EvalSettings
+
+    settings = EvalSettings(
+        ctx=values["fq_ctx"],
+        batch=values["fq_batch"],
+        chunks=values["fq_chunks"],
+        kld_chunks=values["fq_kld_chunks"] or values["fq_chunks"],
+        threads=values["fq_threads"],
+        gen_tokens=values["fq_gen_tokens"],
+    )
+    shared = {
+        "max_rel_error": values["fq_max_rel_error"],
+        "agreement_min": values["fq_agreement_min"],
+        "noise_factor_max": values["fq_noise_factor_max"],
+        "speed_ratio_min": values["fq_speed_ratio_min"],
+    }
+    return Experiment(
+        settings=settings,
+        fmt=values["fq_format"],
+        rounding=values["fq_rounding"],
+        placebo_seeds=seeds(values["fq_placebo_seeds"]),
+        thresholds=Thresholds(
+            ppl_delta_max=values["fq_ppl_delta_max"],
+            kld_mean_max=values["fq_kld_mean_max"],
+            same_top_min=values["fq_same_top_min"],
+            **shared,
+        ),
+        keep_models=keep_models,
+        variants=TWIN_CHOICES[values["fq_twin"]],
+        gate_variant=values["fq_gate_variant"],
+        intrinsic_thresholds=Thresholds(
+            ppl_delta_max=values["fq_twin_ppl_delta_max"],
+            kld_mean_max=values["fq_twin_kld_mean_max"],
+            same_top_min=values["fq_twin_same_top_min"],
+            **shared,
+        ),
+        intrinsic_placebo_seeds=seeds(values["fq_twin_placebo_seeds"]),
+    )
 
 
 def check_resume(run_id: str, exp: Experiment, root: Path | None = None) -> None:

@@ -49,6 +49,7 @@ from .formats import FORMATS, ROUNDINGS
 from .identity import Identity, MachineInfo, machine_info
 from .record import VARIANTS, Interval, NonFinite, Resolution
 from .selection import format_layers, parse_layers, split_name
+from .settings import default
 
 if TYPE_CHECKING:
     from .llama.tools import LlamaTools
@@ -64,7 +65,7 @@ CELLS_DIR = "cells"
 SWEEP_FORMATS = tuple(f for f in FORMATS if f != "placebo")
 #: layer = one layer alone; cumulative = the first n layers; whole = a kind outside the blocks
 SERIES = ("layer", "cumulative", "whole")
-Q_DEFAULT = 0.05  # Benjamini–Hochberg false discovery rate
+Q_DEFAULT = default("fq_sweep_fdr")  # Benjamini–Hochberg false discovery rate
 P_TEST = (
     "one-sided one-sample t-test on the per-chunk differences treatment − mean placebo "
     "(H1: the treatment moves KLD more than its placebos)"

@@ -10,227 +10,19 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fq_core import settings
+from fq_core.settings import Setting
+
 # --- options -------------------------------------------------------------------------------
 
-# Each default below is calibrated on the issue's measurements (Gemma3-270M Q4_K_M and
-# SmolLM2-135M Q4_1, WikiText-2 test, ctx 512, CPU): the help text says why, `pytest --help`
-# shows it, and the README repeats it.
-
-
-@dataclass(frozen=True)
-class Option:
-    name: str  # ini name; the command-line flag is --fq-<name with dashes>
-    default: str  # "" = unset
-    help: str
-    parse: Callable[[str], Any]
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
-def _float(text: str) -> float:
-    value = float(text)
-    if not value == value or value in (float("inf"), float("-inf")):
-        raise ValueError("not a finite number")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError("must be a fraction between 0 and 1 (or a percentage like 90%)")
-    return value
-
-
-def _positive(text: str) -> float:
-    """Limits may be 0: an impossible threshold is how a user (or a test) closes the gate."""
-    value = _float(text)
-    if value < 0:
-        raise ValueError("must be ≥ 0")
-    return value
-
-
-def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def inner(text: str) -> Any:
-        return None if text.strip().lower() in ("", "none", "off", "unset") else parse(text)
-
-    return inner
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be ≥ 0")
-    return value
-
-
-def _pos_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be ≥ 1")
-    return value
-
-
-def _threads(text: str) -> int:
-    if text.strip().lower() in ("", "auto"):
-        return os.cpu_count() or 1
-    return _pos_int(text)
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
-    def inner(text: str) -> str:
-        if text not in choices:
-            raise ValueError(f"choose one of {', '.join(choices)}")
-        return text
-
-    return inner
-
-
-def _options() -> tuple[Option, ...]:
-    from fq_core.formats import FORMATS, ROUNDINGS
-
-    return (
-        Option(
-            "fq_ppl_delta_max", "0.02",
-            "largest allowed |PPL(treated)/PPL(baseline) - 1| (default 0.02 = 2%%): the real "
-            "effect measured +0.83%% (Gemma3 Test 1, 8 chunks) and placebos up to +0.56%%, "
-            "while 2 chunks scattered up to +2.1%%; 2%% sits above that chunk-to-chunk noise "
-            "(paired standard error ~0.2%%) so Test 1 is not decided by chance",
-            _positive,
-        ),
-        Option(
-            "fq_max_rel_error", "0.01",
-            "largest allowed per-element relative error of the conversion (default 1e-2): "
-            "BF16 keeps 8 significant bits, so truncation errs < 2^-7 = 0.0078 and rounding "
-            "< 2^-8; anything larger is a bug, not precision loss",
-            _positive,
-        ),
-        Option(
-            "fq_kld_mean_max", "0.02",
-            "largest allowed mean KL divergence against the baseline (default 0.02): the "
-            "engine's own noise floor on these Q4 models is 0.0033-0.0053 (a 2^-24 placebo "
-            "flip), the BF16 effect 0.0060-0.0064; 0.02 is ~3x the largest value measured "
-            "for either, so it fails a change clearly beyond the engine's own noise and "
-            "never the noise itself",
-            _positive,
-        ),
-        Option(
-            "fq_same_top_min", "0.90",
-            "smallest allowed fraction of tokens whose top-1 prediction is unchanged "
-            "(default 0.90): placebos give 95.7-99.0%%, BF16 95.3-95.9%% with a standard "
-            "error of ~0.5%% over 8 chunks; 90%% is >10 standard errors below the noise floor",
-            _fraction,
-        ),
-        Option(
-            "fq_agreement_min", "",
-            "smallest allowed greedy-generation token agreement with the baseline (default "
-            "unset = report only): a single flipped token changes every later one, so this "
-            "measures luck at one position, not quality",
-            _optional(_fraction),
-        ),
-        Option(
-            "fq_noise_factor_max", "",
-            "largest allowed treatment KLD / largest placebo KLD (default unset = report "
-            "only): measured 1.16-1.75 with 3 seeds, a statement about the engine's noise, "
-            "not a safety limit; set it to make 'no more than N x the engine noise' a gate",
-            _optional(_positive),
-        ),
-        Option(
-            "fq_speed_ratio_min", "",
-            "smallest allowed treated / baseline llama-perplexity throughput (default unset = "
-            "report only): BF16-exact F32 norms cannot change the amount of work, so speed "
-            "differences here are scheduling noise (0.9-1.1x measured); set e.g. 0.8 to gate "
-            "on a format that does change the kernels",
-            _optional(_positive),
-        ),
-        Option(
-            "fq_placebo_seeds", "3",
-            "number of selection-matched placebo runs per stage, seeds 1..N (default 3; 0 = "
-            "control off): 3 seeds spread 0.0018-0.0037 KLD on Gemma3 layer 0, enough to show "
-            "the noise range, and cached across runs",
-            _count,
-        ),
-        Option(
-            "fq_gen_tokens", "32",
-            "tokens generated greedily per prompt (default 32): enough to see a first "
-            "divergence, ~1 s per prompt on 2 cores",
-            _pos_int,
-        ),
-        Option("fq_ctx", "512", "llama-perplexity context per chunk (default 512, the "
-               "standard WikiText-2 setting all quoted numbers use)", _pos_int),
-        Option("fq_batch", "512", "llama.cpp batch size (default 512 = ctx; results are "
-               "bit-identical for 256 and 512)", _pos_int),
-        Option(
-            "fq_chunks", "8",
-            "chunks of ctx tokens for perplexity and KLD (default 8 = 4,096 tokens): 2 chunks "
-            "gave Gemma3 all-layers +2.1%% against +0.62%% on 8, and the KLD ratios barely "
-            "move between 4, 8 and 16; 8 chunks is ~14 s per run here and the KLD base file "
-            "~1.1 GB for Gemma3 (262k vocabulary)",
-            _pos_int,
-        ),
-        Option("fq_kld_chunks", "", "chunks for KLD (default: fq_chunks, so one llama.cpp run "
-               "gives both PPL and KLD)", _optional(_pos_int)),
-        Option("fq_threads", "auto", "llama.cpp threads (default auto = all cores; results "
-               "are bit-identical across thread counts)", _threads),
-        Option("fq_format", "bf16", "number format of the treatment (default bf16, the "
-               "plan's experiment)", _choice(tuple(f for f in FORMATS if f != "placebo"))),
-        Option("fq_rounding", "truncate", "rounding of the treatment (default truncate, the "
-               "plan's algorithm: keep the high 16 bits)", _choice(ROUNDINGS)),
-        Option(
-            "fq_twin", "both",
-            "which answers each stage gives (default both): deployed = the quantized model "
-            "as llama.cpp runs it, where 8-bit activation rounding makes any norm change look "
-            "like KLD 0.003-0.005; intrinsic = its float twin (every quantized tensor "
-            "dequantized to F32) read through full-precision logits, floor ~2e-7; test ids "
-            "of the intrinsic answer end in -twin",
-            _choice(("both", "deployed", "intrinsic")),
-        ),
-        Option(
-            "fq_gate_variant", "deployed",
-            "whose Test 1 opens the later stages (default deployed: the model as it is used)",
-            _choice(("deployed", "intrinsic")),
-        ),
-        Option(
-            "fq_twin_ppl_delta_max", "0.005",
-            "intrinsic answer: largest allowed |PPL ratio - 1| (default 0.005 = 0.5%%): "
-            "BF16 norms in all 18 Gemma3 layers moved the twin's PPL by well under that",
-            _positive,
-        ),
-        Option(
-            "fq_twin_kld_mean_max", "0.001",
-            "intrinsic answer: largest allowed mean KLD (default 1e-3): BF16 in all layers "
-            "measured 2.6e-5 on Gemma3's twin, the placebo floor ~2e-7; 1e-3 is 40x the "
-            "measured effect and far below the deployed model's own noise (0.003)",
-            _positive,
-        ),
-        Option(
-            "fq_twin_same_top_min", "0.98",
-            "intrinsic answer: smallest allowed same-top-token fraction (default 0.98): BF16 "
-            "in all layers kept 99.3%% on Gemma3's twin, placebos 100%%",
-            _fraction,
-        ),
-        Option(
-            "fq_twin_placebo_seeds", "1",
-            "intrinsic answer: placebo runs per stage (default 1): with full-precision logits "
-            "two seeds measured the same floor (1.7e-7 vs 1.8e-7 KLD), and each twin run costs "
-            "~4x a quantized one",
-            _count,
-        ),
-        Option("fq_text", "", "corpus file (default: FQ_TEXT, else WikiText-2 test beside the "
-               "checkout pytest runs in or under its data/, else the per-user cache, else "
-               "downloaded there)", lambda t: t or None),
-    )  # fmt: skip
-
-
-DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
+# Every setting, its default and why is fq_core.settings; here each becomes an ini value and a
+# command-line flag, the default shown by `pytest --help`.
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -238,10 +30,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--fq-model", action="append", dest="fq_model", default=None, metavar="NAME_OR_PATH",
         help="model to run the stages on (registry name or GGUF path); repeatable "
-        f"(default: ini fq_models = {' '.join(DEFAULT_MODELS)})",
+        f"(default: ini fq_models = {' '.join(settings.MODELS)})",
     )  # fmt: skip
     parser.addini("fq_models", "models the stages run on", type="linelist",
-                  default=list(DEFAULT_MODELS))  # fmt: skip
+                  default=list(settings.MODELS))  # fmt: skip
     group.addoption(
         "--fq-ignore-gate", action="store_true", default=False,
         help="run stages 2-4 even when Test 1 has not passed (the skip reason is recorded)",
@@ -255,22 +47,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--fq-run-id", default=None, metavar="ID",
         help="results/<ID>/ to write into (default: FQ_RUN_ID or a new UTC timestamp id)",
     )  # fmt: skip
-    add_options(parser, group, _options())
+    add_options(parser, group, settings.STAGE)
 
 
-def add_options(parser: pytest.Parser, group, options: tuple[Option, ...]) -> None:
-    """Each option as an ini value and its `--fq-…` flag, the default shown in the help."""
+def add_options(parser: pytest.Parser, group, options: tuple[Setting, ...]) -> None:
+    """Each setting as an ini value and its `--fq-…` flag, the default shown in the help."""
     for opt in options:
         shown = opt.default or "unset"
         group.addoption(opt.flag, dest=opt.name, default=None, metavar="VALUE",
-                        help=f"{opt.help} [ini {opt.name}, default {shown}]")  # fmt: skip
-        parser.addini(opt.name, opt.help, default=opt.default)
+                        help=f"{_escaped(opt.help)} [ini {opt.name}, default {shown}]")  # fmt: skip
+        parser.addini(opt.name, f"{opt.help} [default {shown}]", default=opt.default)
 
 
-def option_values(config: pytest.Config, options: tuple[Option, ...] | None = None) -> dict:
+def _escaped(text: str) -> str:
+    """argparse %-formats a flag's help; an ini value's help is shown as it is."""
+    return text.replace("%", "%%")
+
+
+def option_values(config: pytest.Config, options: tuple[Setting, ...] = settings.STAGE) -> dict:
     """Every fq option: command line over pytest.ini over the documented default."""
     values: dict[str, Any] = {}
-    for opt in _options() if options is None else options:
+    for opt in options:
         given = config.getoption(opt.name)
         text = str(given if given is not None else config.getini(opt.name)).strip()
         try:
@@ -278,50 +75,6 @@ def option_values(config: pytest.Config, options: tuple[Option, ...] | None = No
         except ValueError as exc:
             raise pytest.UsageError(f"{opt.flag} / {opt.name} = {text!r}: {exc}") from None
     return values
-
-
-def experiment_from(values: dict[str, Any], keep_models: bool = False):
-    from fq_core.evaluate import EvalSettings
-    from fq_core.stages import TWIN_CHOICES, Experiment, Thresholds
-
-    base = EvalSettings()
-    settings = EvalSettings(
-        ctx=values["fq_ctx"],
-        batch=values["fq_batch"],
-        chunks=values["fq_chunks"],
-        kld_chunks=values["fq_kld_chunks"] or values["fq_chunks"],
-        threads=values["fq_threads"],
-        gen_tokens=values["fq_gen_tokens"],
-        prompts=base.prompts,
-    )
-    return Experiment(
-        settings=settings,
-        fmt=values["fq_format"],
-        rounding=values["fq_rounding"],
-        placebo_seeds=tuple(range(1, values["fq_placebo_seeds"] + 1)),
-        thresholds=Thresholds(
-            ppl_delta_max=values["fq_ppl_delta_max"],
-            max_rel_error=values["fq_max_rel_error"],
-            kld_mean_max=values["fq_kld_mean_max"],
-            same_top_min=values["fq_same_top_min"],
-            agreement_min=values["fq_agreement_min"],
-            noise_factor_max=values["fq_noise_factor_max"],
-            speed_ratio_min=values["fq_speed_ratio_min"],
-        ),
-        keep_models=keep_models,
-        variants=TWIN_CHOICES[values["fq_twin"]],
-        gate_variant=values["fq_gate_variant"],
-        intrinsic_thresholds=Thresholds(
-            ppl_delta_max=values["fq_twin_ppl_delta_max"],
-            max_rel_error=values["fq_max_rel_error"],
-            kld_mean_max=values["fq_twin_kld_mean_max"],
-            same_top_min=values["fq_twin_same_top_min"],
-            agreement_min=values["fq_agreement_min"],
-            noise_factor_max=values["fq_noise_factor_max"],
-            speed_ratio_min=values["fq_speed_ratio_min"],
-        ),
-        intrinsic_placebo_seeds=tuple(range(1, values["fq_twin_placebo_seeds"] + 1)),
-    )
 
 
 # --- the session: run id, lazily resolved inputs, stage results, the gate ------------------
@@ -374,6 +127,8 @@ class FqSession:
     # inputs, resolved on first use so that collection stays fast
     @functools.cached_property
     def experiment(self):
+        from fq_core.stages import experiment_from
+
         return experiment_from(self.values, self.config.getoption("fq_keep_models"))
 
     @property

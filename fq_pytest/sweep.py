@@ -24,93 +24,13 @@ from typing import Any
 
 import pytest
 
-from fq_pytest.plugin import (
-    SESSION,
-    Option,
-    _choice,
-    _optional,
-    _pos_int,
-    add_options,
-    model_id,
-)
+from fq_core.settings import SWEEP as SETTINGS
+from fq_pytest.plugin import SESSION, add_options, model_id
 from fq_pytest.plugin import option_values as plugin_option_values
 
 log = logging.getLogger(__name__)
 
-PLANS = ("smoke", "full")
 SWEEP = pytest.StashKey["SweepSession"]()
-
-
-def _text(t: str) -> str:
-    if not t.strip():
-        raise ValueError("must not be empty")
-    return " ".join(t.split())
-
-
-def _onoff(t: str) -> bool:
-    v = t.strip().lower()
-    if v in ("on", "yes", "true", "1"):
-        return True
-    if v in ("off", "no", "false", "0"):
-        return False
-    raise ValueError("on or off")
-
-
-def _rate(t: str) -> float:
-    v = float(t)
-    if not 0 < v < 1:
-        raise ValueError("a false discovery rate between 0 and 1")
-    return v
-
-
-def _gpu(t: str) -> int:
-    v = int(t)
-    if v < 0:
-        raise ValueError("must be ≥ 0")
-    return v
-
-
-def _options() -> tuple[Option, ...]:
-    return (
-        Option("fq_sweep_plan", "smoke",
-               "which sweep experiments/test_sensitivity.py runs (default smoke: Gemma3, "
-               "ffn_norm, layers 0-1, bf16, deployed, 2 chunks, about a minute, so plain pytest "
-               "and CI cover the machinery; full: the sweep the other fq_sweep_* values "
-               "describe, as `make sweep` runs it)", _choice(PLANS)),
-        Option("fq_sweep_models", "gemma3-270m",
-               "full sweep: models (registry names or GGUF paths, space-separated; default "
-               "gemma3-270m, whose norms BF16 truncation changes — SmolLM2's are BF16-exact)",
-               _text),
-        Option("fq_sweep_kinds", "ffn_norm",
-               "full sweep: F32 tensor kinds, space-separated, or all = every F32 kind the "
-               "model has (Gemma3: attn_norm attn_q_norm attn_k_norm post_attention_norm "
-               "ffn_norm post_ffw_norm output_norm); default ffn_norm, the plan's", _text),
-        Option("fq_sweep_formats", "bf16",
-               "full sweep: formats (bf16 fp16 fp8_e4m3 fp8_e5m2 int8, each optionally "
-               "/truncate or /nearest; all = every one; default bf16 with fq_rounding)", _text),
-        Option("fq_sweep_layers", "all",
-               "full sweep: layers, each alone (the --layers grammar: all, 3, 0-5, 0,4,9; "
-               "default all)", _text),
-        Option("fq_sweep_variants", "both",
-               "full sweep: deployed (the quantized model via llama-perplexity), intrinsic (its "
-               "float twin via full-precision logits, ~4x the cost) or both (default)",
-               _choice(("both", "deployed", "intrinsic"))),
-        Option("fq_sweep_cumulative", "on",
-               "full sweep: also the cumulative curve, the first 1, 2, 4, ... N layers together "
-               "per kind, format and variant (default on)", _onoff),
-        Option("fq_sweep_chunks", "",
-               "full sweep: chunks per run (default unset = fq_chunks; the smoke plan uses 2)",
-               _optional(_pos_int)),
-        Option("fq_sweep_fdr", "0.05",
-               "false discovery rate q of the Benjamini-Hochberg control over all cells of a "
-               "sensitivity report (default 0.05)", _rate),
-        Option("fq_gpu_layers", "",
-               "layers llama.cpp offloads to the GPU in sweep runs (-ngl; default unset = "
-               "not passed: a CPU build runs on the CPU). Needs a GPU build "
-               "(FQ_LLAMA_CMAKE_ARGS=-DGGML_CUDA=ON). GPU results are not bit-identical to "
-               "CPU ones: the backend is part of every cache key, so each backend has its own "
-               "references", _optional(_gpu)),
-    )  # fmt: skip
 
 
 AXIS_OPTIONS = ("fq_sweep_models", "fq_sweep_kinds", "fq_sweep_formats", "fq_sweep_layers",
@@ -121,13 +41,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup(
         "fq-sweep", "fq-suite sensitivity sweep (experiments/test_sensitivity.py)"
     )
-    add_options(parser, group, _options())
+    add_options(parser, group, SETTINGS)
 
 
 def option_values(config: pytest.Config) -> dict[str, Any]:
-    values = plugin_option_values(config, _options())
+    values = plugin_option_values(config, SETTINGS)
     if values["fq_sweep_plan"] != "full":
-        given = [o.flag for o in _options() if o.name in AXIS_OPTIONS
+        given = [o.flag for o in SETTINGS if o.name in AXIS_OPTIONS
                  and config.getoption(o.name) is not None]  # fmt: skip
         if given:
             raise pytest.UsageError(
@@ -205,10 +125,7 @@ class SweepSession:
         if self._runner is None:
             from fq_core.llama.runner import LlamaRunner
 
-            # threads as the settings say: evaluate._runner_for would otherwise replace this
-            # runner (and drop its gpu_layers)
-            self._runner = LlamaRunner(self.tools, threads=self.fq.experiment.settings.threads,
-                                       gpu_layers=self.values["fq_gpu_layers"])  # fmt: skip
+            self._runner = LlamaRunner(self.tools, gpu_layers=self.values["fq_gpu_layers"])
         return self._runner
 
     def context(self):

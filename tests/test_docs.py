@@ -8,10 +8,11 @@ exist) fails here:
   command is documented when it is in the command summary block under "## The `fq` command"
   *and* has a `### ` heading naming it as `` `fq NAME ``; every name either place shows exists.
 - pytest options: the lists come from `fq_pytest.plugin.pytest_addoption`. Every `fq_*` ini
-  value is in the README (the settings table, with its default), every `--fq-*` flag is named
+  value is in the README (the settings table, with its default); every `--fq-*` flag is named
   in the README or is the flag of a documented ini value (`fq_chunks` <-> `--fq-chunks`, as the
   settings heading says); every `--fq-*` / `fq_*` the README names exists, and so does every
-  `fq_*` key in pytest.ini.
+  `fq_*` key in pytest.ini. Defaults are `fq_core.settings`' alone: the plugins register them,
+  pytest.ini sets no other value, and the library's own defaults are what they give.
 - command flags: every `--flag` the `fq` chapter shows for a command exists on that command's
   parser (a flag in a section's prose belongs to the commands its heading names); the
   number-format bullets are `--format`'s choices, the models table is the registry, and the
@@ -30,17 +31,20 @@ from __future__ import annotations
 import argparse
 import configparser
 import json
+import os
 import re
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from gguf_factory import build_gguf
 
-from fq_core import protocol, record, results, stages
+from fq_core import protocol, record, results, settings, stages, sweep
 from fq_core.checks import STATUSES
 from fq_core.cli import build_parser
 from fq_core.corpus import Corpus
+from fq_core.evaluate import EvalSettings
 from fq_core.formats import FORMATS, ROUNDINGS
 from fq_core.hashing import sha256_file
 from fq_core.llama.runner import CommandRecord, Generation, KLDStats, LoadResult, PerplexityResult
@@ -307,12 +311,53 @@ def test_settings_table_defaults_are_the_plugins(plugin_options):
         assert DEFAULT_WORDS.get(table[name], table[name]) == code, name
 
 
-def test_pytest_ini_sets_only_known_options(plugin_options):
+def _pytest_ini() -> dict[str, str]:
     ini = configparser.ConfigParser(interpolation=None)
     ini.read(ROOT / "pytest.ini", encoding="utf-8")
-    keys = {k for k in ini["pytest"] if k.startswith("fq_")}
+    return {k: v for k, v in ini["pytest"].items() if k.startswith("fq_")}
+
+
+def test_pytest_ini_sets_only_known_options(plugin_options):
+    keys = set(_pytest_ini())
     assert keys, "pytest.ini sets no fq_* value"
     assert sorted(keys - set(plugin_options.inis)) == []
+
+
+# "`fq_twin_kld_mean_max` (1e-3)", "(`fq_sweep_fdr`, 0.05)": a default the prose repeats
+PROSE_DEFAULT = re.compile(r"`(fq_[a-z0-9_]+)`(?: \(|, )(\d[\d.e-]*)( ?%)?\)")
+
+
+def test_defaults_the_docs_repeat_are_the_settings():
+    found = PROSE_DEFAULT.findall(README + ARCHITECTURE)
+    assert len(found) >= 4, "the docs no longer repeat a default: update PROSE_DEFAULT"
+    for name, number, percent in found:
+        stated = float(number) / (100 if percent else 1)
+        assert stated == pytest.approx(settings.default(name), rel=1e-12), name
+
+
+def test_every_default_is_the_settings_definition(plugin_options):
+    """fq_core.settings is the one definition: the plugins register its defaults, pytest.ini
+    sets nothing else (else the README's table would not be what `pytest` runs with), and the
+    library's own defaults (record.Thresholds, stages.Experiment, EvalSettings, the sweep's q,
+    `fq evaluate`) are what the options give when none is set."""
+    every = (*settings.STAGE, *settings.SWEEP)
+    registered = {name: default for name, (_, default) in plugin_options.inis.items()}
+    assert registered == {"fq_models": list(settings.MODELS)} | {s.name: s.default for s in every}
+    for name, text in _pytest_ini().items():
+        if name == "fq_models":
+            assert text.split() == list(settings.MODELS)
+        else:
+            assert settings.BY_NAME[name].parse(text) == settings.default(name), name
+    given = stages.experiment_from(settings.defaults())
+    assert given.settings.threads == os.cpu_count()  # fq_threads = auto; the library: None
+    given = replace(given, settings=replace(given.settings, threads=None))
+    assert given == stages.Experiment(), "a library default differs from its setting's"
+    assert stages.Experiment().thresholds == record.Thresholds()
+    assert sweep.Q_DEFAULT == settings.default("fq_sweep_fdr")
+    (evaluate,) = [p for name, (p, _) in COMMANDS.items() if name == "evaluate"]
+    cli = {a.dest: a.default for a in evaluate._actions}
+    lib = EvalSettings()
+    assert (cli["ctx"], cli["chunks"], cli["gen_tokens"]) == (lib.ctx, lib.chunks, lib.gen_tokens)
 
 
 # --- result fields ----------------------------------------------------------------------------

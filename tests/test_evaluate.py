@@ -218,3 +218,27 @@ def test_a_wrapper_printing_the_same_version_gets_its_own_baseline(env):
     assert other.perplexity.ppl != real.perplexity.ppl  # the wrapper's figure is its own
     again = evaluate_baseline(runner, smol, corpus, SETTINGS)
     assert again.cached and again.perplexity.ppl == real.perplexity.ppl
+
+
+@pytest.mark.llama
+@pytest.mark.models
+def test_settings_with_their_own_threads_keep_the_runners_gpu_layers(env):
+    """Issue 19: when the settings name a thread count the runner does not have, the
+    evaluation used to rebuild the runner without its -ngl, so a sweep on a GPU build ran on
+    the CPU under a GPU cache key. Every llama.cpp command keeps -ngl (0: a no-op on CPU)."""
+    runner, smol, corpus, root = env
+    gpu = LlamaRunner(runner.tools, threads=2, log_dir=root / "logs", gpu_layers=0)
+    settings = EvalSettings(
+        ctx=128, batch=128, chunks=1, kld_chunks=1, gen_tokens=2, threads=1, prompts=(Prompt("Hi"),)
+    )
+    log = root / "logs" / "commands.jsonl"
+    n = _n_commands(root) if log.exists() else 0
+    base = evaluate_baseline(gpu, smol, corpus, settings)
+    assert not base.cached
+    lines = log.read_text().splitlines()[n:]
+    runs = [json.loads(line) for line in lines]
+    argvs = [r["argv"] for r in runs if r["tool"] in ("llama-completion", "llama-perplexity")]
+    assert {"llama-completion", "llama-perplexity"} <= {r["tool"] for r in runs}
+    for argv in argvs:
+        assert argv[argv.index("-t") + 1] == "1", argv
+        assert argv[argv.index("-ngl") + 1] == "0", argv

@@ -184,7 +184,7 @@ def test_impossible_threshold_closes_the_gate_for_real(tmp_path):
         assert "gate: Test 1 has not passed for smollm2-135m: perplexity delta" in message
 
     store = tmp_path / "results"
-    test1 = results.load_result("gate-closes", "layer0", "smollm2-135m", store)
+    test1 = record.to_builtins(results.load_record("gate-closes", "layer0", "smollm2-135m", store))
     assert test1["outcome"] == "failed"
     # the values, not how they print: an identical file moves PPL by (about) nothing, and
     # a limit of 0 fails even a difference of exactly zero
@@ -196,7 +196,9 @@ def test_impossible_threshold_closes_the_gate_for_real(tmp_path):
     assert test1["checks"]["placebo"]["detail"].startswith("not run: the treated file is byte")
     assert test1["checks"]["placebo"]["status"] == "skipped"
     assert test1["placebo"]["verdict"] == "control not run" and not test1["placebo"]["runs"]
-    skipped = results.load_result("gate-closes", "all-layers", "smollm2-135m", store)
+    skipped = record.to_builtins(
+        results.load_record("gate-closes", "all-layers", "smollm2-135m", store)
+    )
     assert skipped["outcome"] == "skipped" and skipped["skip_reason"].startswith("gate: ")
     (entry,) = results.gate_entries(store)
     assert (entry.outcome, entry.run_id, entry.model) == ("failed", "gate-closes", "smollm2-135m")

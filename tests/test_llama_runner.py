@@ -321,3 +321,14 @@ def test_llama_timeout_kills_llama_perplexity(tools, smol, corpus, tmp_path):
     assert _procs_mentioning(str(text)) == []
     doc = json.loads((tmp_path / "logs" / "commands.jsonl").read_text().splitlines()[-1])
     assert doc["timed_out"] is True and doc["exit_status"] is None
+
+
+def test_another_thread_count_keeps_everything_else(tmp_path):
+    """What evaluate uses when the settings name their own threads: -ngl, the log directory
+    and the timeout stay (issue 19: a rebuilt runner dropped -ngl)."""
+    tools = object()
+    runner = LlamaRunner(tools, threads=4, log_dir=tmp_path, timeout_s=12.0, gpu_layers=99)
+    other = runner.with_threads(1)
+    assert (other.threads, runner.threads) == (1, 4)
+    assert other.tools is tools and other.log_dir == tmp_path and other.timeout_s == 12.0
+    assert other.gpu_layers == 99 and other._ngl() == ["-ngl", "99"]

@@ -520,10 +520,10 @@ def test_save_reference_copies_measured_records_and_refuses_to_overwrite(tmp_pat
 
 
 def test_default_reference_needs_the_reference_file(tmp_path):
-    assert history.default_reference(tmp_path) is None
+    assert history.saved_reference(history.reference_dir(tmp_path)) is None
     root = _store(tmp_path, rec("R1"))
     history.save_reference(history.resolve("R1", root), tmp_path / "fq-reference")
-    assert history.default_reference(tmp_path).run_id == "R1"
+    assert history.saved_reference(history.reference_dir(tmp_path)).run_id == "R1"
 
 
 # --- fq diff / fq reference save ------------------------------------------------------------

@@ -8,7 +8,7 @@ import re
 import pytest
 from record_factory import make_record
 
-from fq_core import results
+from fq_core import record, results
 from fq_core.errors import BadInput
 from fq_core.identity import Identity
 
@@ -41,11 +41,11 @@ def test_save_and_load_round_trip_with_nonfinite_as_words(tmp_path):
     )
     path = results.save_result(data, tmp_path)
     assert json.loads(path.read_text())["baseline"]["ppl"] == "nan"  # not null: measured
-    loaded = results.load_result("R1", "layer0", "m", tmp_path)
-    assert list(loaded["baseline"]["chunk_ppls"]) == [1.5, "inf"]
-    assert results.load_result("R1", "layer0", "other", tmp_path) is None
+    loaded = results.load_record("R1", "layer0", "m", tmp_path)
+    assert list(record.to_builtins(loaded)["baseline"]["chunk_ppls"]) == [1.5, "inf"]
+    assert results.load_record("R1", "layer0", "other", tmp_path) is None
     results.write_json_atomic(tmp_path / "R1" / "layer0" / "models" / "m.gguf.fq.json", {"t": 1})
-    assert list(results.iter_results("R1", tmp_path)) == [loaded]  # results only, no manifest
+    assert list(results.iter_records("R1", tmp_path)) == [loaded]  # results only, no manifest
     assert results.latest_run_id(tmp_path) == "R1"
 
 

@@ -26,7 +26,6 @@ _CALC = re.compile(
     r" over (\d+) chunks, n_ctx=(\d+)",
     re.M,
 )
-_STAMP = re.compile(r"(\d+)\.(\d+)\.(\d+)\.(\d+) I ")
 _LOAD = re.compile(rf"load time =\s*{_NUM} ms")
 _EVAL = re.compile(rf"^.*\beval time =\s*{_NUM} ms /\s*(\d+) runs.*?{_NUM} tokens per second", re.M)
 _SAMPLERS = re.compile(r"samplers time =\s*[\d.]+ ms /\s*(\d+) tokens")

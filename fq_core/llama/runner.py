@@ -3,6 +3,7 @@ typed results; all parsing of their output is in parse.py."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -238,6 +239,12 @@ class LlamaRunner:
         self.timeout_s = timeout_s
         # layers offloaded to a GPU build (-ngl); None passes nothing (llama.cpp's default)
         self.gpu_layers = gpu_layers
+
+    def with_threads(self, threads: int) -> LlamaRunner:
+        """The same runner (tools, -ngl, log dir, timeout) with another thread count."""
+        other = copy.copy(self)
+        other.threads = threads
+        return other
 
     def _ngl(self) -> list[str]:
         return [] if self.gpu_layers is None else ["-ngl", str(self.gpu_layers)]

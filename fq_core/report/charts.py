@@ -1,11 +1,12 @@
 """The report's charts as PNG bytes, drawn from stored results with matplotlib's Agg canvas.
 
-Figures are built with `matplotlib.figure.Figure` (no pyplot state, no display needed), so
-charts can be drawn in pytest-xdist workers and in the `fq report` command alike. A chart
-with nothing to show (a stage that changed no element, a stage that never reached
-perplexity) comes back with `png=None` and a note saying why, never as an empty plot. The
-history chart of a stage × model is the one chart read beyond the run: every run of the same
-results store that measured it (fq_core.history.runs_with), drawn only when there are two.
+Figures are built with `matplotlib.figure.Figure` (no pyplot state, no display needed: a bare
+Figure's `savefig(format="png")` prints through Agg whatever the backend is), so charts can be
+drawn in pytest-xdist workers and in the `fq report` command alike. A chart with nothing to
+show (a stage that changed no element, a stage that never reached perplexity) comes back with
+`png=None` and a note saying why, never as an empty plot. The history chart of a stage × model
+is the one chart read beyond the run: every run of the same results store that measured it
+(fq_core.history.runs_with), drawn only when there are two.
 """
 
 from __future__ import annotations
@@ -17,14 +18,11 @@ from dataclasses import dataclass
 from math import isfinite
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-from matplotlib.figure import Figure  # noqa: E402
-
-from .. import history  # noqa: E402
-from ..record import Focus, StageRecord, as_float  # noqa: E402
-from . import RunResults, StageResult  # noqa: E402
+from .. import history
+from ..record import Focus, StageRecord, as_float
+from . import RunResults, StageResult
 
 _SIZE = (6.4, 3.4)
 _DPI = 90

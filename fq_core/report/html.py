@@ -65,10 +65,6 @@ def commands_list(commands: Iterable[Command]) -> Markup:
     return _m().commands_list(rows_mod.command_rows(commands))
 
 
-def chart_html(chart: Chart) -> Markup:
-    return _m().chart(chart)
-
-
 def stage_section(r: StageResult, charts: Sequence[Chart]) -> Markup:
     """Everything about one stage × model, self-contained."""
     return _m().stage_section(rows_mod.stage_view(r), charts)

@@ -24,19 +24,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from matplotlib.colors import LogNorm, TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
-matplotlib.use("Agg")
-from matplotlib.colors import LogNorm, TwoSlopeNorm  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-
-from .. import atomic  # noqa: E402
-from ..record import as_float  # noqa: E402
-from ..stats import sci  # noqa: E402
-from ..sweep import Analysis, Row, analyze_dirs, summarize_timing  # noqa: E402
-from .charts import PLACEBO, TREATMENT, Chart, _png, _slug  # noqa: E402
-from .render import render  # noqa: E402
+from .. import atomic
+from ..record import as_float
+from ..stats import sci
+from ..sweep import Q_DEFAULT, Analysis, Row, analyze_dirs, summarize_timing
+from .charts import PLACEBO, TREATMENT, Chart, _png, _slug
+from .render import render
 
 HTML = "sensitivity.html"
 MARKDOWN = "sensitivity.md"
@@ -386,7 +383,7 @@ class SensitivityReport:
     analysis: Analysis
 
 
-def write_report(paths: Sequence[str | Path], output_dir: str | Path, *, q: float = 0.05
+def write_report(paths: Sequence[str | Path], output_dir: str | Path, *, q: float = Q_DEFAULT
                  ) -> SensitivityReport:  # fmt: skip
     """Merge the sweep cells of `paths` (BadInput before any output when shards disagree)
     and write sensitivity.html / .md / .json and charts/sensitivity-*.png into output_dir."""
