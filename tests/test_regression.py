@@ -213,7 +213,7 @@ def test_exact_metrics(metric, ref_value, now_value, tol, verdict):
     b = rec("R2", numeric=dict(NUMERIC, **{metric: now_value}))
     m = compare_metric(METRICS[metric], parse_tolerances(tol)[metric], a, b)
     assert m.verdict == verdict, m.detail
-    assert m.shown[3] == "exact"
+    assert m.shown.uncertainty == "exact" and not m.uncertain
 
 
 @pytest.mark.parametrize(
