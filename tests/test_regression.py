@@ -397,6 +397,24 @@ def test_comparison_round_trip():
         regression.decode(b'{"schema": 1}', source="x.json")
 
 
+def test_shown_is_read_by_name_and_stored_as_before():
+    """`shown` stays the stored array of four (comparisons written before read unchanged);
+    in memory each figure has its name, and whether a ± goes with it is not read from it."""
+    cmp = compare(rec(), with_kld(0.0090))
+    (kld,) = [m for m in cmp.metrics if m.metric == "kld"]
+    (changed,) = [m for m in cmp.metrics if m.metric == "changed"]
+    stored = json.loads(regression.encode(cmp))["metrics"]
+    assert [m["shown"] for m in stored if m["metric"] == "kld"] == [
+        [kld.shown.reference, kld.shown.now, kld.shown.change, kld.shown.uncertainty]
+    ]
+    assert kld.uncertain and kld.shown.uncertainty.startswith("±")
+    assert not changed.uncertain and changed.shown.uncertainty == "exact"
+    raw = json.loads(regression.encode(cmp))
+    raw["metrics"][0]["shown"] = ["a", "b", "c"]  # not four figures: refused by name
+    with pytest.raises(BadInput, match="shown"):
+        regression.decode(json.dumps(raw), source="x.json")
+
+
 # --- the store: comparisons stay out of the record glob -------------------------------------
 
 
