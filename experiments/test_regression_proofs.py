@@ -196,13 +196,14 @@ def test_a_worse_format_fails_naming_the_metric(runs: Runs, bf16: StageRecord, n
     cmp = runs.comparison("E5M2")
     assert cmp.status == "regressed"
     for m in cmp.regressions:  # each named with both values, the change and the tolerance
-        assert f"{m.metric} {m.shown[0]} → {m.shown[1]} ({m.shown[2]}; tolerance {m.tolerance}" \
+        s = m.shown
+        assert f"{m.metric} {s.reference} → {s.now} ({s.change}; tolerance {m.tolerance}" \
             in proc.stdout  # fmt: skip
     assert {"changed", "max_rel"} <= {m.metric for m in cmp.regressions}  # exact: always seen
     (kld,) = [m for m in cmp.metrics if m.metric == "kld"]
     note("kld", kld.detail)
-    assert kld.shown[0] == regression.METRICS["kld"].show(bf16.treatment.kld.mean)
-    assert kld.shown[1] == regression.METRICS["kld"].show(runs.record("E5M2").treatment.kld.mean)
+    assert kld.shown.reference == regression.METRICS["kld"].show(bf16.treatment.kld.mean)
+    assert kld.shown.now == regression.METRICS["kld"].show(runs.record("E5M2").treatment.kld.mean)
     # mean KLD regressed exactly when its rise beats both the 10% and 2u (2 ± the placebo
     # spread of 3 seeds: 0.0013 on the machine the README quotes, where it is seen)
     assert (kld.verdict == "regressed") == (kld.change > max(kld.limit, kld.uncertainty))
@@ -232,7 +233,7 @@ def test_where_the_limit_lies(runs: Runs, bf16: StageRecord, fmt: str, note):
         cmp = regression.compare(bf16, now, tol)
         (kld,) = [m for m in cmp.metrics if m.metric == "kld"]
         d, limit, bound = kld.change, kld.limit, kld.uncertainty
-        note(f"{tol}", f"{kld.shown[0]} → {kld.shown[1]} ({kld.shown[2]}), "
+        note(f"{tol}", f"{kld.shown.reference} → {kld.shown.now} ({kld.shown.change}), "
                         f"limit {limit:.5f}, 2u {bound:.5f}: {kld.verdict}")  # fmt: skip
         assert (kld.verdict == "regressed") == (d > max(limit, bound)), kld.detail
         assert cmp.status == "regressed"  # changed and max_rel always see a format change

@@ -1,24 +1,27 @@
 """Pure verdicts: a measured value and its threshold in, one check out — and the one rule
-for what a check decides.
+for what a check decides, and the one decision a stage record gives.
 
 Why one rule: a check states its status, its value, its threshold and whether it *gates*.
 That flag alone drives the stage outcome, the gate record, the report's GO/NO-GO and the
 pytest outcome. A check with no threshold measures and reports; it never fails a stage and
-never shows as a passed test, because it asserted nothing.
+never shows as a passed test, because it asserted nothing. `decide` turns a Test 1 record
+into GO / NO-GO / NO DECISION once, for the gate, the reports and the pytest-html title.
 
 No I/O here: every function is a table of (value, threshold) → status, tested as one.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 from .figures import figure
-from .record import Check, upgrade_check
+from .record import Check, StageRecord, Standing, Versus, upgrade_check
 
 #: passed/failed: a gating check met or missed its threshold. reported: measured, no
 #: threshold set. skipped: not run (gate closed, control off). error: no value to judge.
@@ -79,13 +82,6 @@ def stage_outcome(checks: Mapping[str, Check | Mapping[str, Any]]) -> str:
     return "passed"
 
 
-def failure_reason(checks: Mapping[str, Check | Mapping[str, Any]]) -> str | None:
-    bad = failing(checks)
-    if not bad:
-        return None
-    return "; ".join(c.detail or f"{name} {c.status}" for name, c in bad)
-
-
 def ending(check: Check | Mapping[str, Any]) -> tuple[str, str]:
     """("pass" | "fail" | "skip", message): how a test of this check ends.
 
@@ -105,6 +101,95 @@ def ending(check: Check | Mapping[str, Any]) -> tuple[str, str]:
     if c.status == "failed":
         return "fail", c.detail
     return "fail", f"a gating check cannot be {c.status!r}: {c.detail}"
+
+
+# --- the decision ------------------------------------------------------------------------------
+
+
+class Verdict(enum.StrEnum):
+    """Whether a model may move past Test 1."""
+
+    GO = "GO"
+    NO_GO = "NO-GO"
+    NO_DECISION = "NO DECISION"
+
+
+@dataclass(frozen=True)
+class DecidingCheck:
+    name: str
+    status: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """GO / NO-GO for moving past Test 1, for one model, and the checks that decided it."""
+
+    model: str  # the case: `gemma3-270m`, or `gemma3-270m-twin` for the intrinsic answer
+    verdict: Verdict
+    reason: str
+    deciding: tuple[DecidingCheck, ...] = ()
+    reported: tuple[DecidingCheck, ...] = ()
+
+    @property
+    def go(self) -> bool:
+        return self.verdict is Verdict.GO
+
+    @property
+    def detail(self) -> str:
+        """The reason with each failing check's own line: what the gate's skip reason says."""
+        bad = [c for c in self.deciding if c.status in FAILING]
+        if self.verdict is Verdict.NO_GO and bad:
+            return "; ".join(c.detail or f"{c.name} {c.status}" for c in bad)
+        return self.reason
+
+
+def decide(rec: StageRecord, errors: Sequence[str] = ()) -> Decision:
+    """The decision a Test 1 record gives, by the one rule (`Check.gates`).
+
+    NO DECISION, never GO, from a record that did not finish (killed, interrupted or still
+    running: its checks are the ones done before it stopped), from one whose gating checks
+    are not all judged, and from a session that had `errors` (a test that errored means the
+    session did not do what its GO would claim)."""
+    title = rec.stage_title
+    if rec.outcome == "skipped":
+        why = f"{title} was skipped: {rec.skip_reason or 'no reason recorded'}"
+        return Decision(rec.case, Verdict.NO_DECISION, why)
+    asserted, reported = [], []
+    for name, c in rec.checks.items():
+        (asserted if c.gates else reported).append(DecidingCheck(name, c.status, c.detail))
+    reported = tuple(reported)
+    if rec.outcome == "running":
+        return Decision(rec.case, Verdict.NO_DECISION, unfinished(rec), (), reported)
+    failed = [c for c in asserted if c.status in FAILING]
+    pending = [c for c in asserted if c.status not in (*FAILING, "passed")]
+    if failed:
+        names = ", ".join(c.name for c in failed)
+        return Decision(rec.case, Verdict.NO_GO, f"failed: {names}", tuple(failed), reported)
+    if rec.outcome in FAILING:
+        return Decision(rec.case, Verdict.NO_GO, f"{title} failed", tuple(asserted), reported)
+    if pending or not asserted:
+        names = ", ".join(c.name for c in pending) or "all"
+        why = f"checks not finished: {names}"
+        return Decision(rec.case, Verdict.NO_DECISION, why, tuple(pending), reported)
+    names = ", ".join(c.name for c in asserted)
+    reason = f"all {len(asserted)} asserted checks passed ({names})"
+    if errors:
+        first = errors[0] + (f" and {len(errors) - 1} more" if len(errors) > 1 else "")
+        why = f"this session had {len(errors)} error{'s' if len(errors) > 1 else ''} ({first})"
+        why = f"{why}; {title} alone: {reason}"
+        return Decision(rec.case, Verdict.NO_DECISION, why, tuple(asserted), reported)
+    return Decision(rec.case, Verdict.GO, reason, tuple(asserted), reported)
+
+
+def unfinished(rec: StageRecord) -> str:
+    """Why a record that never finished decides nothing: the checks it holds are the ones
+    done before it stopped (killed, interrupted, or still running), never the whole test."""
+    done = ", ".join(f"{n} {c.status}" for n, c in rec.checks.items()) or "none"
+    return (
+        f"{rec.stage_title} did not finish: its record is still {rec.outcome!r} since "
+        f"{rec.started_at} (killed, interrupted or still running); checks so far: {done}"
+    )
 
 
 # --- verdicts ---------------------------------------------------------------------------------
@@ -339,42 +424,47 @@ def placebo_check(
     return _optional_limit(text, ratio, limit, "fq_noise_factor_max", False, shown)
 
 
-# --- the treatment against its placebos, in words (stored once, rendered by the report) ----
+# --- the treatment against its placebos: a category and its words, stored once --------------
 
 
-def delta_vs_placebo(value: float | None, lo: float | None, hi: float | None) -> str:
+def delta_vs_placebo(value: float | None, lo: float | None, hi: float | None) -> Versus:
     """ΔPPL % against the placebos' range: inside it, or how many times its largest |ΔPPL|."""
     if not finite(lo) or not finite(hi):
-        return "control not run"
+        return Versus(standing=Standing.NONE, words="control not run")
     if not finite(value):
-        return "not measured"
+        return Versus(standing=Standing.NONE, words="not measured")
     largest = max(abs(lo), abs(hi))
     if lo <= value <= hi or abs(value) <= largest:
-        return "within engine noise"
+        return Versus(standing=Standing.NOISE, words="within engine noise")
     if largest == 0:
-        return "above the placebo, which changed nothing"
-    return f"{abs(value) / largest:.1f}× the largest placebo"
+        return Versus(standing=Standing.ABOVE, words="above the placebo, which changed nothing")
+    return Versus(standing=Standing.ABOVE, words=f"{abs(value) / largest:.1f}× the largest placebo")
 
 
-def same_top_vs_placebo(value: float | None, placebo_min: float | None) -> str:
+def same_top_vs_placebo(value: float | None, placebo_min: float | None) -> Versus:
     """Same-top % compared through the drop below 100 %, the way KLD is compared."""
     if not finite(placebo_min):
-        return "control not run"
+        return Versus(standing=Standing.NONE, words="control not run")
     if not finite(value):
-        return "not measured"
+        return Versus(standing=Standing.NONE, words="not measured")
     drop, largest = 100.0 - value, 100.0 - placebo_min
     if drop <= largest:
-        return "within engine noise"
+        return Versus(standing=Standing.NOISE, words="within engine noise")
     if largest <= 0:
-        return "above the placebo, which changed nothing"
-    return f"{drop / largest:.1f}× the largest placebo drop"
+        return Versus(standing=Standing.ABOVE, words="above the placebo, which changed nothing")
+    words = f"{drop / largest:.1f}× the largest placebo drop"
+    return Versus(standing=Standing.ABOVE, words=words)
 
 
-def kld_vs_placebo(changed: int | None, n_seeds: int, ratio: float | None, verdict: str) -> str:
+def kld_vs_placebo(changed: int | None, n_seeds: int, ratio: float | None, verdict: str) -> Versus:
+    """Mean KLD against the largest placebo's, from `placebo_verdict`'s ratio and words."""
     if changed == 0:
-        return "no element changed: the model is identical to the baseline"
+        words = "no element changed: the model is identical to the baseline"
+        return Versus(standing=Standing.NONE, words=words)
     if n_seeds == 0:
-        return "control not run"
-    if finite(ratio) and "×" not in verdict:
-        return f"{verdict} (ratio {ratio:.2f})"
-    return verdict
+        return Versus(standing=Standing.NONE, words="control not run")
+    if ratio is None or math.isnan(ratio):  # no treatment KLD, or not a number
+        return Versus(standing=Standing.NONE, words=verdict)
+    if ratio <= 1.0:
+        return Versus(standing=Standing.NOISE, words=f"{verdict} (ratio {ratio:.2f})")
+    return Versus(standing=Standing.ABOVE, words=verdict)

@@ -29,15 +29,10 @@ class GateDecision:
 
 
 def failure_reason(result: StageRecord) -> str | None:
-    """Why a stored Test 1 result did not pass (its failing gating checks), or None if it did."""
-    reason = checks.failure_reason(result.checks)
-    if reason is not None:
-        return reason
-    if result.outcome == "passed":
-        return None
-    if result.outcome == "skipped":
-        return f"Test 1 was skipped: {result.skip_reason or 'no reason recorded'}"
-    return f"Test 1 did not finish (outcome {result.outcome!r})"
+    """Why a stored Test 1 result gives no GO (checks.decide: its failing gating checks'
+    own lines, or why it decides nothing), or None when it is a GO."""
+    decision = checks.decide(result)
+    return None if decision.go else decision.detail
 
 
 def describe_changes(recorded: Mapping[str, Any], current: Identity) -> list[str]:

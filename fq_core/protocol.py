@@ -534,10 +534,11 @@ def _placebo_summary(runs: list[dict], seeds: Sequence[int], treatment_kld: floa
 
 
 def _compared(numeric: dict, treatment: dict, placebo: dict) -> dict:
-    """The treatment against its placebos in words: decided here, rendered by the report."""
+    """The treatment against its placebos, category and words: decided here, rendered by the
+    report."""
     d, same = placebo.get("delta_ppl_pct") or {}, placebo.get("same_top_pct") or {}
     kld = treatment.get("kld") or {}
-    return {
+    compared = {
         "kld": checks.kld_vs_placebo(
             numeric.get("changed"), len(placebo["seeds"]), placebo["kld_ratio"], placebo["verdict"]
         ),
@@ -546,6 +547,7 @@ def _compared(numeric: dict, treatment: dict, placebo: dict) -> dict:
         ),
         "same_top": checks.same_top_vs_placebo(kld.get("same_top_pct"), same.get("min")),
     }
+    return msgspec.to_builtins(compared)
 
 
 # --- the protocol ---------------------------------------------------------------------------
@@ -774,12 +776,13 @@ def _finish(
     if stage_.id == GATE_STAGE.id and exp.variant == exp.gate_variant:
         from .gate import failure_reason
 
+        reason = failure_reason(rec)  # None: a GO (checks.decide), what opens the gate
         results.record_gate(
             exp.gate_identity(model, ctx.corpus, ctx.tools),
             model=model.name,
-            outcome=rec.outcome,
+            outcome="passed" if reason is None else "failed",
             run_id=ctx.run_id,
-            reason=failure_reason(rec),
+            reason=reason,
             root=ctx.results_root,
         )
     return rec

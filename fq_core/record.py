@@ -12,6 +12,7 @@ stores it; everything else renders it.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 from pathlib import Path
@@ -26,7 +27,8 @@ from .settings import default
 
 #: Version of the stored layout. 1: checks said `asserted`, report-only checks were "passed".
 #: 2: no variant (every record measured the model as deployed), no resolution.
-SCHEMA = 3
+#: 3: the placebo comparisons were words only (`placebo.compared.kld` a string).
+SCHEMA = 4
 
 Status = Literal["passed", "failed", "reported", "skipped", "error"]
 #: A measured number. JSON has no NaN or infinity, and null means "not measured", so a value
@@ -304,12 +306,28 @@ class CacheUse(_Part, kw_only=True):
     rejected: str | None = None  # an earlier entry at this key failed its proof (moved aside)
 
 
-class PlaceboComparison(_Part, kw_only=True):
-    """The treatment against its placebos in words, decided once by the protocol."""
+class Standing(enum.StrEnum):
+    """Where a treatment's figure stands against its placebos: decided once by the protocol
+    (fq_core.checks), stored, and read by the report as a category, never out of the words."""
 
-    kld: str  # "1.6× the largest placebo", "within engine noise", "control not run", ...
-    delta_ppl: str
-    same_top: str
+    NOISE = "noise"  # no further from the baseline than the placebos: the engine's noise
+    ABOVE = "above"  # beyond every placebo
+    NONE = "none"  # nothing to compare: control not run, not measured, nothing changed
+
+
+class Versus(_Part, kw_only=True):
+    """One figure against its placebos: the category and the protocol's words for it."""
+
+    standing: Standing
+    words: str  # "1.6× the largest placebo", "within engine noise", "control not run", ...
+
+
+class PlaceboComparison(_Part, kw_only=True):
+    """The treatment against its placebos, decided once by the protocol."""
+
+    kld: Versus
+    delta_ppl: Versus
+    same_top: Versus
 
 
 class Placebo(_Part, kw_only=True):
@@ -483,12 +501,31 @@ def _upgrade(data: Any, version: int, source: str) -> Any:
             f"{source}: schema {version} is newer than this fq-suite reads ({SCHEMA}); "
             "upgrade fq-suite to read it"
         )
-    if version == 2 and isinstance(data, dict):  # the fields it lacks have their defaults
-        return dict(data, schema=SCHEMA)
-    if version == 1 and isinstance(data, dict):
-        data = dict(data, schema=SCHEMA)
+    if version not in (1, 2, 3) or not isinstance(data, dict):
+        raise BadInput(f"{source}: schema {version} is not a layout this fq-suite knows")
+    data = dict(data, schema=SCHEMA)  # schema 2 lacks fields that have their defaults
+    if version == 1:
         data["thresholds"] = dict(data.get("thresholds") or {})
         data["thresholds"].setdefault("speed_ratio_min", None)
         data["checks"] = {n: upgrade_check(c) for n, c in (data.get("checks") or {}).items()}
-        return data
-    raise BadInput(f"{source}: schema {version} is not a layout this fq-suite knows")
+    placebo = data.get("placebo")
+    if isinstance(placebo, dict) and isinstance(placebo.get("compared"), dict):
+        compared = {k: _versus(v) for k, v in placebo["compared"].items()}
+        data["placebo"] = dict(placebo, compared=compared)
+    return data
+
+
+def _versus(words: Any) -> Any:
+    """A comparison stored before schema 4 as words alone, with the category those words
+    stated (the wordings fq_core.checks produced; anything else compared nothing)."""
+    if not isinstance(words, str):
+        return words
+    if words.startswith("within engine noise"):
+        standing = Standing.NOISE
+    elif words.startswith("nan"):  # a treatment KLD that was not a number
+        standing = Standing.NONE
+    elif "× the largest placebo" in words or words.startswith("above the placebo"):
+        standing = Standing.ABOVE
+    else:
+        standing = Standing.NONE
+    return {"standing": standing.value, "words": words}

@@ -410,6 +410,15 @@ class _Part(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     pass
 
 
+class Shown(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A metric's figures as printed, by name (stored as the array of four it always was)."""
+
+    reference: str
+    now: str
+    change: str
+    uncertainty: str  # "±0.00126"; "exact" (deterministic) or "—" (none known): no ±
+
+
 class MetricComparison(_Part, kw_only=True):
     metric: str  # the tolerance name
     label: str
@@ -424,8 +433,14 @@ class MetricComparison(_Part, kw_only=True):
     limit: Num  # the tolerance in the metric's unit
     verdict: Verdict
     gates: bool  # a regression here fails the check
-    shown: tuple[str, str, str, str]  # reference, now, change, ± as printed
+    shown: Shown
     detail: str  # one line
+
+    @property
+    def uncertain(self) -> bool:
+        """Its difference has a known uncertainty (not a deterministic metric): a ± to show."""
+        metric = METRICS.get(self.metric)
+        return self.uncertainty is not None and not (metric is not None and metric.exact)
 
 
 class Comparison(_Part, kw_only=True):
@@ -499,11 +514,11 @@ def compare_metric(
     show = metric.show
 
     def make(verdict: Verdict, detail: str, *, change=None, pct=None, limit=None, g=gates):
-        shown = (
-            show(r) if r is not None else "—",
-            show(n) if n is not None else "—",
-            _signed(show, change, pct) if change is not None else "—",
-            ("exact" if metric.exact else f"±{show_plain(metric, bound)}")
+        shown = Shown(
+            reference=show(r) if r is not None else "—",
+            now=show(n) if n is not None else "—",
+            change=_signed(show, change, pct) if change is not None else "—",
+            uncertainty=("exact" if metric.exact else f"±{show_plain(metric, bound)}")
             if bound is not None else "—",
         )  # fmt: skip
         return MetricComparison(
@@ -644,11 +659,12 @@ def compare(
 
 def _brief(m: MetricComparison) -> str:
     """`kld 0.00600 → 0.00780 (+0.00180, +30.0%; tolerance 10%, uncertainty ±0.00057)`."""
+    s = m.shown
     if m.verdict == "missing":
-        return f"{m.metric} {m.shown[0]} → not measured"
+        return f"{m.metric} {s.reference} → not measured"
     return (
-        f"{m.metric} {m.shown[0]} → {m.shown[1]} ({m.shown[2]}; tolerance {m.tolerance}, "
-        f"uncertainty {m.shown[3]})"
+        f"{m.metric} {s.reference} → {s.now} ({s.change}; tolerance {m.tolerance}, "
+        f"uncertainty {s.uncertainty})"
     )
 
 
@@ -729,7 +745,7 @@ def render_table(cmp: Comparison) -> str:
         return "\n".join(lines)
     head = ("metric", "reference", "now", "change", f"±{cmp.z:g}u", "tolerance", "verdict")
     rows = [head] + [
-        (m.metric, *m.shown[:3], m.shown[3], m.tolerance,
+        (m.metric, *msgspec.structs.astuple(m.shown), m.tolerance,
          m.verdict.upper() if m.verdict == "regressed" else m.verdict)
         for m in cmp.metrics
     ]  # fmt: skip

@@ -31,7 +31,7 @@ _HTML_REPORT = pytest.StashKey[object]()
 
 class _Errors:
     """The tests (and collectors) of this session that ended in an error: a session with
-    any states no GO, whatever its records say (fq_core.report.session_errors)."""
+    any states no GO, whatever its records say (fq_core.checks.decide)."""
 
     def __init__(self) -> None:
         self.nodeids: list[str] = []
@@ -177,7 +177,7 @@ def pytest_html_results_summary(prefix, summary, postfix, session) -> None:
 
 
 def _summary(prefix, summary, postfix, session) -> None:
-    from fq_core.report import charts, decisions, html, load_run, session_errors
+    from fq_core.report import charts, decisions, html, load_run
 
     config = session.config
     run_dir = _run_dir(config)
@@ -187,7 +187,7 @@ def _summary(prefix, summary, postfix, session) -> None:
         return
     run = load_run(run_dir)
     errors = config.stash[_ERRORS].nodeids if _ERRORS in config.stash else []
-    decided = session_errors(decisions(run), errors)
+    decided = decisions(run, errors)
     prefix.append(str(html.decision_block(decided, run)))
     against = str(html.reference_block(run))  # empty unless --fq-compare stored comparisons
     if against:

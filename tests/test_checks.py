@@ -7,11 +7,13 @@ threshold, just over, NaN, no threshold at all).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import msgspec
 import pytest
+from record_factory import make_record
 
-from fq_core import checks
+from fq_core import checks, record
 from fq_core.checks import Check
 
 NAN, INF = math.nan, math.inf
@@ -190,7 +192,7 @@ def test_reported_ending_carries_the_value():
     assert "0.97×" in message and message.startswith("reported, not asserted")
 
 
-def test_stage_outcome_and_failure_reason_follow_gates_only():
+def test_stage_outcome_and_failures_follow_gates_only():
     base = {
         "quantize": Check(status="passed", detail="q"),
         "perplexity": Check(status="passed", detail="p"),
@@ -198,10 +200,10 @@ def test_stage_outcome_and_failure_reason_follow_gates_only():
     assert checks.stage_outcome(base) == "passed"
     soft = dict(base, placebo=Check(status="error", detail="placebo run failed: boom", gates=False))
     assert checks.stage_outcome(soft) == "passed"
-    assert checks.failure_reason(soft) is None
+    assert checks.failing(soft) == []
     hard = dict(base, placebo=Check(status="error", detail="placebo run failed: boom"))
     assert checks.stage_outcome(hard) == "failed"
-    assert checks.failure_reason(hard) == "placebo run failed: boom"
+    assert checks.failing(hard) == [("placebo", hard["placebo"])]
     skipped = {n: Check(status="skipped", detail="gate closed") for n in checks.CHECKS}
     assert checks.stage_outcome(skipped) == "skipped"
 
@@ -225,3 +227,60 @@ def test_round_trip_keeps_the_second_value():
     c = checks.kld_check(0.006, 95.6, 0.02, 0.9)
     again = checks.check_from_json(checks.to_json(c))
     assert again == c and again.same_top == pytest.approx(0.956)
+
+
+# --- the decision: one function for the gate, the reports and the pytest-html title ----------
+
+
+def _test1(outcome: str, **statuses) -> record.StageRecord:
+    """A Test 1 record whose checks pass unless named: name=status or name=(status, gates)."""
+    data = make_record(outcome=outcome, finished_at=None if outcome == "running" else "t")
+    for name, how in statuses.items():
+        status, gates = how if isinstance(how, tuple) else (how, True)
+        data["checks"][name] = {"status": status, "detail": f"{name} {status}", "gates": gates}
+    return record.from_builtins(data)
+
+
+# outcome, checks, session errors -> verdict, reason (start)
+DECISION_ROWS = [
+    ("passed", {}, (), "GO", "all 9 asserted checks passed (quantize, numeric, load, "),
+    ("passed", {"speed": ("reported", False)}, (), "GO", "all 8 asserted checks passed"),
+    ("failed", {"kld": "failed"}, (), "NO-GO", "failed: kld"),
+    ("failed", {"load": "error", "kld": "failed"}, (), "NO-GO", "failed: load, kld"),
+    ("failed", {}, (), "NO-GO", "Test 1 failed"),  # an outcome no check explains
+    ("running", {}, (), "NO DECISION", "Test 1 did not finish: its record is still 'running'"),
+    ("running", {"kld": "failed"}, (), "NO DECISION", "Test 1 did not finish"),
+    ("skipped", {}, (), "NO DECISION", "Test 1 was skipped: no reason recorded"),
+    # a gating check not judged: the old gate opened on outcome "passed", the report did not
+    ("passed", {"generate": "skipped"}, (), "NO DECISION", "checks not finished: generate"),
+    ("passed", {}, ("t::a",), "NO DECISION", "this session had 1 error (t::a); Test 1 alone: "),
+    ("passed", {}, ("a", "b"), "NO DECISION", "this session had 2 errors (a and 1 more)"),
+    ("failed", {"kld": "failed"}, ("a",), "NO-GO", "failed: kld"),
+]
+
+
+@pytest.mark.parametrize(("outcome", "statuses", "errors", "verdict", "reason"), DECISION_ROWS)
+def test_decide(outcome, statuses, errors, verdict, reason):
+    d = checks.decide(_test1(outcome, **statuses), errors)
+    assert d.verdict is checks.Verdict(verdict)
+    assert d.reason.startswith(reason), d.reason
+    assert f"{d.model}: {d.verdict}" == f"m: {verdict}"  # the word the reports print
+
+
+@pytest.mark.parametrize(("outcome", "statuses", "errors", "verdict", "reason"), DECISION_ROWS)
+def test_the_gate_and_the_report_decide_alike(outcome, statuses, errors, verdict, reason):
+    """The gate opens on exactly the records the report calls GO (no session errors: the
+    gate decides within the session), and closes with the failing checks' own lines."""
+    from fq_core import gate
+    from fq_core.report import RunResults, StageResult, decide
+
+    rec = _test1(outcome, **statuses)
+    run = RunResults(Path("R1"), "R1", (StageResult(Path("R1/layer0/m.json"), rec),))
+    said = decide(run, "m")
+    why = gate.failure_reason(rec)
+    assert (why is None) == (said.verdict is checks.Verdict.GO)
+    failing = [f"{n} {s}" for n, s in statuses.items() if s in ("failed", "error")]
+    if said.verdict is checks.Verdict.NO_GO and failing:
+        assert why == "; ".join(failing)
+    elif why is not None:
+        assert why == said.reason

@@ -213,7 +213,7 @@ def test_exact_metrics(metric, ref_value, now_value, tol, verdict):
     b = rec("R2", numeric=dict(NUMERIC, **{metric: now_value}))
     m = compare_metric(METRICS[metric], parse_tolerances(tol)[metric], a, b)
     assert m.verdict == verdict, m.detail
-    assert m.shown[3] == "exact"
+    assert m.shown.uncertainty == "exact" and not m.uncertain
 
 
 @pytest.mark.parametrize(
@@ -395,6 +395,24 @@ def test_comparison_round_trip():
     assert regression.decode(regression.encode(cmp)) == cmp
     with pytest.raises(BadInput, match="not an fq-suite comparison"):
         regression.decode(b'{"schema": 1}', source="x.json")
+
+
+def test_shown_is_read_by_name_and_stored_as_before():
+    """`shown` stays the stored array of four (comparisons written before read unchanged);
+    in memory each figure has its name, and whether a ± goes with it is not read from it."""
+    cmp = compare(rec(), with_kld(0.0090))
+    (kld,) = [m for m in cmp.metrics if m.metric == "kld"]
+    (changed,) = [m for m in cmp.metrics if m.metric == "changed"]
+    stored = json.loads(regression.encode(cmp))["metrics"]
+    assert [m["shown"] for m in stored if m["metric"] == "kld"] == [
+        [kld.shown.reference, kld.shown.now, kld.shown.change, kld.shown.uncertainty]
+    ]
+    assert kld.uncertain and kld.shown.uncertainty.startswith("±")
+    assert not changed.uncertain and changed.shown.uncertainty == "exact"
+    raw = json.loads(regression.encode(cmp))
+    raw["metrics"][0]["shown"] = ["a", "b", "c"]  # not four figures: refused by name
+    with pytest.raises(BadInput, match="shown"):
+        regression.decode(json.dumps(raw), source="x.json")
 
 
 # --- the store: comparisons stay out of the record glob -------------------------------------

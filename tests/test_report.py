@@ -16,6 +16,7 @@ import base64
 import html as html_lib
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -31,7 +32,8 @@ from record_factory import make_record
 
 from fq_core import record, results
 from fq_core.figures import figure
-from fq_core.record import StageRecord
+from fq_core.record import PlaceboComparison, StageRecord, Standing, Versus
+from fq_core.report.rows import TONES as TONE
 
 # tests using `real_run` are marked models + llama by fq_pytest.markers; the rest run offline
 
@@ -208,13 +210,17 @@ def test_placebo_comparison_in_words(real_run):
     text = real_run["html"].read_text(encoding="utf-8")
     for r in real_run["results"].values():
         compared = r.placebo.compared
-        for words in (compared.kld, compared.delta_ppl, compared.same_top):
-            assert words in text  # the protocol's own wording, shown as stored
+        for versus in (compared.kld, compared.delta_ppl, compared.same_top):
+            # the protocol's own wording, shown as stored, coloured by its stored category
+            assert f'<span class="fq-{TONE[versus.standing]}">{versus.words}</span>' in text
         if r.numeric.changed == 0:
-            assert compared.kld == "no element changed: the model is identical to the baseline"
+            assert compared.kld == Versus(
+                standing=Standing.NONE,
+                words="no element changed: the model is identical to the baseline",
+            )
             assert r.placebo.runs == ()  # a byte-identical file: no effect, no placebo run
             continue
-        assert r.placebo.verdict in compared.kld
+        assert r.placebo.verdict in compared.kld.words
         kld = r.placebo.kld_mean
         assert f"{kld.min:.3g} … {kld.max:.3g}" in text
 
@@ -330,7 +336,7 @@ def test_markdown_reports_state_the_decision_and_numbers(real_run, tmp_path):
         assert f"{t.ppl:.4f} ± {t.ppl_err:.4f}" in t1
         assert f"{figure(t.delta_ppl_pct, '+.2f')} %" in t1
         assert f"{t.kld.mean:.3g}" in t1 and f"{t.kld.mean:.3g}" in ex
-        assert r.placebo.compared.kld in t1 and r.placebo.compared.kld in ex
+        assert r.placebo.compared.kld.words in t1 and r.placebo.compared.kld.words in ex
         assert r.model.sha256 in t1 and r.corpus.sha256 in t1
     assert "No results for stages 2–4 in this run" in ex
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", t1 + ex)
@@ -414,9 +420,11 @@ def full_record(**overrides) -> dict:
                     "delta_ppl_pct": {"min": 0.38, "max": 0.39, "mean": 0.385},
                     "same_top_pct": {"min": 98.21, "max": 98.22, "mean": 98.215},
                     "kld_ratio": 2.3, "verdict": "2.3× the largest placebo",
-                    "compared": {"kld": "2.3× the largest placebo",
-                                 "delta_ppl": "4.2× the largest placebo",
-                                 "same_top": "2.6× the largest placebo drop"}},
+                    "compared": {
+                        "kld": {"standing": "above", "words": "2.3× the largest placebo"},
+                        "delta_ppl": {"standing": "above", "words": "4.2× the largest placebo"},
+                        "same_top": {"standing": "above",
+                                     "words": "2.6× the largest placebo drop"}}},
         "commands": [{"argv": ["/llama/bin/llama-perplexity", "-m", "my model.gguf"],
                       "started_at": "2026-11-29T00:00:10Z", "duration_s": 38.4,
                       "exit_status": 0, "stdout_path": "/logs/1.out",
@@ -489,8 +497,11 @@ def test_placebo_words_are_the_protocols(tmp_path):
     from fq_core.report.markdown import write_reports
 
     data = full_record()
-    data["placebo"]["compared"] = {"kld": "KLD words", "delta_ppl": "ΔPPL words",
-                                   "same_top": "same-top words"}  # fmt: skip
+    data["placebo"]["compared"] = {
+        "kld": {"standing": "noise", "words": "KLD words"},
+        "delta_ppl": {"standing": "above", "words": "ΔPPL words"},
+        "same_top": {"standing": "none", "words": "same-top words"},
+    }
     run = load_run(save_run(tmp_path, data))
     text = render_all(run)
     write_reports(tmp_path / "results", tmp_path / "md")
@@ -498,6 +509,10 @@ def test_placebo_words_are_the_protocols(tmp_path):
     for words in ("KLD words", "ΔPPL words", "same-top words"):
         assert words in text and f"**{words}**" in md
     assert text.count("KLD words") == 3  # decision, overview, metrics table
+    # the colour is the stored category: no word in the text says "noise" or "placebo"
+    assert text.count('<span class="fq-noise">KLD words</span>') == 3
+    assert '<span class="fq-above">ΔPPL words</span>' in text
+    assert '<span class="fq-note">same-top words</span>' in text
     for gone in ("delta_vs_placebo", "same_top_vs_placebo", "kld_vs_placebo"):
         assert not hasattr(html, gone)
 
@@ -632,23 +647,87 @@ def test_fq_report_writes_whole_or_nothing(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("value", "lo", "hi", "words"),
+    ("value", "lo", "hi", "standing", "words"),
     [
-        (0.83, 0.20, 0.35, "2.4× the largest placebo"),  # Gemma3 Test 1, 8 chunks
-        (0.30, 0.20, 0.35, "within engine noise"),
-        (-0.30, 0.20, 0.35, "within engine noise"),
-        (0.62, None, None, "control not run"),
+        (0.83, 0.20, 0.35, "above", "2.4× the largest placebo"),  # Gemma3 Test 1, 8 chunks
+        (0.30, 0.20, 0.35, "noise", "within engine noise"),
+        (-0.30, 0.20, 0.35, "noise", "within engine noise"),
+        (0.35, 0.20, 0.35, "noise", "within engine noise"),  # at the largest placebo
+        (0.01, 0.0, 0.0, "above", "above the placebo, which changed nothing"),
+        (0.62, None, None, "none", "control not run"),
+        (None, 0.20, 0.35, "none", "not measured"),
     ],
 )
-def test_delta_ppl_in_words(value, lo, hi, words):
-    """The wording the protocol stores in record.placebo.compared (fq_core.checks)."""
+def test_delta_ppl_against_the_placebo(value, lo, hi, standing, words):
+    """What the protocol stores in record.placebo.compared (fq_core.checks): the category
+    the report colours by, and its words."""
     from fq_core.checks import delta_vs_placebo
 
-    assert delta_vs_placebo(value, lo, hi) == words
+    assert delta_vs_placebo(value, lo, hi) == Versus(standing=Standing(standing), words=words)
 
 
-def test_same_top_in_words():
+def test_same_top_against_the_placebo():
     from fq_core.checks import same_top_vs_placebo
 
-    assert same_top_vs_placebo(95.6, 97.3) == "1.6× the largest placebo drop"
-    assert same_top_vs_placebo(98.0, 97.3) == "within engine noise"
+    above = Versus(standing=Standing.ABOVE, words="1.6× the largest placebo drop")
+    assert same_top_vs_placebo(95.6, 97.3) == above
+    assert same_top_vs_placebo(98.0, 97.3) == Versus(
+        standing=Standing.NOISE, words="within engine noise"
+    )
+    assert same_top_vs_placebo(None, 97.3).standing is Standing.NONE
+
+
+@pytest.mark.parametrize(
+    ("changed", "seeds", "treatment", "placebos", "standing", "words"),
+    [
+        (14, 3, 0.0060, [0.0026, 0.0020], "above", "2.3× the largest placebo"),
+        (14, 3, 0.0020, [0.0026, 0.0020], "noise", "within engine noise (ratio 0.77)"),
+        (14, 3, 0.0, [0.0, 0.0], "noise", "within engine noise (ratio 0.00)"),
+        (14, 3, 1e-6, [0.0, 0.0], "above", "above the placebo, which changed nothing"),
+        (14, 3, None, [0.0026], "none", "no treatment KLD"),
+        (14, 3, math.nan, [0.0026], "none", "nan× the largest placebo"),
+        (14, 0, 0.0060, [], "none", "control not run"),
+        (0, 3, 0.0, [], "none", "no element changed: the model is identical to the baseline"),
+    ],
+)
+def test_kld_against_the_placebo(changed, seeds, treatment, placebos, standing, words):
+    """The category comes from the ratio, never from the words (`×` in the wording)."""
+    from fq_core.checks import kld_vs_placebo, placebo_verdict
+
+    ratio, verdict = (None, "control not run")
+    if placebos:
+        ratio, verdict = placebo_verdict(treatment, placebos)
+    got = kld_vs_placebo(changed, seeds, ratio, verdict)
+    assert got == Versus(standing=Standing(standing), words=words)
+
+
+@pytest.mark.parametrize(
+    ("words", "standing"),
+    [
+        ("within engine noise (ratio 0.42)", "noise"),
+        ("within engine noise", "noise"),
+        ("1.6× the largest placebo", "above"),
+        ("2.6× the largest placebo drop", "above"),
+        ("above the placebo, which changed nothing", "above"),
+        ("control not run", "none"),
+        ("not measured", "none"),  # the report's old word match coloured this one red
+        ("no treatment KLD", "none"),
+        ("no element changed: the model is identical to the baseline", "none"),
+    ],
+)
+def test_a_schema_3_record_is_brought_forward_with_its_categories(tmp_path, words, standing):
+    """Records stored before the categories said only words; reading one gives each
+    comparison the category its words stated, and it renders as before."""
+    from fq_core.report import load_run
+
+    data = full_record()
+    data["schema"] = 3
+    data["placebo"]["compared"] = {"kld": words, "delta_ppl": words, "same_top": words}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    rec = record.read(path)
+    assert rec.schema == record.SCHEMA
+    want = Versus(standing=Standing(standing), words=words)
+    assert rec.placebo.compared == PlaceboComparison(kld=want, delta_ppl=want, same_top=want)
+    text = render_all(load_run(save_run(tmp_path, data)))
+    assert f'<span class="fq-{TONE[Standing(standing)]}">{html_lib.escape(words)}</span>' in text

@@ -50,8 +50,10 @@ def _placebo(klds=(0.0029, 0.0033, 0.0037), dppl=(0.20, 0.31, 0.42)) -> dict:
             "delta_ppl_pct": {"min": min(dppl), "max": max(dppl), "mean": sum(dppl) / len(dppl)},
             "same_top_pct": None, "kld_ratio": 0.0060 / max(klds),
             "verdict": "1.6× the largest placebo",
-            "compared": {"kld": "1.6× the largest placebo", "delta_ppl": "2.0× the largest placebo",
-                         "same_top": "within engine noise"}}  # fmt: skip
+            "compared": {
+                "kld": {"standing": "above", "words": "1.6× the largest placebo"},
+                "delta_ppl": {"standing": "above", "words": "2.0× the largest placebo"},
+                "same_top": {"standing": "noise", "words": "within engine noise"}}}  # fmt: skip
 
 
 def stage_record(run_id: str, started: str, *, kld=0.0060, dppl=0.83, **more) -> dict:
@@ -184,8 +186,8 @@ def expected_text(m: regression.MetricComparison) -> str:
     text = ("+" if d > 0 else "−") + regression.magnitude(show, d) if d else "0"
     if m.change_pct is not None and getattr(show, "suffix", "").strip() != "%":
         text += f" ({float(m.change_pct):+.1f} %)".replace("-", "−")
-    if m.shown[3].startswith("±"):
-        text += " " + m.shown[3]
+    if m.shown.uncertainty.startswith("±"):  # the printed figure, checked independently
+        text += " " + m.shown.uncertainty
     return text + " " + ("REGRESSED" if m.verdict == "regressed" else m.verdict)
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import checks, history, regression
 from .. import record as record_mod
+from ..checks import Decision, Verdict
 from ..errors import BadInput
 from ..record import StageRecord
 from ..regression import Comparison
@@ -23,7 +24,6 @@ from ..stages import GATE_STAGE, STAGES
 
 log = logging.getLogger(__name__)
 
-FAILING = checks.FAILING
 _STAGE_IDS = tuple(s.id for s in STAGES)  # the plan's order; unknown ids sort after, by name
 
 
@@ -115,24 +115,6 @@ class RunResults:
         return any(r.stage != GATE_STAGE.id and r.outcome != "skipped" for r in self.results)
 
 
-@dataclass(frozen=True)
-class DecidingCheck:
-    name: str
-    status: str
-    detail: str
-
-
-@dataclass(frozen=True)
-class Decision:
-    """GO / NO-GO for moving past Test 1, for one model, and the checks that decided it."""
-
-    model: str
-    verdict: str  # "GO", "NO-GO" or "NO DECISION"
-    reason: str
-    deciding: tuple[DecidingCheck, ...]
-    reported: tuple[DecidingCheck, ...]
-
-
 def stage_sort_key(stage: str) -> tuple[int, str]:
     if stage in _STAGE_IDS:
         return (_STAGE_IDS.index(stage), "")
@@ -206,74 +188,21 @@ def _comparison(run_dir: Path, rec: StageRecord) -> Comparison | None:
     return cmp
 
 
-def decide(run: RunResults, model: str) -> Decision:
-    """The gate as the report states it: Test 1's gating checks (fq_core.checks' one rule)."""
-    gate = GATE_STAGE
-    result = run.get(gate.id, model)
+def decide(run: RunResults, model: str, errors: Sequence[str] = ()) -> Decision:
+    """The gate's decision (fq_core.checks.decide) for one model of this run."""
+    result = run.get(GATE_STAGE.id, model)
     if result is None:
-        reason = f"{gate.title} ({gate.id}) was not run in this run"
-        return Decision(model, "NO DECISION", reason, (), ())
-    if result.outcome == "skipped":
-        reason = result.record.skip_reason or f"{gate.title} was skipped"
-        return Decision(model, "NO DECISION", reason, (), ())
-    asserted, reported = [], []
-    for name, check in result.record.checks.items():
-        item = DecidingCheck(name, check.status, check.detail)
-        (asserted if check.gates else reported).append(item)
-    if result.outcome == "running":
-        return Decision(model, "NO DECISION", unfinished(result.record), (), tuple(reported))
-    failed = [c for c in asserted if c.status in FAILING]
-    pending = [c for c in asserted if c.status not in FAILING + ("passed",)]
-    if failed:
-        names = ", ".join(c.name for c in failed)
-        return Decision(model, "NO-GO", f"failed: {names}", tuple(failed), tuple(reported))
-    if result.outcome in FAILING:
-        failed_text = f"{gate.title} failed"
-        return Decision(model, "NO-GO", failed_text, tuple(asserted), tuple(reported))
-    if pending or not asserted:
-        names = ", ".join(c.name for c in pending) or "all"
-        return Decision(
-            model, "NO DECISION", f"checks not finished: {names}", tuple(pending), tuple(reported)
-        )
-    names = ", ".join(c.name for c in asserted)
-    return Decision(
-        model,
-        "GO",
-        f"all {len(asserted)} asserted checks passed ({names})",
-        tuple(asserted),
-        tuple(reported),
-    )
+        why = f"{GATE_STAGE.title} ({GATE_STAGE.id}) was not run in this run"
+        return Decision(model, Verdict.NO_DECISION, why)
+    return checks.decide(result.record, errors)
 
 
-def unfinished(rec: StageRecord) -> str:
-    """Why a record that never finished decides nothing: the checks it holds are the ones
-    done before it stopped (killed, interrupted, or still running), never the whole test."""
-    done = ", ".join(f"{n} {c.status}" for n, c in rec.checks.items()) or "none"
-    return (f"{rec.stage_title} did not finish: its record is still {rec.outcome!r} since "
-            f"{rec.started_at} (killed, interrupted or still running); checks so far: "
-            f"{done}")  # fmt: skip
-
-
-def session_errors(decided: Sequence[Decision], errors: Sequence[str]) -> tuple[Decision, ...]:
-    """The decisions as a session that had errors states them: no GO. A test that errored
-    (a fixture, a worker, a tool) means the session did not do what its GO would claim."""
-    if not errors:
-        return tuple(decided)
-    first = errors[0] + (f" and {len(errors) - 1} more" if len(errors) > 1 else "")
-    why = f"this session had {len(errors)} error{'s' if len(errors) > 1 else ''} ({first})"
-    return tuple(
-        replace(d, verdict="NO DECISION", reason=f"{why}; Test 1 alone: {d.reason}")
-        if d.verdict == "GO"
-        else d
-        for d in decided
-    )
-
-
-def decisions(run: RunResults) -> tuple[Decision, ...]:
+def decisions(run: RunResults, errors: Sequence[str] = ()) -> tuple[Decision, ...]:
     """One decision per model, from its deployed Test 1 (the default gate); from the
-    intrinsic one (`-twin`) only when the run measured nothing else for that model."""
+    intrinsic one (`-twin`) only when the run measured nothing else for that model. `errors`:
+    the session's (pytest), which leave no GO standing."""
     cases = []
     for base in sorted({r.base_model for r in run.results}):
         deployed = any(r.base_model == base and r.variant == "deployed" for r in run.results)
         cases.append(base if deployed else record_mod.case_name(base, "intrinsic"))
-    return tuple(decide(run, c) for c in cases)
+    return tuple(decide(run, c, errors) for c in cases)

@@ -21,7 +21,7 @@ import msgspec
 
 from .. import checks
 from ..figures import figure
-from ..record import Check, Command, Range, StageRecord, as_float
+from ..record import Check, Command, Range, StageRecord, Standing, Versus, as_float
 from ..regression import METRICS, Comparison, IdentityDifference, MetricComparison, magnitude
 from ..stages import GATE_STAGE
 from . import Decision, RunResults, StageResult, decisions
@@ -78,13 +78,18 @@ def plain(x: object) -> str:
     return str(x)
 
 
-def tone(words: str) -> str:
-    """How a placebo comparison reads: noise (green), above (red) or a note (grey)."""
-    if not words or words == MISSING or words == "control not run" or words.startswith("no "):
-        return "note"
-    if "noise" in words or words.startswith("better"):
-        return "noise"
-    return "above"
+#: how a placebo comparison reads: noise (green), above (red) or a note (grey)
+TONES = {Standing.NOISE: "noise", Standing.ABOVE: "above", Standing.NONE: "note"}
+
+
+def tone(standing: Standing | None) -> str:
+    """The colour of a placebo comparison, from the category the protocol stored."""
+    return "note" if standing is None else TONES[standing]
+
+
+def words(versus: Versus | None) -> str:
+    """A placebo comparison's words as stored; MISSING when the record holds none."""
+    return MISSING if versus is None else versus.words
 
 
 # --- rows ------------------------------------------------------------------------------------
@@ -126,7 +131,8 @@ class Row:
     baseline: Cell = EMPTY
     treatment: Cell = EMPTY
     placebo: str = ""  # min … max over the placebo seeds
-    verdict: str = ""  # record.placebo.compared, as stored
+    verdict: str = ""  # record.placebo.compared's words, as stored
+    standing: Standing | None = None  # and its category
     threshold: str = ""
     check: str = ""  # the check deciding on this metric
     status: str = ""  # that check's status (MISSING: not recorded)
@@ -135,7 +141,7 @@ class Row:
 
     @property
     def tone(self) -> str:
-        return tone(self.verdict)
+        return tone(self.standing)
 
 
 # --- against the reference (fq_core.regression's stored Comparison) ---------------------------
@@ -170,7 +176,7 @@ def change_text(m: MetricComparison) -> str:
     metric = METRICS.get(m.metric)
     d = m.change
     if metric is None or d is None or isinstance(d, str) or not math.isfinite(d):
-        return m.shown[2]
+        return m.shown.change
     if d == 0:
         return "0"
     show = metric.show
@@ -206,11 +212,11 @@ def reference_cell(m: MetricComparison, prefix: str = "") -> RefCell:
     elif m.verdict in ("not measured", "off"):
         body = m.verdict
     elif m.verdict == "missing":
-        body = f"MISSING (reference {m.shown[0]})"
+        body = f"MISSING (reference {m.shown.reference})"
     else:
         parts = [change_text(m)]
-        if m.shown[3].startswith("±"):  # "exact" (deterministic) or "—" (nothing known): no ±
-            parts.append(m.shown[3])
+        if m.uncertain:
+            parts.append(m.shown.uncertainty)
         parts.append("REGRESSED" if m.verdict == "regressed" else m.verdict)
         body = " ".join(p for p in parts if p and p != MISSING) or m.verdict
     return RefCell(
@@ -237,7 +243,7 @@ def _with_reference(rows: Sequence[Row], cmp: Comparison | None) -> tuple[Row, .
         out.append(dataclasses.replace(row, reference=tuple(cells)))
     for m in cmp.metrics:
         if m.metric not in used:
-            out.append(Row(m.label, treatment=Cell(m.shown[1]), compares=(m.metric,),
+            out.append(Row(m.label, treatment=Cell(m.shown.now), compares=(m.metric,),
                            reference=(reference_cell(m),)))  # fmt: skip
     return tuple(out)
 
@@ -256,8 +262,8 @@ def metric_rows(rec: StageRecord, comparison: Comparison | None = None) -> tuple
         c = rec.checks.get(name)
         return MISSING if c is None else c.status
 
-    def verdict(words: str | None) -> str:
-        return MISSING if words is None else words
+    def versus(v: Versus | None) -> dict:
+        return {"verdict": words(v), "standing": v.standing if v is not None else None}
 
     changed = n.changed if n is not None else None
     total = n.n_elements if n is not None else None
@@ -310,7 +316,7 @@ def metric_rows(rec: StageRecord, comparison: Comparison | None = None) -> tuple
                 more=f" ± {text(t and t.delta_ppl_pct_err, '.2f', ' %')}",
             ),
             placebo=range_text(p and p.delta_ppl_pct, "+.2f", " %"),
-            verdict=verdict(cmp and cmp.delta_ppl),
+            **versus(cmp and cmp.delta_ppl),
             threshold=limit(th.ppl_delta_max, ".1f", op="|Δ| <", scale=100, suffix=" %"),
             check="perplexity",
             status=status("perplexity"),
@@ -325,7 +331,7 @@ def metric_rows(rec: StageRecord, comparison: Comparison | None = None) -> tuple
                 more=f" ± {text(kld and kld.mean_err, '.3g')}",
             ),
             placebo=range_text(p and p.kld_mean, ".3g"),
-            verdict=verdict(cmp and cmp.kld),
+            **versus(cmp and cmp.kld),
             threshold=limit(th.kld_mean_max, "g", op="≤"),
             check="kld",
             status=status("kld"),
@@ -347,7 +353,7 @@ def metric_rows(rec: StageRecord, comparison: Comparison | None = None) -> tuple
                 f"{k}/treatment/kld/same_top_pct", kld and kld.same_top_pct, ".2f", " %"
             ),
             placebo=range_text(p and p.same_top_pct, ".2f", " %"),
-            verdict=verdict(cmp and cmp.same_top),
+            **versus(cmp and cmp.same_top),
             threshold=limit(th.same_top_min, ".1f", op="≥", scale=100, suffix=" %"),
             check="kld",
             status=status("kld"),
@@ -653,12 +659,16 @@ class OverviewRow:
     placebo_delta_ppl: str
     kld: Cell
     placebo_kld: str
-    verdict: str
+    versus: Versus | None  # mean KLD against the placebos, as stored
     why: str  # skip reason, or the gating checks that failed
 
     @property
+    def verdict(self) -> str:
+        return words(self.versus)
+
+    @property
     def tone(self) -> str:
-        return tone(self.verdict)
+        return tone(self.versus and self.versus.standing)
 
 
 def overview_rows(run: RunResults) -> tuple[OverviewRow, ...]:
@@ -684,7 +694,7 @@ def overview_rows(run: RunResults) -> tuple[OverviewRow, ...]:
                 placebo_delta_ppl=range_text(p and p.delta_ppl_pct, "+.2f", " %"),
                 kld=number(f"{k}/treatment/kld/mean", kld and kld.mean, ".3g"),
                 placebo_kld=range_text(p and p.kld_mean, ".3g"),
-                verdict=MISSING if p is None or p.compared is None else p.compared.kld,
+                versus=None if p is None or p.compared is None else p.compared.kld,
                 why=why,
             )
         )
@@ -698,11 +708,15 @@ class DecisionView:
     decision: Decision
     delta_ppl: str | None  # None: Test 1 has no treatment to show
     kld: str
-    verdict: str
+    versus: Versus | None  # mean KLD against the placebos, as stored
+
+    @property
+    def verdict(self) -> str:
+        return words(self.versus)
 
     @property
     def tone(self) -> str:
-        return tone(self.verdict)
+        return tone(self.versus and self.versus.standing)
 
 
 def decision_views(run: RunResults, decided: Sequence[Decision] | None = None):
@@ -711,7 +725,7 @@ def decision_views(run: RunResults, decided: Sequence[Decision] | None = None):
         r = run.get(GATE_STAGE.id, d.model)
         t = r.record.treatment if r is not None else None
         if t is None:
-            out.append(DecisionView(d, None, MISSING, MISSING))
+            out.append(DecisionView(d, None, MISSING, None))
             continue
         p = r.record.placebo
         out.append(
@@ -719,7 +733,7 @@ def decision_views(run: RunResults, decided: Sequence[Decision] | None = None):
                 d,
                 text(t.delta_ppl_pct, "+.2f", " %"),
                 text(t.kld.mean if t.kld is not None else None, ".3g"),
-                MISSING if p is None or p.compared is None else p.compared.kld,
+                None if p is None or p.compared is None else p.compared.kld,
             )
         )
     return tuple(out)
