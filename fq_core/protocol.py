@@ -420,8 +420,13 @@ def placebo_key(
         corpus_sha256=corpus.sha256,
         base_sha256=base_sha256,
         llama_build=tools.build_id,
-        settings={"ctx": s.ctx, "batch": s.batch, "chunks": s.chunks, "kld_chunks": s.kld_chunks,
-                  "engine": getattr(s, "engine", "llama-perplexity")},  # fmt: skip
+        settings={
+            "ctx": s.ctx,
+            "batch": s.batch,
+            "chunks": s.chunks,
+            "kld_chunks": s.kld_chunks,
+            "engine": getattr(s, "engine", "llama-perplexity"),
+        },  # fmt: skip
         fq_version=__version__,
     ).key("placebo")
 
