@@ -53,13 +53,26 @@ class Runs:
         """Test 1 on Gemma3 as `make gate` runs it (default settings, 3 placebo seeds)."""
         if run_id not in self.done:
             argv = [
-                sys.executable, "-m", "pytest", "experiments/test_stages.py",
-                "-k", f"{STAGE} and not twin", "--fq-model", CASE, "--fq-twin", "deployed",
-                "--fq-run-id", run_id,
-                "-p", "no:cacheprovider", "-rA", "--color=no",
+                sys.executable,
+                "-m",
+                "pytest",
+                "experiments/test_stages.py",
+                "-k",
+                f"{STAGE} and not twin",
+                "--fq-model",
+                CASE,
+                "--fq-twin",
+                "deployed",
+                "--fq-run-id",
+                run_id,
+                "-p",
+                "no:cacheprovider",
+                "-rA",
+                "--color=no",
                 f"--html={self.base / run_id}.html",
-                f"--benchmark-json={self.base / run_id}-benchmark.json", *args,
-            ]  # fmt: skip
+                f"--benchmark-json={self.base / run_id}-benchmark.json",
+                *args,
+            ]
             self.done[run_id] = subprocess.run(
                 argv, cwd=ROOT, env=self.env(), capture_output=True, text=True, timeout=3600
             )
@@ -73,8 +86,9 @@ class Runs:
 
     def fq(self, *args: str) -> subprocess.CompletedProcess:
         argv = [sys.executable, "-m", "fq_core.cli", *args]
-        return subprocess.run(argv, cwd=ROOT, env=self.env(), capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
+        return subprocess.run(
+            argv, cwd=ROOT, env=self.env(), capture_output=True, text=True, timeout=600
+        )
 
 
 @pytest.fixture(scope="module")
@@ -134,17 +148,25 @@ def as_treatment(rec: StageRecord, seed: int, noise_seeds: tuple[int, ...]) -> S
     noise = [runs[s] for s in noise_seeds]
     klds = [r.kld_mean for r in noise]
     treatment = msgspec.structs.replace(
-        rec.treatment, ppl=run.ppl, ppl_err=run.ppl_err, delta_ppl_pct=run.delta_ppl_pct,
-        delta_ppl_pct_err=run.delta_ppl_pct_err, kld=run.kld,
-    )  # fmt: skip
+        rec.treatment,
+        ppl=run.ppl,
+        ppl_err=run.ppl_err,
+        delta_ppl_pct=run.delta_ppl_pct,
+        delta_ppl_pct_err=run.delta_ppl_pct_err,
+        kld=run.kld,
+    )
     placebo = Placebo(
-        seeds=noise_seeds, runs=tuple(noise),
+        seeds=noise_seeds,
+        runs=tuple(noise),
         kld_mean=Range(min=min(klds), max=max(klds), mean=sum(klds) / len(klds)),
-        delta_ppl_pct=None, same_top_pct=None,
-        kld_ratio=run.kld_mean / max(klds), verdict="placebo as treatment",
-    )  # fmt: skip
-    return msgspec.structs.replace(rec, run_id=f"placebo{seed}", treatment=treatment,
-                                   placebo=placebo)  # fmt: skip
+        delta_ppl_pct=None,
+        same_top_pct=None,
+        kld_ratio=run.kld_mean / max(klds),
+        verdict="placebo as treatment",
+    )
+    return msgspec.structs.replace(
+        rec, run_id=f"placebo{seed}", treatment=treatment, placebo=placebo
+    )
 
 
 def placebo_pairs(rec: StageRecord, noise_of):
@@ -153,8 +175,12 @@ def placebo_pairs(rec: StageRecord, noise_of):
     seeds = tuple(r.seed for r in rec.placebo.runs)
     for a, b in itertools.permutations(seeds, 2):
         noise = noise_of(seeds, a, b)
-        yield a, b, noise, regression.compare(as_treatment(rec, a, noise),
-                                              as_treatment(rec, b, noise))  # fmt: skip
+        yield (
+            a,
+            b,
+            noise,
+            regression.compare(as_treatment(rec, a, noise), as_treatment(rec, b, noise)),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +200,12 @@ def test_placebo_against_placebo_is_no_regression(placebos: StageRecord, note):
     assert regressed == [], regressed[:3]
     assert all(c.status == "passed" for *_, c in every)  # never "identical": they differ
     # held out: the control is the other seeds only, so nothing knows the two compared
-    held = list(placebo_pairs(placebos, lambda seeds, a, b: tuple(
-        s for s in seeds if s not in (a, b))))  # fmt: skip
-    alarms = [(a, b, [m.metric for m in c.regressions]) for a, b, _, c in held
-              if c.status == "regressed"]  # fmt: skip
+    held = list(
+        placebo_pairs(placebos, lambda seeds, a, b: tuple(s for s in seeds if s not in (a, b)))
+    )
+    alarms = [
+        (a, b, [m.metric for m in c.regressions]) for a, b, _, c in held if c.status == "regressed"
+    ]
     note("held_out_false_alarms", f"{len(alarms)}/{len(held)}: {alarms}")
     # z = 2 is ~2.3% per gating metric one-sided; two noisy gating metrics (kld, same_top)
     assert len(alarms) <= 0.1 * len(held), alarms
@@ -185,9 +213,14 @@ def test_placebo_against_placebo_is_no_regression(placebos: StageRecord, note):
 
 def test_a_worse_format_fails_naming_the_metric(runs: Runs, bf16: StageRecord, note):
     proc = runs.run(
-        "E5M2", "--fq-format", "fp8_e5m2", "-o", "fq_max_rel_error=0.25",
-        "--fq-compare=BF16", "--fq-compare-fail=kld:10%",
-    )  # fmt: skip
+        "E5M2",
+        "--fq-format",
+        "fp8_e5m2",
+        "-o",
+        "fq_max_rel_error=0.25",
+        "--fq-compare=BF16",
+        "--fq-compare-fail=kld:10%",
+    )
     assert proc.returncode == 1, proc.stdout[-3000:]
     line = _outcome_line(proc.stdout, "test_regression")
     assert line.startswith("FAILED"), line
@@ -197,8 +230,10 @@ def test_a_worse_format_fails_naming_the_metric(runs: Runs, bf16: StageRecord, n
     assert cmp.status == "regressed"
     for m in cmp.regressions:  # each named with both values, the change and the tolerance
         s = m.shown
-        assert f"{m.metric} {s.reference} → {s.now} ({s.change}; tolerance {m.tolerance}" \
-            in proc.stdout  # fmt: skip
+        assert (
+            f"{m.metric} {s.reference} → {s.now} ({s.change}; tolerance {m.tolerance}"
+            in proc.stdout
+        )
     assert {"changed", "max_rel"} <= {m.metric for m in cmp.regressions}  # exact: always seen
     (kld,) = [m for m in cmp.metrics if m.metric == "kld"]
     note("kld", kld.detail)
@@ -223,8 +258,15 @@ def test_where_the_limit_lies(runs: Runs, bf16: StageRecord, fmt: str, note):
     and 2u (recorded per format: where the limit lies)."""
     run_id = fmt.upper().replace("_", "-")
     if fmt == "fp8_e5m2":
-        runs.run("E5M2", "--fq-format", fmt, "-o", "fq_max_rel_error=0.25",
-                 "--fq-compare=BF16", "--fq-compare-fail=kld:10%")  # fmt: skip
+        runs.run(
+            "E5M2",
+            "--fq-format",
+            fmt,
+            "-o",
+            "fq_max_rel_error=0.25",
+            "--fq-compare=BF16",
+            "--fq-compare-fail=kld:10%",
+        )
         run_id = "E5M2"
     else:
         runs.run(run_id, "--fq-format", fmt, "-o", "fq_max_rel_error=1.5")
@@ -233,7 +275,10 @@ def test_where_the_limit_lies(runs: Runs, bf16: StageRecord, fmt: str, note):
         cmp = regression.compare(bf16, now, tol)
         (kld,) = [m for m in cmp.metrics if m.metric == "kld"]
         d, limit, bound = kld.change, kld.limit, kld.uncertainty
-        note(f"{tol}", f"{kld.shown.reference} → {kld.shown.now} ({kld.shown.change}), "
-                        f"limit {limit:.5f}, 2u {bound:.5f}: {kld.verdict}")  # fmt: skip
+        note(
+            f"{tol}",
+            f"{kld.shown.reference} → {kld.shown.now} ({kld.shown.change}), "
+            f"limit {limit:.5f}, 2u {bound:.5f}: {kld.verdict}",
+        )
         assert (kld.verdict == "regressed") == (d > max(limit, bound)), kld.detail
         assert cmp.status == "regressed"  # changed and max_rel always see a format change

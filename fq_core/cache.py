@@ -35,8 +35,13 @@ REJECTED = "rejected"
 
 # what a payload that does not have the shape its reader expects raises while being read
 _SHAPE_ERRORS = (
-    KeyError, TypeError, ValueError, AttributeError, IndexError, msgspec.MsgspecError,
-)  # fmt: skip
+    KeyError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    IndexError,
+    msgspec.MsgspecError,
+)
 
 
 class Rejected(Exception):
@@ -59,9 +64,13 @@ class Entry:
     def provenance(self, role: str) -> dict:
         """The record's account of this entry (record.CacheUse)."""
         return {
-            "role": role, "kind": self.kind, "key": self.key, "hit": self.hit,
-            "measured_at": self.measured_at, "rejected": self.rejected,
-        }  # fmt: skip
+            "role": role,
+            "kind": self.kind,
+            "key": self.key,
+            "hit": self.hit,
+            "measured_at": self.measured_at,
+            "rejected": self.rejected,
+        }
 
 
 def folder_for(kind: str, key: str) -> Path:
@@ -139,8 +148,9 @@ def move_aside(kind: str, key: str, reason: str) -> Path:
     while dest.exists():
         dest = dest.with_name(f"{dest.name}-{secrets.token_hex(2)}")
     os.replace(folder, dest)
-    log.warning("cache entry %s/%s rejected: %s; moved to %s, measuring again", kind, key,
-                reason, dest)  # fmt: skip
+    log.warning(
+        "cache entry %s/%s rejected: %s; moved to %s, measuring again", kind, key, reason, dest
+    )
     progress.note(f"cache entry rejected ({reason}), measured again")
     return dest
 
@@ -183,10 +193,16 @@ def verified(
             fpath = folder / fname
             listed[fname] = {"bytes": fpath.stat().st_size, "sha256": _file_digest(fpath)}
         doc = {
-            "entry_schema": SCHEMA, "kind": kind, "key": key, "fq_version": __version__,
-            "measured_at": measured_at, "finished_at": results.utc_now(), "files": listed,
-            "payload_sha256": payload_sha256(payload), "payload": payload,
-        }  # fmt: skip
+            "entry_schema": SCHEMA,
+            "kind": kind,
+            "key": key,
+            "fq_version": __version__,
+            "measured_at": measured_at,
+            "finished_at": results.utc_now(),
+            "files": listed,
+            "payload_sha256": payload_sha256(payload),
+            "payload": payload,
+        }
         results.write_json_atomic(folder / name, doc)  # last: its presence means complete
     value = decode(payload) if decode else payload
     digests = {f: v["sha256"] for f, v in listed.items()}

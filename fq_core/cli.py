@@ -299,10 +299,12 @@ def _add_report(sub) -> None:
         help="write test1_results.md and experiment_results.md (+ charts) from stored results",
     )
     p.add_argument(
-        "results_dir", metavar="RESULTS_DIR", nargs="+",
+        "results_dir",
+        metavar="RESULTS_DIR",
+        nargs="+",
         help="a run directory results/<run-id>/, or results/ (its newest run is used); "
         "several: the shards of one sensitivity sweep, merged into one sensitivity report",
-    )  # fmt: skip
+    )
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="where the reports and charts/ go")
     p.set_defaults(run=_run_report)
 
@@ -352,8 +354,10 @@ def _report_sweep(dirs, output_dir) -> bool:
     found = [d for d in dirs if cells_dir(d) is not None]
     if len(dirs) > 1 and len(found) < len(dirs):
         missing = next(d for d in dirs if d not in found)
-        raise BadInput(f"no sweep cells (sweep/cells/*.json) under {missing}: several "
-                       "RESULTS_DIRs are merged as shards of one sensitivity sweep")  # fmt: skip
+        raise BadInput(
+            f"no sweep cells (sweep/cells/*.json) under {missing}: several "
+            "RESULTS_DIRs are merged as shards of one sensitivity sweep"
+        )
     if not found:
         return False
     from .report.sensitivity import write_report
@@ -361,8 +365,10 @@ def _report_sweep(dirs, output_dir) -> bool:
     rep = write_report(found, output_dir)
     a = rep.analysis
     where = "directory" if len(a.sources) == 1 else "directories"
-    print(f"sweep: {len(a.rows)} cells from {len(a.sources)} {where}: "
-          f"{', '.join(map(str, a.sources))}")  # fmt: skip
+    print(
+        f"sweep: {len(a.rows)} cells from {len(a.sources)} {where}: "
+        f"{', '.join(map(str, a.sources))}"
+    )
     print(f"  {a.sentence}")
     print(f"wrote {rep.html}")
     print(f"wrote {rep.markdown} and {len(rep.charts)} charts to {rep.markdown.parent / 'charts'}")
@@ -371,10 +377,11 @@ def _report_sweep(dirs, output_dir) -> bool:
 
 def _add_llama_bin_dir(p) -> None:
     p.add_argument(
-        "--llama-bin-dir", metavar="DIR",
+        "--llama-bin-dir",
+        metavar="DIR",
         help="directory with llama-perplexity and llama-completion (else $FQ_LLAMA_BIN_DIR, "
         "PATH, the cache, or build)",
-    )  # fmt: skip
+    )
 
 
 def _add_setup(sub) -> None:
@@ -452,8 +459,11 @@ def _run_doctor(args) -> int:
         if tools.manifest:
             line(True, f"build {tools.build_id[:16]}: every file matches its manifest")
         elif build_record(tools.bin_dir) is not None:
-            line(None, f"build {tools.build_id[:16]}: no manifest (built before fq wrote one)",
-                 "fq setup   (records it)")  # fmt: skip
+            line(
+                None,
+                f"build {tools.build_id[:16]}: no manifest (built before fq wrote one)",
+                "fq setup   (records it)",
+            )
         else:
             line(True, f"build {tools.build_id[:16]}: from its own files (no manifest)")
         for t in REQUIRED_TOOLS + OPTIONAL_TOOLS:
@@ -465,9 +475,12 @@ def _run_doctor(args) -> int:
             line(None, "libllama + bindings (logits engine): none beside these tools", "fq setup")
     except BuildChanged as exc:
         what = "\n".join(f"       {d}" for d in exc.differences)
-        line(False, f"llama.cpp build at {exc.tree} differs from its manifest:\n{what}",
-             f"mv {shlex.quote(str(exc.tree))} {shlex.quote(str(exc.tree) + '.changed')} "
-             "&& fq setup   (rebuilds it)")  # fmt: skip
+        line(
+            False,
+            f"llama.cpp build at {exc.tree} differs from its manifest:\n{what}",
+            f"mv {shlex.quote(str(exc.tree))} {shlex.quote(str(exc.tree) + '.changed')} "
+            "&& fq setup   (rebuilds it)",
+        )
     except FqError as exc:
         line(False, f"llama.cpp: {exc}", "fq setup   (builds the pinned llama.cpp, ~5 min)")
     for name in REGISTRY:
@@ -494,9 +507,10 @@ def _run_doctor(args) -> int:
             f"{len(stale)} stale temporar{'y' if len(stale) == 1 else 'ies'} (*.fq-tmp, "
             f"*.fq-owner and the files they name) left by fq runs that were killed (their "
             f"processes are gone):\n{shown}{more}",
-            "rm -f -- " + " ".join(shlex.quote(str(p)) for p in stale)
+            "rm -f -- "
+            + " ".join(shlex.quote(str(p)) for p in stale)
             + "   (the next pytest run, or fq write to the same directory, also removes them)",
-        )  # fmt: skip
+        )
     else:
         line(True, f"no stale temporaries (*.fq-tmp, *.fq-owner) in {places}")
     print("all good" if not missing else f"{missing} missing: run the fixes above")
@@ -569,11 +583,14 @@ def _run_evaluate(args) -> int:
         atomic.check_target(args.json, force=args.force, inputs=inputs)
         args.outputs.expect(args.json)
     settings = EvalSettings(
-        ctx=args.ctx, batch=args.ctx, chunks=args.chunks,
-        kld_chunks=args.kld_chunks or args.chunks, threads=args.threads,
+        ctx=args.ctx,
+        batch=args.ctx,
+        chunks=args.chunks,
+        kld_chunks=args.kld_chunks or args.chunks,
+        threads=args.threads,
         gen_tokens=args.gen_tokens,
         chat_template=candidate.chat_template or baseline_ref.chat_template,
-    )  # fmt: skip
+    )
     runner = LlamaRunner(find_tools(args.llama_bin_dir), threads=args.threads)
     base = evaluate_baseline(runner, baseline_ref, corpus, settings)
     cand = evaluate_against(runner, candidate, base, corpus, settings)
@@ -581,18 +598,24 @@ def _run_evaluate(args) -> int:
     print(side_by_side(base, cand, cmp))
     if args.json:
         doc = {
-            "baseline": {"model": str(baseline_ref.path), "sha256": baseline_ref.sha256,
-                         **base.perplexity.to_json(),
-                         "generations": [g.to_json() for g in base.generations]},
-            "candidate": {"model": str(candidate.path), "sha256": candidate.sha256,
-                          **cand.perplexity.to_json(),
-                          "generations": [g.to_json() for g in cand.generations]},
+            "baseline": {
+                "model": str(baseline_ref.path),
+                "sha256": baseline_ref.sha256,
+                **base.perplexity.to_json(),
+                "generations": [g.to_json() for g in base.generations],
+            },
+            "candidate": {
+                "model": str(candidate.path),
+                "sha256": candidate.sha256,
+                **cand.perplexity.to_json(),
+                "generations": [g.to_json() for g in cand.generations],
+            },
             "comparison": cmp.to_json(),
             "corpus": {"path": str(corpus.path), "sha256": corpus.sha256},
             "llama": runner.tools.to_json(),
             "settings": settings.to_json(),
             "commands": [c.to_json() for c in base.commands() + cand.commands()],
-        }  # fmt: skip
+        }
         text = json_dumps(doc, indent=1, ensure_ascii=False) + "\n"
         atomic.write_text(args.json, text, force=args.force, inputs=inputs)
     return 0
@@ -619,13 +642,16 @@ def _add_quantize(sub) -> None:
     p.add_argument("input", metavar="INPUT", help="registry name or GGUF path")
     p.add_argument("output", metavar="OUTPUT", help="GGUF to write (never the input)")
     p.add_argument("--layers", default="all", help=_LAYERS_HELP)
-    p.add_argument("--tensors", nargs="+", default=["ffn_norm"], metavar="PATTERN",
-                   help=_TENSORS_HELP)  # fmt: skip
+    p.add_argument(
+        "--tensors", nargs="+", default=["ffn_norm"], metavar="PATTERN", help=_TENSORS_HELP
+    )
     p.add_argument("--format", default="bf16", choices=FORMATS, help="number format (bf16)")
     p.add_argument(
-        "--rounding", default="truncate", choices=ROUNDINGS,
+        "--rounding",
+        default="truncate",
+        choices=ROUNDINGS,
         help="truncate (the plan's; default) or nearest (ties to even, llama.cpp's)",
-    )  # fmt: skip
+    )
     p.add_argument("--seed", type=int, default=0, help="placebo mask seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(run=_run_quantize)
@@ -639,10 +665,16 @@ def _run_quantize(args) -> int:
     args.outputs.expect(args.output, manifest_path(args.output))
     src = resolve_model(args.input).path
     manifest = fake_quantize_file(
-        src, args.output, layers=args.layers, tensors=tuple(args.tensors), fmt=args.format,
-        rounding=args.rounding, seed=args.seed, force=args.force,
+        src,
+        args.output,
+        layers=args.layers,
+        tensors=tuple(args.tensors),
+        fmt=args.format,
+        rounding=args.rounding,
+        seed=args.seed,
+        force=args.force,
         on_selection=lambda sel: print(describe(sel), flush=True),
-    )  # fmt: skip
+    )
     print(f"{args.format}/{args.rounding}: {manifest.summary()}")
     print(f"wrote {args.output} ({manifest.output.size:,} bytes, sha256 {manifest.output.sha256})")
     print(f"manifest {manifest.path}")
@@ -672,47 +704,63 @@ def _run_compare(args) -> int:
     cmp = compare_files(original, candidate, args.focus_layer)
     status = 0 if cmp.identical_elsewhere and not cmp.became_nonfinite else 1
     print(f"compared {cmp.bytes_compared:,} bytes, {cmp.n_tensors} tensors")
-    print(f"{'tensor':<32} {'changed':>13} {'max abs':>10} {'mean abs':>10} "
-          f"{'max rel':>10} {'mean rel':>10} {'max ulp':>8}")  # fmt: skip
+    print(
+        f"{'tensor':<32} {'changed':>13} {'max abs':>10} {'mean abs':>10} "
+        f"{'max rel':>10} {'mean rel':>10} {'max ulp':>8}"
+    )
     for d in cmp.differing:
         s = d.stats
         if s is None:
             print(f"{d.name:<32} {d.differing_bytes:>7} bytes  ({d.type_name}, not F32)")
             continue
-        print(f"{d.name:<32} {s.changed:>6}/{s.n_elements:<6} {s.max_abs:>10.3g} "
-              f"{s.mean_abs:>10.3g} {s.max_rel:>10.3g} {s.mean_rel:>10.3g} "
-              f"{s.max_ulp_bf16:>8.3g}")  # fmt: skip
+        print(
+            f"{d.name:<32} {s.changed:>6}/{s.n_elements:<6} {s.max_abs:>10.3g} "
+            f"{s.mean_abs:>10.3g} {s.max_rel:>10.3g} {s.mean_rel:>10.3g} "
+            f"{s.max_ulp_bf16:>8.3g}"
+        )
     total = cmp.total
     if total is not None:
-        print(f"{'total':<32} {total.changed:>6}/{total.n_elements:<6} {total.max_abs:>10.3g} "
-              f"{total.mean_abs:>10.3g} {total.max_rel:>10.3g} {total.mean_rel:>10.3g} "
-              f"{total.max_ulp_bf16:>8.3g}")  # fmt: skip
+        print(
+            f"{'total':<32} {total.changed:>6}/{total.n_elements:<6} {total.max_abs:>10.3g} "
+            f"{total.mean_abs:>10.3g} {total.max_rel:>10.3g} {total.mean_rel:>10.3g} "
+            f"{total.max_ulp_bf16:>8.3g}"
+        )
     else:
         print("no tensor differs: the files are byte-identical")
     for d in cmp.differing:
         s = d.stats
         if s is not None and s.n_nonfinite:
             became = f" ({s.n_became_nonfinite:,} finite values became NaN/±Inf)"
-            print(f"non-finite: {d.name}: {s.n_nonfinite:,} of {s.n_elements:,} pairs have "
-                  f"NaN/±Inf{became if s.n_became_nonfinite else ''}")  # fmt: skip
+            print(
+                f"non-finite: {d.name}: {s.n_nonfinite:,} of {s.n_elements:,} pairs have "
+                f"NaN/±Inf{became if s.n_became_nonfinite else ''}"
+            )
     for f in cmp.focus:
         e, b, a = f.errors, f.before, f.after
-        print(f"layer {cmp.focus_layer} {f.name}: {e.changed}/{e.n_elements} changed, "
-              f"max rel {e.max_rel:.3g}, max {e.max_ulp_bf16:.3g} BF16 ulp")  # fmt: skip
+        print(
+            f"layer {cmp.focus_layer} {f.name}: {e.changed}/{e.n_elements} changed, "
+            f"max rel {e.max_rel:.3g}, max {e.max_ulp_bf16:.3g} BF16 ulp"
+        )
         for label, d in (("before", b), ("after", a)):
             pct = " ".join(f"p{k}={v:.6g}" for k, v in d.percentiles.items())
             nonfinite = f" non-finite={d.n_nonfinite}" if d.n_nonfinite else ""
-            print(f"  {label:<6} mean={d.mean:.6g} std={d.std:.6g} min={d.min:.6g} "
-                  f"max={d.max:.6g} {pct}{nonfinite}")  # fmt: skip
+            print(
+                f"  {label:<6} mean={d.mean:.6g} std={d.std:.6g} min={d.min:.6g} "
+                f"max={d.max:.6g} {pct}{nonfinite}"
+            )
     where = f" (expected tensors from {cmp.manifest.name})" if cmp.manifest else ""
     if cmp.identical_elsewhere:
-        print(f"every other byte is identical: header/metadata, padding and "
-              f"{cmp.n_tensors - len(cmp.differing)} other tensors{where}")  # fmt: skip
+        print(
+            f"every other byte is identical: header/metadata, padding and "
+            f"{cmp.n_tensors - len(cmp.differing)} other tensors{where}"
+        )
     else:
         print(f"UNEXPECTED differences{where}: {', '.join(cmp.unexpected)}")
     if cmp.became_nonfinite:
-        print(f"NON-FINITE: {cmp.became_nonfinite:,} finite values of {original.name} are "
-              f"NaN/±Inf in {candidate.name}")  # fmt: skip
+        print(
+            f"NON-FINITE: {cmp.became_nonfinite:,} finite values of {original.name} are "
+            f"NaN/±Inf in {candidate.name}"
+        )
     if args.json:
         text = json_dumps(cmp.to_json(), indent=1) + "\n"
         args.outputs.expect(args.json, status=status)
@@ -741,9 +789,14 @@ def _run_inspect(args) -> int:
     index = read_index(ref.path)
     kinds = f32_kinds(index)
     if args.json:
-        doc = {"model": str(ref.path), "sha256": ref.sha256, "architecture": index.architecture,
-               "block_count": index.block_count, "n_tensors": len(index.tensors),
-               "kinds": [k.to_json() for k in kinds]}  # fmt: skip
+        doc = {
+            "model": str(ref.path),
+            "sha256": ref.sha256,
+            "architecture": index.architecture,
+            "block_count": index.block_count,
+            "n_tensors": len(index.tensors),
+            "kinds": [k.to_json() for k in kinds],
+        }
         print(json.dumps(doc, indent=1))
         return 0
     print(f"{ref.path}")
@@ -753,14 +806,18 @@ def _run_inspect(args) -> int:
     )
     cols = [f"{f}/{r[:4]}" if f == "bf16" else f for f, r in INSPECT_FORMATS]
     print("F32 tensors by kind, and elements each format would change:")
-    print(f"{'kind':<20} {'type':<4} {'shape':<10} {'count':>5} {'layers':<8} {'elements':>9} "
-          + " ".join(f"{c:>9}" for c in cols))  # fmt: skip
+    print(
+        f"{'kind':<20} {'type':<4} {'shape':<10} {'count':>5} {'layers':<8} {'elements':>9} "
+        + " ".join(f"{c:>9}" for c in cols)
+    )
     for k in kinds:
         shape = ",".join("x".join(map(str, s)) for s in k.shapes)
         layers = format_layers(k.layers) if k.layers else "-"
         counts = " ".join(f"{v:>9,}" if v >= 0 else f"{'n/a':>9}" for v in k.would_change.values())
-        print(f"{k.kind:<20} {k.type_name:<4} {shape:<10} {k.n_tensors:>5} {layers:<8} "
-              f"{k.n_elements:>9,} {counts}")  # fmt: skip
+        print(
+            f"{k.kind:<20} {k.type_name:<4} {shape:<10} {k.n_tensors:>5} {layers:<8} "
+            f"{k.n_elements:>9,} {counts}"
+        )
     return 0
 
 
@@ -771,18 +828,23 @@ def _add_twin(sub) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="registry name or GGUF path")
     p.add_argument(
-        "output", metavar="OUT", nargs="?",
+        "output",
+        metavar="OUT",
+        nargs="?",
         help="GGUF to write (default: the per-user cache, made once and reused)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--dtype", default="f32", choices=("f32", "f16", "bf16"),
+        "--dtype",
+        default="f32",
+        choices=("f32", "f16", "bf16"),
         help="what quantized tensors become: f32 (default: llama.cpp then keeps activations "
         "in F32) or f16/bf16 (half the size, faster, but activations rounded to F16/BF16)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--force", action="store_true",
+        "--force",
+        action="store_true",
         help="replace an existing OUT (without OUT: make the cached twin again)",
-    )  # fmt: skip
+    )
     p.set_defaults(run=_run_twin)
 
 
@@ -808,9 +870,10 @@ def _run_twin(args) -> int:
 
 def _add_results_root(p) -> None:
     p.add_argument(
-        "--results", metavar="DIR",
+        "--results",
+        metavar="DIR",
         help="the results store run ids refer to (default: $FQ_RESULTS_DIR, else results)",
-    )  # fmt: skip
+    )
 
 
 def _add_reference(sub) -> None:
@@ -821,19 +884,26 @@ def _add_reference(sub) -> None:
     )
     p.add_argument("action", choices=("save",), help="save: copy the run's records into DIR")
     p.add_argument(
-        "run_id", nargs="?", default="latest", metavar="RUN_ID",
+        "run_id",
+        nargs="?",
+        default="latest",
+        metavar="RUN_ID",
         help="a run id of the results store, `latest` (default) or a run directory",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "dir", nargs="?", default=None, metavar="DIR",
+        "dir",
+        nargs="?",
+        default=None,
+        metavar="DIR",
         help="where the reference goes (default: fq-reference in the current directory)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--force", action="store_true",
+        "--force",
+        action="store_true",
         help="replace the reference already in DIR (only a reference fq-suite wrote: a DIR "
         "holding anything else is refused, --force or not); save a run that regressed against "
         "its own",
-    )  # fmt: skip
+    )
     _add_results_root(p)
     p.set_defaults(run=_run_reference)
 
@@ -859,8 +929,10 @@ def _run_reference(args) -> int:
     print(f"saved {source.label} as the reference in {saved.path} ({len(cases)} records)")
     for c in cases:
         note = "" if c.outcome == "passed" else f"  (outcome {c.outcome}: it is the reference now)"
-        print(f"  {c.stage}/{c.case}: {c.format}, model {c.model_sha256[:12]}…, "
-              f"llama.cpp {c.llama_version}{note}")  # fmt: skip
+        print(
+            f"  {c.stage}/{c.case}: {c.format}, model {c.model_sha256[:12]}…, "
+            f"llama.cpp {c.llama_version}{note}"
+        )
     for line in saved.skipped:
         print(f"  not saved: {line}")
     print(f"commit it (git add {saved.path}); pytest --fq-compare compares with it from now on")
@@ -876,10 +948,12 @@ def _add_diff(sub) -> None:
     p.add_argument("a", metavar="A", help="the reference: run id, `latest` or a directory")
     p.add_argument("b", metavar="B", help="the run compared with it: run id or a directory")
     p.add_argument(
-        "--compare-fail", action="append", metavar="EXPR",
+        "--compare-fail",
+        action="append",
+        metavar="EXPR",
         help="tolerances as pytest --fq-compare-fail: METRIC:N%% (relative), METRIC:N "
         "(absolute), METRIC:report or METRIC:off, comma-separated or repeated",
-    )  # fmt: skip
+    )
     _add_results_root(p)
     p.set_defaults(run=_run_diff)
 
@@ -893,8 +967,10 @@ def _run_diff(args) -> int:
     old = {(r.stage, r.case): r for r in a.records()}
     new = {(r.stage, r.case): r for r in b.records()}
     if not set(old) & set(new):
-        raise BadInput(f"nothing compared: no stage x case is in both {a.label} "
-                       f"({_cases(old)}) and {b.label} ({_cases(new)})")  # fmt: skip
+        raise BadInput(
+            f"nothing compared: no stage x case is in both {a.label} "
+            f"({_cases(old)}) and {b.label} ({_cases(new)})"
+        )
     ma, mb = history.source_manifest(a), history.source_manifest(b)
     print(f"A: {a.label}  {a.path}{_manifest_note(ma)}")
     print(f"B: {b.label}  {b.path}{_manifest_note(mb)}")
@@ -903,10 +979,14 @@ def _run_diff(args) -> int:
     counts: dict[str, int] = {}
     for key in keys:
         cmp = regression.compare(
-            old[key], new[key], tolerances, reference_source=a.label,
+            old[key],
+            new[key],
+            tolerances,
+            reference_source=a.label,
             reference_path=str(a.record_path(*key)),
-            reference_commit=_short_commit(ma), commit=_short_commit(mb),
-        )  # fmt: skip
+            reference_commit=_short_commit(ma),
+            commit=_short_commit(mb),
+        )
         counts[cmp.status] = counts.get(cmp.status, 0) + 1
         print()
         print(regression.render_table(cmp))
@@ -921,8 +1001,10 @@ def _run_diff(args) -> int:
     tally = ", ".join(f"{n} {s}" for s, n in counts.items())
     print(f"{len(keys)} compared: {tally}")
     if counts.get("not compared") == len(keys):
-        raise BadInput(f"nothing compared: none of the {len(keys)} stage x case in both "
-                       "could be compared (see above)")  # fmt: skip
+        raise BadInput(
+            f"nothing compared: none of the {len(keys)} stage x case in both "
+            "could be compared (see above)"
+        )
     return 1 if counts.get("regressed") else 0
 
 
@@ -954,9 +1036,19 @@ def _manifest_note(manifest) -> str:
 
 
 COMMANDS: list = [
-    _add_models, _add_fetch, _add_report, _add_setup, _add_doctor, _add_evaluate,
-    _add_quantize, _add_compare, _add_inspect, _add_twin, _add_reference, _add_diff,
-]  # fmt: skip
+    _add_models,
+    _add_fetch,
+    _add_report,
+    _add_setup,
+    _add_doctor,
+    _add_evaluate,
+    _add_quantize,
+    _add_compare,
+    _add_inspect,
+    _add_twin,
+    _add_reference,
+    _add_diff,
+]
 
 if __name__ == "__main__":
     sys.exit(main())

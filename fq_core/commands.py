@@ -234,9 +234,18 @@ def run_logged(
                 # KeyboardInterrupt, pytest-timeout's exception, anything: no orphans.
                 _kill_group(proc)
                 record = CommandRecord(
-                    argv_t, run_cwd, overrides, started_at, time.monotonic() - t0, None,
-                    stdout_path, stderr_path, False, tool, cleared,
-                )  # fmt: skip
+                    argv_t,
+                    run_cwd,
+                    overrides,
+                    started_at,
+                    time.monotonic() - t0,
+                    None,
+                    stdout_path,
+                    stderr_path,
+                    False,
+                    tool,
+                    cleared,
+                )
                 _append_jsonl(record, log_root)
                 raise
             else:

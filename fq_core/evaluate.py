@@ -165,9 +165,15 @@ def _load_from(d: dict) -> LoadResult:
 def _gen_from(d: dict) -> Generation:
     ids = d.get("token_ids")
     return Generation(
-        d["prompt"], d["chat"], d["text"], d["n_tokens"], d["tokens_per_s"], d["tool"],
-        _record_from(d["command"]), tuple(ids) if ids is not None else None,
-    )  # fmt: skip
+        d["prompt"],
+        d["chat"],
+        d["text"],
+        d["n_tokens"],
+        d["tokens_per_s"],
+        d["tool"],
+        _record_from(d["command"]),
+        tuple(ids) if ids is not None else None,
+    )
 
 
 def _ppl_from(d: dict) -> PerplexityResult:
@@ -253,16 +259,23 @@ def evaluate_baseline(
         )
         with scratch as tmp_logits:
             kld_run = run_ppl(
-                model, corpus.path, ctx=settings.ctx, batch=settings.batch,
-                chunks=settings.kld_chunks, kl_base=tmp_logits,
-            )  # fmt: skip
+                model,
+                corpus.path,
+                ctx=settings.ctx,
+                batch=settings.batch,
+                chunks=settings.kld_chunks,
+                kl_base=tmp_logits,
+            )
             if settings.chunks == settings.kld_chunks:
                 ppl = kld_run
             else:
                 ppl = run_ppl(
-                    model, corpus.path, ctx=settings.ctx, batch=settings.batch,
+                    model,
+                    corpus.path,
+                    ctx=settings.ctx,
+                    batch=settings.batch,
                     chunks=settings.chunks,
-                )  # fmt: skip
+                )
         n_tokens = runner.count_tokens(model, corpus.path)
         return {
             "key": key,
@@ -284,21 +297,31 @@ def evaluate_baseline(
         ppl = kld_run if settings.chunks == settings.kld_chunks else _ppl_from(doc["perplexity"])
         root = cache.folder_for("baselines", key)
         return BaselineEvaluation(
-            model=model, load=_load_from(doc["load"]),
-            generations=tuple(_gen_from(g) for g in doc["generations"]), perplexity=ppl,
-            kld_perplexity=kld_run, corpus=corpus, settings=settings, key=key,
-            cache_path=root, kld_base=root / name, kld_base_bytes=doc["kld_base_bytes"],
-            llama_version=doc["llama_version"], n_tokens=doc["corpus"]["n_tokens"],
-        )  # fmt: skip
+            model=model,
+            load=_load_from(doc["load"]),
+            generations=tuple(_gen_from(g) for g in doc["generations"]),
+            perplexity=ppl,
+            kld_perplexity=kld_run,
+            corpus=corpus,
+            settings=settings,
+            key=key,
+            cache_path=root,
+            kld_base=root / name,
+            kld_base_bytes=doc["kld_base_bytes"],
+            llama_version=doc["llama_version"],
+            n_tokens=doc["corpus"]["n_tokens"],
+        )
 
     entry = cache.verified("baselines", key, "baseline.json", compute, decode=decode, files=files)
     if entry.hit:
         log.info("baseline %s reused from %s", model.name, entry.folder)
         progress.note("cached")
     return dataclasses.replace(
-        entry.value, cached=entry.hit, kld_base_sha256=entry.files[name],
+        entry.value,
+        cached=entry.hit,
+        kld_base_sha256=entry.files[name],
         provenance=entry.provenance("baseline"),
-    )  # fmt: skip
+    )
 
 
 @progress.step("treatment")
@@ -327,9 +350,13 @@ def evaluate_against(
     template = settings.chat_template or model.chat_template or baseline.model.chat_template
     gens = _generations(runner, model, settings, template)
     kld_run = run_ppl(
-        model, corpus.path, ctx=settings.ctx, batch=settings.batch,
-        chunks=settings.kld_chunks, kl_against=baseline.kld_base,
-    )  # fmt: skip
+        model,
+        corpus.path,
+        ctx=settings.ctx,
+        batch=settings.batch,
+        chunks=settings.kld_chunks,
+        kl_against=baseline.kld_base,
+    )
     if settings.chunks == settings.kld_chunks:
         ppl = kld_run
     else:
@@ -371,9 +398,13 @@ def evaluate_against_cached(
 
     def compute(_folder: Path) -> dict:
         ev = evaluate_against.__wrapped__(runner, model, baseline, corpus, settings)
-        return {"key": key, "load": _to_plain(ev.load), "generations": _to_plain(ev.generations),
-                "perplexity": _to_plain(ev.perplexity),
-                "kld_perplexity": _to_plain(ev.kld_perplexity)}  # fmt: skip
+        return {
+            "key": key,
+            "load": _to_plain(ev.load),
+            "generations": _to_plain(ev.generations),
+            "perplexity": _to_plain(ev.perplexity),
+            "kld_perplexity": _to_plain(ev.kld_perplexity),
+        }
 
     def decode(doc: dict) -> ModelEvaluation:
         ppl = _ppl_from(doc["perplexity"])
@@ -506,30 +537,48 @@ def side_by_side(base: BaselineEvaluation, cand: ModelEvaluation, cmp: EvalCompa
         label = ("chat " if bg.chat else "") + repr(bg.prompt)
         rows.append((f"gen {label}", _short(bg.text), _short(cg.text)))
         rows.append(
-            ("  tokens, tok/s", f"{bg.n_tokens}, {_fmt(bg.tokens_per_s, '.1f')}",
-             f"{cg.n_tokens}, {_fmt(cg.tokens_per_s, '.1f')}")
-        )  # fmt: skip
+            (
+                "  tokens, tok/s",
+                f"{bg.n_tokens}, {_fmt(bg.tokens_per_s, '.1f')}",
+                f"{cg.n_tokens}, {_fmt(cg.tokens_per_s, '.1f')}",
+            )
+        )
         div = "identical" if ag.first_divergence is None else f"token {ag.first_divergence}"
         rows.append(("  agreement", "", f"{100 * ag.token_agreement:.1f}% (diverges: {div})"))
     rows += [
-        (f"PPL ({cmp.n_chunks}×{s.ctx})", f"{cmp.baseline_ppl:.4f} ± {cmp.baseline_ppl_err:.4f}",
-         f"{cmp.ppl:.4f} ± {cmp.ppl_err:.4f}"),
+        (
+            f"PPL ({cmp.n_chunks}×{s.ctx})",
+            f"{cmp.baseline_ppl:.4f} ± {cmp.baseline_ppl_err:.4f}",
+            f"{cmp.ppl:.4f} ± {cmp.ppl_err:.4f}",
+        ),
         ("ΔPPL", "", figure(cmp.delta_ppl, "+.4f")),
-        ("ΔPPL %", "",
-         f"{_fmt(cmp.delta_ppl_pct, '+.4f')}% ± {_fmt(cmp.delta_ppl_pct_err)}% (paired)"),
-        ("PPL tok/s", _fmt(cmp.baseline_ppl_tokens_per_s, ".1f"),
-         _fmt(cmp.ppl_tokens_per_s, ".1f")),
-    ]  # fmt: skip
+        (
+            "ΔPPL %",
+            "",
+            f"{_fmt(cmp.delta_ppl_pct, '+.4f')}% ± {_fmt(cmp.delta_ppl_pct_err)}% (paired)",
+        ),
+        (
+            "PPL tok/s",
+            _fmt(cmp.baseline_ppl_tokens_per_s, ".1f"),
+            _fmt(cmp.ppl_tokens_per_s, ".1f"),
+        ),
+    ]
     k = cmp.kld
     if k is not None:
         rows += [
-            (f"KLD mean ({s.kld_chunks} chunks)", "",
-             f"{k.mean_kld:.6f} ± {_fmt(k.mean_kld_err, '.6f')}"),
-            ("KLD median / p99 / max", "",
-             f"{_fmt(k.median_kld, '.6f')} / {_fmt(k.p99_kld, '.6f')} / {_fmt(k.max_kld, '.6f')}"),
+            (
+                f"KLD mean ({s.kld_chunks} chunks)",
+                "",
+                f"{k.mean_kld:.6f} ± {_fmt(k.mean_kld_err, '.6f')}",
+            ),
+            (
+                "KLD median / p99 / max",
+                "",
+                " / ".join(_fmt(x, ".6f") for x in (k.median_kld, k.p99_kld, k.max_kld)),
+            ),
             ("same top %", "", f"{k.same_top_pct:.3f} ± {_fmt(k.same_top_err, '.3f')}"),
             ("RMS Δp %", "", _fmt(k.rms_dp_pct, ".3f")),
-        ]  # fmt: skip
+        ]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows + [("", "baseline", "")])
     lines = [f"{'':{w0}}  {'baseline':{w1}}  candidate"]

@@ -162,8 +162,16 @@ def _dirty(folder: Path) -> bool | None:
     return bool(rec.stdout().strip())
 
 
-_CI_VARS = ("CI", "GITHUB_SHA", "GITHUB_REF", "GITHUB_RUN_ID", "GITHUB_RUN_ATTEMPT",
-            "GITHUB_WORKFLOW", "CI_COMMIT_SHA", "CI_PIPELINE_ID")  # fmt: skip
+_CI_VARS = (
+    "CI",
+    "GITHUB_SHA",
+    "GITHUB_REF",
+    "GITHUB_RUN_ID",
+    "GITHUB_RUN_ATTEMPT",
+    "GITHUB_WORKFLOW",
+    "CI_COMMIT_SHA",
+    "CI_PIPELINE_ID",
+)
 
 
 def new_manifest(
@@ -417,8 +425,9 @@ def _known_schema(file: Path, what: str, schema: int) -> None:
     """A manifest of a schema this version does not know is refused by name, never read as if
     its fields meant what ours mean."""
     if schema != SCHEMA:
-        raise BadInput(f"{file}: unknown {what} schema {schema} (fq-suite {__version__} "
-                       f"reads schema {SCHEMA})")  # fmt: skip
+        raise BadInput(
+            f"{file}: unknown {what} schema {schema} (fq-suite {__version__} reads schema {SCHEMA})"
+        )
 
 
 @dataclass(frozen=True)
@@ -528,8 +537,9 @@ def check_reference_dest(
         if there is None:
             continue
         if here == there:
-            raise OutputRefused(f"{dest} is {what}; save the reference elsewhere "
-                                f"(default {DEFAULT_REFERENCE_DIR}/)")  # fmt: skip
+            raise OutputRefused(
+                f"{dest} is {what}; save the reference elsewhere (default {DEFAULT_REFERENCE_DIR}/)"
+            )
         if here.is_relative_to(there):
             raise OutputRefused(f"{dest} is inside {what} {there}; save the reference elsewhere")
         if there.is_relative_to(here):
@@ -538,16 +548,18 @@ def check_reference_dest(
         return
     foreign = foreign_files(dest)
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
-                                          else "")  # fmt: skip
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
         raise OutputRefused(
             f"{dest} holds files fq-suite did not write ({shown}); refusing to "
             "replace it, --force or not: choose a new or empty directory"
         )
     if not force:
         run_id = read_reference(dest).run_id
-        raise OutputRefused(f"{dest} holds the reference of run {run_id}; pass --force to "
-                            "replace it")  # fmt: skip
+        raise OutputRefused(
+            f"{dest} holds the reference of run {run_id}; pass --force to replace it"
+        )
 
 
 def _suite_files(path: Path) -> tuple[set[str], set[str]]:

@@ -97,14 +97,20 @@ LABELS = {
     "fq_version": "fq version",
     "thresholds": "thresholds",
 }
-_MACHINE = {"cpu": "CPU", "hostname": "host", "cores": "cores", "python": "python",
-            "platform": "platform"}  # fmt: skip
+_MACHINE = {
+    "cpu": "CPU",
+    "hostname": "host",
+    "cores": "cores",
+    "python": "python",
+    "platform": "platform",
+}
 #: Settings that do not change a number: llama.cpp is bit-identical across thread counts.
 UNNUMBERED_SETTINGS = frozenset({"threads"})
 
 
-class Identity(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
-               forbid_unknown_fields=True):  # fmt: skip
+class Identity(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
+):
     """Everything one measurement (or verdict) depends on; unset parts are not part of it.
 
     `key` hashes every part that is set, so each use states what it covers by filling it:

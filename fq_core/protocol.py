@@ -309,21 +309,26 @@ def _speed(
     without one the ratio is not stated and gates nothing."""
     limit = exp.thresholds.speed_ratio_min
     base_tps, tps = baseline.perplexity.tokens_per_s, ev.perplexity.tokens_per_s
-    cached = [w for w, hit in (("baseline", baseline.cached), ("treatment", treatment_cached))
-              if hit]  # fmt: skip
+    cached = [
+        w for w, hit in (("baseline", baseline.cached), ("treatment", treatment_cached)) if hit
+    ]
     if not cached:
         ratio = _speed_ratio(base_tps, tps)
         return checks.speed_check(ratio, base_tps, tps, limit), ratio, []
     if limit is None:
-        apart = (f"the {' and the '.join(cached)} came from the cache, timed in another "
-                 "session; set fq_speed_ratio_min to time both now")  # fmt: skip
+        apart = (
+            f"the {' and the '.join(cached)} came from the cache, timed in another "
+            "session; set fq_speed_ratio_min to time both now"
+        )
         return checks.speed_check(None, base_tps, tps, None, apart=apart), None, []
     s = exp.settings
     perplexity = _evaluate().ppl_call(ctx.runner, s)
     try:
         with progress.step("speed"):
-            runs = [perplexity(m, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.chunks)
-                    for m in pair]  # fmt: skip
+            runs = [
+                perplexity(m, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.chunks)
+                for m in pair
+            ]
     except FqError as exc:
         note = f"timing both now failed: {_error(exc)}"
         return checks.speed_check(None, None, None, limit, note=note), None, []
@@ -390,10 +395,17 @@ placebo_verdict = checks.placebo_verdict
 
 def _placebo_check(placebo: dict, limit: float | None, error: str | None = None) -> dict:
     kl = placebo.get("kld_mean") or {}
-    return checks.to_json(checks.placebo_check(
-        placebo["kld_ratio"], placebo["verdict"], len(placebo["seeds"]),
-        kl.get("min"), kl.get("max"), limit, error,
-    ))  # fmt: skip
+    return checks.to_json(
+        checks.placebo_check(
+            placebo["kld_ratio"],
+            placebo["verdict"],
+            len(placebo["seeds"]),
+            kl.get("min"),
+            kl.get("max"),
+            limit,
+            error,
+        )
+    )
 
 
 # --- placebo runs ---------------------------------------------------------------------------
@@ -426,7 +438,7 @@ def placebo_key(
             "chunks": s.chunks,
             "kld_chunks": s.kld_chunks,
             "engine": getattr(s, "engine", "llama-perplexity"),
-        },  # fmt: skip
+        },
         fq_version=__version__,
     ).key("placebo")
 
@@ -457,11 +469,22 @@ def run_placebo(
         dst = folder / f"{results.safe_name(model.name)}.placebo{seed}.gguf"
         with atomic.owned(dst):  # the GGUF lives only while it is evaluated
             manifest = patch.fake_quantize_file(
-                model.path, dst, layers=layers, tensors=exp.tensors, fmt="placebo", seed=seed,
-                force=True, fsync=False,
-            )  # fmt: skip
-            ref = replace(model, name=f"{model.name}+placebo{seed}", path=dst,
-                          sha256=manifest.output.sha256, spec=None)  # fmt: skip
+                model.path,
+                dst,
+                layers=layers,
+                tensors=exp.tensors,
+                fmt="placebo",
+                seed=seed,
+                force=True,
+                fsync=False,
+            )
+            ref = replace(
+                model,
+                name=f"{model.name}+placebo{seed}",
+                path=dst,
+                sha256=manifest.output.sha256,
+                spec=None,
+            )
             ev = _perplexity_only(ctx, ref, baseline, exp.settings)
             cmp = _evaluate().compare(baseline, ev)
         kld = ev.perplexity.kld
@@ -492,11 +515,22 @@ def _as_baseline(treated: ModelRef, baseline: Any):
     from .llama.runner import KLDStats
 
     zero = KLDStats(
-        mean_kld=0.0, mean_kld_err=0.0, median_kld=0.0, p90_kld=0.0, p99_kld=0.0,
-        p999_kld=0.0, max_kld=0.0, same_top_pct=100.0, same_top_err=0.0, rms_dp_pct=0.0,
-        rms_dp_err=0.0, ppl_ratio=1.0, ppl_ratio_err=0.0, mean_ppl_q=baseline.perplexity.ppl,
+        mean_kld=0.0,
+        mean_kld_err=0.0,
+        median_kld=0.0,
+        p90_kld=0.0,
+        p99_kld=0.0,
+        p999_kld=0.0,
+        max_kld=0.0,
+        same_top_pct=100.0,
+        same_top_err=0.0,
+        rms_dp_pct=0.0,
+        rms_dp_err=0.0,
+        ppl_ratio=1.0,
+        ppl_ratio_err=0.0,
+        mean_ppl_q=baseline.perplexity.ppl,
         raw={},
-    )  # fmt: skip
+    )
     ppl = replace(baseline.perplexity, kld=zero, tokens_per_s=None)
     return _evaluate().ModelEvaluation(treated, baseline.load, baseline.generations, ppl, ppl)
 
@@ -507,9 +541,13 @@ def _perplexity_only(ctx: Context, model: ModelRef, baseline: Any, settings: Eva
     s = settings
     perplexity = ev.ppl_call(ctx.runner, s)  # llama-perplexity, or the exact engine
     kld_run = perplexity(
-        model, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.kld_chunks,
+        model,
+        ctx.corpus.path,
+        ctx=s.ctx,
+        batch=s.batch,
+        chunks=s.kld_chunks,
         kl_against=baseline.kld_base,
-    )  # fmt: skip
+    )
     ppl = kld_run
     if s.chunks != s.kld_chunks:
         plain = perplexity(model, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.chunks)
@@ -569,8 +607,9 @@ def run_stage(
     interruption removes it, even with keep_models.
     """
     exp = exp.for_variant(variant)
-    path = results.result_path(ctx.run_id, stage_.id, record.case_name(model.name, variant),
-                               ctx.results_root)  # fmt: skip
+    path = results.result_path(
+        ctx.run_id, stage_.id, record.case_name(model.name, variant), ctx.results_root
+    )
     with atomic.owned(path.parent / "models" / f"{path.stem}.gguf", keep=exp.keep_models) as dst:
         return _run_stage(stage_, model, ctx, exp, dst)
 
@@ -596,8 +635,12 @@ def _run_stage(
         except FqError as exc:
             fail_rest(f"no float twin of {model.name}: {_error(exc)}", CHECKS)
             return _finish(data, stage_, model, ctx, exp, dst)
-        data["twin"] = {"path": str(measured.path), "sha256": measured.sha256,
-                        "dtype": exp.twin_dtype, "source_sha256": model.sha256}  # fmt: skip
+        data["twin"] = {
+            "path": str(measured.path),
+            "sha256": measured.sha256,
+            "dtype": exp.twin_dtype,
+            "source_sha256": model.sha256,
+        }
         save()
 
     # 1-2. fake quantization and its numeric effect
@@ -605,9 +648,14 @@ def _run_stage(
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         manifest = patch.fake_quantize_file(
-            measured.path, dst, layers=stage_.layers, tensors=exp.tensors, fmt=exp.fmt,
-            rounding=exp.rounding, force=True,
-        )  # fmt: skip
+            measured.path,
+            dst,
+            layers=stage_.layers,
+            tensors=exp.tensors,
+            fmt=exp.fmt,
+            rounding=exp.rounding,
+            force=True,
+        )
         cmp_files = metrics.compare_files(measured.path, dst)
         found["quantize"] = _quantize_check(cmp_files, manifest)
         data["numeric"] = _numeric_json(manifest, measured.path, dst)
@@ -667,15 +715,24 @@ def _run_stage(
         found["load"] = _check("passed", same + "the baseline's load stands")
         found["generate"] = _check("passed", same + "the baseline's generations stand")
     t = exp.thresholds
-    found["perplexity"] = checks.to_json(checks.perplexity_check(
-        cmp.delta_ppl_pct, cmp.delta_ppl_pct_err, t.ppl_delta_max,
-        baseline.perplexity.ppl, ev.perplexity.ppl,
-    ))  # fmt: skip
+    found["perplexity"] = checks.to_json(
+        checks.perplexity_check(
+            cmp.delta_ppl_pct,
+            cmp.delta_ppl_pct_err,
+            t.ppl_delta_max,
+            baseline.perplexity.ppl,
+            ev.perplexity.ppl,
+        )
+    )
     kld = ev.perplexity.kld
-    found["kld"] = checks.to_json(checks.kld_check(
-        kld.mean_kld if kld else None, kld.same_top_pct if kld else None,
-        t.kld_mean_max, t.same_top_min,
-    ))  # fmt: skip
+    found["kld"] = checks.to_json(
+        checks.kld_check(
+            kld.mean_kld if kld else None,
+            kld.same_top_pct if kld else None,
+            t.kld_mean_max,
+            t.same_top_min,
+        )
+    )
     agreement = data["treatment"]["agreement"] or {}
     found["agreement"] = checks.to_json(
         checks.agreement_check(
@@ -704,10 +761,12 @@ def _run_stage(
         data["placebo"]["compared"] = _compared(data["numeric"], data["treatment"], data["placebo"])
         data["resolution"] = _resolution(exp, ev, [], identical)
         found["placebo"] = _check(
-            "skipped", "not run: the treated file is byte-identical to the baseline "
+            "skipped",
+            "not run: the treated file is byte-identical to the baseline "
             f"(SHA-256 {measured.sha256[:12]}…), so there is no effect to compare with the "
-            "engine's noise", gates=False,
-        )  # fmt: skip
+            "engine's noise",
+            gates=False,
+        )
         return _finish(data, stage_, model, ctx, exp, dst)
     runs: list[dict] = []
     placebo_error = None

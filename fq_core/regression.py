@@ -137,9 +137,11 @@ def parse_tolerances(
                 out["z"] = Tolerance("z", "abs", float(m.group("abs")))
                 continue
             if name not in METRICS:
-                raise BadInput(f"tolerance {expr!r}: unknown metric {name!r} "
-                               f"(known: {', '.join(METRICS)}; z:N for the uncertainty "
-                               "multiple)")  # fmt: skip
+                raise BadInput(
+                    f"tolerance {expr!r}: unknown metric {name!r} "
+                    f"(known: {', '.join(METRICS)}; z:N for the uncertainty "
+                    "multiple)"
+                )
             if m.group("pct") is not None:
                 out[name] = Tolerance(name, "rel", float(m.group("pct")))
             elif m.group("abs") is not None:
@@ -251,36 +253,99 @@ class Metric:
 
 
 METRIC_LIST: tuple[Metric, ...] = (
-    Metric("changed", "elements changed", "lower", _numeric("changed"), _fmt(",.0f"),
-           exact=True),
-    Metric("max_rel", "max relative error", "lower", _numeric("max_rel"), _fmt(".4g"),
-           exact=True),
-    Metric("ppl", "PPL", "lower", _treat("ppl"), _fmt(".4f"), _treat("ppl_err"),
-           _placebo_values("ppl")),
-    Metric("delta_ppl", "ΔPPL", "lower", _treat("delta_ppl_pct"), _fmt("+.3f", " %"),
-           _treat("delta_ppl_pct_err"), _placebo_values("delta_ppl_pct")),
-    Metric("kld", "mean KLD", "lower", _kld_attr("mean"), _fmt("#.3g"), _kld_attr("mean_err"),
-           _placebo_values("kld_mean")),
-    Metric("kld_median", "KLD median", "lower", _kld_attr("median"), _fmt("#.3g"), None,
-           _placebo_values("median", True)),
-    Metric("kld_p90", "KLD p90", "lower", _kld_attr("p90"), _fmt("#.3g"), None,
-           _placebo_values("p90", True)),
-    Metric("kld_p99", "KLD p99", "lower", _kld_attr("p99"), _fmt("#.3g"), None,
-           _placebo_values("p99", True)),
-    Metric("kld_p999", "KLD p99.9", "lower", _kld_attr("p999"), _fmt("#.3g"), None,
-           _placebo_values("p999", True)),
-    Metric("kld_max", "KLD max", "lower", _kld_attr("max"), _fmt("#.3g"), None,
-           _placebo_values("max", True)),
-    Metric("rms_dp", "RMS Δp", "lower", _kld_attr("rms_dp_pct"), _fmt(".3f", " %"), None,
-           _placebo_values("rms_dp_pct", True)),
-    Metric("same_top", "same top token", "higher", _kld_attr("same_top_pct"), _fmt(".2f", " %"),
-           _kld_attr("same_top_err"), _placebo_values("same_top_pct")),
+    Metric("changed", "elements changed", "lower", _numeric("changed"), _fmt(",.0f"), exact=True),
+    Metric("max_rel", "max relative error", "lower", _numeric("max_rel"), _fmt(".4g"), exact=True),
+    Metric(
+        "ppl", "PPL", "lower", _treat("ppl"), _fmt(".4f"), _treat("ppl_err"), _placebo_values("ppl")
+    ),
+    Metric(
+        "delta_ppl",
+        "ΔPPL",
+        "lower",
+        _treat("delta_ppl_pct"),
+        _fmt("+.3f", " %"),
+        _treat("delta_ppl_pct_err"),
+        _placebo_values("delta_ppl_pct"),
+    ),
+    Metric(
+        "kld",
+        "mean KLD",
+        "lower",
+        _kld_attr("mean"),
+        _fmt("#.3g"),
+        _kld_attr("mean_err"),
+        _placebo_values("kld_mean"),
+    ),
+    Metric(
+        "kld_median",
+        "KLD median",
+        "lower",
+        _kld_attr("median"),
+        _fmt("#.3g"),
+        None,
+        _placebo_values("median", True),
+    ),
+    Metric(
+        "kld_p90",
+        "KLD p90",
+        "lower",
+        _kld_attr("p90"),
+        _fmt("#.3g"),
+        None,
+        _placebo_values("p90", True),
+    ),
+    Metric(
+        "kld_p99",
+        "KLD p99",
+        "lower",
+        _kld_attr("p99"),
+        _fmt("#.3g"),
+        None,
+        _placebo_values("p99", True),
+    ),
+    Metric(
+        "kld_p999",
+        "KLD p99.9",
+        "lower",
+        _kld_attr("p999"),
+        _fmt("#.3g"),
+        None,
+        _placebo_values("p999", True),
+    ),
+    Metric(
+        "kld_max",
+        "KLD max",
+        "lower",
+        _kld_attr("max"),
+        _fmt("#.3g"),
+        None,
+        _placebo_values("max", True),
+    ),
+    Metric(
+        "rms_dp",
+        "RMS Δp",
+        "lower",
+        _kld_attr("rms_dp_pct"),
+        _fmt(".3f", " %"),
+        None,
+        _placebo_values("rms_dp_pct", True),
+    ),
+    Metric(
+        "same_top",
+        "same top token",
+        "higher",
+        _kld_attr("same_top_pct"),
+        _fmt(".2f", " %"),
+        _kld_attr("same_top_err"),
+        _placebo_values("same_top_pct"),
+    ),
     Metric("placebo_ratio", "KLD / largest placebo", "lower", _ratio, _fmt(".2f", "×")),
     Metric("agreement", "greedy agreement", "higher", _agreement, _fmt(".1%"), exact=True),
     Metric("speed", "tokens/s", "higher", _treat("tokens_per_s"), _fmt(".0f"), timing=True),
-    Metric("baseline_ppl", "baseline PPL", "neutral", _baseline_ppl, _fmt(".4f"),
-           _baseline_ppl_err),
-)  # fmt: skip
+    Metric(
+        "baseline_ppl", "baseline PPL", "neutral", _baseline_ppl, _fmt(".4f"), _baseline_ppl_err
+    ),
+)
 METRICS: dict[str, Metric] = {m.key: m for m in METRIC_LIST}
 
 
@@ -348,8 +413,9 @@ def uncertainty(metric: Metric, ref: StageRecord, now: StageRecord) -> Uncertain
         finite = [e for e in errs if e is not None and math.isfinite(e)]
         if finite:
             stat = math.sqrt(sum(e * e for e in finite))
-            how.append("llama.cpp s.e. of both runs" if len(finite) == 2 else
-                       "llama.cpp s.e. of one run")  # fmt: skip
+            how.append(
+                "llama.cpp s.e. of both runs" if len(finite) == 2 else "llama.cpp s.e. of one run"
+            )
     engine = None
     if metric.placebo is not None:
         sd = pooled_sd([metric.placebo(ref), metric.placebo(now)])
@@ -399,8 +465,12 @@ def _ratio_uncertainty(ref: StageRecord, now: StageRecord) -> Uncertainty:
         eng2 += 2.0 * (ratio * rel_engine) ** 2
     if not seen:
         return Uncertainty(None, None, None, "no uncertainty recorded")
-    return Uncertainty(math.sqrt(stat2 + eng2), math.sqrt(stat2), math.sqrt(eng2),
-                       "s.e. of both KLDs + placebo spread")  # fmt: skip
+    return Uncertainty(
+        math.sqrt(stat2 + eng2),
+        math.sqrt(stat2),
+        math.sqrt(eng2),
+        "s.e. of both KLDs + placebo spread",
+    )
 
 
 # --- the typed result --------------------------------------------------------------------------
@@ -486,8 +556,11 @@ def identity_differences(
     of their runs; `affects_numbers` marks what llama.cpp's bit-reproducibility depends on."""
     out = Identity.of_record(ref).differences(Identity.of_record(now))
     if reference_commit != commit:
-        out += (IdentityDifference.between("git commit", reference_commit, commit,
-                                           affects_numbers=False),)  # fmt: skip
+        out += (
+            IdentityDifference.between(
+                "git commit", reference_commit, commit, affects_numbers=False
+            ),
+        )
     return out
 
 
@@ -519,14 +592,26 @@ def compare_metric(
             now=show(n) if n is not None else "—",
             change=_signed(show, change, pct) if change is not None else "—",
             uncertainty=("exact" if metric.exact else f"±{show_plain(metric, bound)}")
-            if bound is not None else "—",
-        )  # fmt: skip
+            if bound is not None
+            else "—",
+        )
         return MetricComparison(
-            metric=metric.key, label=metric.label, direction=metric.direction,
-            reference=r, now=n, change=change, change_pct=pct,
-            uncertainty=bound, uncertainty_how=unc.how, tolerance=tol.text, limit=limit,
-            verdict=verdict, gates=g, shown=shown, detail=detail,
-        )  # fmt: skip
+            metric=metric.key,
+            label=metric.label,
+            direction=metric.direction,
+            reference=r,
+            now=n,
+            change=change,
+            change_pct=pct,
+            uncertainty=bound,
+            uncertainty_how=unc.how,
+            tolerance=tol.text,
+            limit=limit,
+            verdict=verdict,
+            gates=g,
+            shown=shown,
+            detail=detail,
+        )
 
     if tol.kind == "off":
         return make("off", f"{metric.label}: not compared ({metric.key}:off)", g=False)
@@ -534,8 +619,7 @@ def compare_metric(
         what = "measured in neither run" if n is None else "no reference value"
         return make("not measured", f"{metric.label}: {what}", g=False)
     if n is None:
-        return make("missing", f"{metric.label}: not measured in this run "
-                    f"(reference {show(r)})")  # fmt: skip
+        return make("missing", f"{metric.label}: not measured in this run (reference {show(r)})")
     if _same(r, n):
         return make("identical", f"{metric.label} {show(n)}: identical", change=0.0, pct=0.0)
     limit = tol.limit(r) if math.isfinite(r) else None
@@ -543,8 +627,13 @@ def compare_metric(
         return _nonfinite(make, metric, r, n, limit)
     d = n - r
     pct = 100.0 * d / abs(r) if r != 0 else None
-    worse = (d > 0) if metric.direction == "lower" else (d < 0) if metric.direction == "higher" \
-        else False  # fmt: skip
+    worse = (
+        (d > 0)
+        if metric.direction == "lower"
+        else (d < 0)
+        if metric.direction == "higher"
+        else False
+    )
     size = abs(d)
     beyond = bound is None or size > bound
     head = f"{metric.label} {show(r)} → {show(n)} ({_signed(show, d, pct)})"
@@ -553,37 +642,67 @@ def compare_metric(
         noise = "exact"
     if not gates:
         word = {"lower": ("higher", "lower"), "higher": ("lower", "higher")}.get(
-            metric.direction, ("changed", "changed"))  # fmt: skip
+            metric.direction, ("changed", "changed")
+        )
         how = word[0] if worse else word[1]
-        return make("reported", f"{head}: {how}, reported only ({metric.key}:{tol.text})",
-                    change=d, pct=pct, limit=limit)  # fmt: skip
+        return make(
+            "reported",
+            f"{head}: {how}, reported only ({metric.key}:{tol.text})",
+            change=d,
+            pct=pct,
+            limit=limit,
+        )
     if worse:
         over = limit is not None and size > limit
         if over and beyond:
             shown = f"{tol.text} ({show_plain(metric, limit)})" if tol.kind == "rel" else tol.text
-            also = ("deterministic, no uncertainty" if metric.exact
-                    else f"and its uncertainty {noise}")  # fmt: skip
-            return make("regressed", f"{head}: worse by more than the tolerance {shown}, {also}",
-                        change=d, pct=pct, limit=limit)  # fmt: skip
+            also = (
+                "deterministic, no uncertainty" if metric.exact else f"and its uncertainty {noise}"
+            )
+            return make(
+                "regressed",
+                f"{head}: worse by more than the tolerance {shown}, {also}",
+                change=d,
+                pct=pct,
+                limit=limit,
+            )
         if beyond:
-            return make("within tolerance", f"{head}: worse beyond its uncertainty {noise}, "
-                        f"within the tolerance {tol.text}",
-                        change=d, pct=pct, limit=limit)  # fmt: skip
-        return make("within noise", f"{head}: within its uncertainty {noise}"
-                    + (f" (beyond the tolerance {tol.text})" if over else ""),
-                    change=d, pct=pct, limit=limit)  # fmt: skip
+            return make(
+                "within tolerance",
+                f"{head}: worse beyond its uncertainty {noise}, within the tolerance {tol.text}",
+                change=d,
+                pct=pct,
+                limit=limit,
+            )
+        return make(
+            "within noise",
+            f"{head}: within its uncertainty {noise}"
+            + (f" (beyond the tolerance {tol.text})" if over else ""),
+            change=d,
+            pct=pct,
+            limit=limit,
+        )
     if beyond:
-        return make("improved", f"{head}: better beyond its uncertainty {noise}",
-                    change=d, pct=pct, limit=limit)  # fmt: skip
-    return make("within noise", f"{head}: within its uncertainty {noise}",
-                change=d, pct=pct, limit=limit)  # fmt: skip
+        return make(
+            "improved",
+            f"{head}: better beyond its uncertainty {noise}",
+            change=d,
+            pct=pct,
+            limit=limit,
+        )
+    return make(
+        "within noise", f"{head}: within its uncertainty {noise}", change=d, pct=pct, limit=limit
+    )
 
 
 def _nonfinite(make, metric: Metric, r: float, n: float, limit) -> MetricComparison:
     show = metric.show
     head = f"{metric.label} {show(r)} → {show(n)}"
-    bad_now = math.isnan(n) or (metric.direction == "lower" and n == math.inf) or (
-        metric.direction == "higher" and n == -math.inf)  # fmt: skip
+    bad_now = (
+        math.isnan(n)
+        or (metric.direction == "lower" and n == math.inf)
+        or (metric.direction == "higher" and n == -math.inf)
+    )
     if math.isfinite(r) and bad_now:
         return make("regressed", f"{head}: not a finite number now", limit=limit)
     if not math.isfinite(r) and math.isfinite(n):
@@ -630,18 +749,27 @@ def compare(
     identity = identity_differences(ref, now, reference_commit=reference_commit, commit=commit)
     same_identity = not any(d.affects_numbers for d in identity)
     base = dict(
-        stage=now.stage, stage_title=now.stage_title, case=now.case, variant=now.variant,
-        run_id=now.run_id, reference_run_id=ref.run_id,
+        stage=now.stage,
+        stage_title=now.stage_title,
+        case=now.case,
+        variant=now.variant,
+        run_id=now.run_id,
+        reference_run_id=ref.run_id,
         reference_source=reference_source or f"run {ref.run_id}",
-        reference_path=reference_path, compared_at=results.utc_now(),
-        same_identity=same_identity, identity=identity, z=z,
+        reference_path=reference_path,
+        compared_at=results.utc_now(),
+        same_identity=same_identity,
+        identity=identity,
+        z=z,
         tolerances={k: t.text for k, t in tols.items()},
-    )  # fmt: skip
+    )
     where = base["reference_source"]
     reason = None
     if ref.variant != now.variant:
-        reason = (f"not compared: the reference measured the {ref.variant} model, this run "
-                  f"the {now.variant} one")  # fmt: skip
+        reason = (
+            f"not compared: the reference measured the {ref.variant} model, this run "
+            f"the {now.variant} one"
+        )
     elif ref.stage != now.stage:
         reason = f"not compared: the reference is stage {ref.stage}, this run {now.stage}"
     elif not _measured(ref):
@@ -678,18 +806,24 @@ def _conclude(rows, base: dict, identity, same_identity: bool) -> Comparison:
     numbers = [d.field for d in identity if d.affects_numbers]
     note = None
     if same_identity and differing:
-        note = (f"same identity (model, corpus, llama.cpp build, settings, CPU) but "
-                f"{len(differing)} metric(s) differ: expected bit-identical numbers "
-                f"({', '.join(m.metric for m in differing[:6])})")  # fmt: skip
+        note = (
+            f"same identity (model, corpus, llama.cpp build, settings, CPU) but "
+            f"{len(differing)} metric(s) differ: expected bit-identical numbers "
+            f"({', '.join(m.metric for m in differing[:6])})"
+        )
     if bad:
         status: Status = "regressed"
         summary = f"REGRESSED against {where}: " + "; ".join(_brief(m) for m in bad)
     elif all_identical:
         status = "identical"
-        ident = ("same model, corpus, llama.cpp build, settings and CPU" if same_identity
-                 else f"identity differs in {', '.join(numbers)}")  # fmt: skip
-        summary = (f"identical to the reference ({where}; {ident}): {len(compared)} metrics "
-                   "bit-identical")  # fmt: skip
+        ident = (
+            "same model, corpus, llama.cpp build, settings and CPU"
+            if same_identity
+            else f"identity differs in {', '.join(numbers)}"
+        )
+        summary = (
+            f"identical to the reference ({where}; {ident}): {len(compared)} metrics bit-identical"
+        )
     elif not compared:
         status = "not compared"
         summary = f"not compared: no metric was measured in both runs ({where})"
@@ -735,8 +869,10 @@ def identity_lines(cmp: Comparison) -> list[str]:
 
 def render_table(cmp: Comparison) -> str:
     """The comparison as text: identity differences on top, then one row per metric."""
-    lines = [f"{cmp.stage_title} {cmp.stage} × {cmp.case}: {cmp.status.upper()} "
-             f"(this run {cmp.run_id} vs {cmp.reference_source})"]  # fmt: skip
+    lines = [
+        f"{cmp.stage_title} {cmp.stage} × {cmp.case}: {cmp.status.upper()} "
+        f"(this run {cmp.run_id} vs {cmp.reference_source})"
+    ]
     lines += identity_lines(cmp)
     if cmp.note:
         lines.append(f"note: {cmp.note}")
@@ -745,10 +881,14 @@ def render_table(cmp: Comparison) -> str:
         return "\n".join(lines)
     head = ("metric", "reference", "now", "change", f"±{cmp.z:g}u", "tolerance", "verdict")
     rows = [head] + [
-        (m.metric, *msgspec.structs.astuple(m.shown), m.tolerance,
-         m.verdict.upper() if m.verdict == "regressed" else m.verdict)
+        (
+            m.metric,
+            *msgspec.structs.astuple(m.shown),
+            m.tolerance,
+            m.verdict.upper() if m.verdict == "regressed" else m.verdict,
+        )
         for m in cmp.metrics
-    ]  # fmt: skip
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

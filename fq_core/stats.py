@@ -34,23 +34,39 @@ def mean_interval(values: Sequence[float | None], *, what: str = "chunks") -> In
         return None
     est = float(x.mean())
     if x.size < 2 or float(x.max()) == float(x.min()):  # nothing to resample: the value itself
-        return Interval(estimate=est, low=est, high=est, level=LEVEL, n=int(x.size),
-                        method=f"{x.size} identical {what}: no spread")  # fmt: skip
+        return Interval(
+            estimate=est,
+            low=est,
+            high=est,
+            level=LEVEL,
+            n=int(x.size),
+            method=f"{x.size} identical {what}: no spread",
+        )
     from scipy import stats
 
     with warnings.catch_warnings():  # tiny samples: BCa may warn and fall back; NaN handled
         warnings.simplefilter("ignore")
         res = stats.bootstrap(
-            (x,), np.mean, confidence_level=LEVEL, n_resamples=N_RESAMPLES, method="BCa",
+            (x,),
+            np.mean,
+            confidence_level=LEVEL,
+            n_resamples=N_RESAMPLES,
+            method="BCa",
             rng=np.random.default_rng(SEED),
-        )  # fmt: skip
+        )
     low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
     method = "BCa"
     if not (math.isfinite(low) and math.isfinite(high)):
         low, high = (float(v) for v in np.percentile(res.bootstrap_distribution, [2.5, 97.5]))
         method = "percentile"
-    return Interval(estimate=est, low=min(low, est), high=max(high, est), level=LEVEL,
-                    n=int(x.size), method=f"bootstrap over {x.size} {what}, {method}")  # fmt: skip
+    return Interval(
+        estimate=est,
+        low=min(low, est),
+        high=max(high, est),
+        level=LEVEL,
+        n=int(x.size),
+        method=f"bootstrap over {x.size} {what}, {method}",
+    )
 
 
 def paired_excess(
@@ -65,8 +81,14 @@ def paired_excess(
     iv = mean_interval(list(diff))
     if iv is None:
         return None
-    return Interval(estimate=iv.estimate, low=iv.low, high=iv.high, level=iv.level, n=iv.n,
-                    method=iv.method.replace("bootstrap", "paired bootstrap", 1))  # fmt: skip
+    return Interval(
+        estimate=iv.estimate,
+        low=iv.low,
+        high=iv.high,
+        level=iv.level,
+        n=iv.n,
+        method=iv.method.replace("bootstrap", "paired bootstrap", 1),
+    )
 
 
 def sci(x: float | None, digits: int = 2) -> str:
@@ -104,11 +126,16 @@ def resolution(
     the larger of the floor and the effect's upper interval bound — never as zero."""
     lead = f"{label}, " if label else ""
     if identical:
-        return Resolution(metric="kld", engine=engine, floor=0.0,
-                          floor_detail="not needed: the file is byte-identical to the baseline",
-                          ratio=None, resolved=None,
-                          sentence=f"{lead}identical to the baseline (byte-identical file): "
-                                   "no effect, proven by SHA-256")  # fmt: skip
+        return Resolution(
+            metric="kld",
+            engine=engine,
+            floor=0.0,
+            floor_detail="not needed: the file is byte-identical to the baseline",
+            ratio=None,
+            resolved=None,
+            sentence=f"{lead}identical to the baseline (byte-identical file): "
+            "no effect, proven by SHA-256",
+        )
     means = []
     for chunks, mean in zip(placebo_chunks, placebo_means, strict=False):
         iv = mean_interval(chunks) if chunks else None
@@ -118,13 +145,20 @@ def resolution(
     n = len(means)
     floor_detail = (
         f"the largest of {n} placebo{'s' if n != 1 else ''}' mean KLD (lowest mantissa bit "
-        "flipped in the same tensors, same engine and chunks)" if n else
-        "not measured: no placebo ran"
-    )  # fmt: skip
+        "flipped in the same tensors, same engine and chunks)"
+        if n
+        else "not measured: no placebo ran"
+    )
     effect = mean_interval(treatment_chunks) if treatment_chunks else None
     if effect is None and treatment_mean is not None:
-        effect = Interval(estimate=treatment_mean, low=None, high=None, level=LEVEL, n=0,
-                          method="no per-chunk values: no interval")  # fmt: skip
+        effect = Interval(
+            estimate=treatment_mean,
+            low=None,
+            high=None,
+            level=LEVEL,
+            n=0,
+            method="no per-chunk values: no interval",
+        )
     excess = paired_excess(treatment_chunks, [c for c in placebo_chunks if c])
     est = effect.estimate if effect is not None else treatment_mean
     ratio = est / floor if est is not None and floor else None
@@ -140,17 +174,27 @@ def resolution(
         shown = _interval_text(effect) if effect is not None else sci(est)
         sentence = f"{lead}KLD {shown}, floor not measured (no placebo)"
     elif resolved and not ratio:  # the placebos measured exactly 0: no ratio to state
-        sentence = f"{lead}KLD {_interval_text(effect)}, above its floor of 0 (its placebos "\
-                   "changed nothing measurable)"  # fmt: skip
+        sentence = (
+            f"{lead}KLD {_interval_text(effect)}, above its floor of 0 (its placebos "
+            "changed nothing measurable)"
+        )
     elif resolved:
         times = f"{ratio:.1f}×" if ratio < 10 else f"> {10 ** int(math.log10(ratio)):d}×"
         sentence = f"{lead}KLD {_interval_text(effect)}, {times} its floor ({sci(floor)})"
     else:
         upper = max(v for v in (floor, effect.high if effect else None, est) if v is not None)
         sentence = f"{lead}below the resolution of this measurement (< {sci(upper)})"
-    return Resolution(metric="kld", engine=engine, floor=floor, floor_detail=floor_detail,
-                      effect=effect, excess=excess, ratio=ratio, resolved=resolved,
-                      sentence=sentence)  # fmt: skip
+    return Resolution(
+        metric="kld",
+        engine=engine,
+        floor=floor,
+        floor_detail=floor_detail,
+        effect=effect,
+        excess=excess,
+        ratio=ratio,
+        resolved=resolved,
+        sentence=sentence,
+    )
 
 
 def false_discoveries(pvalues: Sequence[float], q: float = 0.05) -> list[bool]:

@@ -116,10 +116,17 @@ class Cell:
 
     def to_json(self) -> dict:
         return {
-            "id": self.id, "model": self.model, "kind": self.kind, "format": self.fmt,
-            "rounding": self.rounding, "variant": self.variant, "series": self.series,
-            "layers": self.layers, "layer": self.layer, "n_layers": self.n_layers,
-        }  # fmt: skip
+            "id": self.id,
+            "model": self.model,
+            "kind": self.kind,
+            "format": self.fmt,
+            "rounding": self.rounding,
+            "variant": self.variant,
+            "series": self.series,
+            "layers": self.layers,
+            "layer": self.layer,
+            "n_layers": self.n_layers,
+        }
 
 
 @dataclass(frozen=True)
@@ -204,10 +211,17 @@ def kinds_of(index) -> tuple[str, ...]:
 
 
 def _kind_layers(index, kind: str) -> tuple[int, ...]:
-    return tuple(sorted({
-        layer for t in index.tensors if t.type_name == "F32"
-        for layer, k in [split_name(t.name)] if k == kind and layer is not None
-    }))  # fmt: skip
+    return tuple(
+        sorted(
+            {
+                layer
+                for t in index.tensors
+                if t.type_name == "F32"
+                for layer, k in [split_name(t.name)]
+                if k == kind and layer is not None
+            }
+        )
+    )
 
 
 def _block_count(index) -> int:
@@ -244,15 +258,22 @@ def cells_for(plan: Plan, model_id: str, index) -> tuple[Cell, ...]:
     for variant in plan.variants:
         for fmt, rounding in plan.formats:
             for kind in kinds:
-                base = dict(model=model_id, kind=kind, fmt=fmt, rounding=rounding,
-                            variant=variant, width=width)  # fmt: skip
+                base = dict(
+                    model=model_id,
+                    kind=kind,
+                    fmt=fmt,
+                    rounding=rounding,
+                    variant=variant,
+                    width=width,
+                )
                 layers = _kind_layers(index, kind)
                 if not layers:
                     out.append(Cell(series="whole", layers="all", **base))
                     continue
                 chosen = [n for n in layers if n in wanted]
-                out += [Cell(series="layer", layers=str(n), layer=n, n_layers=1, **base)
-                        for n in chosen]  # fmt: skip
+                out += [
+                    Cell(series="layer", layers=str(n), layer=n, n_layers=1, **base) for n in chosen
+                ]
                 if plan.cumulative:
                     for n in cumulative_sizes(len(chosen)):
                         if n == 1:  # the first layer's own cell is that point of the curve
@@ -266,9 +287,15 @@ def cells_for(plan: Plan, model_id: str, index) -> tuple[Cell, ...]:
 def sort_key(cell: Cell) -> tuple:
     """Model, variant, format, kind, then layers in order, cumulative after single layers:
     the baseline is made once, first, and shards of pytest-split get contiguous runs."""
-    return (cell.model, VARIANTS.index(cell.variant) if cell.variant in VARIANTS else 9,
-            cell.format_label, cell.kind, SERIES.index(cell.series), cell.layer or 0,
-            cell.n_layers or 0)  # fmt: skip
+    return (
+        cell.model,
+        VARIANTS.index(cell.variant) if cell.variant in VARIANTS else 9,
+        cell.format_label,
+        cell.kind,
+        SERIES.index(cell.series),
+        cell.layer or 0,
+        cell.n_layers or 0,
+    )
 
 
 # --- the record of one cell --------------------------------------------------------------------
@@ -419,8 +446,11 @@ def backend(tools: LlamaTools, gpu_layers: int | None) -> str:
     rec = build_record(tools.bin_dir) or {}
     extra = [a for a in rec.get("cmake_args", ()) if a not in BASE_CMAKE_ARGS]
     on = [a for a in extra if a.upper().endswith("=ON")]
-    accel = [a.removeprefix("-D").split("=")[0].removeprefix("GGML_").lower()
-             for a in on if any(g in a.upper() for g in _GPU_BACKENDS)]  # fmt: skip
+    accel = [
+        a.removeprefix("-D").split("=")[0].removeprefix("GGML_").lower()
+        for a in on
+        if any(g in a.upper() for g in _GPU_BACKENDS)
+    ]
     parts = accel[:]
     if gpu_layers is not None:
         parts.append(f"-ngl {gpu_layers}")
@@ -442,11 +472,14 @@ def cell_settings(exp: Experiment) -> dict[str, Any]:
     """The settings part of a cell's identity."""
     s = exp.settings
     return {
-        "ctx": s.ctx, "batch": s.batch, "chunks": s.chunks, "kld_chunks": s.kld_chunks,
+        "ctx": s.ctx,
+        "batch": s.batch,
+        "chunks": s.chunks,
+        "kld_chunks": s.kld_chunks,
         "engine": getattr(s, "engine", "llama-perplexity"),
         "placebo_seeds": list(exp.placebo_seeds),
         "twin_dtype": exp.twin_dtype if exp.variant == "intrinsic" else None,
-    }  # fmt: skip
+    }
 
 
 def cell_key(identity: Identity, cell: Cell, tensors: Sequence[str], base_sha256: str) -> str:
@@ -455,10 +488,15 @@ def cell_key(identity: Identity, cell: Cell, tensors: Sequence[str], base_sha256
     do not: llama.cpp is bit-identical across thread counts)."""
     settings = {k: v for k, v in identity.settings.items() if k != "placebo_seeds"}
     return msgspec.structs.replace(
-        identity, variant=cell.variant, tensors=tuple(tensors), format=cell.fmt,
-        rounding=cell.rounding, base_sha256=base_sha256, settings=settings,
+        identity,
+        variant=cell.variant,
+        tensors=tuple(tensors),
+        format=cell.fmt,
+        rounding=cell.rounding,
+        base_sha256=base_sha256,
+        settings=settings,
         fq_version=__version__,
-    ).key("sweep-cell", schema=CELL_SCHEMA)  # fmt: skip
+    ).key("sweep-cell", schema=CELL_SCHEMA)
 
 
 def experiment_for(exp: Experiment, cell: Cell, chunks: int | None = None) -> Experiment:
@@ -527,17 +565,28 @@ def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
         t0 = time.perf_counter()
         with progress.step("quantize"):
             manifest = patch.fake_quantize_file(
-                measured.path, dst, layers=cell.layers, tensors=(cell.kind,), fmt=cell.fmt,
-                rounding=cell.rounding, force=True, fsync=False,
-            )  # fmt: skip
+                measured.path,
+                dst,
+                layers=cell.layers,
+                tensors=(cell.kind,),
+                fmt=cell.fmt,
+                rounding=cell.rounding,
+                force=True,
+                fsync=False,
+            )
         quantize_s = time.perf_counter() - t0
         identical = manifest.output.sha256 == measured.sha256
         t1 = time.perf_counter()
         if identical:  # the SHA-256 proves llama.cpp would rerun the baseline
             kld, ppl, cmd, commands = None, baseline.perplexity, None, []
         else:
-            ref = replace(measured, name=f"{measured.name}+{cell.format_label}", path=dst,
-                          sha256=manifest.output.sha256, spec=None)  # fmt: skip
+            ref = replace(
+                measured,
+                name=f"{measured.name}+{cell.format_label}",
+                path=dst,
+                sha256=manifest.output.sha256,
+                spec=None,
+            )
             with progress.step("treatment"):
                 ev = protocol._perplexity_only(ctx, ref, baseline, exp.settings)
             ppl, kld = ev.perplexity, ev.perplexity.kld
@@ -562,7 +611,7 @@ def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
             [0.0] * len(base.chunk_ppls)
             if identical
             else list(getattr(kld, "chunk_klds", ()) or ())
-        ),  # fmt: skip
+        ),
         "same_top_pct": 100.0 if identical else (kld.same_top_pct if kld else None),
         "kld": None if identical else protocol._kld_json(kld),
         "chunk_ppls": list(ppl.chunk_ppls),
@@ -651,15 +700,31 @@ def run_cell(
     t_start = time.perf_counter()
     exp = experiment_for(exp, cell, chunks)
     info = CellInfo(**{k: v for k, v in cell.to_json().items()})
-    ident = Identity(model_sha256=model.sha256, measured_sha256=model.sha256,
-                     corpus_sha256=ctx.corpus.sha256, llama_version=ctx.tools.version,
-                     llama_build=ctx.tools.build_id, settings=cell_settings(exp))  # fmt: skip
-    base_rec = dict(schema=CELL_SCHEMA, run_id=ctx.run_id, cell=info, identity=ident,
-                    machine=machine_info(), started_at=started, key="")  # fmt: skip
+    ident = Identity(
+        model_sha256=model.sha256,
+        measured_sha256=model.sha256,
+        corpus_sha256=ctx.corpus.sha256,
+        llama_version=ctx.tools.version,
+        llama_build=ctx.tools.build_id,
+        settings=cell_settings(exp),
+    )
+    base_rec = dict(
+        schema=CELL_SCHEMA,
+        run_id=ctx.run_id,
+        cell=info,
+        identity=ident,
+        machine=machine_info(),
+        started_at=started,
+        key="",
+    )
 
     def failed(exc: BaseException, key: str = "") -> CellRecord:
-        rec = CellRecord(**{**base_rec, "key": key}, status="error", error=_error(exc),
-                         finished_at=results.utc_now())  # fmt: skip
+        rec = CellRecord(
+            **{**base_rec, "key": key},
+            status="error",
+            error=_error(exc),
+            finished_at=results.utc_now(),
+        )
         save_cell(rec, ctx.results_root)
         return rec
 
@@ -673,10 +738,12 @@ def run_cell(
         base_rec["key"] = key
         with progress.step("cell"):  # its quantize and treatment steps inside, or "cached"
             entry = cache.verified(
-                "cells", key, "cell.json",
+                "cells",
+                key,
+                "cell.json",
                 lambda folder: _measure(cell, measured, baseline, ctx, exp, folder),
                 decode=_cell_measurement,
-            )  # fmt: skip
+            )
             meas, hit = entry.value, entry.hit
             if hit:
                 progress.note("cached")
@@ -697,20 +764,29 @@ def run_cell(
                     if p_hit:
                         progress.note("cached")
                 kld = run.get("kld") or {}
-                placebos.append(CellPlacebo(
-                    seed=seed, key=run.get("key", ""), kld_mean=run.get("kld_mean"),
-                    chunk_klds=tuple(kld.get("chunk_means") or ()),
-                    same_top_pct=run.get("same_top_pct"), cached=p_hit,
-                    measured_at=p_entry.measured_at,
-                ))  # fmt: skip
+                placebos.append(
+                    CellPlacebo(
+                        seed=seed,
+                        key=run.get("key", ""),
+                        kld_mean=run.get("kld_mean"),
+                        chunk_klds=tuple(kld.get("chunk_means") or ()),
+                        same_top_pct=run.get("same_top_pct"),
+                        cached=p_hit,
+                        measured_at=p_entry.measured_at,
+                    )
+                )
     except FqError as exc:
         return failed(exc, key)
     placebo_s = time.perf_counter() - t_placebo
 
     res, p = cell_statistics(
-        ident.settings["engine"], cell.variant, meas["chunk_klds"], meas["kld_mean"], placebos,
+        ident.settings["engine"],
+        cell.variant,
+        meas["chunk_klds"],
+        meas["kld_mean"],
+        placebos,
         identical=meas["identical"],
-    )  # fmt: skip
+    )
     rec = CellRecord(
         **base_rec,
         status="measured",
@@ -736,7 +812,7 @@ def run_cell(
         placebo=tuple(placebos),
         resolution=msgspec.convert(
             results.jsonable(msgspec.to_builtins(res), words=True), Resolution
-        ),  # fmt: skip
+        ),
         p_value=p,
         cached=hit,
         measured_at=entry.measured_at,
@@ -845,9 +921,17 @@ def _numbers(rec: CellRecord):
 
 
 def _as_cell(info: CellInfo) -> Cell:
-    return Cell(model=info.model, kind=info.kind, fmt=info.format, rounding=info.rounding,
-                variant=info.variant, series=info.series, layers=info.layers, layer=info.layer,
-                n_layers=info.n_layers)  # fmt: skip
+    return Cell(
+        model=info.model,
+        kind=info.kind,
+        fmt=info.format,
+        rounding=info.rounding,
+        variant=info.variant,
+        series=info.series,
+        layers=info.layers,
+        layer=info.layer,
+        n_layers=info.n_layers,
+    )
 
 
 # --- analysis: false discoveries, rank ranges, the sentence -------------------------------------
@@ -932,14 +1016,23 @@ class Analysis:
         rows = []
         for r in self.rows:
             res, t = r.record.resolution, r.record.treatment
-            rows.append({
-                "id": r.cell.id, "series": r.cell.series, "kld": t.kld_mean if t else None,
-                "effect": iv(res.effect) if res else None,
-                "excess": iv(res.excess) if res else None, "floor": res.floor if res else None,
-                "ratio": res.ratio if res else None, "p": r.record.p_value, "q": r.q_value,
-                "discovery": r.discovery, "rank": [r.rank_lo, r.rank_hi], "verdict": r.verdict,
-                "changed": r.record.numeric.changed if r.record.numeric else None,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "id": r.cell.id,
+                    "series": r.cell.series,
+                    "kld": t.kld_mean if t else None,
+                    "effect": iv(res.effect) if res else None,
+                    "excess": iv(res.excess) if res else None,
+                    "floor": res.floor if res else None,
+                    "ratio": res.ratio if res else None,
+                    "p": r.record.p_value,
+                    "q": r.q_value,
+                    "discovery": r.discovery,
+                    "rank": [r.rank_lo, r.rank_hi],
+                    "verdict": r.verdict,
+                    "changed": r.record.numeric.changed if r.record.numeric else None,
+                }
+            )
         return {
             "q": self.q,
             "n_tested": self.n_tested,
@@ -949,7 +1042,7 @@ class Analysis:
             "errors": [{"id": r.cell.id, "error": r.record.error} for r in self.errors],
             "identities": {
                 f"{m}/{v}": msgspec.to_builtins(i) for (m, v), i in sorted(self.identities.items())
-            },  # fmt: skip
+            },
         }
 
 
@@ -1007,8 +1100,11 @@ def analyze(
     from . import stats
 
     measured = [Row(c.path, c.record) for c in cells if c.record.status == "measured"]
-    errors = tuple(Row(c.path, c.record, verdict=f"error: {c.record.error}")
-                   for c in cells if c.record.status != "measured")  # fmt: skip
+    errors = tuple(
+        Row(c.path, c.record, verdict=f"error: {c.record.error}")
+        for c in cells
+        if c.record.status != "measured"
+    )
     tested = [r for r in measured if r.record.p_value is not None]
     # BH needs adjusted values too (shown as q): scipy's false_discovery_control gives them
     qs: dict[str, float] = {}
@@ -1034,8 +1130,9 @@ def analyze(
         single = [r for r in rs if r.cell.series != "cumulative"]
         cum = [r for r in rs if r.cell.series == "cumulative"]
         ranks = _rank_ranges(single)
-        single = [replace(r, rank_lo=ranks[r.cell.id][0], rank_hi=ranks[r.cell.id][1])
-                  for r in single]  # fmt: skip
+        single = [
+            replace(r, rank_lo=ranks[r.cell.id][0], rank_hi=ranks[r.cell.id][1]) for r in single
+        ]
         single = [replace(r, verdict=_verdict(r, q)) for r in single]
         cum = [replace(r, verdict=_verdict(r, q)) for r in cum]
         single.sort(key=lambda r: (-_safe(r.interval), r.cell.kind, r.cell.layer or 0))
@@ -1049,10 +1146,17 @@ def analyze(
     for c in cells:
         identities.setdefault((c.record.cell.model, c.record.cell.variant), c.record.identity)
     return Analysis(
-        rows=tuple(ranked), errors=errors, groups=tuple(summaries), q=q, n_tested=n_tested,
-        sentence=_headline(summaries, n_tested, q), identities=identities,
-        sources=tuple(sources), machines=machines, run_ids=run_ids,
-    )  # fmt: skip
+        rows=tuple(ranked),
+        errors=errors,
+        groups=tuple(summaries),
+        q=q,
+        n_tested=n_tested,
+        sentence=_headline(summaries, n_tested, q),
+        identities=identities,
+        sources=tuple(sources),
+        machines=machines,
+        run_ids=run_ids,
+    )
 
 
 def _safe(iv: Interval | None) -> float:
@@ -1074,8 +1178,11 @@ def _group_summary(g, single: list[Row], q: float) -> GroupSummary:
         sentence = f"{label}: only cumulative cells, nothing to rank."
     elif not disc:
         identical = sum(1 for r in single if r.record.treatment and r.record.treatment.identical)
-        why = (f"all {n} cells are byte-identical to the model" if identical == n else
-               f"none of the {n} cells is distinguishable from its placebo {bh}")  # fmt: skip
+        why = (
+            f"all {n} cells are byte-identical to the model"
+            if identical == n
+            else f"none of the {n} cells is distinguishable from its placebo {bh}"
+        )
         sentence = f"{label}: no layer or kind stands out — {why}."
     elif not standouts:
         some = f"all {n}" if len(disc) == n else f"{len(disc)} of {n}"
@@ -1130,8 +1237,11 @@ def summarize_timing(rows: Sequence[Row]) -> Mapping[str, Any]:
     """Cost per computed cell (the ones not from the cache), by variant."""
     out: dict[str, Any] = {}
     for variant in VARIANTS:
-        ts = [r.record.timing for r in rows if r.cell.variant == variant and r.record.timing
-              and r.record.timing.llama_s]  # fmt: skip
+        ts = [
+            r.record.timing
+            for r in rows
+            if r.cell.variant == variant and r.record.timing and r.record.timing.llama_s
+        ]
         if not ts:
             continue
         cell_s = [t.quantize_s + t.evaluate_s for t in ts]

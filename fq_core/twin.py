@@ -71,9 +71,15 @@ KEPT_TYPES = frozenset({QT.F32, QT.F64, QT.I8, QT.I16, QT.I32, QT.I64})
 #: Float types that become F32 in an f32 twin and stay as they are in an f16 / bf16 twin.
 FLOAT_TYPES = frozenset({QT.F16, QT.BF16})
 _INT_FORMATS = {
-    VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h",
-    VT.UINT32: "<I", VT.INT32: "<i", VT.UINT64: "<Q", VT.INT64: "<q",
-}  # fmt: skip
+    VT.UINT8: "<B",
+    VT.INT8: "<b",
+    VT.UINT16: "<H",
+    VT.INT16: "<h",
+    VT.UINT32: "<I",
+    VT.INT32: "<i",
+    VT.UINT64: "<Q",
+    VT.INT64: "<q",
+}
 
 
 # --- the manifest -----------------------------------------------------------------------
@@ -434,8 +440,12 @@ def _verify(tmp: Path, index: GGUFIndex, plan: list[_Planned], file_type: int | 
         raise OSError(f"{tmp}: the written header does not match the plan")
     for t, p in zip(got.tensors, plan, strict=True):
         if (t.name, t.ggml_type, t.shape, t.offset - got.data_start, t.n_bytes) != (
-            p.info.name, int(p.new_type), p.info.shape, p.rel_offset, p.n_bytes
-        ):  # fmt: skip
+            p.info.name,
+            int(p.new_type),
+            p.info.shape,
+            p.rel_offset,
+            p.n_bytes,
+        ):
             raise OSError(f"{tmp}: tensor {p.info.name!r} was not written as planned")
     before = dict(index.metadata)
     after = dict(got.metadata)
@@ -627,9 +637,15 @@ def twin_for(model: ModelRef, dtype: str = "f32", *, rebuild: bool = False) -> T
         else:
             made = False
     return TwinRef(
-        name=f"{model.name}-twin", path=path, sha256=manifest.output.sha256, spec=None,
-        source=model, dtype=dtype, manifest=manifest, made=made,
-    )  # fmt: skip
+        name=f"{model.name}-twin",
+        path=path,
+        sha256=manifest.output.sha256,
+        spec=None,
+        source=model,
+        dtype=dtype,
+        manifest=manifest,
+        made=made,
+    )
 
 
 __all__ = [

@@ -28,25 +28,36 @@ from fq_core.settings import Setting
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fq", "fq-suite experiment (stages, thresholds, the Test 1 gate)")
     group.addoption(
-        "--fq-model", action="append", dest="fq_model", default=None, metavar="NAME_OR_PATH",
+        "--fq-model",
+        action="append",
+        dest="fq_model",
+        default=None,
+        metavar="NAME_OR_PATH",
         help="model to run the stages on (registry name or GGUF path); repeatable "
         f"(default: ini fq_models = {' '.join(settings.MODELS)})",
-    )  # fmt: skip
-    parser.addini("fq_models", "models the stages run on", type="linelist",
-                  default=list(settings.MODELS))  # fmt: skip
+    )
+    parser.addini(
+        "fq_models", "models the stages run on", type="linelist", default=list(settings.MODELS)
+    )
     group.addoption(
-        "--fq-ignore-gate", action="store_true", default=False,
+        "--fq-ignore-gate",
+        action="store_true",
+        default=False,
         help="run stages 2-4 even when Test 1 has not passed (the skip reason is recorded)",
-    )  # fmt: skip
+    )
     group.addoption(
-        "--fq-keep-models", action="store_true", default=False,
+        "--fq-keep-models",
+        action="store_true",
+        default=False,
         help="keep the fake-quantized GGUFs under results/<run-id>/ (default: delete after "
         "evaluation, keeping their manifests)",
-    )  # fmt: skip
+    )
     group.addoption(
-        "--fq-run-id", default=None, metavar="ID",
+        "--fq-run-id",
+        default=None,
+        metavar="ID",
         help="results/<ID>/ to write into (default: FQ_RUN_ID or a new UTC timestamp id)",
-    )  # fmt: skip
+    )
     add_options(parser, group, settings.STAGE)
 
 
@@ -54,8 +65,13 @@ def add_options(parser: pytest.Parser, group, options: tuple[Setting, ...]) -> N
     """Each setting as an ini value and its `--fq-…` flag, the default shown in the help."""
     for opt in options:
         shown = opt.default or "unset"
-        group.addoption(opt.flag, dest=opt.name, default=None, metavar="VALUE",
-                        help=f"{_escaped(opt.help)} [ini {opt.name}, default {shown}]")  # fmt: skip
+        group.addoption(
+            opt.flag,
+            dest=opt.name,
+            default=None,
+            metavar="VALUE",
+            help=f"{_escaped(opt.help)} [ini {opt.name}, default {shown}]",
+        )
         parser.addini(opt.name, f"{opt.help} [default {shown}]", default=opt.default)
 
 
@@ -87,8 +103,11 @@ def model_id(name_or_path: str) -> str:
     """The model's part of a test id: the registry name, or a path's file stem."""
     from fq_core.results import safe_name
 
-    return safe_name(Path(name_or_path).stem if ("/" in name_or_path or
-                     name_or_path.endswith(".gguf")) else name_or_path)  # fmt: skip
+    return safe_name(
+        Path(name_or_path).stem
+        if ("/" in name_or_path or name_or_path.endswith(".gguf"))
+        else name_or_path
+    )
 
 
 @dataclass(frozen=True)
@@ -237,9 +256,13 @@ class FqSession:
             stored = results.load_record(self.run_id, case.stage, case.case, self.root)
             if stored is None:
                 stored = protocol.skipped_result(
-                    stages.stage(case.stage), self.model(case), self.context(),
-                    self.experiment, reason, case.variant,
-                )  # fmt: skip
+                    stages.stage(case.stage),
+                    self.model(case),
+                    self.context(),
+                    self.experiment,
+                    reason,
+                    case.variant,
+                )
                 results.save_result(stored, self.root)
         self._results[key] = stored
 
@@ -345,8 +368,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     from fq_core.stages import STAGES
 
     variants = metafunc.config.stash[SESSION].experiment.variants
-    cases = [StageCase(s.id, m, model_id(m), v)
-             for s in STAGES for m in _models(metafunc.config) for v in variants]  # fmt: skip
+    cases = [
+        StageCase(s.id, m, model_id(m), v)
+        for s in STAGES
+        for m in _models(metafunc.config)
+        for v in variants
+    ]
     # one xdist group per model: with `-n N` (loadgroup) a model's stages share one worker, in
     # order; marked here because xdist names the groups before any modifyitems hook of ours
     params = [
@@ -400,8 +427,12 @@ def _group_node_ids(items: list[pytest.Item]) -> None:
     except ImportError:  # pytest < 9.2: the string attribute is the id
         coerce_node_id = None
     for item in items:
-        names = sorted({str(m.kwargs.get("name", m.args[0] if m.args else "default"))
-                        for m in item.iter_markers("xdist_group")})  # fmt: skip
+        names = sorted(
+            {
+                str(m.kwargs.get("name", m.args[0] if m.args else "default"))
+                for m in item.iter_markers("xdist_group")
+            }
+        )
         if names and "@" not in item.nodeid.rsplit("]", 1)[-1]:
             grouped = f"{item.nodeid}@{'_'.join(names)}"
             if coerce_node_id is not None:
@@ -425,8 +456,7 @@ def fq_result(request: pytest.FixtureRequest, fq_session: FqSession, fq_case: St
     from fq_core.errors import FqError
 
     node = request.node
-    path = results.result_path(fq_session.run_id, fq_case.stage, fq_case.case,
-                               fq_session.root)  # fmt: skip
+    path = results.result_path(fq_session.run_id, fq_case.stage, fq_case.case, fq_session.root)
     node.user_properties += [
         ("fq_run_id", fq_session.run_id),
         ("fq_stage", fq_case.stage),

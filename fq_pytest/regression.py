@@ -31,16 +31,23 @@ _AUTO = "auto"
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fq", "fq-suite experiment (stages, thresholds, the Test 1 gate)")
     group.addoption(
-        "--fq-compare", dest="fq_compare", nargs="?", const=_AUTO, default=None,
+        "--fq-compare",
+        dest="fq_compare",
+        nargs="?",
+        const=_AUTO,
+        default=None,
         metavar="RUN_ID|DIR",
         help="compare every stage x case with a reference in test_regression: a run id of "
         "the results store, a directory (a saved reference or a run), or nothing = fq-reference/ "
         "in the rootdir when it has that stage x case, else the latest earlier run that has "
         "(default: off, test_regression is skipped). Write --fq-compare=VALUE when a test path "
         "follows",
-    )  # fmt: skip
+    )
     group.addoption(
-        "--fq-compare-fail", dest="fq_compare_fail", action="append", default=None,
+        "--fq-compare-fail",
+        dest="fq_compare_fail",
+        action="append",
+        default=None,
         metavar="EXPR",
         help="tolerances of test_regression, METRIC:N%% (relative to the reference), "
         "METRIC:N (absolute, in the metric's unit), METRIC:report or METRIC:off, comma-"
@@ -49,20 +56,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "agreement and speed reported only); z:N sets the uncertainty multiple (default 2). "
         "A metric fails only when worse by more than its tolerance AND by more than z times "
         "its uncertainty (llama.cpp's standard errors + the placebo spread)",
-    )  # fmt: skip
+    )
     group.addoption(
-        "--fq-save-reference", dest="fq_save_reference", action="store_true", default=False,
+        "--fq-save-reference",
+        dest="fq_save_reference",
+        action="store_true",
+        default=False,
         help="when the session passed, save its stage records as the reference in "
         "--fq-reference-dir, replacing the reference there (never anything else: a directory "
         "holding other files is refused before the session runs); commit that directory. "
         "Same as `fq reference save RUN_ID DIR --force` afterwards. Takes no value, so a test "
         "path after it stays a test path",
-    )  # fmt: skip
+    )
     group.addoption(
-        "--fq-reference-dir", dest="fq_reference_dir", default=None, metavar="DIR",
+        "--fq-reference-dir",
+        dest="fq_reference_dir",
+        default=None,
+        metavar="DIR",
         help="the reference directory --fq-save-reference writes and --fq-compare (without a "
         "value) reads first (default: fq-reference/ in the rootdir)",
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -158,9 +171,15 @@ def pytest_configure(config: pytest.Config) -> None:
         except FqError as exc:
             raise pytest.UsageError(f"--fq-save-reference: {exc}") from None
     config.stash[STATE] = RegressionState(
-        spec=spec, tolerances=tolerances, root=root, rootdir=config.rootpath,
-        reference_dir=reference_dir, run_id=_run_id(config), source=source, save_dir=save_dir,
-    )  # fmt: skip
+        spec=spec,
+        tolerances=tolerances,
+        root=root,
+        rootdir=config.rootpath,
+        reference_dir=reference_dir,
+        run_id=_run_id(config),
+        source=source,
+        save_dir=save_dir,
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -223,9 +242,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if state.save_dir is None:
         return
     if int(exitstatus) != 0:
-        _later(config, f"fq: reference NOT saved to {state.save_dir}: the session did not pass "
-               f"(exit status {int(exitstatus)}); `fq reference save {state.run_id}` "
-               "saves it anyway")  # fmt: skip
+        _later(
+            config,
+            f"fq: reference NOT saved to {state.save_dir}: the session did not pass "
+            f"(exit status {int(exitstatus)}); `fq reference save {state.run_id}` "
+            "saves it anyway",
+        )
         return
     try:
         saved = history.save_reference(
@@ -234,8 +256,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     except FqError as exc:
         _later(config, f"fq: reference not saved: {exc}")
         return
-    _later(config, f"fq: saved run {state.run_id} as the reference in {saved.path} "
-           f"({len(saved.manifest.cases)} records)")  # fmt: skip
+    _later(
+        config,
+        f"fq: saved run {state.run_id} as the reference in {saved.path} "
+        f"({len(saved.manifest.cases)} records)",
+    )
 
 
 _LATER = pytest.StashKey[list]()
@@ -287,12 +312,14 @@ def fq_regression(request: pytest.FixtureRequest, fq_session, fq_result):
             pytest.skip(found)
         source, ref = found
         cmp = regression.compare(
-            ref, fq_result, state.tolerances,
+            ref,
+            fq_result,
+            state.tolerances,
             reference_source=source.label,
             reference_path=str(source.record_path(ref.stage, ref.case)),
             reference_commit=_commit(history.source_manifest(source)),
             commit=_commit(history.read_manifest(fq_session.run_id, fq_session.root)),
-        )  # fmt: skip
+        )
         path = regression.save(cmp, fq_session.root)
     except FqError as exc:
         pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)

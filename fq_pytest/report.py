@@ -107,11 +107,16 @@ def _charts_for(check: str, result, run):
     from fq_core.report import charts
 
     if check in ("quantize", "numeric"):
-        return [charts.weight_distribution(result), charts.rel_error_histogram(result),
-                charts.per_layer_max_rel_error(result)]  # fmt: skip
+        return [
+            charts.weight_distribution(result),
+            charts.rel_error_histogram(result),
+            charts.per_layer_max_rel_error(result),
+        ]
     if check == "perplexity":
-        return [charts.chunk_ppl(result), charts.effect_vs_layers(run.for_model(result.model),
-                                                                   result.model)[0]]  # fmt: skip
+        return [
+            charts.chunk_ppl(result),
+            charts.effect_vs_layers(run.for_model(result.model), result.model)[0],
+        ]
     if check in ("kld", "placebo"):
         return [charts.effect_vs_layers(run.for_model(result.model), result.model)[1]]
     return []

@@ -33,8 +33,15 @@ log = logging.getLogger(__name__)
 SWEEP = pytest.StashKey["SweepSession"]()
 
 
-AXIS_OPTIONS = ("fq_sweep_models", "fq_sweep_kinds", "fq_sweep_formats", "fq_sweep_layers",
-                "fq_sweep_variants", "fq_sweep_cumulative", "fq_sweep_chunks")  # fmt: skip
+AXIS_OPTIONS = (
+    "fq_sweep_models",
+    "fq_sweep_kinds",
+    "fq_sweep_formats",
+    "fq_sweep_layers",
+    "fq_sweep_variants",
+    "fq_sweep_cumulative",
+    "fq_sweep_chunks",
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -47,8 +54,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def option_values(config: pytest.Config) -> dict[str, Any]:
     values = plugin_option_values(config, SETTINGS)
     if values["fq_sweep_plan"] != "full":
-        given = [o.flag for o in SETTINGS if o.name in AXIS_OPTIONS
-                 and config.getoption(o.name) is not None]  # fmt: skip
+        given = [
+            o.flag
+            for o in SETTINGS
+            if o.name in AXIS_OPTIONS and config.getoption(o.name) is not None
+        ]
         if given:
             raise pytest.UsageError(
                 f"{', '.join(given)} set(s) the full sweep's axes: add --fq-sweep-plan full "
@@ -145,8 +155,14 @@ class SweepSession:
             try:  # collection never downloads: `make check` collects offline
                 ref = resolve_model(m, fetch=False)
             except FqError as exc:
-                out.append(SweepCase(m, None, f"{m} was not available when collected ({exc}); "
-                                     "`fq fetch` it (or `make setup`) and run again"))  # fmt: skip
+                out.append(
+                    SweepCase(
+                        m,
+                        None,
+                        f"{m} was not available when collected ({exc}); "
+                        "`fq fetch` it (or `make setup`) and run again",
+                    )
+                )
                 continue
             try:
                 cells = sweep.cells_for(self.plan, model_id(m), read_index(ref.path))
@@ -229,9 +245,10 @@ def fq_sweep_cell(request: pytest.FixtureRequest, fq_sweep_case: SweepCase):
     fq = s.fq
     cell = fq_sweep_case.cell
     request.node.user_properties += [
-        ("fq_run_id", fq.run_id), ("fq_sweep_cell", cell.id),
+        ("fq_run_id", fq.run_id),
+        ("fq_sweep_cell", cell.id),
         ("fq_sweep_result", str(sweep.cell_path(fq.run_id, cell.id, fq.root))),
-    ]  # fmt: skip
+    ]
     t0 = time.perf_counter()
     try:
         with progress.context(stage=s.label(), model=cell.id):
@@ -283,8 +300,9 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 
     fq = config.stash[SESSION]
     try:
-        out = sensitivity.write_report([cells], _reports_dir(config),
-                                       q=config.stash[SWEEP].values["fq_sweep_fdr"])  # fmt: skip
+        out = sensitivity.write_report(
+            [cells], _reports_dir(config), q=config.stash[SWEEP].values["fq_sweep_fdr"]
+        )
     except Exception as exc:  # the report must never turn the run into an internal error
         log.exception("sensitivity report failed")
         terminalreporter.write_line(

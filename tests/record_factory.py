@@ -10,8 +10,14 @@ from fq_core.checks import CHECKS
 
 
 def _check(status: str = "passed", gates: bool = True, **more: Any) -> dict:
-    return {"status": status, "detail": f"{status} detail", "value": 0.5, "threshold": 1.0,
-            "gates": gates, **more}  # fmt: skip
+    return {
+        "status": status,
+        "detail": f"{status} detail",
+        "value": 0.5,
+        "threshold": 1.0,
+        "gates": gates,
+        **more,
+    }
 
 
 BASE: dict[str, Any] = {
@@ -27,13 +33,13 @@ BASE: dict[str, Any] = {
         "sha256": "cd" * 32,
         "n_bytes": 1290547,
         "n_tokens": 295173,
-    },  # fmt: skip
+    },
     "llama": {
         "version": "0.5.0-dev",
         "build_info": "GNU 12",
         "bin_dir": "/llama/bin",
         "build_id": "ef" * 32,
-    },  # fmt: skip
+    },
     "fq_version": "0.1.0",
     "machine": {
         "hostname": "h",
@@ -41,7 +47,7 @@ BASE: dict[str, Any] = {
         "cores": 2,
         "python": "3.11.7",
         "platform": "Linux",
-    },  # fmt: skip
+    },
     "settings": {
         "format": "bf16",
         "rounding": "truncate",
@@ -54,7 +60,7 @@ BASE: dict[str, Any] = {
         "gen_tokens": 32,
         "prompts": [{"text": "Hello", "chat": False}],
         "placebo_seeds": [1],
-    },  # fmt: skip
+    },
     "thresholds": {
         "ppl_delta_max": 0.02,
         "max_rel_error": 0.01,
@@ -63,7 +69,7 @@ BASE: dict[str, Any] = {
         "agreement_min": None,
         "noise_factor_max": None,
         "speed_ratio_min": None,
-    },  # fmt: skip
+    },
     "checks": {name: _check() for name in CHECKS},
     "outcome": "passed",
     "started_at": "2026-11-29T00:00:00Z",

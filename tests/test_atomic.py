@@ -128,8 +128,12 @@ def test_two_concurrent_quantize_runs_one_wins(two_models, tmp_path):
     out.parent.mkdir()
     argv = [sys.executable, "-m", "fq_core.cli", "quantize", str(a), str(out)]
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
     statuses = sorted(status for status, _ in results)
     assert statuses == [0, 2], results

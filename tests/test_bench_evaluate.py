@@ -20,8 +20,13 @@ GEN_TOKENS = 32
 
 
 def _bare(argv) -> None:
-    subprocess.run([str(a) for a in argv], stdin=subprocess.DEVNULL, capture_output=True,
-                   check=True, timeout=1800)  # fmt: skip
+    subprocess.run(
+        [str(a) for a in argv],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=True,
+        timeout=1800,
+    )
 
 
 def _bare_evaluate(bin_dir, base, cand, corpus, logits, threads) -> None:
@@ -31,11 +36,37 @@ def _bare_evaluate(bin_dir, base, cand, corpus, logits, threads) -> None:
     gen += ["-t", str(threads)]
     common = ["-f", corpus, "-c", "512", "-b", "512", "-t", str(threads), "--chunks", str(CHUNKS)]
     for model in (base, cand):
-        _bare([comp, "-m", model, "--check-tensors", "-p", " ", "-n", "0", "-no-cnv", "--temp", "0",
-               "-t", str(threads)])  # fmt: skip
+        _bare(
+            [
+                comp,
+                "-m",
+                model,
+                "--check-tensors",
+                "-p",
+                " ",
+                "-n",
+                "0",
+                "-no-cnv",
+                "--temp",
+                "0",
+                "-t",
+                str(threads),
+            ]
+        )
         _bare([comp, "-m", model, "-p", "Hello", *gen, "-no-cnv"])
-        _bare([comp, "-m", model, "-p", "你好，請介紹一下自己。", *gen, "-st",
-               "--chat-template", "gemma"])  # fmt: skip
+        _bare(
+            [
+                comp,
+                "-m",
+                model,
+                "-p",
+                "你好，請介紹一下自己。",
+                *gen,
+                "-st",
+                "--chat-template",
+                "gemma",
+            ]
+        )
     _bare([ppl, "-m", base, *common, "--kl-divergence-base", logits])
     _bare([ppl, "-m", cand, *common, "--kl-divergence-base", logits, "--kl-divergence"])
 
@@ -58,8 +89,18 @@ def test_bench_fq_evaluate_vs_bare_llama(benchmark, tmp_path, monkeypatch):
     bare_s = time.perf_counter() - t0
     (tmp_path / "bare.kld").unlink()
 
-    argv = ["evaluate", str(cand), "--baseline", str(gemma.path), "--chunks", str(CHUNKS),
-            "--llama-bin-dir", str(tools.bin_dir), "--text", str(corpus.path)]  # fmt: skip
+    argv = [
+        "evaluate",
+        str(cand),
+        "--baseline",
+        str(gemma.path),
+        "--chunks",
+        str(CHUNKS),
+        "--llama-bin-dir",
+        str(tools.bin_dir),
+        "--text",
+        str(corpus.path),
+    ]
     t0 = time.perf_counter()
     assert benchmark.pedantic(main, args=(argv,), rounds=1, iterations=1) == 0
     first_s = time.perf_counter() - t0

@@ -78,8 +78,13 @@ def test_bench_copy_and_patch(benchmark, gemma3_gguf, gemma_patches, tmp_path, f
 @pytest.mark.benchmark(group="quantize end to end gemma3")
 def test_bench_cp(benchmark, gemma3_gguf, tmp_path):
     dst = tmp_path / "cp.gguf"
-    benchmark.pedantic(subprocess.run, args=(["cp", str(gemma3_gguf), str(dst)],),
-                       kwargs={"check": True}, rounds=5, warmup_rounds=1)  # fmt: skip
+    benchmark.pedantic(
+        subprocess.run,
+        args=(["cp", str(gemma3_gguf), str(dst)],),
+        kwargs={"check": True},
+        rounds=5,
+        warmup_rounds=1,
+    )
     _MIN["cp"] = _min(benchmark) or 0.0
 
 
@@ -114,8 +119,9 @@ def test_bench_fq_quantize(benchmark, gemma3_gguf, tmp_path):
     dst = tmp_path / "fq.gguf"
     argv = [FQ, "quantize", str(gemma3_gguf), str(dst), "--force"]
     subprocess.run(argv, check=True, capture_output=True)  # warm the input hash cache
-    benchmark.pedantic(subprocess.run, args=(argv,),
-                       kwargs={"check": True, "capture_output": True}, rounds=5)  # fmt: skip
+    benchmark.pedantic(
+        subprocess.run, args=(argv,), kwargs={"check": True, "capture_output": True}, rounds=5
+    )
     assert read_manifest(dst)["total_changed"] == 2990
     _MIN["fq_quantize"] = _min(benchmark) or 0.0
     benchmark.extra_info["ratio_to_cp"] = _ratio("fq_quantize", "cp")
@@ -147,8 +153,12 @@ def test_bench_quantize_peak_rss(benchmark, request, tmp_path, name):
     peaks: list[int] = []
 
     def once():
-        out = subprocess.run([sys.executable, "-c", _PEAK, FQ, "quantize", str(src), str(dst),
-                              "--force"], check=True, capture_output=True, text=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK, FQ, "quantize", str(src), str(dst), "--force"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         peaks.append(int(out.stdout.strip()))
 
     benchmark.pedantic(once, rounds=3)

@@ -36,8 +36,13 @@ def _min(benchmark) -> float | None:
 @pytest.mark.benchmark(group="fq twin gemma3")
 def test_bench_cp_source(benchmark, gemma3_gguf, tmp_path):
     dst = tmp_path / "cp.gguf"
-    benchmark.pedantic(subprocess.run, args=(["cp", str(gemma3_gguf), str(dst)],),
-                       kwargs={"check": True}, rounds=3, warmup_rounds=1)  # fmt: skip
+    benchmark.pedantic(
+        subprocess.run,
+        args=(["cp", str(gemma3_gguf), str(dst)],),
+        kwargs={"check": True},
+        rounds=3,
+        warmup_rounds=1,
+    )
     _MIN["cp"] = _min(benchmark) or 0.0
 
 
@@ -48,9 +53,23 @@ def test_bench_fq_twin(benchmark, gemma3_gguf, tmp_path, dtype):
     peaks: list[int] = []
 
     def once():
-        out = subprocess.run([sys.executable, "-c", _PEAK, FQ, "twin", str(gemma3_gguf), str(dst),
-                              "--dtype", dtype, "--force"],
-                             check=True, capture_output=True, text=True)  # fmt: skip
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _PEAK,
+                FQ,
+                "twin",
+                str(gemma3_gguf),
+                str(dst),
+                "--dtype",
+                dtype,
+                "--force",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         peaks.append(int(out.stdout.strip()))
 
     benchmark.pedantic(once, rounds=3)

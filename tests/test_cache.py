@@ -85,20 +85,28 @@ def _reseal(doc: dict) -> None:
 
 DAMAGE = {
     "an entry holding {}": (
-        lambda f: (f / "baseline.json").write_text("{}"), "entry schema None is not 1"),
+        lambda f: (f / "baseline.json").write_text("{}"),
+        "entry schema None is not 1",
+    ),
     "not JSON": (lambda f: (f / "baseline.json").write_text("{half"), "not valid JSON"),
     "a figure edited": (
         lambda f: _edit(f / "baseline.json", lambda d: d["payload"].update(ppl=20.31)),
-        "does not match its checksum"),
+        "does not match its checksum",
+    ),
     "a wrong shape, resealed": (
-        lambda f: _edit(f / "baseline.json", _reseal), "is not a baselines entry (KeyError"),
+        lambda f: _edit(f / "baseline.json", _reseal),
+        "is not a baselines entry (KeyError",
+    ),
     "logits zeroed, same size": (
         lambda f: (f / "logits.bin").write_bytes(bytes(4096)),
-        "logits.bin does not match its SHA-256"),
+        "logits.bin does not match its SHA-256",
+    ),
     "logits truncated": (
-        lambda f: os.truncate(f / "logits.bin", 100), "logits.bin has 100 bytes, not 4096"),
+        lambda f: os.truncate(f / "logits.bin", 100),
+        "logits.bin has 100 bytes, not 4096",
+    ),
     "logits missing": (lambda f: (f / "logits.bin").unlink(), "logits.bin is missing"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -159,8 +167,9 @@ def stage_world(private_cache):
     ref, corpus, tools = _inputs(private_cache)
 
     def run(run_id: str) -> record.StageRecord:
-        ctx = stages.Context(run_id, StubRunner(tools, private_cache), tools, corpus,
-                             private_cache / "results")  # fmt: skip
+        ctx = stages.Context(
+            run_id, StubRunner(tools, private_cache), tools, corpus, private_cache / "results"
+        )
         protocol.run_stage(stages.GATE_STAGE, ref, ctx, stages.Experiment())
         return results.load_record(run_id, stages.GATE_STAGE.id, ref.name, ctx.results_root)
 
@@ -187,8 +196,9 @@ def test_the_record_and_the_report_say_which_figures_came_from_the_cache(stage_w
     assert f"treatment measured in this run, {first.cache[1].measured_at}" in text
 
 
-@pytest.mark.parametrize("kind, name", [("treatments", "evaluation.json"),
-                                        ("placebos", "placebo.json")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, name", [("treatments", "evaluation.json"), ("placebos", "placebo.json")]
+)
 def test_a_cached_treatment_or_placebo_holding_nothing_is_remade(stage_world, kind, name):
     run, *_ = stage_world
     first = run("R1")
@@ -198,7 +208,7 @@ def test_a_cached_treatment_or_placebo_holding_nothing_is_remade(stage_world, ki
     second = run("R2")
     assert second.outcome == first.outcome and "error" not in {
         c.status for c in second.checks.values()
-    }  # fmt: skip
+    }
     remade = [u for u in second.cache if u.kind == kind]
     assert remade and all(not u.hit and "entry schema None" in u.rejected for u in remade)
     assert second.treatment.kld.mean == first.treatment.kld.mean

@@ -83,8 +83,10 @@ def _malformed(model):
     path = model.path
     size = path.stat().st_size
     hend = header_end(path)
-    cuts = sorted({1, 3, 4, 7, 8, 15, 16, 23, 24, 40, hend - 1, hend, size - 1}
-                  | set(range(100, size, max(1, size // 25))))  # fmt: skip
+    cuts = sorted(
+        {1, 3, 4, 7, 8, 15, 16, 23, 24, 40, hend - 1, hend, size - 1}
+        | set(range(100, size, max(1, size // 25)))
+    )
     variants = [(f"truncated at {c}", truncated(path, c)) for c in cuts if c < size]
     variants.append(("wrong magic", patched(path, 0, b"GGUX")))
     variants.append(("version 4", patched_int(path, 4, 4, 4)))
@@ -111,8 +113,12 @@ def test_malformed_inputs_exit_2_and_write_nothing(model, tmp_path, capsys):
 def test_malformed_input_in_a_subprocess(model, tmp_path):
     bad = truncated(model.path, header_end(model.path) - 3)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    p = subprocess.run([*FQ, "quantize", str(bad), str(tmp_path / "o.gguf")],
-                       capture_output=True, text=True, env=env)  # fmt: skip
+    p = subprocess.run(
+        [*FQ, "quantize", str(bad), str(tmp_path / "o.gguf")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 2 and len(p.stderr.splitlines()) == 1 and "Traceback" not in p.stderr
     assert not (tmp_path / "o.gguf").exists()
 
@@ -123,8 +129,12 @@ def test_sigint_leaves_no_output(gemma3_gguf, tmp_path):
     for attempt in range(5):
         out_dir = tmp_path / f"try{attempt}"
         out_dir.mkdir()
-        p = subprocess.Popen([*FQ, "quantize", str(gemma3_gguf), str(out_dir / "o.gguf")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        p = subprocess.Popen(
+            [*FQ, "quantize", str(gemma3_gguf), str(out_dir / "o.gguf")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert p.stdout.readline().startswith("selection:")
         time.sleep(0.02 * attempt)
         p.send_signal(signal.SIGINT)
@@ -144,8 +154,9 @@ def test_compare_and_json(model, tmp_path, capsys):
     assert main(["quantize", str(model.path), str(dst), "--layers", "0-1"]) == 0
     capsys.readouterr()
     js = tmp_path / "cmp.json"
-    status, out, _ = run(capsys, "compare", str(model.path), str(dst), "--focus-layer", "1",
-                         "--json", str(js))  # fmt: skip
+    status, out, _ = run(
+        capsys, "compare", str(model.path), str(dst), "--focus-layer", "1", "--json", str(js)
+    )
     assert status == 0
     assert "blk.0.ffn_norm.weight" in out and "every other byte is identical" in out
     assert "layer 1 blk.1.attn_norm.weight: 0/64 changed" in out
@@ -210,8 +221,9 @@ def _nan_copy(model, tmp_path):
 def test_compare_against_a_nan_copy_says_so_and_fails(model, tmp_path, capsys):
     bad = _nan_copy(model, tmp_path)
     js = tmp_path / "cmp.json"
-    status, out, err = run(capsys, "compare", str(model.path), str(bad), "--focus-layer", "0",
-                           "--json", str(js))  # fmt: skip
+    status, out, err = run(
+        capsys, "compare", str(model.path), str(bad), "--focus-layer", "0", "--json", str(js)
+    )
     assert status == 1 and err == ""
     row = next(x for x in out.splitlines() if x.startswith("blk.0.ffn_norm.weight"))
     assert row.split()[1:] == ["64/64", "nan", "nan", "nan", "nan", "nan"]
@@ -228,8 +240,18 @@ def test_quantize_beyond_fp16_range_reports_infinities(tmp_path, isolated_cache,
     big = np.array([np.finfo(np.float32).max, 1e5, 2.0, 3.0], dtype=np.float32)
     m = build_gguf(tmp_path / "in", n_layers=1, extra_tensors={"blk.0.big_norm.weight": big})
     dst = tmp_path / "o.gguf"
-    status, out, _ = run(capsys, "quantize", str(m.path), str(dst), "--tensors", "big_norm",
-                         "--format", "fp16", "--rounding", "nearest")  # fmt: skip
+    status, out, _ = run(
+        capsys,
+        "quantize",
+        str(m.path),
+        str(dst),
+        "--tensors",
+        "big_norm",
+        "--format",
+        "fp16",
+        "--rounding",
+        "nearest",
+    )
     assert status == 0
     assert (
         "max abs error inf, max rel error inf" in out and "2 finite values became NaN/±Inf" in out
@@ -245,8 +267,10 @@ def test_quantize_beyond_fp16_range_reports_infinities(tmp_path, isolated_cache,
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["quantize", "a", "b", "--format", "bf17"], "fq quantize: error: argument --format: "
-                                                     "invalid choice: 'bf17'"),
+        (
+            ["quantize", "a", "b", "--format", "bf17"],
+            "fq quantize: error: argument --format: invalid choice: 'bf17'",
+        ),
         (["quantize", "a", "b", "--seed", "x"], "fq quantize: error: argument --seed: invalid int"),
         (["compare", "a"], "fq compare: error: the following arguments are required: CANDIDATE"),
         (["evaluate", "a", "--baseline", "b", "--chunks", "1.5"], "fq evaluate: error: argument"),
@@ -254,7 +278,7 @@ def test_quantize_beyond_fp16_range_reports_infinities(tmp_path, isolated_cache,
         ([], "fq: error: the following arguments are required: COMMAND"),
         (["inspect", "a", "--bogus"], "fq: error: unrecognized arguments: --bogus"),
     ],
-)  # fmt: skip
+)
 def test_argument_errors_are_one_line_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -265,8 +289,9 @@ def test_argument_errors_are_one_line_exit_2(argv, words, capsys):
 
 
 def test_argument_error_in_a_subprocess(tmp_path):
-    p = subprocess.run([*FQ, "quantize", "a.gguf", "b.gguf", "--format", "nope"],
-                       capture_output=True, text=True)  # fmt: skip
+    p = subprocess.run(
+        [*FQ, "quantize", "a.gguf", "b.gguf", "--format", "nope"], capture_output=True, text=True
+    )
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.splitlines() == [
         "fq quantize: error: argument --format: invalid choice: 'nope' (choose from 'bf16', "
@@ -304,8 +329,12 @@ def test_ctrl_c_during_the_imports_in_a_subprocess(tmp_path):
         "sys.argv = ['fq', 'models']\n"
         "sys.exit(main())\n"
     )
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "c")})  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "c")},
+    )
     assert p.returncode == 130 and p.stderr in ("fq: interrupted\n", "fq models: interrupted\n")
 
 
@@ -317,8 +346,13 @@ def test_ctrl_c_at_any_moment_of_a_short_run(model, tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     for i, delay in enumerate([0.12, 0.15, 0.18, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5]):
         out = tmp_path / f"o{i}.gguf"
-        p = subprocess.Popen([*FQ, "quantize", str(model.path), str(out)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        p = subprocess.Popen(
+            [*FQ, "quantize", str(model.path), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
@@ -346,9 +380,13 @@ def test_ctrl_c_after_the_outputs_are_written_exits_0(model, tmp_path, monkeypat
 
 @pytest.mark.parametrize(
     "sig, which, status",
-    [(signal.SIGINT, 1, 130), (signal.SIGINT, 2, 0), (signal.SIGTERM, 1, 143),
-     (signal.SIGTERM, 2, 0)],
-)  # fmt: skip
+    [
+        (signal.SIGINT, 1, 130),
+        (signal.SIGINT, 2, 0),
+        (signal.SIGTERM, 1, 143),
+        (signal.SIGTERM, 2, 0),
+    ],
+)
 def test_a_real_signal_while_publishing(model, tmp_path, monkeypatch, capsys, sig, which, status):
     """SIGINT or SIGTERM arriving inside the link that publishes the model (1) or its manifest
     (2): held until the publish is recorded, then delivered. Before the manifest: nothing is
@@ -391,8 +429,11 @@ def test_doctor_names_stale_temporaries(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    places = [tmp_path, tmp_path / "results" / "R1" / "layer0",
-              tmp_path / "cache" / "fq-suite" / "models" / "x"]  # fmt: skip
+    places = [
+        tmp_path,
+        tmp_path / "results" / "R1" / "layer0",
+        tmp_path / "cache" / "fq-suite" / "models" / "x",
+    ]
     stale = []
     for d in places:
         d.mkdir(parents=True, exist_ok=True)
@@ -423,8 +464,10 @@ def test_evaluate_refuses_a_broken_gguf_before_any_llama_run(model, tmp_path, mo
     monkeypatch.setattr(tools, "find_tools", no_llama)
     bad = truncated(model.path, header_end(model.path) + 40)
     started = time.monotonic()
-    for argv in (["evaluate", str(bad), "--baseline", str(model.path)],
-                 ["evaluate", str(model.path), "--baseline", str(bad)]):  # fmt: skip
+    for argv in (
+        ["evaluate", str(bad), "--baseline", str(model.path)],
+        ["evaluate", str(model.path), "--baseline", str(bad)],
+    ):
         status, _, err = run(capsys, *argv)
         assert status == 2 and err.count("\n") == 1 and "truncated" in err, err
     assert time.monotonic() - started < 5

@@ -103,8 +103,9 @@ def test_real_shared_corpus(tmp_path):
     # found from the checkout the command runs in, also from a directory inside it
     script = "from fq_core.corpus import resolve_corpus; print(resolve_corpus(download=False))"
     for cwd in (ROOT, ROOT / "tests"):
-        run = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True,
-                             text=True, check=True)  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, check=True
+        )
         assert str(c.path) in run.stdout and REAL_SHA256 in run.stdout
 
 
@@ -131,25 +132,32 @@ def test_installed_copy_run_from_a_checkout_finds_its_corpus(tmp_path):
     """`pip install .` (not editable) puts fq_core in site-packages; run from the checkout,
     the corpus beside the checkout is found, not one beside the installed code."""
     site = tmp_path / "site"
-    shutil.copytree(ROOT / "fq_core", site / "fq_core",
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    shutil.copytree(
+        ROOT / "fq_core", site / "fq_core", ignore=shutil.ignore_patterns("__pycache__")
+    )
     proj = _project(tmp_path / "ws" / "proj")
     (proj / "sub").mkdir()
     shared = _put(tmp_path / "ws" / "shared" / "data" / ZIP_MEMBER, TEXT)
-    env = {**os.environ, "PYTHONPATH": str(site), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
-           "FQ_LOG_DIR": str(tmp_path / "logs")}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+        "FQ_LOG_DIR": str(tmp_path / "logs"),
+    }
     env.pop("FQ_TEXT", None)
     script = (
         "import fq_core, sys; print(fq_core.__file__);"
         "from fq_core.cli import main; sys.exit(main(['doctor']))"
     )
-    run = subprocess.run([sys.executable, "-c", script], cwd=proj / "sub", env=env,
-                         capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=proj / "sub", env=env, capture_output=True, text=True
+    )
     assert run.stdout.splitlines()[0] == str(site / "fq_core" / "__init__.py")
     assert f"[ok  ] corpus (shared): {shared}" in run.stdout, run.stdout + run.stderr
     # outside any checkout: the per-user cache, or a message naming where to put it
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                         capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert "[MISS] corpus: no WikiText-2 corpus" in run.stdout
     assert str(tmp_path / "xdg" / "fq-suite" / "corpus" / ZIP_MEMBER) in run.stdout
     assert "not run inside an fq-suite checkout" in run.stdout

@@ -478,8 +478,13 @@ def _inputs(tmp: Path) -> tuple[ModelRef, Corpus, LlamaTools]:
     corpus_path.write_text(" = Valkyria Chronicles III = \n" * 50, encoding="utf-8")
     ref = ModelRef("factory", model.path, sha256_file(model.path), None)
     corpus = Corpus(corpus_path, sha256_file(corpus_path), corpus_path.stat().st_size)
-    tools = LlamaTools(bin_dir=tmp / "bin", version="0000 (stub)", build_info="stub", source="flag",
-                       build_id="0" * 64)  # fmt: skip
+    tools = LlamaTools(
+        bin_dir=tmp / "bin",
+        version="0000 (stub)",
+        build_info="stub",
+        source="flag",
+        build_id="0" * 64,
+    )
     return ref, corpus, tools
 
 
@@ -519,11 +524,17 @@ class StubRunner:
 
     def _record(self, tool: str, *args) -> CommandRecord:
         return CommandRecord(
-            argv=(str(self.tools.bin_dir / tool), *map(str, args)), cwd=str(self.tmp), env={},
-            started_at=results.utc_now(), duration_s=0.01, exit_status=0,
-            stdout_path=self.tmp / "stdout", stderr_path=self.tmp / "stderr", timed_out=False,
+            argv=(str(self.tools.bin_dir / tool), *map(str, args)),
+            cwd=str(self.tmp),
+            env={},
+            started_at=results.utc_now(),
+            duration_s=0.01,
+            exit_status=0,
+            stdout_path=self.tmp / "stdout",
+            stderr_path=self.tmp / "stderr",
+            timed_out=False,
             tool=tool,
-        )  # fmt: skip
+        )
 
     def load(self, model, *, check: bool = True) -> LoadResult:
         return LoadResult(True, 12.5, 1_000, self._record("llama-completion", model.path))
@@ -537,8 +548,9 @@ class StubRunner:
     def count_tokens(self, model, text) -> int:
         return 1_234
 
-    def perplexity(self, model, text, *, ctx=512, batch=512, chunks=None, kl_base=None,
-                   kl_against=None) -> PerplexityResult:  # fmt: skip
+    def perplexity(
+        self, model, text, *, ctx=512, batch=512, chunks=None, kl_base=None, kl_against=None
+    ) -> PerplexityResult:
         if kl_base is not None:
             Path(kl_base).write_bytes(b"logits")
         n = chunks or 8
@@ -548,11 +560,22 @@ class StubRunner:
         if kl_against is not None:
             mean = 0.003 if "placebo" in model.name else 0.006
             kld = KLDStats(
-                mean_kld=mean, mean_kld_err=0.0003, median_kld=mean / 2, p90_kld=mean * 3,
-                p99_kld=mean * 8, p999_kld=mean * 20, max_kld=mean * 50, same_top_pct=96.0,
-                same_top_err=0.5, rms_dp_pct=1.2, rms_dp_err=0.1, ppl_ratio=scale,
-                ppl_ratio_err=0.001, mean_ppl_q=chunk_ppls[-1], raw={},
-            )  # fmt: skip
+                mean_kld=mean,
+                mean_kld_err=0.0003,
+                median_kld=mean / 2,
+                p90_kld=mean * 3,
+                p99_kld=mean * 8,
+                p999_kld=mean * 20,
+                max_kld=mean * 50,
+                same_top_pct=96.0,
+                same_top_err=0.5,
+                rms_dp_pct=1.2,
+                rms_dp_err=0.1,
+                ppl_ratio=scale,
+                ppl_ratio_err=0.001,
+                mean_ppl_q=chunk_ppls[-1],
+                raw={},
+            )
         rec = self._record("llama-perplexity", "-m", model.path, "-f", text, "--chunks", n)
         return PerplexityResult(chunk_ppls[-1], 0.5, chunk_ppls, n, ctx, 2500.0, kld, rec)
 
@@ -588,25 +611,38 @@ def test_stage_result_has_every_documented_field(stub_result):
 # where the result file holds it. `[]` = every entry of a list, `*` = every entry of an object.
 README_CLAIMS = {
     "max/mean absolute and relative error and elements changed": (
-        "numeric.max_abs", "numeric.mean_abs", "numeric.max_rel", "numeric.mean_rel",
+        "numeric.max_abs",
+        "numeric.mean_abs",
+        "numeric.max_rel",
+        "numeric.mean_rel",
         "numeric.changed",
     ),
     "baseline and fake-quantized PPL with ± error": (
-        "baseline.ppl", "baseline.ppl_err", "treatment.ppl", "treatment.ppl_err",
+        "baseline.ppl",
+        "baseline.ppl_err",
+        "treatment.ppl",
+        "treatment.ppl_err",
     ),
     "ΔPPL absolute and % with a paired uncertainty": (
-        "treatment.delta_ppl", "treatment.delta_ppl_pct", "treatment.delta_ppl_pct_err",
+        "treatment.delta_ppl",
+        "treatment.delta_ppl_pct",
+        "treatment.delta_ppl_pct_err",
     ),
     "mean KLD and its percentiles, same-top-token %": (
-        "treatment.kld.mean", "treatment.kld.median", "treatment.kld.p99",
+        "treatment.kld.mean",
+        "treatment.kld.median",
+        "treatment.kld.p99",
         "treatment.kld.same_top_pct",
     ),
     "greedy-generation agreement (first divergence)": (
-        "treatment.agreement.token_agreement", "treatment.agreement.first_divergence",
+        "treatment.agreement.token_agreement",
+        "treatment.agreement.first_divergence",
     ),
     "tokens/s of both": ("baseline.tokens_per_s", "treatment.tokens_per_s"),
     "the placebo's min–max and the verdict in words": (
-        "placebo.kld_mean.min", "placebo.kld_mean.max", "placebo.verdict",
+        "placebo.kld_mean.min",
+        "placebo.kld_mean.max",
+        "placebo.verdict",
     ),
     "**thresholds** used": ("thresholds.ppl_delta_max", "thresholds.kld_mean_max"),
     "which passed, failed, were only reported, were skipped, and why": (
@@ -615,27 +651,44 @@ README_CLAIMS = {
     ),
     "model name, path, SHA-256": ("model.name", "model.path", "model.sha256"),
     "corpus path, SHA-256, bytes, tokens": (
-        "corpus.path", "corpus.sha256", "corpus.n_bytes", "corpus.n_tokens",
+        "corpus.path",
+        "corpus.sha256",
+        "corpus.n_bytes",
+        "corpus.n_tokens",
     ),
     "Its path, SHA-256, bytes and token count are recorded in every result": (
-        "corpus.path", "corpus.sha256", "corpus.n_bytes", "corpus.n_tokens",
+        "corpus.path",
+        "corpus.sha256",
+        "corpus.n_bytes",
+        "corpus.n_tokens",
     ),
     "llama.cpp version, build flags and build id; fq version; machine": (
-        "llama.version", "llama.build_info", "llama.build_id", "fq_version", "machine.cpu",
+        "llama.version",
+        "llama.build_info",
+        "llama.build_id",
+        "fq_version",
+        "machine.cpu",
     ),
     "**commands** each check ran": ("commands[].argv",),
     "and the generated text": ("baseline.generations[].text", "treatment.generations[].text"),
     "weight distribution before/after (focused layer)": (
-        "numeric.focus.layer", "numeric.focus.before", "numeric.focus.after",
-        "numeric.focus.hist_before", "numeric.focus.hist_after",
+        "numeric.focus.layer",
+        "numeric.focus.before",
+        "numeric.focus.after",
+        "numeric.focus.hist_before",
+        "numeric.focus.hist_after",
     ),
     "histogram of relative errors": ("numeric.focus.rel_error_counts",),
     "per-layer max relative error": ("numeric.per_tensor[].layer", "numeric.per_tensor[].max_rel"),
     "per-chunk PPL baseline vs treated": ("baseline.chunk_ppls", "treatment.chunk_ppls"),
     "format, rounding, thresholds and settings, and every command line": (
-        "settings.format", "settings.rounding", "thresholds", "settings", "commands[].argv",
+        "settings.format",
+        "settings.rounding",
+        "thresholds",
+        "settings",
+        "commands[].argv",
     ),
-}  # fmt: skip
+}
 # A key that must exist but whose value may be null even in a complete run.
 KEY_ONLY = {
     "corpus.n_tokens",  # known: never filled yet (a fix is under way elsewhere)

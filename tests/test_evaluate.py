@@ -130,15 +130,32 @@ def test_changed_model_matches_llama_perplexity_run_by_hand(env, changed_smol):
     bin_dir = runner.tools.bin_dir
     common = ["-f", corpus.path, "-c", "512", "-b", "512", "--chunks", "2", "-t", "2"]
     hand_base = run_logged(
-        [bin_dir / "llama-perplexity", "-m", smol.path, *common,
-         "--kl-divergence-base", root / "hand.kld"],
-        tool="by-hand", timeout_s=900, log_dir=root / "hand",
-    )  # fmt: skip
+        [
+            bin_dir / "llama-perplexity",
+            "-m",
+            smol.path,
+            *common,
+            "--kl-divergence-base",
+            root / "hand.kld",
+        ],
+        tool="by-hand",
+        timeout_s=900,
+        log_dir=root / "hand",
+    )
     hand_kld = run_logged(
-        [bin_dir / "llama-perplexity", "-m", changed_smol.path, *common,
-         "--kl-divergence-base", root / "hand.kld", "--kl-divergence"],
-        tool="by-hand", timeout_s=900, log_dir=root / "hand",
-    )  # fmt: skip
+        [
+            bin_dir / "llama-perplexity",
+            "-m",
+            changed_smol.path,
+            *common,
+            "--kl-divergence-base",
+            root / "hand.kld",
+            "--kl-divergence",
+        ],
+        tool="by-hand",
+        timeout_s=900,
+        log_dir=root / "hand",
+    )
     ppl_base, _ = parse.parse_final_ppl(hand_base.stderr())
     block = parse.parse_kld_block(hand_kld.stdout())
     ppl_cand = block["Mean PPL(Q)"][0]

@@ -53,8 +53,9 @@ def test_session_fail_closes_with_the_failing_check(tmp_path):
         perplexity=("failed", "perplexity delta 1.3% > 1.0%"),
     )
     # a recorded pass does not override this session's failure
-    results.record_gate(_components(), model="gemma3-270m", outcome="passed", run_id="old",
-                        root=tmp_path)  # fmt: skip
+    results.record_gate(
+        _components(), model="gemma3-270m", outcome="passed", run_id="old", root=tmp_path
+    )
     d = gate.decide("gemma3-270m", _components(), session_result=result, root=tmp_path)
     assert not d.open
     assert d.reason == "gate: Test 1 has not passed for gemma3-270m: perplexity delta 1.3% > 1.0%"
@@ -73,8 +74,14 @@ def test_recorded_pass_opens(tmp_path):
 
 
 def test_recorded_fail_closes(tmp_path):
-    results.record_gate(_components(), model="m", outcome="failed", run_id="R1",
-                        reason="mean KLD 0.03 > 0.02", root=tmp_path)  # fmt: skip
+    results.record_gate(
+        _components(),
+        model="m",
+        outcome="failed",
+        run_id="R1",
+        reason="mean KLD 0.03 > 0.02",
+        root=tmp_path,
+    )
     d = gate.decide("m", _components(), root=tmp_path)
     assert not d.open
     assert d.reason == "gate: Test 1 has not passed for m: mean KLD 0.03 > 0.02 (run R1)"
@@ -107,8 +114,14 @@ def test_a_gate_record_written_before_the_identity_type_still_opens(tmp_path):
     """gate.json as fq-suite d29b1ef wrote it (GateComponents: this key, these components):
     the identity gives the same key, so a recorded Test 1 stays valid across the change."""
     components = _components().to_json()
-    entry = {"model": "m", "outcome": "passed", "reason": None, "run_id": "R0",
-             "recorded_at": "2025-01-01T00:00:00Z", "components": components}  # fmt: skip
+    entry = {
+        "model": "m",
+        "outcome": "passed",
+        "reason": None,
+        "run_id": "R0",
+        "recorded_at": "2025-01-01T00:00:00Z",
+        "components": components,
+    }
     results.write_json_atomic(
         results.gate_path(tmp_path),
         {"schema": 3, "entries": {"e9c642942660b44dcd56d5b888d41fab": entry}},
@@ -154,18 +167,45 @@ def test_impossible_threshold_closes_the_gate_for_real(tmp_path):
     perplexity check fails and every check of stages 2-4 is skipped with the gate's reason.
     """
     junit = tmp_path / "junit.xml"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYTEST_", "FQ_RUN_ID", "FQ_RESULTS_DIR"))}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTEST_", "FQ_RUN_ID", "FQ_RESULTS_DIR"))
+    }
     env["FQ_RESULTS_DIR"] = str(tmp_path / "results")
     proc = subprocess.run(
         [
-            sys.executable, "-m", "pytest", "experiments/test_stages.py", "-p", "no:cacheprovider",
-            "-p", "no:randomly", "-q", "--fq-model", "smollm2-135m", "--fq-chunks", "2",
-            "--fq-placebo-seeds", "0", "--fq-gen-tokens", "4", "--fq-ppl-delta-max", "0",
-            "--fq-twin", "deployed", "--fq-run-id", "gate-closes", f"--junitxml={junit}",
+            sys.executable,
+            "-m",
+            "pytest",
+            "experiments/test_stages.py",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            "-q",
+            "--fq-model",
+            "smollm2-135m",
+            "--fq-chunks",
+            "2",
+            "--fq-placebo-seeds",
+            "0",
+            "--fq-gen-tokens",
+            "4",
+            "--fq-ppl-delta-max",
+            "0",
+            "--fq-twin",
+            "deployed",
+            "--fq-run-id",
+            "gate-closes",
+            f"--junitxml={junit}",
         ],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = _junit_cases(junit)
     assert len(cases) == 40, sorted(cases)  # 10 checks (regression included) × 4 stages
@@ -226,10 +266,23 @@ def test_dash_k_gate_selects_only_test_1(tmp_path):
     """`pytest -k layer0` (make gate) collects Test 1's ten checks per model and answer
     (deployed and -twin), and nothing else."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-k", "layer0",
-         "-p", "no:cacheprovider", f"--html={tmp_path / 'r.html'}"],  # not over reports/
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-k",
+            "layer0",
+            "-p",
+            "no:cacheprovider",
+            f"--html={tmp_path / 'r.html'}",
+        ],  # not over reports/
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ids = [ln for ln in proc.stdout.splitlines() if "::" in ln]
     assert len(ids) == 10 * 2 * 2, ids

@@ -13,21 +13,47 @@ from fq_core.identity import Identity, MachineInfo, machine_info
 
 MACHINE = MachineInfo(hostname="h", cpu="Intel Xeon", cores=2, python="3.11.2", platform="Linux")
 FULL = Identity(
-    variant="deployed", model_sha256="a" * 64, measured_sha256="b" * 64, layers="0",
-    tensors=("ffn_norm",), format="bf16", rounding="truncate", seed=1, corpus_sha256="c" * 64,
-    base_sha256="d" * 64, llama_version="v1", llama_build_info="gnu", llama_build="e" * 64,
-    instruction_set="native", logits="full precision", settings={"ctx": 512, "threads": 2},
-    machine=MACHINE, fq_version="0.1.0", thresholds={"kld_mean_max": 0.02},
-)  # fmt: skip
+    variant="deployed",
+    model_sha256="a" * 64,
+    measured_sha256="b" * 64,
+    layers="0",
+    tensors=("ffn_norm",),
+    format="bf16",
+    rounding="truncate",
+    seed=1,
+    corpus_sha256="c" * 64,
+    base_sha256="d" * 64,
+    llama_version="v1",
+    llama_build_info="gnu",
+    llama_build="e" * 64,
+    instruction_set="native",
+    logits="full precision",
+    settings={"ctx": 512, "threads": 2},
+    machine=MACHINE,
+    fq_version="0.1.0",
+    thresholds={"kld_mean_max": 0.02},
+)
 CHANGED = {
-    "variant": "intrinsic", "model_sha256": "1" * 64, "measured_sha256": "2" * 64,
-    "layers": "0-2", "tensors": ("attn_norm",), "format": "int8", "rounding": "nearest",
-    "seed": 2, "corpus_sha256": "3" * 64, "base_sha256": "4" * 64, "llama_version": "v2",
-    "llama_build_info": "clang", "llama_build": "5" * 64, "instruction_set": "x86-64-v3",
-    "logits": "llama-perplexity 16-bit", "settings": {"ctx": 256, "threads": 2},
-    "machine": msgspec.structs.replace(MACHINE, cpu="AMD EPYC"), "fq_version": "0.2.0",
+    "variant": "intrinsic",
+    "model_sha256": "1" * 64,
+    "measured_sha256": "2" * 64,
+    "layers": "0-2",
+    "tensors": ("attn_norm",),
+    "format": "int8",
+    "rounding": "nearest",
+    "seed": 2,
+    "corpus_sha256": "3" * 64,
+    "base_sha256": "4" * 64,
+    "llama_version": "v2",
+    "llama_build_info": "clang",
+    "llama_build": "5" * 64,
+    "instruction_set": "x86-64-v3",
+    "logits": "llama-perplexity 16-bit",
+    "settings": {"ctx": 256, "threads": 2},
+    "machine": msgspec.structs.replace(MACHINE, cpu="AMD EPYC"),
+    "fq_version": "0.2.0",
     "thresholds": {"kld_mean_max": 0.05},
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("part", sorted(CHANGED))
@@ -40,27 +66,37 @@ def test_the_key_covers_every_part_and_a_difference_names_it(part):
 
 def test_what_does_not_change_the_numbers_is_marked():
     other = msgspec.structs.replace(
-        FULL, settings={"ctx": 512, "threads": 8}, fq_version="0.2.0",
+        FULL,
+        settings={"ctx": 512, "threads": 8},
+        fq_version="0.2.0",
         thresholds={"kld_mean_max": 0.05},
         machine=msgspec.structs.replace(MACHINE, hostname="ci-7", cores=64),
-    )  # fmt: skip
+    )
     found = {d.field: d.affects_numbers for d in FULL.differences(other)}
-    assert found == {"settings.threads": False, "fq version": False,
-                     "thresholds.kld_mean_max": False, "host": False, "cores": False}  # fmt: skip
+    assert found == {
+        "settings.threads": False,
+        "fq version": False,
+        "thresholds.kld_mean_max": False,
+        "host": False,
+        "cores": False,
+    }
     # the CPU changes a native build's numbers, not those of a fixed instruction-set level
     cpu = msgspec.structs.replace(MACHINE, cpu="AMD EPYC")
     native = FULL.differences(msgspec.structs.replace(FULL, machine=cpu))
     assert [(d.field, d.affects_numbers) for d in native] == [("CPU", True)]
     fixed = msgspec.structs.replace(FULL, instruction_set="x86-64-v3")
-    assert [d.affects_numbers for d in fixed.differences(msgspec.structs.replace(fixed,
-            machine=cpu))] == [False]  # fmt: skip
+    assert [
+        d.affects_numbers for d in fixed.differences(msgspec.structs.replace(fixed, machine=cpu))
+    ] == [False]
 
 
 def test_differences_list_what_changes_numbers_first_and_shorten_digests():
     other = msgspec.structs.replace(FULL, fq_version="0.2.0", model_sha256="1" * 64)
     d = FULL.differences(other)
-    assert [x.text for x in d] == ["model SHA-256 aaaaaaaaaaaa… → 111111111111…",
-                                   "fq version 0.1.0 → 0.2.0"]  # fmt: skip
+    assert [x.text for x in d] == [
+        "model SHA-256 aaaaaaaaaaaa… → 111111111111…",
+        "fq version 0.1.0 → 0.2.0",
+    ]
     assert FULL.differences(FULL) == ()
 
 
@@ -76,11 +112,22 @@ def test_unset_parts_are_not_part_of_the_key():
 
 def test_a_cell_identity_stored_before_the_type_reads_and_writes_back_the_same():
     """sweep.Identity's JSON (fq-suite d29b1ef) is this type's: old shards merge with new."""
-    stored = {"model_sha256": "a" * 64, "measured_sha256": "a" * 64, "corpus_sha256": "c" * 64,
-              "llama_version": "v1", "llama_build": "e" * 64,
-              "settings": {"ctx": 512, "batch": 512, "chunks": 8, "kld_chunks": 8,
-                           "engine": "llama-perplexity", "placebo_seeds": [1, 2, 3],
-                           "twin_dtype": None}}  # fmt: skip
+    stored = {
+        "model_sha256": "a" * 64,
+        "measured_sha256": "a" * 64,
+        "corpus_sha256": "c" * 64,
+        "llama_version": "v1",
+        "llama_build": "e" * 64,
+        "settings": {
+            "ctx": 512,
+            "batch": 512,
+            "chunks": 8,
+            "kld_chunks": 8,
+            "engine": "llama-perplexity",
+            "placebo_seeds": [1, 2, 3],
+            "twin_dtype": None,
+        },
+    }
     ident = msgspec.json.decode(msgspec.json.encode(stored), type=Identity)
     assert msgspec.json.encode(ident) == msgspec.json.encode(stored)
     assert ident.differences(msgspec.convert(stored, Identity)) == ()

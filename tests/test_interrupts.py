@@ -314,8 +314,12 @@ def test_a_signal_during_a_baseline_leaves_nothing_behind(private, sig):
         assert {logits.name, model.name} <= left and len(left) == 3, left  # + model's marker
         doctor = subprocess.run(
             [sys.executable, "-m", "fq_core.cli", "doctor"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert "[warn] 3 stale temporaries" in doctor.stdout, doctor.stdout
         assert f"       {logits}  (" in doctor.stdout and f"       {model}  (" in doctor.stdout
         proc = _experiment(env, "experiments/test_stages.py", "--collect-only", *FAST)

@@ -119,15 +119,20 @@ def test_the_tools_find_their_libraries_by_a_relative_rpath(real_bin):
     if shutil.which("readelf"):
         dyn = subprocess.run(
             ["readelf", "-d", str(tree / "bin" / "llama-perplexity")],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert "(RUNPATH)" in dyn and "[$ORIGIN/../lib]" in dyn
     if shutil.which("ldd"):
         env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
         ldd = subprocess.run(
             ["ldd", str(tree / "bin" / "llama-completion")],
-            capture_output=True, text=True, check=True, env=env,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        ).stdout
         assert "not found" not in ldd
         assert any(
             "libllama.so" in ln and f"=> {tree / 'bin'}/../lib/" in ln for ln in ldd.splitlines()
@@ -234,9 +239,13 @@ def test_the_build_id_names_every_file_the_numbers_depend_on(fake_cache_build):
     rec = T.build_record(fake_cache_build)
     assert t.build_id == rec["build_id"] and len(t.build_id) == 64
     assert sorted(rec["files"]) == [
-        "bin/llama-completion", "bin/llama-perplexity", "lib/libggml-cpu.so.0",
-        "lib/libggml-cpu.so.0.1", "lib/libllama.so", "python/llama_cpp/llama_cpp.py",
-    ]  # fmt: skip
+        "bin/llama-completion",
+        "bin/llama-perplexity",
+        "lib/libggml-cpu.so.0",
+        "lib/libggml-cpu.so.0.1",
+        "lib/libllama.so",
+        "python/llama_cpp/llama_cpp.py",
+    ]
     # a copy elsewhere is the same build; a library rebuilt with the same version is not
     copy = fake_cache_build.parent.parent / "copy"
     shutil.copytree(fake_cache_build.parent, copy, symlinks=True)
@@ -320,13 +329,29 @@ def test_a_wrapper_with_the_same_version_gets_its_own_keys(fake_cache_build, tmp
         lambda t: protocol.placebo_key(model, corpus, t, exp, "0", 1, base_sha256="b" * 64),
         lambda t: exp.gate_identity(model, corpus, t).key(),
         lambda t: sweep.cell_key(
-            Identity(model_sha256="a", measured_sha256="a", corpus_sha256="c",
-                     llama_version=t.version, llama_build=t.build_id,
-                     settings=sweep.cell_settings(exp)),
-            sweep.Cell(model="m", kind="ffn_norm", fmt="bf16", rounding="truncate",
-                       variant="deployed", series="layer", layers="0", layer=0, n_layers=None),
-            ["blk.0.ffn_norm.weight"], "b" * 64),
-    ]  # fmt: skip
+            Identity(
+                model_sha256="a",
+                measured_sha256="a",
+                corpus_sha256="c",
+                llama_version=t.version,
+                llama_build=t.build_id,
+                settings=sweep.cell_settings(exp),
+            ),
+            sweep.Cell(
+                model="m",
+                kind="ffn_norm",
+                fmt="bf16",
+                rounding="truncate",
+                variant="deployed",
+                series="layer",
+                layers="0",
+                layer=0,
+                n_layers=None,
+            ),
+            ["blk.0.ffn_norm.weight"],
+            "b" * 64,
+        ),
+    ]
     for key in keys:
         assert key(wrapped) != key(cached)
         assert key(cached) == key(T.find_tools(fake_cache_build))  # the same files: one key

@@ -156,8 +156,14 @@ def _fake_base(tmp_path, n_chunk=2, n_ctx=16, n_vocab=10):
     path = tmp_path / "base.npy"
     n_scored = n_ctx - 1 - n_ctx // 2
     np.save(path, np.zeros((n_chunk, n_scored, n_vocab), np.float32))
-    meta = {"format": X.BASE_FORMAT, "n_ctx": n_ctx, "n_chunk": n_chunk, "n_scored": n_scored,
-            "n_vocab": n_vocab, "tokens": list(range(n_chunk * n_ctx))}  # fmt: skip
+    meta = {
+        "format": X.BASE_FORMAT,
+        "n_ctx": n_ctx,
+        "n_chunk": n_chunk,
+        "n_scored": n_scored,
+        "n_vocab": n_vocab,
+        "tokens": list(range(n_chunk * n_ctx)),
+    }
     X.meta_path(path).write_text(json.dumps(meta))
     return path, meta
 
@@ -268,18 +274,38 @@ def test_ppl_agrees_with_llama_perplexity(env, smol_base):
 
     runner, smol, corpus, root = env
     _, exact = smol_base
-    argv = [runner.tools.path("llama-perplexity"), "-m", smol.path, "-f", corpus.path,
-            "-c", "512", "-b", "512", "-t", str(runner.threads), "--chunks", "2",
-            "-ctk", "f32", "-ctv", "f32", "-fa", "off"]  # fmt: skip
+    argv = [
+        runner.tools.path("llama-perplexity"),
+        "-m",
+        smol.path,
+        "-f",
+        corpus.path,
+        "-c",
+        "512",
+        "-b",
+        "512",
+        "-t",
+        str(runner.threads),
+        "--chunks",
+        "2",
+        "-ctk",
+        "f32",
+        "-ctv",
+        "f32",
+        "-fa",
+        "off",
+    ]
     rec = run_logged(argv, tool="llama-perplexity", timeout_s=900, log_dir=root / "logs")
     assert rec.ok, rec.stderr_tail()
     same_ppl, same_err = parse.parse_final_ppl(rec.stderr())
     same_chunks = parse.parse_chunk_ppls(rec.stdout())
     tool = runner.perplexity(smol, corpus, chunks=2)
-    print(f"SmolLM2 2×512: exact engine PPL {exact.ppl:.6f} ± {exact.ppl_err:.5f}; "
-          f"llama-perplexity -ctk f32 -ctv f32 -fa off {same_ppl:.4f} ± {same_err:.5f}; "
-          f"llama-perplexity defaults {tool.ppl:.4f} ± {tool.ppl_err:.5f} "
-          f"({exact.ppl / tool.ppl - 1:+.2e})")  # fmt: skip
+    print(
+        f"SmolLM2 2×512: exact engine PPL {exact.ppl:.6f} ± {exact.ppl_err:.5f}; "
+        f"llama-perplexity -ctk f32 -ctv f32 -fa off {same_ppl:.4f} ± {same_err:.5f}; "
+        f"llama-perplexity defaults {tool.ppl:.4f} ± {tool.ppl_err:.5f} "
+        f"({exact.ppl / tool.ppl - 1:+.2e})"
+    )
     assert exact.n_chunks == tool.n_chunks == 2
     assert exact.ppl == pytest.approx(same_ppl, abs=1e-4)  # printed with 4 decimals
     assert exact.ppl_err == pytest.approx(same_err, abs=1e-5)
@@ -327,8 +353,10 @@ def test_a_placebo_gives_a_small_positive_kld(env, smol_base):
     fake_quantize_file(smol.path, placebo, fmt="placebo", seed=1)
     res = runner.exact_perplexity(placebo, corpus, chunks=2, kl_against=base)
     k = res.kld
-    print(f"SmolLM2 placebo seed 1: exact KLD {k.mean_kld:.3e} ± {k.mean_kld_err:.1e}, "
-          f"max {k.max_kld:.2e}, same top {k.same_top_pct:.2f} %")  # fmt: skip
+    print(
+        f"SmolLM2 placebo seed 1: exact KLD {k.mean_kld:.3e} ± {k.mean_kld_err:.1e}, "
+        f"max {k.max_kld:.2e}, same top {k.same_top_pct:.2f} %"
+    )
     # small, but not tiny: on a quantized model a one-ulp change of the norms moves some
     # activations across a rounding step of their 8-bit quantization (the F32 twin: ~1e-7)
     assert 0.0 < k.mean_kld < 1e-2 and k.max_kld > 0
@@ -375,8 +403,9 @@ def test_evaluate_with_the_logits_engine(env):
     mp = pytest.MonkeyPatch()
     mp.setenv("XDG_CACHE_HOME", str(root / "xdg"))
     try:
-        s = EvalSettings(chunks=2, kld_chunks=2, gen_tokens=4, prompts=(Prompt("Hello"),),
-                         engine="logits")  # fmt: skip
+        s = EvalSettings(
+            chunks=2, kld_chunks=2, gen_tokens=4, prompts=(Prompt("Hello"),), engine="logits"
+        )
         plain = EvalSettings(chunks=2, kld_chunks=2, gen_tokens=4, prompts=(Prompt("Hello"),))
         assert s.key_fields() != plain.key_fields() and "engine" not in plain.key_fields()
         b = evaluate_baseline(runner, smol, corpus, s)

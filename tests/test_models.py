@@ -357,9 +357,14 @@ def registered_factory(tmp_path, tmp_cache, monkeypatch):
     from fq_core import hashing
 
     src = build_gguf(tmp_path / "src", n_layers=2).path
-    spec = ModelSpec(name="factorymodel", packages=("fq-factorymodel==1.0",),
-                     filename="factory.gguf", sha256=_sha256(src), description="factory",
-                     parts=(WheelPart("fq-factorymodel==1.0", "factory.gguf"),))  # fmt: skip
+    spec = ModelSpec(
+        name="factorymodel",
+        packages=("fq-factorymodel==1.0",),
+        filename="factory.gguf",
+        sha256=_sha256(src),
+        description="factory",
+        parts=(WheelPart("fq-factorymodel==1.0", "factory.gguf"),),
+    )
     monkeypatch.setitem(REGISTRY, "factorymodel", spec)
     final = models.model_path("factorymodel")
     final.parent.mkdir(parents=True)

@@ -203,9 +203,13 @@ def test_run_logged_watch_sees_both_streams_as_they_grow(tmp_path):
     )
     seen = []
     rec = run_logged(
-        ["sh", "-c", script], tool="sh", timeout_s=30, log_dir=tmp_path, heartbeat_s=0.1,
+        ["sh", "-c", script],
+        tool="sh",
+        timeout_s=30,
+        log_dir=tmp_path,
+        heartbeat_s=0.1,
         watch=lambda out, err: seen.append(parse.parse_progress(out, err)),
-    )  # fmt: skip
+    )
     assert rec.ok
     got = [(p.done, p.total) for p in seen if p is not None]
     assert (0, 3) in got and (2, 3) in got
@@ -345,8 +349,13 @@ def test_ci_one_line_per_finished_step(monkeypatch):
 
 def test_durations():
     assert [duration(s) for s in (0.2, 12.4, 59.4, 59.6, 125, 3725)] == [
-        "0 s", "12 s", "59 s", "1 min 00 s", "2 min 05 s", "1 h 02 min",
-    ]  # fmt: skip
+        "0 s",
+        "12 s",
+        "59 s",
+        "1 min 00 s",
+        "2 min 05 s",
+        "1 h 02 min",
+    ]
     assert duration(3.14159, precise=True) == "3.1 s"
 
 

@@ -55,12 +55,22 @@ def test_a_directory_holding_other_files_is_never_replaced(tmp_path, capsys, for
     dest.mkdir()
     (dest / "important.txt").write_text("keep me")
     before = _tree(tmp_path)
-    status, out, err = _cli(capsys, "reference", "save", "R1", str(dest), "--results", str(root),
-                            *(["--force"] if force else []))  # fmt: skip
+    status, out, err = _cli(
+        capsys,
+        "reference",
+        "save",
+        "R1",
+        str(dest),
+        "--results",
+        str(root),
+        *(["--force"] if force else []),
+    )
     assert (status, out) == (2, "")
-    assert err == (f"fq reference: error: {dest} holds files fq-suite did not write "
-                   "(important.txt); refusing to replace it, --force or not: choose a new or "
-                   "empty directory\n")  # fmt: skip
+    assert err == (
+        f"fq reference: error: {dest} holds files fq-suite did not write "
+        "(important.txt); refusing to replace it, --force or not: choose a new or "
+        "empty directory\n"
+    )
     assert _tree(tmp_path) == before
 
 
@@ -76,8 +86,9 @@ def test_the_results_store_is_never_a_reference_directory(tmp_path, capsys, monk
         root / "new": f"{root / 'new'} is inside the results store",
     }
     for dest, words in refusals.items():
-        status, out, err = _cli(capsys, "reference", "save", "R1", str(dest), "--force",
-                                "--results", str(root))  # fmt: skip
+        status, out, err = _cli(
+            capsys, "reference", "save", "R1", str(dest), "--force", "--results", str(root)
+        )
         assert (status, out) == (2, "") and len(err.splitlines()) == 1
         assert err.startswith(f"fq reference: error: {words}")
     monkeypatch.chdir(tmp_path)  # the default store, through FQ_RESULTS_DIR
@@ -93,16 +104,19 @@ def test_a_reference_is_replaced_only_while_it_holds_nothing_else(tmp_path, caps
     history.save_reference(history.resolve("R1", root), dest)
     (dest / "layer0" / "notes.md").write_text("mine")
     before = _tree(tmp_path)
-    status, _, err = _cli(capsys, "reference", "save", "R2", str(dest), "--force",
-                          "--results", str(root))  # fmt: skip
+    status, _, err = _cli(
+        capsys, "reference", "save", "R2", str(dest), "--force", "--results", str(root)
+    )
     assert status == 2 and "did not write (layer0/notes.md)" in err
     assert _tree(tmp_path) == before
     (dest / "layer0" / "notes.md").unlink()
     status, _, err = _cli(capsys, "reference", "save", "R2", str(dest), "--results", str(root))
-    assert status == 2 and err.endswith(f"{dest} holds the reference of run R1; pass --force "
-                                        "to replace it\n")  # fmt: skip
-    status, out, _ = _cli(capsys, "reference", "save", "R2", str(dest), "--force",
-                          "--results", str(root))  # fmt: skip
+    assert status == 2 and err.endswith(
+        f"{dest} holds the reference of run R1; pass --force to replace it\n"
+    )
+    status, out, _ = _cli(
+        capsys, "reference", "save", "R2", str(dest), "--force", "--results", str(root)
+    )
     assert status == 0 and history.open_directory(dest).run_id == "R2"
     # nothing moved aside or half built is left beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fq-reference", "results"]
@@ -133,8 +147,9 @@ def test_an_unknown_reference_schema_is_refused_by_name(tmp_path, capsys, schema
     (dest / "reference.json").write_text(json.dumps(dict(manifest, schema=schema)))
     status, out, err = _cli(capsys, "diff", str(dest), "R1", "--results", str(root))
     assert (status, out) == (2, "")
-    assert err.startswith(f"fq diff: error: {dest / 'reference.json'}: unknown reference schema "
-                          f"{schema} (fq-suite ")  # fmt: skip
+    assert err.startswith(
+        f"fq diff: error: {dest / 'reference.json'}: unknown reference schema {schema} (fq-suite "
+    )
     assert err.endswith("reads schema 1)\n")
 
 
@@ -146,16 +161,25 @@ def test_a_file_where_a_directory_must_be(tmp_path, capsys, monkeypatch):
     root = _store(tmp_path, "R1")
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    status, _, err = _cli(capsys, "reference", "save", "R1", str(blocker / "ref"),
-                          "--results", str(root))  # fmt: skip
-    assert (status, err) == (2, f"fq reference: error: reference directory {blocker / 'ref'} "
-                                f"cannot be made: {blocker} is not a directory\n")  # fmt: skip
+    status, _, err = _cli(
+        capsys, "reference", "save", "R1", str(blocker / "ref"), "--results", str(root)
+    )
+    assert (status, err) == (
+        2,
+        f"fq reference: error: reference directory {blocker / 'ref'} "
+        f"cannot be made: {blocker} is not a directory\n",
+    )
     status, _, err = _cli(capsys, "reference", "save", "R1", str(blocker), "--results", str(root))
-    assert (status, err) == (2, f"fq reference: error: reference directory {blocker} is not a "
-                                "directory\n")  # fmt: skip
+    assert (status, err) == (
+        2,
+        f"fq reference: error: reference directory {blocker} is not a directory\n",
+    )
     status, _, err = _cli(capsys, "report", str(root / "R1"), str(blocker / "out"))
-    assert (status, err) == (2, f"fq report: error: output directory {blocker / 'out'} cannot "
-                                f"be made: {blocker} is not a directory\n")  # fmt: skip
+    assert (status, err) == (
+        2,
+        f"fq report: error: output directory {blocker / 'out'} cannot "
+        f"be made: {blocker} is not a directory\n",
+    )
     monkeypatch.setenv("FQ_RESULTS_DIR", str(blocker))
     for argv in (("reference", "save"), ("diff", "latest", "latest")):
         status, out, err = _cli(capsys, *argv)
@@ -171,10 +195,19 @@ def _namespaces() -> str | None:
     if unshare is None:
         return "no unshare(1) on this machine"
     probe = subprocess.run(
-        [unshare, "--user", "--map-root-user", "--mount", "sh", "-c",
-         "mount -t tmpfs -o size=4k tmpfs /mnt 2>&1"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        [
+            unshare,
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=4k tmpfs /mnt 2>&1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if probe.returncode != 0:
         return f"cannot mount a tmpfs in a user namespace: {(probe.stdout + probe.stderr).strip()}"
     return None
@@ -192,13 +225,29 @@ def _fq_on_tmpfs(tmp_path: Path, options: str, *argv: str, command=FQ, env=None)
     mnt = tmp_path / "mnt"
     mnt.mkdir(exist_ok=True)
     left = tmp_path / "left"
-    script = (f'mount -t tmpfs -o {options} tmpfs "{mnt}" || exit 99; "$@"; s=$?; '
-              f'ls -A "{mnt}" > "{left}"; exit $s')  # fmt: skip
+    script = (
+        f'mount -t tmpfs -o {options} tmpfs "{mnt}" || exit 99; "$@"; s=$?; '
+        f'ls -A "{mnt}" > "{left}"; exit $s'
+    )
     p = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh",
-         *command, *argv],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env,
-    )  # fmt: skip
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            *command,
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env=env,
+    )
     assert p.returncode != 99, p.stderr
     assert left.read_text() == "", f"left in the tmpfs: {left.read_text()}"
     left.unlink()
@@ -214,17 +263,20 @@ def test_read_only_targets(tmp_path):
     root = _store(tmp_path, "R1")
     mnt = tmp_path / "mnt"
     read_only = f"{mnt} is on a read-only file system"
-    p = _fq_on_tmpfs(tmp_path, "ro", "reference", "save", "R1", str(mnt / "ref"),
-                     "--results", str(root))  # fmt: skip
-    _one_line(p, f"fq reference: error: reference directory {mnt / 'ref'} cannot be written: "
-                 + read_only)  # fmt: skip
-    p = _fq_on_tmpfs(tmp_path, "ro", "reference", "save", "R1", str(mnt), "--force",
-                     "--results", str(root))  # fmt: skip
-    _one_line(p, f"fq reference: error: reference directory {mnt} cannot be written: "
-                 + read_only)  # fmt: skip
+    p = _fq_on_tmpfs(
+        tmp_path, "ro", "reference", "save", "R1", str(mnt / "ref"), "--results", str(root)
+    )
+    _one_line(
+        p, f"fq reference: error: reference directory {mnt / 'ref'} cannot be written: " + read_only
+    )
+    p = _fq_on_tmpfs(
+        tmp_path, "ro", "reference", "save", "R1", str(mnt), "--force", "--results", str(root)
+    )
+    _one_line(p, f"fq reference: error: reference directory {mnt} cannot be written: " + read_only)
     p = _fq_on_tmpfs(tmp_path, "ro", "report", str(root / "R1"), str(mnt / "out"))
-    _one_line(p, f"fq report: error: output directory {mnt / 'out'} cannot be written: "
-                 + read_only)  # fmt: skip
+    _one_line(
+        p, f"fq report: error: output directory {mnt / 'out'} cannot be written: " + read_only
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt", "results"]
 
 
@@ -232,8 +284,9 @@ def test_full_targets_leave_nothing_behind(tmp_path):
     """Attack: ENOSPC tracebacks; a reference or report half written on a full disk."""
     root = _store(tmp_path, "R1")
     mnt = tmp_path / "mnt"
-    p = _fq_on_tmpfs(tmp_path, "size=4k", "reference", "save", "R1", str(mnt / "ref"),
-                     "--results", str(root))  # fmt: skip
+    p = _fq_on_tmpfs(
+        tmp_path, "size=4k", "reference", "save", "R1", str(mnt / "ref"), "--results", str(root)
+    )
     _one_line(p, f"fq reference: error: no space left on the device while writing {mnt / 'ref'}")
     p = _fq_on_tmpfs(tmp_path, "size=4k", "report", str(root / "R1"), str(mnt / "out"))
     _one_line(p, f"fq report: error: no space left on the device while writing {mnt / 'out'}")
@@ -244,8 +297,9 @@ def test_a_mount_point_is_not_renamed_away(tmp_path):
     """Attack: EBUSY traceback when DIR is a mount point."""
     root = _store(tmp_path, "R1")
     mnt = tmp_path / "mnt"
-    p = _fq_on_tmpfs(tmp_path, "size=1m", "reference", "save", "R1", str(mnt),
-                     "--results", str(root))  # fmt: skip
+    p = _fq_on_tmpfs(
+        tmp_path, "size=1m", "reference", "save", "R1", str(mnt), "--results", str(root)
+    )
     _one_line(p, f"fq reference: error: cannot replace {mnt}: it is busy (a mount point?)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt", "results"]
 
@@ -259,9 +313,19 @@ def test_a_read_only_results_store_stops_pytest_before_it_runs(tmp_path, monkeyp
     (tmp_path / "test_inner.py").write_text(TEST)
     store = tmp_path / "mnt" / "results"
     env = dict(os.environ, FQ_RESULTS_DIR=str(store), FQ_LOG_DIR=str(tmp_path / "logs"))
-    p = _fq_on_tmpfs(tmp_path, "ro", "-p", "no:cacheprovider", "-p", "no:randomly",
-                     command=(sys.executable, "-m", "pytest"), env=env)  # fmt: skip
+    p = _fq_on_tmpfs(
+        tmp_path,
+        "ro",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        command=(sys.executable, "-m", "pytest"),
+        env=env,
+    )
     assert p.returncode == pytest.ExitCode.USAGE_ERROR
     first = p.stderr.splitlines()[0]
-    assert first == (f"ERROR: results store {store} cannot be written: {store.parent} is on a "
-                     "read-only file system")  # fmt: skip
+    assert first == (
+        f"ERROR: results store {store} cannot be written: {store.parent} is on a "
+        "read-only file system"
+    )

@@ -28,18 +28,38 @@ pytest_plugins = ("pytester",)
 
 
 def _kld(mean=0.0060, err=0.0002, **more) -> dict:
-    return {"mean": mean, "mean_err": err, "median": 0.0020, "p90": 0.0120, "p99": 0.0550,
-            "p999": 0.20, "max": 0.60, "same_top_pct": 95.6, "same_top_err": 0.3,
-            "rms_dp_pct": 2.0, **more}  # fmt: skip
+    return {
+        "mean": mean,
+        "mean_err": err,
+        "median": 0.0020,
+        "p90": 0.0120,
+        "p99": 0.0550,
+        "p999": 0.20,
+        "max": 0.60,
+        "same_top_pct": 95.6,
+        "same_top_err": 0.3,
+        "rms_dp_pct": 2.0,
+        **more,
+    }
 
 
 def _treatment(**more) -> dict:
-    t = {"ppl": 17.17, "ppl_err": 0.52, "chunk_ppls": [17.0, 17.2], "delta_ppl": 0.14,
-         "delta_ppl_pct": 0.83, "delta_ppl_pct_err": 0.23, "kld": _kld(),
-         "tokens_per_s": 300.0, "speed_ratio": 1.0, "gen_tokens_per_s": 20.0,
-         "baseline_gen_tokens_per_s": 20.0, "load_time_ms": 100.0, "generations": [],
-         "agreement": {"token_agreement": 0.5, "first_divergence": 16,
-                       "per_prompt": []}}  # fmt: skip
+    t = {
+        "ppl": 17.17,
+        "ppl_err": 0.52,
+        "chunk_ppls": [17.0, 17.2],
+        "delta_ppl": 0.14,
+        "delta_ppl_pct": 0.83,
+        "delta_ppl_pct_err": 0.23,
+        "kld": _kld(),
+        "tokens_per_s": 300.0,
+        "speed_ratio": 1.0,
+        "gen_tokens_per_s": 20.0,
+        "baseline_gen_tokens_per_s": 20.0,
+        "load_time_ms": 100.0,
+        "generations": [],
+        "agreement": {"token_agreement": 0.5, "first_divergence": 16, "per_prompt": []},
+    }
     for key, value in more.items():
         if key == "kld" and isinstance(value, dict):
             t["kld"] = dict(t["kld"], **value)
@@ -50,23 +70,55 @@ def _treatment(**more) -> dict:
 
 def _placebo(klds=(0.0029, 0.0033, 0.0037), ppls=(17.06, 17.08, 17.10)) -> dict:
     runs = [
-        {"seed": i + 1, "key": f"k{i}", "layers": "0", "manifest": "m", "changed": 320,
-         "n_elements": 640, "ppl": p, "ppl_err": 0.52, "delta_ppl_pct": 100 * (p / 17.03 - 1),
-         "delta_ppl_pct_err": 0.2, "kld_mean": k, "same_top_pct": 97.0 + i * 0.4,
-         "kld": _kld(k, 0.0002, same_top_pct=97.0 + i * 0.4)}
+        {
+            "seed": i + 1,
+            "key": f"k{i}",
+            "layers": "0",
+            "manifest": "m",
+            "changed": 320,
+            "n_elements": 640,
+            "ppl": p,
+            "ppl_err": 0.52,
+            "delta_ppl_pct": 100 * (p / 17.03 - 1),
+            "delta_ppl_pct_err": 0.2,
+            "kld_mean": k,
+            "same_top_pct": 97.0 + i * 0.4,
+            "kld": _kld(k, 0.0002, same_top_pct=97.0 + i * 0.4),
+        }
         for i, (k, p) in enumerate(zip(klds, ppls, strict=True))
-    ]  # fmt: skip
-    return {"seeds": [r["seed"] for r in runs], "runs": runs,
-            "kld_mean": {"min": min(klds), "max": max(klds), "mean": sum(klds) / len(klds)},
-            "delta_ppl_pct": None, "same_top_pct": None,
-            "kld_ratio": 0.0060 / max(klds), "verdict": "1.6× the largest placebo"}  # fmt: skip
+    ]
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "runs": runs,
+        "kld_mean": {"min": min(klds), "max": max(klds), "mean": sum(klds) / len(klds)},
+        "delta_ppl_pct": None,
+        "same_top_pct": None,
+        "kld_ratio": 0.0060 / max(klds),
+        "verdict": "1.6× the largest placebo",
+    }
 
 
-NUMERIC = {"manifest": "m.fq.json", "n_tensors": 1, "n_elements": 640, "changed": 14,
-           "max_abs": 0.0625, "mean_abs": 0.0004, "max_rel": 0.00383, "mean_rel": 7e-5,
-           "summary": "14 of 640", "per_tensor": []}  # fmt: skip
-BASELINE = {"ppl": 17.03, "ppl_err": 0.51, "chunk_ppls": [17.0], "n_chunks": 8,
-            "tokens_per_s": 310.0, "load_time_ms": 90.0, "generations": []}  # fmt: skip
+NUMERIC = {
+    "manifest": "m.fq.json",
+    "n_tensors": 1,
+    "n_elements": 640,
+    "changed": 14,
+    "max_abs": 0.0625,
+    "mean_abs": 0.0004,
+    "max_rel": 0.00383,
+    "mean_rel": 7e-5,
+    "summary": "14 of 640",
+    "per_tensor": [],
+}
+BASELINE = {
+    "ppl": 17.03,
+    "ppl_err": 0.51,
+    "chunk_ppls": [17.0],
+    "n_chunks": 8,
+    "tokens_per_s": 310.0,
+    "load_time_ms": 90.0,
+    "generations": [],
+}
 
 
 def rec(run_id="R1", treatment=None, placebo=None, numeric=None, **more) -> record.StageRecord:
@@ -218,16 +270,23 @@ def test_exact_metrics(metric, ref_value, now_value, tol, verdict):
 
 @pytest.mark.parametrize(
     ("now", "verdict"),
-    [(95.6, "identical"), (93.0, "regressed"), (94.0, "within tolerance"),
-     (94.9, "within noise"), (99.0, "improved")],
-)  # fmt: skip
+    [
+        (95.6, "identical"),
+        (93.0, "regressed"),
+        (94.0, "within tolerance"),
+        (94.9, "within noise"),
+        (99.0, "improved"),
+    ],
+)
 def test_same_top_higher_is_better(now, verdict):
     # s.e. 0.3 both, placebo same-top 97.0/97.4/97.8 (sd 0.4): 2u = 2·sqrt(0.18 + 0.32) = 1.41;
     # tolerance 2 percentage points
     m = compare_metric(
-        METRICS["same_top"], parse_tolerances(None)["same_top"], rec(),
+        METRICS["same_top"],
+        parse_tolerances(None)["same_top"],
+        rec(),
         rec("R2", treatment=_treatment(kld={"same_top_pct": now})),
-    )  # fmt: skip
+    )
     assert m.verdict == verdict, m.detail
 
 
@@ -260,8 +319,7 @@ def test_not_a_number_now_is_a_regression():
 
 
 def test_improvements_never_fail_even_at_zero_tolerance():
-    better = rec("R2", treatment=_treatment(kld={"mean": 0.0010}, delta_ppl_pct=-1.0,
-                                            ppl=16.5))  # fmt: skip
+    better = rec("R2", treatment=_treatment(kld={"mean": 0.0010}, delta_ppl_pct=-1.0, ppl=16.5))
     cmp = compare(rec(), better, ",".join(f"{m}:0" for m in METRICS))
     assert cmp.status == "passed", cmp.summary
     assert {"kld", "delta_ppl"} <= {m.metric for m in cmp.improvements}
@@ -329,7 +387,7 @@ def test_identity_differences_are_named():
             "cores": 4,
             "python": "3.12.1",
             "platform": "Linux",
-        },  # fmt: skip
+        },
     )
     cmp = compare(rec(), other)
     fields = {d.field: d for d in cmp.identity}
@@ -348,8 +406,11 @@ def test_identity_differences_are_named():
 
 def test_threads_and_thresholds_do_not_change_the_numbers():
     data = make_record()
-    other = rec("R2", settings=dict(data["settings"], threads=8),
-                thresholds=dict(data["thresholds"], kld_mean_max=0.05))  # fmt: skip
+    other = rec(
+        "R2",
+        settings=dict(data["settings"], threads=8),
+        thresholds=dict(data["thresholds"], kld_mean_max=0.05),
+    )
     cmp = compare(rec(), other)
     assert {d.field for d in cmp.identity} == {"settings.threads", "thresholds.kld_mean_max"}
     assert cmp.same_identity and cmp.status == "identical"
@@ -363,9 +424,12 @@ def test_same_identity_but_different_numbers_is_noted():
 
 def test_format_change_is_an_identity_difference_and_a_regression():
     data = make_record()
-    worse = rec("R2", settings=dict(data["settings"], format="fp8_e5m2"),
-                numeric=dict(NUMERIC, changed=624, max_rel=0.125),
-                treatment=_treatment(kld={"mean": 0.0078}))  # fmt: skip
+    worse = rec(
+        "R2",
+        settings=dict(data["settings"], format="fp8_e5m2"),
+        numeric=dict(NUMERIC, changed=624, max_rel=0.125),
+        treatment=_treatment(kld={"mean": 0.0078}),
+    )
     cmp = compare(rec(), worse, "kld:10%")
     assert cmp.status == "regressed"
     assert {m.metric for m in cmp.regressions} == {"changed", "max_rel", "kld"}
@@ -498,9 +562,14 @@ def test_latest_run_with_excludes_this_run_and_later_ones(tmp_path):
     a = rec("A", started_at="2026-01-01T00:00:00Z")
     b = rec("B", started_at="2026-01-02T00:00:00Z")
     c = rec("C", started_at="2026-01-03T00:00:00Z")
-    skipped = record.from_builtins(make_record(
-        run_id="D", outcome="skipped", started_at="2026-01-04T00:00:00Z",
-        model={"name": "gemma3-270m", "path": "/m", "sha256": "ab" * 32}))  # fmt: skip
+    skipped = record.from_builtins(
+        make_record(
+            run_id="D",
+            outcome="skipped",
+            started_at="2026-01-04T00:00:00Z",
+            model={"name": "gemma3-270m", "path": "/m", "sha256": "ab" * 32},
+        )
+    )
     root = _store(tmp_path, a, b, c, skipped)
     src, found = history.latest_run_with("layer0", "gemma3-270m", root, exclude="C")
     assert (src.run_id, found.run_id) == ("B", "B")  # D measured nothing, C is this run
@@ -513,9 +582,15 @@ def test_latest_run_with_excludes_this_run_and_later_ones(tmp_path):
 
 
 def test_save_reference_copies_measured_records_and_refuses_to_overwrite(tmp_path):
-    skipped = record.from_builtins(make_record(
-        run_id="R1", stage="layers0-2", outcome="skipped", skip_reason="gate: closed",
-        model={"name": "gemma3-270m", "path": "/m", "sha256": "ab" * 32}))  # fmt: skip
+    skipped = record.from_builtins(
+        make_record(
+            run_id="R1",
+            stage="layers0-2",
+            outcome="skipped",
+            skip_reason="gate: closed",
+            model={"name": "gemma3-270m", "path": "/m", "sha256": "ab" * 32},
+        )
+    )
     root = _store(tmp_path, rec("R1"), skipped)
     history.write_manifest(history.new_manifest("R1", ["pytest"], cwd=tmp_path), root)
     dest = tmp_path / "fq-reference"
@@ -566,8 +641,9 @@ def test_fq_diff_identical_and_regressed(tmp_path, capsys):
     (row,) = [ln for ln in lines if ln.split()[:1] == ["kld"]]
     assert row.split()[1:3] == ["0.00600", "0.00900"] and row.rstrip().endswith("REGRESSED")
     assert "1 compared: 1 regressed" in out
-    status, out, _ = _cli(capsys, "diff", "A", "C", "--results", str(root),
-                          "--compare-fail", "kld:60%")  # fmt: skip
+    status, out, _ = _cli(
+        capsys, "diff", "A", "C", "--results", str(root), "--compare-fail", "kld:60%"
+    )
     assert status == 0 and "within tolerance" in out
 
 
@@ -584,12 +660,22 @@ def test_fq_diff_that_compares_nothing_exits_2(tmp_path, capsys):
     results.save_result(record.from_builtins(make_record(run_id="B", stage="layers0-2")), root)
     status, out, err = _cli(capsys, "diff", str(root / "A"), str(root / "B"))
     assert (status, out) == (2, "")
-    assert err == ("fq diff: error: nothing compared: no stage x case is in both run A "
-                   "(layer0/gemma3-270m) and run B (layers0-2/m)\n")  # fmt: skip
+    assert err == (
+        "fq diff: error: nothing compared: no stage x case is in both run A "
+        "(layer0/gemma3-270m) and run B (layers0-2/m)\n"
+    )
     # in both, but none could be compared (the reference measured nothing): tables, exit 2
-    results.save_result(record.from_builtins(make_record(
-        run_id="C", outcome="skipped", skip_reason="gate: closed",
-        model={"name": "gemma3-270m", "path": "/m", "sha256": "ab" * 32})), root)  # fmt: skip
+    results.save_result(
+        record.from_builtins(
+            make_record(
+                run_id="C",
+                outcome="skipped",
+                skip_reason="gate: closed",
+                model={"name": "gemma3-270m", "path": "/m", "sha256": "ab" * 32},
+            )
+        ),
+        root,
+    )
     status, out, err = _cli(capsys, "diff", "C", "A", "--results", str(root))
     assert status == 2 and "not compared: the reference record (run C) measured nothing" in out
     assert err.startswith("fq diff: error: nothing compared: none of the 1 stage x case in both")
@@ -602,14 +688,22 @@ def test_fq_diff_bad_input_is_one_line_exit_2(tmp_path, capsys, what):
     broken = tmp_path / "broken" / "layer0"
     broken.mkdir(parents=True)
     (broken / "gemma3-270m.json").write_text('{"schema": 3, "run_id": 5}')
-    b = {"unknown": "nope", "empty": str(tmp_path / "empty"),
-         "broken": str(tmp_path / "broken"), "tolerance": "A"}[what]  # fmt: skip
+    b = {
+        "unknown": "nope",
+        "empty": str(tmp_path / "empty"),
+        "broken": str(tmp_path / "broken"),
+        "tolerance": "A",
+    }[what]
     extra = ["--compare-fail", "kld:lots"] if what == "tolerance" else []
     status, out, err = _cli(capsys, "diff", "A", b, "--results", str(root), *extra)
     assert status == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("fq diff: error: ")
-    expected = {"unknown": "unknown run or directory 'nope'", "empty": "no stage records",
-                "broken": "gemma3-270m.json", "tolerance": "kld:lots"}[what]  # fmt: skip
+    expected = {
+        "unknown": "unknown run or directory 'nope'",
+        "empty": "no stage records",
+        "broken": "gemma3-270m.json",
+        "tolerance": "kld:lots",
+    }[what]
     assert expected in err
 
 
@@ -620,8 +714,7 @@ def test_fq_reference_save(tmp_path, capsys, monkeypatch):
     assert status == 0 and "saved run R1 as the reference in" in out
     assert (tmp_path / "fq-reference" / "reference.json").is_file()
     assert (tmp_path / "fq-reference" / "layer0" / "gemma3-270m.json").is_file()
-    status, _, err = _cli(capsys, "reference", "save", "R1", "fq-reference", "--results",
-                          str(root))  # fmt: skip
+    status, _, err = _cli(capsys, "reference", "save", "R1", "fq-reference", "--results", str(root))
     assert status == 2 and "pass --force" in err
     status, out, _ = _cli(capsys, "reference", "save", "R1", "elsewhere", "--results", str(root))
     assert status == 0 and (tmp_path / "elsewhere" / "reference.json").is_file()
@@ -700,9 +793,11 @@ def test_compare_fails_naming_metric_values_and_tolerance(inner, tmp_path, monke
     _current(tmp_path, monkeypatch, with_kld(0.0080, run_id="NOW"))
     result = _run(inner, "--fq-compare", "REF", "--fq-compare-fail=kld:10%", "--fq-run-id", "NOW")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "*REGRESSED against run REF: kld 0.00600 → 0.00800 (+0.00200, +33.3%; tolerance 10%*",
-    ])  # fmt: skip
+    result.stdout.fnmatch_lines(
+        [
+            "*REGRESSED against run REF: kld 0.00600 → 0.00800 (+0.00200, +33.3%; tolerance 10%*",
+        ]
+    )
     assert result.ret == 1
 
 
@@ -717,8 +812,7 @@ def test_default_tolerance_lets_the_same_change_pass(inner, tmp_path, monkeypatc
 def test_auto_prefers_the_reference_dir_then_the_latest_earlier_run(inner, tmp_path, monkeypatch):
     store = tmp_path / "store"
     results.save_result(rec("OLD", started_at="2026-01-01T00:00:00Z"), store)
-    results.save_result(with_kld(0.0061, run_id="NEWER", started_at="2026-01-02T00:00:00Z"),
-                        store)  # fmt: skip
+    results.save_result(with_kld(0.0061, run_id="NEWER", started_at="2026-01-02T00:00:00Z"), store)
     now = rec("NOW", started_at="2026-01-03T00:00:00Z")
     _current(tmp_path, monkeypatch, now)
     result = _run(inner, "--fq-compare", "--fq-run-id", "NOW")
@@ -776,8 +870,14 @@ def test_save_reference_refused_after_a_failing_session(inner, tmp_path, monkeyp
     now = with_kld(0.02, run_id="NOW", settings=SESSION_SETTINGS)
     results.save_result(now, store)
     _current(tmp_path, monkeypatch, now)
-    result = _run(inner, "--fq-compare=REF", "--fq-run-id", "NOW", "--fq-save-reference",
-                  f"--fq-reference-dir={tmp_path / 'ref'}")  # fmt: skip
+    result = _run(
+        inner,
+        "--fq-compare=REF",
+        "--fq-run-id",
+        "NOW",
+        "--fq-save-reference",
+        f"--fq-reference-dir={tmp_path / 'ref'}",
+    )
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["fq: reference NOT saved to *: the session did not pass*"])
     assert not (tmp_path / "ref").exists()
@@ -798,12 +898,22 @@ def test_save_reference_takes_no_value_so_a_test_path_stays_one(inner, tmp_path,
     result.stdout.fnmatch_lines(["fq: saved run NOW as the reference in */fq-reference (1 *"])
     assert (tests / "test_inner.py").read_bytes() == before
     # asked for by name, a directory of tests is refused before anything runs
-    result = _run(inner, "--fq-run-id", "NOW", "--fq-save-reference",
-                  "--fq-reference-dir=experiments", "experiments")  # fmt: skip
+    result = _run(
+        inner,
+        "--fq-run-id",
+        "NOW",
+        "--fq-save-reference",
+        "--fq-reference-dir=experiments",
+        "experiments",
+    )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: --fq-save-reference: experiments holds files fq-suite "
-                                 "did not write (*test_inner.py*); refusing to replace it, "
-                                 "--force or not*"])  # fmt: skip
+    result.stderr.fnmatch_lines(
+        [
+            "ERROR: --fq-save-reference: experiments holds files fq-suite "
+            "did not write (*test_inner.py*); refusing to replace it, "
+            "--force or not*"
+        ]
+    )
     assert (tests / "test_inner.py").read_bytes() == before
 
 
@@ -822,20 +932,23 @@ def test_a_bad_results_store_is_a_usage_error(inner, tmp_path, monkeypatch):
 def test_fq_reference_save_refuses_a_run_that_regressed(tmp_path, capsys):
     root = _store(tmp_path, rec("REF"), with_kld(0.02, run_id="BAD"))
     regression.save(compare(rec("REF"), with_kld(0.02, run_id="BAD")), root)
-    status, _, err = _cli(capsys, "reference", "save", "BAD", str(tmp_path / "ref"),
-                          "--results", str(root))  # fmt: skip
+    status, _, err = _cli(
+        capsys, "reference", "save", "BAD", str(tmp_path / "ref"), "--results", str(root)
+    )
     assert status == 2
     assert "run BAD regressed against its reference (layer0/gemma3-270m)" in err
     assert not (tmp_path / "ref").exists()
-    status, _, _ = _cli(capsys, "reference", "save", "BAD", str(tmp_path / "ref"),
-                        "--results", str(root), "--force")  # fmt: skip
+    status, _, _ = _cli(
+        capsys, "reference", "save", "BAD", str(tmp_path / "ref"), "--results", str(root), "--force"
+    )
     assert status == 0 and history.open_directory(tmp_path / "ref").run_id == "BAD"
 
 
 def _on(cpu: str, isa: str | None) -> dict:
-    return {"machine": {"hostname": "h", "cpu": cpu, "cores": 2, "python": "3.11",
-                        "platform": "Linux"},
-            "llama": dict(make_record()["llama"], instruction_set=isa)}  # fmt: skip
+    return {
+        "machine": {"hostname": "h", "cpu": cpu, "cores": 2, "python": "3.11", "platform": "Linux"},
+        "llama": dict(make_record()["llama"], instruction_set=isa),
+    }
 
 
 def test_a_fixed_instruction_set_makes_the_cpu_model_irrelevant():

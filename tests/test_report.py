@@ -46,13 +46,30 @@ RUN_ARGS = ("--fq-chunks", "2", "--fq-placebo-seeds", "1", "--fq-gen-tokens", "8
 def run_stage_pytest(tmp: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
     """`pytest experiments -k layer0` as a user runs it, into `tmp`; (process, run dir, html)."""
     run_id = f"report-test-{uuid.uuid4().hex[:6]}"
-    env = dict(os.environ, FQ_RESULTS_DIR=str(tmp / "results"), FQ_RUN_ID=run_id,
-               FQ_LOG_DIR=str(tmp / "logs"))  # fmt: skip
+    env = dict(
+        os.environ,
+        FQ_RESULTS_DIR=str(tmp / "results"),
+        FQ_RUN_ID=run_id,
+        FQ_LOG_DIR=str(tmp / "logs"),
+    )
     env.pop("PYTEST_XDIST_WORKER", None)
     html = tmp / "reports" / "report.html"
-    argv = [sys.executable, "-m", "pytest", "experiments", "-k", "layer0", "-p", "no:cacheprovider",
-            "-q", *(a for m in MODELS for a in ("--fq-model", m)), *RUN_ARGS,
-            f"--html={html}", "--self-contained-html", *extra]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "experiments",
+        "-k",
+        "layer0",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        *(a for m in MODELS for a in ("--fq-model", m)),
+        *RUN_ARGS,
+        f"--html={html}",
+        "--self-contained-html",
+        *extra,
+    ]
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     return proc, tmp / "results" / run_id, html
 
@@ -75,9 +92,18 @@ def real_run(tmp_path_factory):
             run_dir, html = Path(saved["run_dir"]), Path(saved["html"])
         else:
             proc, run_dir, html = run_stage_pytest(tmp)
-            done.write_text(json.dumps({"argv": proc.args, "rc": proc.returncode,
-                                        "out": proc.stdout, "err": proc.stderr,
-                                        "run_dir": str(run_dir), "html": str(html)}))  # fmt: skip
+            done.write_text(
+                json.dumps(
+                    {
+                        "argv": proc.args,
+                        "rc": proc.returncode,
+                        "out": proc.stdout,
+                        "err": proc.stderr,
+                        "run_dir": str(run_dir),
+                        "html": str(html),
+                    }
+                )
+            )
     files = sorted(run_dir.glob("layer0/*.json"))
     assert len(files) == 2 * len(MODELS), (  # as deployed and intrinsic (-twin)
         f"the stage run stored {len(files)} results (exit {proc.returncode}):\n"
@@ -155,8 +181,11 @@ def decode_png(data: bytes):
 def test_report_opens_with_the_right_decision(real_run):
     text = real_run["html"].read_text(encoding="utf-8")
     dom = parse(text)
-    blocks = {e["attrs"]["data-model"]: e for e in dom.elements if "fq-decision" in
-              e["attrs"].get("class", "").split()}  # fmt: skip
+    blocks = {
+        e["attrs"]["data-model"]: e
+        for e in dom.elements
+        if "fq-decision" in e["attrs"].get("class", "").split()
+    }
     assert set(blocks) == set(MODELS)  # one decision per model: the deployed Test 1's
     for model in MODELS:
         result = real_run["results"][model]
@@ -200,8 +229,14 @@ def test_every_number_equals_the_results_json(real_run):
     keys = check_number_cells(html, real_run["results"].values())
     checked = sum(1 for e in parse(html).elements if "data-value" in e["attrs"])
     for model in MODELS:
-        for key in ("baseline/ppl", "treatment/ppl", "treatment/delta_ppl_pct",
-                    "treatment/kld/mean", "numeric/max_rel", "numeric/changed"):  # fmt: skip
+        for key in (
+            "baseline/ppl",
+            "treatment/ppl",
+            "treatment/delta_ppl_pct",
+            "treatment/kld/mean",
+            "numeric/max_rel",
+            "numeric/changed",
+        ):
             assert f"layer0/{model}/{key}" in keys
     assert checked >= 20
 
@@ -250,8 +285,11 @@ def test_both_answers_with_their_floors(real_run):
 def test_summary_images_decode_and_charts_are_written(real_run):
     text = real_run["html"].read_text(encoding="utf-8")
     dom = parse(text)
-    imgs = [e["attrs"] for e in dom.elements if e["tag"] == "img" and "fq-chart" in
-            e["attrs"].get("class", "")]  # fmt: skip
+    imgs = [
+        e["attrs"]
+        for e in dom.elements
+        if e["tag"] == "img" and "fq-chart" in e["attrs"].get("class", "")
+    ]
     assert imgs
     for attrs in imgs:
         src = attrs["src"]
@@ -269,8 +307,11 @@ def test_zero_change_model_says_no_element_changed(real_run):
     r = real_run["results"]["smollm2-135m"]
     assert r.numeric.changed == 0
     dom = parse(real_run["html"].read_text(encoding="utf-8"))
-    notes = {e["attrs"]["data-chart"]: e["text"] for e in dom.elements
-             if "fq-chart-note" in e["attrs"].get("class", "")}  # fmt: skip
+    notes = {
+        e["attrs"]["data-chart"]: e["text"]
+        for e in dom.elements
+        if "fq-chart-note" in e["attrs"].get("class", "")
+    }
     assert "no element changed" in notes["layer0-smollm2-135m-rel-error"]
     assert "no element changed" in notes["layer0-smollm2-135m-per-layer"]
     imgs = {e["attrs"].get("data-chart") for e in dom.elements if e["tag"] == "img"}
@@ -305,8 +346,7 @@ def test_each_stage_test_carries_its_evidence(real_run):
         if check == "perplexity":
             assert images, "the perplexity test carries the per-chunk PPL chart"
             engines = ("llama-perplexity", "fq-logits")  # fq-logits: the twin's exact engine
-            ppl_cmds = [c for c in result.commands
-                        if (c.tool or Path(c.argv[0]).name) in engines]  # fmt: skip
+            ppl_cmds = [c for c in result.commands if (c.tool or Path(c.argv[0]).name) in engines]
             assert ppl_cmds
             for c in ppl_cmds:
                 assert c.argv[0] in html_extra
@@ -361,8 +401,11 @@ def test_report_under_xdist_gives_the_same_decisions(real_run, tmp_path):
     proc, run_dir, html = run_stage_pytest(tmp_path, "-n", "2")
     assert html.is_file(), proc.stdout[-3000:]
     dom = parse(html.read_text(encoding="utf-8"))
-    verdicts = {e["attrs"]["data-model"]: e["attrs"]["data-verdict"] for e in dom.elements
-                if "fq-decision" in e["attrs"].get("class", "").split()}  # fmt: skip
+    verdicts = {
+        e["attrs"]["data-model"]: e["attrs"]["data-verdict"]
+        for e in dom.elements
+        if "fq-decision" in e["attrs"].get("class", "").split()
+    }
     assert verdicts == {m: expected_verdict(real_run["results"][m]) for m in MODELS}
     tests = _tests_blob(html.read_text(encoding="utf-8"))
     with_extras = [n for n, e in tests.items() if "layer0" in n and e[-1]["extras"]]
@@ -375,10 +418,25 @@ def test_report_without_stage_results_says_so(tmp_path):
     html = tmp_path / "r.html"
     env = dict(os.environ, FQ_RESULTS_DIR=str(tmp_path / "results"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/test_report.py", "-k", "refuses_missing", "-q",
-         "-p", "no:cacheprovider", f"--html={html}", "--self-contained-html"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/test_report.py",
+            "-k",
+            "refuses_missing",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--html={html}",
+            "--self-contained-html",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:]
     text = html.read_text(encoding="utf-8")
     assert "No experiment stage ran in this session" in text
@@ -391,45 +449,104 @@ def test_report_without_stage_results_says_so(tmp_path):
 def full_record(**overrides) -> dict:
     """A stage record with every measured section filled in (values like a Gemma3 Test 1)."""
     errors = {"max_abs": 0.0625, "mean_abs": 0.000427, "max_rel": 0.00383, "mean_rel": 7.45e-05}
-    kld = {"mean": 0.00599, "mean_err": 0.00057, "median": 0.00329, "p90": 0.0111, "p99": 0.0432,
-           "max": 0.177, "same_top_pct": 95.29, "same_top_err": 0.4, "rms_dp_pct": 1.2}  # fmt: skip
+    kld = {
+        "mean": 0.00599,
+        "mean_err": 0.00057,
+        "median": 0.00329,
+        "p90": 0.0111,
+        "p99": 0.0432,
+        "max": 0.177,
+        "same_top_pct": 95.29,
+        "same_top_err": 0.4,
+        "rms_dp_pct": 1.2,
+    }
     gen = {"prompt": "Hello", "chat": False, "n_tokens": 8, "tokens_per_s": 4.1}
     fields = {
-        "numeric": {"manifest": "/r/m.gguf.fq.json", "n_tensors": 1, "n_elements": 640,
-                    "changed": 14, **errors, "summary": "14 of 640 elements changed",
-                    "per_tensor": [{"name": "blk.0.ffn_norm.weight", "layer": 0, "changed": 14,
-                                    "n_elements": 640, **errors}]},
-        "baseline": {"ppl": 14.8414, "ppl_err": 2.30641, "chunk_ppls": [11.091, 14.8414],
-                     "n_chunks": 2, "tokens_per_s": 32.1047, "load_time_ms": 1900.1,
-                     "generations": [dict(gen, text=", I have a 20")]},
-        "treatment": {"ppl": 15.0872, "ppl_err": 2.3532, "chunk_ppls": [11.2, 15.0872],
-                      "delta_ppl": 0.2458, "delta_ppl_pct": 1.6562, "delta_ppl_pct_err": 0.18,
-                      "kld": kld, "tokens_per_s": 33.2689, "speed_ratio": 1.036,
-                      "gen_tokens_per_s": 4.0, "baseline_gen_tokens_per_s": 4.1,
-                      "load_time_ms": 1800.2, "generations": [dict(gen, text=", I have a 21")],
-                      "agreement": {"token_agreement": 0.875, "first_divergence": 7,
-                                    "per_prompt": []}},
-        "placebo": {"seeds": [1, 2], "runs": [
-                        {"seed": seed, "key": f"k{seed}", "layers": "0", "manifest": "p.json",
-                         "changed": 318 + seed, "n_elements": 640, "ppl": 14.89 + seed / 100,
-                         "ppl_err": 2.3, "delta_ppl_pct": 0.37 + seed / 100,
-                         "delta_ppl_pct_err": 0.1, "kld_mean": 0.0024 + seed / 1e4,
-                         "same_top_pct": 98.2 + seed / 100, "kld": None}
-                        for seed in (1, 2)],
-                    "kld_mean": {"min": 0.0025, "max": 0.0026, "mean": 0.00255},
-                    "delta_ppl_pct": {"min": 0.38, "max": 0.39, "mean": 0.385},
-                    "same_top_pct": {"min": 98.21, "max": 98.22, "mean": 98.215},
-                    "kld_ratio": 2.3, "verdict": "2.3× the largest placebo",
-                    "compared": {
-                        "kld": {"standing": "above", "words": "2.3× the largest placebo"},
-                        "delta_ppl": {"standing": "above", "words": "4.2× the largest placebo"},
-                        "same_top": {"standing": "above",
-                                     "words": "2.6× the largest placebo drop"}}},
-        "commands": [{"argv": ["/llama/bin/llama-perplexity", "-m", "my model.gguf"],
-                      "started_at": "2026-11-29T00:00:10Z", "duration_s": 38.4,
-                      "exit_status": 0, "stdout_path": "/logs/1.out",
-                      "stderr_path": "/logs/1.err", "role": "treatment"}],
-    }  # fmt: skip
+        "numeric": {
+            "manifest": "/r/m.gguf.fq.json",
+            "n_tensors": 1,
+            "n_elements": 640,
+            "changed": 14,
+            **errors,
+            "summary": "14 of 640 elements changed",
+            "per_tensor": [
+                {
+                    "name": "blk.0.ffn_norm.weight",
+                    "layer": 0,
+                    "changed": 14,
+                    "n_elements": 640,
+                    **errors,
+                }
+            ],
+        },
+        "baseline": {
+            "ppl": 14.8414,
+            "ppl_err": 2.30641,
+            "chunk_ppls": [11.091, 14.8414],
+            "n_chunks": 2,
+            "tokens_per_s": 32.1047,
+            "load_time_ms": 1900.1,
+            "generations": [dict(gen, text=", I have a 20")],
+        },
+        "treatment": {
+            "ppl": 15.0872,
+            "ppl_err": 2.3532,
+            "chunk_ppls": [11.2, 15.0872],
+            "delta_ppl": 0.2458,
+            "delta_ppl_pct": 1.6562,
+            "delta_ppl_pct_err": 0.18,
+            "kld": kld,
+            "tokens_per_s": 33.2689,
+            "speed_ratio": 1.036,
+            "gen_tokens_per_s": 4.0,
+            "baseline_gen_tokens_per_s": 4.1,
+            "load_time_ms": 1800.2,
+            "generations": [dict(gen, text=", I have a 21")],
+            "agreement": {"token_agreement": 0.875, "first_divergence": 7, "per_prompt": []},
+        },
+        "placebo": {
+            "seeds": [1, 2],
+            "runs": [
+                {
+                    "seed": seed,
+                    "key": f"k{seed}",
+                    "layers": "0",
+                    "manifest": "p.json",
+                    "changed": 318 + seed,
+                    "n_elements": 640,
+                    "ppl": 14.89 + seed / 100,
+                    "ppl_err": 2.3,
+                    "delta_ppl_pct": 0.37 + seed / 100,
+                    "delta_ppl_pct_err": 0.1,
+                    "kld_mean": 0.0024 + seed / 1e4,
+                    "same_top_pct": 98.2 + seed / 100,
+                    "kld": None,
+                }
+                for seed in (1, 2)
+            ],
+            "kld_mean": {"min": 0.0025, "max": 0.0026, "mean": 0.00255},
+            "delta_ppl_pct": {"min": 0.38, "max": 0.39, "mean": 0.385},
+            "same_top_pct": {"min": 98.21, "max": 98.22, "mean": 98.215},
+            "kld_ratio": 2.3,
+            "verdict": "2.3× the largest placebo",
+            "compared": {
+                "kld": {"standing": "above", "words": "2.3× the largest placebo"},
+                "delta_ppl": {"standing": "above", "words": "4.2× the largest placebo"},
+                "same_top": {"standing": "above", "words": "2.6× the largest placebo drop"},
+            },
+        },
+        "commands": [
+            {
+                "argv": ["/llama/bin/llama-perplexity", "-m", "my model.gguf"],
+                "started_at": "2026-11-29T00:00:10Z",
+                "duration_s": 38.4,
+                "exit_status": 0,
+                "stdout_path": "/logs/1.out",
+                "stderr_path": "/logs/1.err",
+                "role": "treatment",
+            }
+        ],
+    }
     fields.update(overrides)
     return make_record(**fields)
 
@@ -460,8 +577,15 @@ def test_a_full_record_fills_every_row():
     metric = rows.metric_rows(rec)
     assert len(metric) >= 15
     for row in metric:
-        for text in (row.label, row.baseline.text, row.treatment.text, row.placebo,
-                     row.verdict, row.threshold, row.status):  # fmt: skip
+        for text in (
+            row.label,
+            row.baseline.text,
+            row.treatment.text,
+            row.placebo,
+            row.verdict,
+            row.threshold,
+            row.status,
+        ):
             assert rows.MISSING not in text, row
     for pair in rows.environment_rows(rec) + rows.setting_rows(rec):
         assert rows.MISSING not in pair.value, pair
@@ -479,8 +603,14 @@ def test_html_numbers_equal_the_record_and_missing_means_none(tmp_path):
     partial = full_record()
     partial["treatment"]["kld"]["p90"] = None
     partial["baseline"]["tokens_per_s"] = None
-    stopped = make_record(stage="layers0-2", stage_title="Test 2", stage_index=2, layers="0-2",
-                          outcome="running", finished_at=None)  # fmt: skip
+    stopped = make_record(
+        stage="layers0-2",
+        stage_title="Test 2",
+        stage_index=2,
+        layers="0-2",
+        outcome="running",
+        finished_at=None,
+    )
     run = load_run(save_run(tmp_path, partial, stopped))
     text = render_all(run)
     keys = check_number_cells(text, [r.record for r in run.results])
@@ -562,8 +692,12 @@ def test_stage_ids_come_from_the_stage_definitions():
     for gone in ("data", "section", "checks"):  # renderers read the typed record
         assert not hasattr(StageResult, gone)
     templates = (ROOT / "fq_core/report/templates").glob("*")
-    renderers = [ROOT / "fq_core/report/html.py", ROOT / "fq_core/report/rows.py",
-                 ROOT / "fq_pytest/report.py", *templates]  # fmt: skip
+    renderers = [
+        ROOT / "fq_core/report/html.py",
+        ROOT / "fq_core/report/rows.py",
+        ROOT / "fq_pytest/report.py",
+        *templates,
+    ]
     for path in renderers:
         assert "layer0" not in path.read_text(encoding="utf-8"), path
 

@@ -40,10 +40,21 @@ def chromium() -> str:
 
 
 def headless(chromium: str, tmp_path, url: str, *args: str) -> subprocess.CompletedProcess:
-    argv = [chromium, "--headless", "--no-sandbox", "--disable-gpu",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-            "--enable-logging=stderr", "--v=0", *args, url]  # fmt: skip
+    argv = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        *args,
+        url,
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
@@ -79,8 +90,13 @@ def test_report_renders_without_console_errors(chromium, real_run, tmp_path):  #
 
 def test_report_screenshot_is_not_blank(chromium, real_run, tmp_path):  # noqa: F811
     shot = tmp_path / "shot.png"
-    proc = headless(chromium, tmp_path, real_run["html"].as_uri(), "--window-size=1280,2400",
-                    f"--screenshot={shot}")  # fmt: skip
+    proc = headless(
+        chromium,
+        tmp_path,
+        real_run["html"].as_uri(),
+        "--window-size=1280,2400",
+        f"--screenshot={shot}",
+    )
     assert shot.is_file(), proc.stderr[-2000:]
     img = decode_png(shot.read_bytes()).convert("L")
     lo, hi = img.getextrema()

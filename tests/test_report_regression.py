@@ -32,43 +32,94 @@ HISTORY_KEY = f"{STAGE}-{MODEL}-history"
 
 
 def _kld(mean: float, **more) -> dict:
-    return {"mean": mean, "mean_err": 0.0002, "median": 0.0020, "p90": 0.0120, "p99": 0.0550,
-            "p999": 0.20, "max": 0.60, "same_top_pct": 95.6, "same_top_err": 0.3,
-            "rms_dp_pct": 2.0, **more}  # fmt: skip
+    return {
+        "mean": mean,
+        "mean_err": 0.0002,
+        "median": 0.0020,
+        "p90": 0.0120,
+        "p99": 0.0550,
+        "p999": 0.20,
+        "max": 0.60,
+        "same_top_pct": 95.6,
+        "same_top_err": 0.3,
+        "rms_dp_pct": 2.0,
+        **more,
+    }
 
 
 def _placebo(klds=(0.0029, 0.0033, 0.0037), dppl=(0.20, 0.31, 0.42)) -> dict:
     runs = [
-        {"seed": i + 1, "key": f"k{i}", "layers": "0", "manifest": "m", "changed": 320,
-         "n_elements": 640, "ppl": 17.06, "ppl_err": 0.52, "delta_ppl_pct": d,
-         "delta_ppl_pct_err": 0.2, "kld_mean": k, "same_top_pct": 97.0 + i * 0.4,
-         "kld": _kld(k, same_top_pct=97.0 + i * 0.4)}
+        {
+            "seed": i + 1,
+            "key": f"k{i}",
+            "layers": "0",
+            "manifest": "m",
+            "changed": 320,
+            "n_elements": 640,
+            "ppl": 17.06,
+            "ppl_err": 0.52,
+            "delta_ppl_pct": d,
+            "delta_ppl_pct_err": 0.2,
+            "kld_mean": k,
+            "same_top_pct": 97.0 + i * 0.4,
+            "kld": _kld(k, same_top_pct=97.0 + i * 0.4),
+        }
         for i, (k, d) in enumerate(zip(klds, dppl, strict=True))
-    ]  # fmt: skip
-    return {"seeds": [r["seed"] for r in runs], "runs": runs,
-            "kld_mean": {"min": min(klds), "max": max(klds), "mean": sum(klds) / len(klds)},
-            "delta_ppl_pct": {"min": min(dppl), "max": max(dppl), "mean": sum(dppl) / len(dppl)},
-            "same_top_pct": None, "kld_ratio": 0.0060 / max(klds),
-            "verdict": "1.6× the largest placebo",
-            "compared": {
-                "kld": {"standing": "above", "words": "1.6× the largest placebo"},
-                "delta_ppl": {"standing": "above", "words": "2.0× the largest placebo"},
-                "same_top": {"standing": "noise", "words": "within engine noise"}}}  # fmt: skip
+    ]
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "runs": runs,
+        "kld_mean": {"min": min(klds), "max": max(klds), "mean": sum(klds) / len(klds)},
+        "delta_ppl_pct": {"min": min(dppl), "max": max(dppl), "mean": sum(dppl) / len(dppl)},
+        "same_top_pct": None,
+        "kld_ratio": 0.0060 / max(klds),
+        "verdict": "1.6× the largest placebo",
+        "compared": {
+            "kld": {"standing": "above", "words": "1.6× the largest placebo"},
+            "delta_ppl": {"standing": "above", "words": "2.0× the largest placebo"},
+            "same_top": {"standing": "noise", "words": "within engine noise"},
+        },
+    }
 
 
 def stage_record(run_id: str, started: str, *, kld=0.0060, dppl=0.83, **more) -> dict:
-    numeric = {"manifest": "m.fq.json", "n_tensors": 1, "n_elements": 640, "changed": 14,
-               "max_abs": 0.0625, "mean_abs": 0.0004, "max_rel": 0.00383, "mean_rel": 7e-5,
-               "summary": "14 of 640", "per_tensor": []}  # fmt: skip
-    baseline = {"ppl": 17.03, "ppl_err": 0.51, "chunk_ppls": [17.0], "n_chunks": 8,
-                "tokens_per_s": 310.0, "load_time_ms": 90.0, "generations": []}  # fmt: skip
-    treatment = {"ppl": 17.03 * (1 + dppl / 100), "ppl_err": 0.52, "chunk_ppls": [17.0, 17.2],
-                 "delta_ppl": 17.03 * dppl / 100, "delta_ppl_pct": dppl,
-                 "delta_ppl_pct_err": 0.23, "kld": _kld(kld), "tokens_per_s": 300.0,
-                 "speed_ratio": 0.97, "gen_tokens_per_s": 20.0,
-                 "baseline_gen_tokens_per_s": 20.0, "load_time_ms": 100.0, "generations": [],
-                 "agreement": {"token_agreement": 0.5, "first_divergence": 16,
-                               "per_prompt": []}}  # fmt: skip
+    numeric = {
+        "manifest": "m.fq.json",
+        "n_tensors": 1,
+        "n_elements": 640,
+        "changed": 14,
+        "max_abs": 0.0625,
+        "mean_abs": 0.0004,
+        "max_rel": 0.00383,
+        "mean_rel": 7e-5,
+        "summary": "14 of 640",
+        "per_tensor": [],
+    }
+    baseline = {
+        "ppl": 17.03,
+        "ppl_err": 0.51,
+        "chunk_ppls": [17.0],
+        "n_chunks": 8,
+        "tokens_per_s": 310.0,
+        "load_time_ms": 90.0,
+        "generations": [],
+    }
+    treatment = {
+        "ppl": 17.03 * (1 + dppl / 100),
+        "ppl_err": 0.52,
+        "chunk_ppls": [17.0, 17.2],
+        "delta_ppl": 17.03 * dppl / 100,
+        "delta_ppl_pct": dppl,
+        "delta_ppl_pct_err": 0.23,
+        "kld": _kld(kld),
+        "tokens_per_s": 300.0,
+        "speed_ratio": 0.97,
+        "gen_tokens_per_s": 20.0,
+        "baseline_gen_tokens_per_s": 20.0,
+        "load_time_ms": 100.0,
+        "generations": [],
+        "agreement": {"token_agreement": 0.5, "first_divergence": 16, "per_prompt": []},
+    }
     fields = {
         "run_id": run_id,
         "started_at": started,
@@ -100,8 +151,13 @@ def store(root: Path, *, compared: bool = True, now_kld: float = 0.0078, past=RU
     for run_id, started, kld, dppl in past:
         results.save_result(stage_record(run_id, started, kld=kld, dppl=dppl), root)
     llama = {"version": "0.6.0", "build_info": "GNU 12", "bin_dir": "/llama/bin"}
-    machine = {"hostname": "other", "cpu": "cpu", "cores": 2, "python": "3.11.7",
-               "platform": "Linux"}  # fmt: skip
+    machine = {
+        "hostname": "other",
+        "cpu": "cpu",
+        "cores": 2,
+        "python": "3.11.7",
+        "platform": "Linux",
+    }
     now = stage_record(*NOW, kld=now_kld, dppl=0.90, llama=llama, machine=machine)
     results.save_result(now, root)
     if compared:
@@ -170,9 +226,10 @@ def render(run) -> str:
     return (
         str(html.decision_block(decisions(run), run))
         + str(html.reference_block(run))
-        + "".join(str(html.stage_section(r, all_charts[f"{r.stage}/{r.model}"]))
-                  for r in run.in_order())
-    )  # fmt: skip
+        + "".join(
+            str(html.stage_section(r, all_charts[f"{r.stage}/{r.model}"])) for r in run.in_order()
+        )
+    )
 
 
 def expected_text(m: regression.MetricComparison) -> str:

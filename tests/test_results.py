@@ -37,7 +37,7 @@ def test_save_and_load_round_trip_with_nonfinite_as_words(tmp_path):
             "tokens_per_s": None,
             "load_time_ms": None,
             "generations": [],
-        },  # fmt: skip
+        },
     )
     path = results.save_result(data, tmp_path)
     assert json.loads(path.read_text())["baseline"]["ppl"] == "nan"  # not null: measured
@@ -127,7 +127,7 @@ def test_nonfinite_numbers_read_as_words_not_blanks(tmp_path):
             "tokens_per_s": None,
             "load_time_ms": None,
             "generations": [],
-        },  # fmt: skip
+        },
     )
     results.save_result(data, tmp_path)
     (r,) = load_run(tmp_path / "R1").results

@@ -57,10 +57,13 @@ def test_paired_excess_needs_matching_chunks():
 
 def test_a_resolved_effect_is_stated_with_its_interval_and_floor():
     res = stats.resolution(
-        engine="exact", treatment_chunks=TWIN_BF16_ALL, treatment_mean=None,
-        placebo_chunks=[TWIN_PLACEBO], placebo_means=[np.mean(TWIN_PLACEBO)],
+        engine="exact",
+        treatment_chunks=TWIN_BF16_ALL,
+        treatment_mean=None,
+        placebo_chunks=[TWIN_PLACEBO],
+        placebo_means=[np.mean(TWIN_PLACEBO)],
         label="intrinsically",
-    )  # fmt: skip
+    )
     assert res.resolved is True
     assert res.floor == pytest.approx(np.mean(TWIN_PLACEBO))
     assert res.excess.low > 0
@@ -70,9 +73,12 @@ def test_a_resolved_effect_is_stated_with_its_interval_and_floor():
 
 def test_an_effect_at_the_floor_is_an_upper_bound_never_zero():
     res = stats.resolution(
-        engine="exact", treatment_chunks=list(reversed(TWIN_PLACEBO)), treatment_mean=None,
-        placebo_chunks=[TWIN_PLACEBO], placebo_means=[None],
-    )  # fmt: skip
+        engine="exact",
+        treatment_chunks=list(reversed(TWIN_PLACEBO)),
+        treatment_mean=None,
+        placebo_chunks=[TWIN_PLACEBO],
+        placebo_means=[None],
+    )
     assert res.resolved is False
     assert res.sentence.startswith("below the resolution of this measurement (< ")
     bound = float(res.sentence.split("< ")[1].rstrip(")"))
@@ -82,9 +88,13 @@ def test_an_effect_at_the_floor_is_an_upper_bound_never_zero():
 
 def test_deployed_effect_against_engine_noise():
     res = stats.resolution(
-        engine="llama-perplexity", treatment_chunks=Q4_BF16_L0, treatment_mean=None,
-        placebo_chunks=[Q4_PLACEBO], placebo_means=[None], label="as deployed",
-    )  # fmt: skip
+        engine="llama-perplexity",
+        treatment_chunks=Q4_BF16_L0,
+        treatment_mean=None,
+        placebo_chunks=[Q4_PLACEBO],
+        placebo_means=[None],
+        label="as deployed",
+    )
     assert res.resolved is True
     assert 1.4 < res.ratio < 1.8
     assert "1.6× its floor" in res.sentence
@@ -92,24 +102,38 @@ def test_deployed_effect_against_engine_noise():
 
 def test_without_per_chunk_values_the_means_decide():
     res = stats.resolution(
-        engine="x", treatment_chunks=[], treatment_mean=0.006, placebo_chunks=[[], []],
+        engine="x",
+        treatment_chunks=[],
+        treatment_mean=0.006,
+        placebo_chunks=[[], []],
         placebo_means=[0.003, 0.004],
-    )  # fmt: skip
+    )
     assert res.floor == 0.004 and res.resolved is True and res.excess is None
     assert res.effect.low is None
 
 
 def test_no_placebo_means_no_floor_said_so():
-    res = stats.resolution(engine="x", treatment_chunks=Q4_BF16_L0, treatment_mean=None,
-                           placebo_chunks=[], placebo_means=[])  # fmt: skip
+    res = stats.resolution(
+        engine="x",
+        treatment_chunks=Q4_BF16_L0,
+        treatment_mean=None,
+        placebo_chunks=[],
+        placebo_means=[],
+    )
     assert res.floor is None and res.resolved is None
     assert "floor not measured (no placebo)" in res.sentence
 
 
 def test_identical_file_is_a_proven_zero():
-    res = stats.resolution(engine="x", treatment_chunks=[], treatment_mean=0.0,
-                           placebo_chunks=[TWIN_PLACEBO], placebo_means=[1e-7],
-                           identical=True, label="as deployed")  # fmt: skip
+    res = stats.resolution(
+        engine="x",
+        treatment_chunks=[],
+        treatment_mean=0.0,
+        placebo_chunks=[TWIN_PLACEBO],
+        placebo_means=[1e-7],
+        identical=True,
+        label="as deployed",
+    )
     assert "identical to the baseline" in res.sentence and "SHA-256" in res.sentence
 
 
@@ -134,7 +158,12 @@ def test_sci(x, text):
 
 
 def test_placebos_that_measured_zero_give_a_floor_of_zero_and_no_ratio():
-    res = stats.resolution(engine="x", treatment_chunks=Q4_BF16_L0, treatment_mean=None,
-                           placebo_chunks=[[0.0] * 8], placebo_means=[0.0])  # fmt: skip
+    res = stats.resolution(
+        engine="x",
+        treatment_chunks=Q4_BF16_L0,
+        treatment_mean=None,
+        placebo_chunks=[[0.0] * 8],
+        placebo_means=[0.0],
+    )
     assert res.floor == 0.0 and res.ratio is None and res.resolved is True
     assert "above its floor of 0" in res.sentence

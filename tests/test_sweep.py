@@ -49,8 +49,14 @@ def factory(tmp_path_factory):
 
 
 def _plan(**kw) -> sweep.Plan:
-    base = dict(name="full", models=("factory",), kinds=("ffn_norm",),
-                formats=(("bf16", "truncate"),), layers="all", variants=("deployed",))  # fmt: skip
+    base = dict(
+        name="full",
+        models=("factory",),
+        kinds=("ffn_norm",),
+        formats=(("bf16", "truncate"),),
+        layers="all",
+        variants=("deployed",),
+    )
     return sweep.Plan(**{**base, **kw})
 
 
@@ -58,20 +64,28 @@ def test_cells_name_every_axis_and_never_say_layer(factory):
     cells = sweep.cells_for(_plan(), "factory", read_index(factory.path))
     ids = [c.id for c in cells]
     assert ids == [
-        "factory-ffn_norm-blk00-bf16-deployed", "factory-ffn_norm-blk01-bf16-deployed",
-        "factory-ffn_norm-blk02-bf16-deployed", "factory-ffn_norm-blk03-bf16-deployed",
+        "factory-ffn_norm-blk00-bf16-deployed",
+        "factory-ffn_norm-blk01-bf16-deployed",
+        "factory-ffn_norm-blk02-bf16-deployed",
+        "factory-ffn_norm-blk03-bf16-deployed",
         "factory-ffn_norm-blk04-bf16-deployed",
-        "factory-ffn_norm-first02-bf16-deployed", "factory-ffn_norm-first04-bf16-deployed",
+        "factory-ffn_norm-first02-bf16-deployed",
+        "factory-ffn_norm-first04-bf16-deployed",
         "factory-ffn_norm-first05-bf16-deployed",
-    ]  # fmt: skip
+    ]
     assert not any("layer" in i for i in ids), "`pytest -k layer0` is the stage gate"
     cum = [c for c in cells if c.series == "cumulative"]
     assert [(c.n_layers, c.layers) for c in cum] == [(2, "0-1"), (4, "0-3"), (5, "all")]
 
 
 def test_all_kinds_formats_and_variants(factory):
-    plan = _plan(kinds=("all",), formats=sweep.parse_formats("bf16 fp8_e4m3/nearest"),
-                 variants=sweep.parse_variants("both"), layers="1", cumulative=False)  # fmt: skip
+    plan = _plan(
+        kinds=("all",),
+        formats=sweep.parse_formats("bf16 fp8_e4m3/nearest"),
+        variants=sweep.parse_variants("both"),
+        layers="1",
+        cumulative=False,
+    )
     cells = sweep.cells_for(plan, "factory", read_index(factory.path))
     assert sweep.kinds_of(read_index(factory.path)) == ("attn_norm", "ffn_norm", "output_norm")
     # 2 variants x 2 formats x (attn_norm, ffn_norm at layer 1 + output_norm, which has no layer)
@@ -95,35 +109,80 @@ def test_plan_faults_are_one_line(factory):
 
 # --- statistics on synthetic cells -----------------------------------------------------------
 
-SETTINGS = {"ctx": 512, "batch": 512, "chunks": 8, "kld_chunks": 8, "engine": "llama-perplexity",
-            "placebo_seeds": [1, 2, 3], "twin_dtype": None}  # fmt: skip
-IDENT = Identity(model_sha256="a" * 64, measured_sha256="a" * 64, corpus_sha256="c" * 64,
-                 llama_version="0000 (stub)", settings=SETTINGS)  # fmt: skip
+SETTINGS = {
+    "ctx": 512,
+    "batch": 512,
+    "chunks": 8,
+    "kld_chunks": 8,
+    "engine": "llama-perplexity",
+    "placebo_seeds": [1, 2, 3],
+    "twin_dtype": None,
+}
+IDENT = Identity(
+    model_sha256="a" * 64,
+    measured_sha256="a" * 64,
+    corpus_sha256="c" * 64,
+    llama_version="0000 (stub)",
+    settings=SETTINGS,
+)
 
 
-def _record(layer: int | None, treat, placebos, *, kind="ffn_norm", series="layer", n=None,
-            ident=IDENT, run_id="R1", identical=False) -> sweep.CellRecord:  # fmt: skip
+def _record(
+    layer: int | None,
+    treat,
+    placebos,
+    *,
+    kind="ffn_norm",
+    series="layer",
+    n=None,
+    ident=IDENT,
+    run_id="R1",
+    identical=False,
+) -> sweep.CellRecord:
     treat = [float(x) for x in treat]
-    cell = sweep.Cell(model="m", kind=kind, fmt="bf16", rounding="truncate", variant="deployed",
-                      series=series, layers=str(layer) if layer is not None else "all",
-                      layer=layer if series == "layer" else None,
-                      n_layers=n or (1 if series == "layer" else None))  # fmt: skip
-    pl = tuple(sweep.CellPlacebo(seed=i + 1, key=f"k{i}", kld_mean=float(np.mean(c)),
-                                 chunk_klds=tuple(c)) for i, c in enumerate(placebos))  # fmt: skip
-    res, p = sweep.cell_statistics("llama-perplexity", "deployed", treat, float(np.mean(treat)),
-                                   pl, identical=identical)  # fmt: skip
+    cell = sweep.Cell(
+        model="m",
+        kind=kind,
+        fmt="bf16",
+        rounding="truncate",
+        variant="deployed",
+        series=series,
+        layers=str(layer) if layer is not None else "all",
+        layer=layer if series == "layer" else None,
+        n_layers=n or (1 if series == "layer" else None),
+    )
+    pl = tuple(
+        sweep.CellPlacebo(seed=i + 1, key=f"k{i}", kld_mean=float(np.mean(c)), chunk_klds=tuple(c))
+        for i, c in enumerate(placebos)
+    )
+    res, p = sweep.cell_statistics(
+        "llama-perplexity", "deployed", treat, float(np.mean(treat)), pl, identical=identical
+    )
     return sweep.CellRecord(
-        schema=sweep.CELL_SCHEMA, run_id=run_id, cell=sweep.CellInfo(**cell.to_json()),
-        identity=ident, status="measured",
-        numeric=sweep.CellNumeric(tensors=("t",), n_elements=640, changed=14, max_abs=0.1,
-                                  max_rel=0.004, mean_rel=1e-4),
-        treatment=sweep.CellTreatment(identical=identical, kld_mean=float(np.mean(treat)),
-                                      chunk_klds=tuple(treat), same_top_pct=95.0, ppl=17.1,
-                                      baseline_ppl=17.0, delta_ppl_pct=0.6,
-                                      delta_ppl_pct_err=0.2),
-        placebo=pl, resolution=res, p_value=p, key=f"key-{cell.id}",
+        schema=sweep.CELL_SCHEMA,
+        run_id=run_id,
+        cell=sweep.CellInfo(**cell.to_json()),
+        identity=ident,
+        status="measured",
+        numeric=sweep.CellNumeric(
+            tensors=("t",), n_elements=640, changed=14, max_abs=0.1, max_rel=0.004, mean_rel=1e-4
+        ),
+        treatment=sweep.CellTreatment(
+            identical=identical,
+            kld_mean=float(np.mean(treat)),
+            chunk_klds=tuple(treat),
+            same_top_pct=95.0,
+            ppl=17.1,
+            baseline_ppl=17.0,
+            delta_ppl_pct=0.6,
+            delta_ppl_pct_err=0.2,
+        ),
+        placebo=pl,
+        resolution=res,
+        p_value=p,
+        key=f"key-{cell.id}",
         started_at="2026-01-01T00:00:00Z",
-    )  # fmt: skip
+    )
 
 
 NOISE = [0.0030, 0.0034, 0.0029, 0.0033, 0.0031, 0.0032, 0.0030, 0.0035]
@@ -173,8 +232,10 @@ def test_analysis_ranks_with_ties_and_names_the_standout():
 
 def test_analysis_says_when_nothing_stands_out():
     rng = np.random.default_rng(1)
-    recs = [_record(n, list(np.asarray(NOISE) + rng.normal(0, 1e-4, 8)), _placebos(rng))
-            for n in range(4)]  # fmt: skip
+    recs = [
+        _record(n, list(np.asarray(NOISE) + rng.normal(0, 1e-4, 8)), _placebos(rng))
+        for n in range(4)
+    ]
     a = sweep.analyze([sweep.Loaded(Path("x"), r) for r in recs])
     assert a.sentence.startswith("No layer or tensor kind stands out: none of the 4 tested")
     assert not any(r.discovery for r in a.rows)
@@ -183,8 +244,10 @@ def test_analysis_says_when_nothing_stands_out():
 
 def test_cells_all_above_their_placebos_but_tied_do_not_stand_out():
     rng = np.random.default_rng(8)
-    recs = [_record(n, list(np.asarray(NOISE) + 0.002 + rng.normal(0, 3e-4, 8)), _placebos(rng))
-            for n in range(4)]  # fmt: skip
+    recs = [
+        _record(n, list(np.asarray(NOISE) + 0.002 + rng.normal(0, 3e-4, 8)), _placebos(rng))
+        for n in range(4)
+    ]
     a = sweep.analyze([sweep.Loaded(Path("x"), r) for r in recs])
     assert all(r.discovery for r in a.rows) and not a.groups[0].leaders
     assert a.sentence.startswith("No layer or tensor kind stands out: 4 of the 4 tested cells")
@@ -214,8 +277,11 @@ def _sweep_records(rng, **kw):
     for layer in range(4):
         treat = list(np.asarray(NOISE) + (0.003 if layer == 0 else 0) + rng.normal(0, 1e-4, 8))
         recs.append(_record(layer, treat, _placebos(rng), **kw))
-    recs.append(_record(None, list(np.asarray(NOISE) + 0.001), _placebos(rng),
-                         series="cumulative", n=2, **kw))  # fmt: skip
+    recs.append(
+        _record(
+            None, list(np.asarray(NOISE) + 0.001), _placebos(rng), series="cumulative", n=2, **kw
+        )
+    )
     return recs
 
 
@@ -325,11 +391,17 @@ class StubRunner:
 
     def _record(self, tool, *args):
         return CommandRecord(
-            argv=(str(self.tools.bin_dir / tool), *map(str, args)), cwd=str(self.tmp), env={},
-            started_at=results.utc_now(), duration_s=0.5, exit_status=0,
-            stdout_path=self.tmp / "stdout", stderr_path=self.tmp / "stderr", timed_out=False,
+            argv=(str(self.tools.bin_dir / tool), *map(str, args)),
+            cwd=str(self.tmp),
+            env={},
+            started_at=results.utc_now(),
+            duration_s=0.5,
+            exit_status=0,
+            stdout_path=self.tmp / "stdout",
+            stderr_path=self.tmp / "stderr",
+            timed_out=False,
             tool=tool,
-        )  # fmt: skip
+        )
 
     def load(self, model, *, check=True):
         return LoadResult(True, 12.5, 1_000, self._record("llama-completion", model.path))
@@ -343,8 +415,9 @@ class StubRunner:
     def count_tokens(self, model, text):
         return 1_234
 
-    def perplexity(self, model, text, *, ctx=512, batch=512, chunks=None, kl_base=None,
-                   kl_against=None):  # fmt: skip
+    def perplexity(
+        self, model, text, *, ctx=512, batch=512, chunks=None, kl_base=None, kl_against=None
+    ):
         self.perplexity_calls += 1
         if kl_base is not None:
             Path(kl_base).write_bytes(b"logits")
@@ -358,11 +431,24 @@ class StubRunner:
         chunk = tuple(mean * (1 + 0.02 * ((i % 3) - 1)) for i in range(n))
         kld = None
         if kl_against is not None:
-            kld = KLDStats(mean_kld=float(np.mean(chunk)), mean_kld_err=1e-4, median_kld=mean,
-                           p90_kld=mean, p99_kld=mean, p999_kld=mean, max_kld=mean,
-                           same_top_pct=96.0, same_top_err=0.5, rms_dp_pct=1.0, rms_dp_err=0.1,
-                           ppl_ratio=1.001, ppl_ratio_err=1e-3, mean_ppl_q=17.0, raw={},
-                           chunk_klds=chunk)  # fmt: skip
+            kld = KLDStats(
+                mean_kld=float(np.mean(chunk)),
+                mean_kld_err=1e-4,
+                median_kld=mean,
+                p90_kld=mean,
+                p99_kld=mean,
+                p999_kld=mean,
+                max_kld=mean,
+                same_top_pct=96.0,
+                same_top_err=0.5,
+                rms_dp_pct=1.0,
+                rms_dp_err=0.1,
+                ppl_ratio=1.001,
+                ppl_ratio_err=1e-3,
+                mean_ppl_q=17.0,
+                raw={},
+                chunk_klds=chunk,
+            )
         ppls = tuple(17.0 + 0.01 * i + 10 * mean for i in range(n))
         rec = self._record("llama-perplexity", "-m", model.path, "--chunks", n)
         return PerplexityResult(ppls[-1], 0.5, ppls, n, ctx, 2500.0, kld, rec)
@@ -378,8 +464,9 @@ def stub_world(tmp_path, monkeypatch):
     corpus_path.write_text("text\n" * 50, encoding="utf-8")
     ref = ModelRef("factory", model.path, sha256_file(model.path), None)
     corpus = Corpus(corpus_path, sha256_file(corpus_path), corpus_path.stat().st_size)
-    tools = LlamaTools(bin_dir=tmp_path / "bin", version="0000 (stub)", build_info="stub",
-                       source="flag")  # fmt: skip
+    tools = LlamaTools(
+        bin_dir=tmp_path / "bin", version="0000 (stub)", build_info="stub", source="flag"
+    )
     runner = StubRunner(tools, tmp_path, model.path)
     ctx = stages.Context("R-sweep", runner, tools, corpus, tmp_path / "results")
     exp = stages.Experiment()
@@ -417,11 +504,16 @@ def _damage_cell(tmp: Path, key: str, change) -> None:
     path.write_text(json.dumps(change(doc)))
 
 
-@pytest.mark.parametrize("change, reason", [
-    (lambda doc: {}, "entry schema None is not 1"),
-    (lambda doc: {**doc, "payload": {**doc["payload"], "kld_mean": 2.0e5}},
-     "does not match its checksum"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda doc: {}, "entry schema None is not 1"),
+        (
+            lambda doc: {**doc, "payload": {**doc["payload"], "kld_mean": 2.0e5}},
+            "does not match its checksum",
+        ),
+    ],
+)
 def test_a_damaged_cell_is_measured_again_never_served_nor_dropped(stub_world, change, reason):
     """A cell holding {} (a KeyError in every later run, dropped from the report) or an
     edited KLD (reported as measured): moved aside, measured again, in the report."""
@@ -486,8 +578,9 @@ def test_a_failing_cell_is_stored_with_its_reason(stub_world):
 
 
 def test_backend_names_gpu_builds_and_layers(tmp_path):
-    tools = LlamaTools(bin_dir=tmp_path / "bin", version="v", build_info="b", source="cache",
-                       build_id="id")  # fmt: skip
+    tools = LlamaTools(
+        bin_dir=tmp_path / "bin", version="v", build_info="b", source="cache", build_id="id"
+    )
     assert sweep.backend(tools, None) == "" and sweep.tools_for_backend(tools, None) is tools
     assert sweep.backend(tools, 0) == ""
     assert sweep.tools_for_backend(tools, 99).version == "v [-ngl 99]"
@@ -511,11 +604,18 @@ def test_runner_passes_gpu_layers_only_when_given(tmp_path):
 def _pytest(tmp: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, FQ_RESULTS_DIR=str(tmp / "results"), FQ_LOG_DIR=str(tmp / "logs"))
     env.pop("PYTEST_XDIST_WORKER", None)
-    argv = [sys.executable, "-m", "pytest", "experiments/test_sensitivity.py", "-p",
-            "no:cacheprovider", f"--html={tmp / 'reports' / 'report.html'}",
-            f"--benchmark-json={tmp / 'bench.json'}", *args]  # fmt: skip
-    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "experiments/test_sensitivity.py",
+        "-p",
+        "no:cacheprovider",
+        f"--html={tmp / 'reports' / 'report.html'}",
+        f"--benchmark-json={tmp / 'bench.json'}",
+        *args,
+    ]
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_collection_ids_selection_and_usage_errors(tmp_path):
@@ -551,8 +651,11 @@ def test_sharded_sweep_merges_to_the_unsharded_numbers(tmp_path):
     only read the cell cache)."""
     none = tmp_path / "no-durations.json"  # split by count: both shards agree on the order
     runs = {}
-    for name, extra in (("one", ()), ("g1", ("--splits", "2", "--group", "1")),
-                        ("g2", ("--splits", "2", "--group", "2"))):  # fmt: skip
+    for name, extra in (
+        ("one", ()),
+        ("g1", ("--splits", "2", "--group", "1")),
+        ("g2", ("--splits", "2", "--group", "2")),
+    ):
         d = tmp_path / name
         proc = _pytest(d, "-q", "--durations-path", str(none), *extra, timeout=3600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -566,8 +669,11 @@ def test_sharded_sweep_merges_to_the_unsharded_numbers(tmp_path):
     assert merged == one
     md = (tmp_path / "rep-merged" / sensitivity.MARKDOWN).read_text()
     table = [line for line in md.splitlines() if line.startswith("| ")]
-    assert table == [line for line in (tmp_path / "rep-one" / sensitivity.MARKDOWN)
-                     .read_text().splitlines() if line.startswith("| ")]  # fmt: skip
+    assert table == [
+        line
+        for line in (tmp_path / "rep-one" / sensitivity.MARKDOWN).read_text().splitlines()
+        if line.startswith("| ")
+    ]
 
 
 @pytest.mark.llama
@@ -610,14 +716,34 @@ def test_bench_cell_vs_bare_llama(benchmark, tmp_path, monkeypatch):
 
     treated = tmp_path / "bare.gguf"
     fake_quantize_file(gemma.path, treated, layers="5", tensors=("ffn_norm",), fsync=False)
-    argv = [tools.path("llama-perplexity"), "-m", treated, "-f", corpus.path, "-c", "512", "-b",
-            "512", "-t", str(threads), "--chunks", str(chunks), "--kl-divergence-base",
-            base.kld_base, "--kl-divergence"]  # fmt: skip
+    argv = [
+        tools.path("llama-perplexity"),
+        "-m",
+        treated,
+        "-f",
+        corpus.path,
+        "-c",
+        "512",
+        "-b",
+        "512",
+        "-t",
+        str(threads),
+        "--chunks",
+        str(chunks),
+        "--kl-divergence-base",
+        base.kld_base,
+        "--kl-divergence",
+    ]
 
     def bare() -> float:
         t0 = time.perf_counter()
-        subprocess.run([str(a) for a in argv], stdin=subprocess.DEVNULL, capture_output=True,
-                       check=True, timeout=1800)  # fmt: skip
+        subprocess.run(
+            [str(a) for a in argv],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=True,
+            timeout=1800,
+        )
         return time.perf_counter() - t0
 
     def cell_run():
@@ -638,16 +764,18 @@ def test_bench_cell_vs_bare_llama(benchmark, tmp_path, monkeypatch):
     assert sweep.run_cell(cell, gemma, ctx, exp, chunks=chunks).cached
     cached_s = time.perf_counter() - t0
     best_cell, best_rec = min(cells, key=lambda c: c[0])
-    benchmark.extra_info.update({
-        "bare_llama_perplexity_s": [round(b, 2) for b in bare_s],
-        "cell_s": [round(c, 2) for c, _ in cells],
-        "cell_quantize_s": [round(r.timing.quantize_s, 2) for _, r in cells],
-        "cell_llama_process_s": [round(r.timing.llama_s, 2) for _, r in cells],
-        "overhead_ratio": round(best_cell / min(bare_s), 3),  # issue target ≤ 1.10
-        # the same cell against its own llama.cpp process: immune to load between runs
-        "overhead_ratio_own_process": round(best_cell / best_rec.timing.llama_s, 3),
-        "cached_cell_s": round(cached_s, 3),
-        "chunks": chunks,
-        "threads": threads,
-    })  # fmt: skip
+    benchmark.extra_info.update(
+        {
+            "bare_llama_perplexity_s": [round(b, 2) for b in bare_s],
+            "cell_s": [round(c, 2) for c, _ in cells],
+            "cell_quantize_s": [round(r.timing.quantize_s, 2) for _, r in cells],
+            "cell_llama_process_s": [round(r.timing.llama_s, 2) for _, r in cells],
+            "overhead_ratio": round(best_cell / min(bare_s), 3),  # issue target ≤ 1.10
+            # the same cell against its own llama.cpp process: immune to load between runs
+            "overhead_ratio_own_process": round(best_cell / best_rec.timing.llama_s, 3),
+            "cached_cell_s": round(cached_s, 3),
+            "chunks": chunks,
+            "threads": threads,
+        }
+    )
     print(benchmark.extra_info)

@@ -99,11 +99,13 @@ def build_mixed(
     w.add_tensor("rope_freqs.weight", np.arange(16, dtype=np.float32))
     for i, qt in enumerate(QUANTIZABLE):
         values = rng.standard_normal((5 + i, 256)).astype(np.float32)
-        w.add_tensor(f"blk.1.{qt.name.lower()}.weight", gguf.quants.quantize(values, qt),
-                     raw_dtype=qt)  # fmt: skip
+        w.add_tensor(
+            f"blk.1.{qt.name.lower()}.weight", gguf.quants.quantize(values, qt), raw_dtype=qt
+        )
     for i, qt in enumerate(SCALE_OFFSETS):
-        w.add_tensor(f"blk.1.{qt.name.lower()}.weight", random_blocks(qt, 3 + i, 512, rng),
-                     raw_dtype=qt)  # fmt: skip
+        w.add_tensor(
+            f"blk.1.{qt.name.lower()}.weight", random_blocks(qt, 3 + i, 512, rng), raw_dtype=qt
+        )
     w.add_tensor("blk.1.ffn_norm.weight", rng.standard_normal(256).astype(np.float32))
     w.add_tensor("blk.1.scalar.weight", np.array([3.5], dtype=np.float32))
     w.write_header_to_file()
@@ -263,9 +265,12 @@ def test_manifest(mixed, tmp_path):
     assert doc["file_type"] == {"before": 15, "after": 0}
     by_name = {t["name"]: t for t in doc["tensors"]}
     assert by_name["blk.1.q6_k.weight"] == {
-        "name": "blk.1.q6_k.weight", "type_before": "Q6_K", "type_after": "F32",
-        "n_elements": 7 * 512, "shape": [512, 7],
-    }  # fmt: skip
+        "name": "blk.1.q6_k.weight",
+        "type_before": "Q6_K",
+        "type_after": "F32",
+        "n_elements": 7 * 512,
+        "shape": [512, 7],
+    }
     assert read_manifest(dst) == read_manifest(tmp_path / "t.gguf.twin.json")
     assert read_manifest(dst).output == m.output
     assert "dequantized 16 of 21 tensors" in m.summary() and "to F32" in m.summary()
@@ -531,8 +536,14 @@ def test_cached_twin_remade_when_damaged_or_stale(mixed, tmp_path, isolated_cach
 def test_twin_ref_inherits_chat_template(mixed, tmp_path, isolated_cache):
     from fq_core.hashing import sha256_file
 
-    spec = ModelSpec(name="toy", packages=(), filename="mixed.gguf", sha256=sha256_file(mixed),
-                     description="", chat_template="chatml")  # fmt: skip
+    spec = ModelSpec(
+        name="toy",
+        packages=(),
+        filename="mixed.gguf",
+        sha256=sha256_file(mixed),
+        description="",
+        chat_template="chatml",
+    )
     ref = twin_for(ModelRef("toy", mixed, spec.sha256, spec))
     assert ref.chat_template == "chatml" and ref.name == "toy-twin" and ref.spec is None
     plain = twin_for(ModelRef("toy", mixed, spec.sha256, None))
@@ -591,8 +602,12 @@ def test_peak_memory_is_flat(large, tmp_path):
     """A 512 MiB F32 tensor out of a 136 MiB Q8_0 one: the process grows by far less than
     either (blocks of CHUNK_BYTES, never the tensor)."""
     dst = tmp_path / "t.gguf"
-    p = subprocess.run([sys.executable, "-c", _PEAK, str(large), str(dst)],
-                       capture_output=True, text=True, check=True)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(large), str(dst)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     base_kb, peak_kb, size = map(int, p.stdout.split())
     grew_mib = (peak_kb - base_kb) / 1024
     tensor_in_mib = large.stat().st_size / 2**20
@@ -605,8 +620,12 @@ def test_sigint_leaves_no_output(large, tmp_path):
     for attempt in range(6):
         out_dir = tmp_path / f"try{attempt}"
         out_dir.mkdir()
-        p = subprocess.Popen([*FQ, "twin", str(large), str(out_dir / "t.gguf")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        p = subprocess.Popen(
+            [*FQ, "twin", str(large), str(out_dir / "t.gguf")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(1.2 + 0.3 * attempt)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=120)
@@ -637,8 +656,10 @@ def test_gemma3_twin(gemma3_gguf, tmp_path):
     """`fq twin gemma3-270m` (the cached twin), tensor by tensor against gguf-py."""
     p = subprocess.run(
         [str(Path(sys.executable).with_name("fq")), "twin", "gemma3-270m"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     path = Path(p.stdout.splitlines()[-1])
     assert path.parent.name.startswith("a5fd3b62230aa5ec-f32") and path.is_file()
     manifest = read_manifest(path)
@@ -686,7 +707,9 @@ def test_gemma3_twin_runs_in_llama_cpp(gemma3_gguf, tmp_path, record_property):
     f = runner.perplexity(twin_ref, corpus.path, chunks=2)
     record_property("ppl_quantized", q.ppl)
     record_property("ppl_twin", f.ppl)
-    print(f"PPL (2 chunks, ctx 512): quantized {q.ppl:.4f}, twin {f.ppl:.4f}, "
-          f"{100 * (f.ppl / q.ppl - 1):+.2f}%; twin load {load.load_time_ms} ms")  # fmt: skip
+    print(
+        f"PPL (2 chunks, ctx 512): quantized {q.ppl:.4f}, twin {f.ppl:.4f}, "
+        f"{100 * (f.ppl / q.ppl - 1):+.2f}%; twin load {load.load_time_ms} ms"
+    )
     assert abs(f.ppl / q.ppl - 1) < 0.20
     assert f.ppl != q.ppl  # not the same engine path: no activation rounding in the twin

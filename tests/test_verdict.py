@@ -44,8 +44,14 @@ def _store(root: Path, run_id: str, **fields) -> Path:
 
 
 def _fq(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fq_core.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "fq_core.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _passed(detail: str) -> dict:
@@ -59,14 +65,23 @@ def test_a_record_left_running_by_a_kill_gives_no_decision(tmp_path):
     """The attack: kill -9 during Test 1 leaves the record `running` with the two checks done
     before the baseline; `fq report` said GO ("all 2 asserted checks passed")."""
     root = tmp_path / "results"
-    _store(root, "KILLED", outcome="running", finished_at=None,
-           checks={"quantize": _passed("14 of 640 elements changed"),
-                   "numeric": _passed("max rel error 0.0038 < 0.01")})  # fmt: skip
+    _store(
+        root,
+        "KILLED",
+        outcome="running",
+        finished_at=None,
+        checks={
+            "quantize": _passed("14 of 640 elements changed"),
+            "numeric": _passed("max rel error 0.0038 < 0.01"),
+        },
+    )
     proc = _fq("report", str(root), str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith(MODEL))
-    assert line.strip().startswith(f"{MODEL}: NO DECISION (Test 1 did not finish: its record is "
-                                   "still 'running' since 2026-11-29T00:00:00Z")  # fmt: skip
+    assert line.strip().startswith(
+        f"{MODEL}: NO DECISION (Test 1 did not finish: its record is "
+        "still 'running' since 2026-11-29T00:00:00Z"
+    )
     assert "checks so far: quantize passed, numeric passed" in line
     md = (tmp_path / "out" / "test1_results.md").read_text(encoding="utf-8")
     assert f"**{MODEL}: NO DECISION**" in md
@@ -126,8 +141,11 @@ def _title(html: Path) -> str:
 
 def _verdict(html: Path, model: str) -> str:
     """The decision block's verdict for `model`, as the report states it."""
-    tag = re.search(rf'<div class="fq-decision" data-model="{re.escape(model)}" '
-                    r'data-verdict="([^"]+)">', html.read_text(encoding="utf-8"))  # fmt: skip
+    tag = re.search(
+        rf'<div class="fq-decision" data-model="{re.escape(model)}" '
+        r'data-verdict="([^"]+)">',
+        html.read_text(encoding="utf-8"),
+    )
     return tag.group(1)
 
 
@@ -135,8 +153,16 @@ def test_a_session_with_errors_states_no_go_in_the_html_report(inner, tmp_path):
     """The attack: the pytest-html title said GO although the session had errors."""
     _store(tmp_path / "store", "ERR")
     html = tmp_path / "r.html"
-    result = inner.runpytest("-p", "no:cacheprovider", "-p", "no:randomly", "--fq-run-id", "ERR",
-                             f"--html={html}", "--self-contained-html")  # fmt: skip
+    result = inner.runpytest(
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        "--fq-run-id",
+        "ERR",
+        f"--html={html}",
+        "--self-contained-html",
+    )
     result.assert_outcomes(passed=1, errors=3)
     title = _title(html)
     assert title == f"fq-suite go/no-go report: {MODEL} NO DECISION"
@@ -148,8 +174,18 @@ def test_a_session_with_errors_states_no_go_in_the_html_report(inner, tmp_path):
 def test_the_same_session_without_errors_says_go(inner, tmp_path):
     _store(tmp_path / "store", "OK")
     html = tmp_path / "r.html"
-    result = inner.runpytest("-p", "no:cacheprovider", "-p", "no:randomly", "--fq-run-id", "OK",
-                             "-k", "fine", f"--html={html}", "--self-contained-html")  # fmt: skip
+    result = inner.runpytest(
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        "--fq-run-id",
+        "OK",
+        "-k",
+        "fine",
+        f"--html={html}",
+        "--self-contained-html",
+    )
     result.assert_outcomes(passed=1)
     assert _title(html) == f"fq-suite go/no-go report: {MODEL} GO"
     assert _verdict(html, MODEL) == "GO"
@@ -172,16 +208,19 @@ def test_a_run_id_resumes_only_with_its_settings(inner, tmp_path, args, refused)
     """The attack: the same --fq-run-id with --fq-format int8 after a bf16 run: the header
     said int8, nothing ran, and the tests passed on the bf16 record."""
     _store(tmp_path / "store", "BF16")
-    result = inner.runpytest("-p", "no:cacheprovider", "-p", "no:randomly", "-k", "fine",
-                             "--fq-run-id", "BF16", *args)  # fmt: skip
+    result = inner.runpytest(
+        "-p", "no:cacheprovider", "-p", "no:randomly", "-k", "fine", "--fq-run-id", "BF16", *args
+    )
     if refused is None:
         result.assert_outcomes(passed=1)
         return
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     (line,) = [ln for ln in result.stderr.lines if ln.strip()]
-    assert line == (f"ERROR: run BF16 already holds layer0/{MODEL} made with other "
-                    f"settings ({refused}): resume it with the same settings, or use a new "
-                    "run id")  # fmt: skip
+    assert line == (
+        f"ERROR: run BF16 already holds layer0/{MODEL} made with other "
+        f"settings ({refused}): resume it with the same settings, or use a new "
+        "run id"
+    )
 
 
 def test_fq_run_id_from_the_environment_is_checked_too(inner, tmp_path, monkeypatch):
@@ -203,17 +242,24 @@ def test_a_reused_record_must_name_the_same_inputs(tmp_path):
     corpus = resolve_corpus(text, download=False)
     exp = stages.Experiment()
     changes = exp.differences(rec, model, corpus)
-    assert changes == [f"model SHA-256 {'ab' * 6}… → {model.sha256[:12]}…",
-                       f"corpus SHA-256 {'cd' * 6}… → {corpus.sha256[:12]}…"]  # fmt: skip
+    assert changes == [
+        f"model SHA-256 {'ab' * 6}… → {model.sha256[:12]}…",
+        f"corpus SHA-256 {'cd' * 6}… → {corpus.sha256[:12]}…",
+    ]
     assert exp.differences(rec) == []  # settings and limits alone: the same run
 
 
 def test_check_resume_reads_every_record_of_the_run(tmp_path):
     root = tmp_path / "results"
     _store(root, "MIX")
-    data = make_record(run_id="MIX", stage="layers0-2", stage_title="Test 2", stage_index=2,
-                       model={"name": MODEL, "path": "/m.gguf", "sha256": "ab" * 32},
-                       settings=stages.Experiment(fmt="fp8_e4m3").settings_json())  # fmt: skip
+    data = make_record(
+        run_id="MIX",
+        stage="layers0-2",
+        stage_title="Test 2",
+        stage_index=2,
+        model={"name": MODEL, "path": "/m.gguf", "sha256": "ab" * 32},
+        settings=stages.Experiment(fmt="fp8_e4m3").settings_json(),
+    )
     results.save_result(data, root)
     with pytest.raises(BadInput, match=r"layers0-2/smollm2-135m .*fp8_e4m3 → bf16"):
         stages.check_resume("MIX", stages.Experiment(fmt="bf16"), root)
@@ -234,21 +280,48 @@ def test_make_gate_never_reports_an_older_run(tmp_path):
     env.update(FQ_RESULTS_DIR=str(root), FQ_LOG_DIR=str(tmp_path / "logs"))
     bin_dir = Path(sys.executable).parent
     proc = subprocess.run(
-        ["make", "--no-print-directory", "-o", "setup", "gate", f"BIN={bin_dir}",
-         f"REPORTS={reports}", "PYTEST_ARGS=--fq-chunks 0 -p no:cacheprovider"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            "make",
+            "--no-print-directory",
+            "-o",
+            "setup",
+            "gate",
+            f"BIN={bin_dir}",
+            f"REPORTS={reports}",
+            "PYTEST_ARGS=--fq-chunks 0 -p no:cacheprovider",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "--fq-chunks / fq_chunks = '0': must be ≥ 1" in proc.stderr
-    assert re.search(r"make gate: run \S+ stored no results \(pytest exit 4\): "
-                     rf"{re.escape(str(reports))}/ not rewritten", proc.stderr)  # fmt: skip
+    assert re.search(
+        r"make gate: run \S+ stored no results \(pytest exit 4\): "
+        rf"{re.escape(str(reports))}/ not rewritten",
+        proc.stderr,
+    )
     assert not reports.exists()
 
 
 # --- real llama.cpp runs: a private cache beside the shared build and models -------------------
 
-SMALL = ("--fq-ctx", "128", "--fq-batch", "128", "--fq-chunks", "1", "--fq-placebo-seeds", "0",
-         "--fq-gen-tokens", "2", "--fq-twin", "deployed")  # fmt: skip
+SMALL = (
+    "--fq-ctx",
+    "128",
+    "--fq-batch",
+    "128",
+    "--fq-chunks",
+    "1",
+    "--fq-placebo-seeds",
+    "0",
+    "--fq-gen-tokens",
+    "2",
+    "--fq-twin",
+    "deployed",
+)
 
 
 @pytest.fixture
@@ -271,9 +344,25 @@ def private_cache(tmp_path, smollm2_gguf, monkeypatch) -> Path:
 
 
 def _stage_argv(run_id: str, *more: str) -> list[str]:
-    return [sys.executable, "-m", "pytest", "experiments/test_stages.py", "-k",
-            "layer0 and not twin", "--fq-model", MODEL, *SMALL, "--fq-run-id", run_id,
-            "-p", "no:cacheprovider", "-p", "no:randomly", "-q", *more]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "experiments/test_stages.py",
+        "-k",
+        "layer0 and not twin",
+        "--fq-model",
+        MODEL,
+        *SMALL,
+        "--fq-run-id",
+        run_id,
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        "-q",
+        *more,
+    ]
 
 
 def _stage_env(tmp_path: Path) -> dict[str, str]:
@@ -294,8 +383,14 @@ def test_kill_during_test1_then_report_resume_and_reuse(private_cache, tmp_path)
 
     env = _stage_env(tmp_path)
     stored = tmp_path / "results" / "KILL" / "layer0" / f"{MODEL}.json"
-    proc = subprocess.Popen(_stage_argv("KILL"), cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        _stage_argv("KILL"),
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -317,15 +412,24 @@ def test_kill_during_test1_then_report_resume_and_reuse(private_cache, tmp_path)
     assert "checks so far: quantize passed, numeric passed" in report.stdout
     assert f"**{MODEL}: NO DECISION**" in (out / "test1_results.md").read_text(encoding="utf-8")
 
-    other = subprocess.run(_stage_argv("KILL", "--fq-format", "int8"), cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    other = subprocess.run(
+        _stage_argv("KILL", "--fq-format", "int8"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert other.returncode == pytest.ExitCode.USAGE_ERROR, other.stdout[-2000:]
-    assert (f"ERROR: run KILL already holds layer0/{MODEL} made with other settings "
-            "(settings.format bf16 → int8)") in other.stderr  # fmt: skip
+    assert (
+        f"ERROR: run KILL already holds layer0/{MODEL} made with other settings "
+        "(settings.format bf16 → int8)"
+    ) in other.stderr
     assert record.read(stored).outcome == "running"  # the refused session touched nothing
 
-    resumed = subprocess.run(_stage_argv("KILL"), cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=600)  # fmt: skip
+    resumed = subprocess.run(
+        _stage_argv("KILL"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode in (0, 1), resumed.stdout[-3000:] + resumed.stderr[-3000:]
     done = record.read(stored)
     assert done.outcome in ("passed", "failed") and done.finished_at is not None
@@ -353,11 +457,19 @@ def test_speed_ratio_only_from_one_session(private_cache, tmp_path):
 
     def run(run_id: str, speed_min: float | None) -> record.StageRecord:
         exp = stages.Experiment(  # fp8: SmolLM2's norms are BF16-exact, so BF16 changes none
-            settings=settings, fmt="fp8_e4m3", placebo_seeds=(), variants=("deployed",),
+            settings=settings,
+            fmt="fp8_e4m3",
+            placebo_seeds=(),
+            variants=("deployed",),
             thresholds=Thresholds(speed_ratio_min=speed_min),
-        )  # fmt: skip
-        ctx = stages.Context(run_id, LlamaRunner(tools, threads=2, log_dir=tmp_path / "logs"),
-                             tools, corpus, tmp_path / "results")  # fmt: skip
+        )
+        ctx = stages.Context(
+            run_id,
+            LlamaRunner(tools, threads=2, log_dir=tmp_path / "logs"),
+            tools,
+            corpus,
+            tmp_path / "results",
+        )
         return protocol.run_stage(stages.GATE_STAGE, model, ctx, exp)
 
     def speed_runs(rec: record.StageRecord) -> list:
@@ -378,9 +490,11 @@ def test_speed_ratio_only_from_one_session(private_cache, tmp_path):
     assert second.baseline.cached
     c = second.checks["speed"]
     assert (c.status, c.gates, c.value) == ("skipped", False, None)
-    assert c.detail == ("speed not compared: the baseline and the treatment came from the "
-                        "cache, timed in another session; set fq_speed_ratio_min to time both "
-                        "now")  # fmt: skip
+    assert c.detail == (
+        "speed not compared: the baseline and the treatment came from the "
+        "cache, timed in another session; set fq_speed_ratio_min to time both "
+        "now"
+    )
     assert second.treatment.speed_ratio is None
     assert second.outcome == first.outcome  # the speed decides nothing here
 
@@ -393,5 +507,7 @@ def test_speed_ratio_only_from_one_session(private_cache, tmp_path):
     )
     timed = speed_runs(third)
     timed_files = [Path(t.argv[t.argv.index("-m") + 1]) for t in timed]
-    assert timed_files == [model.path, tmp_path / "results" / "TOGETHER" / "layer0" / "models" /
-                           f"{third.case}.gguf"]  # the model, then its treated file  # fmt: skip
+    assert timed_files == [
+        model.path,
+        tmp_path / "results" / "TOGETHER" / "layer0" / "models" / f"{third.case}.gguf",
+    ]  # the model, then its treated file

@@ -500,8 +500,11 @@ def _run(args: argparse.Namespace) -> dict:
                     nll[i] = token_nll(logits, targets[i])
                 if not np.all(np.isfinite(nll[i])):
                     bad = int(np.count_nonzero(~np.isfinite(nll[i])))
-                    print(f"fq-logits: warning: chunk {i + 1}: {bad} non-finite NLLs",
-                          file=sys.stderr, flush=True)  # fmt: skip
+                    print(
+                        f"fq-logits: warning: chunk {i + 1}: {bad} non-finite NLLs",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 secs.append(time.monotonic() - tc)
                 print(f"[{i + 1}/{n_chunk}] {secs[-1]:.2f} s", flush=True)
 
@@ -570,12 +573,19 @@ def _run(args: argparse.Namespace) -> dict:
     }
     arrays = {"nll": nll.astype(np.float64)}
     if base is not None:
-        st = TokenStats(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                          ("kld", "dp", "same_top", "nll", "nll_base")))  # fmt: skip
+        st = TokenStats(
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("kld", "dp", "same_top", "nll", "nll_base")
+            )
+        )
         doc["kld"] = kld_summary(st, n_chunk)
-        arrays.update(kld=st.kld.reshape(n_chunk, n_scored), dp=st.dp.reshape(n_chunk, n_scored),
-                      same_top=st.same_top.reshape(n_chunk, n_scored),
-                      nll_base=st.nll_base.reshape(n_chunk, n_scored))  # fmt: skip
+        arrays.update(
+            kld=st.kld.reshape(n_chunk, n_scored),
+            dp=st.dp.reshape(n_chunk, n_scored),
+            same_top=st.same_top.reshape(n_chunk, n_scored),
+            nll_base=st.nll_base.reshape(n_chunk, n_scored),
+        )
     if args.out is not None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

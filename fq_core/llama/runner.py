@@ -253,9 +253,13 @@ class LlamaRunner:
     def _run(self, tool: str, args: Sequence, *, timeout_s: float | None = None, watch=None):
         argv = [self.tools.path(tool), *args]
         return run_logged(
-            argv, tool=tool, timeout_s=timeout_s or self.timeout_s, log_dir=self.log_dir,
-            watch=watch, heartbeat_s=_PROGRESS_S,
-        )  # fmt: skip
+            argv,
+            tool=tool,
+            timeout_s=timeout_s or self.timeout_s,
+            log_dir=self.log_dir,
+            watch=watch,
+            heartbeat_s=_PROGRESS_S,
+        )
 
     @staticmethod
     def failure(rec: CommandRecord, why: str) -> LlamaFailed:
@@ -429,9 +433,14 @@ class LlamaRunner:
         }
         watch = _chunk_watch(parse.parse_logits_progress) if progress.listening() else None
         rec = run_logged(
-            argv, tool="fq-logits", timeout_s=self.timeout_s, log_dir=self.log_dir,
-            env_overrides=env, watch=watch, heartbeat_s=_PROGRESS_S,
-        )  # fmt: skip
+            argv,
+            tool="fq-logits",
+            timeout_s=self.timeout_s,
+            log_dir=self.log_dir,
+            env_overrides=env,
+            watch=watch,
+            heartbeat_s=_PROGRESS_S,
+        )
         if watch is not None and rec.ok:
             watch(rec.stdout(), rec.stderr(), final=True)
         try:
@@ -464,9 +473,16 @@ class LlamaRunner:
                 raise self.failure(rec, "wrote no KL divergence statistics")
             kld_stats = _exact_kld_stats(doc["kld"])
         return PerplexityResult(
-            ppl, ppl_err if ppl_err is not None else math.nan, chunk_ppls, doc["n_chunks"],
-            doc["n_ctx"], doc.get("tokens_per_s"), kld_stats, rec, out,
-        )  # fmt: skip
+            ppl,
+            ppl_err if ppl_err is not None else math.nan,
+            chunk_ppls,
+            doc["n_chunks"],
+            doc["n_ctx"],
+            doc.get("tokens_per_s"),
+            kld_stats,
+            rec,
+            out,
+        )
 
     def _perplexity_result(self, rec: CommandRecord, ctx: int, *, kld: bool) -> PerplexityResult:
         self._require_ok(rec)

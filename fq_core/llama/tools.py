@@ -83,10 +83,25 @@ CPU_LEVELS: dict[str, tuple[str, ...]] = {
 }
 # what ggml's CPU backend may use, as /proc/cpuinfo names them (the native build's identity)
 _GGML_CPU_FLAGS = (
-    "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512bw",
-    "avx512vl", "avx512dq", "avx512_vbmi", "avx512_vnni", "avx512_bf16",
-    "asimd", "sve", "i8mm", "dotprod",
-)  # fmt: skip
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "bmi2",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512_vbmi",
+    "avx512_vnni",
+    "avx512_bf16",
+    "asimd",
+    "sve",
+    "i8mm",
+    "dotprod",
+)
 # A native build never uses AMX. Seen here (Intel Xeon in a Firecracker VM, 2026-12-05): cpuid
 # and the kernel advertise amx_tile/amx_int8 and grant the tile permission, yet the first
 # `tilezero` in libggml-cpu traps (SIGILL, exit 132) as soon as a model is loaded. AMX only
@@ -276,10 +291,16 @@ def _tools_at(bin_dir: Path, source: str) -> LlamaTools:
     if isa is None and built:  # a build made before the field existed: native, on this CPU
         isa = instruction_set("native")
     return LlamaTools(
-        bin_dir=bin_dir, version=version, build_info=build_info, source=source,
-        lib_dir=lib_dir, python_dir=python_dir, instruction_set=isa,
-        build_id=build_id_of(files), manifest=differences is not None,
-    )  # fmt: skip
+        bin_dir=bin_dir,
+        version=version,
+        build_info=build_info,
+        source=source,
+        lib_dir=lib_dir,
+        python_dir=python_dir,
+        instruction_set=isa,
+        build_id=build_id_of(files),
+        manifest=differences is not None,
+    )
 
 
 def locate(bin_dir: str | os.PathLike[str] | None = None) -> tuple[Path | None, str]:

@@ -183,8 +183,9 @@ def _comparison(run_dir: Path, rec: StageRecord) -> Comparison | None:
         return None
     cmp = regression.read(path)
     if (cmp.stage, cmp.case) != (rec.stage, rec.case):
-        raise BadInput(f"{path}: a comparison of {cmp.stage}/{cmp.case}, stored for "
-                       f"{rec.stage}/{rec.case}")  # fmt: skip
+        raise BadInput(
+            f"{path}: a comparison of {cmp.stage}/{cmp.case}, stored for {rec.stage}/{rec.case}"
+        )
     return cmp
 
 

@@ -158,18 +158,20 @@ def _placebo_band(ax, xs: Sequence[float], lows: Sequence[float], highs: Sequenc
 # (key, label, treatment value, placebo range, per-seed value) of the cross-stage charts
 _EFFECTS: tuple[tuple[str, str, Callable, Callable, Callable], ...] = (
     (
-        "delta-ppl", "ΔPPL %",
+        "delta-ppl",
+        "ΔPPL %",
         lambda t: t.delta_ppl_pct,
         lambda p: p.delta_ppl_pct,
         lambda run: run.delta_ppl_pct,
     ),
     (
-        "kld", "mean KLD",
+        "kld",
+        "mean KLD",
         lambda t: t.kld.mean if t.kld is not None else None,
         lambda p: p.kld_mean,
         lambda run: run.kld_mean,
     ),
-)  # fmt: skip
+)
 
 
 def effect_vs_layers(results: Iterable[StageResult], model: str) -> tuple[Chart, Chart]:
@@ -192,8 +194,15 @@ def effect_vs_layers(results: Iterable[StageResult], model: str) -> tuple[Chart,
         seeds = [(n, as_float(v)) for n, v in seeds if v is not None]
         seeds = [(n, v) for n, v in seeds if isfinite(v)]
         if seeds:
-            ax.scatter([n for n, _ in seeds], [v for _, v in seeds], marker="_", s=200,
-                       color=PLACEBO, label="placebo seeds", zorder=2)  # fmt: skip
+            ax.scatter(
+                [n for n, _ in seeds],
+                [v for _, v in seeds],
+                marker="_",
+                s=200,
+                color=PLACEBO,
+                label="placebo seeds",
+                zorder=2,
+            )
         if band:
             _placebo_band(
                 ax, [n for n, _ in band], [b.min for _, b in band], [b.max for _, b in band]
@@ -244,8 +253,10 @@ class HistoryPoint:
 def history_points(root: Path, stage: str, case: str) -> tuple[HistoryPoint, ...]:
     """Every run under the results root with a measured record of this stage × case, oldest
     first (fq_core.history.runs_with: unreadable and unmeasured records are passed over)."""
-    found = [HistoryPoint(src.run_id or src.path.name, rec.started_at, rec)
-             for src, rec in history.runs_with(stage, case, root)]  # fmt: skip
+    found = [
+        HistoryPoint(src.run_id or src.path.name, rec.started_at, rec)
+        for src, rec in history.runs_with(stage, case, root)
+    ]
     return tuple(reversed(found))
 
 
@@ -266,7 +277,7 @@ _HISTORY: tuple[tuple[str, Callable, Callable, Callable], ...] = (
         lambda p: p.kld_mean,
     ),
     ("ΔPPL %", lambda t: t.delta_ppl_pct, lambda t: t.delta_ppl_pct_err, lambda p: p.delta_ppl_pct),
-)  # fmt: skip
+)
 
 
 def _finite(x) -> float | None:
@@ -300,28 +311,49 @@ def history_chart(
             band = band_of(pl) if pl is not None else None
             lo, hi = (_finite(band.min), _finite(band.max)) if band is not None else (None, None)
             if lo is not None and hi is not None:
-                ax.bar(x, hi - lo, bottom=lo, width=0.6, color=PLACEBO, alpha=0.3,
-                       label=None if banded else "placebo range (min–max over seeds)")  # fmt: skip
+                ax.bar(
+                    x,
+                    hi - lo,
+                    bottom=lo,
+                    width=0.6,
+                    color=PLACEBO,
+                    alpha=0.3,
+                    label=None if banded else "placebo range (min–max over seeds)",
+                )
                 banded = True
             v = _finite(pick(t)) if t is not None else None
             if v is not None:
                 vals.append((x, v, _finite(err_of(t))))
         if vals:
             errs = [e if e is not None else 0.0 for _, _, e in vals]
-            ax.errorbar([x for x, _, _ in vals], [v for _, v, _ in vals], yerr=errs,
-                        marker="o", color=TREATMENT, capsize=3, label="treatment (± s.e.)",
-                        zorder=3)  # fmt: skip
+            ax.errorbar(
+                [x for x, _, _ in vals],
+                [v for _, v, _ in vals],
+                yerr=errs,
+                marker="o",
+                color=TREATMENT,
+                capsize=3,
+                label="treatment (± s.e.)",
+                zorder=3,
+            )
         for x, p in zip(xs, pts, strict=True):
             if p.run_id == reference_run:
-                ax.axvline(x, color=BASELINE, linestyle=":", linewidth=1,
-                           label="reference run")  # fmt: skip
+                ax.axvline(x, color=BASELINE, linestyle=":", linewidth=1, label="reference run")
         if pts[-1].run_id == r.record.run_id:
             ax.axvspan(xs[-1] - 0.4, xs[-1] + 0.4, color=TREATMENT, alpha=0.06)
         if label.startswith("Δ"):
             ax.axhline(0, color="black", linewidth=0.6)
         if not vals:
-            ax.text(0.5, 0.5, f"no run measured {label}", transform=ax.transAxes,
-                    ha="center", va="center", fontsize=8, color=PLACEBO)  # fmt: skip
+            ax.text(
+                0.5,
+                0.5,
+                f"no run measured {label}",
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                fontsize=8,
+                color=PLACEBO,
+            )
         lo, hi = ax.get_ylim()
         ax.set_ylim(min(lo, 0.0), max(hi, 0.0))  # zero in view, as in the by-stage charts
         ax.set_ylabel(label)
@@ -336,9 +368,13 @@ def history_chart(
     ticks = sorted(set(xs[::step]) | {xs[-1]})
     if len(ticks) > 1 and ticks[-1] - ticks[-2] < step:
         ticks.pop(-2)
-    axes[-1].set_xticks(ticks, [_tick(pts[x]) for x in ticks],
-                        rotation=30 if len(ticks) > 3 else 0,
-                        ha="right" if len(ticks) > 3 else "center", fontsize=7)  # fmt: skip
+    axes[-1].set_xticks(
+        ticks,
+        [_tick(pts[x]) for x in ticks],
+        rotation=30 if len(ticks) > 3 else 0,
+        ha="right" if len(ticks) > 3 else "center",
+        fontsize=7,
+    )
     axes[-1].set_xlabel("run (oldest first; shaded: this run)")
     axes[0].set_title(f"{_label(r)}: {len(pts)} runs", fontsize=9)
     return Chart(key, f"{title} ({len(pts)} runs)", _png(fig))

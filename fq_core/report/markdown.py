@@ -56,8 +56,13 @@ def render_reports(run: RunResults) -> dict[str, bytes]:
     links = {c.key: f"{CHARTS}/{c.key}.png" for cs in all_charts.values() for c in cs if c.png}
     views = rows_mod.decision_views(run, decisions(run))
     answers = rows_mod.answer_rows(run)
-    common = {"run": run, "gate": GATE_STAGE, "decisions": views, "links": links,
-              "reference": rows_mod.reference_block(run)}  # fmt: skip
+    common = {
+        "run": run,
+        "gate": GATE_STAGE,
+        "decisions": views,
+        "links": links,
+        "reference": rows_mod.reference_block(run),
+    }
 
     blocks = []
     for model in run.models:
@@ -71,8 +76,9 @@ def render_reports(run: RunResults) -> dict[str, bytes]:
 
     models = []
     for model in run.models:
-        stages = [(rows_mod.stage_view(r), all_charts[f"{r.stage}/{model}"])
-                  for r in run.for_model(model)]  # fmt: skip
+        stages = [
+            (rows_mod.stage_view(r), all_charts[f"{r.stage}/{model}"]) for r in run.for_model(model)
+        ]
         models.append((model, all_charts[model], stages))
     files[EXPERIMENT] = render(
         "experiment_results.md.j2",

@@ -220,10 +220,14 @@ def reference_cell(m: MetricComparison, prefix: str = "") -> RefCell:
         parts.append("REGRESSED" if m.verdict == "regressed" else m.verdict)
         body = " ".join(p for p in parts if p and p != MISSING) or m.verdict
     return RefCell(
-        metric=m.metric, text=prefix + body, verdict=m.verdict, detail=m.detail,
-        change=_value(m.change), change_pct=_value(m.change_pct),
+        metric=m.metric,
+        text=prefix + body,
+        verdict=m.verdict,
+        detail=m.detail,
+        change=_value(m.change),
+        change_pct=_value(m.change_pct),
         uncertainty=_value(m.uncertainty),
-    )  # fmt: skip
+    )
 
 
 def _with_reference(rows: Sequence[Row], cmp: Comparison | None) -> tuple[Row, ...]:
@@ -243,8 +247,14 @@ def _with_reference(rows: Sequence[Row], cmp: Comparison | None) -> tuple[Row, .
         out.append(dataclasses.replace(row, reference=tuple(cells)))
     for m in cmp.metrics:
         if m.metric not in used:
-            out.append(Row(m.label, treatment=Cell(m.shown.now), compares=(m.metric,),
-                           reference=(reference_cell(m),)))  # fmt: skip
+            out.append(
+                Row(
+                    m.label,
+                    treatment=Cell(m.shown.now),
+                    compares=(m.metric,),
+                    reference=(reference_cell(m),),
+                )
+            )
     return tuple(out)
 
 
@@ -344,8 +354,13 @@ def metric_rows(rec: StageRecord, comparison: Comparison | None = None) -> tuple
         ("p99", kld and kld.p99),
         ("max", kld and kld.max),
     ):
-        rows.append(Row(f"KLD {name}", treatment=number(f"{k}/treatment/kld/{name}", value, ".3g"),
-                        compares=(f"kld_{name}",)))  # fmt: skip
+        rows.append(
+            Row(
+                f"KLD {name}",
+                treatment=number(f"{k}/treatment/kld/{name}", value, ".3g"),
+                compares=(f"kld_{name}",),
+            )
+        )
     rows.append(
         Row(
             "same top token",
@@ -422,9 +437,11 @@ def setting_rows(rec: StageRecord) -> tuple[Pair, ...]:
         if name != "prompts" and not (name == "twin_dtype" and value is None)  # deployed
     ]
     out.append(
-        Pair("setting prompts", "; ".join(f"{p.text!r}{' (chat)' if p.chat else ''}"
-                                          for p in s.prompts) or "(none)")
-    )  # fmt: skip
+        Pair(
+            "setting prompts",
+            "; ".join(f"{p.text!r}{' (chat)' if p.chat else ''}" for p in s.prompts) or "(none)",
+        )
+    )
     return tuple(out)
 
 
@@ -489,8 +506,7 @@ def source_rows(rec: StageRecord) -> tuple[SourceRow, ...]:
     out = []
     for u in rec.cache:
         when = plain(u.measured_at)
-        words = (f"from the cache, measured {when}" if u.hit
-                 else f"measured in this run, {when}")  # fmt: skip
+        words = f"from the cache, measured {when}" if u.hit else f"measured in this run, {when}"
         words += f" ({u.kind}/{u.key[:12]})"
         if u.rejected:
             words += f"; an earlier cache entry was rejected: {u.rejected}"
@@ -607,13 +623,19 @@ def _identity_row(d: IdentityDifference) -> IdentityRow:
 
 def reference_view(cmp: Comparison) -> ReferenceView:
     return ReferenceView(
-        stage=cmp.stage, title=cmp.stage_title, case=cmp.case, status=cmp.status,
-        summary=cmp.summary, note=cmp.note, run_id=cmp.run_id,
-        reference_run_id=cmp.reference_run_id, reference_source=cmp.reference_source,
+        stage=cmp.stage,
+        title=cmp.stage_title,
+        case=cmp.case,
+        status=cmp.status,
+        summary=cmp.summary,
+        note=cmp.note,
+        run_id=cmp.run_id,
+        reference_run_id=cmp.reference_run_id,
+        reference_source=cmp.reference_source,
         identity=tuple(_identity_row(d) for d in cmp.identity),
         regressed=tuple(m.metric for m in cmp.regressions),
         improved=tuple(m.metric for m in cmp.improvements),
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -802,10 +824,15 @@ def _answer(rec: StageRecord) -> Answer:
     else:
         sentence = res.sentence
     return Answer(
-        variant=rec.variant, case=rec.case, outcome=rec.outcome, kld=kld_text, placebo=placebo,
+        variant=rec.variant,
+        case=rec.case,
+        outcome=rec.outcome,
+        kld=kld_text,
+        placebo=placebo,
         floor=sci(as_float(res.floor)) if res is not None and res.floor is not None else MISSING,
-        sentence=sentence, resolved=res.resolved if res is not None else None,
-    )  # fmt: skip
+        sentence=sentence,
+        resolved=res.resolved if res is not None else None,
+    )
 
 
 def answer_rows(run: RunResults) -> tuple[AnswerRow, ...]:
@@ -819,7 +846,13 @@ def answer_rows(run: RunResults) -> tuple[AnswerRow, ...]:
     out = []
     for (stage, model), by_variant in grouped.items():
         d, i = by_variant.get("deployed"), by_variant.get("intrinsic")
-        out.append(AnswerRow(stage=stage, title=titles[stage], model=model,
-                             deployed=_answer(d) if d is not None else None,
-                             intrinsic=_answer(i) if i is not None else None))  # fmt: skip
+        out.append(
+            AnswerRow(
+                stage=stage,
+                title=titles[stage],
+                model=model,
+                deployed=_answer(d) if d is not None else None,
+                intrinsic=_answer(i) if i is not None else None,
+            )
+        )
     return tuple(out)

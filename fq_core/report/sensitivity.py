@@ -88,8 +88,11 @@ def row_view(r: Row) -> RowView:
     rec = r.record
     res, t, num = rec.resolution, rec.treatment, rec.numeric
     pl = [as_float(p.kld_mean) for p in rec.placebo if p.kld_mean is not None]
-    placebo = (sci(min(pl)) if len(pl) == 1 or min(pl) == max(pl)
-               else f"{sci(min(pl))} … {sci(max(pl))}") if pl else "—"  # fmt: skip
+    placebo = (
+        (sci(min(pl)) if len(pl) == 1 or min(pl) == max(pl) else f"{sci(min(pl))} … {sci(max(pl))}")
+        if pl
+        else "—"
+    )
     ratio = as_float(res.ratio) if res is not None else math.nan
     return RowView(
         id=rec.cell.id,
@@ -178,8 +181,9 @@ def heatmap(key: str, title: str, rows: Sequence[Row]) -> Chart:
         ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
         ax.set_xticks(range(len(cols)), cols, fontsize=7)
         for i, j, m in marks:
-            ax.text(j, i, m, ha="center", va="center", color="black", fontsize=11,
-                    fontweight="bold")  # fmt: skip
+            ax.text(
+                j, i, m, ha="center", va="center", color="black", fontsize=11, fontweight="bold"
+            )
     axes[1].set_xlabel("layer (* above its placebo after BH; = byte-identical file)", fontsize=7)
     axes[0].set_title(title, fontsize=9)
     return Chart(key, title, _png(fig))
@@ -195,8 +199,9 @@ def _band(ax, xs, rows: Sequence[Row]) -> None:
     if any(math.isfinite(v) for v in lows):
         if len(xs) == 1:
             xs, lows, highs = [xs[0] - 0.4, xs[0] + 0.4], lows * 2, highs * 2
-        ax.fill_between(xs, lows, highs, color=PLACEBO, alpha=0.3,
-                        label="placebo range (min–max over seeds)")  # fmt: skip
+        ax.fill_between(
+            xs, lows, highs, color=PLACEBO, alpha=0.3, label="placebo range (min–max over seeds)"
+        )
 
 
 def _errorbars(ax, xs, rows: Sequence[Row], label: str) -> None:
@@ -210,12 +215,18 @@ def _errorbars(ax, xs, rows: Sequence[Row], label: str) -> None:
         ys.append(v)
         lo.append(max(0.0, v - low))
         hi.append(max(0.0, high - v))
-    ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", color=TREATMENT, capsize=3, label=label,
-                zorder=3)  # fmt: skip
+    ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", color=TREATMENT, capsize=3, label=label, zorder=3)
     found = [(x, y) for x, y, r in zip(xs, ys, rows, strict=True) if r.discovery]
     if found:
-        ax.scatter([x for x, _ in found], [y for _, y in found], marker="*", s=120,
-                   color="black", zorder=4, label="above placebo (BH)")  # fmt: skip
+        ax.scatter(
+            [x for x, _ in found],
+            [y for _, y in found],
+            marker="*",
+            s=120,
+            color="black",
+            zorder=4,
+            label="above placebo (BH)",
+        )
 
 
 def _scale(ax, rows: Sequence[Row]) -> None:
@@ -240,8 +251,16 @@ def _excess_panel(ax, xs, rows: Sequence[Row]) -> None:
         lo.append(max(0.0, v - low) if math.isfinite(v) else 0.0)
         hi.append(max(0.0, high - v) if math.isfinite(v) else 0.0)
     ax.axhline(0.0, color="black", linewidth=0.6)
-    ax.errorbar(xs, ys, yerr=[lo, hi], fmt="s", color=TREATMENT, capsize=3, markersize=4,
-                label="excess over placebo, paired (95% interval)")  # fmt: skip
+    ax.errorbar(
+        xs,
+        ys,
+        yerr=[lo, hi],
+        fmt="s",
+        color=TREATMENT,
+        capsize=3,
+        markersize=4,
+        label="excess over placebo, paired (95% interval)",
+    )
     ax.set_ylabel("excess KLD", fontsize=8)
     ax.legend(fontsize=7)
 
@@ -294,21 +313,32 @@ def group_views(analysis: Analysis) -> tuple[GroupView, ...]:
     for g in analysis.groups:
         rows = [r for r in analysis.rows if r.group == (g.model, g.variant, g.fmt)]
         name = f"{g.model}, {g.variant}, {g.fmt}"
-        charts = [heatmap(_slug("sensitivity", g.model, g.variant, g.fmt, "heatmap"),
-                          f"{name}: layers × kinds", rows)]  # fmt: skip
+        charts = [
+            heatmap(
+                _slug("sensitivity", g.model, g.variant, g.fmt, "heatmap"),
+                f"{name}: layers × kinds",
+                rows,
+            )
+        ]
         for kind in dict.fromkeys(r.cell.kind for r in rows):
             kr = [r for r in rows if r.cell.kind == kind]
             slug = _slug("sensitivity", g.model, g.variant, g.fmt, kind)
-            charts.append(layer_curve(f"{slug}-layers", f"{name}: {kind}, each layer alone",
-                                      kr, g.fmt))  # fmt: skip
-            charts.append(cumulative_curve(f"{slug}-cumulative", f"{name}: {kind}, more layers",
-                                           kr, g.fmt))  # fmt: skip
-        views.append(GroupView(
-            key=_slug(g.model, g.variant, g.fmt), title=name, sentence=g.sentence,
-            ranked=tuple(row_view(r) for r in rows if r.cell.series != "cumulative"),
-            cumulative=tuple(row_view(r) for r in rows if r.cell.series == "cumulative"),
-            charts=tuple(charts),
-        ))  # fmt: skip
+            charts.append(
+                layer_curve(f"{slug}-layers", f"{name}: {kind}, each layer alone", kr, g.fmt)
+            )
+            charts.append(
+                cumulative_curve(f"{slug}-cumulative", f"{name}: {kind}, more layers", kr, g.fmt)
+            )
+        views.append(
+            GroupView(
+                key=_slug(g.model, g.variant, g.fmt),
+                title=name,
+                sentence=g.sentence,
+                ranked=tuple(row_view(r) for r in rows if r.cell.series != "cumulative"),
+                cumulative=tuple(row_view(r) for r in rows if r.cell.series == "cumulative"),
+                charts=tuple(charts),
+            )
+        )
     return tuple(views)
 
 
@@ -320,26 +350,40 @@ def _context(analysis: Analysis, groups: Sequence[GroupView]) -> dict:
     for (model, variant), ident in sorted(analysis.identities.items()):
         s = ident.settings
         seeds = ", ".join(map(str, s.get("placebo_seeds", ()))) or "none"
-        identities.append({
-            "model": model, "variant": variant, "model_sha256": ident.model_sha256,
-            "measured_sha256": ident.measured_sha256, "corpus_sha256": ident.corpus_sha256,
-            "llama_version": ident.llama_version
-            + (f" (build {ident.llama_build[:12]})" if ident.llama_build else ""),
-            "settings": f"ctx {s['ctx']}, batch {s['batch']}, {s['chunks']} chunks "
-                        f"(KLD {s['kld_chunks']}), engine {s['engine']}, placebo seeds {seeds}"
-                        + (f", twin {s['twin_dtype']}" if s.get("twin_dtype") else ""),
-        })  # fmt: skip
+        identities.append(
+            {
+                "model": model,
+                "variant": variant,
+                "model_sha256": ident.model_sha256,
+                "measured_sha256": ident.measured_sha256,
+                "corpus_sha256": ident.corpus_sha256,
+                "llama_version": ident.llama_version
+                + (f" (build {ident.llama_build[:12]})" if ident.llama_build else ""),
+                "settings": f"ctx {s['ctx']}, batch {s['batch']}, {s['chunks']} chunks "
+                f"(KLD {s['kld_chunks']}), engine {s['engine']}, placebo seeds {seeds}"
+                + (f", twin {s['twin_dtype']}" if s.get("twin_dtype") else ""),
+            }
+        )
     cost = [
-        {"variant": v, "cells": c["cells"], "cell_s": f"{c['cell_s']:.1f} s",
-         "llama_s": f"{c['llama_s']:.1f} s", "overhead": f"{c['overhead']:.3f}×"}
+        {
+            "variant": v,
+            "cells": c["cells"],
+            "cell_s": f"{c['cell_s']:.1f} s",
+            "llama_s": f"{c['llama_s']:.1f} s",
+            "overhead": f"{c['overhead']:.3f}×",
+        }
         for v, c in summarize_timing(analysis.rows).items()
-    ]  # fmt: skip
+    ]
     n = len(analysis.rows)
     cached = sum(1 for r in analysis.rows if r.record.cached)
-    when = sorted(r.record.measured_at for r in analysis.rows
-                  if r.record.cached and r.record.measured_at)  # fmt: skip
-    cached_when = "" if not when else f", measured {when[0]}" + (
-        f" … {when[-1]}" if when[-1] != when[0] else "")  # fmt: skip
+    when = sorted(
+        r.record.measured_at for r in analysis.rows if r.record.cached and r.record.measured_at
+    )
+    cached_when = (
+        ""
+        if not when
+        else f", measured {when[0]}" + (f" … {when[-1]}" if when[-1] != when[0] else "")
+    )
     remade = [r for r in analysis.rows if r.record.rejected]
     return {
         "cached_when": cached_when,
@@ -363,8 +407,10 @@ def render_files(analysis: Analysis) -> dict[str, bytes]:
     files = {f"{CHARTS}/{c.key}.png": c.png for g in groups for c in g.charts if c.png}
     files[HTML] = render("sensitivity.html.j2", **ctx).encode("utf-8")
     files[MARKDOWN] = render("sensitivity.md.j2", links=links, **ctx).encode("utf-8")
-    files[NUMBERS] = (json.dumps(analysis.to_json(), indent=1, ensure_ascii=False,
-                                 allow_nan=False, default=str) + "\n").encode("utf-8")  # fmt: skip
+    files[NUMBERS] = (
+        json.dumps(analysis.to_json(), indent=1, ensure_ascii=False, allow_nan=False, default=str)
+        + "\n"
+    ).encode("utf-8")
     return files
 
 
@@ -383,8 +429,9 @@ class SensitivityReport:
     analysis: Analysis
 
 
-def write_report(paths: Sequence[str | Path], output_dir: str | Path, *, q: float = Q_DEFAULT
-                 ) -> SensitivityReport:  # fmt: skip
+def write_report(
+    paths: Sequence[str | Path], output_dir: str | Path, *, q: float = Q_DEFAULT
+) -> SensitivityReport:
     """Merge the sweep cells of `paths` (BadInput before any output when shards disagree)
     and write sensitivity.html / .md / .json and charts/sensitivity-*.png into output_dir."""
     analysis = analyze_dirs(paths, q=q)
