@@ -141,7 +141,7 @@ def outcome(checks_: Mapping[str, Mapping[str, Any]]) -> str:
     return checks.stage_outcome(checks_)
 
 
-def _commands(role: str, records: Sequence[Any]) -> list[dict]:
+def commands_json(role: str, records: Sequence[Any]) -> list[dict]:
     out = []
     for rec in records:
         if rec is None:
@@ -256,7 +256,7 @@ def _gen_json(g: Any) -> dict:
     }
 
 
-def _kld_json(k: Any) -> dict | None:
+def kld_json(k: Any) -> dict | None:
     if k is None:
         return None
     return {
@@ -348,7 +348,7 @@ def _treatment_json(ev: Any, cmp: Any) -> dict:
         "delta_ppl": cmp.delta_ppl,
         "delta_ppl_pct": cmp.delta_ppl_pct,
         "delta_ppl_pct_err": cmp.delta_ppl_pct_err,
-        "kld": _kld_json(p.kld),
+        "kld": kld_json(p.kld),
         "tokens_per_s": p.tokens_per_s,
         "speed_ratio": _speed_ratio(cmp.baseline_ppl_tokens_per_s, cmp.ppl_tokens_per_s),
         "gen_tokens_per_s": cmp.gen_tokens_per_s,
@@ -485,7 +485,7 @@ def run_placebo(
                 sha256=manifest.output.sha256,
                 spec=None,
             )
-            ev = _perplexity_only(ctx, ref, baseline, exp.settings)
+            ev = perplexity_only(ctx, ref, baseline, exp.settings)
             cmp = _evaluate().compare(baseline, ev)
         kld = ev.perplexity.kld
         return {
@@ -501,8 +501,8 @@ def run_placebo(
             "delta_ppl_pct_err": cmp.delta_ppl_pct_err,
             "kld_mean": kld.mean_kld if kld else None,
             "same_top_pct": kld.same_top_pct if kld else None,
-            "kld": _kld_json(kld),
-            "commands": _commands(f"placebo seed {seed}", _ppl_commands(ev)),
+            "kld": kld_json(kld),
+            "commands": commands_json(f"placebo seed {seed}", ppl_commands(ev)),
         }
 
     entry = cache.verified("placebos", key, "placebo.json", compute, decode=_placebo_run)
@@ -535,7 +535,7 @@ def _as_baseline(treated: ModelRef, baseline: Any):
     return _evaluate().ModelEvaluation(treated, baseline.load, baseline.generations, ppl, ppl)
 
 
-def _perplexity_only(ctx: Context, model: ModelRef, baseline: Any, settings: EvalSettings):
+def perplexity_only(ctx: Context, model: ModelRef, baseline: Any, settings: EvalSettings):
     """A placebo needs no load or generation check: one llama-perplexity run for PPL and KLD."""
     ev = _evaluate()
     s = settings
@@ -555,7 +555,7 @@ def _perplexity_only(ctx: Context, model: ModelRef, baseline: Any, settings: Eva
     return ev.ModelEvaluation(model, None, (), ppl, kld_run)
 
 
-def _ppl_commands(ev: Any) -> list:
+def ppl_commands(ev: Any) -> list:
     runs = [ev.perplexity]
     if ev.kld_perplexity is not None and ev.kld_perplexity is not ev.perplexity:
         runs.append(ev.kld_perplexity)
@@ -671,7 +671,7 @@ def _run_stage(
         baseline = _evaluate().evaluate_baseline(ctx.runner, measured, ctx.corpus, exp.settings)
         data["baseline"] = _baseline_json(baseline)
         data["commands"] += [
-            dict(c, cached=baseline.cached) for c in _commands("baseline", baseline.commands())
+            dict(c, cached=baseline.cached) for c in commands_json("baseline", baseline.commands())
         ]
         data["corpus"]["n_tokens"] = baseline.n_tokens
         data["cache"].append(baseline.provenance)
@@ -701,7 +701,7 @@ def _run_stage(
     cmp = _evaluate().compare(baseline, ev)
     data["commands"] += [
         dict(c, cached=treatment_cached)
-        for c in _commands("treatment", [] if identical else ev.commands())
+        for c in commands_json("treatment", [] if identical else ev.commands())
     ]
     data["treatment"] = _treatment_json(ev, cmp)
     data["treatment"]["identical_to_baseline"] = identical
@@ -748,7 +748,7 @@ def _run_stage(
             ctx, exp, (measured, treated), baseline, ev, treatment_cached
         )
         found["speed"] = checks.to_json(speed)
-        data["commands"] += _commands("speed", speed_runs)
+        data["commands"] += commands_json("speed", speed_runs)
     save()
     if not exp.keep_models:
         dst.unlink(missing_ok=True)

@@ -588,10 +588,10 @@ def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
                 spec=None,
             )
             with progress.step("treatment"):
-                ev = protocol._perplexity_only(ctx, ref, baseline, exp.settings)
+                ev = protocol.perplexity_only(ctx, ref, baseline, exp.settings)
             ppl, kld = ev.perplexity, ev.perplexity.kld
             cmd = ev.perplexity.command
-            commands = protocol._commands("treatment", protocol._ppl_commands(ev))
+            commands = protocol.commands_json("treatment", protocol.ppl_commands(ev))
     evaluate_s = time.perf_counter() - t1
     from .evaluate import paired_delta_pct_err
 
@@ -613,7 +613,7 @@ def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
             else list(getattr(kld, "chunk_klds", ()) or ())
         ),
         "same_top_pct": 100.0 if identical else (kld.same_top_pct if kld else None),
-        "kld": None if identical else protocol._kld_json(kld),
+        "kld": None if identical else protocol.kld_json(kld),
         "chunk_ppls": list(ppl.chunk_ppls),
         "ppl": ppl.ppl,
         "baseline_ppl": base.ppl,

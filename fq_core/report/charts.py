@@ -41,14 +41,14 @@ class Chart:
     note: str | None = None
 
 
-def _png(fig: Figure) -> bytes:
+def figure_png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
     return buf.getvalue()
 
 
-def _slug(*parts: str) -> str:
+def chart_key(*parts: str) -> str:
     return "-".join(re.sub(r"[^A-Za-z0-9_.-]+", "_", p) for p in parts if p)
 
 
@@ -63,7 +63,7 @@ def _focus(r: StageResult) -> Focus | None:
 
 def weight_distribution(r: StageResult) -> Chart:
     focus = _focus(r)
-    key, title = _slug(r.stage, r.model, "weights"), "Weight distribution before/after"
+    key, title = chart_key(r.stage, r.model, "weights"), "Weight distribution before/after"
     if focus is None or not focus.hist_edges or not focus.hist_before or not focus.hist_after:
         return Chart(key, title, None, "no weight histogram was stored for this stage")
     edges, before, after, layer = focus.hist_edges, focus.hist_before, focus.hist_after, focus.layer
@@ -75,12 +75,12 @@ def weight_distribution(r: StageResult) -> Chart:
     ax.set_ylabel("elements")
     ax.set_title(f"{_label(r)}: layer {layer} weights", fontsize=9)
     ax.legend(fontsize=8)
-    return Chart(key, f"{title} (layer {layer})", _png(fig))
+    return Chart(key, f"{title} (layer {layer})", figure_png(fig))
 
 
 def rel_error_histogram(r: StageResult) -> Chart:
     numeric, focus = r.record.numeric, _focus(r)
-    key, title = _slug(r.stage, r.model, "rel-error"), "Relative error of changed elements"
+    key, title = chart_key(r.stage, r.model, "rel-error"), "Relative error of changed elements"
     edges = focus.rel_error_edges if focus is not None else ()
     counts = focus.rel_error_counts if focus is not None else ()
     if (numeric is not None and numeric.changed == 0) or (focus is not None and not any(counts)):
@@ -96,7 +96,7 @@ def rel_error_histogram(r: StageResult) -> Chart:
     ax.set_ylabel("elements")
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
     ax.set_title(f"{_label(r)}: layer {focus.layer}", fontsize=9)
-    return Chart(key, title, _png(fig))
+    return Chart(key, title, figure_png(fig))
 
 
 def per_layer_max_rel_error(r: StageResult, threshold: float | None = None) -> Chart:
@@ -104,7 +104,7 @@ def per_layer_max_rel_error(r: StageResult, threshold: float | None = None) -> C
     per_tensor = [
         t for t in (numeric.per_tensor if numeric is not None else ()) if t.layer is not None
     ]
-    key, title = _slug(r.stage, r.model, "per-layer"), "Max relative error per layer"
+    key, title = chart_key(r.stage, r.model, "per-layer"), "Max relative error per layer"
     if not per_tensor:
         return Chart(key, title, None, "no per-tensor errors were stored for this stage")
     if not any(t.changed for t in per_tensor):
@@ -123,14 +123,17 @@ def per_layer_max_rel_error(r: StageResult, threshold: float | None = None) -> C
     ax.set_ylabel("max |rel error|")
     ax.set_title(_label(r), fontsize=9)
     ax.legend(fontsize=8)
-    return Chart(key, title, _png(fig))
+    return Chart(key, title, figure_png(fig))
 
 
 def chunk_ppl(r: StageResult) -> Chart:
     b, t = r.record.baseline, r.record.treatment
     base = [as_float(x) for x in (b.chunk_ppls if b is not None else ())]
     treat = [as_float(x) for x in (t.chunk_ppls if t is not None else ())]
-    key, title = _slug(r.stage, r.model, "chunk-ppl"), "Per-chunk PPL, baseline vs fake-quantized"
+    key, title = (
+        chart_key(r.stage, r.model, "chunk-ppl"),
+        "Per-chunk PPL, baseline vs fake-quantized",
+    )
     if not base or not treat:
         return Chart(key, title, None, "no per-chunk perplexities were stored for this stage")
     fig = Figure(figsize=_SIZE)
@@ -141,7 +144,7 @@ def chunk_ppl(r: StageResult) -> Chart:
     ax.set_ylabel("PPL")
     ax.set_title(_label(r), fontsize=9)
     ax.legend(fontsize=8)
-    return Chart(key, title, _png(fig))
+    return Chart(key, title, figure_png(fig))
 
 
 def _placebo_band(ax, xs: Sequence[float], lows: Sequence[float], highs: Sequence[float]) -> None:
@@ -179,7 +182,7 @@ def effect_vs_layers(results: Iterable[StageResult], model: str) -> tuple[Chart,
     rows = [r for r in results if r.n_layers and r.record.treatment is not None]
     out = []
     for metric, label, pick, band_of, seed_of in _EFFECTS:
-        key, title = _slug(model, metric, "vs-layers"), f"{label} against quantized layers"
+        key, title = chart_key(model, metric, "vs-layers"), f"{label} against quantized layers"
         pts = [(r.n_layers, pick(r.record.treatment), r) for r in rows]
         pts = [(n, as_float(v), r) for n, v, r in pts if v is not None]
         pts = sorted((p for p in pts if isfinite(p[1])), key=lambda p: p[0])
@@ -227,7 +230,7 @@ def effect_vs_layers(results: Iterable[StageResult], model: str) -> tuple[Chart,
             f"{model}: {label} by stage" + ("" if band else " (placebo not run)"), fontsize=9
         )
         ax.legend(fontsize=8)
-        out.append(Chart(key, title, _png(fig)))
+        out.append(Chart(key, title, figure_png(fig)))
     return out[0], out[1]
 
 
@@ -299,7 +302,7 @@ def history_chart(
     pts = tuple(points) if points is not None else history_points(root, r.stage, r.model)
     if len(pts) < 2:
         return None
-    key, title = _slug(r.stage, r.model, "history"), "Mean KLD and ΔPPL % over the runs"
+    key, title = chart_key(r.stage, r.model, "history"), "Mean KLD and ΔPPL % over the runs"
     xs = list(range(len(pts)))
     fig = Figure(figsize=(_SIZE[0], 5.2))
     axes = fig.subplots(2, 1, sharex=True)
@@ -377,7 +380,7 @@ def history_chart(
     )
     axes[-1].set_xlabel("run (oldest first; shaded: this run)")
     axes[0].set_title(f"{_label(r)}: {len(pts)} runs", fontsize=9)
-    return Chart(key, f"{title} ({len(pts)} runs)", _png(fig))
+    return Chart(key, f"{title} ({len(pts)} runs)", figure_png(fig))
 
 
 def run_charts(run: RunResults) -> dict[str, tuple[Chart, ...]]:

@@ -32,7 +32,7 @@ from .. import atomic
 from ..record import as_float
 from ..stats import sci
 from ..sweep import Q_DEFAULT, Analysis, Row, analyze_dirs, summarize_timing
-from .charts import PLACEBO, TREATMENT, Chart, _png, _slug
+from .charts import PLACEBO, TREATMENT, Chart, chart_key, figure_png
 from .render import render
 
 HTML = "sensitivity.html"
@@ -186,7 +186,7 @@ def heatmap(key: str, title: str, rows: Sequence[Row]) -> Chart:
             )
     axes[1].set_xlabel("layer (* above its placebo after BH; = byte-identical file)", fontsize=7)
     axes[0].set_title(title, fontsize=9)
-    return Chart(key, title, _png(fig))
+    return Chart(key, title, figure_png(fig))
 
 
 def _band(ax, xs, rows: Sequence[Row]) -> None:
@@ -283,7 +283,7 @@ def layer_curve(key: str, title: str, rows: Sequence[Row], fmt: str) -> Chart:
     ax2.set_xticks(xs)
     for a in (ax, ax2):
         a.tick_params(labelsize=7)
-    return Chart(key, title, _png(fig))
+    return Chart(key, title, figure_png(fig))
 
 
 def cumulative_curve(key: str, title: str, rows: Sequence[Row], fmt: str) -> Chart:
@@ -305,7 +305,7 @@ def cumulative_curve(key: str, title: str, rows: Sequence[Row], fmt: str) -> Cha
     ax.tick_params(labelsize=7)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    return Chart(key, title, _png(fig))
+    return Chart(key, title, figure_png(fig))
 
 
 def group_views(analysis: Analysis) -> tuple[GroupView, ...]:
@@ -315,14 +315,14 @@ def group_views(analysis: Analysis) -> tuple[GroupView, ...]:
         name = f"{g.model}, {g.variant}, {g.fmt}"
         charts = [
             heatmap(
-                _slug("sensitivity", g.model, g.variant, g.fmt, "heatmap"),
+                chart_key("sensitivity", g.model, g.variant, g.fmt, "heatmap"),
                 f"{name}: layers × kinds",
                 rows,
             )
         ]
         for kind in dict.fromkeys(r.cell.kind for r in rows):
             kr = [r for r in rows if r.cell.kind == kind]
-            slug = _slug("sensitivity", g.model, g.variant, g.fmt, kind)
+            slug = chart_key("sensitivity", g.model, g.variant, g.fmt, kind)
             charts.append(
                 layer_curve(f"{slug}-layers", f"{name}: {kind}, each layer alone", kr, g.fmt)
             )
@@ -331,7 +331,7 @@ def group_views(analysis: Analysis) -> tuple[GroupView, ...]:
             )
         views.append(
             GroupView(
-                key=_slug(g.model, g.variant, g.fmt),
+                key=chart_key(g.model, g.variant, g.fmt),
                 title=name,
                 sentence=g.sentence,
                 ranked=tuple(row_view(r) for r in rows if r.cell.series != "cumulative"),
