@@ -304,7 +304,7 @@ def _speed(
     treatment_cached: bool,
 ) -> tuple[record.Check, float | None, list]:
     """The speed check, its ratio and the runs measured for it: both throughputs from one
-    session. A cached run was timed in another session, under another load (0.31× seen where
+    session. A cached run was timed apart, perhaps under another load (0.31× seen where
     runs measured together gave 0.98×): with a limit both are measured again, back to back;
     without one the ratio is not stated and gates nothing."""
     limit = exp.thresholds.speed_ratio_min
@@ -317,8 +317,8 @@ def _speed(
         return checks.speed_check(ratio, base_tps, tps, limit), ratio, []
     if limit is None:
         apart = (
-            f"the {' and the '.join(cached)} came from the cache, timed in another "
-            "session; set fq_speed_ratio_min to time both now"
+            f"the {' and the '.join(cached)} came from the cache, timed apart (perhaps "
+            "under another load); set fq_speed_ratio_min to time both now"
         )
         return checks.speed_check(None, base_tps, tps, None, apart=apart), None, []
     s = exp.settings

@@ -492,8 +492,8 @@ def test_speed_ratio_only_from_one_session(private_cache, tmp_path):
     assert (c.status, c.gates, c.value) == ("skipped", False, None)
     assert c.detail == (
         "speed not compared: the baseline and the treatment came from the "
-        "cache, timed in another session; set fq_speed_ratio_min to time both "
-        "now"
+        "cache, timed apart (perhaps under another load); set fq_speed_ratio_min "
+        "to time both now"
     )
     assert second.treatment.speed_ratio is None
     assert second.outcome == first.outcome  # the speed decides nothing here
