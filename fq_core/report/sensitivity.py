@@ -29,8 +29,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from .. import atomic
+from ..figures import sci
 from ..record import as_float
-from ..stats import sci
 from ..sweep import Analysis, Row, summarize_timing
 from .charts import PLACEBO, TREATMENT, Chart, chart_key, figure_png
 from .render import render
