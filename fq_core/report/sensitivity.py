@@ -2,8 +2,8 @@
 
 Renders an `Analysis` its caller made (`fq_core.sweep.analyze_dirs`: the cells of one or more
 results directories, the shards of one sweep, merged and checked, then Benjamini–Hochberg,
-rank ranges, the sentence), so the report reads no cells and computes no statistic of its
-own. This module only draws and renders:
+rank ranges, the sentence), so the report reads no cells and runs no statistic (it only
+averages the cells' timings, `sweep.summarize_timing`). This module only draws and renders:
 
 - a heatmap per model × variant × format: layers × kinds of the effect (mean KLD) and of the
   effect against the noise (effect / floor), discoveries starred;
