@@ -74,9 +74,11 @@ lock-upgrade:
 doctor: $(STAMP)
 	$(BIN)/fq doctor
 
+# lint-imports: the layers of fq_core (pyproject.toml [tool.importlinter], docs/architecture.md).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .venv-latest .pytest_cache .hypothesis .benchmarks

@@ -361,8 +361,9 @@ def _report_sweep(dirs, output_dir) -> bool:
     if not found:
         return False
     from .report.sensitivity import write_report
+    from .sweep import analyze_dirs
 
-    rep = write_report(found, output_dir)
+    rep = write_report(analyze_dirs(found), output_dir)  # BadInput before any output
     a = rep.analysis
     where = "directory" if len(a.sources) == 1 else "directories"
     print(
@@ -777,17 +778,28 @@ def _add_inspect(sub) -> None:
     p.set_defaults(run=_run_inspect)
 
 
+# The columns of `fq inspect`: what each format would change, one rounding each except BF16's.
+INSPECT_FORMATS = (
+    ("bf16", "truncate"),
+    ("bf16", "nearest"),
+    ("fp16", "nearest"),
+    ("fp8_e4m3", "nearest"),
+    ("fp8_e5m2", "nearest"),
+    ("int8", "nearest"),
+)
+
+
 def _run_inspect(args) -> int:
     import json
 
     from .gguf_index import read_index
-    from .metrics import INSPECT_FORMATS, f32_kinds
+    from .metrics import f32_kinds
     from .models import resolve_model
     from .selection import format_layers
 
     ref = resolve_model(args.model)
     index = read_index(ref.path)
-    kinds = f32_kinds(index)
+    kinds = f32_kinds(index, INSPECT_FORMATS)
     if args.json:
         doc = {
             "model": str(ref.path),

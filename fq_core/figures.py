@@ -20,6 +20,17 @@ def figure(x: float | int, spec: str) -> str:
     return text
 
 
+def sci(x: float | None, digits: int = 2) -> str:
+    """A KLD-sized number people can read: 2.0e-05, 0.0060 ("—" when not measured)."""
+    if x is None:
+        return "—"
+    if not math.isfinite(x):
+        return figure(x, ".4f")
+    if x != 0 and abs(x) < 1e-3:
+        return f"{x:.{digits - 1}e}"
+    return figure(x, ".4f")
+
+
 def nonfinite_as_words(value):
     """Plain data with every NaN / ±Inf float replaced by "nan" / "inf" / "-inf".
 

@@ -461,15 +461,6 @@ def compare_files(original, candidate, focus_layer: int | None = None) -> Compar
 
 # --- what each format would do (fq inspect) ---------------------------------------------
 
-INSPECT_FORMATS = (
-    ("bf16", "truncate"),
-    ("bf16", "nearest"),
-    ("fp16", "nearest"),
-    ("fp8_e4m3", "nearest"),
-    ("fp8_e5m2", "nearest"),
-    ("int8", "nearest"),
-)
-
 
 @dataclass(frozen=True)
 class KindSummary:
@@ -487,8 +478,8 @@ class KindSummary:
         return d
 
 
-def f32_kinds(index) -> tuple[KindSummary, ...]:
-    """F32 tensors grouped by kind, with the elements each format would change."""
+def f32_kinds(index, formats: Sequence[tuple[str, str]]) -> tuple[KindSummary, ...]:
+    """F32 tensors grouped by kind, with the elements each (format, rounding) would change."""
     from .formats import fake_quantize
     from .selection import split_name
 
@@ -498,10 +489,10 @@ def f32_kinds(index) -> tuple[KindSummary, ...]:
             groups.setdefault(split_name(info.name)[1], []).append(info)
     out = []
     for kind, infos in groups.items():
-        counts = {f"{f}/{r}": 0 for f, r in INSPECT_FORMATS}
+        counts = {f"{f}/{r}": 0 for f, r in formats}
         for info in infos:
             orig = read_tensor(index, info)
-            for fmt, rounding in INSPECT_FORMATS:
+            for fmt, rounding in formats:
                 try:
                     new = fake_quantize(orig, fmt, rounding, tensor_name=info.name)
                     counts[f"{fmt}/{rounding}"] += int(

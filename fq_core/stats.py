@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .figures import figure
+from .figures import sci
 from .record import Interval, Resolution
 
 LEVEL = 0.95
@@ -89,17 +89,6 @@ def paired_excess(
         n=iv.n,
         method=iv.method.replace("bootstrap", "paired bootstrap", 1),
     )
-
-
-def sci(x: float | None, digits: int = 2) -> str:
-    """A KLD-sized number people can read: 2.0e-05, 0.0060 ("—" when not measured)."""
-    if x is None:
-        return "—"
-    if not math.isfinite(x):
-        return figure(x, ".4f")
-    if x != 0 and abs(x) < 1e-3:
-        return f"{x:.{digits - 1}e}"
-    return figure(x, ".4f")
 
 
 def _interval_text(iv: Interval) -> str:

@@ -297,12 +297,12 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     if cells is None:
         return
     from fq_core.report import sensitivity
+    from fq_core.sweep import analyze_dirs
 
     fq = config.stash[SESSION]
     try:
-        out = sensitivity.write_report(
-            [cells], _reports_dir(config), q=config.stash[SWEEP].values["fq_sweep_fdr"]
-        )
+        analysis = analyze_dirs([cells], q=config.stash[SWEEP].values["fq_sweep_fdr"])
+        out = sensitivity.write_report(analysis, _reports_dir(config))
     except Exception as exc:  # the report must never turn the run into an internal error
         log.exception("sensitivity report failed")
         terminalreporter.write_line(

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fq_core.figures import figure
+from fq_core.figures import figure, sci
 
 CASES = [
     # value, spec, text
@@ -37,3 +37,11 @@ def test_figure(value, spec, text):
 
 def test_nan_is_left_to_format():
     assert "nan" in figure(math.nan, "+.2f")
+
+
+@pytest.mark.parametrize(
+    "x, text",
+    [(None, "—"), (2.6e-5, "2.6e-05"), (0.006, "0.0060"), (0.0, "0.0000"), (1.9e-7, "1.9e-07")],
+)
+def test_sci(x, text):
+    assert sci(x) == text

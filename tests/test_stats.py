@@ -149,14 +149,6 @@ def test_false_discoveries_benjamini_hochberg(pvalues, discoveries):
     assert stats.false_discoveries(pvalues, q=0.05) == discoveries
 
 
-@pytest.mark.parametrize(
-    "x, text",
-    [(None, "—"), (2.6e-5, "2.6e-05"), (0.006, "0.0060"), (0.0, "0.0000"), (1.9e-7, "1.9e-07")],
-)
-def test_sci(x, text):
-    assert stats.sci(x) == text
-
-
 def test_placebos_that_measured_zero_give_a_floor_of_zero_and_no_ratio():
     res = stats.resolution(
         engine="x",

@@ -338,7 +338,7 @@ def test_cells_dir_accepts_a_root_a_run_and_the_cells(tmp_path):
 
 def test_reports_are_self_contained_and_link_their_charts(tmp_path):
     root = _cells_dir(tmp_path, _sweep_records(np.random.default_rng(6)))
-    rep = sensitivity.write_report([root], tmp_path / "out")
+    rep = sensitivity.write_report(sweep.analyze_dirs([root]), tmp_path / "out")
     html = rep.html.read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == 3  # heatmap, per-layer curve, cumulative
     assert 'src="http' not in html and "<script" not in html
@@ -529,12 +529,12 @@ def test_a_damaged_cell_is_measured_again_never_served_nor_dropped(stub_world, c
     assert [p.name.split(".")[0] for p in aside.iterdir()] == [first.key]
     analysis = sweep.analyze_dirs([tmp / "results"])
     assert [r.cell.id for r in analysis.rows] == [cells[0].id] and not analysis.errors
-    sensitivity.write_report([tmp / "results"], tmp / "out")
+    sensitivity.write_report(analysis, tmp / "out")
     text = (tmp / "out" / sensitivity.MARKDOWN).read_text()
     assert f"- `{cells[0].id}`: " in text and reason in text  # measured again, and why
     cached = sweep.run_cell(cells[0], ref, ctx, exp, chunks=4)
     assert cached.cached and cached.measured_at == again.measured_at
-    sensitivity.write_report([tmp / "results"], tmp / "out2")
+    sensitivity.write_report(sweep.analyze_dirs([tmp / "results"]), tmp / "out2")
     text = (tmp / "out2" / sensitivity.MARKDOWN).read_text()
     assert f"(1 reused from the cell cache, measured {again.measured_at})" in text
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import msgspec
 
 from .. import checks
-from ..figures import figure
+from ..figures import figure, sci
 from ..record import Check, Command, Range, StageRecord, Standing, Versus, as_float
 from ..regression import METRICS, Comparison, IdentityDifference, MetricComparison, magnitude
 from ..stages import GATE_STAGE
@@ -795,8 +795,6 @@ class AnswerRow:
 
 
 def _interval(iv) -> str:
-    from ..stats import sci
-
     if iv is None:
         return MISSING
     if iv.low is None or iv.high is None:
@@ -805,8 +803,6 @@ def _interval(iv) -> str:
 
 
 def _answer(rec: StageRecord) -> Answer:
-    from ..stats import sci
-
     res, p = rec.resolution, rec.placebo
     kld = rec.treatment.kld if rec.treatment is not None else None
     if res is not None and res.effect is not None:

@@ -1,9 +1,9 @@
 """The sensitivity report: which layers, kinds and formats matter, from stored sweep cells.
 
-Reads `results/<run-id>/sweep/cells/*.json` of one or more results directories (the shards of
-one sweep), merged and checked by `fq_core.sweep.load_cells`; the statistics are
-`fq_core.sweep.analyze` (Benjamini–Hochberg, rank ranges, the sentence). This module only
-draws and renders:
+Renders an `Analysis` its caller made (`fq_core.sweep.analyze_dirs`: the cells of one or more
+results directories, the shards of one sweep, merged and checked, then Benjamini–Hochberg,
+rank ranges, the sentence), so the report reads no cells and runs no statistic (it only
+averages the cells' timings, `sweep.summarize_timing`). This module only draws and renders:
 
 - a heatmap per model × variant × format: layers × kinds of the effect (mean KLD) and of the
   effect against the noise (effect / floor), discoveries starred;
@@ -29,9 +29,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from .. import atomic
+from ..figures import sci
 from ..record import as_float
-from ..stats import sci
-from ..sweep import Q_DEFAULT, Analysis, Row, analyze_dirs, summarize_timing
+from ..sweep import Analysis, Row, summarize_timing
 from .charts import PLACEBO, TREATMENT, Chart, chart_key, figure_png
 from .render import render
 
@@ -429,12 +429,8 @@ class SensitivityReport:
     analysis: Analysis
 
 
-def write_report(
-    paths: Sequence[str | Path], output_dir: str | Path, *, q: float = Q_DEFAULT
-) -> SensitivityReport:
-    """Merge the sweep cells of `paths` (BadInput before any output when shards disagree)
-    and write sensitivity.html / .md / .json and charts/sensitivity-*.png into output_dir."""
-    analysis = analyze_dirs(paths, q=q)
+def write_report(analysis: Analysis, output_dir: str | Path) -> SensitivityReport:
+    """Write sensitivity.html / .md / .json and charts/sensitivity-*.png into output_dir."""
     files = render_files(analysis)
     out = atomic.check_directory(output_dir)
     with atomic.output_errors(out):
