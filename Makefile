@@ -28,7 +28,7 @@ setup: $(STAMP)
 # They come from this session's run (FQ_RUN_ID, else a new id) and no other: a session that
 # stored nothing (a usage error: exit 4) leaves the reports of an older run as they were.
 gate: setup
-	@run=$${FQ_RUN_ID:-$$($(BIN)/python -c 'from fq_core.results import new_run_id as n; print(n())')}; \
+	@run=$${FQ_RUN_ID:-$$($(BIN)/python -c 'from fq_core.storage.results import new_run_id as n; print(n())')}; \
 	dir=$${FQ_RESULTS_DIR:-results}/$$run; \
 	echo "FQ_RUN_ID=$$run $(BIN)/pytest -k layer0 $(PYTEST_ARGS)"; \
 	FQ_RUN_ID=$$run $(BIN)/pytest -k layer0 $(PYTEST_ARGS); status=$$?; \

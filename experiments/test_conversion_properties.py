@@ -1,8 +1,8 @@
 """Hypothesis properties of the conversion, run beside the stages in every full run.
 
 Stage results are only as good as the conversion they run on: these properties tie
-fq_core.formats to gguf.quants (llama.cpp's BF16) and ml_dtypes on generated inputs, with
-extra weight on BF16 ties and low-half edge patterns. Profile ``ci`` (derandomized) by
+fq_core.definitions.formats to gguf.quants (llama.cpp's BF16) and ml_dtypes on generated inputs,
+with extra weight on BF16 ties and low-half edge patterns. Profile ``ci`` (derandomized) by
 default, ``deep`` locally (HYPOTHESIS_PROFILE=deep).
 """
 
@@ -16,7 +16,7 @@ from float_refs import U32, bits, format_edges, gguf_bf16, ml_roundtrip, rtz_ref
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from fq_core.formats import FLOAT_DTYPES, ROUNDINGS, fake_quantize, int8_scale
+from fq_core.definitions.formats import FLOAT_DTYPES, ROUNDINGS, fake_quantize, int8_scale
 
 # --- Hypothesis: BF16 ---
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from fq_core import history, record, regression
-from fq_core.record import Placebo, Range, StageRecord
+from fq_core.experiment import regression
+from fq_core.storage import history, record
+from fq_core.storage.record import Placebo, Range, StageRecord
 
 pytestmark = [pytest.mark.llama, pytest.mark.models]
 

@@ -2,8 +2,8 @@
 
 Each cell fake-quantizes one layer's tensors of one kind (or the first n layers, for the
 cumulative curve "more layers, more error"), evaluates once against the cached baseline and
-compares with its selection-matched placebos (fq_core.sweep.run_cell; cached per cell, so a
-wider or resumed sweep runs only new cells). The test asserts that the cell was measured;
+compares with its selection-matched placebos (fq_core.experiment.sweep.run_cell; cached per cell, so
+a wider or resumed sweep runs only new cells). The test asserts that the cell was measured;
 whether its effect stands above the engine's noise is a statistical statement over all
 cells (Benjamini–Hochberg), made by the sensitivity report (reports/sensitivity.html), not
 by one test.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from fq_core.sweep import CellRecord
+from fq_core.experiment.sweep import CellRecord
 
 pytestmark = [pytest.mark.sweep, pytest.mark.llama, pytest.mark.models]
 

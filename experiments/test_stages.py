@@ -1,23 +1,23 @@
 """The experiment: Test 1-4 (stage ids layer0, layers0-2, layers0-9, all-layers) × model.
 
 Each check is its own test so the report shows which one failed. The protocol runs once per
-stage × model (fq_core.protocol.run_stage) and stores every measurement first; these tests only
-assert on the stored result. `pytest -k layer0` is the go/no-go gate; later stages are skipped
-with the gate's reason unless Test 1 passed for that model.
+stage × model (fq_core.experiment.protocol.run_stage) and stores every measurement first; these
+tests only assert on the stored result. `pytest -k layer0` is the go/no-go gate; later stages are
+skipped with the gate's reason unless Test 1 passed for that model.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from fq_core import checks
-from fq_core.record import StageRecord
+from fq_core.experiment import checks
+from fq_core.storage.record import StageRecord
 
 pytestmark = [pytest.mark.stage, pytest.mark.llama]
 
 
 def _assert_check(result: StageRecord, name: str) -> None:
-    """One rule (fq_core.checks.ending): a check that gates nothing skips with its value."""
+    """One rule (experiment.checks.ending): a check that gates nothing skips with its value."""
     check = result.checks.get(name)
     assert check is not None, f"{name}: not recorded ({result.outcome})"
     how, message = checks.ending(check)

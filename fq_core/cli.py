@@ -80,8 +80,8 @@ class Outputs:
         self.status = status
 
     def on_published(self, target: Path) -> None:
-        """Called by fq_core.atomic right after each publish (signals are held meanwhile)."""
-        from . import atomic
+        """Called by platform.atomic right after each publish (signals are held meanwhile)."""
+        from .platform import atomic
 
         if self.paths and all(atomic.published(p) for p in self.paths):
             self.complete = True
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None, outputs: Outputs) -> int:
     import logging
 
-    from . import atomic
+    from .platform import atomic
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -194,8 +194,8 @@ def _add_models(sub) -> None:
 def _run_models(args) -> int:
     import json
 
-    from .models import REGISTRY, cache_status
-    from .paths import cache_dir
+    from .measurement.models import REGISTRY, cache_status
+    from .platform.paths import cache_dir
 
     rows = [cache_status(name) for name in REGISTRY]
     if args.json:
@@ -259,7 +259,7 @@ def _add_fetch(sub) -> None:
 def _run_fetch(args) -> int:
     import time
 
-    from .models import REGISTRY, cache_status, remove_cached, resolve_model
+    from .measurement.models import REGISTRY, cache_status, remove_cached, resolve_model
 
     names: list[str] = []
     for name in args.names:
@@ -336,8 +336,8 @@ def _run_report(args) -> int:
 def _has_stage_results(path) -> bool:
     """A run directory with <stage>/<case>.json, or a results root holding one (a run's
     sweep/ directory, with its cells one level deeper, is not a run)."""
+    from .experiment.sweep import SWEEP_DIR
     from .report import is_run_dir
-    from .sweep import SWEEP_DIR
 
     p = Path(path)
     if not p.is_dir():
@@ -349,7 +349,7 @@ def _report_sweep(dirs, output_dir) -> bool:
     """The sensitivity report (fq_core.report.sensitivity) when the dirs hold sweep cells:
     with several dirs every one must (the shards of one sweep, identities checked)."""
     from .errors import BadInput
-    from .sweep import cells_dir
+    from .experiment.sweep import cells_dir
 
     found = [d for d in dirs if cells_dir(d) is not None]
     if len(dirs) > 1 and len(found) < len(dirs):
@@ -360,8 +360,8 @@ def _report_sweep(dirs, output_dir) -> bool:
         )
     if not found:
         return False
+    from .experiment.sweep import analyze_dirs
     from .report.sensitivity import write_report
-    from .sweep import analyze_dirs
 
     rep = write_report(analyze_dirs(found), output_dir)  # BadInput before any output
     a = rep.analysis
@@ -395,10 +395,10 @@ def _add_setup(sub) -> None:
 def _run_setup(args) -> int:
     import time
 
-    from .corpus import resolve_corpus
     from .errors import BuildChanged
-    from .llama.tools import build_record, find_tools, record_manifest
-    from .models import REGISTRY, cache_status, fetch
+    from .measurement.corpus import resolve_corpus
+    from .measurement.llama.tools import build_record, find_tools, record_manifest
+    from .measurement.models import REGISTRY, cache_status, fetch
 
     def progress(msg: str) -> None:
         print(f"fq setup: {msg}", file=sys.stderr, flush=True)
@@ -438,11 +438,11 @@ def _add_doctor(sub) -> None:
 
 
 def _run_doctor(args) -> int:
-    from .corpus import resolve_corpus
     from .errors import BuildChanged, FqError
-    from .llama.tools import OPTIONAL_TOOLS, REQUIRED_TOOLS, build_record, find_tools
-    from .models import REGISTRY, cache_status
-    from .paths import cache_dir, logs_dir, results_dir
+    from .measurement.corpus import resolve_corpus
+    from .measurement.llama.tools import OPTIONAL_TOOLS, REQUIRED_TOOLS, build_record, find_tools
+    from .measurement.models import REGISTRY, cache_status
+    from .platform.paths import cache_dir, logs_dir, results_dir
 
     missing = 0
 
@@ -470,7 +470,7 @@ def _run_doctor(args) -> int:
         for t in REQUIRED_TOOLS + OPTIONAL_TOOLS:
             ok = tools.has(t) or (None if t in OPTIONAL_TOOLS else False)
             line(ok, f"{t}: {tools.bin_dir / t}", "" if ok else "fq setup")
-        if tools.has_library:  # the exact engine (fq_core.llama.logits); optional
+        if tools.has_library:  # the exact engine (fq_core.measurement.llama.logits); optional
             line(True, f"libllama + bindings (logits engine): {tools.lib_dir}, {tools.python_dir}")
         else:
             line(None, "libllama + bindings (logits engine): none beside these tools", "fq setup")
@@ -521,8 +521,8 @@ def _run_doctor(args) -> int:
 def _stale_temporaries() -> tuple[list[Path], str]:
     """What killed fq processes left where fq writes: the current directory (and its
     reports/), the results store and the per-user cache."""
-    from . import atomic
-    from .paths import cache_dir, results_dir
+    from .platform import atomic
+    from .platform.paths import cache_dir, results_dir
 
     cwd = Path.cwd()
     found = [p.absolute() for p in atomic.stale_temporaries(cwd)]
@@ -538,7 +538,9 @@ def _size(path: Path) -> str:
 
 
 def _add_evaluate(sub) -> None:
-    from .settings import default  # the stages' settings, so the cached baseline is shared
+    from .definitions.settings import (
+        default,  # the stages' settings, so the cached baseline is shared
+    )
 
     p = sub.add_parser(
         "evaluate", help="load, generate, PPL and KLD of MODEL against a baseline, side by side"
@@ -561,15 +563,21 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from . import atomic
-    from .corpus import resolve_corpus
     from .errors import BadInput
-    from .evaluate import EvalSettings, compare, evaluate_against, evaluate_baseline, side_by_side
-    from .gguf_index import read_index
-    from .llama.runner import LlamaRunner
-    from .llama.tools import find_tools
-    from .metrics import json_dumps
-    from .models import resolve_model
+    from .measurement.corpus import resolve_corpus
+    from .measurement.evaluate import (
+        EvalSettings,
+        compare,
+        evaluate_against,
+        evaluate_baseline,
+        side_by_side,
+    )
+    from .measurement.gguf_index import read_index
+    from .measurement.llama.runner import LlamaRunner
+    from .measurement.llama.tools import find_tools
+    from .measurement.metrics import json_dumps
+    from .measurement.models import resolve_model
+    from .platform import atomic
 
     for opt in ("chunks", "kld_chunks", "ctx", "gen_tokens", "threads"):
         v = getattr(args, opt)
@@ -634,7 +642,7 @@ _TENSORS_HELP = (
 
 
 def _add_quantize(sub) -> None:
-    from .formats import FORMATS, ROUNDINGS
+    from .definitions.formats import FORMATS, ROUNDINGS
 
     p = sub.add_parser(
         "quantize",
@@ -659,9 +667,9 @@ def _add_quantize(sub) -> None:
 
 
 def _run_quantize(args) -> int:
-    from .models import resolve_model
-    from .patch import fake_quantize_file, manifest_path
-    from .selection import describe
+    from .measurement.models import resolve_model
+    from .measurement.patch import fake_quantize_file, manifest_path
+    from .measurement.selection import describe
 
     args.outputs.expect(args.output, manifest_path(args.output))
     src = resolve_model(args.input).path
@@ -695,9 +703,9 @@ def _add_compare(sub) -> None:
 
 
 def _run_compare(args) -> int:
-    from . import atomic
-    from .metrics import compare_files, json_dumps
-    from .models import resolve_model
+    from .measurement.metrics import compare_files, json_dumps
+    from .measurement.models import resolve_model
+    from .platform import atomic
 
     original, candidate = resolve_model(args.original).path, resolve_model(args.candidate).path
     if args.json:
@@ -792,10 +800,10 @@ INSPECT_FORMATS = (
 def _run_inspect(args) -> int:
     import json
 
-    from .gguf_index import read_index
-    from .metrics import f32_kinds
-    from .models import resolve_model
-    from .selection import format_layers
+    from .measurement.gguf_index import read_index
+    from .measurement.metrics import f32_kinds
+    from .measurement.models import resolve_model
+    from .measurement.selection import format_layers
 
     ref = resolve_model(args.model)
     index = read_index(ref.path)
@@ -861,8 +869,8 @@ def _add_twin(sub) -> None:
 
 
 def _run_twin(args) -> int:
-    from .models import resolve_model
-    from .twin import make_twin, manifest_path, twin_for, twin_path
+    from .measurement.models import resolve_model
+    from .measurement.twin import make_twin, manifest_path, twin_for, twin_path
 
     model = resolve_model(args.model)
     if args.output is not None:
@@ -921,8 +929,9 @@ def _add_reference(sub) -> None:
 
 
 def _run_reference(args) -> int:
-    from . import history, regression
     from .errors import BadInput
+    from .experiment import regression
+    from .storage import history
 
     source = history.resolve(args.run_id, args.results)
     dest = Path(args.dir) if args.dir else history.reference_dir()
@@ -971,8 +980,9 @@ def _add_diff(sub) -> None:
 
 
 def _run_diff(args) -> int:
-    from . import history, regression
     from .errors import BadInput
+    from .experiment import regression
+    from .storage import history
 
     tolerances = regression.parse_tolerances(args.compare_fail)
     a, b = history.resolve(args.a, args.results), history.resolve(args.b, args.results)
@@ -1026,7 +1036,7 @@ def _cases(records) -> str:
 
 
 def _stage_order() -> list[str]:
-    from .stages import STAGES
+    from .experiment.stages import STAGES
 
     return [s.id for s in STAGES]
 

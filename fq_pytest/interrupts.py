@@ -3,7 +3,7 @@ new session first clears what killed ones left behind.
 
 Why: pytest leaves SIGTERM at its default, so the process died on the spot and no `finally`
 ran: the baseline's KLD logits (up to 134 MB) and the fake-quantized GGUFs (253 MB) stayed in
-the cache and under results/. A KeyboardInterrupt unwinds every `with` of fq_core.atomic
+the cache and under results/. A KeyboardInterrupt unwinds every `with` of fq_core.platform.atomic
 (temporaries, owned files), tears the fixtures down and ends the session as interrupted; an
 FqError would not do: the protocol records it as a failed step and the next test starts.
 A kill -9 cannot be caught; what it leaves names its dead owner, and the next session (the
@@ -79,8 +79,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_sessionstart(session: pytest.Session) -> None:
     if getattr(session.config, "workerinput", None) is not None:
         return  # the controller has cleared them before starting its workers
-    from fq_core import atomic
-    from fq_core.paths import cache_dir
+    from fq_core.platform import atomic
+    from fq_core.platform.paths import cache_dir
 
     from .plugin import results_root
 

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from fq_core import settings
-from fq_core.settings import Setting
+from fq_core.definitions import settings
+from fq_core.definitions.settings import Setting
 
 # --- options -------------------------------------------------------------------------------
 
-# Every setting, its default and why is fq_core.settings; here each becomes an ini value and a
-# command-line flag, the default shown by `pytest --help`.
+# Every setting, its default and why is fq_core.definitions.settings; here each becomes an ini value
+# and a command-line flag, the default shown by `pytest --help`.
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -101,7 +101,7 @@ SESSION = pytest.StashKey["FqSession"]()
 
 def model_id(name_or_path: str) -> str:
     """The model's part of a test id: the registry name, or a path's file stem."""
-    from fq_core.results import safe_name
+    from fq_core.storage.results import safe_name
 
     return safe_name(
         Path(name_or_path).stem
@@ -120,7 +120,7 @@ class StageCase:
     @property
     def case(self) -> str:
         """The model's part of the id for this variant: `gemma3-270m` or `gemma3-270m-twin`."""
-        from fq_core.record import case_name
+        from fq_core.storage.record import case_name
 
         return case_name(self.model_id, self.variant)
 
@@ -146,14 +146,14 @@ class FqSession:
     # inputs, resolved on first use so that collection stays fast
     @functools.cached_property
     def experiment(self):
-        from fq_core.stages import experiment_from
+        from fq_core.experiment.stages import experiment_from
 
         return experiment_from(self.values, self.config.getoption("fq_keep_models"))
 
     @property
     def tools(self):
         if self._tools is None:
-            from fq_core.llama.tools import find_tools
+            from fq_core.measurement.llama.tools import find_tools
 
             self._tools = find_tools()
         return self._tools
@@ -161,7 +161,7 @@ class FqSession:
     @property
     def runner(self):
         if self._runner is None:
-            from fq_core.llama.runner import LlamaRunner
+            from fq_core.measurement.llama.runner import LlamaRunner
 
             self._runner = LlamaRunner(self.tools, threads=self.experiment.settings.threads)
         return self._runner
@@ -169,14 +169,14 @@ class FqSession:
     @property
     def corpus(self):
         if self._corpus is None:
-            from fq_core.corpus import resolve_corpus
+            from fq_core.measurement.corpus import resolve_corpus
 
             self._corpus = resolve_corpus(self.values["fq_text"])
         return self._corpus
 
     def model(self, case: StageCase):
         if case.model not in self._models:
-            from fq_core.models import resolve_model
+            from fq_core.measurement.models import resolve_model
 
             ref = resolve_model(case.model)
             if ref.name != case.model_id:
@@ -187,13 +187,15 @@ class FqSession:
         return self._models[case.model]
 
     def context(self):
-        from fq_core.stages import Context
+        from fq_core.experiment.stages import Context
 
         return Context(self.run_id, self.runner, self.tools, self.corpus, self.root)
 
     def result(self, case: StageCase) -> dict:
         """The stage × model result: computed once per run, even across xdist workers."""
-        from fq_core import progress, protocol, results, stages
+        from fq_core.experiment import protocol, stages
+        from fq_core.platform import progress
+        from fq_core.storage import results
 
         key = (case.stage, case.case)
         if key in self._results:
@@ -226,7 +228,7 @@ class FqSession:
 
     def gate(self, case: StageCase):
         """Open or closed, with the reason; Test 1 of this session is run first when needed."""
-        from fq_core import gate, stages
+        from fq_core.experiment import gate, stages
 
         gate_stage = stages.GATE_STAGE.id
         if case.stage == gate_stage:
@@ -246,7 +248,8 @@ class FqSession:
 
     def skip_stage(self, case: StageCase, reason: str) -> None:
         """Store the closed stage's result (once) so the report can say why it did not run."""
-        from fq_core import protocol, results, stages
+        from fq_core.experiment import protocol, stages
+        from fq_core.storage import results
 
         key = (case.stage, case.case)
         if key in self._results:
@@ -270,7 +273,7 @@ class FqSession:
 def results_root(config: pytest.Config) -> Path:
     """FQ_RESULTS_DIR, or results/ under the rootdir (not the cwd); a file there is one line."""
     from fq_core.errors import FqError
-    from fq_core.paths import results_dir
+    from fq_core.platform.paths import results_dir
 
     try:
         root = results_dir()
@@ -285,7 +288,7 @@ def run_id(config: pytest.Config) -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from fq_core.results import new_run_id
+    from fq_core.storage.results import new_run_id
 
     config.addinivalue_line("markers", "xdist_group(name): run these tests in one xdist worker")
     workerinput = getattr(config, "workerinput", None)
@@ -304,9 +307,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _refuse_other_settings(session: FqSession) -> None:
-    """A run id holding records is resumed only with their settings (fq_core.stages)."""
+    """A run id holding records is resumed only with their settings (fq_core.experiment.stages)."""
     from fq_core.errors import FqError
-    from fq_core.stages import check_resume
+    from fq_core.experiment.stages import check_resume
 
     try:
         check_resume(session.run_id, session.experiment, session.root)
@@ -365,7 +368,7 @@ def _models(config: pytest.Config) -> list[str]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "fq_case" not in metafunc.fixturenames:
         return
-    from fq_core.stages import STAGES
+    from fq_core.experiment.stages import STAGES
 
     variants = metafunc.config.stash[SESSION].experiment.variants
     cases = [
@@ -394,7 +397,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     Runs after -k/-m deselection, so `selected` is what this session will really run.
     """
-    from fq_core.stages import STAGES
+    from fq_core.experiment.stages import STAGES
 
     session = config.stash[SESSION]
     order = {s.id: s.index for s in STAGES}
@@ -452,8 +455,8 @@ def fq_session(request: pytest.FixtureRequest) -> FqSession:
 @pytest.fixture
 def fq_result(request: pytest.FixtureRequest, fq_session: FqSession, fq_case: StageCase):
     """The stored result of this test's stage × model; skips with the gate's reason if closed."""
-    from fq_core import results
     from fq_core.errors import FqError
+    from fq_core.storage import results
 
     node = request.node
     path = results.result_path(fq_session.run_id, fq_case.stage, fq_case.case, fq_session.root)

@@ -1,6 +1,6 @@
 """What the experiment is doing, on the terminal, while a stage's long work runs.
 
-A listener on fq_core.progress events (the step declared by the library, the chunks the
+A listener on fq_core.platform.progress events (the step declared by the library, the chunks the
 llama.cpp runner reports) written through pytest's terminal reporter:
 
 - a terminal (stdout a tty, CI unset): one line rewritten in place,
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from fq_core import progress
-from fq_core.progress import Event
+from fq_core.platform import progress
+from fq_core.platform.progress import Event
 
 PLUGIN_NAME = "fq-progress-terminal"
 

@@ -1,4 +1,4 @@
-"""pytest wiring of the regression check (the rule itself is fq_core.regression).
+"""pytest wiring of the regression check (the rule itself is fq_core.experiment.regression).
 
 - `--fq-compare[=RUN_ID|DIR]`: each stage × case gets `test_regression`, comparing this run's
   record with the reference's (default: `fq-reference/` in the rootdir when it holds that
@@ -8,7 +8,7 @@
   (`kld:10%`, `delta_ppl:0.5`, `speed:20%`, `kld_max:off`) over the documented defaults.
 - `--fq-save-reference` (no value: it never swallows a test path): when the session passed,
   its records become the reference in `--fq-reference-dir` (default `fq-reference/`), which
-  may hold nothing but a reference fq-suite wrote (fq_core.history.check_reference_dest).
+  may hold nothing but a reference fq-suite wrote (fq_core.storage.history.check_reference_dest).
 - Every run directory gets `run.json` (git commit, argv, host, timestamps, exit status).
 
 Each comparison is stored beside the record (results/<run>/<stage>/regression/<case>.json)
@@ -93,7 +93,7 @@ class RegressionState:
 
     @property
     def tolerance_text(self) -> str:
-        from fq_core.regression import tolerances_text
+        from fq_core.experiment.regression import tolerances_text
 
         return tolerances_text(self.tolerances)
 
@@ -105,7 +105,7 @@ class RegressionState:
         return self._found[key]
 
     def _find(self, rec):
-        from fq_core import history
+        from fq_core.storage import history
 
         where = f"{rec.stage}/{rec.case}"
         if self.source is not None:
@@ -144,8 +144,10 @@ def _run_id(config: pytest.Config) -> str:
 
 @pytest.hookimpl(trylast=True)  # after fq_pytest.plugin has chosen the run id
 def pytest_configure(config: pytest.Config) -> None:
-    from fq_core import atomic, history, regression
     from fq_core.errors import FqError
+    from fq_core.experiment import regression
+    from fq_core.platform import atomic
+    from fq_core.storage import history
 
     spec = config.getoption("fq_compare", default=None)
     if spec is not None and not str(spec).strip():
@@ -211,8 +213,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if state is None or state.manifest_done or "fq_case" not in getattr(item, "fixturenames", ()):
         return
     state.manifest_done = True
-    from fq_core import history
     from fq_core.errors import FqError
+    from fq_core.storage import history
 
     try:
         history.ensure_manifest(state.run_id, _argv(config), state.root, cwd=config.rootpath)
@@ -224,8 +226,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     if _is_worker(config) or STATE not in config.stash:
         return
-    from fq_core import history
     from fq_core.errors import FqError
+    from fq_core.storage import history
 
     state = config.stash[STATE]
     run = history.results.run_dir(state.run_id, state.root)
@@ -274,8 +276,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     state = config.stash.get(STATE, None)
     lines = list(config.stash.get(_LATER, []))
     if state is not None and state.spec is not None:
-        from fq_core import history, regression
         from fq_core.errors import FqError
+        from fq_core.experiment import regression
+        from fq_core.storage import history
 
         for path in history.comparison_paths(state.run_id, state.root):
             try:
@@ -295,10 +298,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 @pytest.fixture
 def fq_regression(request: pytest.FixtureRequest, fq_session, fq_result):
-    """This stage × case compared with the reference (fq_core.regression.Comparison), stored
-    beside the record; skips with the reason when there is nothing to compare."""
-    from fq_core import history, regression
+    """This stage × case compared with the reference (fq_core.experiment.regression.Comparison),
+    stored beside the record; skips with the reason when there is nothing to compare."""
     from fq_core.errors import FqError
+    from fq_core.experiment import regression
+    from fq_core.storage import history
 
     state: RegressionState = request.config.stash[STATE]
     if state.spec is None:
@@ -335,8 +339,8 @@ def _commit(manifest) -> str | None:
 
 
 def regression_outcome(cmp) -> None:
-    """End a test the way fq_core.regression.ending says (skip / fail / pass)."""
-    from fq_core.regression import ending
+    """End a test the way fq_core.experiment.regression.ending says (skip / fail / pass)."""
+    from fq_core.experiment.regression import ending
 
     how, message = ending(cmp)
     if how == "skip":

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from fq_core.record import Command
+    from fq_core.storage.record import Command
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ _HTML_REPORT = pytest.StashKey[object]()
 
 class _Errors:
     """The tests (and collectors) of this session that ended in an error: a session with
-    any states no GO, whatever its records say (fq_core.checks.decide)."""
+    any states no GO, whatever its records say (fq_core.experiment.checks.decide)."""
 
     def __init__(self) -> None:
         self.nodeids: list[str] = []

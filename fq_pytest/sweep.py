@@ -1,4 +1,5 @@
-"""pytest wiring of the sensitivity sweep (experiments/test_sensitivity.py); logic in fq_core.sweep.
+"""pytest wiring of the sensitivity sweep (experiments/test_sensitivity.py); logic in
+fq_core.experiment.sweep.
 
 - Options: `fq_sweep_*` ini values, each also a `--fq-sweep-…` flag, and `--fq-gpu-layers`.
 - Which plan: `fq_sweep_plan = smoke` (default: what plain `pytest` and CI run — Gemma3,
@@ -24,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from fq_core.settings import SWEEP as SETTINGS
+from fq_core.definitions.settings import SWEEP as SETTINGS
 from fq_pytest.plugin import SESSION, add_options, model_id
 from fq_pytest.plugin import option_values as plugin_option_values
 
@@ -68,7 +69,7 @@ def option_values(config: pytest.Config) -> dict[str, Any]:
 
 
 def plan_from(values: dict[str, Any], rounding: str):
-    from fq_core import sweep
+    from fq_core.experiment import sweep
 
     if values["fq_sweep_plan"] == "smoke":
         return sweep.SMOKE
@@ -92,7 +93,7 @@ def plan_from(values: dict[str, Any], rounding: str):
 @dataclass(frozen=True)
 class SweepCase:
     model: str  # as given
-    cell: Any  # fq_core.sweep.Cell, or None when the model was not available at collection
+    cell: Any  # experiment.sweep.Cell, or None when the model was not available at collection
     reason: str | None = None
 
     @property
@@ -125,7 +126,7 @@ class SweepSession:
     @property
     def tools(self):
         if self._tools is None:
-            from fq_core.sweep import tools_for_backend
+            from fq_core.experiment.sweep import tools_for_backend
 
             self._tools = tools_for_backend(self.fq.tools, self.values["fq_gpu_layers"])
         return self._tools
@@ -133,22 +134,22 @@ class SweepSession:
     @property
     def runner(self):
         if self._runner is None:
-            from fq_core.llama.runner import LlamaRunner
+            from fq_core.measurement.llama.runner import LlamaRunner
 
             self._runner = LlamaRunner(self.tools, gpu_layers=self.values["fq_gpu_layers"])
         return self._runner
 
     def context(self):
-        from fq_core.stages import Context
+        from fq_core.experiment.stages import Context
 
         fq = self.fq
         return Context(fq.run_id, self.runner, self.tools, fq.corpus, fq.root)
 
     def cases(self) -> list[SweepCase]:
-        from fq_core import sweep
         from fq_core.errors import FqError
-        from fq_core.gguf_index import read_index
-        from fq_core.models import resolve_model
+        from fq_core.experiment import sweep
+        from fq_core.measurement.gguf_index import read_index
+        from fq_core.measurement.models import resolve_model
 
         out: list[SweepCase] = []
         for m in dict.fromkeys(self.plan.models):
@@ -214,7 +215,7 @@ def _case(item: pytest.Item) -> SweepCase | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Sweep items in the plan's order (model, variant, format, kind, layer), where the first
     of them stood; everything else keeps its place."""
-    from fq_core import sweep
+    from fq_core.experiment import sweep
 
     pos = [i for i, item in enumerate(items) if _case(item) is not None]
     if not pos:
@@ -236,8 +237,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.fixture
 def fq_sweep_cell(request: pytest.FixtureRequest, fq_sweep_case: SweepCase):
     """The stored record of this test's cell (measured now, or from the cell cache)."""
-    from fq_core import progress, sweep
     from fq_core.errors import FqError
+    from fq_core.experiment import sweep
+    from fq_core.platform import progress
 
     if fq_sweep_case.cell is None:
         pytest.skip(fq_sweep_case.reason)
@@ -273,7 +275,7 @@ def _stage_case(case: SweepCase):
 
 
 def _cells_dir(config: pytest.Config) -> Path | None:
-    from fq_core import sweep
+    from fq_core.experiment import sweep
 
     fq = config.stash[SESSION]
     d = sweep.cell_path(fq.run_id, "x", fq.root).parent
@@ -296,8 +298,8 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     cells = _cells_dir(config)
     if cells is None:
         return
+    from fq_core.experiment.sweep import analyze_dirs
     from fq_core.report import sensitivity
-    from fq_core.sweep import analyze_dirs
 
     fq = config.stash[SESSION]
     try:
@@ -325,8 +327,8 @@ def pytest_html_results_summary(prefix, summary, postfix, session) -> None:
     if cells is None:
         return
     try:
+        from fq_core.experiment.sweep import analyze_dirs
         from fq_core.report import sensitivity
-        from fq_core.sweep import analyze_dirs
 
         analysis = analyze_dirs([cells], q=config.stash[SWEEP].values["fq_sweep_fdr"])
         postfix.append(sensitivity.section_html(analysis))

@@ -1,4 +1,4 @@
-"""Reference float conversions the format tests compare fq_core.formats against.
+"""Reference float conversions the format tests compare fq_core.definitions.formats against.
 
 gguf.quants BF16 is what llama.cpp writes; ml_dtypes/numpy casts round to nearest; the
 round-toward-zero reference is a lookup in the table of every finite value of the format.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from fq_core import record
-from fq_core.checks import CHECKS
+from fq_core.experiment.checks import CHECKS
+from fq_core.storage import record
 
 
 def _check(status: str = "passed", gates: bool = True, **more: Any) -> dict:

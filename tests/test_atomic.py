@@ -1,4 +1,4 @@
-"""No input is ever lost or overwritten, and no temporary survives: fq_core.atomic and the
+"""No input is ever lost or overwritten, and no temporary survives: fq_core.platform.atomic and the
 commands that write through it, attacked the way a careless or hostile user would."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from gguf_factory import build_gguf
 
-from fq_core import atomic
 from fq_core.cli import main
 from fq_core.errors import OutputRefused
+from fq_core.platform import atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,7 +195,7 @@ def test_disk_full_is_one_line(two_models, tmp_path, monkeypatch, capsys):
     def full(src, dst, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("fq_core.patch.shutil.copyfile", full)
+    monkeypatch.setattr("fq_core.measurement.patch.shutil.copyfile", full)
     status, _, err = run(capsys, "quantize", a, tmp_path / "o.gguf")
     assert status == 2 and "no space left" in err and err.count("\n") == 1
     assert temporaries(tmp_path) == [] and not (tmp_path / "o.gguf").exists()

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from fq_core.corpus import resolve_corpus
-from fq_core.llama.tools import find_tools
-from fq_core.models import resolve_model
+from fq_core.measurement.corpus import resolve_corpus
+from fq_core.measurement.llama.tools import find_tools
+from fq_core.measurement.models import resolve_model
 
 pytestmark = [pytest.mark.llama, pytest.mark.models]
 

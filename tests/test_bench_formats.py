@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fq_core.formats import FORMATS, ROUNDINGS, fake_quantize
+from fq_core.definitions.formats import FORMATS, ROUNDINGS, fake_quantize
 
 N = 1 << 20
 

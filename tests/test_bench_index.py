@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gguf
 
-from fq_core.gguf_index import read_index
+from fq_core.measurement.gguf_index import read_index
 
 _INDEX_SECONDS: dict[str, float] = {}
 

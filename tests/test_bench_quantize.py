@@ -18,10 +18,10 @@ import gguf
 import numpy as np
 import pytest
 
-from fq_core.formats import fake_quantize
-from fq_core.gguf_index import read_index
-from fq_core.patch import copy_and_patch, plan_changes, read_manifest
-from fq_core.selection import resolve
+from fq_core.definitions.formats import fake_quantize
+from fq_core.measurement.gguf_index import read_index
+from fq_core.measurement.patch import copy_and_patch, plan_changes, read_manifest
+from fq_core.measurement.selection import resolve
 
 FQ = str(Path(sys.executable).with_name("fq"))
 _MIN: dict[str, float] = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fq_core.twin import read_manifest
+from fq_core.measurement.twin import read_manifest
 
 FQ = str(Path(sys.executable).with_name("fq"))
 _MIN: dict[str, float] = {}

@@ -1,4 +1,5 @@
-"""fq_core.cache: a cached measurement is used only when it proves itself (issue 18, item 3).
+"""fq_core.storage.cache: a cached measurement is used only when it proves itself (issue 18, item
+3).
 
 On real files: an entry and the file it stands for, damaged the ways a hand, a crash or an
 older fq would (an entry holding `{}`, an edited figure, zeroed logits of the same size, an
@@ -23,9 +24,12 @@ from pathlib import Path
 import pytest
 from test_docs import StubRunner, _inputs
 
-from fq_core import cache, evaluate, progress, protocol, record, results, stages
-from fq_core.paths import cache_dir
+from fq_core.experiment import protocol, stages
+from fq_core.measurement import evaluate
+from fq_core.platform import progress
+from fq_core.platform.paths import cache_dir
 from fq_core.report.markdown import write_reports
+from fq_core.storage import cache, record, results
 
 KEY = "k" * 20
 
@@ -120,7 +124,10 @@ def test_an_entry_that_fails_its_proof_is_moved_aside_and_measured_again(
     events = []
     listener = progress.subscribe(events.append)
     try:
-        with caplog.at_level(logging.WARNING, logger="fq_core.cache"), progress.step("baseline"):
+        with (
+            caplog.at_level(logging.WARNING, logger="fq_core.storage.cache"),
+            progress.step("baseline"),
+        ):
             again = _entry()
     finally:
         progress.unsubscribe(listener)

@@ -1,4 +1,5 @@
-"""fq_core.checks on tables of boundary rows: value, threshold -> status, and the one rule.
+"""fq_core.experiment.checks on tables of boundary rows: value, threshold -> status, and the one
+rule.
 
 Like ml_dtypes' edge tables: every row is a case someone could get wrong (the value on the
 threshold, just over, NaN, no threshold at all).
@@ -13,8 +14,9 @@ import msgspec
 import pytest
 from record_factory import make_record
 
-from fq_core import checks, record
-from fq_core.checks import Check
+from fq_core.experiment import checks
+from fq_core.experiment.checks import Check
+from fq_core.storage import record
 
 NAN, INF = math.nan, math.inf
 
@@ -271,7 +273,7 @@ def test_decide(outcome, statuses, errors, verdict, reason):
 def test_the_gate_and_the_report_decide_alike(outcome, statuses, errors, verdict, reason):
     """The gate opens on exactly the records the report calls GO (no session errors: the
     gate decides within the session), and closes with the failing checks' own lines."""
-    from fq_core import gate
+    from fq_core.experiment import gate
     from fq_core.report import RunResults, StageResult, decide
 
     rec = _test1(outcome, **statuses)

@@ -210,7 +210,7 @@ def test_quantize_registry_name_smollm2(tmp_path, capsys):
 
 def _nan_copy(model, tmp_path):
     """A copy of the model whose blk.0.ffn_norm.weight is all NaN (no manifest)."""
-    from fq_core.gguf_index import read_index
+    from fq_core.measurement.gguf_index import read_index
 
     info = read_index(model.path).tensor("blk.0.ffn_norm.weight")
     return patched(
@@ -365,13 +365,13 @@ def test_ctrl_c_at_any_moment_of_a_short_run(model, tmp_path):
 
 def test_ctrl_c_after_the_outputs_are_written_exits_0(model, tmp_path, monkeypatch, capsys):
     """Ctrl-C after the manifest is published (the last log line of the work)."""
-    import fq_core.patch
+    import fq_core.measurement.patch
 
     class Log:
         def info(self, *args):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(fq_core.patch, "log", Log())
+    monkeypatch.setattr(fq_core.measurement.patch, "log", Log())
     dst = tmp_path / "o.gguf"
     status, _, err = run(capsys, "quantize", str(model.path), str(dst))
     assert status == 0 and "interrupted" not in err
@@ -391,7 +391,7 @@ def test_a_real_signal_while_publishing(model, tmp_path, monkeypatch, capsys, si
     """SIGINT or SIGTERM arriving inside the link that publishes the model (1) or its manifest
     (2): held until the publish is recorded, then delivered. Before the manifest: nothing is
     left; after it: the work is complete, exit 0."""
-    from fq_core import atomic
+    from fq_core.platform import atomic
 
     real_link, calls = os.link, []
 
@@ -422,7 +422,7 @@ def test_a_real_signal_while_publishing(model, tmp_path, monkeypatch, capsys, si
 
 
 def test_doctor_names_stale_temporaries(tmp_path, monkeypatch, capsys):
-    from fq_core import atomic
+    from fq_core.platform import atomic
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("FQ_RESULTS_DIR", str(tmp_path / "results"))
@@ -456,7 +456,7 @@ def test_doctor_names_stale_temporaries(tmp_path, monkeypatch, capsys):
 
 
 def test_evaluate_refuses_a_broken_gguf_before_any_llama_run(model, tmp_path, monkeypatch, capsys):
-    import fq_core.llama.tools as tools
+    import fq_core.measurement.llama.tools as tools
 
     def no_llama(*args, **kwargs):
         raise AssertionError("llama.cpp must not be looked for")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from fq_core import corpus
-from fq_core.corpus import ZIP_MEMBER, resolve_corpus
 from fq_core.errors import BadInput, CorpusMissing, FetchFailed
+from fq_core.measurement import corpus
+from fq_core.measurement.corpus import ZIP_MEMBER, resolve_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
@@ -101,7 +101,10 @@ def test_real_shared_corpus(tmp_path):
     assert c.n_bytes == REAL_BYTES == c.path.stat().st_size
     assert c.sha256 == REAL_SHA256 == hashlib.sha256(c.path.read_bytes()).hexdigest()
     # found from the checkout the command runs in, also from a directory inside it
-    script = "from fq_core.corpus import resolve_corpus; print(resolve_corpus(download=False))"
+    script = (
+        "from fq_core.measurement.corpus import resolve_corpus; "
+        "print(resolve_corpus(download=False))"
+    )
     for cwd in (ROOT, ROOT / "tests"):
         run = subprocess.run(
             [sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, check=True

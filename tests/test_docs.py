@@ -11,8 +11,8 @@ exist) fails here:
   value is in the README (the settings table, with its default); every `--fq-*` flag is named
   in the README or is the flag of a documented ini value (`fq_chunks` <-> `--fq-chunks`, as the
   settings heading says); every `--fq-*` / `fq_*` the README names exists, and so does every
-  `fq_*` key in pytest.ini. Defaults are `fq_core.settings`' alone: the plugins register them,
-  pytest.ini sets no other value, and the library's own defaults are what they give.
+  `fq_*` key in pytest.ini. Defaults are `fq_core.definitions.settings`' alone: the plugins register
+  them, pytest.ini sets no other value, and the library's own defaults are what they give.
 - command flags: every `--flag` the `fq` chapter shows for a command exists on that command's
   parser (a flag in a section's prose belongs to the commands its heading names); the
   number-format bullets are `--format`'s choices, the models table is the registry, and the
@@ -20,9 +20,9 @@ exist) fails here:
 - result fields: every field of the stage-result schema in docs/architecture.md (and every
   top-level field and threshold the code writes is in that schema), its check names and
   statuses, and every field the README says a result records (README_CLAIMS), are written by
-  the code. The record skeleton comes from `fq_core.protocol.header` / `skipped_result`; the
-  measured sections from the real protocol (`fq_core.protocol.run_stage`) on a small factory
-  GGUF with llama.cpp replaced by a stub returning the runner's own result types. A `llama`
+  the code. The record skeleton comes from `fq_core.experiment.protocol.header` / `skipped_result`;
+  the measured sections from the real protocol (`fq_core.experiment.protocol.run_stage`) on a small
+  factory GGUF with llama.cpp replaced by a stub returning the runner's own result types. A `llama`
   test repeats the key checks on the newest complete result a real run stored, if any.
 """
 
@@ -40,16 +40,24 @@ from pathlib import Path
 import pytest
 from gguf_factory import build_gguf
 
-from fq_core import protocol, record, results, settings, stages, sweep
-from fq_core.checks import STATUSES
 from fq_core.cli import build_parser
-from fq_core.corpus import Corpus
-from fq_core.evaluate import EvalSettings
-from fq_core.formats import FORMATS, ROUNDINGS
-from fq_core.hashing import sha256_file
-from fq_core.llama.runner import CommandRecord, Generation, KLDStats, LoadResult, PerplexityResult
-from fq_core.llama.tools import LlamaTools
-from fq_core.models import REGISTRY, ModelRef
+from fq_core.definitions import settings
+from fq_core.definitions.formats import FORMATS, ROUNDINGS
+from fq_core.experiment import protocol, stages, sweep
+from fq_core.experiment.checks import STATUSES
+from fq_core.measurement.corpus import Corpus
+from fq_core.measurement.evaluate import EvalSettings
+from fq_core.measurement.llama.runner import (
+    CommandRecord,
+    Generation,
+    KLDStats,
+    LoadResult,
+    PerplexityResult,
+)
+from fq_core.measurement.llama.tools import LlamaTools
+from fq_core.measurement.models import REGISTRY, ModelRef
+from fq_core.platform.hashing import sha256_file
+from fq_core.storage import record, results
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -336,9 +344,9 @@ def test_defaults_the_docs_repeat_are_the_settings():
 
 
 def test_every_default_is_the_settings_definition(plugin_options):
-    """fq_core.settings is the one definition: the plugins register its defaults, pytest.ini
-    sets nothing else (else the README's table would not be what `pytest` runs with), and the
-    library's own defaults (record.Thresholds, stages.Experiment, EvalSettings, the sweep's q,
+    """fq_core.definitions.settings is the one definition: the plugins register its defaults,
+    pytest.ini sets nothing else (else the README's table would not be what `pytest` runs with), and
+    the library's own defaults (record.Thresholds, stages.Experiment, EvalSettings, the sweep's q,
     `fq evaluate`) are what the options give when none is set."""
     every = (*settings.STAGE, *settings.SWEEP)
     registered = {name: default for name, (_, default) in plugin_options.inis.items()}

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from fq_core.corpus import resolve_corpus
-from fq_core.evaluate import (
+from fq_core.measurement.corpus import resolve_corpus
+from fq_core.measurement.evaluate import (
     EvalSettings,
     Prompt,
     chunk_nlls,
@@ -17,10 +17,10 @@ from fq_core.evaluate import (
     evaluate_baseline,
     paired_delta_pct_err,
 )
-from fq_core.llama import parse
-from fq_core.llama.runner import LlamaRunner, run_logged
-from fq_core.llama.tools import find_tools
-from fq_core.models import resolve_model
+from fq_core.measurement.llama import parse
+from fq_core.measurement.llama.runner import LlamaRunner, run_logged
+from fq_core.measurement.llama.tools import find_tools
+from fq_core.measurement.models import resolve_model
 
 # the tests using `env` run llama.cpp on SmolLM2 and are marked llama + models
 
@@ -42,13 +42,13 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def changed_smol(env):
     """SmolLM2 with its ffn_norm weights rounded to fp8 (BF16 would change nothing here)."""
-    from fq_core.models import ModelRef
-    from fq_core.patch import fake_quantize_file
+    from fq_core.measurement.models import ModelRef
+    from fq_core.measurement.patch import fake_quantize_file
 
     _, smol, _, root = env
     dst = root / "smol-fp8.gguf"
     fake_quantize_file(smol.path, dst, fmt="fp8_e4m3")
-    from fq_core.hashing import sha256_file
+    from fq_core.platform.hashing import sha256_file
 
     return ModelRef("smol-fp8", dst, sha256_file(dst), None)
 

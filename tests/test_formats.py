@@ -1,4 +1,4 @@
-"""fq_core.formats on a named table of edge values for every format.
+"""fq_core.definitions.formats on a named table of edge values for every format.
 
 The Hypothesis properties of the conversion run beside the stages, in
 experiments/test_conversion_properties.py.
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from float_refs import U32, bits, f32, format_edges, gguf_bf16, ml_roundtrip, rtz_reference
 
+from fq_core.definitions.formats import FLOAT_DTYPES, FORMATS, ROUNDINGS, fake_quantize, int8_scale
 from fq_core.errors import BadFormat
-from fq_core.formats import FLOAT_DTYPES, FORMATS, ROUNDINGS, fake_quantize, int8_scale
 
 # name: (input bits, bf16 truncate bits, bf16 nearest bits)
 BF16_EDGES = {

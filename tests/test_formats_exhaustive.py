@@ -24,7 +24,7 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from fq_core.formats import fake_quantize
+from fq_core.definitions.formats import fake_quantize
 
 pytestmark = pytest.mark.slow
 

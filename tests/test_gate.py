@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from record_factory import make_record
 
-from fq_core import gate, record, results
-from fq_core.identity import Identity
+from fq_core.experiment import gate
+from fq_core.storage import record, results
+from fq_core.storage.identity import Identity
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -254,7 +255,7 @@ def test_impossible_threshold_closes_the_gate_for_real(tmp_path):
     ],
 )
 def test_placebo_verdict_wording(treatment, placebos, ratio, verdict):
-    from fq_core.checks import placebo_verdict
+    from fq_core.experiment.checks import placebo_verdict
 
     got_ratio, got_verdict = placebo_verdict(treatment, placebos)
     assert got_verdict == verdict

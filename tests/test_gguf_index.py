@@ -20,7 +20,7 @@ from gguf_factory import (
 )
 
 from fq_core.errors import BadModel, BadSelection
-from fq_core.gguf_index import ArrayInfo, read_index, read_tensor
+from fq_core.measurement.gguf_index import ArrayInfo, read_index, read_tensor
 
 QT = gguf.GGMLQuantizationType
 VT = gguf.GGUFValueType

@@ -8,8 +8,9 @@ import json
 import msgspec
 import pytest
 
-from fq_core import history, sweep
-from fq_core.identity import Identity, MachineInfo, machine_info
+from fq_core.experiment import sweep
+from fq_core.storage import history
+from fq_core.storage.identity import Identity, MachineInfo, machine_info
 
 MACHINE = MachineInfo(hostname="h", cpu="Intel Xeon", cores=2, python="3.11.2", platform="Linux")
 FULL = Identity(

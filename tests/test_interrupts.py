@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from fq_core import atomic
 from fq_core.cli import main
 from fq_core.errors import BadInput, OutputRefused
+from fq_core.platform import atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -250,9 +250,9 @@ FAST += ["--fq-gen-tokens", "1", "--fq-placebo-seeds", "1"]
 @pytest.fixture
 def private(tmp_path):
     """A private cache (only the models linked from the shared one) and results store."""
-    from fq_core.llama.tools import find_tools
-    from fq_core.models import resolve_model
-    from fq_core.paths import cache_dir
+    from fq_core.measurement.llama.tools import find_tools
+    from fq_core.measurement.models import resolve_model
+    from fq_core.platform.paths import cache_dir
 
     tools = find_tools()
     models = resolve_model("smollm2-135m").path.parent.parent

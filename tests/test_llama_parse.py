@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fq_core.llama import parse
+from fq_core.measurement.llama import parse
 
 DATA = Path(__file__).parent / "data" / "llama_output"
 

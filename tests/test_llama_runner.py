@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from fq_core.errors import LlamaFailed
-from fq_core.llama.runner import LlamaRunner, run_logged
-from fq_core.llama.tools import find_tools
-from fq_core.models import resolve_model
+from fq_core.measurement.llama.runner import LlamaRunner, run_logged
+from fq_core.measurement.llama.tools import find_tools
+from fq_core.measurement.models import resolve_model
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def gemma():
 
 @pytest.fixture(scope="session")
 def corpus():
-    from fq_core.corpus import resolve_corpus
+    from fq_core.measurement.corpus import resolve_corpus
 
     return resolve_corpus()
 

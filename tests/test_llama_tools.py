@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from fq_core.errors import ToolMissing
-from fq_core.hashing import sha256_file
-from fq_core.identity import Identity
-from fq_core.llama import tools as T
+from fq_core.measurement.llama import tools as T
+from fq_core.platform.hashing import sha256_file
+from fq_core.storage.identity import Identity
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_fixed_instruction_set_level(monkeypatch):
     """FQ_LLAMA_CPU=x86-64-v3: GGML_NATIVE off, the level's features on, and a key that does
     not depend on this CPU (runners of one kind share the build and its numbers)."""
     from fq_core.errors import BadInput
-    from fq_core.llama import tools
+    from fq_core.measurement.llama import tools
 
     monkeypatch.delenv("FQ_LLAMA_CPU", raising=False)
     native_args, native_key = tools.cmake_args(), tools.flags_hash()
@@ -183,7 +183,7 @@ def test_fixed_instruction_set_level(monkeypatch):
 def test_a_native_build_never_compiles_amx(monkeypatch):
     """A CPU advertising AMX gets a native build without it (its tiles trapped with SIGILL in
     this VM); a CPU without AMX gets the plain native flags."""
-    from fq_core.llama import tools
+    from fq_core.measurement.llama import tools
 
     monkeypatch.delenv("FQ_LLAMA_CPU", raising=False)
     monkeypatch.delenv("FQ_LLAMA_CMAKE_ARGS", raising=False)
@@ -304,9 +304,10 @@ def test_a_wrapper_with_the_same_version_gets_its_own_keys(fake_cache_build, tmp
     """Attack: FQ_LLAMA_BIN_DIR = a wrapper printing the cached build's version that alters
     perplexity. Before: the baseline, placebos, treatments, cells and the gate were keyed by
     the version string, so the wrapper's figures and the build's were served for each other."""
-    from fq_core import evaluate, protocol, stages, sweep
-    from fq_core.corpus import Corpus
-    from fq_core.models import ModelRef
+    from fq_core.experiment import protocol, stages, sweep
+    from fq_core.measurement import evaluate
+    from fq_core.measurement.corpus import Corpus
+    from fq_core.measurement.models import ModelRef
 
     cached = T.find_tools(build=False)
     wrapper = tmp_path / "wrapper"

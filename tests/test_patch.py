@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from gguf_factory import build_gguf
 
-from fq_core import patch as patch_mod
+from fq_core.definitions.formats import fake_quantize
 from fq_core.errors import BadFormat, BadSelection, FqError, OutputRefused
-from fq_core.formats import fake_quantize
-from fq_core.gguf_index import read_index, read_tensor
-from fq_core.metrics import compare_files
-from fq_core.patch import fake_quantize_file, read_manifest
+from fq_core.measurement import patch as patch_mod
+from fq_core.measurement.gguf_index import read_index, read_tensor
+from fq_core.measurement.metrics import compare_files
+from fq_core.measurement.patch import fake_quantize_file, read_manifest
 
 
 def sha(path) -> str:
@@ -323,7 +323,7 @@ def test_values_beyond_the_format_are_counted_in_summary_and_manifest(tmp_path):
 
 def test_manifest_input_hash_is_computed_not_remembered(model, tmp_path, monkeypatch):
     """A stale or lying hash-cache entry for the input never reaches the manifest."""
-    from fq_core import hashing
+    from fq_core.platform import hashing
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(hashing, "RACY_S", -1e9)

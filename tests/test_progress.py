@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fq_core import progress
-from fq_core.llama import parse
-from fq_core.llama.runner import _chunk_watch, run_logged
+from fq_core.measurement.llama import parse
+from fq_core.measurement.llama.runner import _chunk_watch, run_logged
+from fq_core.platform import progress
 from fq_pytest.progress import TerminalProgress, duration, on_ci
 
 pytest_plugins = ("pytester",)
@@ -448,10 +448,10 @@ def test_plugin_quiet_shows_nothing(inner):
 @pytest.mark.llama
 @pytest.mark.models
 def test_perplexity_reports_chunks_as_they_finish(events, tmp_path):
-    from fq_core.corpus import resolve_corpus
-    from fq_core.llama.runner import LlamaRunner
-    from fq_core.llama.tools import find_tools
-    from fq_core.models import resolve_model
+    from fq_core.measurement.corpus import resolve_corpus
+    from fq_core.measurement.llama.runner import LlamaRunner
+    from fq_core.measurement.llama.tools import find_tools
+    from fq_core.measurement.models import resolve_model
 
     runner = LlamaRunner(find_tools(), log_dir=tmp_path / "logs", timeout_s=600)
     smol, corpus = resolve_model("smollm2-135m"), resolve_corpus()

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from test_regression import rec
 
-from fq_core import history, results
 from fq_core.cli import main
 from fq_core.errors import OutputRefused
+from fq_core.storage import history, results
 
 
 def _store(tmp_path: Path, *run_ids: str) -> Path:

@@ -1,7 +1,7 @@
 """The regression rule, the history store and their front doors, without llama.cpp.
 
-Tables of boundary cases for the rule (fq_core.regression), the run manifest / references /
-sources (fq_core.history), `fq diff` and `fq reference save` (exit statuses, one-line
+Tables of boundary cases for the rule (fq_core.experiment.regression), the run manifest / references
+/ sources (fq_core.storage.history), `fq diff` and `fq reference save` (exit statuses, one-line
 errors), and the pytest options end to end through pytester with a stand-in `fq_result`.
 The llama-backed proofs (the same selection twice, placebo against placebo, a worse format)
 are in experiments/test_regression_proofs.py.
@@ -16,10 +16,17 @@ from pathlib import Path
 import pytest
 from record_factory import make_record
 
-from fq_core import history, record, regression, results, stages
 from fq_core.cli import main
 from fq_core.errors import BadInput, OutputRefused
-from fq_core.regression import METRICS, Tolerance, compare, compare_metric, parse_tolerances
+from fq_core.experiment import regression, stages
+from fq_core.experiment.regression import (
+    METRICS,
+    Tolerance,
+    compare,
+    compare_metric,
+    parse_tolerances,
+)
+from fq_core.storage import history, record, results
 
 pytest_plugins = ("pytester",)
 
@@ -756,7 +763,7 @@ def inner(pytester, monkeypatch, tmp_path):
 
 
 #: A session resumes a run id only with the settings its records were made with
-#: (fq_core.stages.check_resume): the inner session's are the defaults.
+#: (fq_core.experiment.stages.check_resume): the inner session's are the defaults.
 SESSION_SETTINGS = stages.Experiment().settings_json()
 
 

@@ -3,7 +3,7 @@ charts and markdown reports checked against the results JSON it stored.
 
 The session fixture runs `pytest experiments -k layer0` (real llama.cpp, real models, a few
 chunks) into a temporary results directory, exactly as a user would; nothing there is
-hand-written JSON. The stored records are read back typed (fq_core.record) and every number
+hand-written JSON. The stored records are read back typed (fq_core.storage.record) and every number
 the HTML shows is compared with the field its data-key names, by attribute.
 
 The fast tests further down need no llama.cpp: they render records built by
@@ -30,10 +30,10 @@ from pathlib import Path
 import pytest
 from record_factory import make_record
 
-from fq_core import record, results
 from fq_core.figures import figure
-from fq_core.record import PlaceboComparison, StageRecord, Standing, Versus
 from fq_core.report.rows import TONES as TONE
+from fq_core.storage import record, results
+from fq_core.storage.record import PlaceboComparison, StageRecord, Standing, Versus
 
 # tests using `real_run` are marked models + llama by fq_pytest.markers; the rest run offline
 
@@ -683,7 +683,8 @@ def test_html_escapes_record_text(tmp_path):
 
 
 def test_stage_ids_come_from_the_stage_definitions():
-    from fq_core import report, stages
+    from fq_core import report
+    from fq_core.experiment import stages
     from fq_core.report import StageResult, stage_sort_key
 
     assert report.GATE_STAGE is stages.GATE_STAGE and not hasattr(report, "STAGE_ORDER")
@@ -793,15 +794,15 @@ def test_fq_report_writes_whole_or_nothing(tmp_path, monkeypatch):
     ],
 )
 def test_delta_ppl_against_the_placebo(value, lo, hi, standing, words):
-    """What the protocol stores in record.placebo.compared (fq_core.checks): the category
+    """What the protocol stores in record.placebo.compared (fq_core.experiment.checks): the category
     the report colours by, and its words."""
-    from fq_core.checks import delta_vs_placebo
+    from fq_core.experiment.checks import delta_vs_placebo
 
     assert delta_vs_placebo(value, lo, hi) == Versus(standing=Standing(standing), words=words)
 
 
 def test_same_top_against_the_placebo():
-    from fq_core.checks import same_top_vs_placebo
+    from fq_core.experiment.checks import same_top_vs_placebo
 
     above = Versus(standing=Standing.ABOVE, words="1.6× the largest placebo drop")
     assert same_top_vs_placebo(95.6, 97.3) == above
@@ -826,7 +827,7 @@ def test_same_top_against_the_placebo():
 )
 def test_kld_against_the_placebo(changed, seeds, treatment, placebos, standing, words):
     """The category comes from the ratio, never from the words (`×` in the wording)."""
-    from fq_core.checks import kld_vs_placebo, placebo_verdict
+    from fq_core.experiment.checks import kld_vs_placebo, placebo_verdict
 
     ratio, verdict = (None, "control not run")
     if placebos:

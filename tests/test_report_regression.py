@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from record_factory import make_record
 
-from fq_core import history, record, regression, results
 from fq_core.errors import BadInput
-from fq_core.regression import METRICS, compare
+from fq_core.experiment import regression
+from fq_core.experiment.regression import METRICS, compare
+from fq_core.storage import history, record, results
 
 STAGE, MODEL = "layer0", "gemma3-270m"
 KEY = f"{STAGE}/{MODEL}"
@@ -492,7 +493,7 @@ def test_pytest_html_summary_puts_the_comparison_after_the_decision(tmp_path, mo
 
 
 def test_fq_report_on_a_results_root_with_run_manifests(tmp_path, capsys):
-    """`fq report results/ OUT`: every run has its run.json now (fq_core.history), which a
+    """`fq report results/ OUT`: every run has its run.json now (fq_core.storage.history), which a
     results root's `*/*.json` matches; the root must still resolve to its latest run."""
     from fq_core.cli import main
     from fq_core.report import is_run_dir, resolve_run_dir

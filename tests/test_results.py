@@ -8,9 +8,9 @@ import re
 import pytest
 from record_factory import make_record
 
-from fq_core import record, results
 from fq_core.errors import BadInput
-from fq_core.identity import Identity
+from fq_core.storage import record, results
+from fq_core.storage.identity import Identity
 
 
 def test_run_ids_sort_by_time_and_are_unique():

@@ -6,8 +6,8 @@ import pytest
 from gguf_factory import build_gguf
 
 from fq_core.errors import BadSelection
-from fq_core.gguf_index import read_index
-from fq_core.selection import describe, format_layers, parse_layers, resolve, split_name
+from fq_core.measurement.gguf_index import read_index
+from fq_core.measurement.selection import describe, format_layers, parse_layers, resolve, split_name
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""Intervals, floors and the resolution sentence (fq_core.stats): no llama.cpp needed."""
+"""Intervals, floors and the resolution sentence (fq_core.experiment.stats): no llama.cpp needed."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fq_core import stats
+from fq_core.experiment import stats
 
 # Per-chunk mean KLD shaped like the measurements of issue 12 (Gemma3, 8 chunks).
 TWIN_PLACEBO = [1.8e-7, 1.6e-7, 2.0e-7, 1.9e-7, 1.7e-7, 1.8e-7, 1.9e-7, 1.6e-7]

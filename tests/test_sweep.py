@@ -1,4 +1,4 @@
-"""The sensitivity sweep (fq_core.sweep, fq_core.report.sensitivity, fq_pytest.sweep).
+"""The sensitivity sweep (fq_core.experiment.sweep, fq_core.report.sensitivity, fq_pytest.sweep).
 
 Offline (`make check`): the plan's cells and ids, the statistics (t-test p-values,
 Benjamini–Hochberg, rank ranges where overlapping intervals tie, the sentence), merging shards
@@ -25,17 +25,18 @@ import numpy as np
 import pytest
 from gguf_factory import build_gguf
 
-from fq_core import results, stages, sweep
 from fq_core.cli import main
-from fq_core.corpus import Corpus
 from fq_core.errors import BadInput, BadSelection
-from fq_core.gguf_index import read_index
-from fq_core.hashing import sha256_file
-from fq_core.identity import Identity
-from fq_core.llama.runner import CommandRecord, KLDStats, LoadResult, PerplexityResult
-from fq_core.llama.tools import LlamaTools
-from fq_core.models import ModelRef
+from fq_core.experiment import stages, sweep
+from fq_core.measurement.corpus import Corpus
+from fq_core.measurement.gguf_index import read_index
+from fq_core.measurement.llama.runner import CommandRecord, KLDStats, LoadResult, PerplexityResult
+from fq_core.measurement.llama.tools import LlamaTools
+from fq_core.measurement.models import ModelRef
+from fq_core.platform.hashing import sha256_file
 from fq_core.report import sensitivity
+from fq_core.storage import results
+from fq_core.storage.identity import Identity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -407,7 +408,7 @@ class StubRunner:
         return LoadResult(True, 12.5, 1_000, self._record("llama-completion", model.path))
 
     def generate(self, model, prompt, n_tokens, *, chat=False, chat_template=None, **kw):
-        from fq_core.llama.runner import Generation
+        from fq_core.measurement.llama.runner import Generation
 
         rec = self._record("llama-completion", "-m", model.path)
         return Generation(prompt, chat, "x", n_tokens, 100.0, "llama-completion", rec, (1,))
@@ -591,7 +592,7 @@ def test_backend_names_gpu_builds_and_layers(tmp_path):
 
 
 def test_runner_passes_gpu_layers_only_when_given(tmp_path):
-    from fq_core.llama.runner import LlamaRunner
+    from fq_core.measurement.llama.runner import LlamaRunner
 
     tools = LlamaTools(bin_dir=tmp_path, version="v", build_info="b", source="flag")
     assert LlamaRunner(tools)._ngl() == []
@@ -683,13 +684,13 @@ def test_bench_cell_vs_bare_llama(benchmark, tmp_path, monkeypatch):
     run, the record) against that llama-perplexity command run bare on a file made
     beforehand. Placebos are left out (they are cached runs of their own); the baseline is
     made first, outside the timing."""
-    from fq_core.corpus import resolve_corpus
-    from fq_core.evaluate import evaluate_baseline
-    from fq_core.llama.runner import LlamaRunner
-    from fq_core.llama.tools import find_tools
-    from fq_core.models import resolve_model
-    from fq_core.patch import fake_quantize_file
-    from fq_core.paths import cache_dir
+    from fq_core.measurement.corpus import resolve_corpus
+    from fq_core.measurement.evaluate import evaluate_baseline
+    from fq_core.measurement.llama.runner import LlamaRunner
+    from fq_core.measurement.llama.tools import find_tools
+    from fq_core.measurement.models import resolve_model
+    from fq_core.measurement.patch import fake_quantize_file
+    from fq_core.platform.paths import cache_dir
 
     chunks = 2  # the smoke plan's: its baseline is usually cached already
     monkeypatch.setenv("FQ_LOG_DIR", str(tmp_path / "logs"))

@@ -1,5 +1,5 @@
-"""The float twin (`fq twin`, fq_core/twin.py): every quantized tensor dequantized, bit for bit
-as gguf-py's `gguf.quants.dequantize` gives it; everything else kept.
+"""The float twin (`fq twin`, fq_core/measurement/twin.py): every quantized tensor dequantized, bit
+for bit as gguf-py's `gguf.quants.dequantize` gives it; everything else kept.
 
 gguf-py's `GGUFReader` is the independent reference throughout: it reads the source and the
 twin, and its field offsets locate the bytes the twin must share with its source.
@@ -23,11 +23,12 @@ import numpy as np
 import pytest
 from gguf_factory import build_gguf, key_offsets, patched, tensor_info_offsets, truncated
 
-from fq_core import atomic, twin
 from fq_core.cli import main
 from fq_core.errors import BadFormat, BadInput, BadModel, OutputRefused
-from fq_core.models import ModelRef, ModelSpec
-from fq_core.twin import make_twin, read_manifest, twin_for, twin_path
+from fq_core.measurement import twin
+from fq_core.measurement.models import ModelRef, ModelSpec
+from fq_core.measurement.twin import make_twin, read_manifest, twin_for, twin_path
+from fq_core.platform import atomic
 
 QT = gguf.GGMLQuantizationType
 FQ = [sys.executable, "-m", "fq_core.cli"]
@@ -218,7 +219,7 @@ def test_without_file_type_metadata_is_byte_identical(tmp_path):
 
 def test_factory_model_and_index(tmp_path):
     """The project's factory model (Q8_0 + F16 matrices): fq_core's own index reads it too."""
-    from fq_core.gguf_index import read_index
+    from fq_core.measurement.gguf_index import read_index
 
     model = build_gguf(tmp_path / "in", n_layers=3, alignment=128)
     dst = tmp_path / "t.gguf"
@@ -242,7 +243,7 @@ def test_index_header_ranges(mixed):
     """gguf_index's byte ranges (what make_twin copies and patches) against gguf-py's."""
     from gguf_factory import header_end
 
-    from fq_core.gguf_index import read_index
+    from fq_core.measurement.gguf_index import read_index
 
     idx = read_index(mixed)
     assert idx.kv_start == 24  # magic, version, tensor count, key-value count
@@ -490,7 +491,7 @@ def test_changed_source_is_refused(mixed, tmp_path, monkeypatch):
 
 
 def test_cached_twin_made_once_and_reused(mixed, tmp_path, capsys, isolated_cache):
-    from fq_core.models import resolve_model
+    from fq_core.measurement.models import resolve_model
 
     status, out, err = run(capsys, "twin", str(mixed))
     assert status == 0, err
@@ -514,7 +515,7 @@ def test_cached_twin_made_once_and_reused(mixed, tmp_path, capsys, isolated_cach
 
 
 def test_cached_twin_remade_when_damaged_or_stale(mixed, tmp_path, isolated_cache):
-    from fq_core.models import resolve_model
+    from fq_core.measurement.models import resolve_model
 
     ref = resolve_model(str(mixed))
     first = twin_for(ref)
@@ -534,7 +535,7 @@ def test_cached_twin_remade_when_damaged_or_stale(mixed, tmp_path, isolated_cach
 
 
 def test_twin_ref_inherits_chat_template(mixed, tmp_path, isolated_cache):
-    from fq_core.hashing import sha256_file
+    from fq_core.platform.hashing import sha256_file
 
     spec = ModelSpec(
         name="toy",
@@ -563,7 +564,7 @@ def test_source_changed_since_resolved(mixed, tmp_path, isolated_cache):
 # fork + exec, and this test's parent holds the large model it built).
 _PEAK = """
 import re, sys
-from fq_core.twin import make_twin
+from fq_core.measurement.twin import make_twin
 def hwm():
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 base = hwm()
@@ -691,10 +692,10 @@ def test_gemma3_twin(gemma3_gguf, tmp_path):
 def test_gemma3_twin_runs_in_llama_cpp(gemma3_gguf, tmp_path, record_property):
     """The twin loads (--check-tensors) and its PPL on 2 chunks is within 20% of the
     quantized model's (it is the same weights, minus the 8-bit activation rounding)."""
-    from fq_core.corpus import resolve_corpus
-    from fq_core.llama.runner import LlamaRunner
-    from fq_core.llama.tools import find_tools
-    from fq_core.models import resolve_model
+    from fq_core.measurement.corpus import resolve_corpus
+    from fq_core.measurement.llama.runner import LlamaRunner
+    from fq_core.measurement.llama.tools import find_tools
+    from fq_core.measurement.models import resolve_model
 
     model = resolve_model("gemma3-270m")
     twin_ref = twin_for(model)

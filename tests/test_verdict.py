@@ -4,7 +4,7 @@ No GO from a record that never finished (a kill -9 during Test 1) nor from a ses
 errors; a run id holding records answers only for the settings and inputs that wrote them;
 `make gate` never rewrites its reports from an older run; a speed ratio of two sessions
 neither shows nor gates. Records are real files in a results store written through
-fq_core.results, read back by `fq report`, pytest-html and the plugin as a user runs them.
+fq_core.storage.results, read back by `fq report`, pytest-html and the plugin as a user runs them.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import pytest
 from gguf_factory import build_gguf
 from record_factory import make_record
 
-from fq_core import record, results, stages
-from fq_core.corpus import resolve_corpus
 from fq_core.errors import BadInput
-from fq_core.models import resolve_model
+from fq_core.experiment import stages
+from fq_core.measurement.corpus import resolve_corpus
+from fq_core.measurement.models import resolve_model
+from fq_core.storage import record, results
 
 pytest_plugins = ("pytester",)
 
@@ -328,8 +329,8 @@ SMALL = (
 def private_cache(tmp_path, smollm2_gguf, monkeypatch) -> Path:
     """XDG_CACHE_HOME in tmp_path: the shared llama.cpp build and SmolLM2 linked in, nothing
     else, so baselines are computed here and a kill leaves nothing in the shared cache."""
-    from fq_core.llama.tools import find_tools
-    from fq_core.paths import cache_dir
+    from fq_core.measurement.llama.tools import find_tools
+    from fq_core.platform.paths import cache_dir
 
     build = find_tools(build=False).bin_dir.parent
     own = tmp_path / "xdg" / "fq-suite"
@@ -444,11 +445,11 @@ def test_speed_ratio_only_from_one_session(private_cache, tmp_path):
     """Test 1 three times on one private cache: the first session measures both runs (its
     ratio stands); the second gets both from the cache (not compared, gates nothing); the
     third sets fq_speed_ratio_min, so both are timed again, back to back."""
-    from fq_core import protocol
-    from fq_core.evaluate import EvalSettings
-    from fq_core.llama.runner import LlamaRunner
-    from fq_core.llama.tools import find_tools
-    from fq_core.record import Thresholds
+    from fq_core.experiment import protocol
+    from fq_core.measurement.evaluate import EvalSettings
+    from fq_core.measurement.llama.runner import LlamaRunner
+    from fq_core.measurement.llama.tools import find_tools
+    from fq_core.storage.record import Thresholds
 
     tools = find_tools(build=False)
     model = resolve_model(MODEL, fetch=False)

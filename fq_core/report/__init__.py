@@ -4,7 +4,7 @@ Nothing here runs llama.cpp or computes a metric; every figure comes from
 `results/<run-id>/<stage>/<model>.json` as the stage protocol stored it, so a report can be
 rebuilt from a results directory alone, on another machine, long after the run. A
 comparison with a reference (`--fq-compare`) is read the same way, from
-`results/<run-id>/<stage>/regression/<case>.json`, as fq_core.regression stored it.
+`results/<run-id>/<stage>/regression/<case>.json`, as fq_core.experiment.regression stored it.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import checks, history, regression
-from .. import record as record_mod
-from ..checks import Decision, Verdict
 from ..errors import BadInput
-from ..record import StageRecord
-from ..regression import Comparison
-from ..stages import GATE_STAGE, STAGES
+from ..experiment import checks, regression
+from ..experiment.checks import Decision, Verdict
+from ..experiment.regression import Comparison
+from ..experiment.stages import GATE_STAGE, STAGES
+from ..storage import history
+from ..storage import record as record_mod
+from ..storage.record import StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ _STAGE_IDS = tuple(s.id for s in STAGES)  # the plan's order; unknown ids sort a
 
 @dataclass(frozen=True)
 class StageResult:
-    """One stage × model record as stored, typed (fq_core.record.StageRecord)."""
+    """One stage × model record as stored, typed (fq_core.storage.record.StageRecord)."""
 
     path: Path
     record: StageRecord
@@ -123,7 +124,8 @@ def stage_sort_key(stage: str) -> tuple[int, str]:
 
 def record_files(run_dir: Path) -> list[Path]:
     """A run's stage records, `<stage>/<case>.json`. Not a results root's `<run>/run.json`
-    (fq_core.history's run manifest): without this, a root would pass for a run directory."""
+    (fq_core.storage.history's run manifest): without this, a root would pass for a run
+    directory."""
     return sorted(p for p in run_dir.glob("*/*.json") if p.name != history.MANIFEST_FILE)
 
 
@@ -173,7 +175,8 @@ def load_run(run_dir: str | Path) -> RunResults:
 
 
 def _comparison(run_dir: Path, rec: StageRecord) -> Comparison | None:
-    """The stored comparison of this stage × case (fq_core.history.comparison_path), or None.
+    """The stored comparison of this stage × case (fq_core.storage.history.comparison_path), or
+    None.
 
     One that cannot be read, or that belongs to another stage × case, is BadInput naming the
     file: a regression must never drop out of the report silently."""
@@ -190,7 +193,7 @@ def _comparison(run_dir: Path, rec: StageRecord) -> Comparison | None:
 
 
 def decide(run: RunResults, model: str, errors: Sequence[str] = ()) -> Decision:
-    """The gate's decision (fq_core.checks.decide) for one model of this run."""
+    """The gate's decision (fq_core.experiment.checks.decide) for one model of this run."""
     result = run.get(GATE_STAGE.id, model)
     if result is None:
         why = f"{GATE_STAGE.title} ({GATE_STAGE.id}) was not run in this run"

@@ -6,7 +6,7 @@ drawn in pytest-xdist workers and in the `fq report` command alike. A chart with
 show (a stage that changed no element, a stage that never reached perplexity) comes back with
 `png=None` and a note saying why, never as an empty plot. The history chart of a stage × model
 is the one chart read beyond the run: every run of the same results store that measured it
-(fq_core.history.runs_with), drawn only when there are two.
+(fq_core.storage.history.runs_with), drawn only when there are two.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from .. import history
-from ..record import Focus, StageRecord, as_float
+from ..storage import history
+from ..storage.record import Focus, StageRecord, as_float
 from . import RunResults, StageResult
 
 _SIZE = (6.4, 3.4)
@@ -255,7 +255,7 @@ class HistoryPoint:
 
 def history_points(root: Path, stage: str, case: str) -> tuple[HistoryPoint, ...]:
     """Every run under the results root with a measured record of this stage × case, oldest
-    first (fq_core.history.runs_with: unreadable and unmeasured records are passed over)."""
+    first (fq_core.storage.history.runs_with: unreadable and unmeasured records are passed over)."""
     found = [
         HistoryPoint(src.run_id or src.path.name, rec.started_at, rec)
         for src, rec in history.runs_with(stage, case, root)

@@ -5,8 +5,8 @@ rows of `fq_core.report.rows`, the same rows the markdown reports render. Every 
 carries the stored value in `data-key`/`data-value`, so the report can be checked against the
 results JSON by machine, and shows it rounded for people. Placebo comparisons are the
 protocol's words, stored in the record ("within engine noise", "1.6× the largest placebo").
-Comparisons with a reference are shown as fq_core.regression stored them (status, summary,
-identity differences, each metric's change, uncertainty and verdict).
+Comparisons with a reference are shown as fq_core.experiment.regression stored them (status,
+summary, identity differences, each metric's change, uncertainty and verdict).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 
 from markupsafe import Markup
 
-from ..record import Check, Command
-from ..stages import GATE_STAGE
+from ..experiment.stages import GATE_STAGE
+from ..storage.record import Check, Command
 from . import Decision, RunResults, StageResult
 from . import rows as rows_mod
 from .charts import Chart

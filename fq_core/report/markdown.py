@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import atomic
-from ..stages import GATE_STAGE, STAGES
+from ..experiment.stages import GATE_STAGE, STAGES
+from ..platform import atomic
 from . import RunResults, decisions, load_run, resolve_run_dir
 from . import charts as charts_mod
 from . import rows as rows_mod

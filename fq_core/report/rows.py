@@ -2,11 +2,11 @@
 
 Why one place: the HTML report (pytest-html) and the markdown reports (`fq report`) show the
 same metrics, checks and environment. Every figure is read by attribute from
-`fq_core.record.StageRecord` — a misspelt field is an AttributeError here, never a blank —
+`fq_core.storage.record.StageRecord` — a misspelt field is an AttributeError here, never a blank —
 and formatted with `fq_core.figures.figure`. "—" means the record holds None (not measured);
 "" means the column does not apply to the row. Placebo comparisons are the protocol's words
 (`record.placebo.compared`), shown as stored, never derived here; so are comparisons with
-a reference (fq_core.regression.Comparison: verdicts, changes, uncertainties, identity).
+a reference (fq_core.experiment.regression.Comparison: verdicts, changes, uncertainties, identity).
 """
 
 from __future__ import annotations
@@ -19,11 +19,17 @@ from dataclasses import dataclass
 
 import msgspec
 
-from .. import checks
+from ..experiment import checks
+from ..experiment.regression import (
+    METRICS,
+    Comparison,
+    IdentityDifference,
+    MetricComparison,
+    magnitude,
+)
+from ..experiment.stages import GATE_STAGE
 from ..figures import figure, sci
-from ..record import Check, Command, Range, StageRecord, Standing, Versus, as_float
-from ..regression import METRICS, Comparison, IdentityDifference, MetricComparison, magnitude
-from ..stages import GATE_STAGE
+from ..storage.record import Check, Command, Range, StageRecord, Standing, Versus, as_float
 from . import Decision, RunResults, StageResult, decisions
 
 MISSING = "—"  # the record holds None: not measured
@@ -136,7 +142,7 @@ class Row:
     threshold: str = ""
     check: str = ""  # the check deciding on this metric
     status: str = ""  # that check's status (MISSING: not recorded)
-    compares: tuple[str, ...] = ()  # the regression metrics (fq_core.regression) of this row
+    compares: tuple[str, ...] = ()  # the regression metrics (experiment.regression) of this row
     reference: tuple[RefCell, ...] = ()  # those metrics against the reference, when compared
 
     @property
@@ -144,7 +150,7 @@ class Row:
         return tone(self.standing)
 
 
-# --- against the reference (fq_core.regression's stored Comparison) ---------------------------
+# --- against the reference (fq_core.experiment.regression's stored Comparison) --------------------
 
 
 def reference_tone(verdict: str) -> str:
@@ -189,7 +195,7 @@ def change_text(m: MetricComparison) -> str:
 
 @dataclass(frozen=True)
 class RefCell:
-    """One metric against the reference, as stored (fq_core.regression.MetricComparison):
+    """One metric against the reference, as stored (fq_core.experiment.regression.MetricComparison):
     `text` for people, the stored change, uncertainty and verdict for machines."""
 
     metric: str

@@ -1,7 +1,7 @@
 """The sensitivity report: which layers, kinds and formats matter, from stored sweep cells.
 
-Renders an `Analysis` its caller made (`fq_core.sweep.analyze_dirs`: the cells of one or more
-results directories, the shards of one sweep, merged and checked, then Benjamini–Hochberg,
+Renders an `Analysis` its caller made (`fq_core.experiment.sweep.analyze_dirs`: the cells of one or
+more results directories, the shards of one sweep, merged and checked, then Benjamini–Hochberg,
 rank ranges, the sentence), so the report reads no cells and runs no statistic (it only
 averages the cells' timings, `sweep.summarize_timing`). This module only draws and renders:
 
@@ -13,7 +13,7 @@ averages the cells' timings, `sweep.summarize_timing`). This module only draws a
 
 `sensitivity.html` is self-contained (charts as base64 PNG); `sensitivity.md` links
 `charts/sensitivity-*.png`; `sensitivity.json` holds the numbers (what merged shards must
-reproduce). Written with fq_core.atomic, each file replaced in one step.
+reproduce). Written with fq_core.platform.atomic, each file replaced in one step.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from matplotlib.colors import LogNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from .. import atomic
+from ..experiment.sweep import Analysis, Row, summarize_timing
 from ..figures import sci
-from ..record import as_float
-from ..sweep import Analysis, Row, summarize_timing
+from ..platform import atomic
+from ..storage.record import as_float
 from .charts import PLACEBO, TREATMENT, Chart, chart_key, figure_png
 from .render import render
 

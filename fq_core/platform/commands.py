@@ -1,7 +1,7 @@
 """The only place fq-suite starts a subprocess: every call is bounded, logged and cleaned up.
 
-Generic: llama.cpp tools, `pip download`, cmake and ninja all come through here, so fq_core.models
-runs pip without importing anything of llama.cpp's.
+Generic: llama.cpp tools, `pip download`, cmake and ninja all come through here, so
+fq_core.measurement.models runs pip without importing anything of llama.cpp's.
 
 Why one function: the plan requires every command, its time and its result to be recorded,
 and an interrupted test run must never leave a llama.cpp process eating the machine's cores.

@@ -20,19 +20,23 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import __version__, atomic, cache, checks, metrics, patch, progress, record, results
-from .errors import FqError
-from .figures import figure
-from .gguf_index import read_index, read_tensor
-from .identity import Identity, machine_info
-from .record import StageRecord
+from .. import __version__
+from ..errors import FqError
+from ..figures import figure
+from ..measurement import metrics, patch
+from ..measurement.gguf_index import read_index, read_tensor
+from ..platform import atomic, progress
+from ..storage import cache, record, results
+from ..storage.identity import Identity, machine_info
+from ..storage.record import StageRecord
+from . import checks
 from .stages import CHECKS, GATE_STAGE, Context, Experiment, Stage
 
 if TYPE_CHECKING:
-    from .corpus import Corpus
-    from .evaluate import EvalSettings
-    from .llama.tools import LlamaTools
-    from .models import ModelRef
+    from ..measurement.corpus import Corpus
+    from ..measurement.evaluate import EvalSettings
+    from ..measurement.llama.tools import LlamaTools
+    from ..measurement.models import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 def _evaluate():
-    from . import evaluate
+    from ..measurement import evaluate
 
     return evaluate
 
@@ -512,7 +516,7 @@ def run_placebo(
 def _as_baseline(treated: ModelRef, baseline: Any):
     """The evaluation of a file byte-identical to the baseline's: the baseline's own numbers,
     with the KL divergence of a model against itself (zero, every top token the same)."""
-    from .llama.runner import KLDStats
+    from ..measurement.llama.runner import KLDStats
 
     zero = KLDStats(
         mean_kld=0.0,
@@ -820,7 +824,7 @@ def _resolution(exp: Experiment, ev: Any, runs: Sequence[dict], identical: bool)
 
 
 def _twin():
-    from . import twin
+    from ..measurement import twin
 
     return twin
 

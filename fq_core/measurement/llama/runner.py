@@ -1,4 +1,4 @@
-"""llama.cpp's tools driven through the one logged subprocess call (fq_core.commands), with
+"""llama.cpp's tools driven through the one logged subprocess call (fq_core.platform.commands), with
 typed results; all parsing of their output is in parse.py."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import progress
-from ..commands import CommandRecord, run_logged
-from ..errors import LlamaFailed
-from ..paths import logs_dir
+from ...errors import LlamaFailed
+from ...platform import progress
+from ...platform.commands import CommandRecord, run_logged
+from ...platform.paths import logs_dir
 from . import parse
 
 __all__ = ["CommandRecord", "run_logged"]  # re-exported: callers that drive llama.cpp
@@ -78,7 +78,8 @@ class KLDStats:
     raw: dict  # every "name: value ± err" line, as parsed
     # mean KLD of each chunk on its own (paired bootstrap intervals need per-chunk values)
     chunk_klds: tuple[float, ...] = ()
-    # full-precision logits (fq_core.llama.logits) instead of llama-perplexity's 16-bit base
+    # full-precision logits (fq_core.measurement.llama.logits) instead of llama-perplexity's 16-bit
+    # base
     exact: bool = False
 
     def to_json(self) -> dict:
@@ -177,7 +178,8 @@ def _chunk_watch(parser=None) -> Callable[..., None]:
 
 
 def _exact_kld_stats(k: dict) -> KLDStats:
-    """KLDStats from the exact engine's "kld" block (fq_core.llama.logits.kld_summary)."""
+    """KLDStats from the exact engine's "kld" block
+    (fq_core.measurement.llama.logits.kld_summary)."""
     pair = lambda v, e: [k[v], k.get(e)]  # noqa: E731
     raw = {
         "Mean PPL(Q)": pair("ppl_q", "ppl_q_err"),
@@ -402,8 +404,8 @@ class LlamaRunner:
         kl_base: str | os.PathLike[str] | None = None,
         kl_against: str | os.PathLike[str] | None = None,
     ) -> PerplexityResult:
-        """`perplexity` by the exact engine (fq_core.llama.logits, llama.cpp's library in a
-        logged subprocess): kl_base saves the raw float32 logits (.npy + .meta.json),
+        """`perplexity` by the exact engine (fq_core.measurement.llama.logits, llama.cpp's library
+        in a logged subprocess): kl_base saves the raw float32 logits (.npy + .meta.json),
         kl_against compares with them exactly (KLDStats.exact, chunk_klds)."""
         from . import logits as engine  # numpy only; the bindings load in the subprocess
 
@@ -415,7 +417,13 @@ class LlamaRunner:
         root = Path(self.log_dir).resolve() if self.log_dir is not None else logs_dir().resolve()
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         out = root / "logits" / f"{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
-        argv = [sys.executable, "-m", "fq_core.llama.logits", "--model", _path_of(model)]
+        argv = [
+            sys.executable,
+            "-m",
+            "fq_core.measurement.llama.logits",
+            "--model",
+            _path_of(model),
+        ]
         argv += ["--text", _path_of(text), "--ctx", str(ctx), "--batch", str(batch)]
         argv += ["--threads", str(self.threads), "--out", out]
         if chunks is not None:
@@ -425,7 +433,7 @@ class LlamaRunner:
         if kl_against is not None:
             argv += ["--against", Path(kl_against)]
         # the bindings of this build first; fq_core importable wherever the caller runs
-        fq_root = Path(__file__).resolve().parents[2]
+        fq_root = Path(__file__).resolve().parents[3]
         paths = [str(python_dir), str(fq_root), os.environ.get("PYTHONPATH", "")]
         env = {
             "LLAMA_CPP_LIB_PATH": str(lib_dir),

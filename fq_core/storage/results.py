@@ -1,6 +1,6 @@
 """The results store: run ids, one JSON per stage × model, the gate record, cache keys, locks.
 
-Cached measurements themselves are fq_core.cache's verified entries.
+Cached measurements themselves are fq_core.storage.cache's verified entries.
 
 Why a store at all: every check writes its measurements here *before* anything asserts, so a
 failing or interrupted run still leaves complete evidence, and the report is built from these
@@ -22,11 +22,12 @@ from typing import Any
 
 from filelock import FileLock
 
-from . import atomic, record
-from .errors import BadInput
-from .figures import nonfinite_as_words
+from ..errors import BadInput
+from ..figures import nonfinite_as_words
+from ..platform import atomic
+from ..platform.paths import results_dir
+from . import record
 from .identity import Identity
-from .paths import results_dir
 
 SCHEMA = record.SCHEMA
 GATE_FILE = "gate.json"
@@ -90,7 +91,7 @@ def jsonable(value: Any, *, words: bool = False) -> Any:
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Replace a store file atomically (fq_core.atomic: temp beside it, one rename)."""
+    """Replace a store file atomically (fq_core.platform.atomic: temp beside it, one rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic.write_bytes(path, data, force=True)

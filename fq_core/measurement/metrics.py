@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInput
-from .figures import nonfinite_as_words
+from ..errors import BadInput
+from ..figures import nonfinite_as_words
 from .gguf_index import read_index, read_tensor
 
 log = logging.getLogger(__name__)
@@ -480,7 +480,7 @@ class KindSummary:
 
 def f32_kinds(index, formats: Sequence[tuple[str, str]]) -> tuple[KindSummary, ...]:
     """F32 tensors grouped by kind, with the elements each (format, rounding) would change."""
-    from .formats import fake_quantize
+    from ..definitions.formats import fake_quantize
     from .selection import split_name
 
     groups: dict[str, list] = {}

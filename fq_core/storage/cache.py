@@ -25,8 +25,10 @@ from typing import Any
 import msgspec
 from filelock import FileLock
 
-from . import __version__, hashing, progress, results
-from .paths import cache_dir
+from .. import __version__
+from ..platform import hashing, progress
+from ..platform.paths import cache_dir
+from . import results
 
 log = logging.getLogger(__name__)
 

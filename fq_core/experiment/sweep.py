@@ -12,7 +12,7 @@ its numbers, so a wider sweep runs only its new cells and an interrupted one res
                                          tensors, format, rounding, ctx/batch/chunks/engine,
                                          the SHA-256 of the baseline logits
 
-a verified entry (fq_core.cache): one that fails its proof is moved aside and made again.
+a verified entry (fq_core.storage.cache): one that fails its proof is moved aside and made again.
 
 The fake-quantized GGUF is written beside it, evaluated and deleted (disk stays flat).
 
@@ -21,9 +21,9 @@ Each cell's record (`CellRecord`) is stored in the results store at
 the stage report's ``<stage>/<case>.json`` glob never sees it, and shards of one sweep
 (pytest-split, other machines) each write their own files, merged by `load_cells`.
 
-Statistics (scipy/numpy, fq_core.stats): per cell the treatment's mean KLD with a bootstrap
-interval over chunks, the paired excess over its placebos (treatment − mean placebo, chunk by
-chunk), the floor (the largest placebo mean KLD) and a one-sided p-value from a one-sample
+Statistics (scipy/numpy, fq_core.experiment.stats): per cell the treatment's mean KLD with a
+bootstrap interval over chunks, the paired excess over its placebos (treatment − mean placebo, chunk
+by chunk), the floor (the largest placebo mean KLD) and a one-sided p-value from a one-sample
 t-test on those per-chunk differences. Across the cells of a report `analyze` controls the
 false discovery rate with Benjamini–Hochberg, ranks cells with rank *ranges* (a cell is
 only above another when their excess intervals do not overlap: overlapping intervals are
@@ -43,17 +43,18 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import __version__, cache, results
-from .errors import BadInput, BadSelection, FqError
-from .formats import FORMATS, ROUNDINGS
-from .identity import Identity, MachineInfo, machine_info
-from .record import VARIANTS, Interval, NonFinite, Resolution
-from .selection import format_layers, parse_layers, split_name
-from .settings import default
+from .. import __version__
+from ..definitions.formats import FORMATS, ROUNDINGS
+from ..definitions.settings import default
+from ..errors import BadInput, BadSelection, FqError
+from ..measurement.selection import format_layers, parse_layers, split_name
+from ..storage import cache, results
+from ..storage.identity import Identity, MachineInfo, machine_info
+from ..storage.record import VARIANTS, Interval, NonFinite, Resolution
 
 if TYPE_CHECKING:
-    from .llama.tools import LlamaTools
-    from .models import ModelRef
+    from ..measurement.llama.tools import LlamaTools
+    from ..measurement.models import ModelRef
     from .stages import Context, Experiment
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 CELL_SCHEMA = 1
 SWEEP_DIR = "sweep"
 CELLS_DIR = "cells"
-#: What a sweep can fake-quantize: every format of fq_core.formats but the control itself.
+#: What a sweep can fake-quantize: every format of definitions.formats but the control itself.
 SWEEP_FORMATS = tuple(f for f in FORMATS if f != "placebo")
 #: layer = one layer alone; cumulative = the first n layers; whole = a kind outside the blocks
 SERIES = ("layer", "cumulative", "whole")
@@ -389,7 +390,7 @@ class CellRecord(_Part, kw_only=True):
 
 
 def _f(x) -> float:
-    from .record import as_float
+    from ..storage.record import as_float
 
     return as_float(x)
 
@@ -441,7 +442,7 @@ _GPU_BACKENDS = ("CUDA", "HIP", "VULKAN", "METAL", "SYCL", "MUSA", "OPENCL", "CA
 def backend(tools: LlamaTools, gpu_layers: int | None) -> str:
     """ "" for the CPU build run on the CPU; else what differs ("cuda; -ngl 99"). GPU kernels
     are not bit-identical to the CPU's, so a backend is part of every cache key and identity."""
-    from .llama.tools import BASE_CMAKE_ARGS, build_record
+    from ..measurement.llama.tools import BASE_CMAKE_ARGS, build_record
 
     rec = build_record(tools.bin_dir) or {}
     extra = [a for a in rec.get("cmake_args", ()) if a not in BASE_CMAKE_ARGS]
@@ -513,7 +514,8 @@ def experiment_for(exp: Experiment, cell: Cell, chunks: int | None = None) -> Ex
 def _measured(model: ModelRef, exp: Experiment) -> ModelRef:
     if exp.variant != "intrinsic":
         return model
-    from . import progress, twin
+    from ..measurement import twin
+    from ..platform import progress
 
     with progress.step("float twin"):
         return twin.twin_for(model, exp.twin_dtype)
@@ -557,7 +559,9 @@ def _cell_measurement(payload: dict) -> dict:
 
 def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
     """The cached part of a cell: quantize, evaluate once, delete the GGUF."""
-    from . import atomic, patch, progress, protocol
+    from ..measurement import patch
+    from ..platform import atomic, progress
+    from . import protocol
 
     dst = folder / f"{results.safe_name(cell.model)}.{cell.format_label}.gguf"
     # disk flat: the cell's GGUF lives only while evaluated, whatever ends that
@@ -593,7 +597,7 @@ def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
             cmd = ev.perplexity.command
             commands = protocol.commands_json("treatment", protocol.ppl_commands(ev))
     evaluate_s = time.perf_counter() - t1
-    from .evaluate import paired_delta_pct_err
+    from ..measurement.evaluate import paired_delta_pct_err
 
     base = baseline.perplexity
     t = manifest.totals
@@ -662,8 +666,8 @@ def cell_statistics(
     *,
     identical: bool = False,
 ) -> tuple[Resolution, float | None]:
-    """The cell's effect against its placebos (fq_core.stats.resolution: effect and paired
-    excess intervals, floor, ratio) and its one-sided p-value."""
+    """The cell's effect against its placebos (fq_core.experiment.stats.resolution: effect and
+    paired excess intervals, floor, ratio) and its one-sided p-value."""
     from . import protocol, stats
 
     kw = dict(
@@ -692,9 +696,11 @@ def run_cell(
     """Measure one cell (cached), its placebos (cached, shared) and its statistics; store the
     record under results/<run-id>/sweep/cells/ and return it. A failure is stored as status
     "error" with the one-line reason, then returned (the caller decides)."""
-    from . import evaluate, progress, protocol
-    from .gguf_index import read_index
-    from .selection import resolve
+    from ..measurement import evaluate
+    from ..measurement.gguf_index import read_index
+    from ..measurement.selection import resolve
+    from ..platform import progress
+    from . import protocol
 
     started = results.utc_now()
     t_start = time.perf_counter()

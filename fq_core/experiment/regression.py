@@ -23,7 +23,7 @@ corpus, llama.cpp build, settings, CPU) llama.cpp is bit-reproducible, so equal 
 (deployed vs intrinsic) is never compared.
 
 Pure: records in, a typed `Comparison` out (stored by the caller next to the record, see
-fq_core.history.comparison_path, and rendered by the CLI, pytest and the report).
+fq_core.storage.history.comparison_path, and rendered by the CLI, pytest and the report).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from typing import Any, Literal
 
 import msgspec
 
-from . import results
-from .errors import BadInput
-from .identity import Difference as IdentityDifference
-from .identity import Identity
-from .record import Num, StageRecord, as_float
+from ..errors import BadInput
+from ..storage import results
+from ..storage.identity import Difference as IdentityDifference
+from ..storage.identity import Identity
+from ..storage.record import Num, StageRecord, as_float
 
 SCHEMA = 1
 #: A difference must exceed Z standard uncertainties (≈ 95 % two-sided for a normal error).
@@ -552,7 +552,7 @@ def identity_differences(
     reference_commit: str | None = None,
     commit: str | None = None,
 ) -> tuple[IdentityDifference, ...]:
-    """What differs in what produced the two records (fq_core.identity), and the git commit
+    """What differs in what produced the two records (fq_core.storage.identity), and the git commit
     of their runs; `affects_numbers` marks what llama.cpp's bit-reproducibility depends on."""
     out = Identity.of_record(ref).differences(Identity.of_record(now))
     if reference_commit != commit:
@@ -844,7 +844,7 @@ def _conclude(rows, base: dict, identity, same_identity: bool) -> Comparison:
 
 
 def ending(cmp: Comparison) -> tuple[str, str]:
-    """("pass" | "fail" | "skip", message), the way fq_core.checks.ending words a check."""
+    """("pass" | "fail" | "skip", message), the way checks.ending words a check."""
     if cmp.status == "not compared":
         return "skip", cmp.summary
     lines = [cmp.summary]
@@ -902,7 +902,7 @@ _ENCODER = msgspec.json.Encoder()
 
 
 def encode(cmp: Comparison) -> bytes:
-    from .figures import nonfinite_as_words
+    from ..figures import nonfinite_as_words
 
     data = nonfinite_as_words(msgspec.to_builtins(cmp))
     return msgspec.json.format(_ENCODER.encode(data), indent=2) + b"\n"
@@ -917,7 +917,7 @@ def decode(raw: bytes | str, *, source: str = "comparison") -> Comparison:
 
 def save(cmp: Comparison, root=None):
     """results/<run>/<stage>/regression/<case>.json, atomically; returns the path."""
-    from .history import comparison_path
+    from ..storage.history import comparison_path
 
     path = comparison_path(cmp.run_id, cmp.stage, cmp.case, root)
     with results.lock_for(path):

@@ -31,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, atomic, hashing
-from .errors import BadInput
-from .formats import FORMATS, ROUNDINGS, fake_quantize
+from .. import __version__
+from ..definitions.formats import FORMATS, ROUNDINGS, fake_quantize
+from ..errors import BadInput
+from ..platform import atomic, hashing
 from .gguf_index import read_index, read_tensor
 from .metrics import ErrorStats, combine, error_stats, json_dumps
 from .selection import DEFAULT_TENSORS, Selection, resolve

@@ -19,7 +19,7 @@ f16 / bf16 twin (converting between the two would change values).
 How: one sequential pass over the source (which also gives its SHA-256 from its bytes),
 tensor by tensor in blocks of at most ``CHUNK_BYTES`` of output, never the whole file nor a
 whole tensor in memory, no ``GGUFReader`` (10 s to open Gemma3); the output's SHA-256 is
-computed while it is written. The file goes through ``fq_core.atomic`` (a temporary beside
+computed while it is written. The file goes through ``fq_core.platform.atomic`` (a temporary beside
 the target, published when complete and checked), followed by its manifest
 ``<dst>.twin.json``; on any error or Ctrl-C nothing is left behind.
 """
@@ -42,8 +42,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from . import __version__, atomic, hashing
-from .errors import BadFormat, BadInput, BadModel, OutputRefused
+from .. import __version__
+from ..errors import BadFormat, BadInput, BadModel, OutputRefused
+from ..platform import atomic, hashing
 from .gguf_index import GGUFIndex, TensorInfo, read_index
 from .models import ModelRef
 from .patch import FileRecord
@@ -582,7 +583,7 @@ class TwinRef(ModelRef):
 
 def twin_path(model: ModelRef, dtype: str = "f32") -> Path:
     """Where the cached twin of `model` lives (it may not exist yet)."""
-    from .paths import cache_dir
+    from ..platform.paths import cache_dir
 
     _check_dtype(dtype)
     return (

@@ -13,12 +13,12 @@ n_tokens // n_ctx); each chunk's first token is replaced by BOS when the model a
 memory is cleared between chunks; only the second half is scored: positions n_ctx/2 ..
 n_ctx-2, each predicting the next token (logits are requested for those positions only).
 
-Run as a subprocess, through fq_core.commands.run_logged (LlamaRunner.exact_perplexity), so
+Run as a subprocess, through fq_core.platform.commands.run_logged (LlamaRunner.exact_perplexity), so
 it is logged, bounded by a timeout and a crash in C code cannot take the caller down:
 
     LLAMA_CPP_LIB_PATH=<build>/lib PYTHONPATH=<build>/python \\
-    python -m fq_core.llama.logits --model M --text T --ctx 512 --batch 512 --chunks 8 \\
-        [--save-base BASE.npy | --against BASE.npy] --out RESULT.json
+    python -m fq_core.measurement.llama.logits --model M --text T --ctx 512 --batch 512 \\
+        --chunks 8 [--save-base BASE.npy | --against BASE.npy] --out RESULT.json
 
 The base is a .npy of float32 logits, shape (n_chunk, n_ctx/2 - 1, n_vocab), with a
 sidecar BASE.npy.meta.json holding the evaluated tokens (the base's tokens are authoritative,
@@ -267,7 +267,8 @@ def read_base(path: Path) -> tuple[np.ndarray, dict]:
         meta = json.loads(meta_file.read_text())
     except FileNotFoundError:
         raise InputError(
-            f"{meta_file} is missing: {path} is not a base saved by fq_core.llama.logits"
+            f"{meta_file} is missing: {path} is not a base saved by "
+            "fq_core.measurement.llama.logits"
         ) from None
     except (OSError, ValueError) as exc:
         raise InputError(f"{meta_file} is unreadable: {exc}") from None
@@ -408,13 +409,13 @@ def _read_text(path: Path) -> bytes:
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    from ..atomic import write_text
+    from ...platform.atomic import write_text
 
     write_text(path, json.dumps(doc, indent=1) + "\n", force=True)
 
 
 def _run(args: argparse.Namespace) -> dict:
-    from ..atomic import temporary_for
+    from ...platform.atomic import temporary_for
 
     n_ctx, threads = args.ctx, args.threads or os.cpu_count() or 1
     if n_ctx < 8 or n_ctx % 2:
@@ -600,7 +601,7 @@ def _run(args: argparse.Namespace) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m fq_core.llama.logits",
+        prog="python -m fq_core.measurement.llama.logits",
         description="Exact PPL and KL divergence from llama.cpp's library (full-precision logits).",
     )
     p.add_argument("--model", required=True, help="the GGUF to evaluate")
@@ -618,7 +619,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from ..atomic import install_signal_cleanup
+    from ...platform.atomic import install_signal_cleanup
 
     install_signal_cleanup()  # SIGTERM from a timeout removes the temporaries
     try:

@@ -234,7 +234,7 @@ def parse_progress(stdout: str, stderr: str) -> ChunkProgress | None:
     )
 
 
-# --- the exact engine (fq_core.llama.logits) -------------------------------------------------
+# --- the exact engine (fq_core.measurement.llama.logits) ------------------------------------------
 # stdout: "[0/8] n_ctx=512 n_vocab=49152 tokens=304830" when it starts on the chunks, then one
 # "[3/8] 6.12 s" per chunk; a known failure ends stderr with "fq-logits: error: <one line>".
 _LOGITS_STEP = re.compile(rf"^\[(\d+)/(\d+)\](?:\s+{_NUM} s\b)?", re.M)
@@ -242,8 +242,8 @@ _LOGITS_ERROR = re.compile(r"^fq-logits: error: (.+?)\s*$", re.M)
 
 
 def parse_logits_progress(stdout: str, stderr: str = "") -> ChunkProgress | None:
-    """Progress of a running fq_core.llama.logits worker: chunks done of total, and the mean
-    seconds per chunk so far. None before it has started on the chunks."""
+    """Progress of a running fq_core.measurement.llama.logits worker: chunks done of total, and the
+    mean seconds per chunk so far. None before it has started on the chunks."""
     found = list(_LOGITS_STEP.finditer(stdout))
     if not found:
         return None

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .figures import sci
-from .record import Interval, Resolution
+from ..figures import sci
+from ..storage.record import Interval, Resolution
 
 LEVEL = 0.95
 N_RESAMPLES = 9_999

@@ -5,7 +5,7 @@ computed once per (model, corpus, llama.cpp version, settings) and cached, becau
 tests compare many treatments and placebos with the same baseline.
 
 Two engines give PPL and KLD: "llama-perplexity" (the tool; its base stores log-probabilities
-in 16 bits, F16 KV cache) and "logits" (fq_core.llama.logits: llama.cpp's library, raw
+in 16 bits, F16 KV cache) and "logits" (fq_core.measurement.llama.logits: llama.cpp's library, raw
 float32 logits, F32 KV cache, exact KLD). Load and generations are the same for both.
 """
 
@@ -18,11 +18,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import atomic, cache, progress
+from ..definitions.settings import default
+from ..errors import BadInput, LlamaFailed
+from ..figures import figure
+from ..platform import atomic, progress
+from ..storage import cache
+from ..storage.identity import Identity
 from .corpus import Corpus
-from .errors import BadInput, LlamaFailed
-from .figures import figure
-from .identity import Identity
 from .llama.runner import (
     CommandRecord,
     Generation,
@@ -32,7 +34,6 @@ from .llama.runner import (
     PerplexityResult,
 )
 from .models import ModelRef
-from .settings import default
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Prompt:
 DEFAULT_PROMPTS = (Prompt("Hello", chat=False), Prompt("你好，請介紹一下自己。", chat=True))
 
 DEFAULT_ENGINE = "llama-perplexity"
-ENGINES = (DEFAULT_ENGINE, "logits")  # "logits": exact KLD (fq_core.llama.logits)
+ENGINES = (DEFAULT_ENGINE, "logits")  # "logits": exact KLD (fq_core.measurement.llama.logits)
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ def evaluate_baseline(
     runner: LlamaRunner, model: ModelRef, corpus: Corpus, settings: EvalSettings | None = None
 ) -> BaselineEvaluation:
     """Load, generate and run llama-perplexity once with --kl-divergence-base (or the exact
-    engine once with --save-base); a verified cache entry (fq_core.cache) standing for the
+    engine once with --save-base); a verified cache entry (fq_core.storage.cache) standing for the
     logits, which every treatment is compared with."""
     settings = settings or EvalSettings()
     runner = _runner_for(runner, settings)

@@ -1,6 +1,6 @@
 """The experiment's configuration: the four stages, the settings and thresholds of a run, and
-where it runs. The protocol that every stage × model follows is fq_core.protocol; the
-verdicts are fq_core.checks.
+where it runs. The protocol that every stage × model follows is fq_core.experiment.protocol; the
+verdicts are fq_core.experiment.checks.
 """
 
 from __future__ import annotations
@@ -13,25 +13,28 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from . import checks, results
-from .errors import BadInput
-from .identity import Identity
-from .record import VARIANTS, StageRecord, Thresholds
-from .selection import DEFAULT_TENSORS
-from .settings import default, seeds
+from ..definitions.settings import default, seeds
+from ..errors import BadInput
+from ..measurement.selection import DEFAULT_TENSORS
+from ..storage import results
+from ..storage.identity import Identity
+from ..storage.record import VARIANTS, StageRecord, Thresholds
+from . import checks
 
 if TYPE_CHECKING:  # the stage definitions import without llama.cpp's side of the library
-    from .corpus import Corpus
-    from .evaluate import EvalSettings
-    from .llama.runner import LlamaRunner
-    from .llama.tools import LlamaTools
-    from .models import ModelRef
+    from ..measurement.corpus import Corpus
+    from ..measurement.evaluate import EvalSettings
+    from ..measurement.llama.runner import LlamaRunner
+    from ..measurement.llama.tools import LlamaTools
+    from ..measurement.models import ModelRef
 
 log = logging.getLogger(__name__)
 
 
 def _eval_settings() -> EvalSettings:
-    from .evaluate import EvalSettings  # imported late: the stage table needs no llama side
+    from ..measurement.evaluate import (
+        EvalSettings,  # imported late: the stage table needs no llama side
+    )
 
     return EvalSettings()
 
@@ -176,8 +179,8 @@ class Experiment:
 
 
 def experiment_from(values: Mapping[str, Any], keep_models: bool = False) -> Experiment:
-    """The experiment the option values describe (fq_core.settings: name -> parsed value)."""
-    from .evaluate import EvalSettings
+    """The experiment the option values describe (definitions.settings: name -> parsed value)."""
+    from ..measurement.evaluate import EvalSettings
 
     settings = EvalSettings(
         ctx=values["fq_ctx"],

@@ -20,8 +20,8 @@ from typing import Any
 
 import msgspec
 
-from .figures import figure
-from .record import Check, StageRecord, Standing, Versus, upgrade_check
+from ..figures import figure
+from ..storage.record import Check, StageRecord, Standing, Versus, upgrade_check
 
 #: passed/failed: a gating check met or missed its threshold. reported: measured, no
 #: threshold set. skipped: not run (gate closed, control off). error: no value to judge.

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .errors import FqError, OutputRefused
+from ..errors import FqError, OutputRefused
 
 TMP_SUFFIX = ".fq-tmp"
 OWNER_SUFFIX = ".fq-owner"

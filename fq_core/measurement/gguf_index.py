@@ -109,8 +109,8 @@ class GGUFIndex:
     metadata: Mapping[str, int | float | bool | str | ArrayInfo]
     tensors: tuple[TensorInfo, ...]
     value_types: Mapping[str, int] = field(default_factory=dict)  # key -> GGUFValueType
-    # Byte ranges of the header, for writers that copy it (fq_core/twin.py): the key-value
-    # section is [kv_start, infos_start), the tensor infos [infos_start, infos_end) (the
+    # Byte ranges of the header, for writers that copy it (fq_core/measurement/twin.py): the
+    # key-value section is [kv_start, infos_start), the tensor infos [infos_start, infos_end) (the
     # data section starts at data_start, after padding); value_offsets maps each key to the
     # absolute offset of its value (for an array: of its item type).
     kv_start: int = 0

@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .errors import BadSelection
+from ..errors import BadSelection
 
 log = logging.getLogger(__name__)
 

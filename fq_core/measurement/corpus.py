@@ -25,9 +25,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .errors import BadInput, CorpusMissing
-from .hashing import copy_hashing, remember_sha256, sha256_file
-from .paths import cache_dir
+from ..errors import BadInput, CorpusMissing
+from ..platform.hashing import copy_hashing, remember_sha256, sha256_file
+from ..platform.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

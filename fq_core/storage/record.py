@@ -6,8 +6,8 @@ where it is written, not a "—" in a report. Why msgspec: the Struct definition
 schema; decoding validates every field and names the one that is wrong
 (`Expected `float`, got `str` - at `$.treatment.ppl``), with no hand-written to/from JSON.
 
-This module computes nothing. The protocol (fq_core.stages) fills the record; fq_core.results
-stores it; everything else renders it.
+This module computes nothing. The protocol (fq_core.experiment.stages) fills the record;
+fq_core.storage.results stores it; everything else renders it.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 import msgspec
 
-from .errors import BadInput
-from .figures import nonfinite_as_words
+from ..definitions.settings import default
+from ..errors import BadInput
+from ..figures import nonfinite_as_words
 from .identity import MachineInfo
-from .settings import default
 
 #: Version of the stored layout. 1: checks said `asserted`, report-only checks were "passed".
 #: 2: no variant (every record measured the model as deployed), no resolution.
@@ -73,7 +73,8 @@ class LlamaInfo(_Part, kw_only=True):
     # native builds are bit-identical only on one CPU model; FQ_LLAMA_CPU=x86-64-v3 etc. on
     # every CPU with that level (None: tools not built by fq, the instruction set unknown)
     instruction_set: str | None = None
-    # SHA-256 over the build's files (fq_core.llama.tools.build_files): what the cache keys name
+    # SHA-256 over the build's files (fq_core.measurement.llama.tools.build_files): what the cache
+    # keys name
     build_id: str | None = None
 
 
@@ -295,8 +296,8 @@ class PlaceboRun(_Part, kw_only=True):
 
 
 class CacheUse(_Part, kw_only=True):
-    """Where a part of the record's figures came from: a verified cache entry (fq_core.cache),
-    measured now or read back, with when it was measured."""
+    """Where a part of the record's figures came from: a verified cache entry
+    (fq_core.storage.cache), measured now or read back, with when it was measured."""
 
     role: str  # baseline | treatment | placebo seed N: the figures it gave
     kind: str  # baselines, treatments, placebos
@@ -308,7 +309,8 @@ class CacheUse(_Part, kw_only=True):
 
 class Standing(enum.StrEnum):
     """Where a treatment's figure stands against its placebos: decided once by the protocol
-    (fq_core.checks), stored, and read by the report as a category, never out of the words."""
+    (fq_core.experiment.checks), stored, and read by the report as a category, never out of the
+    words."""
 
     NOISE = "noise"  # no further from the baseline than the placebos: the engine's noise
     ABOVE = "above"  # beyond every placebo
@@ -517,7 +519,7 @@ def _upgrade(data: Any, version: int, source: str) -> Any:
 
 def _versus(words: Any) -> Any:
     """A comparison stored before schema 4 as words alone, with the category those words
-    stated (the wordings fq_core.checks produced; anything else compared nothing)."""
+    stated (the wordings fq_core.experiment.checks produced; anything else compared nothing)."""
     if not isinstance(words, str):
         return words
     if words.startswith("within engine noise"):

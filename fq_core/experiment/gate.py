@@ -14,10 +14,10 @@ from typing import Any
 
 import msgspec
 
+from ..storage.identity import Identity
+from ..storage.record import StageRecord
+from ..storage.results import gate_entries, lookup_gate
 from . import checks
-from .identity import Identity
-from .record import StageRecord
-from .results import gate_entries, lookup_gate
 
 
 @dataclass(frozen=True)

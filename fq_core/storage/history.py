@@ -1,7 +1,7 @@
 """The history of runs: a manifest per run, the records of earlier runs, saved references.
 
 Why: a run is only worth comparing with when it says what produced it. Every run directory
-`results/<run-id>/` holds its stage records (`<stage>/<case>.json`, fq_core.results) and a
+`results/<run-id>/` holds its stage records (`<stage>/<case>.json`, fq_core.storage.results) and a
 small `run.json` (this module: git commit and whether the tree was dirty, timestamps,
 argv, fq version, host — pytest-benchmark's autosave keeps the same). A *reference* is a
 run's records copied into a small directory the user can commit (`fq-reference/` by
@@ -11,7 +11,7 @@ default, like pytest-regressions' data files): the same `<stage>/<case>.json` la
 Layout (none of these extra files matches `results.iter_records`' `*/*.json` glob):
 - `results/<run-id>/run.json`                        the run manifest
 - `results/<run-id>/<stage>/regression/<case>.json`  a comparison with the reference
-  (fq_core.regression.Comparison; one level deeper than the records, like `models/`)
+  (fq_core.experiment.regression.Comparison; one level deeper than the records, like `models/`)
 - `<reference dir>/reference.json` + `<reference dir>/<stage>/<case>.json`
 
 No pytest here; the only subprocess (`git status`) goes through commands.run_logged.
@@ -31,8 +31,10 @@ from typing import Literal
 
 import msgspec
 
-from . import __version__, atomic, record, results
-from .errors import BadInput, OutputRefused
+from .. import __version__
+from ..errors import BadInput, OutputRefused
+from ..platform import atomic
+from . import record, results
 from .identity import MachineInfo, machine_info
 from .record import StageRecord
 
@@ -147,7 +149,7 @@ def _dirty(folder: Path) -> bool | None:
     git = shutil.which("git")
     if git is None:
         return None
-    from .commands import run_logged
+    from ..platform.commands import run_logged
 
     try:
         rec = run_logged(

@@ -8,8 +8,8 @@ interrupted build is never mistaken for a good one.
 One build serves both engines: llama.cpp is built with shared libraries, so the same tree
 holds the tools (`bin/`, RPATH `$ORIGIN/../lib`), the libraries they load (`lib/`: libllama,
 libggml*, libllama-common) and the sdist's own ctypes bindings for exactly this source
-(`python/llama_cpp`, unpacked, never built or installed), which fq_core.llama.logits uses
-for full-precision logits.
+(`python/llama_cpp`, unpacked, never built or installed), which fq_core.measurement.llama.logits
+uses for full-precision logits.
 
 A build is named by its content, not its version string: `build_id` is the SHA-256 over the
 SHA-256 of every file it runs (tools, libraries, bindings). fq's build records those digests
@@ -36,10 +36,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..commands import CommandRecord, run_logged
-from ..errors import BuildChanged, FetchFailed, ToolMissing
-from ..hashing import sha256_file
-from ..paths import cache_dir
+from ...errors import BuildChanged, FetchFailed, ToolMissing
+from ...platform.commands import CommandRecord, run_logged
+from ...platform.hashing import sha256_file
+from ...platform.paths import cache_dir
 from .parse import parse_version
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ BUILD_TARGETS = REQUIRED_TOOLS + OPTIONAL_TOOLS
 # every instruction the CPU has (several times faster than the portable build). Because a home
 # directory can be shared between machines, a fingerprint of the CPU goes into the flags hash:
 # another CPU gets its own build instead of crashing on an illegal instruction.
-# Shared libraries: the tools and fq_core.llama.logits (ctypes) load the same libllama. The
-# tools find the libraries through their RPATH, relative to themselves, so the tree works from
+# Shared libraries: the tools and fq_core.measurement.llama.logits (ctypes) load the same libllama.
+# The tools find the libraries through their RPATH, relative to themselves, so the tree works from
 # the cache after the temporary build directory is gone (and when copied as a whole).
 LIB_RPATH = "$ORIGIN/../lib"
 BASE_CMAKE_ARGS = (
@@ -151,8 +151,8 @@ class LlamaTools:
         return self.lib_dir is not None and self.python_dir is not None
 
     def library(self) -> tuple[Path, Path]:
-        """(lib_dir, python_dir) for fq_core.llama.logits; ToolMissing when this llama.cpp has
-        no shared libraries and bindings (tools from PATH or --llama-bin-dir)."""
+        """(lib_dir, python_dir) for fq_core.measurement.llama.logits; ToolMissing when this
+        llama.cpp has no shared libraries and bindings (tools from PATH or --llama-bin-dir)."""
         if self.lib_dir is None or self.python_dir is None:
             raise ToolMissing(
                 f"the llama.cpp at {self.bin_dir} ({self.source}) has no {LIBRARY} and Python "
@@ -213,7 +213,7 @@ def extra_cmake_args() -> tuple[str, ...]:
 
 def cpu_level() -> str:
     """FQ_LLAMA_CPU: `native` (default) or a fixed level such as `x86-64-v3`."""
-    from ..errors import BadInput
+    from ...errors import BadInput
 
     level = os.environ.get("FQ_LLAMA_CPU", "").strip() or "native"
     if level != "native" and level not in CPU_LEVELS:
@@ -222,7 +222,8 @@ def cpu_level() -> str:
 
 
 def instruction_set(level: str | None = None) -> str:
-    """What the build may execute, in words: part of a record's identity (fq_core.regression)."""
+    """What the build may execute, in words: part of a record's identity
+    (fq_core.experiment.regression)."""
     level = level or cpu_level()
     if level != "native":
         return f"{level} ({', '.join(f.lower() for f in CPU_LEVELS[level])})"
@@ -561,7 +562,7 @@ def build_differences(bin_dir: Path, files: dict[str, str] | None = None) -> tup
 def record_manifest(bin_dir: Path) -> str:
     """Write the manifest into the build.json of an fq build made before manifests existed
     (its files as they are now: trusted on first use); returns the build id."""
-    from ..atomic import write_text
+    from ...platform.atomic import write_text
 
     rec = build_record(bin_dir)
     if rec is None:
