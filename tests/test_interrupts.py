@@ -87,7 +87,7 @@ def test_an_owned_file_that_cannot_be_marked_is_one_line(tmp_path):
 
 _HOLDER = """
 import sys, time
-from fq_core import atomic
+from fq_core.platform import atomic
 with atomic.owned(sys.argv[1]) as p:
     p.write_bytes(b"x" * 1000)
     print("ready", flush=True)
@@ -163,7 +163,7 @@ def test_doctor_names_a_killed_runs_model_under_results(tmp_path, monkeypatch, c
 _TEST_FILE = """
 import os, sys, time
 from pathlib import Path
-from fq_core import atomic
+from fq_core.platform import atomic
 
 def test_holds_scratch_files():
     d = Path(os.environ["SCRATCH"])

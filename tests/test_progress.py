@@ -375,7 +375,7 @@ def test_on_ci(monkeypatch, env, ci):
 
 INNER = """
 import pytest
-from fq_core import progress
+from fq_core.platform import progress
 
 @pytest.fixture(scope="module")
 def result():

@@ -734,7 +734,7 @@ def test_fq_reference_save(tmp_path, capsys, monkeypatch):
 CONFTEST = """
 import os
 import pytest
-from fq_core import record
+from fq_core.storage import record
 
 pytest_plugins = ["fq_pytest.plugin", "fq_pytest.regression"]
 
