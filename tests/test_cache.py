@@ -1,5 +1,5 @@
-"""fq_core.storage.cache: a cached measurement is used only when it proves itself (issue 18, item
-3).
+"""fq_core.storage.cache: a cached measurement is used only when it proves itself (issue 18,
+item 3).
 
 On real files: an entry and the file it stands for, damaged the ways a hand, a crash or an
 older fq would (an entry holding `{}`, an edited figure, zeroed logits of the same size, an

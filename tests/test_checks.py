@@ -1,5 +1,4 @@
-"""fq_core.experiment.checks on tables of boundary rows: value, threshold -> status, and the one
-rule.
+"""fq_core.experiment.checks on tables of boundary rows (value, threshold -> status); the one rule.
 
 Like ml_dtypes' edge tables: every row is a case someone could get wrong (the value on the
 threshold, just over, NaN, no threshold at all).

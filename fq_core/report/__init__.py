@@ -124,8 +124,7 @@ def stage_sort_key(stage: str) -> tuple[int, str]:
 
 def record_files(run_dir: Path) -> list[Path]:
     """A run's stage records, `<stage>/<case>.json`. Not a results root's `<run>/run.json`
-    (fq_core.storage.history's run manifest): without this, a root would pass for a run
-    directory."""
+    (storage.history's run manifest): without this, a root would pass for a run directory."""
     return sorted(p for p in run_dir.glob("*/*.json") if p.name != history.MANIFEST_FILE)
 
 
@@ -175,8 +174,7 @@ def load_run(run_dir: str | Path) -> RunResults:
 
 
 def _comparison(run_dir: Path, rec: StageRecord) -> Comparison | None:
-    """The stored comparison of this stage × case (fq_core.storage.history.comparison_path), or
-    None.
+    """The stored comparison of this stage × case (storage.history.comparison_path), or None.
 
     One that cannot be read, or that belongs to another stage × case, is BadInput naming the
     file: a regression must never drop out of the report silently."""

@@ -73,8 +73,7 @@ class LlamaInfo(_Part, kw_only=True):
     # native builds are bit-identical only on one CPU model; FQ_LLAMA_CPU=x86-64-v3 etc. on
     # every CPU with that level (None: tools not built by fq, the instruction set unknown)
     instruction_set: str | None = None
-    # SHA-256 over the build's files (fq_core.measurement.llama.tools.build_files): what the cache
-    # keys name
+    # SHA-256 over the build's files (measurement.llama.tools.build_files): what the cache keys name
     build_id: str | None = None
 
 
@@ -309,8 +308,7 @@ class CacheUse(_Part, kw_only=True):
 
 class Standing(enum.StrEnum):
     """Where a treatment's figure stands against its placebos: decided once by the protocol
-    (fq_core.experiment.checks), stored, and read by the report as a category, never out of the
-    words."""
+    (experiment.checks), stored, and read by the report as a category, never out of the words."""
 
     NOISE = "noise"  # no further from the baseline than the placebos: the engine's noise
     ABOVE = "above"  # beyond every placebo

@@ -78,8 +78,7 @@ class KLDStats:
     raw: dict  # every "name: value ± err" line, as parsed
     # mean KLD of each chunk on its own (paired bootstrap intervals need per-chunk values)
     chunk_klds: tuple[float, ...] = ()
-    # full-precision logits (fq_core.measurement.llama.logits) instead of llama-perplexity's 16-bit
-    # base
+    # full-precision logits (llama.logits) instead of llama-perplexity's 16-bit base
     exact: bool = False
 
     def to_json(self) -> dict:
@@ -178,8 +177,7 @@ def _chunk_watch(parser=None) -> Callable[..., None]:
 
 
 def _exact_kld_stats(k: dict) -> KLDStats:
-    """KLDStats from the exact engine's "kld" block
-    (fq_core.measurement.llama.logits.kld_summary)."""
+    """KLDStats from the exact engine's "kld" block (llama.logits.kld_summary)."""
     pair = lambda v, e: [k[v], k.get(e)]  # noqa: E731
     raw = {
         "Mean PPL(Q)": pair("ppl_q", "ppl_q_err"),

@@ -222,8 +222,7 @@ def cpu_level() -> str:
 
 
 def instruction_set(level: str | None = None) -> str:
-    """What the build may execute, in words: part of a record's identity
-    (fq_core.experiment.regression)."""
+    """What the build may execute, in words: part of a record's identity (regression)."""
     level = level or cpu_level()
     if level != "native":
         return f"{level} ({', '.join(f.lower() for f in CPU_LEVELS[level])})"
