@@ -29,4 +29,4 @@ def test_sensitivity(fq_sweep_cell: CellRecord):
     assert rec.treatment is not None and rec.numeric is not None
     if not rec.treatment.identical:
         assert rec.treatment.chunk_klds, "no per-chunk KLD: the cell cannot be tested"
-        assert len(rec.placebo) == len(rec.identity.settings.placebo_seeds)
+        assert len(rec.placebo) == len(rec.identity.settings["placebo_seeds"])

@@ -24,7 +24,11 @@ from fq_core.measurement.models import resolve_model
 
 # the tests using `env` run llama.cpp on SmolLM2 and are marked llama + models
 
-SETTINGS = EvalSettings(chunks=2, kld_chunks=2, gen_tokens=8, prompts=(Prompt("Hello"),))
+# ctx 128: what these tests prove (the cache, the per-chunk arithmetic, agreement with the
+# bare commands) holds at any context; the default prompts and `fq evaluate --ctx 128
+# --chunks 2 --gen-tokens 8` give the CLI test the same key, so the module has one baseline.
+CTX = 128
+SETTINGS = EvalSettings(ctx=CTX, batch=CTX, chunks=2, kld_chunks=2, gen_tokens=8)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +86,9 @@ def test_baseline_is_computed_once_then_reused(env):
 def test_other_settings_get_another_baseline_and_a_damaged_one_is_redone(env):
     runner, smol, corpus, root = env
     base = evaluate_baseline(runner, smol, corpus, SETTINGS)
-    other = EvalSettings(chunks=1, kld_chunks=1, gen_tokens=4, prompts=(Prompt("Hi"),))
+    other = EvalSettings(
+        ctx=CTX, batch=CTX, chunks=1, kld_chunks=1, gen_tokens=4, prompts=(Prompt("Hi"),)
+    )
     small = evaluate_baseline(runner, smol, corpus, other)
     assert small.key != base.key
     size = base.kld_base.stat().st_size
@@ -128,7 +134,7 @@ def test_changed_model_matches_llama_perplexity_run_by_hand(env, changed_smol):
     assert cmp.kld.mean_kld > 0 and cmp.delta_ppl != 0
 
     bin_dir = runner.tools.bin_dir
-    common = ["-f", corpus.path, "-c", "512", "-b", "512", "--chunks", "2", "-t", "2"]
+    common = ["-f", corpus.path, "-c", str(CTX), "-b", str(CTX), "--chunks", "2", "-t", "2"]
     hand_base = run_logged(
         [
             bin_dir / "llama-perplexity",
@@ -189,12 +195,15 @@ def test_fq_evaluate_cli(env, changed_smol, capsys):
     runner, smol, corpus, root = env
     out_json = root / "eval.json"
     argv = ["evaluate", str(changed_smol.path), "--baseline", str(smol.path), "--chunks", "2"]
-    argv += ["--gen-tokens", "8", "--json", str(out_json), "--text", str(corpus.path)]
+    argv += ["--ctx", str(CTX), "--gen-tokens", "8", "--json", str(out_json)]
+    argv += ["--text", str(corpus.path)]
     # XDG_CACHE_HOME is private here: without the flag fq would (rightly) build llama.cpp again
     argv += ["--llama-bin-dir", str(runner.tools.bin_dir)]
+    base = evaluate_baseline(runner, smol, corpus, SETTINGS)  # cached by the tests above, if run
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for label in ("load", "PPL (2×512)", "ΔPPL %", "KLD mean", "same top %", "agreement"):
+    assert f"baseline reused from the cache: {base.cache_path}" in out  # one key for both
+    for label in ("load", f"PPL (2×{CTX})", "ΔPPL %", "KLD mean", "same top %", "agreement"):
         assert label in out
     doc = json.loads(out_json.read_text())
     assert doc["comparison"]["delta_ppl"] == doc["candidate"]["ppl"] - doc["baseline"]["ppl"]

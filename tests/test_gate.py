@@ -192,7 +192,7 @@ def test_impossible_threshold_closes_the_gate_for_real(tmp_path):
             "--fq-placebo-seeds",
             "0",
             "--fq-gen-tokens",
-            "4",
+            "8",  # test_report's settings: one SmolLM2 baseline (shared cache) serves both
             "--fq-ppl-delta-max",
             "0",
             "--fq-twin",

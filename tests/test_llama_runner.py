@@ -190,9 +190,10 @@ def test_chat_applies_the_registry_template_and_does_not_wait(runner, gemma):
 @pytest.mark.llama
 @pytest.mark.models
 def test_perplexity_two_chunks_and_reproducible(runner, smol, corpus):
-    a = runner.perplexity(smol, corpus, chunks=2)
-    b = runner.perplexity(smol, corpus, chunks=2, batch=256)
-    assert a.n_chunks == 2 and a.ctx == 512 and len(a.chunk_ppls) == 2
+    """ctx 128: chunking, the parse and batch-size reproducibility do not depend on the size."""
+    a = runner.perplexity(smol, corpus, ctx=128, batch=128, chunks=2)
+    b = runner.perplexity(smol, corpus, ctx=128, batch=64, chunks=2)
+    assert a.n_chunks == 2 and a.ctx == 128 and len(a.chunk_ppls) == 2
     assert a.chunk_ppls[-1] == pytest.approx(a.ppl, abs=1e-4)
     assert math.isfinite(a.ppl) and a.ppl > 1 and a.ppl_err > 0
     assert a.tokens_per_s > 0
@@ -203,9 +204,9 @@ def test_perplexity_two_chunks_and_reproducible(runner, smol, corpus):
 @pytest.mark.models
 def test_kld_base_then_against_itself(runner, smol, corpus, tmp_path):
     base = tmp_path / "smol.kld"
-    p = runner.perplexity(smol, corpus, chunks=2, kl_base=base)
-    assert base.stat().st_size > 10_000_000  # ~25 MB for 2 chunks of SmolLM2's 49k vocabulary
-    k = runner.perplexity(smol, corpus, chunks=2, kl_against=base)
+    p = runner.perplexity(smol, corpus, ctx=128, batch=128, chunks=2, kl_base=base)
+    assert base.stat().st_size > 10_000_000  # 12.4 MB: 2 chunks × 63 tokens × 49k vocab × 2 B
+    k = runner.perplexity(smol, corpus, ctx=128, batch=128, chunks=2, kl_against=base)
     assert k.kld is not None and p.kld is None
     assert k.ppl == pytest.approx(p.ppl, abs=1e-4)  # Mean PPL(Q) is the model's own PPL
     assert abs(k.kld.mean_kld) < 1e-5 and k.kld.same_top_pct == 100.0
