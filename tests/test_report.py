@@ -34,6 +34,7 @@ from fq_core.figures import figure
 from fq_core.report.rows import TONES as TONE
 from fq_core.storage import record, results
 from fq_core.storage.record import PlaceboComparison, StageRecord, Standing, Versus
+from fq_pytest.report import commands_for
 
 # tests using `real_run` are marked models + llama by fq_pytest.markers; the rest run offline
 
@@ -346,11 +347,12 @@ def test_each_stage_test_carries_its_evidence(real_run):
             decode_png(base64.b64decode(x["content"].split(",", 1)[1]))
         if check == "perplexity":
             assert images, "the perplexity test carries the per-chunk PPL chart"
-            engines = ("llama-perplexity", "fq-logits")  # fq-logits: the twin's exact engine
-            ppl_cmds = [c for c in result.commands if (c.tool or Path(c.argv[0]).name) in engines]
-            assert ppl_cmds
+            # the baseline's and treatment's llama-perplexity or exact-engine runs (placebo
+            # runs go with the placebo check); a cached run may name another clone's python
+            ppl_cmds = commands_for("perplexity", result.commands)
+            assert ppl_cmds and {c.role for c in ppl_cmds} <= {"baseline", "treatment"}
             for c in ppl_cmds:
-                assert c.argv[0] in html_extra
+                assert c.argv[0] in html_lib.unescape(html_extra)
         seen.add((check, model))
     assert {(c, m) for c in ("quantize", "numeric", "perplexity", "kld") for m in MODELS} <= seen
 
