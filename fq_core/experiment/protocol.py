@@ -329,10 +329,7 @@ def _speed(
     perplexity = _evaluate().ppl_call(ctx.runner, s)
     try:
         with progress.step("speed"):
-            runs = [
-                perplexity(m, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.chunks)
-                for m in pair
-            ]
+            runs = [perplexity(m, ctx.corpus.path, chunks=s.chunks) for m in pair]
     except FqError as exc:
         note = f"timing both now failed: {_error(exc)}"
         return checks.speed_check(None, None, None, limit, note=note), None, []
@@ -544,17 +541,10 @@ def perplexity_only(ctx: Context, model: ModelRef, baseline: Any, settings: Eval
     ev = _evaluate()
     s = settings
     perplexity = ev.ppl_call(ctx.runner, s)  # llama-perplexity, or the exact engine
-    kld_run = perplexity(
-        model,
-        ctx.corpus.path,
-        ctx=s.ctx,
-        batch=s.batch,
-        chunks=s.kld_chunks,
-        kl_against=baseline.kld_base,
-    )
+    kld_run = perplexity(model, ctx.corpus.path, chunks=s.kld_chunks, kl_against=baseline.kld_base)
     ppl = kld_run
     if s.chunks != s.kld_chunks:
-        plain = perplexity(model, ctx.corpus.path, ctx=s.ctx, batch=s.batch, chunks=s.chunks)
+        plain = perplexity(model, ctx.corpus.path, chunks=s.chunks)
         ppl = replace(plain, kld=kld_run.kld)
     return ev.ModelEvaluation(model, None, (), ppl, kld_run)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -205,8 +206,10 @@ def _generations(runner, model, settings, chat_template) -> tuple[Generation, ..
 
 
 def ppl_call(runner: LlamaRunner, settings: EvalSettings):
-    """The runner call of the settings' engine: same signature, same PerplexityResult."""
-    return runner.exact_perplexity if settings.exact else runner.perplexity
+    """The runner call of the settings' engine at the settings' context and batch: the two
+    engines share one signature and one PerplexityResult."""
+    call = runner.exact_perplexity if settings.exact else runner.perplexity
+    return functools.partial(call, ctx=settings.ctx, batch=settings.batch)
 
 
 def _logits_name(settings: EvalSettings) -> str:
@@ -259,24 +262,11 @@ def evaluate_baseline(
             else atomic.temporary_for(logits, force=True, fsync=False)
         )
         with scratch as tmp_logits:
-            kld_run = run_ppl(
-                model,
-                corpus.path,
-                ctx=settings.ctx,
-                batch=settings.batch,
-                chunks=settings.kld_chunks,
-                kl_base=tmp_logits,
-            )
+            kld_run = run_ppl(model, corpus.path, chunks=settings.kld_chunks, kl_base=tmp_logits)
             if settings.chunks == settings.kld_chunks:
                 ppl = kld_run
             else:
-                ppl = run_ppl(
-                    model,
-                    corpus.path,
-                    ctx=settings.ctx,
-                    batch=settings.batch,
-                    chunks=settings.chunks,
-                )
+                ppl = run_ppl(model, corpus.path, chunks=settings.chunks)
         n_tokens = runner.count_tokens(model, corpus.path)
         return {
             "key": key,
@@ -350,20 +340,11 @@ def evaluate_against(
     # A fake-quantized copy has no registry entry: it inherits the baseline's chat template.
     template = settings.chat_template or model.chat_template or baseline.model.chat_template
     gens = _generations(runner, model, settings, template)
-    kld_run = run_ppl(
-        model,
-        corpus.path,
-        ctx=settings.ctx,
-        batch=settings.batch,
-        chunks=settings.kld_chunks,
-        kl_against=baseline.kld_base,
-    )
+    kld_run = run_ppl(model, corpus.path, chunks=settings.kld_chunks, kl_against=baseline.kld_base)
     if settings.chunks == settings.kld_chunks:
         ppl = kld_run
     else:
-        plain = run_ppl(
-            model, corpus.path, ctx=settings.ctx, batch=settings.batch, chunks=settings.chunks
-        )
+        plain = run_ppl(model, corpus.path, chunks=settings.chunks)
         ppl = dataclasses.replace(plain, kld=kld_run.kld)
     return ModelEvaluation(model, load, gens, ppl, kld_run)
 
