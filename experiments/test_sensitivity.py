@@ -2,10 +2,10 @@
 
 Each cell fake-quantizes one layer's tensors of one kind (or the first n layers, for the
 cumulative curve "more layers, more error"), evaluates once against the cached baseline and
-compares with its selection-matched placebos (fq_core.experiment.sweep.run_cell; cached per cell, so
-a wider or resumed sweep runs only new cells). The test asserts that the cell was measured;
-whether its effect stands above the engine's noise is a statistical statement over all
-cells (Benjamini–Hochberg), made by the sensitivity report (reports/sensitivity.html), not
+compares with its selection-matched placebos (fq_core.experiment.sweep.run.run_cell; cached
+per cell, so a wider or resumed sweep runs only new cells). The test asserts that the cell was
+measured; whether its effect stands above the engine's noise is a statistical statement over
+all cells (Benjamini–Hochberg), made by the sensitivity report (reports/sensitivity.html), not
 by one test.
 
 Plain `pytest` runs the smoke plan (Gemma3, ffn_norm, layers 0-1, BF16, deployed, 2 chunks);
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from fq_core.experiment.sweep import CellRecord
+from fq_core.storage.cell_record import CellRecord
 
 pytestmark = [pytest.mark.sweep, pytest.mark.llama, pytest.mark.models]
 

@@ -336,8 +336,8 @@ def _run_report(args) -> int:
 def _has_stage_results(path) -> bool:
     """A run directory with <stage>/<case>.json, or a results root holding one (a run's
     sweep/ directory, with its cells one level deeper, is not a run)."""
-    from .experiment.sweep import SWEEP_DIR
     from .report import is_run_dir
+    from .storage.cell_record import SWEEP_DIR
 
     p = Path(path)
     if not p.is_dir():
@@ -349,7 +349,7 @@ def _report_sweep(dirs, output_dir) -> bool:
     """The sensitivity report (fq_core.report.sensitivity) when the dirs hold sweep cells:
     with several dirs every one must (the shards of one sweep, identities checked)."""
     from .errors import BadInput
-    from .experiment.sweep import cells_dir
+    from .experiment.sweep.analysis import cells_dir
 
     found = [d for d in dirs if cells_dir(d) is not None]
     if len(dirs) > 1 and len(found) < len(dirs):
@@ -360,7 +360,7 @@ def _report_sweep(dirs, output_dir) -> bool:
         )
     if not found:
         return False
-    from .experiment.sweep import analyze_dirs
+    from .experiment.sweep.analysis import analyze_dirs
     from .report.sensitivity import write_report
 
     rep = write_report(analyze_dirs(found), output_dir)  # BadInput before any output

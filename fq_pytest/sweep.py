@@ -1,5 +1,5 @@
 """pytest wiring of the sensitivity sweep (experiments/test_sensitivity.py); logic in
-fq_core.experiment.sweep.
+fq_core.experiment.sweep (plan, run, analysis).
 
 - Options: `fq_sweep_*` ini values, each also a `--fq-sweep-…` flag, and `--fq-gpu-layers`.
 - Which plan: `fq_sweep_plan = smoke` (default: what plain `pytest` and CI run — Gemma3,
@@ -69,16 +69,16 @@ def option_values(config: pytest.Config) -> dict[str, Any]:
 
 
 def plan_from(values: dict[str, Any], rounding: str):
-    from fq_core.experiment import sweep
+    from fq_core.experiment.sweep.plan import SMOKE, Plan, parse_formats, parse_variants
 
     if values["fq_sweep_plan"] == "smoke":
-        return sweep.SMOKE
+        return SMOKE
     try:
-        formats = sweep.parse_formats(values["fq_sweep_formats"], rounding)
-        variants = sweep.parse_variants(values["fq_sweep_variants"])
+        formats = parse_formats(values["fq_sweep_formats"], rounding)
+        variants = parse_variants(values["fq_sweep_variants"])
     except Exception as exc:
         raise pytest.UsageError(str(exc)) from None
-    return sweep.Plan(
+    return Plan(
         name="full",
         models=tuple(values["fq_sweep_models"].split()),
         kinds=tuple(values["fq_sweep_kinds"].replace(",", " ").split()),
@@ -93,7 +93,7 @@ def plan_from(values: dict[str, Any], rounding: str):
 @dataclass(frozen=True)
 class SweepCase:
     model: str  # as given
-    cell: Any  # experiment.sweep.Cell, or None when the model was not available at collection
+    cell: Any  # experiment.sweep.plan.Cell, or None when the model was not available at collection
     reason: str | None = None
 
     @property
@@ -126,7 +126,7 @@ class SweepSession:
     @property
     def tools(self):
         if self._tools is None:
-            from fq_core.experiment.sweep import tools_for_backend
+            from fq_core.experiment.sweep.run import tools_for_backend
 
             self._tools = tools_for_backend(self.fq.tools, self.values["fq_gpu_layers"])
         return self._tools
@@ -147,7 +147,7 @@ class SweepSession:
 
     def cases(self) -> list[SweepCase]:
         from fq_core.errors import FqError
-        from fq_core.experiment import sweep
+        from fq_core.experiment.sweep.plan import cells_for, sort_key
         from fq_core.measurement.gguf_index import read_index
         from fq_core.measurement.models import resolve_model
 
@@ -166,10 +166,10 @@ class SweepSession:
                 )
                 continue
             try:
-                cells = sweep.cells_for(self.plan, model_id(m), read_index(ref.path))
+                cells = cells_for(self.plan, model_id(m), read_index(ref.path))
             except FqError as exc:
                 raise pytest.UsageError(f"sweep plan on {m}: {exc}") from None
-            out += [SweepCase(m, c) for c in sorted(cells, key=sweep.sort_key)]
+            out += [SweepCase(m, c) for c in sorted(cells, key=sort_key)]
         return out
 
     def label(self) -> str:
@@ -215,16 +215,14 @@ def _case(item: pytest.Item) -> SweepCase | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Sweep items in the plan's order (model, variant, format, kind, layer), where the first
     of them stood; everything else keeps its place."""
-    from fq_core.experiment import sweep
+    from fq_core.experiment.sweep.plan import sort_key
 
     pos = [i for i, item in enumerate(items) if _case(item) is not None]
     if not pos:
         return
     ordered = sorted(
         (items[i] for i in pos),
-        key=lambda it: (
-            (0, sweep.sort_key(_case(it).cell)) if _case(it).cell is not None else (1, ())
-        ),
+        key=lambda it: (0, sort_key(_case(it).cell)) if _case(it).cell is not None else (1, ()),
     )
     for i, item in zip(pos, ordered, strict=True):
         items[i] = item
@@ -238,8 +236,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def fq_sweep_cell(request: pytest.FixtureRequest, fq_sweep_case: SweepCase):
     """The stored record of this test's cell (measured now, or from the cell cache)."""
     from fq_core.errors import FqError
-    from fq_core.experiment import sweep
+    from fq_core.experiment.sweep.run import run_cell
     from fq_core.platform import progress
+    from fq_core.storage.cell_record import cell_path
 
     if fq_sweep_case.cell is None:
         pytest.skip(fq_sweep_case.reason)
@@ -249,13 +248,13 @@ def fq_sweep_cell(request: pytest.FixtureRequest, fq_sweep_case: SweepCase):
     request.node.user_properties += [
         ("fq_run_id", fq.run_id),
         ("fq_sweep_cell", cell.id),
-        ("fq_sweep_result", str(sweep.cell_path(fq.run_id, cell.id, fq.root))),
+        ("fq_sweep_result", str(cell_path(fq.run_id, cell.id, fq.root))),
     ]
     t0 = time.perf_counter()
     try:
         with progress.context(stage=s.label(), model=cell.id):
             ref = fq.model(_stage_case(fq_sweep_case))
-            rec = sweep.run_cell(cell, ref, s.context(), fq.experiment, chunks=s.plan.chunks)
+            rec = run_cell(cell, ref, s.context(), fq.experiment, chunks=s.plan.chunks)
     except FqError as exc:  # a missing model, corpus or tool: one line, not a traceback
         pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)
     finally:
@@ -275,10 +274,10 @@ def _stage_case(case: SweepCase):
 
 
 def _cells_dir(config: pytest.Config) -> Path | None:
-    from fq_core.experiment import sweep
+    from fq_core.storage.cell_record import cell_path
 
     fq = config.stash[SESSION]
-    d = sweep.cell_path(fq.run_id, "x", fq.root).parent
+    d = cell_path(fq.run_id, "x", fq.root).parent
     return d if d.is_dir() and any(d.glob("*.json")) else None
 
 
@@ -298,7 +297,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     cells = _cells_dir(config)
     if cells is None:
         return
-    from fq_core.experiment.sweep import analyze_dirs
+    from fq_core.experiment.sweep.analysis import analyze_dirs
     from fq_core.report import sensitivity
 
     fq = config.stash[SESSION]
@@ -327,7 +326,7 @@ def pytest_html_results_summary(prefix, summary, postfix, session) -> None:
     if cells is None:
         return
     try:
-        from fq_core.experiment.sweep import analyze_dirs
+        from fq_core.experiment.sweep.analysis import analyze_dirs
         from fq_core.report import sensitivity
 
         analysis = analyze_dirs([cells], q=config.stash[SWEEP].values["fq_sweep_fdr"])

@@ -43,8 +43,9 @@ from gguf_factory import build_gguf
 from fq_core.cli import build_parser
 from fq_core.definitions import settings
 from fq_core.definitions.formats import FORMATS, ROUNDINGS
-from fq_core.experiment import protocol, stages, sweep
+from fq_core.experiment import protocol, stages
 from fq_core.experiment.checks import STATUSES
+from fq_core.experiment.sweep import analysis as sweep_analysis
 from fq_core.measurement.corpus import Corpus
 from fq_core.measurement.evaluate import EvalSettings
 from fq_core.measurement.llama.runner import (
@@ -361,7 +362,7 @@ def test_every_default_is_the_settings_definition(plugin_options):
     given = replace(given, settings=replace(given.settings, threads=None))
     assert given == stages.Experiment(), "a library default differs from its setting's"
     assert stages.Experiment().thresholds == record.Thresholds()
-    assert sweep.Q_DEFAULT == settings.default("fq_sweep_fdr")
+    assert sweep_analysis.Q_DEFAULT == settings.default("fq_sweep_fdr")
     (evaluate,) = [p for name, (p, _) in COMMANDS.items() if name == "evaluate"]
     cli = {a.dest: a.default for a in evaluate._actions}
     lib = EvalSettings()

@@ -8,8 +8,7 @@ import json
 import msgspec
 import pytest
 
-from fq_core.experiment import sweep
-from fq_core.storage import history
+from fq_core.storage import cell_record, history
 from fq_core.storage.identity import Identity, MachineInfo, machine_info
 
 MACHINE = MachineInfo(hostname="h", cpu="Intel Xeon", cores=2, python="3.11.2", platform="Linux")
@@ -147,11 +146,11 @@ def test_a_cell_record_without_machine_information_still_reads(tmp_path):
     """Cell records before MachineInfo could hold `"machine": {}` (the old default)."""
     from test_sweep import _record
 
-    path = sweep.save_cell(_record(0, [0.01] * 8, [[0.001] * 8]), tmp_path)
+    path = cell_record.save_cell(_record(0, [0.01] * 8, [[0.001] * 8]), tmp_path)
     data = json.loads(path.read_text())
     data["machine"] = {}
     path.write_text(json.dumps(data))
-    assert sweep.read_cell(path).machine is None
+    assert cell_record.read_cell(path).machine is None
     data["machine"] = msgspec.to_builtins(MACHINE)
     path.write_text(json.dumps(data))
-    assert sweep.read_cell(path).machine == MACHINE
+    assert cell_record.read_cell(path).machine == MACHINE

@@ -51,9 +51,9 @@ def _append(path: Path, code: str) -> None:
         (
             "storage/results.py",
             "def _probe():\n"
-            "    from ..experiment.sweep import analyze_dirs\n\n"
+            "    from ..experiment.sweep.analysis import analyze_dirs\n\n"
             "    return analyze_dirs",
-            "fq_core.storage.results -> fq_core.experiment.sweep",
+            "fq_core.storage.results -> fq_core.experiment.sweep.analysis",
         ),
         # the bottom layer reaches the CLI
         ("errors.py", "from . import cli  # noqa: E402", "fq_core.errors -> fq_core.cli"),

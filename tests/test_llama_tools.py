@@ -304,7 +304,9 @@ def test_a_wrapper_with_the_same_version_gets_its_own_keys(fake_cache_build, tmp
     """Attack: FQ_LLAMA_BIN_DIR = a wrapper printing the cached build's version that alters
     perplexity. Before: the baseline, placebos, treatments, cells and the gate were keyed by
     the version string, so the wrapper's figures and the build's were served for each other."""
-    from fq_core.experiment import protocol, stages, sweep
+    from fq_core.experiment import protocol, stages
+    from fq_core.experiment.sweep import plan as sweep_plan
+    from fq_core.experiment.sweep import run as sweep_run
     from fq_core.measurement import evaluate
     from fq_core.measurement.corpus import Corpus
     from fq_core.measurement.models import ModelRef
@@ -329,16 +331,16 @@ def test_a_wrapper_with_the_same_version_gets_its_own_keys(fake_cache_build, tmp
         lambda t: evaluate.baseline_key(model, corpus, t.build_id, settings),
         lambda t: protocol.placebo_key(model, corpus, t, exp, "0", 1, base_sha256="b" * 64),
         lambda t: exp.gate_identity(model, corpus, t).key(),
-        lambda t: sweep.cell_key(
+        lambda t: sweep_run.cell_key(
             Identity(
                 model_sha256="a",
                 measured_sha256="a",
                 corpus_sha256="c",
                 llama_version=t.version,
                 llama_build=t.build_id,
-                settings=sweep.cell_settings(exp),
+                settings=sweep_run.cell_settings(exp),
             ),
-            sweep.Cell(
+            sweep_plan.Cell(
                 model="m",
                 kind="ffn_norm",
                 fmt="bf16",

@@ -27,7 +27,10 @@ from gguf_factory import build_gguf
 
 from fq_core.cli import main
 from fq_core.errors import BadInput, BadSelection
-from fq_core.experiment import stages, sweep
+from fq_core.experiment import stages
+from fq_core.experiment.sweep import analysis as sweep_analysis
+from fq_core.experiment.sweep import plan as sweep_plan
+from fq_core.experiment.sweep import run as sweep_run
 from fq_core.measurement.corpus import Corpus
 from fq_core.measurement.gguf_index import read_index
 from fq_core.measurement.llama.runner import CommandRecord, KLDStats, LoadResult, PerplexityResult
@@ -35,7 +38,7 @@ from fq_core.measurement.llama.tools import LlamaTools
 from fq_core.measurement.models import ModelRef
 from fq_core.platform.hashing import sha256_file
 from fq_core.report import sensitivity
-from fq_core.storage import results
+from fq_core.storage import cell_record, results
 from fq_core.storage.identity import Identity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +52,7 @@ def factory(tmp_path_factory):
     return build_gguf(tmp_path_factory.mktemp("sweep-model"), "factory.gguf", n_layers=5)
 
 
-def _plan(**kw) -> sweep.Plan:
+def _plan(**kw) -> sweep_plan.Plan:
     base = dict(
         name="full",
         models=("factory",),
@@ -58,11 +61,11 @@ def _plan(**kw) -> sweep.Plan:
         layers="all",
         variants=("deployed",),
     )
-    return sweep.Plan(**{**base, **kw})
+    return sweep_plan.Plan(**{**base, **kw})
 
 
 def test_cells_name_every_axis_and_never_say_layer(factory):
-    cells = sweep.cells_for(_plan(), "factory", read_index(factory.path))
+    cells = sweep_plan.cells_for(_plan(), "factory", read_index(factory.path))
     ids = [c.id for c in cells]
     assert ids == [
         "factory-ffn_norm-blk00-bf16-deployed",
@@ -82,13 +85,13 @@ def test_cells_name_every_axis_and_never_say_layer(factory):
 def test_all_kinds_formats_and_variants(factory):
     plan = _plan(
         kinds=("all",),
-        formats=sweep.parse_formats("bf16 fp8_e4m3/nearest"),
-        variants=sweep.parse_variants("both"),
+        formats=sweep_plan.parse_formats("bf16 fp8_e4m3/nearest"),
+        variants=sweep_plan.parse_variants("both"),
         layers="1",
         cumulative=False,
     )
-    cells = sweep.cells_for(plan, "factory", read_index(factory.path))
-    assert sweep.kinds_of(read_index(factory.path)) == ("attn_norm", "ffn_norm", "output_norm")
+    cells = sweep_plan.cells_for(plan, "factory", read_index(factory.path))
+    assert sweep_plan.kinds_of(read_index(factory.path)) == ("attn_norm", "ffn_norm", "output_norm")
     # 2 variants x 2 formats x (attn_norm, ffn_norm at layer 1 + output_norm, which has no layer)
     assert len(cells) == 2 * 2 * 3
     whole = [c for c in cells if c.kind == "output_norm"]
@@ -98,14 +101,16 @@ def test_all_kinds_formats_and_variants(factory):
 
 def test_plan_faults_are_one_line(factory):
     with pytest.raises(BadSelection, match="no F32 tensor of kind post_ffw_norm"):
-        sweep.cells_for(_plan(kinds=("post_ffw_norm",)), "factory", read_index(factory.path))
+        sweep_plan.cells_for(_plan(kinds=("post_ffw_norm",)), "factory", read_index(factory.path))
     with pytest.raises(BadInput, match="unknown sweep format 'placebo'"):
-        sweep.parse_formats("placebo")
+        sweep_plan.parse_formats("placebo")
     with pytest.raises(BadInput, match="variants"):
-        sweep.parse_variants("twin")
-    assert sweep.parse_formats("all") == tuple((f, "truncate") for f in sweep.SWEEP_FORMATS)
-    assert sweep.cumulative_sizes(18) == (1, 2, 4, 8, 16, 18)
-    assert sweep.cumulative_sizes(2) == (1, 2)
+        sweep_plan.parse_variants("twin")
+    assert sweep_plan.parse_formats("all") == tuple(
+        (f, "truncate") for f in sweep_plan.SWEEP_FORMATS
+    )
+    assert sweep_plan.cumulative_sizes(18) == (1, 2, 4, 8, 16, 18)
+    assert sweep_plan.cumulative_sizes(2) == (1, 2)
 
 
 # --- statistics on synthetic cells -----------------------------------------------------------
@@ -139,9 +144,9 @@ def _record(
     ident=IDENT,
     run_id="R1",
     identical=False,
-) -> sweep.CellRecord:
+) -> cell_record.CellRecord:
     treat = [float(x) for x in treat]
-    cell = sweep.Cell(
+    cell = sweep_plan.Cell(
         model="m",
         kind=kind,
         fmt="bf16",
@@ -153,22 +158,24 @@ def _record(
         n_layers=n or (1 if series == "layer" else None),
     )
     pl = tuple(
-        sweep.CellPlacebo(seed=i + 1, key=f"k{i}", kld_mean=float(np.mean(c)), chunk_klds=tuple(c))
+        cell_record.CellPlacebo(
+            seed=i + 1, key=f"k{i}", kld_mean=float(np.mean(c)), chunk_klds=tuple(c)
+        )
         for i, c in enumerate(placebos)
     )
-    res, p = sweep.cell_statistics(
+    res, p = sweep_run.cell_statistics(
         "llama-perplexity", "deployed", treat, float(np.mean(treat)), pl, identical=identical
     )
-    return sweep.CellRecord(
-        schema=sweep.CELL_SCHEMA,
+    return cell_record.CellRecord(
+        schema=cell_record.CELL_SCHEMA,
         run_id=run_id,
-        cell=sweep.CellInfo(**cell.to_json()),
+        cell=cell_record.CellInfo(**cell.to_json()),
         identity=ident,
         status="measured",
-        numeric=sweep.CellNumeric(
+        numeric=cell_record.CellNumeric(
             tensors=("t",), n_elements=640, changed=14, max_abs=0.1, max_rel=0.004, mean_rel=1e-4
         ),
-        treatment=sweep.CellTreatment(
+        treatment=cell_record.CellTreatment(
             identical=identical,
             kld_mean=float(np.mean(treat)),
             chunk_klds=tuple(treat),
@@ -195,7 +202,7 @@ def _placebos(rng):
 
 def _cells_dir(tmp: Path, recs) -> Path:
     for r in recs:
-        sweep.save_cell(r, tmp / "results")
+        cell_record.save_cell(r, tmp / "results")
     return tmp / "results"
 
 
@@ -206,10 +213,10 @@ def test_p_value_is_scipys_one_sided_t_test():
     pl = [[0.003, 0.004, 0.0035, 0.003], [0.0031, 0.0039, 0.0036, 0.0029]]
     d = np.asarray(t) - np.mean(pl, axis=0)
     expected = stats.ttest_1samp(d, 0.0, alternative="greater").pvalue
-    assert sweep.p_value(t, pl) == pytest.approx(expected)
-    assert sweep.p_value(t, []) is None  # no control: nothing to test
-    assert sweep.p_value([0.1, 0.1], [[0.0, 0.0]]) == 0.0  # constant positive difference
-    assert sweep.p_value([0.0, 0.0], [[0.1, 0.1]]) == 1.0
+    assert sweep_run.p_value(t, pl) == pytest.approx(expected)
+    assert sweep_run.p_value(t, []) is None  # no control: nothing to test
+    assert sweep_run.p_value([0.1, 0.1], [[0.0, 0.0]]) == 0.0  # constant positive difference
+    assert sweep_run.p_value([0.0, 0.0], [[0.1, 0.1]]) == 1.0
 
 
 def test_analysis_ranks_with_ties_and_names_the_standout():
@@ -219,7 +226,7 @@ def test_analysis_ranks_with_ties_and_names_the_standout():
         shift = 0.004 if layer == 2 else 0.0
         treat = list(np.asarray(NOISE) + shift + rng.normal(0, 1e-4, 8))
         recs.append(_record(layer, treat, _placebos(rng)))
-    a = sweep.analyze([sweep.Loaded(Path(f"{r.cell.id}.json"), r) for r in recs])
+    a = sweep_analysis.analyze([sweep_analysis.Loaded(Path(f"{r.cell.id}.json"), r) for r in recs])
     top = a.rows[0]
     assert top.cell.layer == 2 and top.discovery and (top.rank_lo, top.rank_hi) == (1, 1)
     assert top.q_value <= 0.05 < min(r.q_value for r in a.rows[1:])
@@ -237,7 +244,7 @@ def test_analysis_says_when_nothing_stands_out():
         _record(n, list(np.asarray(NOISE) + rng.normal(0, 1e-4, 8)), _placebos(rng))
         for n in range(4)
     ]
-    a = sweep.analyze([sweep.Loaded(Path("x"), r) for r in recs])
+    a = sweep_analysis.analyze([sweep_analysis.Loaded(Path("x"), r) for r in recs])
     assert a.sentence.startswith("No layer or tensor kind stands out: none of the 4 tested")
     assert not any(r.discovery for r in a.rows)
     assert all((r.rank_lo, r.rank_hi) == (1, 4) for r in a.rows)  # all tied
@@ -249,7 +256,7 @@ def test_cells_all_above_their_placebos_but_tied_do_not_stand_out():
         _record(n, list(np.asarray(NOISE) + 0.002 + rng.normal(0, 3e-4, 8)), _placebos(rng))
         for n in range(4)
     ]
-    a = sweep.analyze([sweep.Loaded(Path("x"), r) for r in recs])
+    a = sweep_analysis.analyze([sweep_analysis.Loaded(Path("x"), r) for r in recs])
     assert all(r.discovery for r in a.rows) and not a.groups[0].leaders
     assert a.sentence.startswith("No layer or tensor kind stands out: 4 of the 4 tested cells")
     assert "a tie, not a ranking" in a.groups[0].sentence
@@ -265,7 +272,7 @@ def test_placebos_that_change_nothing_give_a_floor_of_zero():
 
 def test_identical_cells_are_not_tested_and_say_so():
     rec = _record(0, [0.0] * 8, [], identical=True)
-    a = sweep.analyze([sweep.Loaded(Path("x"), rec)])
+    a = sweep_analysis.analyze([sweep_analysis.Loaded(Path("x"), rec)])
     assert a.n_tested == 0 and a.rows[0].verdict == "identical file: no element changed"
     assert "byte-identical" in a.groups[0].sentence
 
@@ -291,11 +298,11 @@ def test_shards_merge_to_the_same_numbers(tmp_path):
     whole = _cells_dir(tmp_path / "one", recs)
     a = _cells_dir(tmp_path / "a", recs[:2])
     b = _cells_dir(tmp_path / "b", recs[2:])
-    single = sweep.analyze_dirs([whole]).to_json()
-    merged = sweep.analyze_dirs([a, b]).to_json()
+    single = sweep_analysis.analyze_dirs([whole]).to_json()
+    merged = sweep_analysis.analyze_dirs([a, b]).to_json()
     assert merged == single
     # the same cell in two shards is kept once
-    assert sweep.analyze_dirs([a, b, whole]).to_json() == single
+    assert sweep_analysis.analyze_dirs([a, b, whole]).to_json() == single
 
 
 def test_shards_that_disagree_are_refused_in_one_line(tmp_path):
@@ -304,30 +311,30 @@ def test_shards_that_disagree_are_refused_in_one_line(tmp_path):
     a = _cells_dir(tmp_path / "a", _sweep_records(rng)[:2])
     b = _cells_dir(tmp_path / "b", _sweep_records(rng, ident=other)[2:])
     with pytest.raises(BadInput) as exc:
-        sweep.analyze_dirs([a, b])
+        sweep_analysis.analyze_dirs([a, b])
     text = str(exc.value)
     assert "\n" not in text and "settings.chunks 8 → 4" in text and "m (deployed)" in text
     gpu = msgspec.structs.replace(IDENT, llama_version="0000 (stub) [cuda; -ngl 99]")
     c = _cells_dir(tmp_path / "c", _sweep_records(rng, ident=gpu)[2:])
     with pytest.raises(BadInput, match=r"llama.cpp version 0000 \(stub\) → .*cuda"):
-        sweep.analyze_dirs([a, c])
+        sweep_analysis.analyze_dirs([a, c])
     rebuilt = msgspec.structs.replace(IDENT, llama_build="e" * 64)  # same version, other files
     e = _cells_dir(tmp_path / "e", _sweep_records(rng, ident=rebuilt)[2:])
     with pytest.raises(BadInput, match=r"llama.cpp build SHA-256 — → eeeeeeeeeeee…"):
-        sweep.analyze_dirs([a, e])
+        sweep_analysis.analyze_dirs([a, e])
     # the same cell measured differently is refused, not silently picked
     d = _cells_dir(tmp_path / "d", _sweep_records(np.random.default_rng(4))[:1])
     with pytest.raises(BadInput, match="measured differently"):
-        sweep.analyze_dirs([a, d])
+        sweep_analysis.analyze_dirs([a, d])
 
 
 def test_cells_dir_accepts_a_root_a_run_and_the_cells(tmp_path):
     root = _cells_dir(tmp_path, _sweep_records(np.random.default_rng(5)))
     cells = root / "R1" / "sweep" / "cells"
     for given in (root, root / "R1", root / "R1" / "sweep", cells):
-        assert sweep.cells_dir(given) == cells
+        assert sweep_analysis.cells_dir(given) == cells
     with pytest.raises(BadInput, match="not found"):
-        sweep.cells_dir(tmp_path / "missing")
+        sweep_analysis.cells_dir(tmp_path / "missing")
     # a sweep's cells are one level deeper than stage records: the stage report never reads them
     from fq_core.report import is_run_dir
 
@@ -339,7 +346,7 @@ def test_cells_dir_accepts_a_root_a_run_and_the_cells(tmp_path):
 
 def test_reports_are_self_contained_and_link_their_charts(tmp_path):
     root = _cells_dir(tmp_path, _sweep_records(np.random.default_rng(6)))
-    rep = sensitivity.write_report(sweep.analyze_dirs([root]), tmp_path / "out")
+    rep = sensitivity.write_report(sweep_analysis.analyze_dirs([root]), tmp_path / "out")
     html = rep.html.read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == 3  # heatmap, per-layer curve, cumulative
     assert 'src="http' not in html and "<script" not in html
@@ -472,29 +479,29 @@ def stub_world(tmp_path, monkeypatch):
     ctx = stages.Context("R-sweep", runner, tools, corpus, tmp_path / "results")
     exp = stages.Experiment()
     plan = _plan(layers="0-3")
-    cells = sweep.cells_for(plan, "factory", read_index(model.path))
+    cells = sweep_plan.cells_for(plan, "factory", read_index(model.path))
     return ref, ctx, exp, cells, runner, tmp_path
 
 
 def test_a_cell_is_cached_its_placebos_shared_and_its_gguf_deleted(stub_world):
     ref, ctx, exp, cells, runner, tmp = stub_world
     first = cells[0]
-    rec = sweep.run_cell(first, ref, ctx, exp, chunks=4)
+    rec = sweep_run.run_cell(first, ref, ctx, exp, chunks=4)
     assert rec.status == "measured", rec.error
     assert not rec.cached and len(rec.treatment.chunk_klds) == 4
     assert [p.cached for p in rec.placebo] == [False, False, False]
     assert rec.resolution is not None and rec.p_value is not None
-    stored = sweep.read_cell(sweep.cell_path("R-sweep", first.id, tmp / "results"))
+    stored = cell_record.read_cell(cell_record.cell_path("R-sweep", first.id, tmp / "results"))
     assert stored == rec
     cache = tmp / "cache" / "fq-suite"
     assert not list(cache.rglob("*.gguf")), "disk flat: every fake-quantized GGUF is deleted"
     calls = runner.perplexity_calls
-    again = sweep.run_cell(first, ref, ctx, exp, chunks=4)
+    again = sweep_run.run_cell(first, ref, ctx, exp, chunks=4)
     assert runner.perplexity_calls == calls, "a cached cell runs nothing"
     assert again.cached and all(p.cached for p in again.placebo)
     assert again.treatment == rec.treatment
     # another format of the same selection: a new treatment, the same (shared) placebos
-    other = sweep.run_cell(dataclasses.replace(first, fmt="fp8_e4m3"), ref, ctx, exp, chunks=4)
+    other = sweep_run.run_cell(dataclasses.replace(first, fmt="fp8_e4m3"), ref, ctx, exp, chunks=4)
     assert not other.cached and all(p.cached for p in other.placebo)
     assert runner.perplexity_calls == calls + 1
 
@@ -519,50 +526,50 @@ def test_a_damaged_cell_is_measured_again_never_served_nor_dropped(stub_world, c
     """A cell holding {} (a KeyError in every later run, dropped from the report) or an
     edited KLD (reported as measured): moved aside, measured again, in the report."""
     ref, ctx, exp, cells, runner, tmp = stub_world
-    first = sweep.run_cell(cells[0], ref, ctx, exp, chunks=4)
+    first = sweep_run.run_cell(cells[0], ref, ctx, exp, chunks=4)
     _damage_cell(tmp, first.key, change)
-    again = sweep.run_cell(cells[0], ref, ctx, exp, chunks=4)
+    again = sweep_run.run_cell(cells[0], ref, ctx, exp, chunks=4)
     assert again.status == "measured" and not again.cached
     assert reason in again.rejected
     assert again.treatment == first.treatment  # 2e5 never reported
     assert again.measured_at >= first.measured_at
     aside = tmp / "cache" / "fq-suite" / "rejected" / "cells"
     assert [p.name.split(".")[0] for p in aside.iterdir()] == [first.key]
-    analysis = sweep.analyze_dirs([tmp / "results"])
+    analysis = sweep_analysis.analyze_dirs([tmp / "results"])
     assert [r.cell.id for r in analysis.rows] == [cells[0].id] and not analysis.errors
     sensitivity.write_report(analysis, tmp / "out")
     text = (tmp / "out" / sensitivity.MARKDOWN).read_text()
     assert f"- `{cells[0].id}`: " in text and reason in text  # measured again, and why
-    cached = sweep.run_cell(cells[0], ref, ctx, exp, chunks=4)
+    cached = sweep_run.run_cell(cells[0], ref, ctx, exp, chunks=4)
     assert cached.cached and cached.measured_at == again.measured_at
-    sensitivity.write_report(sweep.analyze_dirs([tmp / "results"]), tmp / "out2")
+    sensitivity.write_report(sweep_analysis.analyze_dirs([tmp / "results"]), tmp / "out2")
     text = (tmp / "out2" / sensitivity.MARKDOWN).read_text()
     assert f"(1 reused from the cell cache, measured {again.measured_at})" in text
 
 
 def test_the_cell_key_changes_with_what_changes_the_numbers(stub_world):
     ref, ctx, exp, cells, runner, tmp = stub_world
-    e = sweep.experiment_for(exp, cells[0], 4)
+    e = sweep_run.experiment_for(exp, cells[0], 4)
     ident = Identity(
         model_sha256=ref.sha256,
         measured_sha256=ref.sha256,
         corpus_sha256="c",
         llama_version="v",
-        settings=sweep.cell_settings(e),
+        settings=sweep_run.cell_settings(e),
     )
-    key = sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64)
-    assert key == sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64)
+    key = sweep_run.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64)
+    assert key == sweep_run.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64)
     gpu = msgspec.structs.replace(ident, llama_build="b [cuda; -ngl 99]")
     rebuilt = msgspec.structs.replace(ident, llama_build="e" * 64)  # same version string
     more = msgspec.structs.replace(ident, settings={**ident.settings, "chunks": 8})
     seeds = msgspec.structs.replace(ident, settings={**ident.settings, "placebo_seeds": [1]})
-    assert sweep.cell_key(gpu, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
-    assert sweep.cell_key(rebuilt, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
-    assert sweep.cell_key(more, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
-    assert sweep.cell_key(ident, cells[0], ["blk.1.ffn_norm.weight"], "b" * 64) != key
+    assert sweep_run.cell_key(gpu, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
+    assert sweep_run.cell_key(rebuilt, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
+    assert sweep_run.cell_key(more, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
+    assert sweep_run.cell_key(ident, cells[0], ["blk.1.ffn_norm.weight"], "b" * 64) != key
     # compared with other baseline logits (their content, not the baseline's key)
-    assert sweep.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "c" * 64) != key
-    assert sweep.cell_key(seeds, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) == key
+    assert sweep_run.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "c" * 64) != key
+    assert sweep_run.cell_key(seeds, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) == key
 
 
 def test_a_failing_cell_is_stored_with_its_reason(stub_world):
@@ -573,22 +580,26 @@ def test_a_failing_cell_is_stored_with_its_reason(stub_world):
         raise LlamaFailed("llama-perplexity exited with status 1: boom")
 
     runner.perplexity = broken
-    rec = sweep.run_cell(cells[1], ref, ctx, exp, chunks=4)
+    rec = sweep_run.run_cell(cells[1], ref, ctx, exp, chunks=4)
     assert rec.status == "error" and "boom" in rec.error
-    assert sweep.read_cell(sweep.cell_path("R-sweep", cells[1].id, tmp / "results")).error
+    assert cell_record.read_cell(
+        cell_record.cell_path("R-sweep", cells[1].id, tmp / "results")
+    ).error
 
 
 def test_backend_names_gpu_builds_and_layers(tmp_path):
     tools = LlamaTools(
         bin_dir=tmp_path / "bin", version="v", build_info="b", source="cache", build_id="id"
     )
-    assert sweep.backend(tools, None) == "" and sweep.tools_for_backend(tools, None) is tools
-    assert sweep.backend(tools, 0) == ""
-    assert sweep.tools_for_backend(tools, 99).version == "v [-ngl 99]"
+    assert (
+        sweep_run.backend(tools, None) == "" and sweep_run.tools_for_backend(tools, None) is tools
+    )
+    assert sweep_run.backend(tools, 0) == ""
+    assert sweep_run.tools_for_backend(tools, 99).version == "v [-ngl 99]"
     (tmp_path / "build.json").write_text(json.dumps({"cmake_args": ["-DGGML_CUDA=ON"]}))
-    assert sweep.backend(tools, None) == "cuda"
-    assert sweep.tools_for_backend(tools, 20).version == "v [cuda; -ngl 20]"
-    assert sweep.tools_for_backend(tools, 20).build_id == "id [cuda; -ngl 20]"
+    assert sweep_run.backend(tools, None) == "cuda"
+    assert sweep_run.tools_for_backend(tools, 20).version == "v [cuda; -ngl 20]"
+    assert sweep_run.tools_for_backend(tools, 20).build_id == "id [cuda; -ngl 20]"
 
 
 def test_runner_passes_gpu_layers_only_when_given(tmp_path):
@@ -699,7 +710,7 @@ def test_bench_cell_vs_bare_llama(benchmark, tmp_path, monkeypatch):
     runner = LlamaRunner(tools, threads=threads)
     ctx = stages.Context("bench", runner, tools, corpus, tmp_path / "results")
     exp = stages.Experiment(placebo_seeds=())
-    cell = sweep.Cell(
+    cell = sweep_plan.Cell(
         model="gemma3-270m",
         kind="ffn_norm",
         fmt="bf16",
@@ -710,9 +721,9 @@ def test_bench_cell_vs_bare_llama(benchmark, tmp_path, monkeypatch):
         layer=5,
         n_layers=1,
     )
-    e = sweep.experiment_for(exp, cell, chunks)
+    e = sweep_run.experiment_for(exp, cell, chunks)
     base = evaluate_baseline(runner, gemma, corpus, e.settings)  # outside the timing
-    key = sweep.run_cell(cell, gemma, ctx, exp, chunks=chunks).key
+    key = sweep_run.run_cell(cell, gemma, ctx, exp, chunks=chunks).key
     shutil.rmtree(cache_dir() / "cells" / key)  # so that the timed run computes the cell
 
     treated = tmp_path / "bare.gguf"
@@ -750,7 +761,7 @@ def test_bench_cell_vs_bare_llama(benchmark, tmp_path, monkeypatch):
     def cell_run():
         shutil.rmtree(cache_dir() / "cells" / key, ignore_errors=True)  # computed, not cached
         t0 = time.perf_counter()
-        rec = sweep.run_cell(cell, gemma, ctx, exp, chunks=chunks)
+        rec = sweep_run.run_cell(cell, gemma, ctx, exp, chunks=chunks)
         return time.perf_counter() - t0, rec
 
     # alternated, twice each, minimum of each: the machine's other load hits both alike
@@ -762,7 +773,7 @@ def test_bench_cell_vs_bare_llama(benchmark, tmp_path, monkeypatch):
     treated.unlink()
     assert all(r.status == "measured" for _, r in cells), [r.error for _, r in cells]
     t0 = time.perf_counter()
-    assert sweep.run_cell(cell, gemma, ctx, exp, chunks=chunks).cached
+    assert sweep_run.run_cell(cell, gemma, ctx, exp, chunks=chunks).cached
     cached_s = time.perf_counter() - t0
     best_cell, best_rec = min(cells, key=lambda c: c[0])
     benchmark.extra_info.update(

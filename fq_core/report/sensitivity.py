@@ -1,9 +1,10 @@
 """The sensitivity report: which layers, kinds and formats matter, from stored sweep cells.
 
-Renders an `Analysis` its caller made (`fq_core.experiment.sweep.analyze_dirs`: the cells of one or
-more results directories, the shards of one sweep, merged and checked, then Benjamini–Hochberg,
-rank ranges, the sentence), so the report reads no cells and runs no statistic (it only
-averages the cells' timings, `sweep.summarize_timing`). This module only draws and renders:
+Renders an `Analysis` its caller made (`fq_core.experiment.sweep.analysis.analyze_dirs`: the
+cells of one or more results directories, the shards of one sweep, merged and checked, then
+Benjamini–Hochberg, rank ranges, the sentence), so the report reads no cells and runs no
+statistic (it only averages the cells' timings, `analysis.summarize_timing`). This module only
+draws and renders:
 
 - a heatmap per model × variant × format: layers × kinds of the effect (mean KLD) and of the
   effect against the noise (effect / floor), discoveries starred;
@@ -28,7 +29,7 @@ from matplotlib.colors import LogNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from ..experiment.sweep import Analysis, Row, summarize_timing
+from ..experiment.sweep.analysis import Analysis, Row, summarize_timing
 from ..figures import sci
 from ..platform import atomic
 from ..storage.record import as_float

@@ -1,0 +1,239 @@
+"""The plan of a sweep: which cells, named so that `pytest -k` selects them, in an order
+that makes each baseline once and gives pytest-split shards contiguous runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ...definitions.formats import FORMATS, ROUNDINGS
+from ...errors import BadInput, BadSelection
+from ...measurement.selection import format_layers, parse_layers, split_name
+from ...storage.record import VARIANTS
+
+#: What a sweep can fake-quantize: every format of definitions.formats but the control itself.
+SWEEP_FORMATS = tuple(f for f in FORMATS if f != "placebo")
+#: layer = one layer alone; cumulative = the first n layers; whole = a kind outside the blocks
+SERIES = ("layer", "cumulative", "whole")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One case of the sweep; `id` names every axis (`-k "gemma3-270m and ffn_norm and bf16"`)."""
+
+    model: str  # the model's id (registry name, or a path's stem)
+    kind: str
+    fmt: str
+    rounding: str
+    variant: str
+    series: str  # one of SERIES
+    layers: str  # the selection's --layers spec ("3", "0-3", "all")
+    layer: int | None = None  # series "layer": the layer
+    n_layers: int | None = None  # layers quantized (1 for "layer"; None for "whole")
+    width: int = 2  # digits of layer numbers in the id (blk03, first04)
+
+    @property
+    def format_label(self) -> str:
+        return self.fmt if self.rounding == "truncate" else f"{self.fmt}-{self.rounding}"
+
+    @property
+    def where(self) -> str:
+        if self.series == "layer":
+            return f"blk{self.layer:0{self.width}d}"
+        if self.series == "cumulative":
+            return f"first{self.n_layers:0{self.width}d}"
+        return ""
+
+    @property
+    def id(self) -> str:
+        # never "layer": `pytest -k layer0` is the stage gate and must not select sweep cells
+        parts = (self.model, self.kind, self.where, self.format_label, self.variant)
+        return "-".join(p for p in parts if p)
+
+    @property
+    def group(self) -> tuple[str, str, str]:
+        """Cells ranked against each other: one model, variant and format."""
+        return (self.model, self.variant, self.format_label)
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "kind": self.kind,
+            "format": self.fmt,
+            "rounding": self.rounding,
+            "variant": self.variant,
+            "series": self.series,
+            "layers": self.layers,
+            "layer": self.layer,
+            "n_layers": self.n_layers,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The axes of a sweep. `kinds` ("all",) = every F32 kind the model has."""
+
+    name: str
+    models: tuple[str, ...]
+    kinds: tuple[str, ...]
+    formats: tuple[tuple[str, str], ...]  # (format, rounding)
+    layers: str  # --layers grammar, applied to every kind that lives in the blocks
+    variants: tuple[str, ...]
+    cumulative: bool = True
+    chunks: int | None = None  # None: the experiment's chunks (and KLD chunks)
+
+    def describe(self) -> str:
+        fmts = " ".join(f if r == "truncate" else f"{f}/{r}" for f, r in self.formats)
+        chunks = f"; {self.chunks} chunks" if self.chunks else ""
+        cum = "; cumulative curve" if self.cumulative else ""
+        return (
+            f"{self.name}: models {' '.join(self.models)}; kinds {' '.join(self.kinds)}; "
+            f"formats {fmts}; layers {self.layers}; {' + '.join(self.variants)}{chunks}{cum}"
+        )
+
+
+#: What the default `pytest` run (CI, `make test`) sweeps: enough to exercise the machinery.
+SMOKE = Plan(
+    name="smoke",
+    models=("gemma3-270m",),
+    kinds=("ffn_norm",),
+    formats=(("bf16", "truncate"),),
+    layers="0-1",
+    variants=("deployed",),
+    cumulative=True,
+    chunks=2,
+)
+
+
+def parse_formats(text: str | Sequence[str], default_rounding: str = "truncate"):
+    """`bf16 fp8_e4m3/nearest`, or `all` (every format but placebo) -> ((format, rounding), ...)."""
+    items = text.split() if isinstance(text, str) else list(text)
+    items = [p.strip() for i in items for p in i.replace(",", " ").split() if p.strip()]
+    if not items:
+        raise BadInput("no format given; choose from " + ", ".join(SWEEP_FORMATS) + " or all")
+    out: list[tuple[str, str]] = []
+    for item in items:
+        if item == "all":
+            out += [(f, default_rounding) for f in SWEEP_FORMATS]
+            continue
+        fmt, _, rounding = item.partition("/")
+        rounding = rounding or default_rounding
+        if fmt not in SWEEP_FORMATS:
+            raise BadInput(f"unknown sweep format {fmt!r}; choose from {', '.join(SWEEP_FORMATS)}")
+        if rounding not in ROUNDINGS:
+            raise BadInput(
+                f"unknown rounding {rounding!r} in {item!r}; one of {', '.join(ROUNDINGS)}"
+            )
+        out.append((fmt, rounding))
+    return tuple(dict.fromkeys(out))
+
+
+def parse_variants(text: str) -> tuple[str, ...]:
+    words = text.replace(",", " ").split()
+    if words == ["both"] or words == ["all"]:
+        return VARIANTS
+    bad = [w for w in words if w not in VARIANTS]
+    if bad or not words:
+        raise BadInput(f"variants {text!r}: choose deployed, intrinsic or both")
+    return tuple(dict.fromkeys(words))
+
+
+def kinds_of(index) -> tuple[str, ...]:
+    """Every kind with an F32 tensor: those in the blocks in blk order, then the others."""
+    in_blocks: dict[str, None] = {}
+    outside: dict[str, None] = {}
+    for t in index.tensors:
+        if t.type_name != "F32":
+            continue
+        layer, kind = split_name(t.name)
+        (outside if layer is None else in_blocks).setdefault(kind, None)
+    return tuple(in_blocks) + tuple(k for k in outside if k not in in_blocks)
+
+
+def _kind_layers(index, kind: str) -> tuple[int, ...]:
+    return tuple(
+        sorted(
+            {
+                layer
+                for t in index.tensors
+                if t.type_name == "F32"
+                for layer, k in [split_name(t.name)]
+                if k == kind and layer is not None
+            }
+        )
+    )
+
+
+def _block_count(index) -> int:
+    bc = getattr(index, "block_count", None)
+    if bc is not None:
+        return int(bc)
+    layers = [split_name(t.name)[0] for t in index.tensors]
+    return max((n for n in layers if n is not None), default=-1) + 1
+
+
+def cumulative_sizes(n: int) -> tuple[int, ...]:
+    """1, 2, 4, … up to n, and n itself: the x axis of "more layers, more error"."""
+    sizes, k = [], 1
+    while k < n:
+        sizes.append(k)
+        k *= 2
+    return (*sizes, n) if n else ()
+
+
+def cells_for(plan: Plan, model_id: str, index) -> tuple[Cell, ...]:
+    """Every cell of `plan` for one model (its GGUF index gives the kinds and layers)."""
+    available = kinds_of(index)
+    kinds = available if plan.kinds == ("all",) else plan.kinds
+    missing = [k for k in kinds if k not in available]
+    if missing:
+        raise BadSelection(
+            f"{model_id} has no F32 tensor of kind {', '.join(missing)}; "
+            f"its F32 kinds: {', '.join(available) or 'none'}"
+        )
+    blocks = _block_count(index)
+    wanted = set(parse_layers(plan.layers, blocks)) if blocks > 0 else set()
+    width = max(2, len(str(max(blocks - 1, 0))))
+    out: list[Cell] = []
+    for variant in plan.variants:
+        for fmt, rounding in plan.formats:
+            for kind in kinds:
+                base = dict(
+                    model=model_id,
+                    kind=kind,
+                    fmt=fmt,
+                    rounding=rounding,
+                    variant=variant,
+                    width=width,
+                )
+                layers = _kind_layers(index, kind)
+                if not layers:
+                    out.append(Cell(series="whole", layers="all", **base))
+                    continue
+                chosen = [n for n in layers if n in wanted]
+                out += [
+                    Cell(series="layer", layers=str(n), layer=n, n_layers=1, **base) for n in chosen
+                ]
+                if plan.cumulative:
+                    for n in cumulative_sizes(len(chosen)):
+                        if n == 1:  # the first layer's own cell is that point of the curve
+                            continue
+                        first = chosen[:n]
+                        spec = "all" if first == list(range(blocks)) else format_layers(first)
+                        out.append(Cell(series="cumulative", layers=spec, n_layers=n, **base))
+    return tuple(out)
+
+
+def sort_key(cell: Cell) -> tuple:
+    """Model, variant, format, kind, then layers in order, cumulative after single layers:
+    the baseline is made once, first, and shards of pytest-split get contiguous runs."""
+    return (
+        cell.model,
+        VARIANTS.index(cell.variant) if cell.variant in VARIANTS else 9,
+        cell.format_label,
+        cell.kind,
+        SERIES.index(cell.series),
+        cell.layer or 0,
+        cell.n_layers or 0,
+    )
