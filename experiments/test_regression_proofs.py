@@ -82,7 +82,7 @@ class Runs:
     def record(self, run_id: str) -> StageRecord:
         return record.read(self.store / run_id / STAGE / f"{CASE}.json")
 
-    def comparison(self, run_id: str) -> regression.Comparison:
+    def comparison(self, run_id: str) -> regression.RunComparison:
         return regression.read(history.comparison_path(run_id, STAGE, CASE, self.store))
 
     def fq(self, *args: str) -> subprocess.CompletedProcess:
@@ -172,7 +172,7 @@ def as_treatment(rec: StageRecord, seed: int, noise_seeds: tuple[int, ...]) -> S
 
 def placebo_pairs(rec: StageRecord, noise_of):
     """Every ordered pair of placebo seeds (reference, now), each pair's control chosen by
-    `noise_of(a, b)`: (a, b, control seeds, Comparison at the default tolerances)."""
+    `noise_of(a, b)`: (a, b, control seeds, RunComparison at the default tolerances)."""
     seeds = tuple(r.seed for r in rec.placebo.runs)
     for a, b in itertools.permutations(seeds, 2):
         noise = noise_of(seeds, a, b)
@@ -180,7 +180,7 @@ def placebo_pairs(rec: StageRecord, noise_of):
             a,
             b,
             noise,
-            regression.compare(as_treatment(rec, a, noise), as_treatment(rec, b, noise)),
+            regression.compare_runs(as_treatment(rec, a, noise), as_treatment(rec, b, noise)),
         )
 
 
@@ -273,7 +273,7 @@ def test_where_the_limit_lies(runs: Runs, bf16: StageRecord, fmt: str, note):
         runs.run(run_id, "--fq-format", fmt, "-o", "fq_max_rel_error=1.5")
     now = runs.record(run_id)
     for tol in ("kld:10%", "kld:25%"):
-        cmp = regression.compare(bf16, now, tol)
+        cmp = regression.compare_runs(bf16, now, tol)
         (kld,) = [m for m in cmp.metrics if m.metric == "kld"]
         d, limit, bound = kld.change, kld.limit, kld.uncertainty
         note(

@@ -1000,7 +1000,7 @@ def _run_diff(args) -> int:
     keys = sorted(set(old) & set(new), key=lambda k: (order.get(k[0], 99), k[0], k[1]))
     counts: dict[str, int] = {}
     for key in keys:
-        cmp = regression.compare(
+        cmp = regression.compare_runs(
             old[key],
             new[key],
             tolerances,

@@ -298,7 +298,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 @pytest.fixture
 def fq_regression(request: pytest.FixtureRequest, fq_session, fq_result):
-    """This stage × case compared with the reference (fq_core.experiment.regression.Comparison),
+    """This stage × case compared with the reference (fq_core.experiment.regression.RunComparison),
     stored beside the record; skips with the reason when there is nothing to compare."""
     from fq_core.errors import FqError
     from fq_core.experiment import regression
@@ -315,7 +315,7 @@ def fq_regression(request: pytest.FixtureRequest, fq_session, fq_result):
         if isinstance(found, str):
             pytest.skip(found)
         source, ref = found
-        cmp = regression.compare(
+        cmp = regression.compare_runs(
             ref,
             fq_result,
             state.tolerances,

@@ -22,8 +22,8 @@ from fq_core.experiment import regression, stages
 from fq_core.experiment.regression import (
     METRICS,
     Tolerance,
-    compare,
     compare_metric,
+    compare_runs,
     parse_tolerances,
 )
 from fq_core.storage import history, record, results
@@ -167,8 +167,8 @@ def test_z_sets_the_uncertainty_multiple():
         parse_tolerances("z:0")
     # 2u < change < 3u: regressed at the default z = 2, within noise at z:3
     now = with_kld(0.0060 + 2.5 * U)
-    assert compare(rec(), now, "kld:1%").status == "regressed"
-    cmp = compare(rec(), now, "kld:1%,z:3")
+    assert compare_runs(rec(), now, "kld:1%").status == "regressed"
+    cmp = compare_runs(rec(), now, "kld:1%,z:3")
     assert cmp.status == "passed" and cmp.z == 3.0 and cmp.tolerances["z"] == "3"
 
 
@@ -299,26 +299,26 @@ def test_same_top_higher_is_better(now, verdict):
 
 def test_speed_is_reported_unless_given_a_tolerance():
     slow = rec("R2", treatment=_treatment(tokens_per_s=100.0))
-    default = compare(rec(), slow)
+    default = compare_runs(rec(), slow)
     (speed,) = [m for m in default.metrics if m.metric == "speed"]
     assert speed.verdict == "reported" and not speed.gates and "lower" in speed.detail
     assert default.status == "identical"  # wall-clock never is: it is not part of "identical"
-    strict = compare(rec(), slow, "speed:20%")
+    strict = compare_runs(rec(), slow, "speed:20%")
     assert strict.status == "regressed" and [m.metric for m in strict.regressions] == ["speed"]
 
 
 def test_missing_now_is_a_regression_missing_before_is_not():
     no_kld = rec("R2", treatment=_treatment(kld=None))
-    cmp = compare(rec(), no_kld)
+    cmp = compare_runs(rec(), no_kld)
     assert cmp.status == "regressed"
     assert {m.metric for m in cmp.regressions} >= {"kld", "same_top"}
-    back = compare(no_kld, rec())
+    back = compare_runs(no_kld, rec())
     assert back.status != "regressed"
     assert {m.verdict for m in back.metrics if m.metric == "kld"} == {"not measured"}
 
 
 def test_not_a_number_now_is_a_regression():
-    cmp = compare(rec(), with_kld("nan"))
+    cmp = compare_runs(rec(), with_kld("nan"))
     assert cmp.status == "regressed" and "kld" in [m.metric for m in cmp.regressions]
     encoded = json.loads(regression.encode(cmp))
     (kld,) = [m for m in encoded["metrics"] if m["metric"] == "kld"]
@@ -327,7 +327,7 @@ def test_not_a_number_now_is_a_regression():
 
 def test_improvements_never_fail_even_at_zero_tolerance():
     better = rec("R2", treatment=_treatment(kld={"mean": 0.0010}, delta_ppl_pct=-1.0, ppl=16.5))
-    cmp = compare(rec(), better, ",".join(f"{m}:0" for m in METRICS))
+    cmp = compare_runs(rec(), better, ",".join(f"{m}:0" for m in METRICS))
     assert cmp.status == "passed", cmp.summary
     assert {"kld", "delta_ppl"} <= {m.metric for m in cmp.improvements}
 
@@ -371,7 +371,7 @@ def test_placebo_ratio_uncertainty_moves_with_the_placebo_spread():
 
 
 def test_identical_records_say_identical():
-    cmp = compare(rec(), rec("R2"))
+    cmp = compare_runs(rec(), rec("R2"))
     assert cmp.status == "identical" and cmp.same_identity and not cmp.identity
     assert cmp.summary.startswith("identical to the reference (run R1; same model, corpus")
     how, message = regression.ending(cmp)
@@ -379,7 +379,7 @@ def test_identical_records_say_identical():
 
 
 def test_speed_alone_differing_is_still_identical():
-    cmp = compare(rec(), rec("R2", treatment=_treatment(tokens_per_s=250.0)))
+    cmp = compare_runs(rec(), rec("R2", treatment=_treatment(tokens_per_s=250.0)))
     assert cmp.status == "identical"
 
 
@@ -396,7 +396,7 @@ def test_identity_differences_are_named():
             "platform": "Linux",
         },
     )
-    cmp = compare(rec(), other)
+    cmp = compare_runs(rec(), other)
     fields = {d.field: d for d in cmp.identity}
     assert fields["llama.cpp version"].now == "9999 (abcdef0)"
     assert fields["llama.cpp version"].affects_numbers
@@ -418,13 +418,13 @@ def test_threads_and_thresholds_do_not_change_the_numbers():
         settings=dict(data["settings"], threads=8),
         thresholds=dict(data["thresholds"], kld_mean_max=0.05),
     )
-    cmp = compare(rec(), other)
+    cmp = compare_runs(rec(), other)
     assert {d.field for d in cmp.identity} == {"settings.threads", "thresholds.kld_mean_max"}
     assert cmp.same_identity and cmp.status == "identical"
 
 
 def test_same_identity_but_different_numbers_is_noted():
-    cmp = compare(rec(), with_kld(0.0061))
+    cmp = compare_runs(rec(), with_kld(0.0061))
     assert cmp.same_identity and cmp.status == "passed"
     assert "expected bit-identical" in (cmp.note or "")
 
@@ -437,7 +437,7 @@ def test_format_change_is_an_identity_difference_and_a_regression():
         numeric=dict(NUMERIC, changed=624, max_rel=0.125),
         treatment=_treatment(kld={"mean": 0.0078}),
     )
-    cmp = compare(rec(), worse, "kld:10%")
+    cmp = compare_runs(rec(), worse, "kld:10%")
     assert cmp.status == "regressed"
     assert {m.metric for m in cmp.regressions} == {"changed", "max_rel", "kld"}
     assert any(d.field == "settings.format" and d.now == "fp8_e5m2" for d in cmp.identity)
@@ -449,7 +449,7 @@ def test_format_change_is_an_identity_difference_and_a_regression():
 
 def test_variant_mismatch_is_never_compared():
     twin = rec("R2", variant="intrinsic")
-    cmp = compare(rec(), twin)
+    cmp = compare_runs(rec(), twin)
     assert cmp.status == "not compared" and cmp.metrics == ()
     assert "deployed" in cmp.summary and "intrinsic" in cmp.summary
     assert regression.ending(cmp)[0] == "skip"
@@ -457,12 +457,12 @@ def test_variant_mismatch_is_never_compared():
 
 def test_a_skipped_reference_is_not_compared():
     skipped = record.from_builtins(make_record(outcome="skipped", skip_reason="gate: closed"))
-    assert compare(skipped, rec()).status == "not compared"
-    assert compare(rec(), skipped).status == "not compared"
+    assert compare_runs(skipped, rec()).status == "not compared"
+    assert compare_runs(rec(), skipped).status == "not compared"
 
 
 def test_comparison_round_trip():
-    cmp = compare(rec(), with_kld(0.0090))
+    cmp = compare_runs(rec(), with_kld(0.0090))
     assert regression.decode(regression.encode(cmp)) == cmp
     with pytest.raises(BadInput, match="not an fq-suite comparison"):
         regression.decode(b'{"schema": 1}', source="x.json")
@@ -471,7 +471,7 @@ def test_comparison_round_trip():
 def test_shown_is_read_by_name_and_stored_as_before():
     """`shown` stays the stored array of four (comparisons written before read unchanged);
     in memory each figure has its name, and whether a ± goes with it is not read from it."""
-    cmp = compare(rec(), with_kld(0.0090))
+    cmp = compare_runs(rec(), with_kld(0.0090))
     (kld,) = [m for m in cmp.metrics if m.metric == "kld"]
     (changed,) = [m for m in cmp.metrics if m.metric == "changed"]
     stored = json.loads(regression.encode(cmp))["metrics"]
@@ -492,7 +492,7 @@ def test_shown_is_read_by_name_and_stored_as_before():
 def test_comparison_is_stored_where_iter_records_does_not_look(tmp_path):
     now = with_kld(0.0061)
     results.save_result(now, tmp_path)
-    path = regression.save(compare(rec(), now), tmp_path)
+    path = regression.save(compare_runs(rec(), now), tmp_path)
     assert path == tmp_path / "R2" / "layer0" / "regression" / "gemma3-270m.json"
     assert [r.run_id for r in results.iter_records("R2", tmp_path)] == ["R2"]
     assert regression.read(path).run_id == "R2"
@@ -938,7 +938,7 @@ def test_a_bad_results_store_is_a_usage_error(inner, tmp_path, monkeypatch):
 
 def test_fq_reference_save_refuses_a_run_that_regressed(tmp_path, capsys):
     root = _store(tmp_path, rec("REF"), with_kld(0.02, run_id="BAD"))
-    regression.save(compare(rec("REF"), with_kld(0.02, run_id="BAD")), root)
+    regression.save(compare_runs(rec("REF"), with_kld(0.02, run_id="BAD")), root)
     status, _, err = _cli(
         capsys, "reference", "save", "BAD", str(tmp_path / "ref"), "--results", str(root)
     )
@@ -961,7 +961,7 @@ def _on(cpu: str, isa: str | None) -> dict:
 def test_a_fixed_instruction_set_makes_the_cpu_model_irrelevant():
     """FQ_LLAMA_CPU=x86-64-v3 on both runners: another CPU model runs the same kernels."""
     level = "x86-64-v3 (sse42, avx, avx2, bmi2, fma, f16c)"
-    cmp = compare(rec(**_on("AMD EPYC", level)), rec("R2", **_on("Intel Xeon", level)))
+    cmp = compare_runs(rec(**_on("AMD EPYC", level)), rec("R2", **_on("Intel Xeon", level)))
     fields = {d.field: d for d in cmp.identity}
     assert not fields["CPU"].affects_numbers and cmp.same_identity
 
@@ -969,6 +969,6 @@ def test_a_fixed_instruction_set_makes_the_cpu_model_irrelevant():
 def test_native_builds_on_other_cpus_are_not_the_same_identity():
     a = rec(**_on("AMD EPYC", "native (avx, avx2, fma)"))
     b = rec("R2", **_on("Intel Xeon", "native (avx, avx2, fma, avx512f)"))
-    fields = {d.field: d for d in compare(a, b).identity}
+    fields = {d.field: d for d in compare_runs(a, b).identity}
     assert fields["CPU"].affects_numbers
     assert fields["llama.cpp instruction set"].affects_numbers

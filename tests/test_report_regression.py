@@ -2,7 +2,7 @@
 the history chart, in HTML and markdown — read from stored records and comparisons only.
 
 Records come from tests/record_factory.py, are stored with results.save_result into a
-temporary results root holding several runs, and compared with regression.compare; each
+temporary results root holding several runs, and compared with regression.compare_runs; each
 comparison is saved where history.comparison_path says (regression.save). No llama.cpp.
 """
 
@@ -21,7 +21,7 @@ from record_factory import make_record
 
 from fq_core.errors import BadInput
 from fq_core.experiment import regression
-from fq_core.experiment.regression import METRICS, compare
+from fq_core.experiment.regression import METRICS, compare_runs
 from fq_core.storage import history, record, results
 
 STAGE, MODEL = "layer0", "gemma3-270m"
@@ -163,13 +163,13 @@ def store(root: Path, *, compared: bool = True, now_kld: float = 0.0078, past=RU
     results.save_result(now, root)
     if compared:
         ref = results.load_record("B", STAGE, MODEL, root)
-        cmp = compare(ref, typed(now), "kld:10%", reference_source="run B")
+        cmp = compare_runs(ref, typed(now), "kld:10%", reference_source="run B")
         path = regression.save(cmp, root)
         assert path == history.comparison_path("C", STAGE, MODEL, root)
     return results.run_dir("C", root)
 
 
-def stored(root: Path) -> regression.Comparison:
+def stored(root: Path) -> regression.RunComparison:
     return regression.read(history.comparison_path("C", STAGE, MODEL, root))
 
 
@@ -432,7 +432,7 @@ def test_a_comparison_that_compared_nothing_shows_its_reason_but_no_column(tmp_p
             numeric=None,
         )
     )
-    cmp = compare(skipped, now, reference_source="run B")
+    cmp = compare_runs(skipped, now, reference_source="run B")
     assert cmp.status == "not compared" and not cmp.metrics
     regression.save(cmp, root)
     text = render(load_run(run_dir))

@@ -22,7 +22,7 @@ corpus, llama.cpp build, settings, CPU) llama.cpp is bit-reproducible, so equal 
 "identical to the reference", not "within tolerance". A record of the other variant
 (deployed vs intrinsic) is never compared.
 
-Pure: records in, a typed `Comparison` out (stored by the caller next to the record, see
+Pure: records in, a typed `RunComparison` out (stored by the caller next to the record, see
 fq_core.storage.history.comparison_path, and rendered by the CLI, pytest and the report).
 """
 
@@ -513,7 +513,7 @@ class MetricComparison(_Part, kw_only=True):
         return self.uncertainty is not None and not (metric is not None and metric.exact)
 
 
-class Comparison(_Part, kw_only=True):
+class RunComparison(_Part, kw_only=True):
     schema: int = SCHEMA
     stage: str
     stage_title: str
@@ -727,7 +727,7 @@ def _signed(show: Callable[[float], str], d: float | None, pct: float | None) ->
     return text
 
 
-def compare(
+def compare_runs(
     reference: StageRecord,
     now: StageRecord,
     tolerances: Mapping[str, Tolerance] | str | Iterable[str] | None = None,
@@ -737,7 +737,7 @@ def compare(
     reference_commit: str | None = None,
     commit: str | None = None,
     z: float = Z,
-) -> Comparison:
+) -> RunComparison:
     """Every metric of `now` against `reference` under the rule in the module docstring."""
     if tolerances is None or isinstance(tolerances, (str, list, tuple)):
         tols = parse_tolerances(tolerances)  # type: ignore[arg-type]
@@ -777,7 +777,7 @@ def compare(
     elif now.outcome == "skipped":
         reason = f"not compared: this run's stage was skipped ({now.skip_reason or 'no reason'})"
     if reason is not None:
-        return Comparison(status="not compared", summary=reason, metrics=(), **base)
+        return RunComparison(status="not compared", summary=reason, metrics=(), **base)
     rows = tuple(
         compare_metric(m, tols.get(m.key, Tolerance(m.key, "report")), ref, now, z)
         for m in METRIC_LIST
@@ -796,7 +796,7 @@ def _brief(m: MetricComparison) -> str:
     )
 
 
-def _conclude(rows, base: dict, identity, same_identity: bool) -> Comparison:
+def _conclude(rows, base: dict, identity, same_identity: bool) -> RunComparison:
     where = base["reference_source"]
     steady = [m for m in rows if not METRICS[m.metric].timing and m.verdict != "off"]
     compared = [m for m in steady if m.verdict not in ("not measured",)]
@@ -837,13 +837,13 @@ def _conclude(rows, base: dict, identity, same_identity: bool) -> Comparison:
         tail = f"; improved: {', '.join(better)}" if better else ""
         ident = f"; identity differs in {', '.join(numbers)}" if numbers else ""
         summary = f"no regression against {where}: {tally}{tail}{ident}"
-    return Comparison(status=status, summary=summary, metrics=rows, note=note, **base)
+    return RunComparison(status=status, summary=summary, metrics=rows, note=note, **base)
 
 
 # --- how a test of it ends, and the text table ---------------------------------------------
 
 
-def ending(cmp: Comparison) -> tuple[str, str]:
+def ending(cmp: RunComparison) -> tuple[str, str]:
     """("pass" | "fail" | "skip", message), the way checks.ending words a check."""
     if cmp.status == "not compared":
         return "skip", cmp.summary
@@ -857,7 +857,7 @@ def ending(cmp: Comparison) -> tuple[str, str]:
     return "pass", "\n".join(lines)
 
 
-def identity_lines(cmp: Comparison) -> list[str]:
+def identity_lines(cmp: RunComparison) -> list[str]:
     if not cmp.identity:
         return ["identity: the same (model, corpus, llama.cpp build, settings, CPU, host)"]
     out = ["identity differs:"]
@@ -867,7 +867,7 @@ def identity_lines(cmp: Comparison) -> list[str]:
     return out
 
 
-def render_table(cmp: Comparison) -> str:
+def render_table(cmp: RunComparison) -> str:
     """The comparison as text: identity differences on top, then one row per metric."""
     lines = [
         f"{cmp.stage_title} {cmp.stage} × {cmp.case}: {cmp.status.upper()} "
@@ -901,21 +901,21 @@ def render_table(cmp: Comparison) -> str:
 _ENCODER = msgspec.json.Encoder()
 
 
-def encode(cmp: Comparison) -> bytes:
+def encode(cmp: RunComparison) -> bytes:
     from ..figures import nonfinite_as_words
 
     data = nonfinite_as_words(msgspec.to_builtins(cmp))
     return msgspec.json.format(_ENCODER.encode(data), indent=2) + b"\n"
 
 
-def decode(raw: bytes | str, *, source: str = "comparison") -> Comparison:
+def decode(raw: bytes | str, *, source: str = "comparison") -> RunComparison:
     try:
-        return msgspec.json.decode(raw, type=Comparison)
+        return msgspec.json.decode(raw, type=RunComparison)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BadInput(f"{source}: not an fq-suite comparison ({exc})") from exc
 
 
-def save(cmp: Comparison, root=None):
+def save(cmp: RunComparison, root=None):
     """results/<run>/<stage>/regression/<case>.json, atomically; returns the path."""
     from ..storage.history import comparison_path
 
@@ -925,7 +925,7 @@ def save(cmp: Comparison, root=None):
     return path
 
 
-def read(path) -> Comparison:
+def read(path) -> RunComparison:
     from pathlib import Path
 
     p = Path(path)

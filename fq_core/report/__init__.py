@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import BadInput
 from ..experiment import checks, regression
 from ..experiment.checks import Decision, Verdict
-from ..experiment.regression import Comparison
+from ..experiment.regression import RunComparison
 from ..experiment.stages import GATE_STAGE, STAGES
 from ..storage import history
 from ..storage import record as record_mod
@@ -36,7 +36,7 @@ class StageResult:
     record: StageRecord
     #: the regression check's result for this stage × case (`--fq-compare`, `fq diff` stores
     #: none), read from results/<run>/<stage>/regression/<case>.json; None when not compared
-    comparison: Comparison | None = None
+    comparison: RunComparison | None = None
 
     @property
     def stage(self) -> str:
@@ -173,7 +173,7 @@ def load_run(run_dir: str | Path) -> RunResults:
     return RunResults(run_dir=run_dir, run_id=run_id or run_dir.name, results=tuple(results))
 
 
-def _comparison(run_dir: Path, rec: StageRecord) -> Comparison | None:
+def _comparison(run_dir: Path, rec: StageRecord) -> RunComparison | None:
     """The stored comparison of this stage × case (storage.history.comparison_path), or None.
 
     One that cannot be read, or that belongs to another stage × case, is BadInput naming the

@@ -6,7 +6,8 @@ same metrics, checks and environment. Every figure is read by attribute from
 and formatted with `fq_core.figures.figure`. "—" means the record holds None (not measured);
 "" means the column does not apply to the row. Placebo comparisons are the protocol's words
 (`record.placebo.compared`), shown as stored, never derived here; so are comparisons with
-a reference (fq_core.experiment.regression.Comparison: verdicts, changes, uncertainties, identity).
+a reference (fq_core.experiment.regression.RunComparison: verdicts, changes, uncertainties,
+identity).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import msgspec
 from ..experiment import checks
 from ..experiment.regression import (
     METRICS,
-    Comparison,
     IdentityDifference,
     MetricComparison,
+    RunComparison,
     magnitude,
 )
 from ..experiment.stages import GATE_STAGE
@@ -102,7 +103,7 @@ def words(versus: Versus | None) -> str:
 
 
 @dataclass(frozen=True)
-class Cell:
+class TableCell:
     """A value cell: `text` for people; `key` (record path, "<stage>/<model>/treatment/ppl")
     and `value` (the stored number, None = not measured) for machines."""
 
@@ -117,16 +118,16 @@ class Cell:
         return repr(self.value)
 
 
-EMPTY = Cell()
+EMPTY = TableCell()
 
 
 def number(
     key: str, value: float | int | None, spec: str, suffix: str = "", *, scale=1.0, more=""
-) -> Cell:
+) -> TableCell:
     """A number cell; `more` (an uncertainty, a ratio) follows the number when there is one."""
     if value is None:
-        return Cell(MISSING, key, None)
-    return Cell(text(value, spec, suffix, scale) + more, key, value)
+        return TableCell(MISSING, key, None)
+    return TableCell(text(value, spec, suffix, scale) + more, key, value)
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,8 @@ class Row:
     """One metric: baseline beside treatment, the placebo range and the protocol's words."""
 
     label: str
-    baseline: Cell = EMPTY
-    treatment: Cell = EMPTY
+    baseline: TableCell = EMPTY
+    treatment: TableCell = EMPTY
     placebo: str = ""  # min … max over the placebo seeds
     verdict: str = ""  # record.placebo.compared's words, as stored
     standing: Standing | None = None  # and its category
@@ -150,7 +151,7 @@ class Row:
         return tone(self.standing)
 
 
-# --- against the reference (fq_core.experiment.regression's stored Comparison) --------------------
+# --- against the reference (fq_core.experiment.regression's stored RunComparison) ---------------
 
 
 def reference_tone(verdict: str) -> str:
@@ -236,7 +237,7 @@ def reference_cell(m: MetricComparison, prefix: str = "") -> RefCell:
     )
 
 
-def _with_reference(rows: Sequence[Row], cmp: Comparison | None) -> tuple[Row, ...]:
+def _with_reference(rows: Sequence[Row], cmp: RunComparison | None) -> tuple[Row, ...]:
     """Each row with its metrics against the reference; a compared metric no row shows (KLD
     p99.9, RMS Δp, the placebo ratio) gets a row of its own. No comparison: rows unchanged."""
     if cmp is None or not cmp.metrics:
@@ -256,7 +257,7 @@ def _with_reference(rows: Sequence[Row], cmp: Comparison | None) -> tuple[Row, .
             out.append(
                 Row(
                     m.label,
-                    treatment=Cell(m.shown.now),
+                    treatment=TableCell(m.shown.now),
                     compares=(m.metric,),
                     reference=(reference_cell(m),),
                 )
@@ -264,7 +265,7 @@ def _with_reference(rows: Sequence[Row], cmp: Comparison | None) -> tuple[Row, .
     return tuple(out)
 
 
-def metric_rows(rec: StageRecord, comparison: Comparison | None = None) -> tuple[Row, ...]:
+def metric_rows(rec: StageRecord, comparison: RunComparison | None = None) -> tuple[Row, ...]:
     """Every metric of one stage × model, in the order both reports show them; with a
     comparison, each beside its change against the reference."""
     k = f"{rec.stage}/{rec.case}"
@@ -627,7 +628,7 @@ def _identity_row(d: IdentityDifference) -> IdentityRow:
     return IdentityRow(d.field, d.reference, d.now, d.affects_numbers)
 
 
-def reference_view(cmp: Comparison) -> ReferenceView:
+def reference_view(cmp: RunComparison) -> ReferenceView:
     return ReferenceView(
         stage=cmp.stage,
         title=cmp.stage_title,
@@ -682,10 +683,10 @@ class OverviewRow:
     title: str
     model: str
     outcome: str
-    changed: Cell
-    delta_ppl: Cell
+    changed: TableCell
+    delta_ppl: TableCell
     placebo_delta_ppl: str
-    kld: Cell
+    kld: TableCell
     placebo_kld: str
     versus: Versus | None  # mean KLD against the placebos, as stored
     why: str  # skip reason, or the gating checks that failed

@@ -2,9 +2,8 @@
 
 Renders an `Analysis` its caller made (`fq_core.experiment.sweep.analysis.analyze_dirs`: the
 cells of one or more results directories, the shards of one sweep, merged and checked, then
-Benjamini–Hochberg, rank ranges, the sentence), so the report reads no cells and runs no
-statistic (it only averages the cells' timings, `analysis.summarize_timing`). This module only
-draws and renders:
+Benjamini–Hochberg, rank ranges, the sentence, the cost per cell), so the report reads no
+cells and computes nothing. This module only draws and renders:
 
 - a heatmap per model × variant × format: layers × kinds of the effect (mean KLD) and of the
   effect against the noise (effect / floor), discoveries starred;
@@ -29,7 +28,7 @@ from matplotlib.colors import LogNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from ..experiment.sweep.analysis import Analysis, Row, summarize_timing
+from ..experiment.sweep.analysis import Analysis, SweepRow
 from ..figures import sci
 from ..platform import atomic
 from ..storage.record import as_float
@@ -60,7 +59,7 @@ def _p(x: float | None) -> str:
     return "< 1e-6" if x < 1e-6 else f"{x:.2g}"
 
 
-def _rank(r: Row) -> str:
+def _rank(r: SweepRow) -> str:
     if r.rank_lo is None:
         return "—"
     return str(r.rank_lo) if r.rank_lo == r.rank_hi else f"{r.rank_lo}–{r.rank_hi}"
@@ -85,7 +84,7 @@ class RowView:
     cached: bool
 
 
-def row_view(r: Row) -> RowView:
+def row_view(r: SweepRow) -> RowView:
     rec = r.record
     res, t, num = rec.resolution, rec.treatment, rec.numeric
     pl = [as_float(p.kld_mean) for p in rec.placebo if p.kld_mean is not None]
@@ -127,12 +126,12 @@ class GroupView:
 # --- charts -------------------------------------------------------------------------------------
 
 
-def _value(r: Row) -> float:
+def _value(r: SweepRow) -> float:
     t = r.record.treatment
     return as_float(t.kld_mean) if t is not None else math.nan
 
 
-def heatmap(key: str, title: str, rows: Sequence[Row]) -> Chart:
+def heatmap(key: str, title: str, rows: Sequence[SweepRow]) -> Chart:
     """Layers × kinds: the effect (mean KLD) and the effect against the noise (÷ floor)."""
     single = [r for r in rows if r.cell.series != "cumulative"]
     if not single:
@@ -190,7 +189,7 @@ def heatmap(key: str, title: str, rows: Sequence[Row]) -> Chart:
     return Chart(key, title, figure_png(fig))
 
 
-def _band(ax, xs, rows: Sequence[Row]) -> None:
+def _band(ax, xs, rows: Sequence[SweepRow]) -> None:
     lows, highs = [], []
     for r in rows:
         vals = [as_float(p.kld_mean) for p in r.record.placebo if p.kld_mean is not None]
@@ -205,7 +204,7 @@ def _band(ax, xs, rows: Sequence[Row]) -> None:
         )
 
 
-def _errorbars(ax, xs, rows: Sequence[Row], label: str) -> None:
+def _errorbars(ax, xs, rows: Sequence[SweepRow], label: str) -> None:
     ys, lo, hi = [], [], []
     for r in rows:
         res = r.record.resolution
@@ -230,7 +229,7 @@ def _errorbars(ax, xs, rows: Sequence[Row], label: str) -> None:
         )
 
 
-def _scale(ax, rows: Sequence[Row]) -> None:
+def _scale(ax, rows: Sequence[SweepRow]) -> None:
     vals = [_value(r) for r in rows] + [
         as_float(p.kld_mean) for r in rows for p in r.record.placebo if p.kld_mean is not None
     ]
@@ -239,7 +238,7 @@ def _scale(ax, rows: Sequence[Row]) -> None:
         ax.set_yscale("log")
 
 
-def _excess_panel(ax, xs, rows: Sequence[Row]) -> None:
+def _excess_panel(ax, xs, rows: Sequence[SweepRow]) -> None:
     """What the ranking compares: treatment − mean placebo, paired per chunk, with its
     interval; zero = no more than the engine's own noise."""
     ys, lo, hi = [], [], []
@@ -266,7 +265,7 @@ def _excess_panel(ax, xs, rows: Sequence[Row]) -> None:
     ax.legend(fontsize=7)
 
 
-def layer_curve(key: str, title: str, rows: Sequence[Row], fmt: str) -> Chart:
+def layer_curve(key: str, title: str, rows: Sequence[SweepRow], fmt: str) -> Chart:
     rows = sorted((r for r in rows if r.cell.series == "layer"), key=lambda r: r.cell.layer)
     if len(rows) < 2:
         return Chart(key, title, None, "fewer than two single-layer cells: no curve")
@@ -287,7 +286,7 @@ def layer_curve(key: str, title: str, rows: Sequence[Row], fmt: str) -> Chart:
     return Chart(key, title, figure_png(fig))
 
 
-def cumulative_curve(key: str, title: str, rows: Sequence[Row], fmt: str) -> Chart:
+def cumulative_curve(key: str, title: str, rows: Sequence[SweepRow], fmt: str) -> Chart:
     layer_rows = sorted((r for r in rows if r.cell.series == "layer"), key=lambda r: r.cell.layer)
     cum = sorted((r for r in rows if r.cell.series == "cumulative"), key=lambda r: r.cell.n_layers)
     if not cum:
@@ -373,7 +372,7 @@ def _context(analysis: Analysis, groups: Sequence[GroupView]) -> dict:
             "llama_s": f"{c['llama_s']:.1f} s",
             "overhead": f"{c['overhead']:.3f}×",
         }
-        for v, c in summarize_timing(analysis.rows).items()
+        for v, c in analysis.timing.items()
     ]
     n = len(analysis.rows)
     cached = sum(1 for r in analysis.rows if r.record.cached)

@@ -11,7 +11,7 @@ default, like pytest-regressions' data files): the same `<stage>/<case>.json` la
 Layout (none of these extra files matches `results.iter_records`' `*/*.json` glob):
 - `results/<run-id>/run.json`                        the run manifest
 - `results/<run-id>/<stage>/regression/<case>.json`  a comparison with the reference
-  (fq_core.experiment.regression.Comparison; one level deeper than the records, like `models/`)
+  (fq_core.experiment.regression.RunComparison; one level deeper than the records, like `models/`)
 - `<reference dir>/reference.json` + `<reference dir>/<stage>/<case>.json`
 
 No pytest here; the only subprocess (`git status`) goes through commands.run_logged.

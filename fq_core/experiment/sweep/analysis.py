@@ -125,7 +125,7 @@ def _as_cell(info: CellInfo) -> Cell:
 
 
 @dataclass(frozen=True)
-class Row:
+class SweepRow:
     """One measured cell as the report shows it (every number from its record)."""
 
     path: Path
@@ -176,15 +176,15 @@ class GroupSummary:
     variant: str
     fmt: str
     n: int  # ranked cells (single layers and layer-less kinds)
-    discoveries: tuple[Row, ...]
-    leaders: tuple[Row, ...]  # discoveries nothing is clearly above, clearly above another
+    discoveries: tuple[SweepRow, ...]
+    leaders: tuple[SweepRow, ...]  # discoveries nothing is clearly above, clearly above another
     sentence: str
 
 
 @dataclass(frozen=True)
 class Analysis:
-    rows: tuple[Row, ...]  # every measured cell, ranked cells first, by group and rank
-    errors: tuple[Row, ...]  # cells whose measurement failed (named in the report)
+    rows: tuple[SweepRow, ...]  # every measured cell, ranked cells first, by group and rank
+    errors: tuple[SweepRow, ...]  # cells whose measurement failed (named in the report)
     groups: tuple[GroupSummary, ...]
     q: float
     n_tested: int  # cells with a p-value: the Benjamini–Hochberg family
@@ -193,6 +193,11 @@ class Analysis:
     sources: tuple[Path, ...]
     machines: tuple[str, ...]
     run_ids: tuple[str, ...]
+
+    @property
+    def timing(self) -> Mapping[str, Any]:
+        """The cost per computed cell, so the report shows it without computing it."""
+        return summarize_timing(self.rows)
 
     def to_json(self) -> dict:
         """The numbers of the report (what shards merged must reproduce exactly)."""
@@ -233,7 +238,7 @@ class Analysis:
         }
 
 
-def _rank_ranges(rows: Sequence[Row]) -> dict[str, tuple[int, int]]:
+def _rank_ranges(rows: Sequence[SweepRow]) -> dict[str, tuple[int, int]]:
     """Rank ranges by non-overlapping intervals: above = cells whose lower bound lies above
     this one's upper bound. Overlapping intervals are ties, so a rank is often a range."""
     ivs = {}
@@ -252,9 +257,9 @@ def _rank_ranges(rows: Sequence[Row]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _names(rows: Sequence[Row]) -> str:
+def _names(rows: Sequence[SweepRow]) -> str:
     """'ffn_norm layers 0-3, 6 and 8-9; attn_norm layer 2'"""
-    by_kind: dict[str, list[Row]] = {}
+    by_kind: dict[str, list[SweepRow]] = {}
     for r in rows:
         by_kind.setdefault(r.cell.kind, []).append(r)
     parts = []
@@ -269,7 +274,7 @@ def _names(rows: Sequence[Row]) -> str:
     return "; ".join(parts)
 
 
-def _verdict(r: Row, q: float) -> str:
+def _verdict(r: SweepRow, q: float) -> str:
     rec = r.record
     if rec.treatment is not None and rec.treatment.identical:
         return "identical file: no element changed"
@@ -286,9 +291,9 @@ def analyze(
     """The report's statistics over all cells given (every shard merged)."""
     from .. import stats
 
-    measured = [Row(c.path, c.record) for c in cells if c.record.status == "measured"]
+    measured = [SweepRow(c.path, c.record) for c in cells if c.record.status == "measured"]
     errors = tuple(
-        Row(c.path, c.record, verdict=f"error: {c.record.error}")
+        SweepRow(c.path, c.record, verdict=f"error: {c.record.error}")
         for c in cells
         if c.record.status != "measured"
     )
@@ -308,10 +313,10 @@ def analyze(
         disc = {}
     rows = [replace(r, q_value=qs.get(r.cell.id), discovery=disc.get(r.cell.id)) for r in measured]
 
-    groups: dict[tuple[str, str, str], list[Row]] = {}
+    groups: dict[tuple[str, str, str], list[SweepRow]] = {}
     for r in rows:
         groups.setdefault(r.group, []).append(r)
-    ranked: list[Row] = []
+    ranked: list[SweepRow] = []
     summaries = []
     for g, rs in groups.items():
         single = [r for r in rs if r.cell.series != "cumulative"]
@@ -351,7 +356,7 @@ def _safe(iv: Interval | None) -> float:
     return x if math.isfinite(x) else -math.inf
 
 
-def _group_summary(g, single: list[Row], q: float) -> GroupSummary:
+def _group_summary(g, single: list[SweepRow], q: float) -> GroupSummary:
     """The group's sentence. A cell *stands out* when it is above its placebo after BH, no
     cell is clearly above it, and it is clearly above at least one other cell."""
     model, variant, fmt = g
@@ -420,7 +425,7 @@ def analyze_dirs(paths: Sequence[str | Path], *, q: float = Q_DEFAULT) -> Analys
     return analyze(cells, q=q, sources=dirs)
 
 
-def summarize_timing(rows: Sequence[Row]) -> Mapping[str, Any]:
+def summarize_timing(rows: Sequence[SweepRow]) -> Mapping[str, Any]:
     """Cost per computed cell (the ones not from the cache), by variant."""
     out: dict[str, Any] = {}
     for variant in VARIANTS:
