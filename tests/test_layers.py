@@ -69,6 +69,12 @@ def _append(path: Path, code: str) -> None:
             "from ..measurement import evaluate  # noqa: E402",
             "-> fq_core.measurement.evaluate",
         ),
+        # the sweep's analysis runs a cell
+        (
+            "experiment/sweep/analysis.py",
+            "from .run import run_cell  # noqa: E402",
+            "fq_core.experiment.sweep.analysis -> fq_core.experiment.sweep.run",
+        ),
         (
             "measurement/llama/parse.py",
             "from .. import gguf_index  # noqa: E402",

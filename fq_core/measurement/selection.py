@@ -142,7 +142,8 @@ def _matcher(pattern: str):
     return (lambda name: split_name(name)[1] == pattern), False
 
 
-def _block_count(index) -> int:
+def block_count_of(index) -> int:
+    """The header's block count, else one more than the highest layer a tensor names."""
     bc = getattr(index, "block_count", None)
     if bc is not None:
         return int(bc)
@@ -155,7 +156,7 @@ def resolve(
 ) -> Selection:
     """Resolve a selection; every fault (unknown layer, no match, non-F32) is a BadSelection."""
     patterns = _normalise_patterns(tensors)
-    block_count = _block_count(index)
+    block_count = block_count_of(index)
     layers_spec = str(layers).strip()
     all_layers = layers_spec.lower() == "all"
     if all_layers:

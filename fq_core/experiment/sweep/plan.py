@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ...definitions.formats import FORMATS, ROUNDINGS
 from ...errors import BadInput, BadSelection
-from ...measurement.selection import format_layers, parse_layers, split_name
+from ...measurement.selection import block_count_of, format_layers, parse_layers, split_name
 from ...storage.record import VARIANTS
 
 #: What a sweep can fake-quantize: every format of definitions.formats but the control itself.
@@ -165,14 +165,6 @@ def _kind_layers(index, kind: str) -> tuple[int, ...]:
     )
 
 
-def _block_count(index) -> int:
-    bc = getattr(index, "block_count", None)
-    if bc is not None:
-        return int(bc)
-    layers = [split_name(t.name)[0] for t in index.tensors]
-    return max((n for n in layers if n is not None), default=-1) + 1
-
-
 def cumulative_sizes(n: int) -> tuple[int, ...]:
     """1, 2, 4, … up to n, and n itself: the x axis of "more layers, more error"."""
     sizes, k = [], 1
@@ -192,7 +184,7 @@ def cells_for(plan: Plan, model_id: str, index) -> tuple[Cell, ...]:
             f"{model_id} has no F32 tensor of kind {', '.join(missing)}; "
             f"its F32 kinds: {', '.join(available) or 'none'}"
         )
-    blocks = _block_count(index)
+    blocks = block_count_of(index)
     wanted = set(parse_layers(plan.layers, blocks)) if blocks > 0 else set()
     width = max(2, len(str(max(blocks - 1, 0))))
     out: list[Cell] = []
