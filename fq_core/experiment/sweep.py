@@ -48,9 +48,9 @@ from ..definitions.formats import FORMATS, ROUNDINGS
 from ..definitions.settings import default
 from ..errors import BadInput, BadSelection, FqError
 from ..measurement.selection import format_layers, parse_layers, split_name
-from ..storage import cache, results
+from ..storage import cache, codec, results
 from ..storage.identity import Identity, MachineInfo, machine_info
-from ..storage.record import VARIANTS, Interval, NonFinite, Resolution
+from ..storage.record import VARIANTS, Interval, Resolution
 
 if TYPE_CHECKING:
     from ..measurement.llama.tools import LlamaTools
@@ -71,7 +71,7 @@ P_TEST = (
     "one-sided one-sample t-test on the per-chunk differences treatment − mean placebo "
     "(H1: the treatment moves KLD more than its placebos)"
 )
-Num = float | NonFinite | None
+Num = float | None  # None: not measured; NaN and ±Inf stay floats (storage.codec)
 
 
 # --- the plan: which cells ---------------------------------------------------------------------
@@ -386,13 +386,7 @@ class CellRecord(_Part, kw_only=True):
     @property
     def effect(self) -> float:
         t = self.treatment
-        return _f(t.kld_mean) if t is not None else math.nan
-
-
-def _f(x) -> float:
-    from ..storage.record import as_float
-
-    return as_float(x)
+        return math.nan if t is None or t.kld_mean is None else t.kld_mean
 
 
 def read_cell(path: str | Path) -> CellRecord:
@@ -412,7 +406,7 @@ def read_cell(path: str | Path) -> CellRecord:
     if data.get("machine") == {}:  # the default before MachineInfo: nothing was recorded
         data["machine"] = None
     try:
-        return msgspec.convert(data, CellRecord)
+        return codec.convert(data, CellRecord)
     except msgspec.ValidationError as exc:
         raise BadInput(f"{path}: {exc}") from exc
 
@@ -426,8 +420,7 @@ def cell_path(run_id: str, cell_id: str, root=None) -> Path:
 
 def save_cell(rec: CellRecord, root=None) -> Path:
     path = cell_path(rec.run_id, rec.cell.id, root)
-    data = results.jsonable(msgspec.to_builtins(rec), words=True)
-    text = msgspec.json.format(msgspec.json.encode(data), indent=2) + b"\n"
+    text = codec.encode(rec, indent=2) + b"\n"
     with results.lock_for(path):
         results.write_bytes_atomic(path, text)
     return path
@@ -553,8 +546,7 @@ class _CellMeasurement(msgspec.Struct):
 
 
 def _cell_measurement(payload: dict) -> dict:
-    msgspec.convert(payload, _CellMeasurement)
-    return payload
+    return dict(payload, **msgspec.structs.asdict(codec.convert(payload, _CellMeasurement)))
 
 
 def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
@@ -610,14 +602,12 @@ def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
         "mean_rel": t.mean_rel,
         "n_became_nonfinite": t.n_became_nonfinite,
         "identical": identical,
-        "kld_mean": 0.0 if identical else (kld.mean_kld if kld else None),
+        "kld_mean": 0.0 if identical else (kld.mean if kld else None),
         "chunk_klds": (
-            [0.0] * len(base.chunk_ppls)
-            if identical
-            else list(getattr(kld, "chunk_klds", ()) or ())
+            [0.0] * len(base.chunk_ppls) if identical else list(kld.chunk_means if kld else ())
         ),
         "same_top_pct": 100.0 if identical else (kld.same_top_pct if kld else None),
-        "kld": None if identical else protocol.kld_json(kld),
+        "kld": None if identical else kld,
         "chunk_ppls": list(ppl.chunk_ppls),
         "ppl": ppl.ppl,
         "baseline_ppl": base.ppl,
@@ -642,11 +632,11 @@ def p_value(
     over dozens of cells would need; chunk means of ~255 token KLDs are close to normal."""
     import numpy as np
 
-    runs = [[_f(v) for v in p] for p in placebo_chunks if p]
-    t = [_f(v) for v in treatment_chunks]
+    runs = [list(p) for p in placebo_chunks if p]
+    t = list(treatment_chunks)
     if len(t) < 2 or not runs or any(len(r) != len(t) for r in runs):
         return None
-    d = np.asarray(t) - np.nanmean(np.asarray(runs, dtype=np.float64), axis=0)
+    d = np.asarray(t, dtype=np.float64) - np.nanmean(np.asarray(runs, dtype=np.float64), axis=0)
     d = d[np.isfinite(d)]
     if d.size < 2:
         return None
@@ -680,7 +670,6 @@ def cell_statistics(
         label=protocol.VARIANT_WORDS.get(variant, variant),
     )
     res = stats.resolution(**kw)  # placebos of KLD 0 (Gemma3's last layers): floor 0, no ratio
-    res = msgspec.convert(results.jsonable(msgspec.to_builtins(res), words=True), Resolution)
     p = None if identical else p_value(treatment_chunks, [p.chunk_klds for p in placebos])
     return res, p
 
@@ -800,25 +789,23 @@ def run_cell(
             tensors=tuple(meas["tensors"]),
             n_elements=meas["n_elements"],
             changed=meas["changed"],
-            max_abs=_num(meas["max_abs"]),
-            max_rel=_num(meas["max_rel"]),
-            mean_rel=_num(meas["mean_rel"]),
+            max_abs=meas["max_abs"],
+            max_rel=meas["max_rel"],
+            mean_rel=meas["mean_rel"],
             n_became_nonfinite=meas.get("n_became_nonfinite", 0),
         ),
         treatment=CellTreatment(
             identical=meas["identical"],
-            kld_mean=_num(meas["kld_mean"]),
-            chunk_klds=tuple(_num(v) for v in meas["chunk_klds"]),
-            same_top_pct=_num(meas["same_top_pct"]),
-            ppl=_num(meas["ppl"]),
-            baseline_ppl=_num(meas["baseline_ppl"]),
-            delta_ppl_pct=_num(meas["delta_ppl_pct"]),
-            delta_ppl_pct_err=_num(meas["delta_ppl_pct_err"]),
+            kld_mean=meas["kld_mean"],
+            chunk_klds=tuple(meas["chunk_klds"]),
+            same_top_pct=meas["same_top_pct"],
+            ppl=meas["ppl"],
+            baseline_ppl=meas["baseline_ppl"],
+            delta_ppl_pct=meas["delta_ppl_pct"],
+            delta_ppl_pct_err=meas["delta_ppl_pct_err"],
         ),
         placebo=tuple(placebos),
-        resolution=msgspec.convert(
-            results.jsonable(msgspec.to_builtins(res), words=True), Resolution
-        ),
+        resolution=res,
         p_value=p,
         cached=hit,
         measured_at=entry.measured_at,
@@ -835,15 +822,6 @@ def run_cell(
     )
     save_cell(rec, ctx.results_root)
     return rec
-
-
-def _num(x):
-    if x is None:
-        return None
-    if isinstance(x, str):
-        return x
-    x = float(x)
-    return x if math.isfinite(x) else ("nan" if x != x else ("inf" if x > 0 else "-inf"))
 
 
 # --- finding and merging the cells of one or more results directories --------------------------
@@ -1058,9 +1036,9 @@ def _rank_ranges(rows: Sequence[Row]) -> dict[str, tuple[int, int]]:
     ivs = {}
     for r in rows:
         iv = r.interval
-        est = _f(iv.estimate) if iv is not None else math.nan
-        lo = _f(iv.low) if iv is not None and iv.low is not None else est
-        hi = _f(iv.high) if iv is not None and iv.high is not None else est
+        est = iv.estimate if iv is not None and iv.estimate is not None else math.nan
+        lo = iv.low if iv is not None and iv.low is not None else est
+        hi = iv.high if iv is not None and iv.high is not None else est
         ivs[r.cell.id] = (lo, hi)
     n = len(rows)
     out = {}
@@ -1166,7 +1144,7 @@ def analyze(
 
 
 def _safe(iv: Interval | None) -> float:
-    x = _f(iv.estimate) if iv is not None else math.nan
+    x = iv.estimate if iv is not None and iv.estimate is not None else math.nan
     return x if math.isfinite(x) else -math.inf
 
 
