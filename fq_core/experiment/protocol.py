@@ -329,7 +329,7 @@ def _treatment_json(ev: Any, cmp: Any) -> dict:
         "delta_ppl": cmp.delta_ppl,
         "delta_ppl_pct": cmp.delta_ppl_pct,
         "delta_ppl_pct_err": cmp.delta_ppl_pct_err,
-        "kld": p.kld,
+        "kld": msgspec.to_builtins(p.kld),  # the dicts of this module hold floats
         "tokens_per_s": p.tokens_per_s,
         "speed_ratio": _speed_ratio(cmp.baseline_ppl_tokens_per_s, cmp.ppl_tokens_per_s),
         "gen_tokens_per_s": cmp.gen_tokens_per_s,

@@ -51,7 +51,7 @@ def _words(value: Any) -> Any:
         return _word(value)
     if isinstance(value, dict):
         return {k: _words(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_words(v) for v in value]
     return value
 
@@ -96,7 +96,7 @@ def _only_words_loosened(given: Any, got: Any, path: str) -> None:
         for k, v in given.items():
             if k in got:
                 _only_words_loosened(v, got[k], f"{path}.{k}")
-    elif isinstance(given, list) and isinstance(got, list):
+    elif isinstance(given, (list, tuple)) and isinstance(got, (list, tuple)):
         for i, (v, w) in enumerate(zip(given, got, strict=False)):
             _only_words_loosened(v, w, f"{path}[{i}]")
     elif isinstance(given, str):
