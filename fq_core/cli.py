@@ -799,12 +799,11 @@ INSPECT_FORMATS = (
 
 
 def _run_inspect(args) -> int:
-    import json
-
     from .measurement.gguf_index import read_index
     from .measurement.metrics import f32_kinds
     from .measurement.models import resolve_model
     from .measurement.selection import format_layers
+    from .storage import codec
 
     ref = resolve_model(args.model)
     index = read_index(ref.path)
@@ -818,7 +817,7 @@ def _run_inspect(args) -> int:
             "n_tensors": len(index.tensors),
             "kinds": [k.to_json() for k in kinds],
         }
-        print(json.dumps(doc, indent=1))
+        print(codec.dumps(doc, indent=1))
         return 0
     print(f"{ref.path}")
     print(

@@ -18,7 +18,6 @@ reproduce). Written with fq_core.platform.atomic, each file replaced in one step
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from matplotlib.ticker import NullFormatter
 from ..experiment.sweep import Analysis, Row, summarize_timing
 from ..figures import sci
 from ..platform import atomic
+from ..storage import codec
 from .charts import PLACEBO, TREATMENT, Chart, chart_key, figure_png
 from .render import render
 
@@ -406,10 +406,9 @@ def render_files(analysis: Analysis) -> dict[str, bytes]:
     files = {f"{CHARTS}/{c.key}.png": c.png for g in groups for c in g.charts if c.png}
     files[HTML] = render("sensitivity.html.j2", **ctx).encode("utf-8")
     files[MARKDOWN] = render("sensitivity.md.j2", links=links, **ctx).encode("utf-8")
-    files[NUMBERS] = (
-        json.dumps(analysis.to_json(), indent=1, ensure_ascii=False, allow_nan=False, default=str)
-        + "\n"
-    ).encode("utf-8")
+    files[NUMBERS] = (codec.dumps(analysis.to_json(), indent=1, ensure_ascii=False) + "\n").encode(
+        "utf-8"
+    )
     return files
 
 
