@@ -575,9 +575,9 @@ def _run_evaluate(args) -> int:
     from .measurement.gguf_index import read_index
     from .measurement.llama.runner import LlamaRunner
     from .measurement.llama.tools import find_tools
-    from .measurement.metrics import json_dumps
     from .measurement.models import resolve_model
     from .platform import atomic
+    from .storage import codec
 
     for opt in ("chunks", "kld_chunks", "ctx", "gen_tokens", "threads"):
         v = getattr(args, opt)
@@ -625,7 +625,7 @@ def _run_evaluate(args) -> int:
             "settings": settings.to_json(),
             "commands": [c.to_json() for c in base.commands() + cand.commands()],
         }
-        text = json_dumps(doc, indent=1, ensure_ascii=False) + "\n"
+        text = codec.dumps(doc, indent=1, ensure_ascii=False) + "\n"
         atomic.write_text(args.json, text, force=args.force, inputs=inputs)
     return 0
 
@@ -703,9 +703,10 @@ def _add_compare(sub) -> None:
 
 
 def _run_compare(args) -> int:
-    from .measurement.metrics import compare_files, json_dumps
+    from .measurement.metrics import compare_files
     from .measurement.models import resolve_model
     from .platform import atomic
+    from .storage import codec
 
     original, candidate = resolve_model(args.original).path, resolve_model(args.candidate).path
     if args.json:
@@ -771,7 +772,7 @@ def _run_compare(args) -> int:
             f"NaN/±Inf in {candidate.name}"
         )
     if args.json:
-        text = json_dumps(cmp.to_json(), indent=1) + "\n"
+        text = codec.dumps(cmp.to_json(), indent=1) + "\n"
         args.outputs.expect(args.json, status=status)
         atomic.write_text(args.json, text, force=args.force, inputs=(original, candidate))
     return status
@@ -798,12 +799,11 @@ INSPECT_FORMATS = (
 
 
 def _run_inspect(args) -> int:
-    import json
-
     from .measurement.gguf_index import read_index
     from .measurement.metrics import f32_kinds
     from .measurement.models import resolve_model
     from .measurement.selection import format_layers
+    from .storage import codec
 
     ref = resolve_model(args.model)
     index = read_index(ref.path)
@@ -817,7 +817,7 @@ def _run_inspect(args) -> int:
             "n_tensors": len(index.tensors),
             "kinds": [k.to_json() for k in kinds],
         }
-        print(json.dumps(doc, indent=1))
+        print(codec.dumps(doc, indent=1))
         return 0
     print(f"{ref.path}")
     print(

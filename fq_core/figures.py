@@ -29,18 +29,3 @@ def sci(x: float | None, digits: int = 2) -> str:
     if x != 0 and abs(x) < 1e-3:
         return f"{x:.{digits - 1}e}"
     return figure(x, ".4f")
-
-
-def nonfinite_as_words(value):
-    """Plain data with every NaN / ±Inf float replaced by "nan" / "inf" / "-inf".
-
-    JSON has no such numbers and null already means "not measured", so manifests, --json
-    files and stage records all write them as these words.
-    """
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: nonfinite_as_words(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [nonfinite_as_words(v) for v in value]
-    return value

@@ -51,7 +51,6 @@ from fq_core.measurement.evaluate import EvalSettings
 from fq_core.measurement.llama.runner import (
     CommandRecord,
     Generation,
-    KLDStats,
     LoadResult,
     PerplexityResult,
 )
@@ -59,6 +58,7 @@ from fq_core.measurement.llama.tools import LlamaTools
 from fq_core.measurement.models import REGISTRY, ModelRef
 from fq_core.platform.hashing import sha256_file
 from fq_core.storage import record, results
+from fq_core.storage.record import KLD
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -568,22 +568,18 @@ class StubRunner:
         kld = None
         if kl_against is not None:
             mean = 0.003 if "placebo" in model.name else 0.006
-            kld = KLDStats(
-                mean_kld=mean,
-                mean_kld_err=0.0003,
-                median_kld=mean / 2,
-                p90_kld=mean * 3,
-                p99_kld=mean * 8,
-                p999_kld=mean * 20,
-                max_kld=mean * 50,
+            kld = KLD(
+                mean=mean,
+                mean_err=0.0003,
+                median=mean / 2,
+                p90=mean * 3,
+                p99=mean * 8,
+                p999=mean * 20,
+                max=mean * 50,
                 same_top_pct=96.0,
                 same_top_err=0.5,
                 rms_dp_pct=1.2,
-                rms_dp_err=0.1,
                 ppl_ratio=scale,
-                ppl_ratio_err=0.001,
-                mean_ppl_q=chunk_ppls[-1],
-                raw={},
             )
         rec = self._record("llama-perplexity", "-m", model.path, "-f", text, "--chunks", n)
         return PerplexityResult(chunk_ppls[-1], 0.5, chunk_ppls, n, ctx, 2500.0, kld, rec)

@@ -118,7 +118,7 @@ def test_a_model_against_itself_is_identical(env):
     same = evaluate_against(runner, smol, base, corpus, SETTINGS)
     cmp = compare(base, same)
     assert cmp.delta_ppl == pytest.approx(0.0, abs=1e-3)
-    assert abs(cmp.kld.mean_kld) < 1e-5 and cmp.same_top_pct == 100.0
+    assert abs(cmp.kld.mean) < 1e-5 and cmp.same_top_pct == 100.0
     assert cmp.agreement[0].first_divergence is None
     assert cmp.agreement[0].token_agreement == 1.0 and cmp.agreement[0].same_text
 
@@ -131,7 +131,7 @@ def test_changed_model_matches_llama_perplexity_run_by_hand(env, changed_smol):
     base = evaluate_baseline(runner, smol, corpus, SETTINGS)
     cand = evaluate_against(runner, changed_smol, base, corpus, SETTINGS)
     cmp = compare(base, cand)
-    assert cmp.kld.mean_kld > 0 and cmp.delta_ppl != 0
+    assert cmp.kld.mean > 0 and cmp.delta_ppl != 0
 
     bin_dir = runner.tools.bin_dir
     common = ["-f", corpus.path, "-c", str(CTX), "-b", str(CTX), "--chunks", "2", "-t", "2"]
@@ -168,7 +168,7 @@ def test_changed_model_matches_llama_perplexity_run_by_hand(env, changed_smol):
     assert cmp.baseline_ppl == ppl_base
     assert cmp.ppl == ppl_cand
     assert cmp.delta_ppl == pytest.approx(ppl_cand - ppl_base, abs=1e-12)
-    assert cmp.kld.mean_kld == block["Mean KLD"][0]
+    assert cmp.kld.mean == block["Mean KLD"][0]
     assert cmp.same_top_pct == block["Same top p"][0]
     # the paired error is far tighter than the two runs' own ± errors combined
     assert cmp.delta_ppl_pct_err is not None

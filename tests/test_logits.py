@@ -332,8 +332,8 @@ def test_a_model_against_its_own_base_is_exactly_zero(env, smol_base):
     seen = [(e.done, e.total) for e in events if e.kind == "chunks"]
     assert seen and seen[-1] == (2, 2)  # the per-chunk lines became progress events
     k = res.kld
-    assert k.exact and k.chunk_klds == (0.0, 0.0)
-    assert k.mean_kld == 0.0 and k.max_kld == 0.0 and k.p99_kld == 0.0
+    assert k.exact and k.chunk_means == (0.0, 0.0)
+    assert k.mean == 0.0 and k.max == 0.0 and k.p99 == 0.0
     assert k.same_top_pct == 100.0 and k.rms_dp_pct == 0.0 and k.ppl_ratio == 1.0
     assert res.ppl == res_base.ppl and res.chunk_ppls == res_base.chunk_ppls
     per_token = np.load(X.per_token_path(res.details))
@@ -354,13 +354,13 @@ def test_a_placebo_gives_a_small_positive_kld(env, smol_base):
     res = runner.exact_perplexity(placebo, corpus, chunks=2, kl_against=base)
     k = res.kld
     print(
-        f"SmolLM2 placebo seed 1: exact KLD {k.mean_kld:.3e} ± {k.mean_kld_err:.1e}, "
-        f"max {k.max_kld:.2e}, same top {k.same_top_pct:.2f} %"
+        f"SmolLM2 placebo seed 1: exact KLD {k.mean:.3e} ± {k.mean_err:.1e}, "
+        f"max {k.max:.2e}, same top {k.same_top_pct:.2f} %"
     )
     # small, but not tiny: on a quantized model a one-ulp change of the norms moves some
     # activations across a rounding step of their 8-bit quantization (the F32 twin: ~1e-7)
-    assert 0.0 < k.mean_kld < 1e-2 and k.max_kld > 0
-    assert all(c > 0 for c in k.chunk_klds)
+    assert 0.0 < k.mean < 1e-2 and k.max > 0
+    assert all(c > 0 for c in k.chunk_means)
     assert k.same_top_pct > 90.0
 
 
@@ -419,7 +419,7 @@ def test_evaluate_with_the_logits_engine(env):
         again = evaluate_baseline(runner, smol, corpus, s)
         assert again.cached and again.perplexity.ppl == b.perplexity.ppl
         ev = evaluate_against(runner, smol, again, corpus, s)
-        assert ev.perplexity.kld.exact and ev.perplexity.kld.mean_kld == 0.0
+        assert ev.perplexity.kld.exact and ev.perplexity.kld.mean == 0.0
         assert ev.perplexity.ppl == b.perplexity.ppl
         with pytest.raises(Exception, match="engine"):
             evaluate_against(runner, smol, again, corpus, plain)

@@ -127,8 +127,8 @@ def test_combine_keeps_nan_whatever_the_order():
 def test_json_has_no_bare_infinity():
     import json
 
-    from fq_core.measurement.metrics import json_dumps
+    from fq_core.storage import codec
 
-    text = json_dumps({"a": float("inf"), "b": [float("nan"), -float("inf"), 1.5]})
+    text = codec.dumps({"a": float("inf"), "b": [float("nan"), -float("inf"), 1.5]})
     assert json.loads(text) == {"a": "inf", "b": ["nan", "-inf", 1.5]}
     assert "Infinity" not in text and "NaN" not in text

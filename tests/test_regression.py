@@ -138,7 +138,7 @@ def rec(run_id="R1", treatment=None, placebo=None, numeric=None, **more) -> reco
         **more,
     }
     data = make_record(run_id=run_id, **fields)
-    return record.from_builtins(results.jsonable(data, words=True))
+    return record.from_builtins(data)
 
 
 def with_kld(mean, run_id="R2", err=0.0002, **more) -> record.StageRecord:

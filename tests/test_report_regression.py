@@ -136,7 +136,7 @@ def stage_record(run_id: str, started: str, *, kld=0.0060, dppl=0.83, **more) ->
 
 
 def typed(data: dict) -> record.StageRecord:
-    return record.from_builtins(results.jsonable(data, words=True))
+    return record.from_builtins(data)
 
 
 RUNS = (

@@ -33,13 +33,14 @@ from fq_core.experiment.sweep import plan as sweep_plan
 from fq_core.experiment.sweep import run as sweep_run
 from fq_core.measurement.corpus import Corpus
 from fq_core.measurement.gguf_index import read_index
-from fq_core.measurement.llama.runner import CommandRecord, KLDStats, LoadResult, PerplexityResult
+from fq_core.measurement.llama.runner import CommandRecord, LoadResult, PerplexityResult
 from fq_core.measurement.llama.tools import LlamaTools
 from fq_core.measurement.models import ModelRef
 from fq_core.platform.hashing import sha256_file
 from fq_core.report import sensitivity
 from fq_core.storage import cell_record, results
 from fq_core.storage.identity import Identity
+from fq_core.storage.record import KLD
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -439,23 +440,19 @@ class StubRunner:
         chunk = tuple(mean * (1 + 0.02 * ((i % 3) - 1)) for i in range(n))
         kld = None
         if kl_against is not None:
-            kld = KLDStats(
-                mean_kld=float(np.mean(chunk)),
-                mean_kld_err=1e-4,
-                median_kld=mean,
-                p90_kld=mean,
-                p99_kld=mean,
-                p999_kld=mean,
-                max_kld=mean,
+            kld = KLD(
+                mean=float(np.mean(chunk)),
+                mean_err=1e-4,
+                median=mean,
+                p90=mean,
+                p99=mean,
+                p999=mean,
+                max=mean,
                 same_top_pct=96.0,
                 same_top_err=0.5,
                 rms_dp_pct=1.0,
-                rms_dp_err=0.1,
                 ppl_ratio=1.001,
-                ppl_ratio_err=1e-3,
-                mean_ppl_q=17.0,
-                raw={},
-                chunk_klds=chunk,
+                chunk_means=chunk,
             )
         ppls = tuple(17.0 + 0.01 * i + 10 * mean for i in range(n))
         rec = self._record("llama-perplexity", "-m", model.path, "--chunks", n)

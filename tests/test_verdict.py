@@ -41,7 +41,7 @@ def _store(root: Path, run_id: str, **fields) -> Path:
         settings=exp.settings_json(),
         **fields,
     )
-    return results.save_result(record.from_builtins(results.jsonable(data, words=True)), root)
+    return results.save_result(record.from_builtins(data), root)
 
 
 def _fq(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -26,7 +26,7 @@ from ..figures import figure
 from ..measurement import metrics, patch
 from ..measurement.gguf_index import read_index, read_tensor
 from ..platform import atomic, progress
-from ..storage import cache, record, results
+from ..storage import cache, codec, record, results
 from ..storage.identity import Identity, machine_info
 from ..storage.record import StageRecord
 from . import checks
@@ -260,26 +260,6 @@ def _gen_json(g: Any) -> dict:
     }
 
 
-def kld_json(k: Any) -> dict | None:
-    if k is None:
-        return None
-    return {
-        "mean": k.mean_kld,
-        "mean_err": k.mean_kld_err,
-        "median": getattr(k, "median_kld", None),
-        "p90": getattr(k, "p90_kld", None),
-        "p99": getattr(k, "p99_kld", None),
-        "max": getattr(k, "max_kld", None),
-        "same_top_pct": k.same_top_pct,
-        "same_top_err": getattr(k, "same_top_err", None),
-        "rms_dp_pct": getattr(k, "rms_dp_pct", None),
-        "p999": getattr(k, "p999_kld", None),
-        "ppl_ratio": getattr(k, "ppl_ratio", None),
-        "chunk_means": list(getattr(k, "chunk_klds", ()) or ()),
-        "exact": bool(getattr(k, "exact", False)),
-    }
-
-
 def _baseline_json(base: Any) -> dict:
     p = base.perplexity
     return {
@@ -349,7 +329,7 @@ def _treatment_json(ev: Any, cmp: Any) -> dict:
         "delta_ppl": cmp.delta_ppl,
         "delta_ppl_pct": cmp.delta_ppl_pct,
         "delta_ppl_pct_err": cmp.delta_ppl_pct_err,
-        "kld": kld_json(p.kld),
+        "kld": msgspec.to_builtins(p.kld),  # the dicts of this module hold floats
         "tokens_per_s": p.tokens_per_s,
         "speed_ratio": _speed_ratio(cmp.baseline_ppl_tokens_per_s, cmp.ppl_tokens_per_s),
         "gen_tokens_per_s": cmp.gen_tokens_per_s,
@@ -445,11 +425,13 @@ def placebo_key(
 
 
 def _placebo_run(payload: dict) -> dict:
-    """A cached placebo has the record's shape (record.PlaceboRun) or is not one."""
-    msgspec.convert({k: v for k, v in payload.items() if k != "commands"}, record.PlaceboRun)
+    """A cached placebo has the record's shape (record.PlaceboRun) or is not one; its
+    numbers are read as floats (storage.codec: "nan" in the file is NaN here)."""
+    run = codec.convert({k: v for k, v in payload.items() if k != "commands"}, record.PlaceboRun)
     if not isinstance(payload.get("commands", []), list):
         raise TypeError("commands is not a list")
-    return payload
+    floats = msgspec.to_builtins(run)
+    return {k: floats.get(k, v) for k, v in payload.items()}
 
 
 def run_placebo(
@@ -500,9 +482,9 @@ def run_placebo(
             "ppl_err": ev.perplexity.ppl_err,
             "delta_ppl_pct": cmp.delta_ppl_pct,
             "delta_ppl_pct_err": cmp.delta_ppl_pct_err,
-            "kld_mean": kld.mean_kld if kld else None,
+            "kld_mean": kld.mean if kld else None,
             "same_top_pct": kld.same_top_pct if kld else None,
-            "kld": kld_json(kld),
+            "kld": kld,
             "commands": commands_json(f"placebo seed {seed}", ppl_commands(ev)),
         }
 
@@ -513,24 +495,18 @@ def run_placebo(
 def _as_baseline(treated: ModelRef, baseline: Any):
     """The evaluation of a file byte-identical to the baseline's: the baseline's own numbers,
     with the KL divergence of a model against itself (zero, every top token the same)."""
-    from ..measurement.llama.runner import KLDStats
-
-    zero = KLDStats(
-        mean_kld=0.0,
-        mean_kld_err=0.0,
-        median_kld=0.0,
-        p90_kld=0.0,
-        p99_kld=0.0,
-        p999_kld=0.0,
-        max_kld=0.0,
+    zero = record.KLD(
+        mean=0.0,
+        mean_err=0.0,
+        median=0.0,
+        p90=0.0,
+        p99=0.0,
+        p999=0.0,
+        max=0.0,
         same_top_pct=100.0,
         same_top_err=0.0,
         rms_dp_pct=0.0,
-        rms_dp_err=0.0,
         ppl_ratio=1.0,
-        ppl_ratio_err=0.0,
-        mean_ppl_q=baseline.perplexity.ppl,
-        raw={},
     )
     ppl = replace(baseline.perplexity, kld=zero, tokens_per_s=None)
     return _evaluate().ModelEvaluation(treated, baseline.load, baseline.generations, ppl, ppl)
@@ -721,7 +697,7 @@ def _run_stage(
     kld = ev.perplexity.kld
     found["kld"] = checks.to_json(
         checks.kld_check(
-            kld.mean_kld if kld else None,
+            kld.mean if kld else None,
             kld.same_top_pct if kld else None,
             t.kld_mean_max,
             t.same_top_min,
@@ -750,7 +726,7 @@ def _run_stage(
     # 7. the selection-matched placebos: the engine's noise, against which an effect is read.
     # A byte-identical file has no effect to read, so its placebos would be minutes for nothing.
     if identical:
-        treatment_kld = ev.perplexity.kld.mean_kld if ev.perplexity.kld else None
+        treatment_kld = ev.perplexity.kld.mean if ev.perplexity.kld else None
         data["placebo"] = _placebo_summary([], (), treatment_kld)
         data["placebo"]["compared"] = _compared(data["numeric"], data["treatment"], data["placebo"])
         data["resolution"] = _resolution(exp, ev, [], identical)
@@ -778,7 +754,7 @@ def _run_stage(
             data["commands"] += [dict(c, cached=hit) for c in run.get("commands", [])]
     except FqError as exc:
         placebo_error = _error(exc)
-    treatment_kld = ev.perplexity.kld.mean_kld if ev.perplexity.kld else None
+    treatment_kld = ev.perplexity.kld.mean if ev.perplexity.kld else None
     data["placebo"] = _placebo_summary(runs, exp.placebo_seeds, treatment_kld)
     data["placebo"]["compared"] = _compared(data["numeric"], data["treatment"], data["placebo"])
     found["placebo"] = _placebo_check(data["placebo"], t.noise_factor_max, placebo_error)
@@ -803,8 +779,8 @@ def _resolution(exp: Experiment, ev: Any, runs: Sequence[dict], identical: bool)
     engine = getattr(exp.settings, "engine", "llama-perplexity")
     res = stats.resolution(
         engine=ENGINE_WORDS.get(engine, engine),
-        treatment_chunks=list(getattr(kld, "chunk_klds", ()) or ()) if kld else [],
-        treatment_mean=kld.mean_kld if kld else None,
+        treatment_chunks=list(kld.chunk_means) if kld else [],
+        treatment_mean=kld.mean if kld else None,
         placebo_chunks=[list((r.get("kld") or {}).get("chunk_means") or ()) for r in runs],
         placebo_means=[r.get("kld_mean") for r in runs],
         identical=identical,
@@ -827,9 +803,7 @@ def _finish(
     data["finished_at"] = results.utc_now()
     if not exp.keep_models:
         dst.unlink(missing_ok=True)
-    rec = record.from_builtins(
-        results.jsonable(data, words=True), source=f"{stage_.id}/{model.name}"
-    )
+    rec = record.from_builtins(codec.to_builtins(data), source=f"{stage_.id}/{model.name}")
     results.save_result(rec, ctx.results_root)
     if stage_.id == GATE_STAGE.id and exp.variant == exp.gate_variant:
         from .gate import failure_reason

@@ -32,15 +32,15 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
 from ..errors import BadInput
-from ..storage import results
+from ..storage import codec, results
 from ..storage.identity import Difference as IdentityDifference
 from ..storage.identity import Identity
-from ..storage.record import Num, StageRecord, as_float
+from ..storage.record import StageRecord
 
 SCHEMA = 1
 #: A difference must exceed Z standard uncertainties (≈ 95 % two-sided for a normal error).
@@ -162,24 +162,18 @@ def tolerances_text(tols: Mapping[str, Tolerance]) -> str:
 # --- the metrics -----------------------------------------------------------------------------
 
 
-def _num(x: Any) -> float | None:
-    if x is None:
-        return None
-    return as_float(x)
-
-
 def _kld(rec: StageRecord):
     return rec.treatment.kld if rec.treatment is not None else None
 
 
 def _treat(attr: str) -> Callable[[StageRecord], float | None]:
-    return lambda r: _num(getattr(r.treatment, attr)) if r.treatment is not None else None
+    return lambda r: getattr(r.treatment, attr) if r.treatment is not None else None
 
 
 def _kld_attr(attr: str) -> Callable[[StageRecord], float | None]:
     def get(r: StageRecord) -> float | None:
         k = _kld(r)
-        return _num(getattr(k, attr)) if k is not None else None
+        return getattr(k, attr) if k is not None else None
 
     return get
 
@@ -191,7 +185,7 @@ def _placebo_values(attr: str, in_kld: bool = False) -> Callable[[StageRecord], 
         out = []
         for run in r.placebo.runs:
             src = run.kld if in_kld else run
-            v = _num(getattr(src, attr, None)) if src is not None else None
+            v = getattr(src, attr, None) if src is not None else None
             if v is not None and math.isfinite(v):
                 out.append(v)
         return out
@@ -200,24 +194,24 @@ def _placebo_values(attr: str, in_kld: bool = False) -> Callable[[StageRecord], 
 
 
 def _numeric(attr: str) -> Callable[[StageRecord], float | None]:
-    return lambda r: _num(getattr(r.numeric, attr)) if r.numeric is not None else None
+    return lambda r: getattr(r.numeric, attr) if r.numeric is not None else None
 
 
 def _agreement(r: StageRecord) -> float | None:
     a = r.treatment.agreement if r.treatment is not None else None
-    return _num(a.token_agreement) if a is not None else None
+    return a.token_agreement if a is not None else None
 
 
 def _ratio(r: StageRecord) -> float | None:
-    return _num(r.placebo.kld_ratio) if r.placebo is not None else None
+    return r.placebo.kld_ratio if r.placebo is not None else None
 
 
 def _baseline_ppl(r: StageRecord) -> float | None:
-    return _num(r.baseline.ppl) if r.baseline is not None else None
+    return r.baseline.ppl if r.baseline is not None else None
 
 
 def _baseline_ppl_err(r: StageRecord) -> float | None:
-    return _num(r.baseline.ppl_err) if r.baseline is not None else None
+    return r.baseline.ppl_err if r.baseline is not None else None
 
 
 def _fmt(spec: str, suffix: str = "") -> Callable[[float], str]:
@@ -379,8 +373,8 @@ def _paired_kld_se(ref: StageRecord, now: StageRecord) -> float | None:
     a, b = _kld(ref), _kld(now)
     if a is None or b is None:
         return None
-    xs = [_num(x) for x in a.chunk_means]
-    ys = [_num(y) for y in b.chunk_means]
+    xs = list(a.chunk_means)
+    ys = list(b.chunk_means)
     if len(xs) < 2 or len(xs) != len(ys) or any(v is None or not math.isfinite(v) for v in xs + ys):
         return None
     if (ref.corpus.sha256, ref.settings.ctx) != (now.corpus.sha256, now.settings.ctx):
@@ -434,17 +428,17 @@ def _ratio_parts(r: StageRecord) -> tuple[float, float, float] | None:
     k = _kld(r)
     if ratio is None or not math.isfinite(ratio) or k is None or r.placebo is None:
         return None
-    t, te = _num(k.mean), _num(k.mean_err)
-    runs = [run for run in r.placebo.runs if _num(run.kld_mean) is not None]
+    t, te = k.mean, k.mean_err
+    runs = [run for run in r.placebo.runs if run.kld_mean is not None]
     if not runs or t is None or t <= 0:
         return None
-    top = max(runs, key=lambda run: _num(run.kld_mean) or 0.0)
-    p = _num(top.kld_mean) or 0.0
-    pe = _num(top.kld.mean_err) if top.kld is not None else None
+    top = max(runs, key=lambda run: run.kld_mean or 0.0)
+    p = top.kld_mean or 0.0
+    pe = top.kld.mean_err if top.kld is not None else None
     if p <= 0:
         return None
     rel_stat = math.sqrt(((te or 0.0) / t) ** 2 + ((pe or 0.0) / p) ** 2)
-    values = [_num(run.kld_mean) or 0.0 for run in runs]
+    values = [run.kld_mean or 0.0 for run in runs]
     v = _variance(values)
     rel_engine = math.sqrt(v[0]) / (sum(values) / len(values)) if v else 0.0
     return ratio, rel_stat, rel_engine
@@ -493,14 +487,14 @@ class MetricComparison(_Part, kw_only=True):
     metric: str  # the tolerance name
     label: str
     direction: Direction
-    reference: Num
-    now: Num
-    change: Num  # now − reference, in the metric's unit
-    change_pct: Num  # relative to the reference, %
-    uncertainty: Num  # Z × the standard uncertainty of the difference (0 = exact)
+    reference: float | None
+    now: float | None
+    change: float | None  # now − reference, in the metric's unit
+    change_pct: float | None  # relative to the reference, %
+    uncertainty: float | None  # Z × the standard uncertainty of the difference (0 = exact)
     uncertainty_how: str
     tolerance: str  # "25%", "0.5", "report", "off"
-    limit: Num  # the tolerance in the metric's unit
+    limit: float | None  # the tolerance in the metric's unit
     verdict: Verdict
     gates: bool  # a regression here fails the check
     shown: Shown
@@ -898,19 +892,13 @@ def render_table(cmp: RunComparison) -> str:
 # --- storage --------------------------------------------------------------------------------
 
 
-_ENCODER = msgspec.json.Encoder()
-
-
 def encode(cmp: RunComparison) -> bytes:
-    from ..figures import nonfinite_as_words
-
-    data = nonfinite_as_words(msgspec.to_builtins(cmp))
-    return msgspec.json.format(_ENCODER.encode(data), indent=2) + b"\n"
+    return codec.encode(cmp, indent=2) + b"\n"
 
 
 def decode(raw: bytes | str, *, source: str = "comparison") -> RunComparison:
     try:
-        return msgspec.json.decode(raw, type=RunComparison)
+        return codec.decode(raw, RunComparison)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BadInput(f"{source}: not an fq-suite comparison ({exc})") from exc
 

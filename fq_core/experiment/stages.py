@@ -16,7 +16,7 @@ import msgspec
 from ..definitions.settings import default, seeds
 from ..errors import BadInput
 from ..measurement.selection import DEFAULT_TENSORS
-from ..storage import results
+from ..storage import codec, results
 from ..storage.identity import Identity
 from ..storage.record import VARIANTS, StageRecord, Thresholds
 from . import checks
@@ -159,7 +159,7 @@ class Experiment:
         with. Threads are left out: llama.cpp is bit-identical across thread counts."""
         exp = self.for_variant(rec.variant)
         now, then = (
-            results.jsonable(msgspec.to_builtins({"settings": settings, "thresholds": limits}))
+            codec.to_builtins({"settings": settings, "thresholds": limits})
             for settings, limits in (
                 (exp.settings_json(), exp.thresholds),
                 (rec.settings, rec.thresholds),

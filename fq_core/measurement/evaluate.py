@@ -23,13 +23,13 @@ from ..definitions.settings import default
 from ..errors import BadInput, LlamaFailed
 from ..figures import figure
 from ..platform import atomic, progress
-from ..storage import cache
+from ..storage import cache, codec
 from ..storage.identity import Identity
+from ..storage.record import KLD
 from .corpus import Corpus
 from .llama.runner import (
     CommandRecord,
     Generation,
-    KLDStats,
     LlamaRunner,
     LoadResult,
     PerplexityResult,
@@ -130,22 +130,6 @@ class BaselineEvaluation(ModelEvaluation):
 # JSON round trip of the runner's results (the baseline cache)
 
 
-def _record_from(d: dict) -> CommandRecord:
-    return CommandRecord(
-        argv=tuple(d["argv"]),
-        cwd=d["cwd"],
-        env=dict(d["env"]),
-        started_at=d["started_at"],
-        duration_s=d["duration_s"],
-        exit_status=d["exit_status"],
-        stdout_path=Path(d["stdout_path"]),
-        stderr_path=Path(d["stderr_path"]),
-        timed_out=d["timed_out"],
-        tool=d.get("tool", ""),
-        cleared_env=tuple(d.get("cleared_env", ())),
-    )
-
-
 def _to_plain(obj):
     if isinstance(obj, CommandRecord):
         return obj.to_json()
@@ -158,39 +142,33 @@ def _to_plain(obj):
     return obj
 
 
-def _load_from(d: dict) -> LoadResult:
-    return LoadResult(
-        d["ok"], d["load_time_ms"], d["n_params"], _record_from(d["command"]), d.get("error")
-    )
-
-
-def _gen_from(d: dict) -> Generation:
-    ids = d.get("token_ids")
-    return Generation(
-        d["prompt"],
-        d["chat"],
-        d["text"],
-        d["n_tokens"],
-        d["tokens_per_s"],
-        d["tool"],
-        _record_from(d["command"]),
-        tuple(ids) if ids is not None else None,
-    )
+#: A perplexity run cached before the record's KLD was the runner's own type kept the
+#: runner's names for it (and more lines of llama.cpp's block, no longer kept).
+_CACHED_KLD_NAMES = {
+    "mean": "mean_kld",
+    "mean_err": "mean_kld_err",
+    "median": "median_kld",
+    "p90": "p90_kld",
+    "p99": "p99_kld",
+    "p999": "p999_kld",
+    "max": "max_kld",
+    "same_top_pct": "same_top_pct",
+    "same_top_err": "same_top_err",
+    "rms_dp_pct": "rms_dp_pct",
+    "ppl_ratio": "ppl_ratio",
+    "chunk_means": "chunk_klds",
+    "exact": "exact",
+}
 
 
 def _ppl_from(d: dict) -> PerplexityResult:
+    """A cached perplexity run. One cached before storage.codec may name its KLD the
+    runner's old way and hold a NaN ppl_err as null: both are read forward."""
     kld = d.get("kld")
-    return PerplexityResult(
-        ppl=d["ppl"],
-        ppl_err=d["ppl_err"],
-        chunk_ppls=tuple(d["chunk_ppls"]),
-        n_chunks=d["n_chunks"],
-        ctx=d["ctx"],
-        tokens_per_s=d["tokens_per_s"],
-        kld=KLDStats(**{**kld, "chunk_klds": tuple(kld.get("chunk_klds", ()))}) if kld else None,
-        command=_record_from(d["command"]),
-        details=Path(d["details"]) if d.get("details") else None,
-    )
+    if kld and "mean_kld" in kld:
+        kld = {new: kld[old] for new, old in _CACHED_KLD_NAMES.items() if old in kld}
+    ppl_err = math.nan if d.get("ppl_err", 0.0) is None else d.get("ppl_err")
+    return codec.convert(dict(d, kld=kld, ppl_err=ppl_err), PerplexityResult)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,8 +267,8 @@ def evaluate_baseline(
         root = cache.folder_for("baselines", key)
         return BaselineEvaluation(
             model=model,
-            load=_load_from(doc["load"]),
-            generations=tuple(_gen_from(g) for g in doc["generations"]),
+            load=codec.convert(doc["load"], LoadResult),
+            generations=tuple(codec.convert(doc["generations"], list[Generation])),
             perplexity=ppl,
             kld_perplexity=kld_run,
             corpus=corpus,
@@ -393,8 +371,8 @@ def evaluate_against_cached(
         kld_run = _ppl_from(doc["kld_perplexity"]) if doc["kld_perplexity"] else None
         if kld_run is not None and doc["kld_perplexity"] == doc["perplexity"]:
             kld_run = ppl
-        gens = tuple(_gen_from(g) for g in doc["generations"])
-        return ModelEvaluation(model, _load_from(doc["load"]), gens, ppl, kld_run)
+        gens = tuple(codec.convert(doc["generations"], list[Generation]))
+        return ModelEvaluation(model, codec.convert(doc["load"], LoadResult), gens, ppl, kld_run)
 
     with progress.step("treatment"):
         entry = cache.verified("treatments", key, "evaluation.json", compute, decode=decode)
@@ -426,7 +404,7 @@ class EvalComparison:
     delta_ppl_pct: float
     delta_ppl_pct_err: float | None  # paired, from the per-chunk NLLs of both runs
     n_chunks: int
-    kld: KLDStats | None
+    kld: KLD | None
     same_top_pct: float | None
     agreement: tuple[Agreement, ...]
     baseline_gen_tokens_per_s: float | None
@@ -435,7 +413,7 @@ class EvalComparison:
     ppl_tokens_per_s: float | None
 
     def to_json(self) -> dict:
-        return _to_plain(self) | {"kld": self.kld.to_json() if self.kld else None}
+        return _to_plain(self) | {"kld": codec.to_builtins(self.kld)}
 
 
 def chunk_nlls(running_ppls) -> list[float]:
@@ -551,12 +529,12 @@ def side_by_side(base: BaselineEvaluation, cand: ModelEvaluation, cmp: EvalCompa
             (
                 f"KLD mean ({s.kld_chunks} chunks)",
                 "",
-                f"{k.mean_kld:.6f} ± {_fmt(k.mean_kld_err, '.6f')}",
+                f"{k.mean:.6f} ± {_fmt(k.mean_err, '.6f')}",
             ),
             (
                 "KLD median / p99 / max",
                 "",
-                " / ".join(_fmt(x, ".6f") for x in (k.median_kld, k.p99_kld, k.max_kld)),
+                " / ".join(_fmt(x, ".6f") for x in (k.median, k.p99, k.max)),
             ),
             ("same top %", "", f"{k.same_top_pct:.3f} ± {_fmt(k.same_top_err, '.3f')}"),
             ("RMS Δp %", "", _fmt(k.rms_dp_pct, ".3f")),

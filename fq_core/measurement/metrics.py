@@ -14,8 +14,8 @@ Such a pair's error is +Inf (a finite value against ±Inf) or NaN (against NaN),
 maximum errors say so: ``max_abs`` is NaN when any pair's error is NaN, else +Inf when any
 is infinite.  A pair that stays the same non-finite value (NaN to NaN, +Inf to +Inf) has no
 error.  The means are over the pairs where both values are finite (NaN when there is
-none).  JSON has no Inf or NaN, so ``json_dumps`` writes such a figure as the string "inf",
-"-inf" or "nan".
+none).  JSON has no Inf or NaN, so such a figure is written as the string "inf", "-inf" or
+"nan" (fq_core.storage.codec).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
-from ..figures import nonfinite_as_words
 from .gguf_index import read_index, read_tensor
 
 log = logging.getLogger(__name__)
@@ -90,12 +89,6 @@ def worst(values) -> float:
     if any(math.isnan(v) for v in values):
         return math.nan
     return max(values, default=0.0)
-
-
-def json_dumps(doc, **kwargs) -> str:
-    """JSON text of `doc`, a non-finite float written as "inf", "-inf" or "nan" (strict JSON
-    has no such numbers; Python's default `Infinity` breaks other readers)."""
-    return json.dumps(nonfinite_as_words(doc), allow_nan=False, **kwargs)
 
 
 def bf16_ulp(values: np.ndarray) -> np.ndarray:

@@ -35,8 +35,9 @@ from .. import __version__
 from ..definitions.formats import FORMATS, ROUNDINGS, fake_quantize
 from ..errors import BadInput
 from ..platform import atomic, hashing
+from ..storage import codec
 from .gguf_index import read_index, read_tensor
-from .metrics import ErrorStats, combine, error_stats, json_dumps
+from .metrics import ErrorStats, combine, error_stats
 from .selection import DEFAULT_TENSORS, Selection, resolve
 
 log = logging.getLogger(__name__)
@@ -377,7 +378,7 @@ def fake_quantize_file(
             )
             doc = manifest.to_json()
             doc["gguf_py_version"] = _gguf_version()
-            manifest_bytes = (json_dumps(doc, indent=2) + "\n").encode()
+            manifest_bytes = (codec.dumps(doc, indent=2) + "\n").encode()
             # the manifest is checked now so that a refusal comes before the model appears
             atomic.check_target(mpath, force=force, inputs=[src])
         # the model is published; its manifest follows, or the model goes again

@@ -15,13 +15,13 @@ import io
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from math import isfinite
+from math import isfinite, nan
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from ..storage import history
-from ..storage.record import Focus, StageRecord, as_float
+from ..storage.record import Focus, StageRecord
 from . import RunResults, StageResult
 
 _SIZE = (6.4, 3.4)
@@ -110,8 +110,8 @@ def per_layer_max_rel_error(r: StageResult, threshold: float | None = None) -> C
     if not any(t.changed for t in per_tensor):
         return Chart(key, title, None, "no element changed in any layer: nothing to compare")
     layers = [t.layer for t in per_tensor]
-    # None: an unchanged tensor, drawn at 0; a non-finite word plots as NaN/inf (no bar)
-    values = [0.0 if t.max_rel is None else as_float(t.max_rel) for t in per_tensor]
+    # None: an unchanged tensor, drawn at 0; NaN/inf draw no bar
+    values = [0.0 if t.max_rel is None else t.max_rel for t in per_tensor]
     fig = Figure(figsize=_SIZE)
     ax = fig.subplots()
     ax.bar(layers, values, color=TREATMENT, alpha=0.8, label="max relative error")
@@ -128,8 +128,8 @@ def per_layer_max_rel_error(r: StageResult, threshold: float | None = None) -> C
 
 def chunk_ppl(r: StageResult) -> Chart:
     b, t = r.record.baseline, r.record.treatment
-    base = [as_float(x) for x in (b.chunk_ppls if b is not None else ())]
-    treat = [as_float(x) for x in (t.chunk_ppls if t is not None else ())]
+    base = [nan if x is None else x for x in (b.chunk_ppls if b is not None else ())]
+    treat = [nan if x is None else x for x in (t.chunk_ppls if t is not None else ())]
     key, title = (
         chart_key(r.stage, r.model, "chunk-ppl"),
         "Per-chunk PPL, baseline vs fake-quantized",
@@ -184,7 +184,7 @@ def effect_vs_layers(results: Iterable[StageResult], model: str) -> tuple[Chart,
     for metric, label, pick, band_of, seed_of in _EFFECTS:
         key, title = chart_key(model, metric, "vs-layers"), f"{label} against quantized layers"
         pts = [(r.n_layers, pick(r.record.treatment), r) for r in rows]
-        pts = [(n, as_float(v), r) for n, v, r in pts if v is not None]
+        pts = [(n, v, r) for n, v, r in pts if v is not None]
         pts = sorted((p for p in pts if isfinite(p[1])), key=lambda p: p[0])
         if not pts:
             out.append(Chart(key, title, None, "no stage reached the perplexity run"))
@@ -194,7 +194,7 @@ def effect_vs_layers(results: Iterable[StageResult], model: str) -> tuple[Chart,
         placebos = [(n, r.record.placebo) for n, _, r in pts if r.record.placebo is not None]
         band = [(n, band_of(p)) for n, p in placebos if band_of(p) is not None]
         seeds = [(n, seed_of(run)) for n, p in placebos for run in p.runs]
-        seeds = [(n, as_float(v)) for n, v in seeds if v is not None]
+        seeds = [(n, v) for n, v in seeds if v is not None]
         seeds = [(n, v) for n, v in seeds if isfinite(v)]
         if seeds:
             ax.scatter(
@@ -284,10 +284,7 @@ _HISTORY: tuple[tuple[str, Callable, Callable, Callable], ...] = (
 
 
 def _finite(x) -> float | None:
-    if x is None:
-        return None
-    v = as_float(x)
-    return v if isfinite(v) else None
+    return x if x is not None and isfinite(x) else None
 
 
 def history_chart(

@@ -30,7 +30,7 @@ from ..experiment.regression import (
 )
 from ..experiment.stages import GATE_STAGE
 from ..figures import figure, sci
-from ..storage.record import Check, Command, Range, StageRecord, Standing, Versus, as_float
+from ..storage.record import Check, Command, Range, StageRecord, Standing, Versus
 from . import Decision, RunResults, StageResult, decisions
 
 MISSING = "—"  # the record holds None: not measured
@@ -39,16 +39,13 @@ MISSING = "—"  # the record holds None: not measured
 # --- formatting ------------------------------------------------------------------------------
 
 
-#: how a stored non-finite word reads: never a blank, which would mean "not measured"
-NONFINITE_TEXT = {"nan": "not a number", "inf": "+∞", "-inf": "−∞"}
-
-
-def text(x: float | int | str | None, spec: str, suffix: str = "", scale: float = 1.0) -> str:
-    """A stored number as people read it; MISSING when the record holds None."""
+def text(x: float | int | None, spec: str, suffix: str = "", scale: float = 1.0) -> str:
+    """A stored number as people read it; MISSING when the record holds None, and a value
+    that is not a number says so (never a blank, which would mean "not measured")."""
     if x is None:
         return MISSING
-    if isinstance(x, str):
-        return NONFINITE_TEXT.get(x, x)
+    if not math.isfinite(x):
+        return "not a number" if math.isnan(x) else ("+∞" if x > 0 else "−∞")
     return figure(x * scale if scale != 1.0 else x, spec) + suffix
 
 
@@ -67,7 +64,7 @@ def spread(values: Iterable[float | int | None], spec: str, suffix: str = "") ->
     vals = [v for v in values if v is not None]
     if not vals:
         return MISSING
-    return span(min(vals, key=as_float), max(vals, key=as_float), spec, suffix)
+    return span(min(vals), max(vals), spec, suffix)
 
 
 def limit(value: float | None, spec: str, *, op: str, scale: float = 1.0, suffix: str = "") -> str:
@@ -113,9 +110,7 @@ class TableCell:
 
     @property
     def data_value(self) -> str | None:
-        if self.value is None or isinstance(self.value, str):
-            return self.value
-        return repr(self.value)
+        return _value(self.value)
 
 
 EMPTY = TableCell()
@@ -170,11 +165,9 @@ def status_tone(status: str) -> str:
     return {"regressed": "worse", "identical": "better", "passed": "better"}.get(status, "same")
 
 
-def _value(x: float | str | None) -> str | None:
-    """A stored number for a data attribute: repr, the stored word, or None."""
-    if x is None or isinstance(x, str):
-        return x
-    return repr(x)
+def _value(x: float | None) -> str | None:
+    """A stored number for a data attribute: its repr ("nan", "inf", "-inf" as stored), or None."""
+    return None if x is None else repr(x)
 
 
 def change_text(m: MetricComparison) -> str:
@@ -182,14 +175,14 @@ def change_text(m: MetricComparison) -> str:
     (not for figures that are percentages themselves: ΔPPL %, same-top %)."""
     metric = METRICS.get(m.metric)
     d = m.change
-    if metric is None or d is None or isinstance(d, str) or not math.isfinite(d):
+    if metric is None or d is None or not math.isfinite(d):
         return m.shown.change
     if d == 0:
         return "0"
     show = metric.show
     out = ("+" if d > 0 else "−") + magnitude(show, d)
     pct = m.change_pct
-    if pct is not None and not isinstance(pct, str) and getattr(show, "suffix", "").strip() != "%":
+    if pct is not None and math.isfinite(pct) and getattr(show, "suffix", "").strip() != "%":
         out += f" ({pct:+.1f} %)".replace("-", "−")
     return out
 
@@ -805,8 +798,8 @@ def _interval(iv) -> str:
     if iv is None:
         return MISSING
     if iv.low is None or iv.high is None:
-        return sci(as_float(iv.estimate))
-    return f"{sci(as_float(iv.estimate))} [{sci(as_float(iv.low))}, {sci(as_float(iv.high))}]"
+        return sci(iv.estimate)
+    return f"{sci(iv.estimate)} [{sci(iv.low)}, {sci(iv.high)}]"
 
 
 def _answer(rec: StageRecord) -> Answer:
@@ -815,7 +808,7 @@ def _answer(rec: StageRecord) -> Answer:
     if res is not None and res.effect is not None:
         kld_text = _interval(res.effect)
     else:
-        kld_text = sci(as_float(kld.mean)) if kld is not None else MISSING
+        kld_text = sci(kld.mean) if kld is not None else MISSING
     placebo = MISSING
     if p is not None and p.kld_mean is not None:
         lo, hi = p.kld_mean.min, p.kld_mean.max
@@ -832,7 +825,7 @@ def _answer(rec: StageRecord) -> Answer:
         outcome=rec.outcome,
         kld=kld_text,
         placebo=placebo,
-        floor=sci(as_float(res.floor)) if res is not None and res.floor is not None else MISSING,
+        floor=sci(res.floor) if res is not None and res.floor is not None else MISSING,
         sentence=sentence,
         resolved=res.resolved if res is not None else None,
     )

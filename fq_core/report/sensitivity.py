@@ -18,7 +18,6 @@ reproduce). Written with fq_core.platform.atomic, each file replaced in one step
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from matplotlib.ticker import NullFormatter
 from ..experiment.sweep.analysis import Analysis, SweepRow
 from ..figures import sci
 from ..platform import atomic
-from ..storage.record import as_float
+from ..storage import codec
 from .charts import PLACEBO, TREATMENT, Chart, chart_key, figure_png
 from .render import render
 
@@ -49,8 +48,8 @@ def _iv(iv) -> str:
     if iv is None:
         return "—"
     if iv.low is None or iv.high is None:
-        return sci(as_float(iv.estimate))
-    return f"{sci(as_float(iv.estimate))} [{sci(as_float(iv.low))}, {sci(as_float(iv.high))}]"
+        return sci(iv.estimate)
+    return f"{sci(iv.estimate)} [{sci(iv.low)}, {sci(iv.high)}]"
 
 
 def _p(x: float | None) -> str:
@@ -87,22 +86,22 @@ class RowView:
 def row_view(r: SweepRow) -> RowView:
     rec = r.record
     res, t, num = rec.resolution, rec.treatment, rec.numeric
-    pl = [as_float(p.kld_mean) for p in rec.placebo if p.kld_mean is not None]
+    pl = [p.kld_mean for p in rec.placebo if p.kld_mean is not None]
     placebo = (
         (sci(min(pl)) if len(pl) == 1 or min(pl) == max(pl) else f"{sci(min(pl))} … {sci(max(pl))}")
         if pl
         else "—"
     )
-    ratio = as_float(res.ratio) if res is not None else math.nan
+    ratio = res.ratio if res is not None and res.ratio is not None else math.nan
     return RowView(
         id=rec.cell.id,
         rank=_rank(r),
         label=r.label,
         series=rec.cell.series,
         changed=f"{num.changed:,}/{num.n_elements:,}" if num else "—",
-        effect=_iv(res.effect) if res and res.effect else (sci(as_float(t.kld_mean)) if t else "—"),
+        effect=_iv(res.effect) if res and res.effect else (sci(t.kld_mean) if t else "—"),
         placebo=placebo,
-        floor=sci(as_float(res.floor)) if res is not None and res.floor is not None else "—",
+        floor=sci(res.floor) if res is not None and res.floor is not None else "—",
         excess=_iv(res.excess) if res else "—",
         ratio=f"{ratio:.2f}×" if math.isfinite(ratio) else "—",
         p=_p(rec.p_value),
@@ -128,7 +127,7 @@ class GroupView:
 
 def _value(r: SweepRow) -> float:
     t = r.record.treatment
-    return as_float(t.kld_mean) if t is not None else math.nan
+    return math.nan if t is None or t.kld_mean is None else t.kld_mean
 
 
 def heatmap(key: str, title: str, rows: Sequence[SweepRow]) -> Chart:
@@ -154,7 +153,7 @@ def heatmap(key: str, title: str, rows: Sequence[SweepRow]) -> Chart:
         res = r.record.resolution
         v = _value(r)
         effect[i, j] = v if v > 0 else np.nan
-        rt = as_float(res.ratio) if res is not None and res.ratio is not None else math.nan
+        rt = res.ratio if res is not None and res.ratio is not None else math.nan
         ratio[i, j] = rt if rt > 0 else np.nan
         if r.record.treatment is not None and r.record.treatment.identical:
             marks.append((i, j, "="))
@@ -192,7 +191,7 @@ def heatmap(key: str, title: str, rows: Sequence[SweepRow]) -> Chart:
 def _band(ax, xs, rows: Sequence[SweepRow]) -> None:
     lows, highs = [], []
     for r in rows:
-        vals = [as_float(p.kld_mean) for p in r.record.placebo if p.kld_mean is not None]
+        vals = [p.kld_mean for p in r.record.placebo if p.kld_mean is not None]
         vals = [v for v in vals if math.isfinite(v)]
         lows.append(min(vals) if vals else math.nan)
         highs.append(max(vals) if vals else math.nan)
@@ -210,8 +209,8 @@ def _errorbars(ax, xs, rows: Sequence[SweepRow], label: str) -> None:
         res = r.record.resolution
         v = _value(r)
         iv = res.effect if res is not None else None
-        low = as_float(iv.low) if iv is not None and iv.low is not None else v
-        high = as_float(iv.high) if iv is not None and iv.high is not None else v
+        low = iv.low if iv is not None and iv.low is not None else v
+        high = iv.high if iv is not None and iv.high is not None else v
         ys.append(v)
         lo.append(max(0.0, v - low))
         hi.append(max(0.0, high - v))
@@ -231,7 +230,7 @@ def _errorbars(ax, xs, rows: Sequence[SweepRow], label: str) -> None:
 
 def _scale(ax, rows: Sequence[SweepRow]) -> None:
     vals = [_value(r) for r in rows] + [
-        as_float(p.kld_mean) for r in rows for p in r.record.placebo if p.kld_mean is not None
+        p.kld_mean for r in rows for p in r.record.placebo if p.kld_mean is not None
     ]
     vals = [v for v in vals if math.isfinite(v) and v > 0]
     if vals and max(vals) / min(vals) > 30:
@@ -244,9 +243,9 @@ def _excess_panel(ax, xs, rows: Sequence[SweepRow]) -> None:
     ys, lo, hi = [], [], []
     for r in rows:
         iv = r.record.resolution.excess if r.record.resolution is not None else None
-        v = as_float(iv.estimate) if iv is not None else math.nan
-        low = as_float(iv.low) if iv is not None and iv.low is not None else v
-        high = as_float(iv.high) if iv is not None and iv.high is not None else v
+        v = iv.estimate if iv is not None and iv.estimate is not None else math.nan
+        low = iv.low if iv is not None and iv.low is not None else v
+        high = iv.high if iv is not None and iv.high is not None else v
         ys.append(v)
         lo.append(max(0.0, v - low) if math.isfinite(v) else 0.0)
         hi.append(max(0.0, high - v) if math.isfinite(v) else 0.0)
@@ -407,10 +406,9 @@ def render_files(analysis: Analysis) -> dict[str, bytes]:
     files = {f"{CHARTS}/{c.key}.png": c.png for g in groups for c in g.charts if c.png}
     files[HTML] = render("sensitivity.html.j2", **ctx).encode("utf-8")
     files[MARKDOWN] = render("sensitivity.md.j2", links=links, **ctx).encode("utf-8")
-    files[NUMBERS] = (
-        json.dumps(analysis.to_json(), indent=1, ensure_ascii=False, allow_nan=False, default=str)
-        + "\n"
-    ).encode("utf-8")
+    files[NUMBERS] = (codec.dumps(analysis.to_json(), indent=1, ensure_ascii=False) + "\n").encode(
+        "utf-8"
+    )
     return files
 
 

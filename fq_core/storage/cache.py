@@ -28,7 +28,7 @@ from filelock import FileLock
 from .. import __version__
 from ..platform import hashing, progress
 from ..platform.paths import cache_dir
-from . import results
+from . import codec, results
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def verified(
             move_aside(kind, key, rejected)
         folder.mkdir(parents=True, exist_ok=True)
         measured_at = results.utc_now()
-        payload = results.jsonable(compute(folder))
+        payload = codec.to_builtins(compute(folder))
         listed = {}
         for fname in files:
             fpath = folder / fname

@@ -13,10 +13,12 @@ from typing import Any
 import msgspec
 
 from ..errors import BadInput
-from . import results
+from . import codec, results
 from .identity import Identity, MachineInfo
-from .record import Num, Resolution
-from .record import as_float as _f
+from .record import Resolution
+
+#: None: not measured; NaN and ±Inf stay floats (storage.codec turns them into words in JSON)
+Num = float | None
 
 CELL_SCHEMA = 1
 SWEEP_DIR = "sweep"
@@ -111,7 +113,7 @@ class CellRecord(_Part, kw_only=True):
     @property
     def effect(self) -> float:
         t = self.treatment
-        return _f(t.kld_mean) if t is not None else math.nan
+        return math.nan if t is None or t.kld_mean is None else t.kld_mean
 
 
 def read_cell(path: str | Path) -> CellRecord:
@@ -131,7 +133,7 @@ def read_cell(path: str | Path) -> CellRecord:
     if data.get("machine") == {}:  # the default before MachineInfo: nothing was recorded
         data["machine"] = None
     try:
-        return msgspec.convert(data, CellRecord)
+        return codec.convert(data, CellRecord)
     except msgspec.ValidationError as exc:
         raise BadInput(f"{path}: {exc}") from exc
 
@@ -145,8 +147,7 @@ def cell_path(run_id: str, cell_id: str, root=None) -> Path:
 
 def save_cell(rec: CellRecord, root=None) -> Path:
     path = cell_path(rec.run_id, rec.cell.id, root)
-    data = results.jsonable(msgspec.to_builtins(rec), words=True)
-    text = msgspec.json.format(msgspec.json.encode(data), indent=2) + b"\n"
+    text = codec.encode(rec, indent=2) + b"\n"
     with results.lock_for(path):
         results.write_bytes_atomic(path, text)
     return path

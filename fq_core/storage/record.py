@@ -13,7 +13,6 @@ fq_core.storage.results stores it; everything else renders it.
 from __future__ import annotations
 
 import enum
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +21,7 @@ import msgspec
 
 from ..definitions.settings import default
 from ..errors import BadInput
-from ..figures import nonfinite_as_words
+from . import codec
 from .identity import MachineInfo
 
 #: Version of the stored layout. 1: checks said `asserted`, report-only checks were "passed".
@@ -31,10 +30,6 @@ from .identity import MachineInfo
 SCHEMA = 4
 
 Status = Literal["passed", "failed", "reported", "skipped", "error"]
-#: A measured number. JSON has no NaN or infinity, and null means "not measured", so a value
-#: that is not a number is stored as one of these words and shown as such, never as a blank.
-NonFinite = Literal["nan", "inf", "-inf"]
-Num = float | NonFinite | None
 Outcome = Literal["running", "passed", "failed", "skipped"]
 #: Which model a stage measured: the quantized file as deployed, or its float twin (every
 #: quantized tensor dequantized), where no activation rounding hides the intrinsic effect.
@@ -124,11 +119,11 @@ class Check(_Part, kw_only=True):
 
     status: Status
     detail: str  # one line: the test's message and the report's text
-    value: Num = None
-    threshold: Num = None
+    value: float | None = None
+    threshold: float | None = None
     gates: bool = True  # decides the stage outcome, the gate and the pytest outcome
-    same_top: Num = None  # kld: the second measured value and its limit
-    same_top_threshold: Num = None
+    same_top: float | None = None  # kld: the second measured value and its limit
+    same_top_threshold: float | None = None
     changed_bytes: int | None = None  # quantize
 
 
@@ -137,21 +132,21 @@ class TensorError(_Part, kw_only=True):
     layer: int | None
     changed: int
     n_elements: int
-    max_abs: Num
-    mean_abs: Num
-    max_rel: Num
-    mean_rel: Num
+    max_abs: float | None
+    mean_abs: float | None
+    max_rel: float | None
+    mean_rel: float | None
     n_nonfinite: int = 0  # pairs with NaN or ±Inf on either side
     n_became_nonfinite: int = 0  # finite values the conversion made NaN or ±Inf
 
 
 class Distribution(_Part, kw_only=True):
     n: int
-    mean: Num
-    std: Num
-    min: Num
-    max: Num
-    percentiles: dict[str, Num]
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    percentiles: dict[str, float | None]
     n_nonfinite: int = 0
 
 
@@ -174,11 +169,11 @@ class Numeric(_Part, kw_only=True):
     n_tensors: int
     n_elements: int
     changed: int
-    max_abs: Num
-    mean_abs: Num
-    max_rel: Num
-    mean_rel: Num
-    max_ulp_bf16: Num = None
+    max_abs: float | None
+    mean_abs: float | None
+    max_rel: float | None
+    mean_rel: float | None
+    max_ulp_bf16: float | None = None
     n_nonfinite: int = 0  # pairs with NaN or ±Inf on either side, all tensors
     n_became_nonfinite: int = 0  # finite values the conversion made NaN or ±Inf
     summary: str
@@ -191,35 +186,35 @@ class GenerationInfo(_Part, kw_only=True):
     chat: bool
     text: str
     n_tokens: int
-    tokens_per_s: Num
+    tokens_per_s: float | None
     tool: str | None = None
 
 
 class Baseline(_Part, kw_only=True):
-    ppl: Num
-    ppl_err: Num
-    chunk_ppls: tuple[Num, ...]
+    ppl: float | None
+    ppl_err: float | None
+    chunk_ppls: tuple[float | None, ...]
     n_chunks: int
-    tokens_per_s: Num
-    load_time_ms: Num
+    tokens_per_s: float | None
+    load_time_ms: float | None
     generations: tuple[GenerationInfo, ...]
     cached: bool | None = None
     key: str | None = None
 
 
 class KLD(_Part, kw_only=True):
-    mean: Num
-    mean_err: Num = None
-    median: Num = None
-    p90: Num = None
-    p99: Num = None
-    max: Num = None
-    same_top_pct: Num = None
-    same_top_err: Num = None
-    rms_dp_pct: Num = None
-    p999: Num = None
-    ppl_ratio: Num = None
-    chunk_means: tuple[Num, ...] = ()  # each chunk's own mean KLD (paired intervals)
+    mean: float | None
+    mean_err: float | None = None
+    median: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    max: float | None = None
+    same_top_pct: float | None = None
+    same_top_err: float | None = None
+    rms_dp_pct: float | None = None
+    p999: float | None = None
+    ppl_ratio: float | None = None
+    chunk_means: tuple[float | None, ...] = ()  # each chunk's own mean KLD (paired intervals)
     exact: bool = False  # full-precision logits, not llama-perplexity's 16-bit base file
 
 
@@ -227,29 +222,29 @@ class PromptAgreement(_Part, kw_only=True):
     prompt: str
     chat: bool
     same_text: bool
-    token_agreement: Num
+    token_agreement: float | None
     first_divergence: int | None
 
 
 class Agreement(_Part, kw_only=True):
-    token_agreement: Num
+    token_agreement: float | None
     first_divergence: int | None
     per_prompt: tuple[PromptAgreement, ...]
 
 
 class Treatment(_Part, kw_only=True):
-    ppl: Num
-    ppl_err: Num
-    chunk_ppls: tuple[Num, ...]
-    delta_ppl: Num
-    delta_ppl_pct: Num
-    delta_ppl_pct_err: Num
+    ppl: float | None
+    ppl_err: float | None
+    chunk_ppls: tuple[float | None, ...]
+    delta_ppl: float | None
+    delta_ppl_pct: float | None
+    delta_ppl_pct_err: float | None
     kld: KLD | None
-    tokens_per_s: Num
-    speed_ratio: Num
-    gen_tokens_per_s: Num
-    baseline_gen_tokens_per_s: Num
-    load_time_ms: Num
+    tokens_per_s: float | None
+    speed_ratio: float | None
+    gen_tokens_per_s: float | None
+    baseline_gen_tokens_per_s: float | None
+    load_time_ms: float | None
     generations: tuple[GenerationInfo, ...]
     agreement: Agreement | None
     identical_to_baseline: bool = False  # byte-identical file: no llama.cpp run was needed
@@ -284,12 +279,12 @@ class PlaceboRun(_Part, kw_only=True):
     manifest: str
     changed: int
     n_elements: int
-    ppl: Num
-    ppl_err: Num
-    delta_ppl_pct: Num
-    delta_ppl_pct_err: Num
-    kld_mean: Num
-    same_top_pct: Num
+    ppl: float | None
+    ppl_err: float | None
+    delta_ppl_pct: float | None
+    delta_ppl_pct_err: float | None
+    kld_mean: float | None
+    same_top_pct: float | None
     kld: KLD | None
     cached: bool | None = None
 
@@ -336,7 +331,7 @@ class Placebo(_Part, kw_only=True):
     kld_mean: Range | None
     delta_ppl_pct: Range | None
     same_top_pct: Range | None
-    kld_ratio: Num
+    kld_ratio: float | None
     verdict: str
     compared: PlaceboComparison | None = None
 
@@ -351,9 +346,9 @@ class TwinInfo(_Part, kw_only=True):
 
 
 class Interval(_Part, kw_only=True):
-    estimate: Num
-    low: Num
-    high: Num
+    estimate: float | None
+    low: float | None
+    high: float | None
     level: float = 0.95
     n: int  # resampled units (chunks)
     method: str  # e.g. "bootstrap over 8 chunks, paired, BCa"
@@ -368,11 +363,11 @@ class Resolution(_Part, kw_only=True):
 
     metric: str  # "kld"
     engine: str  # how it was measured, in words
-    floor: Num  # the largest placebo's mean KLD: what "no effect" measures here
+    floor: float | None  # the largest placebo's mean KLD: what "no effect" measures here
     floor_detail: str
     effect: Interval | None = None  # the treatment's mean, with its interval
     excess: Interval | None = None  # treatment − mean of the placebos, paired per chunk
-    ratio: Num = None  # effect / floor
+    ratio: float | None = None  # effect / floor
     resolved: bool | None = None  # the excess interval lies above zero
     sentence: str  # the one sentence the report prints
 
@@ -427,37 +422,23 @@ class _Version(msgspec.Struct):
     schema: int
 
 
-_ENCODER = msgspec.json.Encoder()
-
-
 def to_builtins(record: StageRecord) -> dict:
-    return msgspec.to_builtins(record)
-
-
-def as_float(value: float | str | None) -> float:
-    """A stored number for arithmetic and plotting: None and "nan" are NaN."""
-    if value is None:
-        return math.nan
-    if isinstance(value, str):
-        return {"inf": math.inf, "-inf": -math.inf}.get(value, math.nan)
-    return float(value)
+    return codec.to_builtins(record)
 
 
 def encode(record: StageRecord) -> bytes:
     """Pretty JSON (people read these files); NaN/Inf stored as words, not as null."""
-    data = nonfinite_as_words(msgspec.to_builtins(record))
-    return msgspec.json.format(_ENCODER.encode(data), indent=2) + b"\n"
+    return codec.encode(record, indent=2) + b"\n"
 
 
 def from_builtins(data: Any, *, source: str = "record") -> StageRecord:
-    """Validate plain data (what the protocol builds) into a record; BadInput names the field."""
+    """Validate plain data (a stored record) into a record; BadInput names the field."""
     try:
         version = msgspec.convert(data, _Version).schema
     except msgspec.ValidationError as exc:
         raise BadInput(f"{source}: not a stage record: {exc}") from exc
-    data = nonfinite_as_words(_upgrade(data, version, source))
     try:
-        return msgspec.convert(data, StageRecord)
+        return codec.convert(_upgrade(data, version, source), StageRecord)
     except msgspec.ValidationError as exc:
         raise BadInput(f"{source}: {exc}") from exc
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import secrets
 from collections.abc import Iterator, Mapping
@@ -23,10 +22,9 @@ from typing import Any
 from filelock import FileLock
 
 from ..errors import BadInput
-from ..figures import nonfinite_as_words
 from ..platform import atomic
 from ..platform.paths import results_dir
-from . import record
+from . import codec, record
 from .identity import Identity
 
 SCHEMA = record.SCHEMA
@@ -74,22 +72,6 @@ def lock_for(path: str | os.PathLike[str], timeout: float = -1) -> FileLock:
     return FileLock(str(path) + ".lock", timeout=timeout)
 
 
-def jsonable(value: Any, *, words: bool = False) -> Any:
-    """NaN/Inf are not JSON: null in caches, or (``words``, for records) "nan"/"inf"/"-inf"
-    so that a stored result says "not a number" instead of looking unmeasured."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return nonfinite_as_words(value) if words else None
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v, words=words) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v, words=words) for v in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return jsonable(value.item(), words=words)
-    return value
-
-
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Replace a store file atomically (fq_core.platform.atomic: temp beside it, one rename)."""
     path = Path(path)
@@ -98,8 +80,8 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Any JSON-able value, atomically; NaN/Inf become null (JSON has neither)."""
-    text = json.dumps(jsonable(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    """Any JSON-able value, atomically; NaN/Inf as words (fq_core.storage.codec)."""
+    text = codec.dumps(data, indent=2, ensure_ascii=False) + "\n"
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
@@ -120,7 +102,7 @@ def save_result(
         rec = data
     else:
         where = f"result {data.get('stage')}/{(data.get('model') or {}).get('name')}"
-        rec = record.from_builtins(jsonable(data, words=True), source=where)
+        rec = record.from_builtins(codec.to_builtins(data), source=where)
     path = result_path(rec.run_id, rec.stage, rec.case, root)
     with lock_for(path):
         write_bytes_atomic(path, record.encode(rec))
@@ -159,7 +141,7 @@ def latest_run_id(root: str | os.PathLike[str] | None = None) -> str | None:
 
 
 def canonical_json(data: Any) -> str:
-    return json.dumps(jsonable(data), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return codec.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 # --- the gate record -------------------------------------------------------------------------

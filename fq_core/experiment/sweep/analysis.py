@@ -21,7 +21,6 @@ from ...measurement.selection import format_layers
 from ...storage.cell_record import CELLS_DIR, SWEEP_DIR, CellInfo, CellRecord, read_cell
 from ...storage.identity import Identity
 from ...storage.record import VARIANTS, Interval
-from ...storage.record import as_float as _f
 from .plan import Cell, sort_key
 
 Q_DEFAULT = default("fq_sweep_fdr")  # Benjamini–Hochberg false discovery rate
@@ -244,9 +243,9 @@ def _rank_ranges(rows: Sequence[SweepRow]) -> dict[str, tuple[int, int]]:
     ivs = {}
     for r in rows:
         iv = r.interval
-        est = _f(iv.estimate) if iv is not None else math.nan
-        lo = _f(iv.low) if iv is not None and iv.low is not None else est
-        hi = _f(iv.high) if iv is not None and iv.high is not None else est
+        est = iv.estimate if iv is not None and iv.estimate is not None else math.nan
+        lo = iv.low if iv is not None and iv.low is not None else est
+        hi = iv.high if iv is not None and iv.high is not None else est
         ivs[r.cell.id] = (lo, hi)
     n = len(rows)
     out = {}
@@ -352,7 +351,7 @@ def analyze(
 
 
 def _safe(iv: Interval | None) -> float:
-    x = _f(iv.estimate) if iv is not None else math.nan
+    x = iv.estimate if iv is not None and iv.estimate is not None else math.nan
     return x if math.isfinite(x) else -math.inf
 
 

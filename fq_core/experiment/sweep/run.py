@@ -19,7 +19,6 @@ mean KLD) and a one-sided p-value from a one-sample t-test on those per-chunk di
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -30,7 +29,7 @@ import msgspec
 
 from ... import __version__
 from ...errors import FqError
-from ...storage import cache, results
+from ...storage import cache, codec, results
 from ...storage.cell_record import (
     CELL_SCHEMA,
     CellInfo,
@@ -39,11 +38,11 @@ from ...storage.cell_record import (
     CellRecord,
     CellTiming,
     CellTreatment,
+    Num,
     save_cell,
 )
 from ...storage.identity import Identity, machine_info
-from ...storage.record import Num, Resolution
-from ...storage.record import as_float as _f
+from ...storage.record import Resolution
 
 if TYPE_CHECKING:
     from ...measurement.llama.tools import LlamaTools
@@ -168,8 +167,7 @@ class _CellMeasurement(msgspec.Struct):
 
 
 def _cell_measurement(payload: dict) -> dict:
-    msgspec.convert(payload, _CellMeasurement)
-    return payload
+    return dict(payload, **msgspec.structs.asdict(codec.convert(payload, _CellMeasurement)))
 
 
 def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
@@ -225,14 +223,12 @@ def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
         "mean_rel": t.mean_rel,
         "n_became_nonfinite": t.n_became_nonfinite,
         "identical": identical,
-        "kld_mean": 0.0 if identical else (kld.mean_kld if kld else None),
+        "kld_mean": 0.0 if identical else (kld.mean if kld else None),
         "chunk_klds": (
-            [0.0] * len(base.chunk_ppls)
-            if identical
-            else list(getattr(kld, "chunk_klds", ()) or ())
+            [0.0] * len(base.chunk_ppls) if identical else list(kld.chunk_means if kld else ())
         ),
         "same_top_pct": 100.0 if identical else (kld.same_top_pct if kld else None),
-        "kld": None if identical else protocol.kld_json(kld),
+        "kld": None if identical else kld,
         "chunk_ppls": list(ppl.chunk_ppls),
         "ppl": ppl.ppl,
         "baseline_ppl": base.ppl,
@@ -257,11 +253,11 @@ def p_value(
     over dozens of cells would need; chunk means of ~255 token KLDs are close to normal."""
     import numpy as np
 
-    runs = [[_f(v) for v in p] for p in placebo_chunks if p]
-    t = [_f(v) for v in treatment_chunks]
+    runs = [list(p) for p in placebo_chunks if p]
+    t = list(treatment_chunks)
     if len(t) < 2 or not runs or any(len(r) != len(t) for r in runs):
         return None
-    d = np.asarray(t) - np.nanmean(np.asarray(runs, dtype=np.float64), axis=0)
+    d = np.asarray(t, dtype=np.float64) - np.nanmean(np.asarray(runs, dtype=np.float64), axis=0)
     d = d[np.isfinite(d)]
     if d.size < 2:
         return None
@@ -295,7 +291,6 @@ def cell_statistics(
         label=protocol.VARIANT_WORDS.get(variant, variant),
     )
     res = stats.resolution(**kw)  # placebos of KLD 0 (Gemma3's last layers): floor 0, no ratio
-    res = msgspec.convert(results.jsonable(msgspec.to_builtins(res), words=True), Resolution)
     p = None if identical else p_value(treatment_chunks, [p.chunk_klds for p in placebos])
     return res, p
 
@@ -415,25 +410,23 @@ def run_cell(
             tensors=tuple(meas["tensors"]),
             n_elements=meas["n_elements"],
             changed=meas["changed"],
-            max_abs=_num(meas["max_abs"]),
-            max_rel=_num(meas["max_rel"]),
-            mean_rel=_num(meas["mean_rel"]),
+            max_abs=meas["max_abs"],
+            max_rel=meas["max_rel"],
+            mean_rel=meas["mean_rel"],
             n_became_nonfinite=meas.get("n_became_nonfinite", 0),
         ),
         treatment=CellTreatment(
             identical=meas["identical"],
-            kld_mean=_num(meas["kld_mean"]),
-            chunk_klds=tuple(_num(v) for v in meas["chunk_klds"]),
-            same_top_pct=_num(meas["same_top_pct"]),
-            ppl=_num(meas["ppl"]),
-            baseline_ppl=_num(meas["baseline_ppl"]),
-            delta_ppl_pct=_num(meas["delta_ppl_pct"]),
-            delta_ppl_pct_err=_num(meas["delta_ppl_pct_err"]),
+            kld_mean=meas["kld_mean"],
+            chunk_klds=tuple(meas["chunk_klds"]),
+            same_top_pct=meas["same_top_pct"],
+            ppl=meas["ppl"],
+            baseline_ppl=meas["baseline_ppl"],
+            delta_ppl_pct=meas["delta_ppl_pct"],
+            delta_ppl_pct_err=meas["delta_ppl_pct_err"],
         ),
         placebo=tuple(placebos),
-        resolution=msgspec.convert(
-            results.jsonable(msgspec.to_builtins(res), words=True), Resolution
-        ),
+        resolution=res,
         p_value=p,
         cached=hit,
         measured_at=entry.measured_at,
@@ -450,12 +443,3 @@ def run_cell(
     )
     save_cell(rec, ctx.results_root)
     return rec
-
-
-def _num(x):
-    if x is None:
-        return None
-    if isinstance(x, str):
-        return x
-    x = float(x)
-    return x if math.isfinite(x) else ("nan" if x != x else ("inf" if x > 0 else "-inf"))

@@ -12,13 +12,15 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import LlamaFailed
 from ...platform import progress
 from ...platform.commands import CommandRecord, run_logged
 from ...platform.paths import logs_dir
+from ...storage import codec
+from ...storage.record import KLD
 from . import parse
 
 __all__ = ["CommandRecord", "run_logged"]  # re-exported: callers that drive llama.cpp
@@ -58,46 +60,6 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class KLDStats:
-    """llama-perplexity's 'KL divergence statistics' (and its PPL ratio and Δp lines)."""
-
-    mean_kld: float
-    mean_kld_err: float | None
-    median_kld: float | None
-    p90_kld: float | None
-    p99_kld: float | None
-    p999_kld: float | None
-    max_kld: float | None
-    same_top_pct: float
-    same_top_err: float | None
-    rms_dp_pct: float | None
-    rms_dp_err: float | None
-    ppl_ratio: float | None  # Mean PPL(Q)/PPL(base) as llama.cpp computes it
-    ppl_ratio_err: float | None
-    mean_ppl_q: float | None
-    raw: dict  # every "name: value ± err" line, as parsed
-    # mean KLD of each chunk on its own (paired bootstrap intervals need per-chunk values)
-    chunk_klds: tuple[float, ...] = ()
-    # full-precision logits (llama.logits) instead of llama-perplexity's 16-bit base
-    exact: bool = False
-
-    def to_json(self) -> dict:
-        return {
-            "mean": self.mean_kld,
-            "mean_err": self.mean_kld_err,
-            "median": self.median_kld,
-            "p90": self.p90_kld,
-            "p99": self.p99_kld,
-            "p999": self.p999_kld,
-            "max": self.max_kld,
-            "same_top_pct": self.same_top_pct,
-            "same_top_err": self.same_top_err,
-            "rms_dp_pct": self.rms_dp_pct,
-            "ppl_ratio": self.ppl_ratio,
-        }
-
-
-@dataclass(frozen=True)
 class PerplexityResult:
     ppl: float
     ppl_err: float
@@ -105,7 +67,7 @@ class PerplexityResult:
     n_chunks: int
     ctx: int
     tokens_per_s: float | None
-    kld: KLDStats | None
+    kld: KLD | None  # the record's own type: what llama.cpp measured is what is stored
     command: CommandRecord
     # the exact engine's result document (its per-token arrays: logits.per_token_path(details))
     details: Path | None = None
@@ -118,33 +80,29 @@ class PerplexityResult:
             "n_chunks": self.n_chunks,
             "ctx": self.ctx,
             "tokens_per_s": self.tokens_per_s,
-            "kld": self.kld.to_json() if self.kld else None,
+            "kld": codec.to_builtins(self.kld),
         }
 
 
-def _kld_stats(block: dict) -> KLDStats:
+def _kld_stats(block: dict, chunk_means: tuple[float, ...]) -> KLD:
+    """llama-perplexity's 'KL divergence statistics' (and its PPL ratio and Δp lines)."""
+
     def v(key):
         return block[key][0] if key in block else None
 
-    def e(key):
-        return block[key][1] if key in block else None
-
-    return KLDStats(
-        mean_kld=block["Mean KLD"][0],
-        mean_kld_err=e("Mean KLD"),
-        median_kld=v("Median KLD"),
-        p90_kld=v("90.0% KLD"),
-        p99_kld=v("99.0% KLD"),
-        p999_kld=v("99.9% KLD"),
-        max_kld=v("Maximum KLD"),
+    return KLD(
+        mean=block["Mean KLD"][0],
+        mean_err=block["Mean KLD"][1],
+        median=v("Median KLD"),
+        p90=v("90.0% KLD"),
+        p99=v("99.0% KLD"),
+        p999=v("99.9% KLD"),
+        max=v("Maximum KLD"),
         same_top_pct=block["Same top p"][0],
-        same_top_err=e("Same top p"),
+        same_top_err=block["Same top p"][1],
         rms_dp_pct=v("RMS Δp"),
-        rms_dp_err=e("RMS Δp"),
         ppl_ratio=v("Mean PPL(Q)/PPL(base)"),
-        ppl_ratio_err=e("Mean PPL(Q)/PPL(base)"),
-        mean_ppl_q=v("Mean PPL(Q)"),
-        raw={k: list(val) for k, val in block.items()},
+        chunk_means=chunk_means,
     )
 
 
@@ -176,42 +134,21 @@ def _chunk_watch(parser=None) -> Callable[..., None]:
     return watch
 
 
-def _exact_kld_stats(k: dict) -> KLDStats:
-    """KLDStats from the exact engine's "kld" block (llama.logits.kld_summary)."""
-    pair = lambda v, e: [k[v], k.get(e)]  # noqa: E731
-    raw = {
-        "Mean PPL(Q)": pair("ppl_q", "ppl_q_err"),
-        "Mean PPL(base)": pair("ppl_base", "ppl_base_err"),
-        "Mean ln(PPL(Q)/PPL(base))": pair("ln_ppl_ratio", "ln_ppl_ratio_err"),
-        "Mean PPL(Q)/PPL(base)": pair("ppl_ratio", "ppl_ratio_err"),
-        "Mean KLD": pair("mean", "mean_err"),
-        "Maximum KLD": [k["max"], None],
-        "99.9% KLD": [k["p999"], None],
-        "99.0% KLD": [k["p99"], None],
-        "90.0% KLD": [k["p90"], None],
-        "Median KLD": [k["median"], None],
-        "Minimum KLD": [k["min"], None],
-        "Mean Δp": pair("mean_dp_pct", "mean_dp_err"),
-        "RMS Δp": pair("rms_dp_pct", "rms_dp_err"),
-        "Same top p": pair("same_top_pct", "same_top_err"),
-    }
-    return KLDStats(
-        mean_kld=k["mean"],
-        mean_kld_err=k["mean_err"],
-        median_kld=k["median"],
-        p90_kld=k["p90"],
-        p99_kld=k["p99"],
-        p999_kld=k["p999"],
-        max_kld=k["max"],
+def _exact_kld_stats(k: dict) -> KLD:
+    """The exact engine's "kld" block (llama.logits.kld_summary) as the record's KLD."""
+    return KLD(
+        mean=k["mean"],
+        mean_err=k["mean_err"],
+        median=k["median"],
+        p90=k["p90"],
+        p99=k["p99"],
+        p999=k["p999"],
+        max=k["max"],
         same_top_pct=k["same_top_pct"],
         same_top_err=k["same_top_err"],
         rms_dp_pct=k["rms_dp_pct"],
-        rms_dp_err=k["rms_dp_err"],
         ppl_ratio=k["ppl_ratio"],
-        ppl_ratio_err=k["ppl_ratio_err"],
-        mean_ppl_q=k["ppl_q"],
-        raw=raw,
-        chunk_klds=tuple(k["chunk_klds"]),
+        chunk_means=tuple(k["chunk_klds"]),
         exact=True,
     )
 
@@ -404,7 +341,7 @@ class LlamaRunner:
     ) -> PerplexityResult:
         """`perplexity` by the exact engine (fq_core.measurement.llama.logits, llama.cpp's library
         in a logged subprocess): kl_base saves the raw float32 logits (.npy + .meta.json),
-        kl_against compares with them exactly (KLDStats.exact, chunk_klds)."""
+        kl_against compares with them exactly (KLD.exact, chunk_means)."""
         from . import logits as engine  # numpy only; the bindings load in the subprocess
 
         if kl_base is not None and kl_against is not None:
@@ -503,7 +440,7 @@ class LlamaRunner:
             block = parse.parse_kld_block(out)
             if block is None or "Mean KLD" not in block or "Same top p" not in block:
                 raise self.failure(rec, "printed no KL divergence statistics")
-            kld_stats = replace(_kld_stats(block), chunk_klds=parse.parse_kld_chunk_klds(out))
+            kld_stats = _kld_stats(block, parse.parse_kld_chunk_klds(out))
             if "Mean PPL(Q)" not in block:
                 raise self.failure(rec, "printed no Mean PPL(Q)")
             ppl, ppl_err = block["Mean PPL(Q)"]
