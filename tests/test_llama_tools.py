@@ -13,7 +13,6 @@ import pytest
 from fq_core.errors import ToolMissing
 from fq_core.measurement.llama import tools as T
 from fq_core.platform.hashing import sha256_file
-from fq_core.storage.identity import Identity
 
 
 @pytest.fixture(scope="module")
