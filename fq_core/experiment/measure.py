@@ -141,13 +141,13 @@ class Treated(msgspec.Struct, frozen=True, kw_only=True):
 
 @dataclass(frozen=True)
 class Treatment:
-    """`figures`, and for a stage the full evaluation behind them (load, generations)."""
+    """`figures`, and for a stage the full evaluation behind them (load, generations; its
+    `model` is the treated file)."""
 
     figures: Treated
     evaluation: ModelEvaluation | None = None  # a stage's; None for a cell
     comparison: EvalComparison | None = None
     entry: cache.Entry | None = None  # its cache entry; None when identical (nothing ran)
-    manifest: patch.Manifest | None = None  # a stage's (the cell's may come from the cache)
 
 
 @dataclass(frozen=True)
@@ -300,7 +300,7 @@ def _full_treatment(
         commands = commands_json("treatment", ev.commands(), cached=entry.hit)
     cmp = ev_mod.compare(baseline, ev)
     figures = _figures(quantized_of(manifest), identical, baseline, ev, cmp, commands)
-    return Treatment(figures, ev, cmp, entry, manifest)
+    return Treatment(figures, ev, cmp, entry)
 
 
 def target_key(

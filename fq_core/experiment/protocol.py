@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -574,14 +573,8 @@ class _Stage(Steps):
                 "skipped", "not run: the file is byte-identical to the baseline", gates=False
             )
         else:
-            treated_ref = replace(
-                self.measured,
-                name=f"{self.measured.name}+{self.exp.fmt}",
-                path=self.dst,
-                sha256=f.quantized.output_sha256,
-            )
             speed, ratio, runs = _speed(
-                self.ctx, self.exp, (self.measured, treated_ref), baseline, ev, hit
+                self.ctx, self.exp, (self.measured, ev.model), baseline, ev, hit
             )
             found["speed"] = speed
             treatment = replace_(treatment, speed_ratio=ratio)
