@@ -29,7 +29,16 @@ from ..storage import record, results
 from ..storage.identity import machine_info
 from ..storage.record import Check, StageRecord
 from . import checks
-from .measure import ENGINE_WORDS, VARIANT_WORDS, Steps, Target, Treatment, error_line, measure
+from .measure import (
+    ENGINE_WORDS,
+    VARIANT_WORDS,
+    Steps,
+    Target,
+    Treatment,
+    commands_json,
+    error_line,
+    measure,
+)
 from .stages import CHECKS, GATE_STAGE, Context, Experiment, Stage
 
 if TYPE_CHECKING:
@@ -526,7 +535,7 @@ class _Stage(Steps):
         self.add(
             commands=[
                 dict(c, cached=baseline.cached)
-                for c in _command_rows("baseline", baseline.commands())
+                for c in commands_json("baseline", baseline.commands())
             ],
             cache=[baseline.provenance],
         )
@@ -537,21 +546,11 @@ class _Stage(Steps):
         # 3-6, 8, 9. the treatment against the cached baseline
         self.reached = "treated"
         baseline, ev, f = self.base, t.evaluation, t.figures
-        hit = t.entry.hit if t.entry is not None else False
         if t.entry is not None:
             self.add(cache=[t.entry.provenance("treatment")])
         self.add(commands=f.commands)
         treatment = _treatment(t)
-        th = self.exp.thresholds
-        found = self.found
-        if f.identical:
-            same = f"byte-identical to the baseline (SHA-256 {self.measured.sha256[:12]}…): "
-            found["load"] = _check("passed", same + "the baseline's load stands")
-            found["generate"] = _check("passed", same + "the baseline's generations stand")
-        else:
-            found["load"] = checks.load_check(ev.load.ok, ev.load.load_time_ms, ev.load.error)
-            gens = [(g.prompt, g.chat, g.n_tokens, g.text) for g in ev.generations]
-            found["generate"] = checks.generate_check(gens)
+        th, found = self.exp.thresholds, self.found
         found["perplexity"] = checks.perplexity_check(
             f.delta_ppl_pct, f.delta_ppl_pct_err, th.ppl_delta_max, baseline.perplexity.ppl, f.ppl
         )
@@ -568,17 +567,23 @@ class _Stage(Steps):
             agreement.first_divergence if agreement else None,
             th.agreement_min,
         )
-        if f.identical:
+        if f.identical:  # nothing ran: the baseline's load and generations stand, no speed
+            same = f"byte-identical to the baseline (SHA-256 {self.measured.sha256[:12]}…): "
+            found["load"] = _check("passed", same + "the baseline's load stands")
+            found["generate"] = _check("passed", same + "the baseline's generations stand")
             found["speed"] = _check(
                 "skipped", "not run: the file is byte-identical to the baseline", gates=False
             )
         else:
+            found["load"] = checks.load_check(ev.load.ok, ev.load.load_time_ms, ev.load.error)
+            gens = [(g.prompt, g.chat, g.n_tokens, g.text) for g in ev.generations]
+            found["generate"] = checks.generate_check(gens)
             speed, ratio, runs = _speed(
-                self.ctx, self.exp, (self.measured, ev.model), baseline, ev, hit
+                self.ctx, self.exp, (self.measured, ev.model), baseline, ev, t.entry.hit
             )
             found["speed"] = speed
             treatment = replace_(treatment, speed_ratio=ratio)
-            self.add(commands=_command_rows("speed", runs))
+            self.add(commands=commands_json("speed", runs))
         self.set(treatment=treatment)
         self.save()
         if not self.exp.keep_models:
@@ -633,9 +638,3 @@ class _Stage(Steps):
                 root=ctx.results_root,
             )
         return rec
-
-
-def _command_rows(role: str, commands: Sequence[Any]) -> list[dict]:
-    from .measure import commands_json
-
-    return commands_json(role, commands)
