@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from test_docs import StubRunner, _inputs
 
-from fq_core.experiment import protocol, stages
+from fq_core.experiment import measure, protocol, stages
 from fq_core.measurement import evaluate
 from fq_core.platform import progress
 from fq_core.platform.paths import cache_dir
@@ -233,5 +233,5 @@ def test_treatments_are_keyed_by_the_content_of_their_base(stage_world):
     key = evaluate.treatment_key(ref, base, settings, tools.build_id)
     assert evaluate.treatment_key(ref, other, settings, tools.build_id) != key
     exp = stages.Experiment()
-    placebo = protocol.placebo_key(ref, corpus, tools, exp, "0", 1, base_sha256="a" * 64)
-    assert protocol.placebo_key(ref, corpus, tools, exp, "0", 1, base_sha256="b" * 64) != placebo
+    placebo = measure.placebo_key(ref, corpus, tools, exp, "0", 1, base_sha256="a" * 64)
+    assert measure.placebo_key(ref, corpus, tools, exp, "0", 1, base_sha256="b" * 64) != placebo

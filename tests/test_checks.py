@@ -209,24 +209,29 @@ def test_stage_outcome_and_failures_follow_gates_only():
     assert checks.stage_outcome(skipped) == "skipped"
 
 
+def _stored(data: dict) -> Check:
+    """A check as a stored record gives it (schema 1 brought forward by record.upgrade_check)."""
+    return msgspec.convert(record.upgrade_check(data), Check)
+
+
 def test_schema1_checks_read_with_the_same_rule():
     """Records written before `gates` said `asserted`; a report-only pass was 'passed'."""
     old = {"status": "passed", "detail": "1.2x", "value": 1.2, "threshold": None, "asserted": False}
-    c = checks.check_from_json(old)
+    c = _stored(old)
     assert (c.status, c.gates) == ("reported", False)
-    assert checks.ending(old)[0] == "skip"
+    assert checks.ending(c)[0] == "skip"
     gating = {"status": "failed", "detail": "x", "value": 1, "threshold": 0}
-    assert checks.check_from_json(gating).gates
+    assert _stored(gating).gates
 
 
 def test_unknown_status_is_refused():
     with pytest.raises(msgspec.ValidationError, match="status"):
-        checks.check_from_json({"status": "maybe", "detail": "x"})
+        _stored({"status": "maybe", "detail": "x"})
 
 
 def test_round_trip_keeps_the_second_value():
     c = checks.kld_check(0.006, 95.6, 0.02, 0.9)
-    again = checks.check_from_json(checks.to_json(c))
+    again = _stored(msgspec.to_builtins(c))
     assert again == c and again.same_top == pytest.approx(0.956)
 
 

@@ -502,7 +502,7 @@ def test_record_skeleton_has_every_documented_top_level_field(tmp_path):
     ref, corpus, tools = _inputs(tmp_path)
     ctx = stages.Context("R-docs", None, tools, corpus, tmp_path / "results")
     exp = stages.Experiment()
-    head = protocol.header(stages.GATE_STAGE, ref, ctx, exp)
+    head = record.to_builtins(protocol.header(stages.GATE_STAGE, ref, ctx, exp))
     assert sorted(set(SCHEMA) - set(head)) == [], "documented, never written"
     assert sorted(set(head) - set(SCHEMA)) == [], "written, not in docs/architecture.md's schema"
     for name in ("model", "corpus", "llama", "machine", "settings", "thresholds"):

@@ -13,7 +13,6 @@ import pytest
 from fq_core.errors import ToolMissing
 from fq_core.measurement.llama import tools as T
 from fq_core.platform.hashing import sha256_file
-from fq_core.storage.identity import Identity
 
 
 @pytest.fixture(scope="module")
@@ -304,9 +303,7 @@ def test_a_wrapper_with_the_same_version_gets_its_own_keys(fake_cache_build, tmp
     """Attack: FQ_LLAMA_BIN_DIR = a wrapper printing the cached build's version that alters
     perplexity. Before: the baseline, placebos, treatments, cells and the gate were keyed by
     the version string, so the wrapper's figures and the build's were served for each other."""
-    from fq_core.experiment import protocol, stages
-    from fq_core.experiment.sweep import plan as sweep_plan
-    from fq_core.experiment.sweep import run as sweep_run
+    from fq_core.experiment import measure, stages
     from fq_core.measurement import evaluate
     from fq_core.measurement.corpus import Corpus
     from fq_core.measurement.models import ModelRef
@@ -329,30 +326,10 @@ def test_a_wrapper_with_the_same_version_gets_its_own_keys(fake_cache_build, tmp
     settings = exp.settings
     keys = [
         lambda t: evaluate.baseline_key(model, corpus, t.build_id, settings),
-        lambda t: protocol.placebo_key(model, corpus, t, exp, "0", 1, base_sha256="b" * 64),
+        lambda t: measure.placebo_key(model, corpus, t, exp, "0", 1, base_sha256="b" * 64),
         lambda t: exp.gate_identity(model, corpus, t).key(),
-        lambda t: sweep_run.cell_key(
-            Identity(
-                model_sha256="a",
-                measured_sha256="a",
-                corpus_sha256="c",
-                llama_version=t.version,
-                llama_build=t.build_id,
-                settings=sweep_run.cell_settings(exp),
-            ),
-            sweep_plan.Cell(
-                model="m",
-                kind="ffn_norm",
-                fmt="bf16",
-                rounding="truncate",
-                variant="deployed",
-                series="layer",
-                layers="0",
-                layer=0,
-                n_layers=None,
-            ),
-            ["blk.0.ffn_norm.weight"],
-            "b" * 64,
+        lambda t: measure.target_key(
+            measure.Target(model, "0"), exp, t, corpus, ["blk.0.ffn_norm.weight"], "b" * 64
         ),
     ]
     for key in keys:

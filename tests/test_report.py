@@ -557,7 +557,7 @@ def full_record(**overrides) -> dict:
 def save_run(tmp_path: Path, *records: dict) -> Path:
     """Store records as the protocol does (validated by results.save_result); the run dir."""
     for data in records:
-        results.save_result(data, tmp_path / "results")
+        results.save_result(record.from_builtins(data), tmp_path / "results")
     return tmp_path / "results" / "R1"
 
 

@@ -150,7 +150,9 @@ def store(root: Path, *, compared: bool = True, now_kld: float = 0.0078, past=RU
     """Runs A and B, then this run C (mean KLD up by 30 %, another llama.cpp, another host);
     C compared with B (kld:10%) and the comparison saved beside C's record. C's run dir."""
     for run_id, started, kld, dppl in past:
-        results.save_result(stage_record(run_id, started, kld=kld, dppl=dppl), root)
+        results.save_result(
+            record.from_builtins(stage_record(run_id, started, kld=kld, dppl=dppl)), root
+        )
     llama = {"version": "0.6.0", "build_info": "GNU 12", "bin_dir": "/llama/bin"}
     machine = {
         "hostname": "other",
@@ -160,7 +162,7 @@ def store(root: Path, *, compared: bool = True, now_kld: float = 0.0078, past=RU
         "platform": "Linux",
     }
     now = stage_record(*NOW, kld=now_kld, dppl=0.90, llama=llama, machine=machine)
-    results.save_result(now, root)
+    results.save_result(record.from_builtins(now), root)
     if compared:
         ref = results.load_record("B", STAGE, MODEL, root)
         cmp = compare_runs(ref, typed(now), "kld:10%", reference_source="run B")
@@ -349,7 +351,9 @@ def test_history_chart_needs_two_runs_and_skips_unmeasured_ones(tmp_path):
         skip_reason="gate closed",
         model={"name": MODEL, "path": "/m/gemma.gguf", "sha256": "ab" * 32},
     )
-    results.save_result(skipped, root)  # measured nothing: not a point of the history
+    results.save_result(
+        record.from_builtins(skipped), root
+    )  # measured nothing: not a point of the history
     run = load_run(store(root, compared=False, past=()))
     assert [p.run_id for p in charts.history_points(root, STAGE, MODEL)] == ["C"]
     stage_charts = charts.run_charts(run)[KEY]
@@ -363,7 +367,7 @@ def test_history_chart_draws_nonfinite_and_missing_placebos(tmp_path):
 
     root = tmp_path / "results"
     odd = stage_record("A", "2026-01-01T00:00:00Z", kld=math.nan, placebo=None)
-    results.save_result(odd, root)
+    results.save_result(record.from_builtins(odd), root)
     run = load_run(store(root, compared=False, past=()))
     chart = charts.history_chart(run.get(STAGE, MODEL), root)
     assert chart is not None and "2 runs" in chart.title

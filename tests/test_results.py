@@ -40,7 +40,7 @@ def test_save_and_load_round_trip_with_nonfinite_as_words(tmp_path):
             "generations": [],
         },
     )
-    path = results.save_result(data, tmp_path)
+    path = results.save_result(record.from_builtins(data), tmp_path)
     assert json.loads(path.read_text())["baseline"]["ppl"] == "nan"  # not null: measured
     loaded = results.load_record("R1", "layer0", "m", tmp_path)
     assert list(record.to_builtins(loaded)["baseline"]["chunk_ppls"]) == [1.5, "inf"]
@@ -54,10 +54,10 @@ def test_save_and_load_round_trip_with_nonfinite_as_words(tmp_path):
     assert results.latest_run_id(tmp_path) == "R1"
 
 
-def test_save_refuses_a_record_that_does_not_match_the_schema(tmp_path):
+def test_a_record_that_does_not_match_the_schema_is_refused_before_a_save(tmp_path):
     bad = make_record(corpus=dict(make_record()["corpus"], n_tokens="many"))
     with pytest.raises(BadInput, match=r"n_tokens"):
-        results.save_result(bad, tmp_path)
+        results.save_result(record.from_builtins(bad), tmp_path)
     assert not any(tmp_path.rglob("*.json"))
 
 
@@ -134,7 +134,7 @@ def test_nonfinite_numbers_read_as_words_not_blanks(tmp_path):
             "generations": [],
         },
     )
-    results.save_result(data, tmp_path)
+    results.save_result(record.from_builtins(data), tmp_path)
     (r,) = load_run(tmp_path / "R1").results
     ppl = next(row for row in metric_rows(r.record) if row.label.startswith("PPL"))
     assert ppl.baseline.text.startswith("not a number") and ppl.baseline.text != MISSING

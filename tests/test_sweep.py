@@ -27,7 +27,7 @@ from gguf_factory import build_gguf
 
 from fq_core.cli import main
 from fq_core.errors import BadInput, BadSelection
-from fq_core.experiment import stages
+from fq_core.experiment import measure, stages, stats
 from fq_core.experiment.sweep import analysis as sweep_analysis
 from fq_core.experiment.sweep import plan as sweep_plan
 from fq_core.experiment.sweep import run as sweep_run
@@ -164,9 +164,16 @@ def _record(
         )
         for i, c in enumerate(placebos)
     )
-    res, p = sweep_run.cell_statistics(
-        "llama-perplexity", "deployed", treat, float(np.mean(treat)), pl, identical=identical
+    res = stats.resolution(
+        engine=measure.ENGINE_WORDS["llama-perplexity"],
+        treatment_chunks=list(treat),
+        treatment_mean=float(np.mean(treat)),
+        placebo_chunks=[list(c) for c in placebos],
+        placebo_means=[x.kld_mean for x in pl],
+        identical=identical,
+        label=measure.VARIANT_WORDS["deployed"],
     )
+    p = None if identical else sweep_run.p_value(treat, [x.chunk_klds for x in pl])
     return cell_record.CellRecord(
         schema=cell_record.CELL_SCHEMA,
         run_id=run_id,
@@ -547,26 +554,27 @@ def test_a_damaged_cell_is_measured_again_never_served_nor_dropped(stub_world, c
 def test_the_cell_key_changes_with_what_changes_the_numbers(stub_world):
     ref, ctx, exp, cells, runner, tmp = stub_world
     e = sweep_run.experiment_for(exp, cells[0], 4)
-    ident = Identity(
-        model_sha256=ref.sha256,
-        measured_sha256=ref.sha256,
-        corpus_sha256="c",
-        llama_version="v",
-        settings=sweep_run.cell_settings(e),
-    )
-    key = sweep_run.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64)
-    assert key == sweep_run.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64)
-    gpu = msgspec.structs.replace(ident, llama_build="b [cuda; -ngl 99]")
-    rebuilt = msgspec.structs.replace(ident, llama_build="e" * 64)  # same version string
-    more = msgspec.structs.replace(ident, settings={**ident.settings, "chunks": 8})
-    seeds = msgspec.structs.replace(ident, settings={**ident.settings, "placebo_seeds": [1]})
-    assert sweep_run.cell_key(gpu, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
-    assert sweep_run.cell_key(rebuilt, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
-    assert sweep_run.cell_key(more, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) != key
-    assert sweep_run.cell_key(ident, cells[0], ["blk.1.ffn_norm.weight"], "b" * 64) != key
+    target = measure.Target(ref, cells[0].layers)
+    tools = ctx.tools
+    names = ["blk.0.ffn_norm.weight"]
+
+    def key(e=e, tools=tools, names=names, base="b" * 64, target=target):
+        return measure.target_key(target, e, tools, ctx.corpus, names, base)
+
+    assert key() == key()
+    gpu = dataclasses.replace(tools, build_id=f"{tools.build_id} [cuda; -ngl 99]")
+    rebuilt = dataclasses.replace(tools, build_id="e" * 64)  # same version string
+    more = dataclasses.replace(e, settings=dataclasses.replace(e.settings, chunks=8))
+    seeds = dataclasses.replace(e, placebo_seeds=(1,))
+    assert key(tools=gpu) != key()
+    assert key(tools=rebuilt) != key()
+    assert key(e=more) != key()
+    assert key(names=["blk.1.ffn_norm.weight"]) != key()
+    assert key(e=dataclasses.replace(e, fmt="fp16")) != key()
+    assert key(target=measure.Target(dataclasses.replace(ref, sha256="d" * 64), "0")) != key()
     # compared with other baseline logits (their content, not the baseline's key)
-    assert sweep_run.cell_key(ident, cells[0], ["blk.0.ffn_norm.weight"], "c" * 64) != key
-    assert sweep_run.cell_key(seeds, cells[0], ["blk.0.ffn_norm.weight"], "b" * 64) == key
+    assert key(base="c" * 64) != key()
+    assert key(e=seeds) == key()  # placebos are cached runs of their own
 
 
 def test_a_failing_cell_is_stored_with_its_reason(stub_world):

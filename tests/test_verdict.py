@@ -261,7 +261,7 @@ def test_check_resume_reads_every_record_of_the_run(tmp_path):
         model={"name": MODEL, "path": "/m.gguf", "sha256": "ab" * 32},
         settings=stages.Experiment(fmt="fp8_e4m3").settings_json(),
     )
-    results.save_result(data, root)
+    results.save_result(record.from_builtins(data), root)
     with pytest.raises(BadInput, match=r"layers0-2/smollm2-135m .*fp8_e4m3 → bf16"):
         stages.check_resume("MIX", stages.Experiment(fmt="bf16"), root)
     stages.check_resume("NEW", stages.Experiment(), root)  # nothing stored: nothing to refuse

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from ..figures import figure
-from ..storage.record import Check, StageRecord, Standing, Versus, upgrade_check
+from ..storage.record import Check, StageRecord, Standing, Versus
 
 #: passed/failed: a gating check met or missed its threshold. reported: measured, no
 #: threshold set. skipped: not run (gate closed, control off). error: no value to judge.
@@ -41,39 +41,24 @@ CHECKS = (
 )
 
 
-def check_from_json(data: Mapping[str, Any]) -> Check:
-    """A stored check (schema 1 brought forward by record.upgrade_check)."""
-    return msgspec.convert(upgrade_check(dict(data)), Check)
-
-
-def to_json(check: Check) -> dict:
-    return msgspec.to_builtins(check)
-
-
-def as_check(check: Check | Mapping[str, Any]) -> Check:
-    return check if isinstance(check, Check) else check_from_json(check)
-
-
 # --- the one rule ----------------------------------------------------------------------------
 
 
-def decides(check: Check | Mapping[str, Any]) -> bool:
+def decides(c: Check) -> bool:
     """True when this check's status counts toward the stage outcome and the gate."""
-    c = as_check(check)
     return c.gates and c.status != "skipped"
 
 
-def failing(checks: Mapping[str, Check | Mapping[str, Any]]) -> list[tuple[str, Check]]:
+def failing(checks: Mapping[str, Check]) -> list[tuple[str, Check]]:
     """The gating checks that failed or could not be judged, in check order."""
     out = []
-    for name, raw in checks.items():
-        c = as_check(raw)
+    for name, c in checks.items():
         if c.gates and c.status in FAILING:
             out.append((name, c))
     return out
 
 
-def stage_outcome(checks: Mapping[str, Check | Mapping[str, Any]]) -> str:
+def stage_outcome(checks: Mapping[str, Check]) -> str:
     """failed if any gating check failed or errored; skipped if nothing was decided."""
     if failing(checks):
         return "failed"
@@ -82,13 +67,12 @@ def stage_outcome(checks: Mapping[str, Check | Mapping[str, Any]]) -> str:
     return "passed"
 
 
-def ending(check: Check | Mapping[str, Any]) -> tuple[str, str]:
+def ending(c: Check) -> tuple[str, str]:
     """("pass" | "fail" | "skip", message): how a test of this check ends.
 
     A check that gates nothing is a skip carrying its value, never a pass: a PASSED line
     must mean something was asserted.
     """
-    c = as_check(check)
     if c.status == "skipped":
         return "skip", c.detail
     if not c.gates:

@@ -90,19 +90,9 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.load(f)
 
 
-def save_result(
-    data: record.StageRecord | Mapping[str, Any], root: str | os.PathLike[str] | None = None
-) -> Path:
-    """Validate one stage × model result against the typed record, then store it atomically.
-
-    Validation at every save means a protocol that writes a wrong field fails where it
-    writes, not later as a blank in a report.
-    """
-    if isinstance(data, record.StageRecord):
-        rec = data
-    else:
-        where = f"result {data.get('stage')}/{(data.get('model') or {}).get('name')}"
-        rec = record.from_builtins(codec.to_builtins(data), source=where)
+def save_result(rec: record.StageRecord, root: str | os.PathLike[str] | None = None) -> Path:
+    """Store one stage × model result atomically (the protocol builds it typed, so a wrong
+    field fails where it is written, not later as a blank in a report)."""
     path = result_path(rec.run_id, rec.stage, rec.case, root)
     with lock_for(path):
         write_bytes_atomic(path, record.encode(rec))

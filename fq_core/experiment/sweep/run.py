@@ -1,16 +1,8 @@
-"""Running one sweep cell: its experiment and cache key, the cached measurement
-(quantize, evaluate once, delete the GGUF), its placebos (`protocol.run_placebo`, shared with
-the stages and across formats: a placebo depends on the selection, not on the format) and
-its statistics against them. The measurement is cached by everything that decides its
-numbers, so a wider sweep runs only its new cells and an interrupted one resumes:
-
-    cache_dir()/cells/<key>/cell.json    key = model (and twin) SHA-256, corpus SHA-256,
-                                         llama.cpp version (+ backend), variant, resolved
-                                         tensors, format, rounding, ctx/batch/chunks/engine,
-                                         the SHA-256 of the baseline logits
-
-a verified entry (fq_core.storage.cache): one that fails its proof is moved aside and made again.
-The fake-quantized GGUF is written beside it, evaluated and deleted (disk stays flat).
+"""Running one sweep cell: its experiment, the one measurement a stage also makes
+(`experiment.measure.measure`: quantize, evaluate once, delete the GGUF; the selection-matched
+placebos, shared with the stages and across formats) and its statistics against them. The
+measurement is cached by everything that decides its numbers (`measure.target_key`), so a wider
+sweep runs only its new cells and an interrupted one resumes.
 
 Per cell: the treatment's mean KLD with a bootstrap interval over chunks, the paired excess
 over its placebos (treatment − mean placebo, chunk by chunk), the floor (the largest placebo
@@ -22,14 +14,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ... import __version__
 from ...errors import FqError
-from ...storage import cache, codec, results
+from ...storage import results
 from ...storage.cell_record import (
     CELL_SCHEMA,
     CellInfo,
@@ -42,7 +32,6 @@ from ...storage.cell_record import (
     save_cell,
 )
 from ...storage.identity import Identity, machine_info
-from ...storage.record import Resolution
 
 if TYPE_CHECKING:
     from ...measurement.llama.tools import LlamaTools
@@ -97,23 +86,6 @@ def cell_settings(exp: Experiment) -> dict[str, Any]:
     }
 
 
-def cell_key(identity: Identity, cell: Cell, tensors: Sequence[str], base_sha256: str) -> str:
-    """Everything that decides a cell's treatment numbers, with the content of the baseline
-    logits it is compared with (placebo seeds do not: they are separate cached runs; threads
-    do not: llama.cpp is bit-identical across thread counts)."""
-    settings = {k: v for k, v in identity.settings.items() if k != "placebo_seeds"}
-    return msgspec.structs.replace(
-        identity,
-        variant=cell.variant,
-        tensors=tuple(tensors),
-        format=cell.fmt,
-        rounding=cell.rounding,
-        base_sha256=base_sha256,
-        settings=settings,
-        fq_version=__version__,
-    ).key("sweep-cell", schema=CELL_SCHEMA)
-
-
 def experiment_for(exp: Experiment, cell: Cell, chunks: int | None = None) -> Experiment:
     """The experiment one cell runs with: its kind, format and variant (engine, seeds)."""
     if chunks:
@@ -133,115 +105,6 @@ def _measured(model: ModelRef, exp: Experiment) -> ModelRef:
 
     with progress.step("float twin"):
         return twin.twin_for(model, exp.twin_dtype)
-
-
-def _error(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
-
-
-class _CellMeasurement(msgspec.Struct):
-    """The shape of a cell's cache entry (what `_measure` stores): checked when it is read."""
-
-    tensors: list[str]
-    n_elements: int
-    changed: int
-    max_abs: float | None
-    max_rel: float | None
-    mean_rel: float | None
-    identical: bool
-    kld_mean: float | None
-    chunk_klds: list[float | None]
-    same_top_pct: float | None
-    kld: dict[str, Any] | None
-    chunk_ppls: list[float | None]
-    ppl: float | None
-    baseline_ppl: float | None
-    delta_ppl_pct: float | None
-    delta_ppl_pct_err: float | None
-    quantize_s: float
-    evaluate_s: float
-    llama_s: float | None
-    commands: list[dict[str, Any]]
-    n_became_nonfinite: int = 0
-
-
-def _cell_measurement(payload: dict) -> dict:
-    return dict(payload, **msgspec.structs.asdict(codec.convert(payload, _CellMeasurement)))
-
-
-def _measure(cell, measured, baseline, ctx, exp, folder: Path) -> dict:
-    """The cached part of a cell: quantize, evaluate once, delete the GGUF."""
-    from ...measurement import patch
-    from ...platform import atomic, progress
-    from .. import protocol
-
-    dst = folder / f"{results.safe_name(cell.model)}.{cell.format_label}.gguf"
-    # disk flat: the cell's GGUF lives only while evaluated, whatever ends that
-    with atomic.owned(dst):
-        t0 = time.perf_counter()
-        with progress.step("quantize"):
-            manifest = patch.fake_quantize_file(
-                measured.path,
-                dst,
-                layers=cell.layers,
-                tensors=(cell.kind,),
-                fmt=cell.fmt,
-                rounding=cell.rounding,
-                force=True,
-                fsync=False,
-            )
-        quantize_s = time.perf_counter() - t0
-        identical = manifest.output.sha256 == measured.sha256
-        t1 = time.perf_counter()
-        if identical:  # the SHA-256 proves llama.cpp would rerun the baseline
-            kld, ppl, cmd, commands = None, baseline.perplexity, None, []
-        else:
-            ref = replace(
-                measured,
-                name=f"{measured.name}+{cell.format_label}",
-                path=dst,
-                sha256=manifest.output.sha256,
-                spec=None,
-            )
-            with progress.step("treatment"):
-                ev = protocol.perplexity_only(ctx, ref, baseline, exp.settings)
-            ppl, kld = ev.perplexity, ev.perplexity.kld
-            cmd = ev.perplexity.command
-            commands = protocol.commands_json("treatment", protocol.ppl_commands(ev))
-    evaluate_s = time.perf_counter() - t1
-    from ...measurement.evaluate import paired_delta_pct_err
-
-    base = baseline.perplexity
-    t = manifest.totals
-    return {
-        "tensors": [c.name for c in manifest.tensors],
-        "n_elements": manifest.total_elements,
-        "changed": manifest.total_changed,
-        "max_abs": t.max_abs,
-        "max_rel": t.max_rel,
-        "mean_rel": t.mean_rel,
-        "n_became_nonfinite": t.n_became_nonfinite,
-        "identical": identical,
-        "kld_mean": 0.0 if identical else (kld.mean if kld else None),
-        "chunk_klds": (
-            [0.0] * len(base.chunk_ppls) if identical else list(kld.chunk_means if kld else ())
-        ),
-        "same_top_pct": 100.0 if identical else (kld.same_top_pct if kld else None),
-        "kld": None if identical else kld,
-        "chunk_ppls": list(ppl.chunk_ppls),
-        "ppl": ppl.ppl,
-        "baseline_ppl": base.ppl,
-        "delta_ppl_pct": 100.0 * (ppl.ppl - base.ppl) / base.ppl,
-        "delta_ppl_pct_err": None
-        if identical
-        else paired_delta_pct_err(base.chunk_ppls, ppl.chunk_ppls),
-        "quantize_s": quantize_s,
-        "evaluate_s": evaluate_s,
-        "llama_s": cmd.duration_s if cmd is not None else None,
-        "commands": commands,
-        "manifest": manifest.path,
-    }
 
 
 def p_value(
@@ -268,33 +131,6 @@ def p_value(
     return float(sps.ttest_1samp(d, 0.0, alternative="greater").pvalue)
 
 
-def cell_statistics(
-    engine: str,
-    variant: str,
-    treatment_chunks: Sequence[Num],
-    treatment_mean: Num,
-    placebos: Sequence[CellPlacebo],
-    *,
-    identical: bool = False,
-) -> tuple[Resolution, float | None]:
-    """The cell's effect against its placebos (fq_core.experiment.stats.resolution: effect and
-    paired excess intervals, floor, ratio) and its one-sided p-value."""
-    from .. import protocol, stats
-
-    kw = dict(
-        engine=protocol.ENGINE_WORDS.get(engine, engine),
-        treatment_chunks=list(treatment_chunks),
-        treatment_mean=treatment_mean,
-        placebo_chunks=[list(p.chunk_klds) for p in placebos],
-        placebo_means=[p.kld_mean for p in placebos],
-        identical=identical,
-        label=protocol.VARIANT_WORDS.get(variant, variant),
-    )
-    res = stats.resolution(**kw)  # placebos of KLD 0 (Gemma3's last layers): floor 0, no ratio
-    p = None if identical else p_value(treatment_chunks, [p.chunk_klds for p in placebos])
-    return res, p
-
-
 def run_cell(
     cell: Cell,
     model: ModelRef,
@@ -303,19 +139,15 @@ def run_cell(
     *,
     chunks: int | None = None,
 ) -> CellRecord:
-    """Measure one cell (cached), its placebos (cached, shared) and its statistics; store the
-    record under results/<run-id>/sweep/cells/ and return it. A failure is stored as status
-    "error" with the one-line reason, then returned (the caller decides)."""
-    from ...measurement import evaluate
-    from ...measurement.gguf_index import read_index
-    from ...measurement.selection import resolve
-    from ...platform import progress
-    from .. import protocol
+    """Measure one cell (measure.measure: the treatment cached by its target, the placebos
+    cached and shared), add its p-value; store the record under results/<run-id>/sweep/cells/
+    and return it. A failure is stored as status "error" with the one-line reason, then
+    returned (the caller decides)."""
+    from ..measure import Target, error_line, measure
 
     started = results.utc_now()
     t_start = time.perf_counter()
     exp = experiment_for(exp, cell, chunks)
-    info = CellInfo(**{k: v for k, v in cell.to_json().items()})
     ident = Identity(
         model_sha256=model.sha256,
         measured_sha256=model.sha256,
@@ -324,121 +156,86 @@ def run_cell(
         llama_build=ctx.tools.build_id,
         settings=cell_settings(exp),
     )
-    base_rec = dict(
+    rec = CellRecord(
         schema=CELL_SCHEMA,
         run_id=ctx.run_id,
-        cell=info,
+        cell=CellInfo(**cell.to_json()),
         identity=ident,
         machine=machine_info(),
         started_at=started,
         key="",
+        status="error",
     )
 
-    def failed(exc: BaseException, key: str = "") -> CellRecord:
-        rec = CellRecord(
-            **{**base_rec, "key": key},
-            status="error",
-            error=_error(exc),
-            finished_at=results.utc_now(),
-        )
-        save_cell(rec, ctx.results_root)
-        return rec
+    def failed(error: str) -> CellRecord:
+        done = msgspec.structs.replace(rec, error=error, finished_at=results.utc_now())
+        save_cell(done, ctx.results_root)
+        return done
 
     try:
         measured = _measured(model, exp)
-        ident = msgspec.structs.replace(ident, measured_sha256=measured.sha256)
-        base_rec["identity"] = ident
-        sel = resolve(read_index(measured.path), cell.layers, (cell.kind,))
-        baseline = evaluate.evaluate_baseline(ctx.runner, measured, ctx.corpus, exp.settings)
-        key = cell_key(ident, cell, sel.names, baseline.kld_base_sha256)
-        base_rec["key"] = key
-        with progress.step("cell"):  # its quantize and treatment steps inside, or "cached"
-            entry = cache.verified(
-                "cells",
-                key,
-                "cell.json",
-                lambda folder: _measure(cell, measured, baseline, ctx, exp, folder),
-                decode=_cell_measurement,
-            )
-            meas, hit = entry.value, entry.hit
-            if hit:
-                progress.note("cached")
+        rec = msgspec.structs.replace(
+            rec, identity=msgspec.structs.replace(ident, measured_sha256=measured.sha256)
+        )
+        m = measure(Target(measured, cell.layers), ctx, exp)
     except FqError as exc:
-        return failed(exc, base_rec["key"])
-
-    placebos: list[CellPlacebo] = []
-    t_placebo = time.perf_counter()
-    try:
-        if not meas["identical"]:  # an identical file has no effect to compare with a control
-            n = len(exp.placebo_seeds)
-            for i, seed in enumerate(exp.placebo_seeds, start=1):
-                with progress.step(f"placebo {i}/{n}"):
-                    run, p_entry = protocol.run_placebo(
-                        measured, baseline, ctx, exp, cell.layers, seed
-                    )
-                    p_hit = p_entry.hit
-                    if p_hit:
-                        progress.note("cached")
-                kld = run.get("kld") or {}
-                placebos.append(
-                    CellPlacebo(
-                        seed=seed,
-                        key=run.get("key", ""),
-                        kld_mean=run.get("kld_mean"),
-                        chunk_klds=tuple(kld.get("chunk_means") or ()),
-                        same_top_pct=run.get("same_top_pct"),
-                        cached=p_hit,
-                        measured_at=p_entry.measured_at,
-                    )
-                )
-    except FqError as exc:
-        return failed(exc, key)
-    placebo_s = time.perf_counter() - t_placebo
-
-    res, p = cell_statistics(
-        ident.settings["engine"],
-        cell.variant,
-        meas["chunk_klds"],
-        meas["kld_mean"],
-        placebos,
-        identical=meas["identical"],
+        return failed(error_line(exc))
+    entry, f = m.treatment.entry, m.treatment.figures
+    rec = msgspec.structs.replace(rec, key=entry.key)
+    if m.placebo_error is not None:
+        return failed(m.placebo_error)
+    placebos = tuple(
+        CellPlacebo(
+            seed=p.run.seed,
+            key=p.run.key,
+            kld_mean=p.run.kld_mean,
+            chunk_klds=tuple(p.run.kld.chunk_means) if p.run.kld else (),
+            same_top_pct=p.run.same_top_pct,
+            cached=p.entry.hit,
+            measured_at=p.entry.measured_at,
+        )
+        for p in m.placebos
     )
-    rec = CellRecord(
-        **base_rec,
+    kld, q = f.kld, f.quantized
+    # a byte-identical file: KLD 0 in every chunk, and no paired error to state
+    chunk_klds = (0.0,) * len(f.chunk_ppls) if f.identical else (kld.chunk_means if kld else ())
+    p = None if f.identical else p_value(chunk_klds, [c.chunk_klds for c in placebos])
+    rec = msgspec.structs.replace(
+        rec,
         status="measured",
         numeric=CellNumeric(
-            tensors=tuple(meas["tensors"]),
-            n_elements=meas["n_elements"],
-            changed=meas["changed"],
-            max_abs=meas["max_abs"],
-            max_rel=meas["max_rel"],
-            mean_rel=meas["mean_rel"],
-            n_became_nonfinite=meas.get("n_became_nonfinite", 0),
+            tensors=q.tensors,
+            n_elements=q.n_elements,
+            changed=q.changed,
+            max_abs=(q.max_abs),
+            max_rel=(q.max_rel),
+            mean_rel=(q.mean_rel),
+            n_became_nonfinite=q.n_became_nonfinite,
         ),
         treatment=CellTreatment(
-            identical=meas["identical"],
-            kld_mean=meas["kld_mean"],
-            chunk_klds=tuple(meas["chunk_klds"]),
-            same_top_pct=meas["same_top_pct"],
-            ppl=meas["ppl"],
-            baseline_ppl=meas["baseline_ppl"],
-            delta_ppl_pct=meas["delta_ppl_pct"],
-            delta_ppl_pct_err=meas["delta_ppl_pct_err"],
+            identical=f.identical,
+            kld_mean=(kld.mean if kld else None),
+            chunk_klds=tuple(chunk_klds),
+            same_top_pct=(kld.same_top_pct if kld else None),
+            ppl=(f.ppl),
+            baseline_ppl=(f.baseline_ppl),
+            delta_ppl_pct=(f.delta_ppl_pct),
+            delta_ppl_pct_err=None if f.identical else (f.delta_ppl_pct_err),
         ),
-        placebo=tuple(placebos),
-        resolution=res,
+        placebo=placebos,
+        resolution=m.resolution,
         p_value=p,
-        cached=hit,
+        cached=entry.hit,
         measured_at=entry.measured_at,
         rejected=entry.rejected,
         timing=CellTiming(
-            quantize_s=meas["quantize_s"],
-            evaluate_s=meas["evaluate_s"],
-            llama_s=meas.get("llama_s"),
-            placebo_s=placebo_s,
+            quantize_s=f.quantize_s,
+            evaluate_s=f.evaluate_s,
+            llama_s=f.llama_s,
+            placebo_s=m.placebo_s,
             total_s=time.perf_counter() - t_start,
         ),
-        commands=tuple(dict(c, cached=hit) for c in meas.get("commands", ())),
+        commands=tuple(dict(c, cached=entry.hit) for c in f.commands),
         finished_at=results.utc_now(),
     )
     save_cell(rec, ctx.results_root)
