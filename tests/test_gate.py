@@ -188,9 +188,7 @@ def test_impossible_threshold_closes_the_gate_for_real(tmp_path):
             "--fq-model",
             "smollm2-135m",
             "--fq-placebo-seeds",
-            "0",
-            "--fq-gen-tokens",
-            "8",  # the default chunks: the SmolLM2 baseline of test_report and test_stages
+            "0",  # else the defaults: the SmolLM2 baseline and treatment of test_stages
             "--fq-ppl-delta-max",
             "0",
             "--fq-twin",

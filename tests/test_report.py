@@ -41,11 +41,11 @@ from fq_pytest.report import commands_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("smollm2-135m", "gemma3-270m")
-# The documented defaults but for the generated text (never cached): the run measures exactly
-# what experiments/test_stages.py's layer0 cases and the regression proofs' reference measure,
-# so in `make test` whichever runs first computes the baselines, treatments and placebos (one
-# shared cache) and the others read them. SmolLM2's baseline here is also test_gate's.
-RUN_ARGS = ("--fq-gen-tokens", "8")
+# The documented defaults, all of them (gen_tokens too: it is in the baseline's and the
+# treatment's key): the run measures exactly what experiments/test_stages.py's layer0 cases and
+# the regression proofs' reference measure, so in `make test` whichever runs first computes the
+# baselines, treatments and placebos (one shared cache) and the others read them.
+RUN_ARGS: tuple[str, ...] = ()
 
 
 def run_stage_pytest(tmp: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
