@@ -187,12 +187,8 @@ def test_impossible_threshold_closes_the_gate_for_real(tmp_path):
             "-q",
             "--fq-model",
             "smollm2-135m",
-            "--fq-chunks",
-            "2",
             "--fq-placebo-seeds",
-            "0",
-            "--fq-gen-tokens",
-            "8",  # test_report's settings: one SmolLM2 baseline (shared cache) serves both
+            "0",  # else the defaults: the SmolLM2 baseline and treatment of test_stages
             "--fq-ppl-delta-max",
             "0",
             "--fq-twin",

@@ -217,10 +217,10 @@ def test_kld_base_then_against_itself(runner, smol, corpus, tmp_path):
 @pytest.mark.models
 def test_kld_vocabulary_mismatch_fails(runner, smol, gemma, corpus, tmp_path):
     base = tmp_path / "smol.kld"
-    runner.perplexity(smol, corpus, chunks=1, kl_base=base)
+    runner.perplexity(smol, corpus, ctx=128, batch=128, chunks=1, kl_base=base)
     # llama.cpp logs "inconsistent vocabulary", computes garbage and exits 0: must be an error.
     with pytest.raises(LlamaFailed, match="inconsistent vocabulary"):
-        runner.perplexity(gemma, corpus, chunks=1, kl_against=base)
+        runner.perplexity(gemma, corpus, ctx=128, batch=128, chunks=1, kl_against=base)
 
 
 @pytest.mark.llama

@@ -15,6 +15,14 @@ from fq_core.measurement.llama import logits as X
 from fq_core.measurement.llama import parse
 from fq_core.measurement.llama.tools import LlamaTools
 
+# The real runs at ctx 128: what they prove (the engine's PPL equals llama-perplexity's to its
+# last printed digit, exact zeros against its own base, a placebo's small KLD in every chunk,
+# the files and errors) is per token and per chunk, so it holds at any context; 128 makes
+# each run a quarter of the tokens (and of the base file) at 512.
+CTX = 128
+SCORED = CTX - 1 - CTX // 2  # tokens scored per chunk: the second half, as llama-perplexity
+SIZE = {"ctx": CTX, "batch": CTX}
+
 # ---------------------------------------------------------------------------------------------
 # numeric core (no llama.cpp)
 
@@ -243,7 +251,7 @@ def env(tmp_path_factory):
 def smol_base(env):
     runner, smol, corpus, root = env
     base = root / "smol-base.npy"
-    res = runner.exact_perplexity(smol, corpus, chunks=2, kl_base=base)
+    res = runner.exact_perplexity(smol, corpus, **SIZE, chunks=2, kl_base=base)
     return base, res
 
 
@@ -251,12 +259,12 @@ def smol_base(env):
 @pytest.mark.models
 def test_base_run_and_its_files(env, smol_base):
     base, res = smol_base
-    assert res.n_chunks == 2 and res.ctx == 512 and len(res.chunk_ppls) == 2
+    assert res.n_chunks == 2 and res.ctx == CTX and len(res.chunk_ppls) == 2
     assert res.kld is None and math.isfinite(res.ppl) and res.ppl_err > 0
     arr, meta = X.read_base(base)
-    assert arr.shape == (2, 255, 49152) and arr.dtype == np.float32
-    assert meta["n_vocab"] == 49152 and len(meta["tokens"]) == 2 * 512
-    assert base.stat().st_size == 2 * 255 * 49152 * 4 + 128  # raw logits + the .npy header
+    assert arr.shape == (2, SCORED, 49152) and arr.dtype == np.float32
+    assert meta["n_vocab"] == 49152 and len(meta["tokens"]) == 2 * CTX
+    assert base.stat().st_size == 2 * SCORED * 49152 * 4 + 128  # raw logits + the .npy header
     doc = json.loads(res.details.read_text())
     assert doc["mode"] == "base" and doc["kv_type"] == "f32" and doc["flash_attn"] is False
     assert len(doc["seconds_per_chunk"]) == 2
@@ -269,7 +277,8 @@ def test_base_run_and_its_files(env, smol_base):
 def test_ppl_agrees_with_llama_perplexity(env, smol_base):
     """The same protocol: llama-perplexity with the engine's precision (F32 KV cache, flash
     attention off) prints the engine's PPLs to its last digit; with its defaults (F16 KV
-    cache, flash attention auto) it differs by a few tenths of a percent."""
+    cache, flash attention auto) it differs a little: 1.3 % at ctx 128 (a few tenths of a
+    percent at 512, where more tokens average it out)."""
     from fq_core.measurement.llama.runner import run_logged
 
     runner, smol, corpus, root = env
@@ -281,9 +290,9 @@ def test_ppl_agrees_with_llama_perplexity(env, smol_base):
         "-f",
         corpus.path,
         "-c",
-        "512",
+        str(CTX),
         "-b",
-        "512",
+        str(CTX),
         "-t",
         str(runner.threads),
         "--chunks",
@@ -299,9 +308,9 @@ def test_ppl_agrees_with_llama_perplexity(env, smol_base):
     assert rec.ok, rec.stderr_tail()
     same_ppl, same_err = parse.parse_final_ppl(rec.stderr())
     same_chunks = parse.parse_chunk_ppls(rec.stdout())
-    tool = runner.perplexity(smol, corpus, chunks=2)
+    tool = runner.perplexity(smol, corpus, **SIZE, chunks=2)
     print(
-        f"SmolLM2 2×512: exact engine PPL {exact.ppl:.6f} ± {exact.ppl_err:.5f}; "
+        f"SmolLM2 2×{CTX}: exact engine PPL {exact.ppl:.6f} ± {exact.ppl_err:.5f}; "
         f"llama-perplexity -ctk f32 -ctv f32 -fa off {same_ppl:.4f} ± {same_err:.5f}; "
         f"llama-perplexity defaults {tool.ppl:.4f} ± {tool.ppl_err:.5f} "
         f"({exact.ppl / tool.ppl - 1:+.2e})"
@@ -311,9 +320,9 @@ def test_ppl_agrees_with_llama_perplexity(env, smol_base):
     assert exact.ppl_err == pytest.approx(same_err, abs=1e-5)
     for a, b in zip(exact.chunk_ppls, same_chunks, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
-    assert exact.ppl == pytest.approx(tool.ppl, rel=1e-2)
+    assert exact.ppl == pytest.approx(tool.ppl, rel=2e-2)
     for a, b in zip(exact.chunk_ppls, tool.chunk_ppls, strict=True):
-        assert a == pytest.approx(b, rel=1e-2)
+        assert a == pytest.approx(b, rel=2e-2)
 
 
 @pytest.mark.llama
@@ -326,7 +335,7 @@ def test_a_model_against_its_own_base_is_exactly_zero(env, smol_base):
     events = []
     listener = progress.subscribe(events.append)
     try:
-        res = runner.exact_perplexity(smol, corpus, chunks=2, kl_against=base)
+        res = runner.exact_perplexity(smol, corpus, **SIZE, chunks=2, kl_against=base)
     finally:
         progress.unsubscribe(listener)
     seen = [(e.done, e.total) for e in events if e.kind == "chunks"]
@@ -337,7 +346,7 @@ def test_a_model_against_its_own_base_is_exactly_zero(env, smol_base):
     assert k.same_top_pct == 100.0 and k.rms_dp_pct == 0.0 and k.ppl_ratio == 1.0
     assert res.ppl == res_base.ppl and res.chunk_ppls == res_base.chunk_ppls
     per_token = np.load(X.per_token_path(res.details))
-    assert per_token["kld"].shape == (2, 255) and (per_token["kld"] == 0).all()
+    assert per_token["kld"].shape == (2, SCORED) and (per_token["kld"] == 0).all()
     assert per_token["same_top"].all() and (per_token["dp"] == 0).all()
 
 
@@ -351,7 +360,7 @@ def test_a_placebo_gives_a_small_positive_kld(env, smol_base):
     base, _ = smol_base
     placebo = root / "smol-placebo.gguf"
     fake_quantize_file(smol.path, placebo, fmt="placebo", seed=1)
-    res = runner.exact_perplexity(placebo, corpus, chunks=2, kl_against=base)
+    res = runner.exact_perplexity(placebo, corpus, **SIZE, chunks=2, kl_against=base)
     k = res.kld
     print(
         f"SmolLM2 placebo seed 1: exact KLD {k.mean:.3e} ± {k.mean_err:.1e}, "
@@ -369,16 +378,16 @@ def test_a_placebo_gives_a_small_positive_kld(env, smol_base):
 def test_a_missing_or_garbled_base_is_a_clear_error(env, smol_base, tmp_path):
     runner, smol, corpus, _ = env
     with pytest.raises(LlamaFailed, match="do not exist"):
-        runner.exact_perplexity(smol, corpus, chunks=2, kl_against=tmp_path / "none.npy")
+        runner.exact_perplexity(smol, corpus, **SIZE, chunks=2, kl_against=tmp_path / "none.npy")
     garbled = tmp_path / "garbled.npy"
     garbled.write_bytes(b"not a numpy file" * 64)
     with pytest.raises(LlamaFailed, match="is not a base saved by") as exc:
-        runner.exact_perplexity(smol, corpus, chunks=2, kl_against=garbled)
+        runner.exact_perplexity(smol, corpus, **SIZE, chunks=2, kl_against=garbled)
     assert "\n" not in str(exc.value)
     base, _ = smol_base
     X.meta_path(garbled).write_text(X.meta_path(base).read_text())
     with pytest.raises(LlamaFailed, match=r"is not a \.npy of logits"):
-        runner.exact_perplexity(smol, corpus, chunks=2, kl_against=garbled)
+        runner.exact_perplexity(smol, corpus, **SIZE, chunks=2, kl_against=garbled)
 
 
 @pytest.mark.llama
@@ -389,7 +398,9 @@ def test_a_vocabulary_mismatch_is_a_clear_error(env, smol_base):
     runner, _, corpus, _ = env
     base, _ = smol_base
     with pytest.raises(LlamaFailed, match="vocabulary mismatch: .* 49152 tokens, .* 262144"):
-        runner.exact_perplexity(resolve_model("gemma3-270m"), corpus, chunks=2, kl_against=base)
+        runner.exact_perplexity(
+            resolve_model("gemma3-270m"), corpus, **SIZE, chunks=2, kl_against=base
+        )
 
 
 @pytest.mark.llama
@@ -408,10 +419,9 @@ def test_evaluate_with_the_logits_engine(env):
     mp = pytest.MonkeyPatch()
     mp.setenv("XDG_CACHE_HOME", str(root / "xdg"))
     try:
-        s = EvalSettings(
-            chunks=2, kld_chunks=2, gen_tokens=4, prompts=(Prompt("Hello"),), engine="logits"
-        )
-        plain = EvalSettings(chunks=2, kld_chunks=2, gen_tokens=4, prompts=(Prompt("Hello"),))
+        small = dict(SIZE, chunks=2, kld_chunks=2, gen_tokens=4, prompts=(Prompt("Hello"),))
+        s = EvalSettings(**small, engine="logits")
+        plain = EvalSettings(**small)
         assert s.key_fields() != plain.key_fields() and "engine" not in plain.key_fields()
         b = evaluate_baseline(runner, smol, corpus, s)
         assert not b.cached and b.kld_base.name == "logits.npy"

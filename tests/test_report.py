@@ -1,8 +1,8 @@
 """The evidence, read back: a real Test 1 run on both default models, then its HTML report,
 charts and markdown reports checked against the results JSON it stored.
 
-The session fixture runs `pytest experiments -k layer0` (real llama.cpp, real models, a few
-chunks) into a temporary results directory, exactly as a user would; nothing there is
+The session fixture runs `pytest experiments -k layer0` (real llama.cpp, real models, the
+default settings) into a temporary results directory, exactly as a user would; nothing there is
 hand-written JSON. The stored records are read back typed (fq_core.storage.record) and every number
 the HTML shows is compared with the field its data-key names, by attribute.
 
@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 from record_factory import make_record
 
+from fq_core.definitions import settings
 from fq_core.figures import figure
 from fq_core.report.rows import TONES as TONE
 from fq_core.storage import record, results
@@ -40,9 +41,11 @@ from fq_pytest.report import commands_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("smollm2-135m", "gemma3-270m")
-# Few chunks keep the run short; the thresholds stay the documented defaults. SmolLM2's
-# baseline at these settings is also test_gate's (keep the two in step).
-RUN_ARGS = ("--fq-chunks", "2", "--fq-placebo-seeds", "1", "--fq-gen-tokens", "8")
+# The documented defaults, all of them (gen_tokens too: it is in the baseline's and the
+# treatment's key): the run measures exactly what experiments/test_stages.py's layer0 cases and
+# the regression proofs' reference measure, so in `make test` whichever runs first computes the
+# baselines, treatments and placebos (one shared cache) and the others read them.
+RUN_ARGS: tuple[str, ...] = ()
 
 
 def run_stage_pytest(tmp: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
@@ -277,7 +280,9 @@ def test_both_answers_with_their_floors(real_run):
     smol = real_run["results"]["smollm2-135m-twin"]
     assert "identical to the baseline" in smol.resolution.sentence
     gemma = real_run["results"]["gemma3-270m-twin"]
-    assert gemma.treatment.kld.exact and len(gemma.treatment.kld.chunk_means) == 2  # --fq-chunks
+    assert gemma.treatment.kld.exact and len(gemma.treatment.kld.chunk_means) == settings.default(
+        "fq_chunks"
+    )
     assert gemma.resolution.floor is not None and gemma.resolution.floor > 0
     assert gemma.resolution.effect.low <= gemma.resolution.effect.estimate
     # intrinsic KLD sits orders of magnitude below the deployed model's engine noise
