@@ -281,7 +281,6 @@ def target_key(
 ) -> str:
     """Everything that decides a perplexity-only treatment's numbers: the measured file, the
     resolved tensors, format, rounding, settings, and the content of the baseline logits."""
-    s = exp.settings
     return Identity(
         variant=exp.variant,
         measured_sha256=target.measured.sha256,
@@ -292,13 +291,7 @@ def target_key(
         base_sha256=base_sha256,
         llama_version=tools.version,
         llama_build=tools.build_id,
-        settings={
-            "ctx": s.ctx,
-            "batch": s.batch,
-            "chunks": s.chunks,
-            "kld_chunks": s.kld_chunks,
-            "engine": s.engine,
-        },
+        settings=exp.settings.perplexity_fields(),
         fq_version=__version__,
     ).key("sweep-cell", schema=TREATMENT_SCHEMA)
 
@@ -378,7 +371,6 @@ def placebo_key(
 ) -> str:
     """`base_sha256`: the baseline logits the placebo is compared with (its numbers depend
     on their content, not on the baseline's key)."""
-    s = exp.settings
     return Identity(
         model_sha256=model.sha256,
         layers=layers,
@@ -387,13 +379,7 @@ def placebo_key(
         corpus_sha256=corpus.sha256,
         base_sha256=base_sha256,
         llama_build=tools.build_id,
-        settings={
-            "ctx": s.ctx,
-            "batch": s.batch,
-            "chunks": s.chunks,
-            "kld_chunks": s.kld_chunks,
-            "engine": getattr(s, "engine", "llama-perplexity"),
-        },
+        settings=exp.settings.perplexity_fields(),
         fq_version=__version__,
     ).key("placebo")
 

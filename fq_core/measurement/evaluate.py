@@ -91,6 +91,17 @@ class EvalSettings:
             fields["engine"] = self.engine
         return fields
 
+    def perplexity_fields(self) -> dict:
+        """What changes a perplexity-only run's numbers (a placebo's, a sweep cell's): no
+        generation, and the engine always named."""
+        return {
+            "ctx": self.ctx,
+            "batch": self.batch,
+            "chunks": self.chunks,
+            "kld_chunks": self.kld_chunks,
+            "engine": self.engine,
+        }
+
     def to_json(self) -> dict:
         return {**self.key_fields(), "threads": self.threads}
 
