@@ -29,3 +29,13 @@ def sci(x: float | None, digits: int = 2) -> str:
     if x != 0 and abs(x) < 1e-3:
         return f"{x:.{digits - 1}e}"
     return figure(x, ".4f")
+
+
+def interval(iv) -> str:
+    """An estimate with its interval, "2.0e-05 [1.1e-05, 3.2e-05]" (the estimate alone when
+    the interval has no bounds; "—" when there is none). `iv`: estimate, low, high."""
+    if iv is None:
+        return "—"
+    if iv.low is None or iv.high is None:
+        return sci(iv.estimate)
+    return f"{sci(iv.estimate)} [{sci(iv.low)}, {sci(iv.high)}]"

@@ -29,7 +29,7 @@ from ..experiment.regression import (
     magnitude,
 )
 from ..experiment.stages import GATE_STAGE
-from ..figures import figure, sci
+from ..figures import figure, interval, sci
 from ..storage.record import Check, Command, Range, StageRecord, Standing, Versus
 from . import Decision, RunResults, StageResult, decisions
 
@@ -794,19 +794,11 @@ class AnswerRow:
     intrinsic: Answer | None
 
 
-def _interval(iv) -> str:
-    if iv is None:
-        return MISSING
-    if iv.low is None or iv.high is None:
-        return sci(iv.estimate)
-    return f"{sci(iv.estimate)} [{sci(iv.low)}, {sci(iv.high)}]"
-
-
 def _answer(rec: StageRecord) -> Answer:
     res, p = rec.resolution, rec.placebo
     kld = rec.treatment.kld if rec.treatment is not None else None
     if res is not None and res.effect is not None:
-        kld_text = _interval(res.effect)
+        kld_text = interval(res.effect)
     else:
         kld_text = sci(kld.mean) if kld is not None else MISSING
     placebo = MISSING

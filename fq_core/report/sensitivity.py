@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from ..experiment.sweep.analysis import Analysis, SweepRow
-from ..figures import sci
+from ..figures import interval, sci
 from ..platform import atomic
 from ..storage import codec
 from .charts import PLACEBO, TREATMENT, Chart, chart_key, figure_png
@@ -42,14 +42,6 @@ _DPI_SIZE = (7.2, 3.4)
 
 
 # --- display rows -----------------------------------------------------------------------------
-
-
-def _iv(iv) -> str:
-    if iv is None:
-        return "—"
-    if iv.low is None or iv.high is None:
-        return sci(iv.estimate)
-    return f"{sci(iv.estimate)} [{sci(iv.low)}, {sci(iv.high)}]"
 
 
 def _p(x: float | None) -> str:
@@ -99,10 +91,10 @@ def row_view(r: SweepRow) -> RowView:
         label=r.label,
         series=rec.cell.series,
         changed=f"{num.changed:,}/{num.n_elements:,}" if num else "—",
-        effect=_iv(res.effect) if res and res.effect else (sci(t.kld_mean) if t else "—"),
+        effect=interval(res.effect) if res and res.effect else (sci(t.kld_mean) if t else "—"),
         placebo=placebo,
         floor=sci(res.floor) if res is not None and res.floor is not None else "—",
-        excess=_iv(res.excess) if res else "—",
+        excess=interval(res.excess) if res else "—",
         ratio=f"{ratio:.2f}×" if math.isfinite(ratio) else "—",
         p=_p(rec.p_value),
         q=_p(r.q_value),
