@@ -767,3 +767,75 @@ def test_real_stored_result_has_the_documented_fields():
     data = results.read_json(stored[0])
     assert _missing(SCHEMA, data) == [], stored[0]
     assert _unfulfilled(data, key_only=True) == [], stored[0]
+
+
+# --- docs/ci-example.yml: a CI recipe that survives a first run --------------------------------
+
+
+def _ci_jobs() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "docs" / "ci-example.yml").read_text(encoding="utf-8"))["jobs"]
+
+
+def _step(steps: list[dict], uses: str) -> int:
+    found = [i for i, s in enumerate(steps) if s.get("uses", "").startswith(uses + "@")]
+    assert len(found) == 1, f"{uses}: {len(found)} steps"
+    return found[0]
+
+
+def _lines(value: str) -> list[str]:
+    return [line.strip() for line in value.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("job", ["gate", "save-reference"])
+def test_ci_cache_is_saved_even_when_the_gate_fails(job):
+    """A first run (no reference, or a failing gate) still leaves its build and models cached."""
+    steps = _ci_jobs()[job]["steps"]
+    assert not any(s.get("uses", "").startswith("actions/cache@") for s in steps)
+    restore, save = _step(steps, "actions/cache/restore"), _step(steps, "actions/cache/save")
+    gate = [i for i, s in enumerate(steps) if "make gate" in s.get("run", "")]
+    assert gate and restore < min(gate) and max(gate) < save
+    assert steps[save]["if"] == "always()"
+    assert "${{ github.run_id }}" in steps[restore]["with"]["key"]  # a saved key is never rewritten
+    assert steps[save]["with"]["key"] == (
+        f"${{{{ steps.{steps[restore]['id']}.outputs.cache-primary-key }}}}"
+    )
+
+
+def test_ci_cache_is_the_stated_budget():
+    """The cached folders are paths.CI_CACHED (logits and twins left out), stated in the file."""
+    from fq_core.platform import paths
+
+    wanted = [f"~/.cache/fq-suite/{name}" for name in paths.CI_CACHED]
+    for job in _ci_jobs().values():
+        for uses in ("actions/cache/restore", "actions/cache/save"):
+            steps = job["steps"]
+            assert _lines(steps[_step(steps, uses)]["with"]["path"]) == wanted
+    assert "baselines" not in paths.CI_CACHED and "twins" not in paths.CI_CACHED
+    text = (ROOT / "docs" / "ci-example.yml").read_text(encoding="utf-8")
+    assert f"Budget: under {paths.CI_CACHE_BUDGET_GB} GB" in text
+    # every folder fq makes in the cache is either cached in CI or left out on purpose
+    made = set()
+    for src in (ROOT / "fq_core").rglob("*.py"):
+        code = src.read_text(encoding="utf-8")
+        made |= set(re.findall(r'cache_dir\(\) / "([^"]+)"', code))
+        made |= set(re.findall(r'(?:folder_for|verified)\(\s*"([^"]+)"', code))
+    made.add("sha256-cache.json")
+    assert made >= {"baselines", "twins", "models", "llama.cpp", "placebos"}, made
+    assert made - {"baselines", "twins"} <= set(paths.CI_CACHED), made - set(paths.CI_CACHED)
+
+
+def test_ci_uploads_the_command_logs(tmp_path):
+    """Every file a logged command leaves (the report links them) is in the uploaded artifact."""
+    from fq_core.platform.commands import run_logged
+
+    run_logged(["echo", "fq-probe"], tool="echo", timeout_s=30, log_dir=tmp_path / "logs")
+    logs = (tmp_path / "logs").rglob("*")
+    written = [p.relative_to(tmp_path).as_posix() for p in logs if p.is_file()]
+    assert any(w.startswith("logs/commands/") for w in written), written
+    upload = next(s for s in _ci_jobs()["gate"]["steps"] if "upload-artifact" in s.get("uses", ""))
+    assert upload["if"] == "always()"
+    uploaded = _lines(upload["with"]["path"])
+    for w in written:
+        assert any(w == u or (u.endswith("/") and w.startswith(u)) for u in uploaded), w

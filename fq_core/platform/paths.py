@@ -26,3 +26,22 @@ def results_dir() -> Path:
         name = "FQ_RESULTS_DIR=" if os.environ.get("FQ_RESULTS_DIR") else "the results store "
         raise OutputRefused(f"{name}{path} is not a directory")
     return path
+
+
+#: The cache_dir() entries worth keeping between CI runs (docs/ci-example.yml caches exactly
+#: these): slow to make or fetch, and small (≈ 0.45 GB with the two default models). Left out:
+#: `baselines` (each entry holds the exact baseline logits, up to 2.1 GB per model; remade in a
+#: few minutes, and deterministic on one build and CPU, so the cached treatments keyed by
+#: their SHA-256 still hit), `twins` (an F32 copy of each model, remade from it) and `rejected`.
+CI_CACHED = (
+    "llama.cpp",
+    "sdist",
+    "models",
+    "corpus",
+    "placebos",
+    "treatments",
+    "cells",
+    "sha256-cache.json",
+)
+#: What CI_CACHED may add up to (docs/ci-example.yml states it; GitHub keeps 10 GB per repo).
+CI_CACHE_BUDGET_GB = 2
