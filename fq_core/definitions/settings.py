@@ -264,6 +264,14 @@ STAGE = (
         _words,
     ),
     Setting(
+        "fq_chat_template",
+        "",
+        "chat template of the chat prompt, over the model's: a llama.cpp template name "
+        "(gemma, chatml, ...) or a Jinja file (unset: the GGUF's own tokenizer.chat_template, "
+        "else the registry's for a known model or a copy of one; the record says which)",
+        lambda t: t.strip() or None,
+    ),
+    Setting(
         "fq_twin",
         "both",
         "which answers each stage gives: deployed = the quantized model as llama.cpp runs "

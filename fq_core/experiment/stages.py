@@ -189,6 +189,7 @@ def experiment_from(values: Mapping[str, Any], keep_models: bool = False) -> Exp
         kld_chunks=values["fq_kld_chunks"] or values["fq_chunks"],
         threads=values["fq_threads"],
         gen_tokens=values["fq_gen_tokens"],
+        chat_template=values["fq_chat_template"],
     )
     shared = {
         "max_rel_error": values["fq_max_rel_error"],
