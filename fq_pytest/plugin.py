@@ -186,6 +186,11 @@ class FqSession:
             self._models[case.model] = ref
         return self._models[case.model]
 
+    def check_tensors(self, index, model: str) -> None:
+        from fq_core.experiment.stages import check_tensors
+
+        check_tensors(self.experiment, index, model_id(model))
+
     def context(self):
         from fq_core.experiment.stages import Context
 
@@ -377,6 +382,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         for m in _models(metafunc.config)
         for v in variants
     ]
+    session = metafunc.config.stash[SESSION]
+    for m in _models(metafunc.config):
+        refuse_bad_tensors(metafunc.config, m, lambda index, m=m: session.check_tensors(index, m))
     # one xdist group per model: with `-n N` (loadgroup) a model's stages share one worker, in
     # order; marked here because xdist names the groups before any modifyitems hook of ours
     params = [
@@ -384,6 +392,39 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         for c in cases
     ]
     metafunc.parametrize("fq_case", params)
+
+
+REFUSALS = pytest.StashKey[list[str]]()
+
+
+def refuse_bad_tensors(config: pytest.Config, model: str, check) -> None:
+    """Run `check(index)` on a model that is here without fetching (collection stays offline);
+    a fault is refused in one line when collection ends (raised inside a collector, pytest
+    would print it as a traceback)."""
+    from fq_core.errors import FqError
+    from fq_core.measurement.gguf_index import read_index
+    from fq_core.measurement.models import resolve_model
+
+    try:
+        index = read_index(resolve_model(model, fetch=False).path)
+    except FqError:
+        return  # not here yet: the stage says so when it runs
+    try:
+        check(index)
+    except FqError as exc:
+        refuse(config, str(exc))
+
+
+def refuse(config: pytest.Config, message: str) -> None:
+    """A fault found while collecting: one line when collection ends, not a traceback."""
+    config.stash.setdefault(REFUSALS, []).append(message)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    refusals = session.config.stash.get(REFUSALS, [])
+    if refusals:
+        raise pytest.UsageError(*dict.fromkeys(refusals))
 
 
 def _case(item: pytest.Item) -> StageCase | None:

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from fq_core.definitions.settings import SWEEP as SETTINGS
-from fq_pytest.plugin import SESSION, add_options, model_id
+from fq_pytest.plugin import SESSION, add_options, model_id, refuse
 from fq_pytest.plugin import option_values as plugin_option_values
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,8 @@ class SweepSession:
             try:
                 cells = cells_for(self.plan, model_id(m), read_index(ref.path))
             except FqError as exc:
-                raise pytest.UsageError(f"sweep plan on {m}: {exc}") from None
+                refuse(self.config, f"sweep plan on {m}: {exc}")
+                continue
             out += [SweepCase(m, c) for c in sorted(cells, key=sort_key)]
         return out
 

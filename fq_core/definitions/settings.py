@@ -108,6 +108,13 @@ def _text(t: str) -> str:
     return " ".join(t.split())
 
 
+def _words(t: str) -> tuple[str, ...]:
+    words = tuple(t.replace(",", " ").split())
+    if not words:
+        raise ValueError("must not be empty")
+    return words
+
+
 def _onoff(t: str) -> bool:
     v = t.strip().lower()
     if v in ("on", "yes", "true", "1"):
@@ -247,6 +254,22 @@ STAGE = (
         "truncate",
         "rounding of the treatment (truncate: the plan's algorithm, keep the high 16 bits)",
         _rounding,
+    ),
+    Setting(
+        "fq_tensors",
+        "ffn_norm",
+        "the tensors each stage fake-quantizes in its layers, space-separated (the --tensors "
+        "grammar: a kind, an exact name, a glob or re:REGEX); ffn_norm is the plan's; a kind "
+        "the model holds only quantized is refused at collection",
+        _words,
+    ),
+    Setting(
+        "fq_chat_template",
+        "",
+        "chat template of the chat prompt, over the model's: a llama.cpp template name "
+        "(gemma, chatml, ...) or a Jinja file (unset: the GGUF's own tokenizer.chat_template, "
+        "else the registry's for a known model or a copy of one; the record says which)",
+        lambda t: t.strip() or None,
     ),
     Setting(
         "fq_twin",

@@ -229,7 +229,7 @@ def _quantize_check(cmp: metrics.Comparison, manifest: patch.Manifest) -> Check:
 # --- evaluation evidence --------------------------------------------------------------------
 
 
-def _generation(g: Any) -> record.GenerationInfo:
+def _generation(g: Any, source: str | None = None) -> record.GenerationInfo:
     return record.GenerationInfo(
         prompt=g.prompt,
         chat=g.chat,
@@ -237,10 +237,19 @@ def _generation(g: Any) -> record.GenerationInfo:
         n_tokens=g.n_tokens,
         tokens_per_s=g.tokens_per_s,
         tool=getattr(g, "tool", None),
+        chat_template=getattr(g, "chat_template", None) if g.chat else None,
+        chat_template_source=source if g.chat else None,
     )
 
 
-def _baseline(base: Any) -> record.Baseline:
+def template_source(exp: Any, model: Any) -> str:
+    """Where the chat prompts' template came from: the setting overrides the model's."""
+    if exp.settings.chat_template:
+        return "fq_chat_template"
+    return getattr(model, "chat_template_source", "none")
+
+
+def _baseline(base: Any, source: str | None = None) -> record.Baseline:
     p = base.perplexity
     return record.Baseline(
         ppl=p.ppl,
@@ -249,7 +258,7 @@ def _baseline(base: Any) -> record.Baseline:
         n_chunks=p.n_chunks,
         tokens_per_s=p.tokens_per_s,
         load_time_ms=base.load.load_time_ms if base.load else None,
-        generations=tuple(_generation(g) for g in base.generations),
+        generations=tuple(_generation(g, source) for g in base.generations),
         cached=getattr(base, "cached", None),
         key=getattr(base, "key", None),
     )
@@ -281,7 +290,7 @@ def _agreement(cmp: Any) -> record.Agreement | None:
     )
 
 
-def _treatment(t: Treatment) -> record.Treatment:
+def _treatment(t: Treatment, source: str | None = None) -> record.Treatment:
     """The stage's treatment part; a byte-identical file ran nothing, so it has no speed or
     load time of its own."""
     ev, cmp, f = t.evaluation, t.comparison, t.figures
@@ -302,7 +311,7 @@ def _treatment(t: Treatment) -> record.Treatment:
         gen_tokens_per_s=cmp.gen_tokens_per_s if ran else None,
         baseline_gen_tokens_per_s=cmp.baseline_gen_tokens_per_s,
         load_time_ms=ev.load.load_time_ms if ran else None,
-        generations=tuple(_generation(g) for g in ev.generations),
+        generations=tuple(_generation(g, source) for g in ev.generations),
         agreement=_agreement(cmp),
         identical_to_baseline=f.identical,
     )
@@ -529,7 +538,7 @@ class _Stage(Steps):
     def baseline(self, baseline: Any) -> None:
         self.base = baseline
         self.set(
-            baseline=_baseline(baseline),
+            baseline=_baseline(baseline, template_source(self.exp, self.measured)),
             corpus=replace_(self.rec.corpus, n_tokens=baseline.n_tokens),
         )
         self.add(
@@ -549,7 +558,7 @@ class _Stage(Steps):
         if t.entry is not None:
             self.add(cache=[t.entry.provenance("treatment")])
         self.add(commands=f.commands)
-        treatment = _treatment(t)
+        treatment = _treatment(t, template_source(self.exp, self.measured))
         th, found = self.exp.thresholds, self.found
         found["perplexity"] = checks.perplexity_check(
             f.delta_ppl_pct, f.delta_ppl_pct_err, th.ppl_delta_max, baseline.perplexity.ppl, f.ppl

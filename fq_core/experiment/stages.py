@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ..definitions.settings import default, seeds
-from ..errors import BadInput
+from ..errors import BadInput, BadSelection
 from ..measurement.selection import DEFAULT_TENSORS
 from ..storage import codec, results
 from ..storage.identity import Identity
@@ -189,6 +189,7 @@ def experiment_from(values: Mapping[str, Any], keep_models: bool = False) -> Exp
         kld_chunks=values["fq_kld_chunks"] or values["fq_chunks"],
         threads=values["fq_threads"],
         gen_tokens=values["fq_gen_tokens"],
+        chat_template=values["fq_chat_template"],
     )
     shared = {
         "max_rel_error": values["fq_max_rel_error"],
@@ -200,6 +201,7 @@ def experiment_from(values: Mapping[str, Any], keep_models: bool = False) -> Exp
         settings=settings,
         fmt=values["fq_format"],
         rounding=values["fq_rounding"],
+        tensors=values["fq_tensors"],
         placebo_seeds=seeds(values["fq_placebo_seeds"]),
         thresholds=Thresholds(
             ppl_delta_max=values["fq_ppl_delta_max"],
@@ -218,6 +220,20 @@ def experiment_from(values: Mapping[str, Any], keep_models: bool = False) -> Exp
         ),
         intrinsic_placebo_seeds=seeds(values["fq_twin_placebo_seeds"]),
     )
+
+
+def check_tensors(exp: Experiment, index, model_name: str) -> None:
+    """Refuse, before anything runs, tensors the deployed answer cannot fake-quantize (a kind
+    the model holds only quantized): BadSelection naming the model and the setting. The
+    intrinsic answer measures the float twin, where every tensor is F32."""
+    from ..measurement.selection import resolve
+
+    if "deployed" not in exp.variants:
+        return
+    try:
+        resolve(index, "all", exp.tensors)
+    except BadSelection as exc:
+        raise BadSelection(f"fq_tensors on {model_name}: {exc}") from None
 
 
 def check_resume(run_id: str, exp: Experiment, root: Path | None = None) -> None:

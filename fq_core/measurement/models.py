@@ -64,11 +64,47 @@ class ModelRef:
 
     @property
     def chat_template(self) -> str | None:
-        """The --chat-template hint for llama.cpp (also for a local copy of a registry model)."""
-        if self.spec is not None:
-            return self.spec.chat_template
-        spec = spec_for_sha256(self.sha256)
-        return spec.chat_template if spec else None
+        """The --chat-template hint for llama.cpp (None: the GGUF's own, or none)."""
+        return chat_template_of(self)[0]
+
+    @property
+    def chat_template_source(self) -> str:
+        """Where the template comes from, as the record states it."""
+        return chat_template_of(self)[1]
+
+
+def chat_template_of(ref: ModelRef) -> tuple[str | None, str]:
+    """(hint, source): the GGUF's own `tokenizer.chat_template` first; else the registry's,
+    for a registry model by SHA-256 or a near-copy (same architecture and block count: a
+    perturbed Gemma3 has Gemma3's header); else none (llama.cpp then falls back to chatml)."""
+    spec = ref.spec or spec_for_sha256(ref.sha256)
+    if spec is not None and spec.chat_template is not None:
+        return spec.chat_template, f"registry ({spec.name})"
+    meta = _metadata(ref.path)
+    if isinstance(meta.get("tokenizer.chat_template"), str):
+        return None, "gguf (tokenizer.chat_template)"
+    if spec is None:
+        arch = meta.get("general.architecture")
+        spec = next(
+            (
+                s
+                for s in REGISTRY.values()
+                if s.architecture == arch and s.n_layers == meta.get(f"{arch}.block_count")
+            ),
+            None,
+        )
+        if spec is not None and spec.chat_template is not None:
+            return spec.chat_template, f"registry ({spec.name}: same architecture and layers)"
+    return None, "none"
+
+
+def _metadata(path: Path) -> dict:
+    from .gguf_index import read_index  # imported late: resolving a model needs no index
+
+    try:
+        return dict(read_index(path).metadata)
+    except (BadModel, OSError):
+        return {}
 
 
 REGISTRY: dict[str, ModelSpec] = {

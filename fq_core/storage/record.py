@@ -188,6 +188,8 @@ class GenerationInfo(_Part, kw_only=True):
     n_tokens: int
     tokens_per_s: float | None
     tool: str | None = None
+    chat_template: str | None = None  # what llama-completion was given (None: the GGUF's own)
+    chat_template_source: str | None = None  # fq_chat_template, registry (…), gguf, none
 
 
 class Baseline(_Part, kw_only=True):

@@ -47,6 +47,7 @@ class Generation:
     tool: str
     command: CommandRecord
     token_ids: tuple[int, ...] | None = None  # the generated text re-tokenized (llama-tokenize)
+    chat_template: str | None = None  # passed to llama-completion (None: the GGUF's own)
 
     def to_json(self) -> dict:
         return {
@@ -56,6 +57,7 @@ class Generation:
             "n_tokens": self.n_tokens,
             "tokens_per_s": self.tokens_per_s,
             "tool": self.tool,
+            "chat_template": self.chat_template,
         }
 
 
@@ -251,7 +253,8 @@ class LlamaRunner:
         args += ["--no-display-prompt", "-t", str(self.threads), *self._ngl()]
         args += ["-st"] if chat else ["-no-cnv"]
         if chat and chat_template:
-            args += ["--chat-template", chat_template]
+            as_file = Path(chat_template).is_file()
+            args += ["--chat-template-file" if as_file else "--chat-template", chat_template]
         if ignore_eos:
             args += ["--ignore-eos"]
         rec = self._run("llama-completion", args)
@@ -266,7 +269,15 @@ class LlamaRunner:
             else None
         )
         return Generation(
-            prompt, chat, text, t.n_generated, t.tokens_per_s, "llama-completion", rec, ids
+            prompt,
+            chat,
+            text,
+            t.n_generated,
+            t.tokens_per_s,
+            "llama-completion",
+            rec,
+            ids,
+            chat_template if chat else None,
         )
 
     def tokenize(self, model, text: str, *, add_bos: bool = False) -> tuple[int, ...]:
