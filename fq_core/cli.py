@@ -882,6 +882,11 @@ def _run_twin(args) -> int:
         args.outputs.expect(path, manifest_path(path))
         ref = twin_for(model, args.dtype, rebuild=args.force)
         manifest, path = ref.manifest, ref.path
+        if manifest is None:
+            args.outputs.expect()
+            print(f"{model.name}: no tensor to dequantize to {args.dtype}: its twin is itself")
+            print(path)
+            return 0
         note = "made" if ref.made else f"cached since {manifest.created_at}, reused"
     print(f"{model.name}: {manifest.summary()} ({note})")
     print(path)

@@ -289,6 +289,28 @@ def test_all_f32_source_is_a_copy(tmp_path):
     assert (tmp_path / "t.gguf").read_bytes() == (tmp_path / "f.gguf").read_bytes()
 
 
+def test_the_twin_of_a_float_model_is_the_model_itself(tmp_path, capsys, isolated_cache):
+    """Nothing to dequantize: `fq twin` and twin_for name the model, and the cache holds no
+    byte-identical copy (issue 20: a 1.08 GB copy of an all-F32 model)."""
+    from fq_core.measurement.models import resolve_model
+
+    w = gguf.GGUFWriter(tmp_path / "f.gguf", "llama")
+    w.add_tensor("a.weight", np.arange(64, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    status, out, err = run(capsys, "twin", str(tmp_path / "f.gguf"))
+    assert status == 0, err
+    summary, path = out.splitlines()
+    assert "its twin is itself" in summary and Path(path) == tmp_path / "f.gguf"
+    ref = resolve_model(str(tmp_path / "f.gguf"))
+    t = twin_for(ref)
+    assert (t.path, t.sha256, t.manifest, t.made) == (ref.path, ref.sha256, None, False)
+    assert t.name == "f-twin" and t.source == ref
+    assert not list((tmp_path / "cache").rglob("*.gguf"))
+
+
 def test_f16_overflow_is_refused(tmp_path):
     w = gguf.GGUFWriter(tmp_path / "big.gguf", "llama")
     values = np.full((2, 32), 1e6, dtype=np.float32)
