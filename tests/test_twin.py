@@ -277,13 +277,19 @@ def test_manifest(mixed, tmp_path):
     assert "dequantized 16 of 21 tensors" in m.summary() and "to F32" in m.summary()
 
 
-def test_all_f32_source_is_a_copy(tmp_path):
-    w = gguf.GGUFWriter(tmp_path / "f.gguf", "llama")
+def all_f32(path: Path) -> Path:
+    """A GGUF whose one tensor is F32: nothing in it to dequantize."""
+    w = gguf.GGUFWriter(path, "llama")
     w.add_tensor("a.weight", np.arange(64, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_all_f32_source_is_a_copy(tmp_path):
+    all_f32(tmp_path / "f.gguf")
     m = make_twin(tmp_path / "f.gguf", tmp_path / "t.gguf")
     assert m.n_converted == 0 and "the twin is a copy" in m.summary()
     assert (tmp_path / "t.gguf").read_bytes() == (tmp_path / "f.gguf").read_bytes()
@@ -294,12 +300,7 @@ def test_the_twin_of_a_float_model_is_the_model_itself(tmp_path, capsys, isolate
     byte-identical copy (issue 20: a 1.08 GB copy of an all-F32 model)."""
     from fq_core.measurement.models import resolve_model
 
-    w = gguf.GGUFWriter(tmp_path / "f.gguf", "llama")
-    w.add_tensor("a.weight", np.arange(64, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    all_f32(tmp_path / "f.gguf")
     status, out, err = run(capsys, "twin", str(tmp_path / "f.gguf"))
     assert status == 0, err
     summary, path = out.splitlines()
