@@ -293,5 +293,6 @@ def _summary(prefix, summary, postfix, session) -> None:
     html_path = _html_path(config)
     if html_path is not None:
         out = html_path.parent / "charts"
-        written = charts.write_charts((c for cs in all_charts.values() for c in cs), out)
+        drawn = (c for cs in all_charts.values() for c in cs)  # pruned: in the run's own dir
+        written = charts.write_charts(drawn, out, prune=_ASKED in config.stash)
         postfix.append(str(html.charts_note(len(written), out, run_dir)))

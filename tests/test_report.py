@@ -963,3 +963,15 @@ def test_only_a_stage_run_replaces_the_gate_report(tmp_path):
 def test_the_run_keeps_its_own_report(real_run):
     """The report asked for is a copy of the one kept with the run."""
     assert (real_run["run_dir"] / "report.html").read_bytes() == real_run["html"].read_bytes()
+
+
+def test_a_rewritten_report_leaves_no_stale_chart(tmp_path):
+    from fq_core.report.charts import Chart, write_charts
+
+    out = tmp_path / "charts"
+    out.mkdir()
+    (out / "old-chart.png").write_bytes(b"stale")
+    kept = write_charts([Chart("a", "A", b"png")], out)
+    assert {p.name for p in out.iterdir()} == {"old-chart.png", "a.png"}
+    assert write_charts([Chart("a", "A", b"png")], out, prune=True) == kept
+    assert [p.name for p in out.iterdir()] == ["a.png"]
