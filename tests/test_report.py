@@ -905,6 +905,10 @@ def test_decision_names_the_gating_answer_and_shows_the_other(tmp_path):
     assert 'class="fq-session-failed" data-failed="1"' in text
     assert "kld layer0-m-twin" in text
     assert "fq-session-failed" not in str(html.decision_block(decided, run))
+    from fq_core.report import markdown
+
+    md = markdown.render_reports(run)["test1_results.md"].decode()
+    assert "beside it, not gating: the intrinsic answer (m-twin) **NO-GO**" in md
 
 
 def test_the_title_never_reads_all_green_over_a_failed_session(tmp_path):
