@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from fq_core.definitions.settings import INTRINSIC_TOLERANCES
+
 STATE = pytest.StashKey["RegressionState"]()
 _AUTO = "auto"
 
@@ -53,7 +55,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "METRIC:N (absolute, in the metric's unit), METRIC:report or METRIC:off, comma-"
         "separated or repeated, over the defaults (changed:0, max_rel:0, ppl:1%%, "
         "delta_ppl:0.5, kld:25%%, same_top:2; the KLD percentiles, rms_dp, placebo_ratio, "
-        "agreement and speed reported only); z:N sets the uncertainty multiple (default 2). "
+        "agreement and speed reported only; the intrinsic answer's: "
+        f"{INTRINSIC_TOLERANCES.replace('%', '%%')}); z:N sets the uncertainty multiple "
+        "(default 2). "
         "A metric fails only when worse by more than its tolerance AND by more than z times "
         "its uncertainty (llama.cpp's standard errors + the placebo spread)",
     )
@@ -87,6 +91,7 @@ class RegressionState:
     reference_dir: Path  # --fq-reference-dir
     run_id: str
     source: Any = None  # history.Source when given explicitly
+    specs: Any = None  # --fq-compare-fail as given: read over each answer's own defaults
     save_dir: Path | None = None
     manifest_done: bool = False
     _found: dict[tuple[str, str], Any] = field(default_factory=dict)
@@ -157,7 +162,8 @@ def pytest_configure(config: pytest.Config) -> None:
     except FqError as exc:
         raise pytest.UsageError(str(exc)) from None
     try:
-        tolerances = regression.parse_tolerances(config.getoption("fq_compare_fail", None))
+        specs = config.getoption("fq_compare_fail", None)
+        tolerances = regression.parse_tolerances(specs)  # refused now, not per test
         source = None
         if spec not in (None, _AUTO):
             source = history.resolve(str(spec), root)
@@ -175,6 +181,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[STATE] = RegressionState(
         spec=spec,
         tolerances=tolerances,
+        specs=specs,
         root=root,
         rootdir=config.rootpath,
         reference_dir=reference_dir,
@@ -318,7 +325,7 @@ def fq_regression(request: pytest.FixtureRequest, fq_session, fq_result):
         cmp = regression.compare_runs(
             ref,
             fq_result,
-            state.tolerances,
+            state.specs,
             reference_source=source.label,
             reference_path=str(source.record_path(ref.stage, ref.case)),
             reference_commit=_commit(history.source_manifest(source)),

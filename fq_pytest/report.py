@@ -12,6 +12,7 @@ measured here. Charts are also written as PNGs to `charts/` beside the HTML repo
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -35,10 +36,13 @@ class _Errors:
 
     def __init__(self) -> None:
         self.nodeids: list[str] = []
+        self.failed: list[str] = []  # every failed test, any phase: what the title counts
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.failed and report.when != "call":
             self.nodeids.append(report.nodeid)
+        if report.failed and report.nodeid not in self.failed:
+            self.failed.append(report.nodeid)
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed:
@@ -48,9 +52,87 @@ class _Errors:
 _ERRORS = pytest.StashKey[_Errors]()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-html's, which opens the path it is given
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_ERRORS] = errors = _Errors()
     config.pluginmanager.register(errors, "fq-session-errors")
+    _report_with_the_run(config)
+
+
+# --- where the pytest-html report goes ---------------------------------------------------------
+
+_ASKED = pytest.StashKey[Path]()  # the --html path asked for, when redirected to the run
+_STARTED = pytest.StashKey[float]()
+
+
+def _ini_html(config: pytest.Config) -> str | None:
+    """The --html of pytest.ini's addopts: the gate's report, which only a stage run replaces."""
+    for arg in config.getini("addopts"):
+        if arg.startswith("--html="):
+            return arg.removeprefix("--html=")
+    return None
+
+
+def _report_with_the_run(config: pytest.Config) -> None:
+    """pytest-html writes into results/<run>/report.html, so each run keeps its own report;
+    the path asked for gets a copy at the end (`_publish_report`). The run id is fixed here
+    for fq_pytest.plugin, which reads it after this hook."""
+    asked = _html_path(config)
+    if asked is None or hasattr(config, "workerinput"):
+        return
+    try:
+        from fq_core.storage.results import new_run_id
+        from fq_pytest.plugin import results_root
+
+        rid = config.getoption("fq_run_id") or os.environ.get("FQ_RUN_ID") or new_run_id()
+        root = results_root(config)
+    except (ImportError, ValueError):  # the experiment plugin is not loaded
+        return
+    config.option.fq_run_id = rid
+    config.option.htmlpath = str(root / rid / "report.html")
+    config.stash[_ASKED] = asked
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    import time
+
+    session.config.stash[_STARTED] = time.time()
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """Publish the run's report where it was asked for; after every pytest_sessionfinish
+    (pytest-html writes there), which the terminal reporter's wrapper runs first."""
+    asked = config.stash.get(_ASKED, None)
+    written = _html_path(config)
+    if asked is None or written is None or not written.is_file():
+        return
+    say = terminalreporter.write_line
+    if config.option.collectonly:  # a collection is no run: its report is not kept
+        written.unlink()
+        with contextlib.suppress(OSError):
+            written.parent.rmdir()
+    gate = _ini_html(config)
+    ini = Path.cwd() / Path(os.path.expandvars(gate)).expanduser() if gate else None
+    if asked == ini and not _ran_stages(written.parent, config.stash.get(_STARTED, 0.0)):
+        say(f"fq: {asked} left as it was: this session stored no stage results")
+        return
+    if written.is_file():
+        from fq_core.platform.atomic import write_bytes
+
+        asked.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(asked, written.read_bytes(), force=True)
+        say(f"fq: {asked} is a copy of this run's report, {written}")
+
+
+def _ran_stages(run_dir: Path, since: float) -> bool:
+    from fq_core.report import record_files
+
+    return (
+        any(p.stat().st_mtime >= since for p in record_files(run_dir))
+        if run_dir.is_dir()
+        else False
+    )
 
 
 # Which llama.cpp commands a check's verdict rests on, by the tool's file name.
@@ -182,7 +264,7 @@ def pytest_html_results_summary(prefix, summary, postfix, session) -> None:
 
 
 def _summary(prefix, summary, postfix, session) -> None:
-    from fq_core.report import charts, decisions, html, load_run
+    from fq_core.report import charts, decisions, html, load_run, session_title
 
     config = session.config
     run_dir = _run_dir(config)
@@ -191,15 +273,16 @@ def _summary(prefix, summary, postfix, session) -> None:
         prefix.append(str(html.no_stage_note()))
         return
     run = load_run(run_dir)
-    errors = config.stash[_ERRORS].nodeids if _ERRORS in config.stash else []
+    seen = config.stash.get(_ERRORS, None)
+    errors, failed = (seen.nodeids, seen.failed) if seen is not None else ([], [])
     decided = decisions(run, errors)
-    prefix.append(str(html.decision_block(decided, run)))
+    prefix.append(str(html.decision_block(decided, run, failed)))
     against = str(html.reference_block(run))  # empty unless --fq-compare stored comparisons
     if against:
         prefix.append(against)
     report = config.stash.get(_HTML_REPORT, None)
     if report is not None:
-        report.title = f"{_TITLE}: " + ", ".join(f"{d.model} {d.verdict}" for d in decided)
+        report.title = f"{_TITLE}: {session_title(decided, failed)}"
     summary.append(str(html.answers_table(run)))
     summary.append(str(html.overview_table(run)))
     all_charts = charts.run_charts(run)
@@ -210,5 +293,6 @@ def _summary(prefix, summary, postfix, session) -> None:
     html_path = _html_path(config)
     if html_path is not None:
         out = html_path.parent / "charts"
-        written = charts.write_charts((c for cs in all_charts.values() for c in cs), out)
+        drawn = (c for cs in all_charts.values() for c in cs)  # pruned: in the run's own dir
+        written = charts.write_charts(drawn, out, prune=_ASKED in config.stash)
         postfix.append(str(html.charts_note(len(written), out, run_dir)))

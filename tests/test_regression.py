@@ -210,6 +210,37 @@ def test_bad_tolerances_name_the_expression(spec, words):
         parse_tolerances(spec)
 
 
+def test_the_intrinsic_answer_is_compared_on_its_own_scale():
+    """The twin's ΔPPL moving by 0.2 points beyond its noise is a regression; as deployed the
+    same move is within the 0.5-point tolerance (issue 20: the twin answer was compared with
+    the deployed tolerances). A given tolerance holds for both answers."""
+    twin = parse_tolerances(None, variant="intrinsic")
+    assert twin["delta_ppl"] == Tolerance("delta_ppl", "abs", 0.05)
+    assert twin["kld"] == parse_tolerances(None)["kld"]  # relative: scale-free already
+    quiet = _placebo(ppls=(17.03, 17.03, 17.03))
+
+    def pair(variant):
+        a = rec(
+            variant=variant,
+            placebo=quiet,
+            treatment=_treatment(delta_ppl_pct=0.10, delta_ppl_pct_err=0.01),
+        )
+        b = rec(
+            "R2",
+            variant=variant,
+            placebo=quiet,
+            treatment=_treatment(delta_ppl_pct=0.30, delta_ppl_pct_err=0.01),
+        )
+        return a, b
+
+    def verdict(cmp):
+        return next(m.verdict for m in cmp.metrics if m.metric == "delta_ppl")
+
+    assert verdict(compare_runs(*pair("deployed"))) == "within tolerance"
+    assert verdict(compare_runs(*pair("intrinsic"))) == "regressed"
+    assert verdict(compare_runs(*pair("intrinsic"), "delta_ppl:0.5")) == "within tolerance"
+
+
 def test_tolerance_limits():
     assert Tolerance("kld", "rel", 10).limit(0.006) == pytest.approx(0.0006)
     assert Tolerance("kld", "rel", 10).limit(-2.0) == pytest.approx(0.2)

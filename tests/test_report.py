@@ -874,3 +874,108 @@ def test_a_schema_3_record_is_brought_forward_with_its_categories(tmp_path, word
     assert rec.placebo.compared == PlaceboComparison(kld=want, delta_ppl=want, same_top=want)
     text = render_all(load_run(save_run(tmp_path, data)))
     assert f'<span class="fq-{TONE[Standing(standing)]}">{html_lib.escape(words)}</span>' in text
+
+
+# --- the session's truth: which answer gates, what failed, where the report lives --------------
+
+
+def _failing_twin_run(tmp_path: Path):
+    from fq_core.report import load_run
+
+    bad = {"status": "failed", "gates": True, "detail": "mean KLD 0.5 > 0.02", "value": 0.5}
+    twin = make_record(variant="intrinsic")
+    twin["checks"] = dict(twin["checks"], kld=dict(twin["checks"]["kld"], **bad))
+    twin["outcome"] = "failed"
+    return load_run(save_run(tmp_path, make_record(), twin))
+
+
+def test_decision_names_the_gating_answer_and_shows_the_other(tmp_path):
+    """A deployed GO beside a failed twin: the block says the deployed answer gates and shows
+    the intrinsic answer's NO-GO next to it; a session failure is stated above the decision."""
+    from fq_core.report import decisions, html
+
+    run = _failing_twin_run(tmp_path)
+    decided = decisions(run)
+    assert [(d.model, d.verdict.value) for d in decided] == [("m", "GO")]
+    failed = ["experiments/test_stages.py::test_kld[layer0-m-twin]"]
+    text = str(html.decision_block(decided, run, failed))
+    assert 'data-gating="deployed"' in text
+    assert 'class="fq-other" data-model="m-twin" data-verdict="NO-GO"' in text
+    assert "failed: kld" in text
+    assert 'class="fq-session-failed" data-failed="1"' in text
+    assert "kld layer0-m-twin" in text
+    assert "fq-session-failed" not in str(html.decision_block(decided, run))
+    from fq_core.report import markdown
+
+    md = markdown.render_reports(run)["test1_results.md"].decode()
+    assert "beside it, not gating: the intrinsic answer (m-twin) **NO-GO**" in md
+
+
+def test_the_title_never_reads_all_green_over_a_failed_session(tmp_path):
+    from fq_core.report import decisions, session_title
+
+    decided = decisions(_failing_twin_run(tmp_path))
+    assert session_title(decided, []) == "m GO"
+    failed = [
+        "experiments/test_stages.py::test_kld[layer0-m-twin]",
+        "experiments/test_stages.py::test_perplexity[layer0-m-twin]",
+        "experiments/test_stages.py::test_same_top[layer0-m-twin]",
+        "experiments/test_stages.py::test_regression[layer0-m-twin]",
+    ]
+    title = session_title(decided, failed)
+    assert title.startswith("m GO · 4 failed: kld layer0-m-twin, perplexity layer0-m-twin")
+    assert title.endswith("and 1 more")
+
+
+def test_a_placebo_ratio_is_not_styled_as_a_failure():
+    """ "11× the largest placebo" is a measurement, not a failed check: not the failure red."""
+    from fq_core.report import html
+
+    css = str(html.style())
+    fail = re.search(r"\.fq-status-failed[^{]*\{color:(#\w+)", css).group(1)
+    above = re.search(r"\.fq \.fq-above\{color:(#\w+)", css).group(1)
+    assert above != fail
+
+
+def _pytest_in(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """pytest with the checkout's pytest.ini (its --html=reports/report.html) from `cwd`."""
+    env = dict(os.environ, FQ_RESULTS_DIR=str(cwd / "results"), FQ_LOG_DIR=str(cwd / "logs"))
+    env.pop("FQ_RUN_ID", None)
+    argv = [sys.executable, "-m", "pytest", "-c", str(ROOT / "pytest.ini")]
+    argv += ["--rootdir", str(ROOT), "-p", "no:cacheprovider", "-p", "no:randomly", *args]
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_only_a_stage_run_replaces_the_gate_report(tmp_path):
+    """`--collect-only` and a run of other tests leave reports/report.html as it was; the
+    run's own report lives in results/<run>/report.html (a collection keeps none)."""
+    gate = tmp_path / "reports" / "report.html"
+    gate.parent.mkdir()
+    gate.write_text("an earlier run's report")
+    one = [str(ROOT / "tests" / "test_figures.py"), "-q", "-k", "test_figure"]
+    proc = _pytest_in(tmp_path, *one, "--collect-only")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert not list((tmp_path / "results").glob("*/report.html"))
+    proc = _pytest_in(tmp_path, *one)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert gate.read_text() == "an earlier run's report"
+    assert "this session stored no stage results" in proc.stdout
+    (own,) = (tmp_path / "results").glob("*/report.html")
+    assert "<html" in own.read_text(encoding="utf-8").lower()
+
+
+def test_the_run_keeps_its_own_report(real_run):
+    """The report asked for is a copy of the one kept with the run."""
+    assert (real_run["run_dir"] / "report.html").read_bytes() == real_run["html"].read_bytes()
+
+
+def test_a_rewritten_report_leaves_no_stale_chart(tmp_path):
+    from fq_core.report.charts import Chart, write_charts
+
+    out = tmp_path / "charts"
+    out.mkdir()
+    (out / "old-chart.png").write_bytes(b"stale")
+    kept = write_charts([Chart("a", "A", b"png")], out)
+    assert {p.name for p in out.iterdir()} == {"old-chart.png", "a.png"}
+    assert write_charts([Chart("a", "A", b"png")], out, prune=True) == kept
+    assert [p.name for p in out.iterdir()] == ["a.png"]

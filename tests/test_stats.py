@@ -149,13 +149,28 @@ def test_false_discoveries_benjamini_hochberg(pvalues, discoveries):
     assert stats.false_discoveries(pvalues, q=0.05) == discoveries
 
 
-def test_placebos_that_measured_zero_give_a_floor_of_zero_and_no_ratio():
+@pytest.mark.parametrize(
+    ("decimals", "says", "detail"),
+    [
+        (None, "above its floor of 0", "flipped in the same tensors"),
+        # llama-perplexity prints per-chunk KLD to 5 decimals: placebos that moved no printed
+        # digit give a floor below 5e-6, never "a floor of 0" beside a ratio (issue 20)
+        (
+            5,
+            "rounds each chunk's KLD to 5 decimals: a floor below 5.0e-06",
+            "0 means below 5.0e-06",
+        ),
+    ],
+)
+def test_placebos_that_measured_zero_give_no_ratio_and_say_why(decimals, says, detail):
     res = stats.resolution(
         engine="x",
         treatment_chunks=Q4_BF16_L0,
         treatment_mean=None,
         placebo_chunks=[[0.0] * 8],
         placebo_means=[0.0],
+        decimals=decimals,
     )
     assert res.floor == 0.0 and res.ratio is None and res.resolved is True
-    assert "above its floor of 0" in res.sentence
+    assert says in res.sentence and detail in res.floor_detail
+    assert ("floor of 0" in res.sentence) is (decimals is None)

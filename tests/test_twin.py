@@ -277,16 +277,39 @@ def test_manifest(mixed, tmp_path):
     assert "dequantized 16 of 21 tensors" in m.summary() and "to F32" in m.summary()
 
 
-def test_all_f32_source_is_a_copy(tmp_path):
-    w = gguf.GGUFWriter(tmp_path / "f.gguf", "llama")
+def all_f32(path: Path) -> Path:
+    """A GGUF whose one tensor is F32: nothing in it to dequantize."""
+    w = gguf.GGUFWriter(path, "llama")
     w.add_tensor("a.weight", np.arange(64, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_all_f32_source_is_a_copy(tmp_path):
+    all_f32(tmp_path / "f.gguf")
     m = make_twin(tmp_path / "f.gguf", tmp_path / "t.gguf")
     assert m.n_converted == 0 and "the twin is a copy" in m.summary()
     assert (tmp_path / "t.gguf").read_bytes() == (tmp_path / "f.gguf").read_bytes()
+
+
+def test_the_twin_of_a_float_model_is_the_model_itself(tmp_path, capsys, isolated_cache):
+    """Nothing to dequantize: `fq twin` and twin_for name the model, and the cache holds no
+    byte-identical copy (issue 20: a 1.08 GB copy of an all-F32 model)."""
+    from fq_core.measurement.models import resolve_model
+
+    all_f32(tmp_path / "f.gguf")
+    status, out, err = run(capsys, "twin", str(tmp_path / "f.gguf"))
+    assert status == 0, err
+    summary, path = out.splitlines()
+    assert "its twin is itself" in summary and Path(path) == tmp_path / "f.gguf"
+    ref = resolve_model(str(tmp_path / "f.gguf"))
+    t = twin_for(ref)
+    assert (t.path, t.sha256, t.manifest, t.made) == (ref.path, ref.sha256, None, False)
+    assert t.name == "f-twin" and t.source == ref
+    assert not list((tmp_path / "cache").rglob("*.gguf"))
 
 
 def test_f16_overflow_is_refused(tmp_path):

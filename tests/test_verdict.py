@@ -166,7 +166,8 @@ def test_a_session_with_errors_states_no_go_in_the_html_report(inner, tmp_path):
     )
     result.assert_outcomes(passed=1, errors=3)
     title = _title(html)
-    assert title == f"fq-suite go/no-go report: {MODEL} NO DECISION"
+    failed = "3 failed: broken 0, broken 1, broken 2"  # never a bare verdict over them
+    assert title == f"fq-suite go/no-go report: {MODEL} NO DECISION · {failed}"
     text = html.read_text(encoding="utf-8")
     assert _verdict(html, MODEL) == "NO DECISION"
     assert "this session had 3 errors (test_inner.py::test_broken[0] and 2 more)" in text

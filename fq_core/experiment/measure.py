@@ -26,6 +26,7 @@ import msgspec
 from .. import __version__
 from ..errors import FqError
 from ..measurement import patch
+from ..measurement.llama.parse import KLD_TABLE_DECIMALS
 from ..platform import atomic, progress
 from ..storage import cache, codec, record, results
 from ..storage.identity import Identity
@@ -480,6 +481,7 @@ def resolution(
     engine = getattr(exp.settings, "engine", "llama-perplexity")
     return stats.resolution(
         engine=ENGINE_WORDS.get(engine, engine),
+        decimals=KLD_TABLE_DECIMALS if engine == "llama-perplexity" else None,
         treatment_chunks=list(kld.chunk_means) if kld else [],
         treatment_mean=kld.mean if kld else None,
         placebo_chunks=[list(r.kld.chunk_means) if r.kld else [] for r in placebos],

@@ -36,6 +36,7 @@ from typing import Literal
 
 import msgspec
 
+from ..definitions import settings
 from ..errors import BadInput
 from ..storage import codec, results
 from ..storage.identity import Difference as IdentityDifference
@@ -111,12 +112,16 @@ _EXPR = re.compile(
 
 
 def parse_tolerances(
-    specs: str | Iterable[str] | None, base: Mapping[str, Tolerance] | None = None
+    specs: str | Iterable[str] | None,
+    base: Mapping[str, Tolerance] | None = None,
+    *,
+    variant: str = "deployed",
 ) -> dict[str, Tolerance]:
-    """`kld:10%,ppl:0.5%` (comma-separated, or several strings) over `base` (the defaults).
+    """`kld:10%,ppl:0.5%` (comma-separated, or several strings) over `base` (the defaults of
+    the `variant`'s answer: the intrinsic one is compared on its own, finer scale).
 
     BadInput names the expression and what is wrong with it."""
-    out = dict(base if base is not None else _defaults())
+    out = dict(base if base is not None else _defaults(variant))
     if specs is None:
         return out
     items = [specs] if isinstance(specs, str) else list(specs)
@@ -151,8 +156,11 @@ def parse_tolerances(
     return out
 
 
-def _defaults() -> dict[str, Tolerance]:
-    return parse_tolerances(DEFAULT_TOLERANCES, base={})
+def _defaults(variant: str = "deployed") -> dict[str, Tolerance]:
+    out = parse_tolerances(DEFAULT_TOLERANCES, base={})
+    if variant == "intrinsic":
+        out = parse_tolerances(settings.INTRINSIC_TOLERANCES, base=out)
+    return out
 
 
 def tolerances_text(tols: Mapping[str, Tolerance]) -> str:
@@ -732,9 +740,12 @@ def compare_runs(
     commit: str | None = None,
     z: float = Z,
 ) -> RunComparison:
-    """Every metric of `now` against `reference` under the rule in the module docstring."""
+    """Every metric of `now` against `reference` under the rule in the module docstring.
+
+    `tolerances` as given by the user (specs, None) are read over the defaults of `now`'s
+    answer (deployed or intrinsic); a parsed mapping is used as it is."""
     if tolerances is None or isinstance(tolerances, (str, list, tuple)):
-        tols = parse_tolerances(tolerances)  # type: ignore[arg-type]
+        tols = parse_tolerances(tolerances, variant=now.variant)  # type: ignore[arg-type]
     else:
         tols = dict(tolerances)  # type: ignore[arg-type]
     if "z" in tols:  # z:N among the tolerances wins over the argument

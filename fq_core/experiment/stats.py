@@ -106,6 +106,7 @@ def resolution(
     placebo_means: Sequence[float | None],
     identical: bool = False,
     label: str = "",
+    decimals: int | None = None,
 ) -> Resolution:
     """The treatment's KLD against the floor its own method measured (the placebos).
 
@@ -162,6 +163,14 @@ def resolution(
     elif floor is None:
         shown = _interval_text(effect) if effect is not None else sci(est)
         sentence = f"{lead}KLD {shown}, floor not measured (no placebo)"
+    elif resolved and not ratio and decimals is not None:  # 0 is the source's rounding
+        step = sci(0.5 * 10.0**-decimals)
+        floor_detail += f"; the engine prints {decimals} decimals, so 0 means below {step}"
+        sentence = (
+            f"{lead}KLD {_interval_text(effect)}, above its placebos, which moved no printed "
+            f"digit (the engine rounds each chunk's KLD to {decimals} decimals: a floor below "
+            f"{step}, not 0)"
+        )
     elif resolved and not ratio:  # the placebos measured exactly 0: no ratio to state
         sentence = (
             f"{lead}KLD {_interval_text(effect)}, above its floor of 0 (its placebos "

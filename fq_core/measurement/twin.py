@@ -612,10 +612,27 @@ def _cached(path: Path, model: ModelRef, dtype: str) -> TwinManifest | None:
     return manifest
 
 
+def is_own_twin(path, dtype: str = "f32") -> bool:
+    """True when no tensor of the GGUF at `path` would change in its `dtype` twin: the twin
+    of a float model is the model itself, never a byte-for-byte copy in the cache."""
+    _check_dtype(dtype)
+    return not any(p.converted for p in _plan(read_index(path), dtype))
+
+
 def twin_for(model: ModelRef, dtype: str = "f32", *, rebuild: bool = False) -> TwinRef:
-    """The cached float twin of `model` (made once, under a file lock, then reused)."""
+    """The cached float twin of `model` (made once, under a file lock, then reused); the
+    model itself (`manifest` None) when it has nothing to dequantize."""
     from filelock import FileLock
 
+    if is_own_twin(model.path, dtype):
+        return TwinRef(
+            name=f"{model.name}-twin",
+            path=model.path,
+            sha256=model.sha256,
+            spec=None,
+            source=model,
+            dtype=dtype,
+        )
     path = twin_path(model, dtype)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -655,6 +672,7 @@ __all__ = [
     "TwinRef",
     "TwinTensor",
     "can_dequantize",
+    "is_own_twin",
     "make_twin",
     "manifest_path",
     "read_manifest",

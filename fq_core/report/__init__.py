@@ -208,3 +208,38 @@ def decisions(run: RunResults, errors: Sequence[str] = ()) -> tuple[Decision, ..
         deployed = any(r.base_model == base and r.variant == "deployed" for r in run.results)
         cases.append(base if deployed else record_mod.case_name(base, "intrinsic"))
     return tuple(decide(run, c, errors) for c in cases)
+
+
+def other_answer(run: RunResults, decided: Decision) -> Decision | None:
+    """The verdict the answer that does not gate would give (the intrinsic `-twin` beside a
+    deployed decision), shown beside the decision so a failing twin is never out of sight;
+    None when the run measured only one answer for that model."""
+    result = run.get(GATE_STAGE.id, decided.model)
+    if result is None:
+        return None
+    base, variant = result.base_model, result.variant
+    other = record_mod.case_name(base, "intrinsic" if variant == "deployed" else "deployed")
+    if other == decided.model or run.get(GATE_STAGE.id, other) is None:
+        return None
+    return decide(run, other)
+
+
+def failed_label(nodeid: str) -> str:
+    """`test_kld[layer0-gemma3-270m-twin]` → `kld layer0-gemma3-270m-twin`: a failed test
+    as the title names it (the check and the case, not the file)."""
+    name = nodeid.rsplit("::", 1)[-1].removeprefix("test_")
+    head, _, param = name.partition("[")
+    return f"{head} {param.rstrip(']')}".strip()
+
+
+def session_title(decided: Sequence[Decision], failed: Sequence[str], *, limit: int = 3) -> str:
+    """The decisions and, when any test of the session failed, how many and which: a GO of
+    the gating answer never reads all-green over a failed session."""
+    title = ", ".join(f"{d.model} {d.verdict}" for d in decided) or "no decision"
+    if failed:
+        labels = list(dict.fromkeys(failed_label(n) for n in failed))
+        shown = ", ".join(labels[:limit]) + (
+            f" and {len(labels) - limit} more" if len(labels) > limit else ""
+        )
+        title += f" · {len(failed)} failed: {shown}"
+    return title

@@ -394,8 +394,10 @@ def run_charts(run: RunResults) -> dict[str, tuple[Chart, ...]]:
     return charts
 
 
-def write_charts(charts: Iterable[Chart], out_dir: Path) -> list[Path]:
-    """Write the drawable charts as `<key>.png`; the written paths, in order."""
+def write_charts(charts: Iterable[Chart], out_dir: Path, *, prune: bool = False) -> list[Path]:
+    """Write the drawable charts as `<key>.png`; the written paths, in order. `prune`: the
+    directory is the report's own, so a PNG this report no longer draws is removed (a
+    rewritten report never sits beside stale charts)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for chart in charts:
@@ -406,4 +408,7 @@ def write_charts(charts: Iterable[Chart], out_dir: Path) -> list[Path]:
         tmp.write_bytes(chart.png)
         tmp.replace(path)
         paths.append(path)
+    if prune:
+        for stale in set(out_dir.glob("*.png")) - set(paths):
+            stale.unlink(missing_ok=True)
     return paths

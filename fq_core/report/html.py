@@ -17,7 +17,7 @@ from markupsafe import Markup
 
 from ..experiment.stages import GATE_STAGE
 from ..storage.record import Check, Command
-from . import Decision, RunResults, StageResult
+from . import Decision, RunResults, StageResult, failed_label
 from . import rows as rows_mod
 from .charts import Chart
 from .render import macros
@@ -33,9 +33,13 @@ def style() -> Markup:
     return _m().style()
 
 
-def decision_block(decisions: Sequence[Decision], run: RunResults) -> Markup:
-    """The first thing a reader sees: per model GO / NO-GO for moving past Test 1, and why."""
-    return _m().decision_block(rows_mod.decision_views(run, decisions), GATE_STAGE)
+def decision_block(
+    decisions: Sequence[Decision], run: RunResults, failed: Sequence[str] = ()
+) -> Markup:
+    """The first thing a reader sees: per model GO / NO-GO for moving past Test 1, which
+    answer gates, the other's verdict beside it, and the session's failed tests above all."""
+    views = rows_mod.decision_views(run, decisions)
+    return _m().decision_block(views, GATE_STAGE, [failed_label(n) for n in failed])
 
 
 def reference_block(run: RunResults) -> Markup:

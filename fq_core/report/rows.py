@@ -30,8 +30,16 @@ from ..experiment.regression import (
 )
 from ..experiment.stages import GATE_STAGE
 from ..figures import figure, interval, sci
-from ..storage.record import Check, Command, Range, StageRecord, Standing, Versus
-from . import Decision, RunResults, StageResult, decisions
+from ..storage.record import (
+    VARIANT_SUFFIX,
+    Check,
+    Command,
+    Range,
+    StageRecord,
+    Standing,
+    Versus,
+)
+from . import Decision, RunResults, StageResult, decisions, other_answer
 
 MISSING = "—"  # the record holds None: not measured
 
@@ -731,10 +739,21 @@ class DecisionView:
     delta_ppl: str | None  # None: Test 1 has no treatment to show
     kld: str
     versus: Versus | None  # mean KLD against the placebos, as stored
+    #: the answer that does not gate (the intrinsic `-twin` beside the deployed decision)
+    other: Decision | None = None
 
     @property
     def verdict(self) -> str:
         return words(self.versus)
+
+    @property
+    def gating(self) -> str:
+        """Which answer this decision is (and so which one gates): `deployed` or `intrinsic`."""
+        return (
+            "intrinsic"
+            if self.decision.model.endswith(VARIANT_SUFFIX["intrinsic"])
+            else ("deployed")
+        )
 
     @property
     def tone(self) -> str:
@@ -746,8 +765,9 @@ def decision_views(run: RunResults, decided: Sequence[Decision] | None = None):
     for d in decisions(run) if decided is None else decided:
         r = run.get(GATE_STAGE.id, d.model)
         t = r.record.treatment if r is not None else None
+        other = other_answer(run, d)
         if t is None:
-            out.append(DecisionView(d, None, MISSING, None))
+            out.append(DecisionView(d, None, MISSING, None, other))
             continue
         p = r.record.placebo
         out.append(
@@ -756,6 +776,7 @@ def decision_views(run: RunResults, decided: Sequence[Decision] | None = None):
                 text(t.delta_ppl_pct, "+.2f", " %"),
                 text(t.kld.mean if t.kld is not None else None, ".3g"),
                 None if p is None or p.compared is None else p.compared.kld,
+                other,
             )
         )
     return tuple(out)

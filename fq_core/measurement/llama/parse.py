@@ -65,6 +65,11 @@ def parse_kld_chunk_ppls(stdout: str) -> tuple[float, ...]:
     return tuple(_f(m.group(2)) for m in _KLD_ROW.finditer(head))
 
 
+#: llama-perplexity's KLD table prints its running means to this many decimals: per-chunk
+#: KLDs recovered from it are rounded at the source, so "0" there means "below 5e-6", not 0.
+KLD_TABLE_DECIMALS = 5
+
+
 def parse_kld_chunk_klds(stdout: str) -> tuple[float, ...]:
     """Each chunk's own mean KLD, recovered from the table's running means (r_i = mean of
     chunks 1..i, so chunk i is i·r_i − (i−1)·r_(i−1)). The table prints 5 decimals, so each
