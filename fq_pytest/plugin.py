@@ -187,10 +187,10 @@ class FqSession:
             self._models[case.model] = ref
         return self._models[case.model]
 
-    def check_tensors(self, index, model: str) -> None:
+    def check_tensors(self, index, model_id: str) -> None:
         from fq_core.experiment.stages import check_tensors
 
-        check_tensors(self.experiment, index, model_id(model))
+        check_tensors(self.experiment, index, model_id)
 
     def context(self):
         from fq_core.experiment.stages import Context
@@ -388,9 +388,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         for m in session.models
         for v in session.experiment.variants
     ]
-    session = metafunc.config.stash[SESSION]
-    for m in _models(metafunc.config):
-        refuse_bad_tensors(metafunc.config, m, lambda index, m=m: session.check_tensors(index, m))
+    for m in session.models:
+        refuse_bad_tensors(
+            metafunc.config, m.given, lambda index, m=m: session.check_tensors(index, m.id)
+        )
     # one xdist group per model: with `-n N` (loadgroup) a model's stages share one worker, in
     # order; marked here because xdist names the groups before any modifyitems hook of ours
     params = [
