@@ -1,18 +1,12 @@
-"""Root conftest: loads the fq-suite pytest wiring; the logic lives in fq_core."""
+"""Root conftest of the checkout: the fq-suite wiring and the Hypothesis profiles."""
 
 import os
 
 from hypothesis import HealthCheck, settings
 
-pytest_plugins = [
-    "fq_pytest.plugin",
-    "fq_pytest.markers",
-    "fq_pytest.report",
-    "fq_pytest.progress",
-    "fq_pytest.regression",
-    "fq_pytest.sweep",
-    "fq_pytest.interrupts",
-]
+# The wiring is the installed plugin (entry point `fq_pytest`); named here too for a checkout
+# used without installing it, and skipped by pytest when the entry point already loaded it.
+pytest_plugins = ["fq_pytest"]
 
 # Hypothesis profiles for tests/ and experiments/: `ci` is derandomized (same examples every
 # run, so the gate never flakes); `deep` explores far wider locally: HYPOTHESIS_PROFILE=deep.

@@ -30,6 +30,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
 
 
+#: Test 1 from any directory: the stage tests ship in the installed package (fq_pytest.stages).
+GATE_COMMAND = "pytest --pyargs fq_pytest.stages -k layer0"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="fq",
@@ -426,7 +430,10 @@ def _run_setup(args) -> int:
         print(f"model {name}: {path}", flush=True)
     corpus = resolve_corpus(args.text)
     print(f"corpus: {corpus.path} ({corpus.n_bytes:,} bytes, sha256 {corpus.sha256[:16]}…)")
-    print("ready: run `fq doctor` for details, `make gate` for Test 1")
+    print(
+        "ready: run `fq doctor` for details; Test 1 (the gate): `make gate` in the fq-suite "
+        f"checkout, `{GATE_COMMAND} --fq-model PATH` in any other directory"
+    )
     return 0
 
 

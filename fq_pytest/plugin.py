@@ -139,6 +139,7 @@ class FqSession:
         self.ignore_gate: bool = config.getoption("fq_ignore_gate")
         self.root = results_root(config)
         self.selected: set[tuple[str, str]] = set()  # (stage, case) in this session
+        self.models = _model_ids(config)
         self._models: dict[str, Any] = {}
         self._results: dict[tuple[str, str], Any] = {}  # StageRecord
         self._tools = self._runner = self._corpus = None
@@ -186,10 +187,10 @@ class FqSession:
             self._models[case.model] = ref
         return self._models[case.model]
 
-    def check_tensors(self, index, model: str) -> None:
+    def check_tensors(self, index, model_id: str) -> None:
         from fq_core.experiment.stages import check_tensors
 
-        check_tensors(self.experiment, index, model_id(model))
+        check_tensors(self.experiment, index, model_id)
 
     def context(self):
         from fq_core.experiment.stages import Context
@@ -350,7 +351,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return [f"fq: experiment unavailable ({exc})"]
     return [
         f"fq: run {s.run_id} -> {s.root / s.run_id}",
-        f"fq: models {' '.join(_models(config))}; {s.experiment.fmt}/{s.experiment.rounding}; "
+        *(f"fq: model {m.line()}" for m in s.models),
+        f"fq: {s.experiment.fmt}/{s.experiment.rounding}; "
         f"chunks {s.experiment.settings.chunks} x ctx {s.experiment.settings.ctx}; "
         f"placebo seeds {len(s.experiment.placebo_seeds)}; answers "
         f"{' + '.join(s.experiment.variants)} (gate: {s.experiment.gate_variant})",
@@ -361,13 +363,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
-def _models(config: pytest.Config) -> list[str]:
-    given = config.getoption("fq_model")
-    models = given if given else config.getini("fq_models")
-    seen: dict[str, str] = {}
-    for m in models:
-        seen.setdefault(model_id(m), m)
-    return list(seen.values())
+def _model_ids(config: pytest.Config):
+    """The session's models and their ids (fq_core.measurement.models.model_ids): a collision
+    or a missing file is one line at the start, not a model left out or a failure per test."""
+    from fq_core.errors import FqError
+    from fq_core.measurement.models import model_ids
+
+    given = config.getoption("fq_model") or config.getini("fq_models")
+    try:
+        return model_ids(given)
+    except FqError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -375,16 +381,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     from fq_core.experiment.stages import STAGES
 
-    variants = metafunc.config.stash[SESSION].experiment.variants
-    cases = [
-        StageCase(s.id, m, model_id(m), v)
-        for s in STAGES
-        for m in _models(metafunc.config)
-        for v in variants
-    ]
     session = metafunc.config.stash[SESSION]
-    for m in _models(metafunc.config):
-        refuse_bad_tensors(metafunc.config, m, lambda index, m=m: session.check_tensors(index, m))
+    cases = [
+        StageCase(s.id, m.given, m.id, v)
+        for s in STAGES
+        for m in session.models
+        for v in session.experiment.variants
+    ]
+    for m in session.models:
+        refuse_bad_tensors(
+            metafunc.config, m.given, lambda index, m=m: session.check_tensors(index, m.id)
+        )
     # one xdist group per model: with `-n N` (loadgroup) a model's stages share one worker, in
     # order; marked here because xdist names the groups before any modifyitems hook of ours
     params = [
@@ -442,7 +449,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     session = config.stash[SESSION]
     order = {s.id: s.index for s in STAGES}
-    models = {model_id(m): i for i, m in enumerate(_models(config))}
+    models = {m.id: i for i, m in enumerate(session.models)}
     variants = {"deployed": 0, "intrinsic": 1}
     keyed = []
     for pos, item in enumerate(items):

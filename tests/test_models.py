@@ -451,3 +451,58 @@ def test_cache_entries_that_cannot_be_trusted_are_hashed_again(tmp_cache, tmp_pa
     assert hashing.sha256_file(f, verify=True) == "2" * 64  # trusted: a cache hit
     hashing.remember_sha256(f, "3" * 64)  # only remembered
     assert hashing.sha256_file(f) == "3" * 64 and hashing.sha256_file(f, verify=True) == real
+
+
+# --- the ids of a session's models (issue 20: ids that cannot collide) ----------------------
+
+
+def test_same_stem_two_files_both_kept_and_told_apart(tmp_path, tmp_cache):
+    """Two different `gemma-3-270m-q4_k_m.gguf`: both get an id, stem + 8 hex of SHA-256."""
+    from gguf_factory import build_gguf
+
+    a = build_gguf(tmp_path / "a", "same.gguf", seed=1).path
+    b = build_gguf(tmp_path / "b", "same.gguf", seed=2).path
+    ids = models.model_ids([str(a), str(b)])
+    assert [m.id for m in ids] == [f"same-{_sha256(a)[:8]}", f"same-{_sha256(b)[:8]}"]
+    assert [(m.path, m.sha256) for m in ids] == [(a, _sha256(a)), (b, _sha256(b))]
+    assert ids[0].line() == f"{ids[0].id} = {a} (sha256 {_sha256(a)})"
+
+
+def test_same_file_twice_is_one_model_and_a_lone_stem_keeps_its_name(tmp_path, tmp_cache):
+    from gguf_factory import build_gguf
+
+    a = build_gguf(tmp_path, "mine.gguf").path
+    copy = shutil.copy(a, tmp_path / "copy")
+    os.makedirs(tmp_path / "c")
+    same = shutil.copy(a, tmp_path / "c" / "mine.gguf")  # same stem, same bytes: one model
+    ids = models.model_ids([str(a), "smollm2-135m", str(a), str(same), str(copy)])
+    assert [m.id for m in ids] == ["mine", "smollm2-135m", "copy"]
+
+
+def test_file_named_like_a_registry_model_is_told_apart(tmp_path, tmp_cache):
+    """The registry name keeps its id (and is not fetched or read: collection stays offline)."""
+    from gguf_factory import build_gguf
+
+    mine = build_gguf(tmp_path, "gemma3-270m.gguf").path
+    ids = models.model_ids(["gemma3-270m", str(mine)])
+    assert [m.id for m in ids] == ["gemma3-270m", f"gemma3-270m-{_sha256(mine)[:8]}"]
+    assert ids[0].sha256 == REGISTRY["gemma3-270m"].sha256 and not ids[0].path.exists()
+
+
+@pytest.mark.parametrize("stem", ["x-twin", "Twin-model", "my_twinkle"])
+def test_twin_in_an_id_is_refused_in_one_line(tmp_path, tmp_cache, stem):
+    """`-twin` names the intrinsic answer only: `-k "not twin"` must keep every deployed id."""
+    from gguf_factory import build_gguf
+
+    path = build_gguf(tmp_path, f"{stem}.gguf").path
+    with pytest.raises(BadInput, match=r"contains 'twin'.*rename or link the file") as exc:
+        models.model_ids([str(path)])
+    assert "\n" not in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_missing_or_bad_model_file_is_refused(tmp_path, tmp_cache):
+    with pytest.raises(BadInput, match="model file not found"):
+        models.model_ids([str(tmp_path / "nope.gguf")])
+    (tmp_path / "bad.gguf").write_bytes(b"NOPE" * 8)
+    with pytest.raises(BadModel, match="not a GGUF file"):
+        models.model_ids([str(tmp_path / "bad.gguf")])

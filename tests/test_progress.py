@@ -394,6 +394,10 @@ def test_b(result):
 """
 
 
+#: The progress plugin alone: the installed wiring (entry point `fq_pytest`) is left out.
+PROGRESS_ONLY = ("-p", "no:fq_pytest", "-p", "fq_pytest.progress")
+
+
 @pytest.fixture
 def inner(pytester, monkeypatch):
     monkeypatch.setattr(progress, "_listeners", ())
@@ -402,7 +406,7 @@ def inner(pytester, monkeypatch):
 
 
 def test_plugin_ci_lines_in_a_pytest_session(inner):
-    result = inner.runpytest("-p", "fq_pytest.progress", "-p", "no:cacheprovider")
+    result = inner.runpytest(*PROGRESS_ONLY, "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     lines = [ln for ln in result.outlines if ln.startswith("fq:")]
     assert len(lines) == 2
@@ -425,7 +429,7 @@ def test_plugin_tty_line_in_a_pytest_session(inner, monkeypatch, capsys):
             config.pluginmanager.get_plugin("terminalreporter").isatty = lambda: True
         """
     )
-    result = inner.runpytest("-p", "fq_pytest.progress", "-p", "no:cacheprovider")
+    result = inner.runpytest(*PROGRESS_ONLY, "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     raw = capsys.readouterr().out  # pytester echoes the inner output, carriage returns kept
     screen = [ln.rsplit("\r", 1)[-1].rstrip() for ln in raw.split("\n")]

@@ -374,3 +374,61 @@ __all__ = [
     "model_path",
     "resolve_model",
 ]
+
+
+# --- the ids of the models one session runs on ------------------------------------------------
+
+#: What a test id appends for the intrinsic answer (fq_core.storage.record.VARIANT_SUFFIX), so
+#: a model's own id may not contain it: `-k twin` and `-k "not twin"` select by substring.
+RESERVED_IN_ID = "twin"
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """A model of the session: its id in test ids and result files, where it is, its hash."""
+
+    given: str  # as the user wrote it (registry name or path)
+    id: str
+    path: Path
+    sha256: str  # a registry model's pin (not read here), else the file's own
+
+    def line(self) -> str:
+        return f"{self.id} = {self.path} (sha256 {self.sha256})"
+
+
+def model_ids(given: Iterable[str]) -> list[ModelId]:
+    """One id per distinct model, in the order given; ids never collide.
+
+    The id is the registry name or the file's stem. The same file (same stem, same SHA-256)
+    given twice counts once; two different files with one stem (or a file named like a
+    registry model) are told apart by the first 8 hex digits of their SHA-256, so neither is
+    dropped without a word. An id holding `twin` is refused: that word names the intrinsic
+    answer. A registry model is not read or fetched here (collection stays offline).
+    """
+    from ..storage.results import safe_name
+
+    found: list[ModelId] = []
+    for text in given:
+        if text in REGISTRY:
+            found.append(ModelId(text, text, model_path(text), REGISTRY[text].sha256))
+        else:
+            ref = resolve_model(text, fetch=False)
+            found.append(ModelId(text, safe_name(ref.path.stem), ref.path.absolute(), ref.sha256))
+    for m in found:
+        if RESERVED_IN_ID in m.id.lower():
+            raise BadInput(
+                f"model {m.given}: its id {m.id!r} contains {RESERVED_IN_ID!r}, which test ids "
+                f"keep for the intrinsic answer (-k twin); rename or link the file"
+            )
+    distinct: dict[tuple[str, str], ModelId] = {}
+    for m in found:
+        distinct.setdefault((m.id, m.sha256), m)
+    shas: dict[str, set[str]] = {}
+    for m in distinct.values():
+        shas.setdefault(m.id, set()).add(m.sha256)
+    return [
+        m
+        if len(shas[m.id]) == 1 or m.given in REGISTRY
+        else ModelId(m.given, f"{m.id}-{m.sha256[:8]}", m.path, m.sha256)
+        for m in distinct.values()
+    ]
