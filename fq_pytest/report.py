@@ -6,7 +6,8 @@ summary, identity differences); then every stage × model with its metrics, plac
 charts, thresholds, environment and commands. Each stage test carries its stage's table,
 the charts that belong to its check and the commands it depends on. Everything is read
 from the results store of this session's run (fq_pytest.plugin's run id); nothing is
-measured here. Charts are also written as PNGs to `charts/` beside the HTML report.
+measured here. Charts are also written as PNGs to `charts/` beside the run's own HTML report
+(results/<run>/report.html; the --html path asked for gets a copy).
 """
 
 from __future__ import annotations
@@ -145,6 +146,12 @@ _CHECK_TOOLS = {
     "generate": _GEN_TOOLS,
     "agreement": _GEN_TOOLS,
 }
+
+
+def asked_html_path(config: pytest.Config) -> Path | None:
+    """The --html path the user asked for (pytest-html itself writes into the run's directory):
+    where reports that go beside it (the sensitivity report) belong."""
+    return config.stash.get(_ASKED, None) or _html_path(config)
 
 
 def _html_path(config: pytest.Config) -> Path | None:

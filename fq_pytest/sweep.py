@@ -283,12 +283,12 @@ def _cells_dir(config: pytest.Config) -> Path | None:
 
 
 def _reports_dir(config: pytest.Config) -> Path:
-    import os
+    """Beside the --html report asked for (not the run's own copy in results/<run>/, which
+    holds stage records only), else reports/."""
+    from fq_pytest.report import asked_html_path
 
-    html = config.getoption("htmlpath", default=None)
-    if html:
-        return (Path.cwd() / Path(os.path.expandvars(html)).expanduser()).parent
-    return config.rootpath / "reports"
+    html = asked_html_path(config)
+    return html.parent if html is not None else config.rootpath / "reports"
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:

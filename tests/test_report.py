@@ -303,7 +303,8 @@ def test_summary_images_decode_and_charts_are_written(real_run):
         assert src.startswith("data:image/png;base64,")
         img = decode_png(base64.b64decode(src.split(",", 1)[1], validate=True))
         assert img.width > 200 and img.height > 100
-    charts = sorted((real_run["html"].parent / "charts").glob("*.png"))
+    # the PNGs go with the run's own report, results/<run>/charts/
+    charts = sorted((real_run["run_dir"] / "charts").glob("*.png"))
     assert {p.stem for p in charts} == {a["data-chart"] for a in imgs}
     for p in charts:
         decode_png(p.read_bytes())
