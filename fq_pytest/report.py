@@ -114,7 +114,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         with contextlib.suppress(OSError):
             written.parent.rmdir()
     gate = _ini_html(config)
-    ini = Path.cwd() / Path(os.path.expandvars(gate)).expanduser() if gate else None
+    ini = _as_path(gate) if gate else None
     if asked == ini and not _ran_stages(written.parent, config.stash.get(_STARTED, 0.0)):
         say(f"fq: {asked} left as it was: this session stored no stage results")
         return
@@ -154,11 +154,14 @@ def asked_html_path(config: pytest.Config) -> Path | None:
     return config.stash.get(_ASKED, None) or _html_path(config)
 
 
+def _as_path(option: str) -> Path:
+    """An --html value as pytest-html resolves it: variables and ~ expanded, from the cwd."""
+    return Path.cwd() / Path(os.path.expandvars(option)).expanduser()
+
+
 def _html_path(config: pytest.Config) -> Path | None:
     path = config.getoption("htmlpath", default=None)
-    if not path:
-        return None
-    return Path.cwd() / Path(os.path.expandvars(path)).expanduser()
+    return _as_path(path) if path else None
 
 
 def _run_dir(config: pytest.Config) -> Path | None:
