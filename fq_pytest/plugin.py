@@ -18,6 +18,7 @@ import pytest
 
 from fq_core.definitions import settings
 from fq_core.definitions.settings import Setting
+from fq_core.errors import FqError
 
 # --- options -------------------------------------------------------------------------------
 
@@ -99,17 +100,6 @@ RUN_ID = pytest.StashKey[str]()
 SESSION = pytest.StashKey["FqSession"]()
 
 
-def model_id(name_or_path: str) -> str:
-    """The model's part of a test id: the registry name, or a path's file stem."""
-    from fq_core.storage.results import safe_name
-
-    return safe_name(
-        Path(name_or_path).stem
-        if ("/" in name_or_path or name_or_path.endswith(".gguf"))
-        else name_or_path
-    )
-
-
 @dataclass(frozen=True)
 class StageCase:
     stage: str
@@ -169,10 +159,17 @@ class FqSession:
 
     @property
     def corpus(self):
+        """Resolved once: a corpus that cannot be found (or downloaded) fails every test with
+        the same line, without a new download attempt per test."""
         if self._corpus is None:
             from fq_core.measurement.corpus import resolve_corpus
 
-            self._corpus = resolve_corpus(self.values["fq_text"])
+            try:
+                self._corpus = resolve_corpus(self.values["fq_text"])
+            except FqError as exc:
+                self._corpus = exc
+        if isinstance(self._corpus, FqError):
+            raise self._corpus
         return self._corpus
 
     def model(self, case: StageCase):
@@ -278,7 +275,6 @@ class FqSession:
 
 def results_root(config: pytest.Config) -> Path:
     """FQ_RESULTS_DIR, or results/ under the rootdir (not the cwd); a file there is one line."""
-    from fq_core.errors import FqError
     from fq_core.platform.paths import results_dir
 
     try:
@@ -314,7 +310,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _refuse_other_settings(session: FqSession) -> None:
     """A run id holding records is resumed only with their settings (fq_core.experiment.stages)."""
-    from fq_core.errors import FqError
     from fq_core.experiment.stages import check_resume
 
     try:
@@ -343,6 +338,22 @@ def pytest_configure_node(node) -> None:
     node.workerinput["fq_dist"] = node.config.option.dist
 
 
+def _threshold_terms(t) -> str:
+    """The header's limits; a report-only check (no limit) is named as such, not as None."""
+    terms = [
+        ("dPPL<", t.ppl_delta_max),
+        ("rel<", t.max_rel_error),
+        ("KLD<=", t.kld_mean_max),
+        ("same-top>=", t.same_top_min),
+        ("agreement>=", t.agreement_min),
+        ("noise-factor<=", t.noise_factor_max),
+        ("speed-ratio>=", t.speed_ratio_min),
+    ]
+    limits = " ".join(f"{name}{limit:g}" for name, limit in terms if limit is not None)
+    unset = [name.rstrip("<>=") for name, limit in terms if limit is None]
+    return limits + (f"; report-only: {', '.join(unset)}" if unset else "")
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     s = config.stash[SESSION]
     try:
@@ -356,17 +367,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"chunks {s.experiment.settings.chunks} x ctx {s.experiment.settings.ctx}; "
         f"placebo seeds {len(s.experiment.placebo_seeds)}; answers "
         f"{' + '.join(s.experiment.variants)} (gate: {s.experiment.gate_variant})",
-        f"fq: thresholds dPPL<{t.ppl_delta_max:g} rel<{t.max_rel_error:g} "
-        f"KLD<={t.kld_mean_max:g} same-top>={t.same_top_min:g} agreement>={t.agreement_min} "
-        f"noise-factor<={t.noise_factor_max} speed-ratio>={t.speed_ratio_min}"
-        + ("; GATE IGNORED" if s.ignore_gate else ""),
+        "fq: thresholds " + _threshold_terms(t) + ("; GATE IGNORED" if s.ignore_gate else ""),
     ]
 
 
 def _model_ids(config: pytest.Config):
     """The session's models and their ids (fq_core.measurement.models.model_ids): a collision
     or a missing file is one line at the start, not a model left out or a failure per test."""
-    from fq_core.errors import FqError
     from fq_core.measurement.models import model_ids
 
     given = config.getoption("fq_model") or config.getini("fq_models")
@@ -408,7 +415,6 @@ def refuse_bad_tensors(config: pytest.Config, model: str, check) -> None:
     """Run `check(index)` on a model that is here without fetching (collection stays offline);
     a fault is refused in one line when collection ends (raised inside a collector, pytest
     would print it as a traceback)."""
-    from fq_core.errors import FqError
     from fq_core.measurement.gguf_index import read_index
     from fq_core.measurement.models import resolve_model
 
@@ -503,7 +509,6 @@ def fq_session(request: pytest.FixtureRequest) -> FqSession:
 @pytest.fixture
 def fq_result(request: pytest.FixtureRequest, fq_session: FqSession, fq_case: StageCase):
     """The stored result of this test's stage × model; skips with the gate's reason if closed."""
-    from fq_core.errors import FqError
     from fq_core.storage import results
 
     node = request.node
@@ -523,4 +528,5 @@ def fq_result(request: pytest.FixtureRequest, fq_session: FqSession, fq_case: St
             pytest.skip(decision.reason)
         return fq_session.result(fq_case)
     except FqError as exc:  # a missing model, corpus or tool: one line, not a traceback
-        pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)
+        failure = f"{type(exc).__name__}: {exc}"
+    pytest.fail(failure, pytrace=False)  # outside the except: no "during handling" chain

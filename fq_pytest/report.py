@@ -64,6 +64,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 _ASKED = pytest.StashKey[Path]()  # the --html path asked for, when redirected to the run
 _STARTED = pytest.StashKey[float]()
+_MADE = pytest.StashKey[list[Path]]()  # folders that did not exist before this session
 
 
 def _ini_html(config: pytest.Config) -> str | None:
@@ -79,9 +80,11 @@ def _report_with_the_run(config: pytest.Config) -> None:
     the path asked for gets a copy at the end (`_publish_report`). The run id is fixed here
     for fq_pytest.plugin, which reads it after this hook."""
     asked = _html_path(config)
-    if asked is None or hasattr(config, "workerinput"):
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("html"):
         return
     try:
+        from fq_core.errors import FqError
+        from fq_core.platform.atomic import check_directory
         from fq_core.storage.results import new_run_id
         from fq_pytest.plugin import results_root
 
@@ -89,9 +92,42 @@ def _report_with_the_run(config: pytest.Config) -> None:
         root = results_root(config)
     except (ImportError, ValueError):  # the experiment plugin is not loaded
         return
+    try:
+        check_directory(root / rid)
+    except FqError:  # the results store refuses the session in one line (fq_pytest.plugin)
+        return
     config.option.fq_run_id = rid
     config.option.htmlpath = str(root / rid / "report.html")
-    config.stash[_ASKED] = asked
+    config.stash[_MADE] = [d for d in (root / rid, root) if not d.exists()]
+    if asked is None:  # outside the checkout (no pytest.ini): the run's report, self-contained
+        config.option.self_contained_html = True
+    else:
+        config.stash[_ASKED] = asked
+
+
+@pytest.hookimpl(trylast=True)  # after fq_pytest.plugin has seen the selection
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """No report for a collection, nor one nobody asked for of a session without stages:
+    pytest-html is told before it writes (and before it says it did)."""
+    config = session.config
+    if _MADE not in config.stash:
+        return
+    stages = any(_is_stage(item) for item in session.items)
+    if not (config.option.collectonly or (_ASKED not in config.stash and not stages)):
+        return
+    from pytest_html.basereport import BaseReport
+
+    for plugin in config.pluginmanager.get_plugins():
+        if isinstance(plugin, BaseReport):
+            config.pluginmanager.unregister(plugin)
+    for made in config.stash[_MADE]:  # the folders pytest-html made for it, when still empty
+        with contextlib.suppress(OSError):
+            made.rmdir()
+
+
+def _is_stage(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and "fq_case" in callspec.params
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -106,24 +142,23 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     (pytest-html writes there), which the terminal reporter's wrapper runs first."""
     asked = config.stash.get(_ASKED, None)
     written = _html_path(config)
-    if asked is None or written is None or not written.is_file():
+    if written is None or not written.is_file():
         return
     say = terminalreporter.write_line
-    if config.option.collectonly:  # a collection is no run: its report is not kept
-        written.unlink()
-        with contextlib.suppress(OSError):
-            written.parent.rmdir()
+    ran_stages = _ran_stages(written.parent, config.stash.get(_STARTED, 0.0))
+    say(f"fq: report {written}")
+    if asked is None:
+        return
     gate = _ini_html(config)
     ini = _as_path(gate) if gate else None
-    if asked == ini and not _ran_stages(written.parent, config.stash.get(_STARTED, 0.0)):
+    if asked == ini and not ran_stages:
         say(f"fq: {asked} left as it was: this session stored no stage results")
         return
-    if written.is_file():
-        from fq_core.platform.atomic import write_bytes
+    from fq_core.platform.atomic import write_bytes
 
-        asked.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes(asked, written.read_bytes(), force=True)
-        say(f"fq: {asked} is a copy of this run's report, {written}")
+    asked.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(asked, written.read_bytes(), force=True)
+    say(f"fq: {asked} is a copy of this run's report, {written}")
 
 
 def _ran_stages(run_dir: Path, since: float) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from fq_core.definitions.settings import SWEEP as SETTINGS
-from fq_pytest.plugin import SESSION, add_options, model_id, refuse
+from fq_pytest.plugin import SESSION, add_options, refuse
 from fq_pytest.plugin import option_values as plugin_option_values
 
 log = logging.getLogger(__name__)
@@ -93,12 +93,13 @@ def plan_from(values: dict[str, Any], rounding: str):
 @dataclass(frozen=True)
 class SweepCase:
     model: str  # as given
+    model_id: str  # fq_core.measurement.models.model_ids: the stages' ids, never colliding
     cell: Any  # experiment.sweep.plan.Cell, or None when the model was not available at collection
     reason: str | None = None
 
     @property
     def id(self) -> str:
-        return self.cell.id if self.cell is not None else f"{model_id(self.model)}-not-collected"
+        return self.cell.id if self.cell is not None else f"{self.model_id}-not-collected"
 
 
 class SweepSession:
@@ -149,16 +150,22 @@ class SweepSession:
         from fq_core.errors import FqError
         from fq_core.experiment.sweep.plan import cells_for, sort_key
         from fq_core.measurement.gguf_index import read_index
-        from fq_core.measurement.models import resolve_model
+        from fq_core.measurement.models import model_ids, resolve_model
 
+        try:
+            ids = {m.given: m.id for m in model_ids(self.plan.models)}
+        except FqError as exc:
+            refuse(self.config, f"sweep models: {exc}")
+            return []
         out: list[SweepCase] = []
-        for m in dict.fromkeys(self.plan.models):
+        for m, mid in ids.items():
             try:  # collection never downloads: `make check` collects offline
                 ref = resolve_model(m, fetch=False)
             except FqError as exc:
                 out.append(
                     SweepCase(
                         m,
+                        mid,
                         None,
                         f"{m} was not available when collected ({exc}); "
                         "`fq fetch` it (or `make setup`) and run again",
@@ -166,11 +173,11 @@ class SweepSession:
                 )
                 continue
             try:
-                cells = cells_for(self.plan, model_id(m), read_index(ref.path))
+                cells = cells_for(self.plan, mid, read_index(ref.path))
             except FqError as exc:
                 refuse(self.config, f"sweep plan on {m}: {exc}")
                 continue
-            out += [SweepCase(m, c) for c in sorted(cells, key=sort_key)]
+            out += [SweepCase(m, mid, c) for c in sorted(cells, key=sort_key)]
         return out
 
     def label(self) -> str:
@@ -196,7 +203,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return [f"fq sweep: {exc}"]
     gpu = s.values["fq_gpu_layers"]
     return [
-        f"fq sweep (experiments/test_sensitivity.py): {plan}"
+        f"fq sweep (pytest -m sweep, in the fq-suite checkout): {plan}"
         + (f"; -ngl {gpu}" if gpu is not None else "")
     ]
 
@@ -268,7 +275,7 @@ def fq_sweep_cell(request: pytest.FixtureRequest, fq_sweep_case: SweepCase):
 def _stage_case(case: SweepCase):
     from fq_pytest.plugin import StageCase
 
-    return StageCase("sweep", case.model, model_id(case.model))
+    return StageCase("sweep", case.model, case.model_id)
 
 
 # --- the reports at the end ----------------------------------------------------------------------

@@ -2,6 +2,8 @@
 # Builds a virtualenv with uv, from the lock or from the newest releases, and refreshes the lock.
 #
 #   scripts/python-env.sh locked VENV   what CI and `make` use: exactly requirements.txt
+#   scripts/python-env.sh install VENV  the same set with this checkout installed as a copy
+#                                       (not editable): the plugin as another repository sees it
 #   scripts/python-env.sh latest VENV   newest releases pyproject.toml allows (make test-latest)
 #   scripts/python-env.sh lock [--upgrade]  re-resolve requirements.txt: keep the pins that
 #                                       still fit (make lock), or take the newest (make lock-upgrade)
@@ -11,7 +13,7 @@
 # machine's pip is configured for are handed to it: the lock installs wherever pip would.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?usage: python-env.sh locked|latest VENV | lock}
+mode=${1:?usage: python-env.sh locked|install|latest VENV | lock}
 python=${PYTHON:-python3}
 
 pip_setting() {  # the value pip would use for a setting: environment first, then its config files
@@ -51,6 +53,13 @@ case "$mode" in
       -r requirements.txt
     "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --no-deps -e .
     ;;
+  install)  # what a user of another repository gets: the locked set, this checkout copied in
+    venv=${2:?usage: python-env.sh install VENV}
+    make_venv "$venv"
+    "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --require-hashes \
+      -r requirements.txt
+    "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --no-deps .
+    ;;
   latest)
     venv=${2:?usage: python-env.sh latest VENV}
     make_venv "$venv"
@@ -72,7 +81,7 @@ case "$mode" in
     echo "requirements.txt re-resolved; review with: git diff requirements.txt" >&2
     ;;
   *)
-    echo "python-env.sh: unknown mode '$mode' (locked, latest or lock)" >&2
+    echo "python-env.sh: unknown mode '$mode' (locked, install, latest or lock)" >&2
     exit 2
     ;;
 esac

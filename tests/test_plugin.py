@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from gguf_factory import build_gguf
 
 from fq_core.cli import GATE_COMMAND
+from fq_core.measurement.corpus import resolve_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTEST = str(Path(sys.executable).with_name("pytest"))
@@ -126,3 +130,53 @@ def test_checkout_without_the_entry_point_loads_the_plugin_once(tmp_path):
             for v in ("", "-twin")
         ]
     )
+
+
+@pytest.mark.network  # the venv is built from the lock (uv's cache, else the index)
+@pytest.mark.llama
+def test_installed_copy_gates_a_local_model_from_another_repository(tmp_path, gemma3_gguf):
+    """The issue's "done when": a fresh venv outside the checkout with fq-suite installed as a
+    copy (not editable), the documented command with `--fq-model PATH` (space form) in another
+    repository, the gate decided and its report at the path printed."""
+    venv = tmp_path / "venv"
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "python-env.sh"), "install", str(venv)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable},
+        check=True,
+        timeout=600,
+    )
+    where = subprocess.run(
+        [venv / "bin" / "python", "-c", "import fq_core, fq_pytest; print(fq_pytest.__file__)"],
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(where).is_relative_to(venv), where  # the installed copy, not this checkout
+    model = tmp_path / "models" / "mine.gguf"  # a local GGUF, from a path of the user's
+    model.parent.mkdir()
+    shutil.copyfile(gemma3_gguf, model)
+    user = tmp_path / "their-repo"
+    user.mkdir()
+    (user / "pyproject.toml").write_text('[project]\nname = "theirs"\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "FQ_RESULTS_DIR")}
+    env["FQ_TEXT"] = str(resolve_corpus(download=False, checkout=ROOT).path)
+    argv = [str(venv / "bin" / "pytest"), *shlex.split(GATE_COMMAND)[1:], "-p", "no:randomly"]
+    proc = subprocess.run(
+        [*argv, "--fq-model", str(model)],
+        cwd=user,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=1800,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert f"fq: model mine = {model} (sha256 {_sha256(model)})" in out
+    printed = re.search(r"^fq: report (\S+)$", proc.stdout, re.M)
+    assert printed, out
+    report = Path(printed.group(1))
+    assert report.is_file() and report.is_relative_to(user / "results"), out
+    page = report.read_text(encoding="utf-8")
+    assert "mine GO" in page and "passed" in page, out

@@ -12,6 +12,7 @@ llama-perplexity run (pytest-benchmark, reported in extra_info, not asserted).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -655,6 +656,23 @@ def test_collection_ids_selection_and_usage_errors(tmp_path):
     assert "[" not in gate.stdout, "the stage gate's -k layer0 must not pick sweep cells"
     bad = _pytest(tmp_path, "--collect-only", "-q", "--fq-sweep-kinds", "all")
     assert bad.returncode == 4 and "add --fq-sweep-plan full" in bad.stderr
+
+
+def test_two_models_with_one_stem_are_both_swept_under_their_own_ids(tmp_path):
+    """The sweep's ids are the stages' (models.model_ids): no model dropped for its file name."""
+    a = build_gguf(tmp_path / "a", "tiny.gguf", n_layers=2, seed=1).path
+    b = build_gguf(tmp_path / "b", "tiny.gguf", n_layers=2, seed=2).path
+    proc = _pytest(
+        tmp_path,
+        *("--collect-only", "-q", "--fq-sweep-plan", "full", "--fq-sweep-variants", "deployed"),
+        *("--fq-sweep-models", f"{a} {b}", "--fq-sweep-cumulative", "false"),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = {line.split("[", 1)[1].rstrip("]") for line in proc.stdout.splitlines() if "[" in line}
+    shas = [hashlib.sha256(p.read_bytes()).hexdigest()[:8] for p in (a, b)]
+    assert ids == {
+        f"tiny-{sha}-ffn_norm-blk{layer:02d}-bf16-deployed" for sha in shas for layer in (0, 1)
+    }, proc.stdout
 
 
 # --- real llama.cpp: shards merge to the unsharded numbers; the overhead per cell ----------------
