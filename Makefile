@@ -41,8 +41,8 @@ test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The sensitivity sweep (experiments/test_sensitivity.py): the full plan the fq_sweep_* values
-# describe (default Gemma3, ffn_norm, every layer alone + the cumulative curve, BF16, both
-# variants) -> reports/sensitivity.html, .md, .json and charts/. Cells are cached: a wider or
+# describe (default Gemma3, ffn_norm, every layer alone + the cumulative curve, BF16, the
+# intrinsic answer, each cell run until decided) -> reports/sensitivity.html, .md, .json and charts/. Cells are cached: a wider or
 # interrupted sweep runs only new cells. Its pytest-html report goes to reports/sweep.html.
 sweep: setup
 	$(BIN)/pytest -m sweep --fq-sweep-plan full --html=reports/sweep.html \

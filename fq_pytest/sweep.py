@@ -42,6 +42,8 @@ AXIS_OPTIONS = (
     "fq_sweep_variants",
     "fq_sweep_cumulative",
     "fq_sweep_chunks",
+    "fq_sweep_until_decided",
+    "fq_sweep_max_chunks",
 )
 
 
@@ -87,6 +89,7 @@ def plan_from(values: dict[str, Any], rounding: str):
         variants=variants,
         cumulative=values["fq_sweep_cumulative"],
         chunks=values["fq_sweep_chunks"],
+        until_decided=values["fq_sweep_max_chunks"] if values["fq_sweep_until_decided"] else None,
     )
 
 
@@ -262,7 +265,8 @@ def fq_sweep_cell(request: pytest.FixtureRequest, fq_sweep_case: SweepCase):
     try:
         with progress.context(stage=s.label(), model=cell.id):
             ref = fq.model(_stage_case(fq_sweep_case))
-            rec = run_cell(cell, ref, s.context(), fq.experiment, chunks=s.plan.chunks)
+            rule = s.plan.rule_for(cell.variant)
+            rec = run_cell(cell, ref, s.context(), fq.experiment, chunks=s.plan.chunks, rule=rule)
     except FqError as exc:  # a missing model, corpus or tool: one line, not a traceback
         pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)
     finally:

@@ -651,6 +651,10 @@ def test_collection_ids_selection_and_usage_errors(tmp_path):
         "tiny-attn_norm-blk02-bf16-deployed" in ids and "tiny-ffn_norm-first03-int8-deployed" in ids
     )
     sel = _pytest(tmp_path, "--collect-only", "-q", *full, "-k", "tiny and ffn_norm and bf16")
+    lines = [line for line in sel.stdout.splitlines() if "[" in line]
+    assert len(lines) == 5 and all(line.endswith("intrinsic]") for line in lines), sel.stdout
+    both = (*full, "--fq-sweep-variants", "both", "-k", "tiny and ffn_norm and bf16")
+    sel = _pytest(tmp_path, "--collect-only", "-q", *both)
     assert sum("[" in line for line in sel.stdout.splitlines()) == 10, sel.stdout  # 2 variants
     gate = _pytest(tmp_path, "--collect-only", "-q", *full, "-k", "layer0")
     assert "[" not in gate.stdout, "the stage gate's -k layer0 must not pick sweep cells"

@@ -368,9 +368,10 @@ SWEEP = (
     ),
     Setting(
         "fq_sweep_variants",
-        "both",
-        "full sweep: deployed (the quantized model via llama-perplexity), intrinsic (its "
-        "float twin via full-precision logits, ~4x the cost) or both",
+        "intrinsic",
+        "full sweep: intrinsic (the float twin via full-precision logits: the default, since "
+        "the deployed answer's floor of 8-bit activation roundings ties every single layer), "
+        "deployed (the quantized model via llama-perplexity) or both",
         _choice(("both", "deployed", "intrinsic")),
     ),
     Setting(
@@ -385,6 +386,22 @@ SWEEP = (
         "",
         "full sweep: chunks per run (unset = fq_chunks; the smoke plan uses 2)",
         _optional(_pos_int),
+    ),
+    Setting(
+        "fq_sweep_until_decided",
+        "on",
+        "full sweep, intrinsic cells: evaluate the treatment and its placebo side by side, "
+        "one chunk at a time, until the stopping rule decides (fq_core.measurement.sequential: "
+        "far above, resolved, within tolerance) or fq_sweep_max_chunks; off = a fixed "
+        "fq_sweep_chunks. Deployed cells always run a fixed count",
+        _onoff,
+    ),
+    Setting(
+        "fq_sweep_max_chunks",
+        "16",
+        "full sweep: the cap of a cell evaluated until decided (its baseline holds this many "
+        "chunks of logits: 267 MB each for Gemma3)",
+        _pos_int,
     ),
     Setting(
         "fq_sweep_fdr",

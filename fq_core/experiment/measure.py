@@ -15,6 +15,8 @@ and evaluation together by the target's identity, so a resumed sweep quantizes n
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from ..measurement.evaluate import BaselineEvaluation, EvalComparison, ModelEvaluation
     from ..measurement.llama.tools import LlamaTools
     from ..measurement.models import ModelRef
+    from ..measurement.sequential import Rule
     from .stages import Context, Experiment
 
 ENGINE_WORDS = {
@@ -145,6 +148,7 @@ class Measurement:
     placebo_error: str | None  # a placebo run failed: the runs before it stand
     resolution: record.Resolution
     placebo_s: float = 0.0  # this call's placebo work
+    stop: record.SequentialStop | None = None  # evaluated until decided: why it stopped
 
 
 class Steps:
@@ -357,6 +361,141 @@ def _cached_treatment(target: Target, baseline: BaselineEvaluation, ctx, exp) ->
     return Treatment(entry.value, entry=entry)
 
 
+def baseline_over(baseline: BaselineEvaluation, n: int) -> BaselineEvaluation:
+    """The baseline's perplexity over its first n chunks (its running PPL after chunk n), so a
+    run stopped early is compared on the chunks it used."""
+    p = baseline.perplexity
+    if n >= p.n_chunks:
+        return baseline
+    short = replace(
+        p, ppl=p.chunk_ppls[n - 1], ppl_err=math.nan, chunk_ppls=p.chunk_ppls[:n], n_chunks=n
+    )
+    return replace(baseline, perplexity=short, kld_perplexity=short)
+
+
+class UntilDecided(msgspec.Struct, frozen=True, kw_only=True):
+    """A cell evaluated until decided: the treatment's figures, its placebos' (over the same
+    chunks, in the same process) and the stop; cached together by the target and the rule."""
+
+    treated: Treated
+    placebos: tuple[record.PlaceboRun, ...]  # evaluated in the treatment's command
+    stop: record.SequentialStop | None  # None: a byte-identical file, nothing ran
+
+
+def _until_decided(target: Target, baseline: BaselineEvaluation, ctx, exp, rule) -> cache.Entry:
+    """Quantize the treatment and its placebos, run them side by side chunk by chunk until the
+    rule decides (runner.exact_until_decided), delete the GGUFs; cached by target and rule."""
+    from ..measurement.gguf_index import read_index
+    from ..measurement.selection import resolve
+
+    measured = target.measured
+    names = resolve(read_index(measured.path), target.layers, exp.tensors).names
+    key = Identity(
+        cell=target_key(target, exp, ctx.tools, ctx.corpus, names, baseline.kld_base_sha256),
+        placebo_seeds=list(exp.placebo_seeds),
+        rule=rule.to_json(),
+    ).key("until-decided")
+    label = exp.fmt if exp.rounding == "truncate" else f"{exp.fmt}-{exp.rounding}"
+
+    def compute(folder: Path) -> dict:
+        dst = folder / f"{results.safe_name(measured.name)}.{label}.gguf"
+        placebo_files = [
+            folder / f"{results.safe_name(measured.name)}.placebo{seed}.gguf"
+            for seed in exp.placebo_seeds
+        ]
+        with contextlib.ExitStack() as owned:  # disk flat: the GGUFs live only while evaluated
+            for f in (dst, *placebo_files):
+                owned.enter_context(atomic.owned(f))
+            t0 = time.perf_counter()
+            with progress.step("quantize"):
+                manifest = _quantize(measured, dst, target.layers, exp, fsync=False)
+                placebo_manifests = [
+                    patch.fake_quantize_file(
+                        measured.path,
+                        f,
+                        layers=target.layers,
+                        tensors=exp.tensors,
+                        fmt="placebo",
+                        seed=seed,
+                        force=True,
+                        fsync=False,
+                    )
+                    for f, seed in zip(placebo_files, exp.placebo_seeds, strict=True)
+                ]
+            quantize_s = time.perf_counter() - t0
+            ref = replace(measured, path=dst, sha256=manifest.output.sha256, spec=None)
+            if manifest.output.sha256 == measured.sha256:  # the SHA-256 proves: no effect
+                ev = as_baseline(ref, baseline)
+                cmp = _evaluate().compare(baseline, ev)
+                figures = _figures(quantized_of(manifest), True, baseline, ev, cmp, [], quantize_s)
+                return msgspec.to_builtins(UntilDecided(treated=figures, placebos=(), stop=None))
+            t1 = time.perf_counter()
+            with progress.step("until decided"):
+                run = ctx.runner.exact_until_decided(
+                    dst,
+                    placebo_files,
+                    against=baseline.kld_base,
+                    rule=rule.to_json(),
+                    ctx=exp.settings.ctx,
+                    batch=exp.settings.batch,
+                )
+        ev_mod = _evaluate()
+        base_n = baseline_over(baseline, run.treated.n_chunks)
+        ev = ev_mod.ModelEvaluation(ref, None, (), run.treated, run.treated)
+        commands = commands_json("treatment", [run.treated.command])
+        figures = _figures(
+            quantized_of(manifest),
+            False,
+            base_n,
+            ev,
+            ev_mod.compare(base_n, ev),
+            commands,
+            quantize_s,
+            time.perf_counter() - t1,
+        )
+        placebos = []
+        for seed, pm, pr in zip(exp.placebo_seeds, placebo_manifests, run.placebos, strict=True):
+            pev = ev_mod.ModelEvaluation(ref, None, (), pr, pr)
+            cmp = ev_mod.compare(base_n, pev)
+            placebos.append(
+                record.PlaceboRun(
+                    seed=seed,
+                    key=key,
+                    layers=target.layers,
+                    manifest=str(pm.path),
+                    changed=pm.total_changed,
+                    n_elements=pm.total_elements,
+                    ppl=pr.ppl,
+                    ppl_err=pr.ppl_err,
+                    delta_ppl_pct=cmp.delta_ppl_pct,
+                    delta_ppl_pct_err=cmp.delta_ppl_pct_err,
+                    kld_mean=pr.kld.mean if pr.kld else None,
+                    same_top_pct=pr.kld.same_top_pct if pr.kld else None,
+                    kld=pr.kld,
+                )
+            )
+        stop = codec.convert(run.stop, record.SequentialStop)
+        return msgspec.to_builtins(
+            UntilDecided(
+                treated=figures,
+                placebos=tuple(placebos),
+                stop=stop,
+            )
+        )
+
+    with progress.step("cell"):
+        entry = cache.verified(
+            "cells",
+            key,
+            "cell.json",
+            compute,
+            decode=lambda payload: codec.convert(payload, UntilDecided),
+        )
+        if entry.hit:
+            progress.note("cached")
+    return entry
+
+
 # --- the placebos --------------------------------------------------------------------------
 
 
@@ -501,6 +640,7 @@ def measure(
     *,
     file: Path | None = None,
     steps: Steps | None = None,
+    until_decided: Rule | None = None,
 ) -> Measurement:
     """Fake-quantize `target`, evaluate it against the cached baseline of the measured file,
     run its placebos (none for a byte-identical file: there is no effect to compare with the
@@ -511,9 +651,32 @@ def measure(
     full (load, generations). Without (a cell): perplexity only, quantization and evaluation
     cached together by the target. An FqError from quantization, the baseline or the
     treatment propagates (`steps` says how far it got); one from a placebo is stated in
-    `placebo_error`."""
+    `placebo_error`. `until_decided` given (a cell on the exact engine): the treatment and its
+    placebos run side by side, chunk by chunk, until that stopping rule decides."""
     steps = steps or Steps()
     ev = _evaluate()
+    if until_decided is not None:
+        if file is not None or not exp.settings.exact:
+            raise ValueError("until_decided: a cell's perplexity-only run on the exact engine")
+        baseline = ev.evaluate_baseline(ctx.runner, target.measured, ctx.corpus, exp.settings)
+        steps.baseline(baseline)
+        entry = _until_decided(target, baseline, ctx, exp, until_decided)
+        done: UntilDecided = entry.value
+        treatment = Treatment(done.treated, entry=entry)
+        steps.treated(treatment)
+        placebos = tuple(
+            PlaceboResult(msgspec.structs.replace(r, cached=entry.hit), (), entry)
+            for r in done.placebos
+        )
+        return Measurement(
+            target=target,
+            baseline=baseline,
+            treatment=treatment,
+            placebos=placebos,
+            placebo_error=None,
+            resolution=resolution(exp, done.treated, done.placebos),
+            stop=done.stop,
+        )
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         manifest = _quantize(target.measured, file, target.layers, exp)

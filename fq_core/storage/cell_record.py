@@ -15,7 +15,7 @@ import msgspec
 from ..errors import BadInput
 from . import codec, results
 from .identity import Identity, MachineInfo
-from .record import Resolution
+from .record import Resolution, SequentialStop
 
 #: None: not measured; NaN and ±Inf stay floats (storage.codec turns them into words in JSON)
 Num = float | None
@@ -26,6 +26,10 @@ CELLS_DIR = "cells"
 P_TEST = (
     "one-sided one-sample t-test on the per-chunk differences treatment − mean placebo "
     "(H1: the treatment moves KLD more than its placebos)"
+)
+ANYTIME_P_TEST = (
+    "anytime-valid p of the normal-mixture confidence sequence on the per-chunk log ratios "
+    "treatment / placebo (H1: above the placebo), valid at whatever chunk the cell stopped"
 )
 
 
@@ -100,6 +104,7 @@ class CellRecord(_Part, kw_only=True):
     resolution: Resolution | None = None
     p_value: float | None = None  # None: nothing to test (identical file, no placebo, < 2 chunks)
     p_test: str = P_TEST
+    sequential: SequentialStop | None = None  # evaluated until decided: where and why it stopped
     key: str  # the cell's cache key
     cached: bool = False  # the treatment was reused from the cell cache
     measured_at: str | None = None  # when the cell's cache entry was measured

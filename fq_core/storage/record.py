@@ -291,6 +291,23 @@ class PlaceboRun(_Part, kw_only=True):
     cached: bool | None = None
 
 
+class SequentialStop(_Part, kw_only=True):
+    """Why a run evaluated until decided stopped where it did (fq_core.measurement.sequential):
+    the ratio of the treatment's KLD to its placebo's with its always-valid interval."""
+
+    rule: dict[str, float]
+    n_chunks: int  # chunks used
+    cap: int
+    stop: str  # far above | resolved | within tolerance | cap | spread above sigma
+    ratio: float
+    low: float
+    high: float
+    spread: float | None
+    p_value: float  # anytime-valid: Benjamini-Hochberg over cells stopped anywhere
+    log_ratios: tuple[float, ...]
+    words: str
+
+
 class CacheUse(_Part, kw_only=True):
     """Where a part of the record's figures came from: a verified cache entry
     (fq_core.storage.cache), measured now or read back, with when it was measured."""

@@ -82,10 +82,21 @@ class Plan:
     variants: tuple[str, ...]
     cumulative: bool = True
     chunks: int | None = None  # None: the experiment's chunks (and KLD chunks)
+    until_decided: int | None = None  # intrinsic cells: evaluated until decided, this cap
+
+    def rule_for(self, variant: str):
+        """The stopping rule of this variant's cells, or None: a fixed chunk count."""
+        if self.until_decided is None or variant != "intrinsic":
+            return None
+        from ...measurement.sequential import Rule
+
+        return Rule(max_chunks=self.until_decided)
 
     def describe(self) -> str:
         fmts = " ".join(f if r == "truncate" else f"{f}/{r}" for f, r in self.formats)
         chunks = f"; {self.chunks} chunks" if self.chunks else ""
+        if self.until_decided and "intrinsic" in self.variants:
+            chunks += f"; intrinsic until decided (cap {self.until_decided})"
         cum = "; cumulative curve" if self.cumulative else ""
         return (
             f"{self.name}: models {' '.join(self.models)}; kinds {' '.join(self.kinds)}; "

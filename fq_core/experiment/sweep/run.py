@@ -21,7 +21,9 @@ import msgspec
 from ...errors import FqError
 from ...storage import results
 from ...storage.cell_record import (
+    ANYTIME_P_TEST,
     CELL_SCHEMA,
+    P_TEST,
     CellInfo,
     CellNumeric,
     CellPlacebo,
@@ -36,6 +38,7 @@ from ...storage.identity import Identity, machine_info
 if TYPE_CHECKING:
     from ...measurement.llama.tools import LlamaTools
     from ...measurement.models import ModelRef
+    from ...measurement.sequential import Rule
     from ..stages import Context, Experiment
     from .plan import Cell
 
@@ -72,10 +75,11 @@ def tools_for_backend(tools: LlamaTools, gpu_layers: int | None) -> LlamaTools:
     return replace(tools, version=f"{tools.version} [{tag}]", build_id=f"{tools.build_id} [{tag}]")
 
 
-def cell_settings(exp: Experiment) -> dict[str, Any]:
+def cell_settings(exp: Experiment, rule: Rule | None = None) -> dict[str, Any]:
     """The settings part of a cell's identity."""
     s = exp.settings
     return {
+        "until_decided": rule.to_json() if rule is not None else None,
         "ctx": s.ctx,
         "batch": s.batch,
         "chunks": s.chunks,
@@ -86,8 +90,13 @@ def cell_settings(exp: Experiment) -> dict[str, Any]:
     }
 
 
-def experiment_for(exp: Experiment, cell: Cell, chunks: int | None = None) -> Experiment:
-    """The experiment one cell runs with: its kind, format and variant (engine, seeds)."""
+def experiment_for(
+    exp: Experiment, cell: Cell, chunks: int | None = None, rule: Rule | None = None
+) -> Experiment:
+    """The experiment one cell runs with: its kind, format and variant (engine, seeds); a cell
+    evaluated until decided has a baseline of the rule's cap in chunks."""
+    if rule is not None:
+        chunks = rule.max_chunks
     if chunks:
         exp = replace(exp, settings=replace(exp.settings, chunks=chunks, kld_chunks=chunks))
     exp = replace(exp, tensors=(cell.kind,), fmt=cell.fmt, rounding=cell.rounding)
@@ -138,6 +147,7 @@ def run_cell(
     exp: Experiment,
     *,
     chunks: int | None = None,
+    rule: Rule | None = None,
 ) -> CellRecord:
     """Measure one cell (measure.measure: the treatment cached by its target, the placebos
     cached and shared), add its p-value; store the record under results/<run-id>/sweep/cells/
@@ -147,14 +157,14 @@ def run_cell(
 
     started = results.utc_now()
     t_start = time.perf_counter()
-    exp = experiment_for(exp, cell, chunks)
+    exp = experiment_for(exp, cell, chunks, rule)
     ident = Identity(
         model_sha256=model.sha256,
         measured_sha256=model.sha256,
         corpus_sha256=ctx.corpus.sha256,
         llama_version=ctx.tools.version,
         llama_build=ctx.tools.build_id,
-        settings=cell_settings(exp),
+        settings=cell_settings(exp, rule),
     )
     rec = CellRecord(
         schema=CELL_SCHEMA,
@@ -177,7 +187,7 @@ def run_cell(
         rec = msgspec.structs.replace(
             rec, identity=msgspec.structs.replace(ident, measured_sha256=measured.sha256)
         )
-        m = measure(Target(measured, cell.layers), ctx, exp)
+        m = measure(Target(measured, cell.layers), ctx, exp, until_decided=rule)
     except FqError as exc:
         return failed(error_line(exc))
     entry, f = m.treatment.entry, m.treatment.figures
@@ -199,7 +209,12 @@ def run_cell(
     kld, q = f.kld, f.quantized
     # a byte-identical file: KLD 0 in every chunk, and no paired error to state
     chunk_klds = (0.0,) * len(f.chunk_ppls) if f.identical else (kld.chunk_means if kld else ())
-    p = None if f.identical else p_value(chunk_klds, [c.chunk_klds for c in placebos])
+    if f.identical:
+        p = None
+    elif m.stop is not None:  # anytime-valid: the cell was looked at after every chunk
+        p = m.stop.p_value
+    else:
+        p = p_value(chunk_klds, [c.chunk_klds for c in placebos])
     rec = msgspec.structs.replace(
         rec,
         status="measured",
@@ -225,6 +240,8 @@ def run_cell(
         placebo=placebos,
         resolution=m.resolution,
         p_value=p,
+        p_test=P_TEST if m.stop is None else ANYTIME_P_TEST,
+        sequential=m.stop,
         cached=entry.hit,
         measured_at=entry.measured_at,
         rejected=entry.rejected,

@@ -84,6 +84,16 @@ class TokenStats:
     nll_base: np.ndarray  # float64: −log p_base(next)
 
 
+def _joined(parts: list[TokenStats]) -> TokenStats:
+    """Per-chunk statistics as one run's."""
+    return TokenStats(
+        *(
+            np.concatenate([getattr(p, f) for p in parts])
+            for f in ("kld", "dp", "same_top", "nll", "nll_base")
+        )
+    )
+
+
 def _blocks(n_rows: int, n_vocab: int):
     step = max(1, _BLOCK_ELEMENTS // max(1, n_vocab))
     for r0 in range(0, n_rows, step):
@@ -312,7 +322,7 @@ class _Engine:
             ) from None
         logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)  # llama.cpp's info logs
         self.L = L
-        L.llama_backend_init()
+        _backend_init(L)
         mparams = L.llama_model_default_params()
         self.model = L.llama_model_load_from_file(os.fsencode(model_path), mparams)
         if not self.model:
@@ -392,11 +402,21 @@ class _Engine:
             raise LlamaError(f"got logits for {row} positions, expected {out.shape[0]}")
 
     def close(self) -> None:
+        """Frees this model; the backend stays up for the process's other engines (a sequential
+        run holds the treatment and its placebos at once)."""
         L = self.L
         L.llama_batch_free(self.batch)
         L.llama_free(self.ctx)
         L.llama_model_free(self.model)
-        L.llama_backend_free()
+
+
+_BACKEND: list = []
+
+
+def _backend_init(L) -> None:
+    if not _BACKEND:
+        L.llama_backend_init()
+        _BACKEND.append(L)
 
 
 def _read_text(path: Path) -> bytes:
@@ -574,12 +594,7 @@ def _run(args: argparse.Namespace) -> dict:
     }
     arrays = {"nll": nll.astype(np.float64)}
     if base is not None:
-        st = TokenStats(
-            *(
-                np.concatenate([getattr(p, f) for p in parts])
-                for f in ("kld", "dp", "same_top", "nll", "nll_base")
-            )
-        )
+        st = _joined(parts)
         doc["kld"] = kld_summary(st, n_chunk)
         arrays.update(
             kld=st.kld.reshape(n_chunk, n_scored),
@@ -599,6 +614,116 @@ def _run(args: argparse.Namespace) -> dict:
     return doc
 
 
+def _run_sequential(args: argparse.Namespace) -> dict:
+    """The treatment and its placebos held loaded at once and fed the base's chunks in order,
+    one chunk each per look, until the rule (fq_core.measurement.sequential) stops: the paired
+    per-chunk KLDs are all the rule reads, and nothing is evaluated past its decision."""
+    from ..sequential import Rule, anytime_p, log_ratios, look, words
+
+    try:
+        rule = Rule(**json.loads(args.until_decided))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"--until-decided: not a stopping rule: {exc}") from None
+    if args.against is None or not args.placebo:
+        raise InputError("--until-decided needs --against and at least one --placebo")
+    n_ctx, threads = args.ctx, args.threads or os.cpu_count() or 1
+    first = n_ctx // 2
+    base, meta = read_base(Path(args.against))
+    if int(meta["n_ctx"]) != n_ctx:
+        raise InputError(f"the base was saved with ctx={meta['n_ctx']}, not {n_ctx}")
+    cap = min(int(meta["n_chunk"]), rule.max_chunks)
+    if cap < rule.min_chunks:
+        raise InputError(
+            f"the base holds {meta['n_chunk']} chunks; the rule needs at least {rule.min_chunks}"
+        )
+    tokens = np.asarray(meta["tokens"], dtype=np.int64)
+    n_batch = min(args.batch, n_ctx)
+    paths = [Path(args.model), *(Path(p) for p in args.placebo)]
+    t0 = time.monotonic()
+    engines: list[_Engine] = []
+    try:
+        for path in paths:
+            engines.append(_Engine(path, n_ctx=n_ctx, n_batch=n_batch, threads=threads))
+            if engines[-1].n_vocab != int(meta["n_vocab"]):
+                raise InputError(f"vocabulary mismatch: {path} and the base {args.against}")
+        t_load = time.monotonic() - t0
+        n_scored = n_ctx - 1 - first
+        logits = np.empty((n_scored, engines[0].n_vocab), dtype=np.float32)
+        parts: list[list[TokenStats]] = [[] for _ in engines]
+        secs: list[float] = []
+        print(f"[0/{cap}] n_ctx={n_ctx} models={len(engines)} until decided", flush=True)
+        t2 = time.monotonic()
+        stopped = None
+        for i in range(cap):
+            tc = time.monotonic()
+            chunk = tokens[i * n_ctx : (i + 1) * n_ctx]
+            target = chunk[first + 1 :]
+            for eng, acc in zip(engines, parts, strict=True):
+                eng.chunk_logits(chunk, first, logits)
+                acc.append(compare_logits(base[i], logits, target, threads=threads))
+            secs.append(time.monotonic() - tc)
+            print(f"[{i + 1}/{cap}] {secs[-1]:.2f} s", flush=True)
+            treated = [float(st.kld.mean()) for st in parts[0]]
+            placebo = [
+                float(np.mean([float(acc[k].kld.mean()) for acc in parts[1:]]))
+                for k in range(i + 1)
+            ]
+            ratios = log_ratios(treated, placebo)
+            stopped = look(rule, ratios)
+            if stopped.stop:
+                break
+        eval_s = time.monotonic() - t2
+    finally:
+        for eng in engines:
+            eng.close()
+    n_chunk = len(secs)
+
+    def summary(acc: list[TokenStats], path: Path) -> dict:
+        st = _joined(acc)
+        return {
+            "model": str(path),
+            **ppl_summary(st.nll.reshape(n_chunk, -1)),
+            "kld": kld_summary(st, n_chunk),
+        }
+
+    treated_doc = summary(parts[0], paths[0])
+    return {
+        "format": RESULT_FORMAT,
+        "mode": "until-decided",
+        "text": None,
+        "against": str(args.against),
+        "n_ctx": n_ctx,
+        "n_batch": n_batch,
+        "n_chunks": n_chunk,
+        "n_scored_per_chunk": n_scored,
+        "n_vocab": engines[0].n_vocab,
+        "n_tokens_corpus": meta.get("n_tokens_corpus"),
+        "add_bos": engines[0].add_bos,
+        "threads": threads,
+        "kv_type": "f32",
+        "flash_attn": False,
+        **treated_doc,
+        "placebos": [summary(acc, p) for acc, p in zip(parts[1:], paths[1:], strict=True)],
+        "sequential": {
+            "rule": rule.to_json(),
+            "n_chunks": n_chunk,
+            "cap": cap,
+            "stop": stopped.stop,
+            "ratio": stopped.ratio,
+            "low": stopped.low,
+            "high": stopped.high,
+            "spread": stopped.spread,
+            "p_value": anytime_p(rule, ratios),
+            "log_ratios": ratios,
+            "words": words(stopped, rule),
+        },
+        "load_seconds": t_load,
+        "eval_seconds": eval_s,
+        "seconds_per_chunk": secs,
+        "tokens_per_s": n_chunk * n_ctx * len(paths) / eval_s if eval_s > 0 else None,
+    }
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fq_core.measurement.llama.logits",
@@ -614,6 +739,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--save-base", metavar="FILE.npy", help="save the raw float32 logits")
     g.add_argument("--against", metavar="FILE.npy", help="compare with a saved base")
     p.add_argument("--out", metavar="RESULT.json", help="the result document (atomic)")
+    p.add_argument(
+        "--placebo",
+        action="append",
+        metavar="GGUF",
+        help="with --until-decided: a placebo evaluated chunk by chunk beside the model",
+    )
+    p.add_argument(
+        "--until-decided",
+        metavar="RULE.json",
+        help="evaluate the model and its placebos against --against one chunk at a time until "
+        "this stopping rule (fq_core.measurement.sequential.Rule, as JSON) decides",
+    )
     return p
 
 
@@ -623,7 +760,12 @@ def main(argv: list[str] | None = None) -> int:
 
     install_signal_cleanup()  # SIGTERM from a timeout removes the temporaries
     try:
-        doc = _run(args)
+        if args.until_decided is not None:
+            doc = _run_sequential(args)
+            if args.out is not None:
+                _write_json(Path(args.out), doc)
+        else:
+            doc = _run(args)
     except InputError as exc:
         print(ERROR_PREFIX + str(exc), file=sys.stderr, flush=True)
         return 2

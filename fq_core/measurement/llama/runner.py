@@ -160,6 +160,16 @@ def _path_of(x) -> Path:
     return Path(getattr(x, "path", x))
 
 
+@dataclass(frozen=True)
+class UntilDecided:
+    """A sequential exact run: the treatment's and each placebo's figures over the chunks
+    the stopping rule used, and its stop (the engine's "sequential" block)."""
+
+    treated: PerplexityResult
+    placebos: tuple[PerplexityResult, ...]
+    stop: dict
+
+
 class LlamaRunner:
     """llama.cpp's tools as typed calls; every call is bounded by a timeout and logged."""
 
@@ -357,9 +367,28 @@ class LlamaRunner:
 
         if kl_base is not None and kl_against is not None:
             raise ValueError("kl_base and kl_against are exclusive")
-        lib_dir, python_dir = self.tools.library()
         if kl_against is not None and not Path(kl_against).is_file():
             raise LlamaFailed(f"KLD base logits {kl_against} do not exist")
+        extra: list = []
+        if chunks is not None:
+            extra += ["--chunks", str(chunks)]
+        if kl_base is not None:
+            extra += ["--save-base", Path(kl_base)]
+        if kl_against is not None:
+            extra += ["--against", Path(kl_against)]
+        rec, out = self._run_exact(model, text, ctx, batch, extra)
+        try:
+            return self._exact_result(rec, out, kld=kl_against is not None)
+        except BaseException:
+            if kl_base is not None:  # never leave a base behind that did not finish
+                Path(kl_base).unlink(missing_ok=True)
+                engine.meta_path(kl_base).unlink(missing_ok=True)
+            raise
+
+    def _run_exact(self, model, text, ctx: int, batch: int, extra: list):
+        """One logged run of the exact engine (fq_core.measurement.llama.logits): the record
+        and where its result document goes."""
+        lib_dir, python_dir = self.tools.library()
         root = Path(self.log_dir).resolve() if self.log_dir is not None else logs_dir().resolve()
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         out = root / "logits" / f"{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
@@ -370,14 +399,10 @@ class LlamaRunner:
             "--model",
             _path_of(model),
         ]
-        argv += ["--text", _path_of(text), "--ctx", str(ctx), "--batch", str(batch)]
-        argv += ["--threads", str(self.threads), "--out", out]
-        if chunks is not None:
-            argv += ["--chunks", str(chunks)]
-        if kl_base is not None:
-            argv += ["--save-base", Path(kl_base)]
-        if kl_against is not None:
-            argv += ["--against", Path(kl_against)]
+        if text is not None:
+            argv += ["--text", _path_of(text)]
+        argv += ["--ctx", str(ctx), "--batch", str(batch), "--threads", str(self.threads)]
+        argv += ["--out", out, *extra]
         # the bindings of this build first; fq_core importable wherever the caller runs
         fq_root = Path(__file__).resolve().parents[3]
         paths = [str(python_dir), str(fq_root), os.environ.get("PYTHONPATH", "")]
@@ -397,15 +422,36 @@ class LlamaRunner:
         )
         if watch is not None and rec.ok:
             watch(rec.stdout(), rec.stderr(), final=True)
-        try:
-            return self._exact_result(rec, out, kld=kl_against is not None)
-        except BaseException:
-            if kl_base is not None:  # never leave a base behind that did not finish
-                Path(kl_base).unlink(missing_ok=True)
-                engine.meta_path(kl_base).unlink(missing_ok=True)
-            raise
+        return rec, out
 
-    def _exact_result(self, rec: CommandRecord, out: Path, *, kld: bool) -> PerplexityResult:
+    def exact_until_decided(
+        self,
+        model,
+        placebos,
+        *,
+        against: str | os.PathLike[str],
+        rule: dict,
+        ctx: int = 512,
+        batch: int = 512,
+    ) -> UntilDecided:
+        """The exact engine holding `model` and its `placebos` loaded, fed the base's chunks
+        one look at a time until the stopping rule (fq_core.measurement.sequential.Rule, as
+        its to_json) decides: each one's PPL and KLD over the chunks used, and the stop."""
+        argv = ["--against", Path(against), "--until-decided", json.dumps(rule)]
+        for placebo in placebos:
+            argv += ["--placebo", _path_of(placebo)]
+        rec, out = self._run_exact(model, None, ctx, batch, argv)
+        treated = self._exact_result(rec, out, kld=True)
+        doc = json.loads(out.read_text())
+        others = tuple(
+            self._exact_result(rec, out, kld=True, doc=dict(doc, **placebo))
+            for placebo in doc["placebos"]
+        )
+        return UntilDecided(treated, others, doc["sequential"])
+
+    def _exact_result(
+        self, rec: CommandRecord, out: Path, *, kld: bool, doc: dict | None = None
+    ) -> PerplexityResult:
         if rec.timed_out:
             raise self.failure(rec, f"timed out after {rec.duration_s:.0f} s")
         if rec.exit_status != 0:
@@ -413,10 +459,11 @@ class LlamaRunner:
             if why:
                 raise LlamaFailed(f"{rec.tool} failed: {why} ({rec.command_line})")
             raise self.failure(rec, f"exited with status {rec.exit_status}")
-        try:
-            doc = json.loads(out.read_text())
-        except (OSError, ValueError) as exc:
-            raise self.failure(rec, f"wrote no readable result {out}: {exc}") from None
+        if doc is None:
+            try:
+                doc = json.loads(out.read_text())
+            except (OSError, ValueError) as exc:
+                raise self.failure(rec, f"wrote no readable result {out}: {exc}") from None
         ppl, ppl_err = doc["ppl"], doc["ppl_err"]
         chunk_ppls = tuple(doc["chunk_ppls"])
         if not math.isfinite(ppl) or any(not math.isfinite(c) for c in chunk_ppls):
