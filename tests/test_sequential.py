@@ -27,9 +27,7 @@ def _stream(rng, mu: float, spread: float, n: int, *, tails: bool = False):
     """Per-chunk (treatment, placebo) KLDs: the text moves both (shared factor), the treatment
     is exp(mu) times the placebo up to its own noise (normal, or Student-t with 5 df)."""
     text = rng.normal(0.0, 0.15, n)
-    noise = (
-        rng.standard_t(5, n) * spread / math.sqrt(5 / 3) if tails else rng.normal(0, spread, n)
-    )
+    noise = rng.standard_t(5, n) * spread / math.sqrt(5 / 3) if tails else rng.normal(0, spread, n)
     placebo = FLOOR * np.exp(text)
     return list(placebo * np.exp(mu + noise)), list(placebo)
 

@@ -37,9 +37,11 @@ from fq_core.measurement.gguf_index import read_index
 from fq_core.measurement.llama.runner import CommandRecord, LoadResult, PerplexityResult
 from fq_core.measurement.llama.tools import LlamaTools
 from fq_core.measurement.models import ModelRef
+from fq_core.measurement.sequential import STOP_REASONS
 from fq_core.platform.hashing import sha256_file
 from fq_core.report import sensitivity
 from fq_core.storage import cell_record, results
+from fq_core.storage.cell_record import read_cell
 from fq_core.storage.identity import Identity
 from fq_core.storage.record import KLD
 
@@ -245,6 +247,51 @@ def test_analysis_ranks_with_ties_and_names_the_standout():
     assert a.n_tested == 6
     assert "Most sensitive: ffn_norm layer 2 (m, deployed, bf16)" in a.sentence
     assert "ffn_norm layer 2" in a.groups[0].sentence and "1 of 6 cells" in a.groups[0].sentence
+
+
+def _decided(layer: int, ratios: list[float]) -> cell_record.CellRecord:
+    """A cell run until decided whose treatment is exp(r) times its placebo in each chunk."""
+    from fq_core.measurement.sequential import Rule, anytime_p, look, words
+
+    rule = Rule()
+    placebo = [1.8e-7] * len(ratios)
+    rec = _record(layer, [p * np.exp(r) for p, r in zip(placebo, ratios, strict=True)], [placebo])
+    lk = look(rule, ratios)
+    stop = msgspec.convert(
+        {
+            "rule": rule.to_json(),
+            "n_chunks": len(ratios),
+            "cap": rule.max_chunks,
+            "stop": lk.stop or "cap",
+            "ratio": lk.ratio,
+            "low": lk.low,
+            "high": lk.high,
+            "spread": lk.spread,
+            "p_value": anytime_p(rule, ratios),
+            "log_ratios": ratios,
+            "words": words(lk, rule),
+        },
+        cell_record.SequentialStop,
+    )
+    return msgspec.structs.replace(rec, sequential=stop, p_value=stop.p_value)
+
+
+def test_cells_stopped_at_different_chunks_are_ranked_on_the_chunks_they_share():
+    """Layer 1 stopped after 2 chunks far above; layer 0 ran 8, lower. Compared on their
+    2 shared chunks (paired), 1 is clearly above 0; layer 2, which tracks layer 0 chunk for
+    chunk at a slightly higher level, is not clearly above it on 2 shared chunks."""
+    a = _decided(0, [1.3, 1.2, 1.4, 1.1, 0.9, 1.5, 1.3, 1.1])
+    b = _decided(1, [4.8, 5.0])
+    c = _decided(2, [1.5, 1.4])
+    assert a.sequential.n_chunks == 8 and b.sequential.stop == "far above"
+    rows = sweep_analysis.analyze(
+        [sweep_analysis.Loaded(Path(f"{r.cell.id}.json"), r) for r in (a, b, c)]
+    ).rows
+    rank = {r.cell.layer: (r.rank_lo, r.rank_hi) for r in rows}
+    assert rank == {1: (1, 1), 0: (2, 3), 2: (2, 3)}, rank
+    assert sweep_analysis._paired_above(
+        sweep_analysis.SweepRow(Path("b"), b), sweep_analysis.SweepRow(Path("a"), a)
+    )
 
 
 def test_analysis_says_when_nothing_stands_out():
@@ -818,3 +865,35 @@ def test_bench_cell_vs_bare_llama(benchmark, tmp_path, monkeypatch):
         }
     )
     print(benchmark.extra_info)
+
+
+@pytest.mark.llama
+@pytest.mark.models
+def test_a_cell_run_until_decided_is_the_fixed_run_stopped_early(tmp_path):
+    """An intrinsic cell run until decided (SmolLM2's twin, fp8 on layer 0, ctx 128, cap 4):
+    the record says how many chunks it used and why it stopped; its treatment and placebo
+    per-chunk KLDs are the fixed-count run's on those chunks, bit for bit (one engine, the
+    same chunks, only the stop differs); its p-value is the sequence's anytime one."""
+    axes = ("--fq-sweep-plan", "full", "--fq-sweep-models", "smollm2-135m")
+    axes += ("--fq-sweep-formats", "fp8_e4m3", "--fq-sweep-layers", "0")
+    axes += ("--fq-sweep-cumulative", "off", "--fq-ctx", "128")
+    runs = {}
+    for name, extra in (
+        ("decided", ("--fq-sweep-max-chunks", "4")),
+        ("fixed", ("--fq-sweep-until-decided", "off", "--fq-sweep-chunks", "4")),
+    ):
+        proc = _pytest(tmp_path / name, "-q", *axes, *extra, timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (cell,) = (tmp_path / name / "results").glob("*/sweep/cells/*.json")
+        runs[name] = read_cell(cell)
+    decided, fixed = runs["decided"], runs["fixed"]
+    stop = decided.sequential
+    assert stop is not None and fixed.sequential is None
+    assert 2 <= stop.n_chunks <= 4 and stop.stop in STOP_REASONS
+    assert stop.n_chunks < 4 or stop.stop in ("cap", "spread above sigma")
+    n = stop.n_chunks
+    assert decided.treatment.chunk_klds == fixed.treatment.chunk_klds[:n]
+    assert decided.placebo[0].chunk_klds == fixed.placebo[0].chunk_klds[:n]
+    assert decided.p_value == stop.p_value and decided.p_test != fixed.p_test
+    report = (tmp_path / "decided" / "reports" / sensitivity.MARKDOWN).read_text()
+    assert f"| {n} · {stop.stop} |" in report

@@ -390,11 +390,12 @@ def _until_decided(target: Target, baseline: BaselineEvaluation, ctx, exp, rule)
 
     measured = target.measured
     names = resolve(read_index(measured.path), target.layers, exp.tensors).names
-    key = Identity(
-        cell=target_key(target, exp, ctx.tools, ctx.corpus, names, baseline.kld_base_sha256),
+    key = Identity(measured_sha256=measured.sha256, base_sha256=baseline.kld_base_sha256).key(
+        "until-decided",
+        target=target_key(target, exp, ctx.tools, ctx.corpus, names, baseline.kld_base_sha256),
         placebo_seeds=list(exp.placebo_seeds),
         rule=rule.to_json(),
-    ).key("until-decided")
+    )
     label = exp.fmt if exp.rounding == "truncate" else f"{exp.fmt}-{exp.rounding}"
 
     def compute(folder: Path) -> dict:

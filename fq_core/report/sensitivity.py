@@ -50,6 +50,14 @@ def _p(x: float | None) -> str:
     return "< 1e-6" if x < 1e-6 else f"{x:.2g}"
 
 
+def _chunks(rec) -> str:
+    """'2 · far above' for a cell run until decided, else its fixed count."""
+    if rec.sequential is not None:
+        return f"{rec.sequential.n_chunks} · {rec.sequential.stop}"
+    t = rec.treatment
+    return str(len(t.chunk_klds)) if t is not None and t.chunk_klds else "—"
+
+
 def _rank(r: SweepRow) -> str:
     if r.rank_lo is None:
         return "—"
@@ -68,6 +76,7 @@ class RowView:
     floor: str
     excess: str
     ratio: str
+    chunks: str  # chunks used, and why a cell run until decided stopped there
     p: str
     q: str
     verdict: str
@@ -96,6 +105,7 @@ def row_view(r: SweepRow) -> RowView:
         floor=sci(res.floor) if res is not None and res.floor is not None else "—",
         excess=interval(res.excess) if res else "—",
         ratio=f"{ratio:.2f}×" if math.isfinite(ratio) else "—",
+        chunks=_chunks(rec),
         p=_p(rec.p_value),
         q=_p(r.q_value),
         verdict=r.verdict,

@@ -295,7 +295,7 @@ class SequentialStop(_Part, kw_only=True):
     """Why a run evaluated until decided stopped where it did (fq_core.measurement.sequential):
     the ratio of the treatment's KLD to its placebo's with its always-valid interval."""
 
-    rule: dict[str, float]
+    rule: dict[str, float | int]
     n_chunks: int  # chunks used
     cap: int
     stop: str  # far above | resolved | within tolerance | cap | spread above sigma

@@ -248,12 +248,36 @@ def _rank_ranges(rows: Sequence[SweepRow]) -> dict[str, tuple[int, int]]:
         hi = iv.high if iv is not None and iv.high is not None else est
         ivs[r.cell.id] = (lo, hi)
     n = len(rows)
+    by_id = {r.cell.id: r for r in rows}
+
+    def clearly_above(a: str, b: str) -> bool:
+        paired = _paired_above(by_id[a], by_id[b])
+        return paired if paired is not None else ivs[a][0] > ivs[b][1]
+
     out = {}
-    for cid, (lo, hi) in ivs.items():
-        above = sum(1 for o, (l2, _) in ivs.items() if o != cid and l2 > hi)
-        below = sum(1 for o, (_, h2) in ivs.items() if o != cid and h2 < lo)
+    for cid in ivs:
+        above = sum(1 for o in ivs if o != cid and clearly_above(o, cid))
+        below = sum(1 for o in ivs if o != cid and clearly_above(cid, o))
         out[cid] = (1 + above, n - below)
     return out
+
+
+def _paired_above(a: SweepRow, b: SweepRow) -> bool | None:
+    """Whether a is clearly above b, compared on the chunks both used (cells run until decided
+    stop at different counts): the per-chunk differences of their log ratios to their placebos,
+    bounded by the same confidence sequence (σ√2: two cells' spreads). None when either cell
+    was not run until decided: the intervals decide."""
+    sa, sb = a.record.sequential, b.record.sequential
+    if sa is None or sb is None:
+        return None
+    from ...measurement.sequential import Rule
+
+    shared = min(len(sa.log_ratios), len(sb.log_ratios))
+    if shared == 0:
+        return False
+    diff = [x - y for x, y in zip(sa.log_ratios, sb.log_ratios, strict=False)]
+    rule = Rule(**{**sa.rule, "sigma": sa.rule["sigma"] * math.sqrt(2)})
+    return math.fsum(diff) / shared - rule.half_width(shared) > 0
 
 
 def _names(rows: Sequence[SweepRow]) -> str:
