@@ -537,6 +537,22 @@ def test_cached_twin_made_once_and_reused(mixed, tmp_path, capsys, isolated_cach
     assert f16.path.name == "mixed.f16.gguf" and f16.sha256 == sha(f16.path)
 
 
+def test_a_copy_under_another_name_reuses_the_twin(mixed, tmp_path, isolated_cache):
+    """One twin per content: a copy of the model named otherwise (a user's own path) finds
+    the twin made for the first name, not a second 1 GB file beside it."""
+    import shutil
+
+    from fq_core.measurement.models import resolve_model
+
+    first = twin_for(resolve_model(str(mixed)))
+    copy = tmp_path / "copies" / "mine.gguf"
+    copy.parent.mkdir()
+    shutil.copyfile(mixed, copy)
+    again = twin_for(resolve_model(str(copy)))
+    assert first.made and not again.made and again.path == first.path
+    assert [p.name for p in first.path.parent.glob("*.gguf")] == [first.path.name]
+
+
 def test_cached_twin_remade_when_damaged_or_stale(mixed, tmp_path, isolated_cache):
     from fq_core.measurement.models import resolve_model
 

@@ -310,6 +310,13 @@ STAGE = (
         _fraction,
     ),
     Setting(
+        "fq_twin_dtype",
+        "f32",
+        "intrinsic answer: what the twin's quantized tensors become: f32 (the exact reference) "
+        "or f16 (half the file and memory; its own floor and cost per chunk: see the README)",
+        _choice(("f32", "f16")),
+    ),
+    Setting(
         "fq_twin_placebo_seeds",
         "1",
         "intrinsic answer: placebo runs per stage: with full-precision logits two seeds "

@@ -219,6 +219,7 @@ def experiment_from(values: Mapping[str, Any], keep_models: bool = False) -> Exp
             **shared,
         ),
         intrinsic_placebo_seeds=seeds(values["fq_twin_placebo_seeds"]),
+        twin_dtype=values["fq_twin_dtype"],
     )
 
 

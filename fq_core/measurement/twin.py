@@ -586,9 +586,10 @@ def twin_path(model: ModelRef, dtype: str = "f32") -> Path:
     from ..platform.paths import cache_dir
 
     _check_dtype(dtype)
-    return (
-        cache_dir() / "twins" / f"{model.sha256[:16]}-{dtype}" / f"{model.path.stem}.{dtype}.gguf"
-    )
+    folder = cache_dir() / "twins" / f"{model.sha256[:16]}-{dtype}"
+    # one twin per content: a copy of the model under another name finds the one made first
+    made = sorted(folder.glob(f"*.{dtype}.gguf")) if folder.is_dir() else []
+    return made[0] if made else folder / f"{model.path.stem}.{dtype}.gguf"
 
 
 def _cached(path: Path, model: ModelRef, dtype: str) -> TwinManifest | None:
