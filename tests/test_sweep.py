@@ -878,9 +878,9 @@ def test_a_cell_run_until_decided_is_the_fixed_run_stopped_early(tmp_path):
     axes += ("--fq-sweep-formats", "fp8_e4m3", "--fq-sweep-layers", "0")
     axes += ("--fq-sweep-cumulative", "off", "--fq-ctx", "128")
     runs = {}
-    for name, extra in (
-        ("decided", ("--fq-sweep-max-chunks", "4")),
+    for name, extra in (  # fixed first: the decided run finds its baseline cached
         ("fixed", ("--fq-sweep-until-decided", "off", "--fq-sweep-chunks", "4")),
+        ("decided", ("--fq-sweep-max-chunks", "4")),
     ):
         proc = _pytest(tmp_path / name, "-q", *axes, *extra, timeout=1800)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

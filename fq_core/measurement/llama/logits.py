@@ -763,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.until_decided is not None:
             doc = _run_sequential(args)
             if args.out is not None:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 _write_json(Path(args.out), doc)
         else:
             doc = _run(args)
