@@ -278,8 +278,8 @@ def _decided(layer: int, ratios: list[float]) -> cell_record.CellRecord:
 
 def test_cells_stopped_at_different_chunks_are_ranked_on_the_chunks_they_share():
     """Layer 1 stopped after 2 chunks far above; layer 0 ran 8, lower. Compared on their
-    2 shared chunks (paired), 1 is clearly above 0; layer 2, which tracks layer 0 chunk for
-    chunk at a slightly higher level, is not clearly above it on 2 shared chunks."""
+    2 shared chunks (paired KLD ratios), 1 is clearly above 0; layer 2, which tracks layer 0
+    chunk for chunk at a slightly higher level, is not clearly above it on 2 shared chunks."""
     a = _decided(0, [1.3, 1.2, 1.4, 1.1, 0.9, 1.5, 1.3, 1.1])
     b = _decided(1, [4.8, 5.0])
     c = _decided(2, [1.5, 1.4])
@@ -880,7 +880,7 @@ def test_a_cell_run_until_decided_is_the_fixed_run_stopped_early(tmp_path):
     runs = {}
     for name, extra in (  # fixed first: the decided run finds its baseline cached
         ("fixed", ("--fq-sweep-until-decided", "off", "--fq-sweep-chunks", "4")),
-        ("decided", ("--fq-sweep-max-chunks", "4")),
+        ("decided", ("--fq-sweep-until-decided", "on", "--fq-sweep-max-chunks", "4")),
     ):
         proc = _pytest(tmp_path / name, "-q", *axes, *extra, timeout=1800)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -263,21 +263,22 @@ def _rank_ranges(rows: Sequence[SweepRow]) -> dict[str, tuple[int, int]]:
 
 
 def _paired_above(a: SweepRow, b: SweepRow) -> bool | None:
-    """Whether a is clearly above b, compared on the chunks both used (cells run until decided
-    stop at different counts): the per-chunk differences of their log ratios to their placebos,
-    bounded by the same confidence sequence (σ√2: two cells' spreads). None when either cell
-    was not run until decided: the intervals decide."""
+    """Whether a's KLD is clearly above b's, compared on the chunks both used (cells run until
+    decided stop at different counts): the per-chunk log ratios of their treatment KLDs (same
+    baseline, same tokens: paired), bounded by the cells' confidence sequence with σ√2 (two
+    cells' spreads). None when either cell was not run until decided: the intervals decide."""
     sa, sb = a.record.sequential, b.record.sequential
-    if sa is None or sb is None:
+    ta, tb = a.record.treatment, b.record.treatment
+    if sa is None or sb is None or ta is None or tb is None:
         return None
     from ...measurement.sequential import Rule
 
-    shared = min(len(sa.log_ratios), len(sb.log_ratios))
-    if shared == 0:
-        return False
-    diff = [x - y for x, y in zip(sa.log_ratios, sb.log_ratios, strict=False)]
+    pairs = [(x, y) for x, y in zip(ta.chunk_klds, tb.chunk_klds, strict=False) if x and y]
+    if not pairs or any(not (x > 0 and y > 0) for x, y in pairs):
+        return None
+    diff = [math.log(x / y) for x, y in pairs]
     rule = Rule(**{**sa.rule, "sigma": sa.rule["sigma"] * math.sqrt(2)})
-    return math.fsum(diff) / shared - rule.half_width(shared) > 0
+    return math.fsum(diff) / len(diff) - rule.half_width(len(diff)) > 0
 
 
 def _names(rows: Sequence[SweepRow]) -> str:
