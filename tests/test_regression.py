@@ -374,9 +374,18 @@ def test_paired_chunks_give_the_kld_uncertainty_when_both_have_them():
     se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3 / 4)
     assert unc.stat == pytest.approx(se)
     assert "paired" in unc.how
-    # lengths differ: back to both runs' own standard errors
-    c = rec("R2", treatment=_treatment(kld={"chunk_means": chunks_b[:3]}))
-    assert regression.uncertainty(METRICS["kld"], a, c).stat == pytest.approx(math.sqrt(2) * 0.0002)
+    # lengths differ (a run of 3 chunks against one of 4): paired on the 3 both used, and the
+    # means compared are those of the shared chunks, not a 4-chunk mean against a 3-chunk one
+    c = rec("R2", treatment=_treatment(kld={"mean": 0.0062, "chunk_means": chunks_b[:3]}))
+    d3 = d[:3]
+    m3 = sum(d3) / 3
+    se3 = math.sqrt(sum((x - m3) ** 2 for x in d3) / 2 / 3)
+    unc3 = regression.uncertainty(METRICS["kld"], a, c)
+    assert unc3.stat == pytest.approx(se3) and "over 3 chunks" in unc3.how
+    got = regression.compare_metric(METRICS["kld"], regression.parse_tolerances("")["kld"], a, c)
+    assert got.reference == pytest.approx(sum(chunks_a[:3]) / 3)
+    assert got.now == pytest.approx(sum(chunks_b[:3]) / 3)
+    assert "on the 3 chunks both used" in got.uncertainty_how
 
 
 def test_no_placebo_no_engine_term():

@@ -102,7 +102,7 @@ def test_benjamini_hochberg_over_sequential_cells_keeps_its_rate(spread):
     assert found > 0  # not vacuous: the small effects are found in some sweeps
 
 
-def test_far_above_stops_within_two_chunks_and_layer0_within_five():
+def test_far_above_stops_within_two_chunks_and_layer_zero_within_five():
     """The measured streams of Gemma3's twin (stage records, 8 chunks): all 18 layers
     (≈ 130× its floor) stops at the minimum of 2 chunks, layer 0 (≈ 3.6×) resolved at 5."""
     all_layers = [2.45e-5, 2.80e-5, 3.07e-5, 2.41e-5, 2.02e-5, 2.59e-5, 2.28e-5, 2.73e-5]

@@ -348,16 +348,7 @@ def _cached_treatment(target: Target, baseline: BaselineEvaluation, ctx, exp) ->
             )
         )
 
-    with progress.step("cell"):  # its quantize and treatment steps inside, or "cached"
-        entry = cache.verified(
-            "cells",
-            key,
-            "cell.json",
-            compute,
-            decode=lambda payload: codec.convert(payload, Treated),
-        )
-        if entry.hit:
-            progress.note("cached")
+    entry = _cell_entry(key, compute, Treated)
     return Treatment(entry.value, entry=entry)
 
 
@@ -411,16 +402,7 @@ def _until_decided(target: Target, baseline: BaselineEvaluation, ctx, exp, rule)
             with progress.step("quantize"):
                 manifest = _quantize(measured, dst, target.layers, exp, fsync=False)
                 placebo_manifests = [
-                    patch.fake_quantize_file(
-                        measured.path,
-                        f,
-                        layers=target.layers,
-                        tensors=exp.tensors,
-                        fmt="placebo",
-                        seed=seed,
-                        force=True,
-                        fsync=False,
-                    )
+                    _quantize_placebo(measured, f, target.layers, exp, seed)
                     for f, seed in zip(placebo_files, exp.placebo_seeds, strict=True)
                 ]
             quantize_s = time.perf_counter() - t0
@@ -458,23 +440,7 @@ def _until_decided(target: Target, baseline: BaselineEvaluation, ctx, exp, rule)
         for seed, pm, pr in zip(exp.placebo_seeds, placebo_manifests, run.placebos, strict=True):
             pev = ev_mod.ModelEvaluation(ref, None, (), pr, pr)
             cmp = ev_mod.compare(base_n, pev)
-            placebos.append(
-                record.PlaceboRun(
-                    seed=seed,
-                    key=key,
-                    layers=target.layers,
-                    manifest=str(pm.path),
-                    changed=pm.total_changed,
-                    n_elements=pm.total_elements,
-                    ppl=pr.ppl,
-                    ppl_err=pr.ppl_err,
-                    delta_ppl_pct=cmp.delta_ppl_pct,
-                    delta_ppl_pct_err=cmp.delta_ppl_pct_err,
-                    kld_mean=pr.kld.mean if pr.kld else None,
-                    same_top_pct=pr.kld.same_top_pct if pr.kld else None,
-                    kld=pr.kld,
-                )
-            )
+            placebos.append(_placebo_record(seed, key, target.layers, pm, pr, cmp))
         stop = codec.convert(run.stop, record.SequentialStop)
         return msgspec.to_builtins(
             UntilDecided(
@@ -484,13 +450,14 @@ def _until_decided(target: Target, baseline: BaselineEvaluation, ctx, exp, rule)
             )
         )
 
-    with progress.step("cell"):
+    return _cell_entry(key, compute, UntilDecided)
+
+
+def _cell_entry(key: str, compute, kind: type) -> cache.Entry:
+    """A cell's cache entry (cache_dir()/cells/<key>/cell.json), computed or read back as `kind`."""
+    with progress.step("cell"):  # its quantize and treatment steps inside, or "cached"
         entry = cache.verified(
-            "cells",
-            key,
-            "cell.json",
-            compute,
-            decode=lambda payload: codec.convert(payload, UntilDecided),
+            "cells", key, "cell.json", compute, decode=lambda payload: codec.convert(payload, kind)
         )
         if entry.hit:
             progress.note("cached")
@@ -535,6 +502,39 @@ def _placebo_entry(payload: dict) -> tuple[record.PlaceboRun, tuple[dict, ...]]:
     return run, tuple(commands)
 
 
+def _quantize_placebo(model: ModelRef, dst: Path, layers: str, exp, seed: int) -> patch.Manifest:
+    """The lowest mantissa bit flipped in the selection's changed-to-be elements (seeded)."""
+    return patch.fake_quantize_file(
+        model.path,
+        dst,
+        layers=layers,
+        tensors=exp.tensors,
+        fmt="placebo",
+        seed=seed,
+        force=True,
+        fsync=False,
+    )
+
+
+def _placebo_record(seed, key, layers, manifest, perplexity, cmp) -> record.PlaceboRun:
+    kld = perplexity.kld
+    return record.PlaceboRun(
+        seed=seed,
+        key=key,
+        layers=layers,
+        manifest=str(manifest.path),
+        changed=manifest.total_changed,
+        n_elements=manifest.total_elements,
+        ppl=perplexity.ppl,
+        ppl_err=perplexity.ppl_err,
+        delta_ppl_pct=cmp.delta_ppl_pct,
+        delta_ppl_pct_err=cmp.delta_ppl_pct_err,
+        kld_mean=kld.mean if kld else None,
+        same_top_pct=kld.same_top_pct if kld else None,
+        kld=kld,
+    )
+
+
 def run_placebo(
     model: ModelRef,
     baseline: BaselineEvaluation,
@@ -551,16 +551,7 @@ def run_placebo(
     def compute(folder: Path) -> dict:
         dst = folder / f"{results.safe_name(model.name)}.placebo{seed}.gguf"
         with atomic.owned(dst):  # the GGUF lives only while it is evaluated
-            manifest = patch.fake_quantize_file(
-                model.path,
-                dst,
-                layers=layers,
-                tensors=exp.tensors,
-                fmt="placebo",
-                seed=seed,
-                force=True,
-                fsync=False,
-            )
+            manifest = _quantize_placebo(model, dst, layers, exp, seed)
             ref = replace(
                 model,
                 name=f"{model.name}+placebo{seed}",
@@ -570,22 +561,7 @@ def run_placebo(
             )
             ev = perplexity_only(ctx, ref, baseline, exp.settings)
             cmp = _evaluate().compare(baseline, ev)
-        kld = ev.perplexity.kld
-        run = record.PlaceboRun(
-            seed=seed,
-            key=key,
-            layers=layers,
-            manifest=manifest.path,
-            changed=manifest.total_changed,
-            n_elements=manifest.total_elements,
-            ppl=ev.perplexity.ppl,
-            ppl_err=ev.perplexity.ppl_err,
-            delta_ppl_pct=cmp.delta_ppl_pct,
-            delta_ppl_pct_err=cmp.delta_ppl_pct_err,
-            kld_mean=kld.mean if kld else None,
-            same_top_pct=kld.same_top_pct if kld else None,
-            kld=kld,
-        )
+        run = _placebo_record(seed, key, layers, manifest, ev.perplexity, cmp)
         commands = commands_json(f"placebo seed {seed}", ppl_commands(ev))
         return {**msgspec.to_builtins(run), "commands": commands}
 

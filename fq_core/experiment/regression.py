@@ -381,14 +381,41 @@ def _paired_kld_se(ref: StageRecord, now: StageRecord) -> float | None:
     a, b = _kld(ref), _kld(now)
     if a is None or b is None:
         return None
-    xs = list(a.chunk_means)
-    ys = list(b.chunk_means)
-    if len(xs) < 2 or len(xs) != len(ys) or any(v is None or not math.isfinite(v) for v in xs + ys):
+    shared = _shared_chunks(ref, now)
+    if shared is None or len(shared[0]) < 2:
+        return None
+    xs, ys = shared
+    v = _variance([y - x for x, y in zip(xs, ys, strict=True)])
+    return math.sqrt(v[0] / len(xs)) if v is not None else None
+
+
+def _shared_chunks(ref: StageRecord, now: StageRecord) -> tuple[list[float], list[float]] | None:
+    """Both runs' per-chunk mean KLDs on the chunks both used: the first n of the same corpus
+    at the same context (a run of 4 chunks and one of 8 share 4), else None."""
+    a, b = _kld(ref), _kld(now)
+    if a is None or b is None:
         return None
     if (ref.corpus.sha256, ref.settings.ctx) != (now.corpus.sha256, now.settings.ctx):
         return None
-    v = _variance([y - x for x, y in zip(xs, ys, strict=True)])  # type: ignore[operator]
-    return math.sqrt(v[0] / len(xs)) if v is not None else None
+    n = min(len(a.chunk_means), len(b.chunk_means))
+    xs, ys = list(a.chunk_means[:n]), list(b.chunk_means[:n])
+    if n == 0 or any(v is None or not math.isfinite(v) for v in xs + ys):
+        return None
+    return xs, ys  # type: ignore[return-value]
+
+
+def _values(metric: Metric, ref: StageRecord, now: StageRecord):
+    """The two values compared: a mean KLD of runs that used different chunk counts is
+    compared on the chunks both used, so a change of text does not pass for a change of model."""
+    r, n = metric.value(ref), metric.value(now)
+    if metric.key != "kld":
+        return r, n, ""
+    a, b = _kld(ref), _kld(now)
+    shared = _shared_chunks(ref, now)
+    if a is None or b is None or shared is None or len(a.chunk_means) == len(b.chunk_means):
+        return r, n, ""
+    xs, ys = shared
+    return math.fsum(xs) / len(xs), math.fsum(ys) / len(ys), f" (on the {len(xs)} chunks both used)"
 
 
 @dataclass(frozen=True)
@@ -409,7 +436,7 @@ def uncertainty(metric: Metric, ref: StageRecord, now: StageRecord) -> Uncertain
     if metric.key == "kld":
         stat = _paired_kld_se(ref, now)
         if stat is not None:
-            how.append(f"paired s.e. over {len(_kld(now).chunk_means)} chunks")
+            how.append(f"paired s.e. over {len(_shared_chunks(ref, now)[0])} chunks")
     if stat is None and metric.err is not None:
         errs = [metric.err(r) for r in (ref, now)]
         finite = [e for e in errs if e is not None and math.isfinite(e)]
@@ -582,7 +609,7 @@ def _same(x: float, y: float) -> bool:
 def compare_metric(
     metric: Metric, tol: Tolerance, ref: StageRecord, now: StageRecord, z: float = Z
 ) -> MetricComparison:
-    r, n = metric.value(ref), metric.value(now)
+    r, n, on_shared = _values(metric, ref, now)
     unc = uncertainty(metric, ref, now)
     bound = z * unc.u if unc.u is not None else None
     gates = tol.gates and metric.direction != "neutral"
@@ -606,7 +633,7 @@ def compare_metric(
             change=change,
             change_pct=pct,
             uncertainty=bound,
-            uncertainty_how=unc.how,
+            uncertainty_how=unc.how + on_shared,
             tolerance=tol.text,
             limit=limit,
             verdict=verdict,
