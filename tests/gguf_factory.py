@@ -61,6 +61,7 @@ def build_gguf(
     matrix_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.Q8_0,
     seed: int = 0,
     extra_tensors: dict[str, np.ndarray] | None = None,
+    chat_template: str | None = None,
 ) -> FactoryModel:
     """Write a llama-shaped GGUF with `n_layers` blocks into `directory` and describe it.
 
@@ -68,7 +69,8 @@ def build_gguf(
     `blk.N.ffn_up.weight` (`matrix_type`, Q8_0 or F16); plus `token_embd.weight` (F16),
     `output_norm.weight` (F32), a vocabulary string array, token scores/types arrays and
     scalars of several value types. `alignment` sets `general.alignment` (None = default 32).
-    `extra_tensors` are appended as given (e.g. a 5-D array for invalid-shape tests).
+    `extra_tensors` are appended as given (e.g. a 5-D array for invalid-shape tests);
+    `chat_template` is written as `tokenizer.chat_template`.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -111,6 +113,8 @@ def build_gguf(
     writer.add_token_list(list(vocab))
     writer.add_token_scores([float(-i) for i in range(len(vocab))])
     writer.add_token_types([1] * len(vocab))
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     f32: dict[str, np.ndarray] = {}
     quantized: dict[str, tuple[gguf.GGMLQuantizationType, np.ndarray]] = {}

@@ -114,8 +114,12 @@ class Experiment:
         )
 
     def settings_json(self) -> dict:
+        """The record's settings; fq_chat_template named only when set, so the identities of
+        runs that never set it stay what they were."""
         s = self.settings
+        chosen = {"chat_template": s.chat_template} if s.chat_template else {}
         return {
+            **chosen,
             "format": self.fmt,
             "rounding": self.rounding,
             "tensors": list(self.tensors),

@@ -432,6 +432,11 @@ class Pair:
     value: str
 
 
+#: settings a record holds only when they apply: twin_dtype (intrinsic answer), chat_template
+#: (fq_chat_template given; else the generation's own source is shown with it)
+_UNSET_NOT_SHOWN = ("twin_dtype", "chat_template")
+
+
 def setting_rows(rec: StageRecord) -> tuple[Pair, ...]:
     """Thresholds (unset: report only), then the settings the stage ran with."""
     out = [
@@ -442,7 +447,7 @@ def setting_rows(rec: StageRecord) -> tuple[Pair, ...]:
     out += [
         Pair(f"setting {name}", plain(value))
         for name, value in msgspec.structs.asdict(s).items()
-        if name != "prompts" and not (name == "twin_dtype" and value is None)  # deployed
+        if name != "prompts" and not (name in _UNSET_NOT_SHOWN and value is None)
     ]
     out.append(
         Pair(

@@ -91,6 +91,7 @@ class Settings(_Part, kw_only=True):
     placebo_seeds: tuple[int, ...]
     engine: str = "llama-perplexity"  # or "logits": full-precision logits, F32 KV cache
     twin_dtype: str | None = None  # intrinsic: what the twin's quantized tensors became
+    chat_template: str | None = None  # fq_chat_template, when set (it changes the generations)
 
 
 class Thresholds(_Part, kw_only=True):
