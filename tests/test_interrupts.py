@@ -294,6 +294,19 @@ def _wait_for(proc: subprocess.Popen, root: Path, pattern: str, timeout_s: float
     pytest.fail(f"{pattern} did not appear in {timeout_s} s")
 
 
+def _wait_for_a_tool(proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Until `proc` has a child (a llama.cpp tool) and has returned from starting it: a SIGINT
+    landing inside the fork runs in Python's at-fork hooks, where it is only 'ignored'."""
+    deadline = time.monotonic() + timeout_s
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    while time.monotonic() < deadline and proc.poll() is None:
+        if children.is_file() and children.read_text().split():
+            time.sleep(0.3)
+            return
+        time.sleep(0.02)
+    pytest.fail(f"no llama.cpp tool started (exit {proc.returncode})")
+
+
 @pytest.mark.llama
 @pytest.mark.models
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
@@ -346,6 +359,7 @@ def test_ctrl_c_during_a_sweep_cell_leaves_nothing_behind(private):
     sweep += ["--fq-sweep-cumulative", "off", "--fq-sweep-chunks", "2"]
     proc = _experiment(env, "experiments/test_sensitivity.py", *FAST, *sweep)
     cell = _wait_for(proc, cache, "cells/*/smollm2-135m.*.gguf")
+    _wait_for_a_tool(proc)  # while the GGUF is evaluated, not inside the fork that starts it
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
