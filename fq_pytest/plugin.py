@@ -440,7 +440,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         raise pytest.UsageError(*dict.fromkeys(refusals))
 
 
-def _case(item: pytest.Item) -> StageCase | None:
+def stage_case(item: pytest.Item) -> StageCase | None:
+    """The stage × model × answer a test item measures; None for any other test."""
     callspec = getattr(item, "callspec", None)
     return callspec.params.get("fq_case") if callspec is not None else None
 
@@ -459,7 +460,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     variants = {"deployed": 0, "intrinsic": 1}
     keyed = []
     for pos, item in enumerate(items):
-        case = _case(item)
+        case = stage_case(item)
         if case is None:
             keyed.append(((0, 0, 0, 0, pos), item))
             continue

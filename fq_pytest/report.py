@@ -112,7 +112,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     config = session.config
     if _MADE not in config.stash:
         return
-    stages = any(_is_stage(item) for item in session.items)
+    from fq_pytest.plugin import stage_case
+
+    stages = any(stage_case(item) is not None for item in session.items)
     if not (config.option.collectonly or (_ASKED not in config.stash and not stages)):
         return
     from pytest_html.basereport import BaseReport
@@ -123,11 +125,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     for made in config.stash[_MADE]:  # the folders pytest-html made for it, when still empty
         with contextlib.suppress(OSError):
             made.rmdir()
-
-
-def _is_stage(item: pytest.Item) -> bool:
-    callspec = getattr(item, "callspec", None)
-    return callspec is not None and "fq_case" in callspec.params
 
 
 @pytest.hookimpl(tryfirst=True)

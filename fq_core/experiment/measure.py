@@ -441,14 +441,8 @@ def _until_decided(target: Target, baseline: BaselineEvaluation, ctx, exp, rule)
             pev = ev_mod.ModelEvaluation(ref, None, (), pr, pr)
             cmp = ev_mod.compare(base_n, pev)
             placebos.append(_placebo_record(seed, key, target.layers, pm, pr, cmp))
-        stop = codec.convert(run.stop, record.SequentialStop)
-        return msgspec.to_builtins(
-            UntilDecided(
-                treated=figures,
-                placebos=tuple(placebos),
-                stop=stop,
-            )
-        )
+        done = UntilDecided(treated=figures, placebos=tuple(placebos), stop=run.stop)
+        return msgspec.to_builtins(done)
 
     return _cell_entry(key, compute, UntilDecided)
 

@@ -34,6 +34,7 @@ tested without llama.cpp; only main() imports the bindings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -429,8 +430,11 @@ def _read_text(path: Path) -> bytes:
 
 
 def _write_json(path: Path, doc: dict) -> None:
+    """Atomically, into a folder made if need be (a result's folder under logs/ is not made
+    by anyone else when its baseline was cached)."""
     from ...platform.atomic import write_text
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(doc, indent=1) + "\n", force=True)
 
 
@@ -636,6 +640,8 @@ def _run_sequential(args: argparse.Namespace) -> dict:
         raise InputError(
             f"the base holds {meta['n_chunk']} chunks; the rule needs at least {rule.min_chunks}"
         )
+    if cap < rule.max_chunks:  # the base's chunks are the cap: the rule stops there, as "cap"
+        rule = dataclasses.replace(rule, max_chunks=cap)
     tokens = np.asarray(meta["tokens"], dtype=np.int64)
     n_batch = min(args.batch, n_ctx)
     paths = [Path(args.model), *(Path(p) for p in args.placebo)]
@@ -763,7 +769,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.until_decided is not None:
             doc = _run_sequential(args)
             if args.out is not None:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 _write_json(Path(args.out), doc)
         else:
             doc = _run(args)

@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import LlamaFailed
+from ...errors import FqError, LlamaFailed
 from ...platform import progress
 from ...platform.commands import CommandRecord, run_logged
 from ...platform.paths import logs_dir
 from ...storage import codec
-from ...storage.record import KLD
+from ...storage.record import KLD, SequentialStop
 from . import parse
 
 __all__ = ["CommandRecord", "run_logged"]  # re-exported: callers that drive llama.cpp
@@ -161,13 +161,13 @@ def _path_of(x) -> Path:
 
 
 @dataclass(frozen=True)
-class UntilDecided:
+class SequentialRun:
     """A sequential exact run: the treatment's and each placebo's figures over the chunks
-    the stopping rule used, and its stop (the engine's "sequential" block)."""
+    the stopping rule used, and why it stopped there."""
 
     treated: PerplexityResult
     placebos: tuple[PerplexityResult, ...]
-    stop: dict
+    stop: SequentialStop
 
 
 class LlamaRunner:
@@ -378,7 +378,9 @@ class LlamaRunner:
             extra += ["--against", Path(kl_against)]
         rec, out = self._run_exact(model, text, ctx, batch, extra)
         try:
-            return self._exact_result(rec, out, kld=kl_against is not None)
+            return self._exact_result(
+                rec, out, self._exact_doc(rec, out), kld=kl_against is not None
+            )
         except BaseException:
             if kl_base is not None:  # never leave a base behind that did not finish
                 Path(kl_base).unlink(missing_ok=True)
@@ -433,7 +435,7 @@ class LlamaRunner:
         rule: dict,
         ctx: int = 512,
         batch: int = 512,
-    ) -> UntilDecided:
+    ) -> SequentialRun:
         """The exact engine holding `model` and its `placebos` loaded, fed the base's chunks
         one look at a time until the stopping rule (fq_core.measurement.sequential.Rule, as
         its to_json) decides: each one's PPL and KLD over the chunks used, and the stop."""
@@ -441,17 +443,20 @@ class LlamaRunner:
         for placebo in placebos:
             argv += ["--placebo", _path_of(placebo)]
         rec, out = self._run_exact(model, None, ctx, batch, argv)
-        treated = self._exact_result(rec, out, kld=True)
-        doc = json.loads(out.read_text())
+        doc = self._exact_doc(rec, out)
+        treated = self._exact_result(rec, out, doc, kld=True)
         others = tuple(
-            self._exact_result(rec, out, kld=True, doc=dict(doc, **placebo))
+            self._exact_result(rec, out, dict(doc, **placebo), kld=True)
             for placebo in doc["placebos"]
         )
-        return UntilDecided(treated, others, doc["sequential"])
+        try:
+            stop = codec.convert(doc["sequential"], SequentialStop)
+        except (KeyError, FqError) as exc:
+            raise self.failure(rec, f"wrote no readable stop: {exc}") from None
+        return SequentialRun(treated, others, stop)
 
-    def _exact_result(
-        self, rec: CommandRecord, out: Path, *, kld: bool, doc: dict | None = None
-    ) -> PerplexityResult:
+    def _exact_doc(self, rec: CommandRecord, out: Path) -> dict:
+        """The exact engine's result document, once it is known to have finished well."""
         if rec.timed_out:
             raise self.failure(rec, f"timed out after {rec.duration_s:.0f} s")
         if rec.exit_status != 0:
@@ -459,11 +464,15 @@ class LlamaRunner:
             if why:
                 raise LlamaFailed(f"{rec.tool} failed: {why} ({rec.command_line})")
             raise self.failure(rec, f"exited with status {rec.exit_status}")
-        if doc is None:
-            try:
-                doc = json.loads(out.read_text())
-            except (OSError, ValueError) as exc:
-                raise self.failure(rec, f"wrote no readable result {out}: {exc}") from None
+        try:
+            return json.loads(out.read_text())
+        except (OSError, ValueError) as exc:
+            raise self.failure(rec, f"wrote no readable result {out}: {exc}") from None
+
+    def _exact_result(
+        self, rec: CommandRecord, out: Path, doc: dict, *, kld: bool
+    ) -> PerplexityResult:
+        """One model's figures from a result document (a sequential run holds several)."""
         ppl, ppl_err = doc["ppl"], doc["ppl_err"]
         chunk_ppls = tuple(doc["chunk_ppls"])
         if not math.isfinite(ppl) or any(not math.isfinite(c) for c in chunk_ppls):
