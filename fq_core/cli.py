@@ -649,7 +649,7 @@ _TENSORS_HELP = (
 
 
 def _add_quantize(sub) -> None:
-    from .definitions.formats import FORMATS, ROUNDINGS
+    from .definitions.formats import FORMATS, LLAMA_TYPES, ROUNDINGS
 
     p = sub.add_parser(
         "quantize",
@@ -661,12 +661,22 @@ def _add_quantize(sub) -> None:
     p.add_argument(
         "--tensors", nargs="+", default=["ffn_norm"], metavar="PATTERN", help=_TENSORS_HELP
     )
-    p.add_argument("--format", default="bf16", choices=FORMATS, help="number format (bf16)")
+    p.add_argument(
+        "--format",
+        default="bf16",
+        choices=FORMATS + LLAMA_TYPES,
+        metavar="FORMAT",
+        help="number format (bf16): elementwise "
+        + ", ".join(FORMATS)
+        + "; or llama.cpp's type, stored by ggml's code and read back: "
+        + ", ".join(LLAMA_TYPES),
+    )
     p.add_argument(
         "--rounding",
         default="truncate",
         choices=ROUNDINGS,
-        help="truncate (the plan's; default) or nearest (ties to even, llama.cpp's)",
+        help="truncate (the plan's; default) or nearest (ties to even, llama.cpp's); "
+        "llama.cpp's types round as ggml does",
     )
     p.add_argument("--seed", type=int, default=0, help="placebo mask seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing OUTPUT")

@@ -44,6 +44,7 @@ AXIS_OPTIONS = (
     "fq_sweep_chunks",
     "fq_sweep_until_decided",
     "fq_sweep_max_chunks",
+    "fq_sweep_rank_chunks",
 )
 
 
@@ -90,6 +91,7 @@ def plan_from(values: dict[str, Any], rounding: str):
         cumulative=values["fq_sweep_cumulative"],
         chunks=values["fq_sweep_chunks"],
         until_decided=values["fq_sweep_max_chunks"] if values["fq_sweep_until_decided"] else None,
+        rank_chunks=values["fq_sweep_rank_chunks"],
     )
 
 
@@ -265,7 +267,7 @@ def fq_sweep_cell(request: pytest.FixtureRequest, fq_sweep_case: SweepCase):
     try:
         with progress.context(stage=s.label(), model=cell.id):
             ref = fq.model(_stage_case(fq_sweep_case))
-            rule = s.plan.rule_for(cell.variant)
+            rule = s.plan.rule_for(cell)
             rec = run_cell(cell, ref, s.context(), fq.experiment, chunks=s.plan.chunks, rule=rule)
     except FqError as exc:  # a missing model, corpus or tool: one line, not a traceback
         pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)

@@ -42,7 +42,7 @@ from gguf_factory import build_gguf
 
 from fq_core.cli import build_parser
 from fq_core.definitions import settings
-from fq_core.definitions.formats import FORMATS, ROUNDINGS
+from fq_core.definitions.formats import FORMATS, LLAMA_TYPES, ROUNDINGS
 from fq_core.experiment import protocol, stages
 from fq_core.experiment.checks import STATUSES
 from fq_core.experiment.sweep import analysis as sweep_analysis
@@ -211,7 +211,9 @@ def test_number_formats_section_lists_every_format():
     assert sorted(set(FORMATS) - named) == [], "formats the section never names"
     for rounding in ROUNDINGS:
         assert f"`{rounding}`" in body or f" {rounding}`" in body, rounding
-    assert set(COMMANDS["quantize"][0]._option_string_actions["--format"].choices) == set(FORMATS)
+    assert sorted(set(LLAMA_TYPES) - named) == [], "llama.cpp types the section never names"
+    choices = COMMANDS["quantize"][0]._option_string_actions["--format"].choices
+    assert set(choices) == set(FORMATS + LLAMA_TYPES)
 
 
 def test_models_table_is_the_registry():

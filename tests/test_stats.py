@@ -50,8 +50,12 @@ def test_paired_excess_cancels_what_the_chunks_share():
     assert unpaired.high - unpaired.low > 1e-3
 
 
-def test_paired_excess_needs_matching_chunks():
-    assert stats.paired_excess([1.0, 2.0], [[1.0]]) is None
+def test_paired_excess_pairs_the_chunks_all_runs_have():
+    """A placebo that rested after 3 chunks is paired with the treatment's first 3, not
+    compared with a mean over chunks it never saw."""
+    treated = [2.0, 3.0, 4.0, 100.0, 100.0]
+    excess = stats.paired_excess(treated, [[1.0, 2.0, 3.0]])
+    assert excess.n == 3 and excess.estimate == pytest.approx(1.0)
     assert stats.paired_excess([1.0, 2.0], []) is None
 
 

@@ -249,11 +249,11 @@ def test_analysis_ranks_with_ties_and_names_the_standout():
     assert "ffn_norm layer 2" in a.groups[0].sentence and "1 of 6 cells" in a.groups[0].sentence
 
 
-def _decided(layer: int, ratios: list[float]) -> cell_record.CellRecord:
+def _decided(layer: int, ratios: list[float], rule=None) -> cell_record.CellRecord:
     """A cell run until decided whose treatment is exp(r) times its placebo in each chunk."""
     from fq_core.measurement.sequential import Rule, anytime_p, look, words
 
-    rule = Rule()
+    rule = rule or Rule()
     placebo = [1.8e-7] * len(ratios)
     rec = _record(layer, [p * np.exp(r) for p, r in zip(placebo, ratios, strict=True)], [placebo])
     lk = look(rule, ratios)
@@ -292,6 +292,46 @@ def test_cells_stopped_at_different_chunks_are_ranked_on_the_chunks_they_share()
     assert sweep_analysis._paired_above(
         sweep_analysis.SweepRow(Path("b"), b), sweep_analysis.SweepRow(Path("a"), a)
     )
+
+
+def test_one_rule_names_every_cell_but_only_ranked_cells_go_on(factory):
+    """Until decided, every intrinsic cell of a sweep carries the same rule (it is part of the
+    identity the report checks all cells share); a cumulative cell runs it with rank_chunks 0:
+    not ranked, its treatment rests with its placebo."""
+    plan = _plan(variants=("intrinsic",), until_decided=8, rank_chunks=6)
+    cells = sweep_plan.cells_for(plan, "factory", read_index(factory.path))
+    series = {c.series for c in cells}
+    assert series == {"layer", "cumulative"}
+    rules = {c.series: plan.rule_for(c) for c in cells}
+    assert len({r.to_json()["rank_chunks"] for r in rules.values()}) == 1
+    assert (
+        sweep_run._running(rules["layer"], next(c for c in cells if c.series == "layer"))
+        == (rules["layer"])
+    )
+    cum = next(c for c in cells if c.series == "cumulative")
+    assert sweep_run._running(rules["cumulative"], cum).rank_chunks == 0
+    assert (
+        _plan(variants=("intrinsic",), until_decided=4, rank_chunks=6).rule_for(cum).rank_chunks
+        == 4
+    )
+
+
+def test_cells_ranked_on_chunks_fixed_in_advance_use_a_paired_t_interval():
+    """Two cells whose treatments ran the rule's 6 ranking chunks, one 1.25× the other in
+    every chunk give or take 5 %: a paired t-interval on those 6 chunks orders them; the same
+    cells without a fixed count (rank_chunks 0) are compared by the confidence sequence,
+    which 6 chunks cannot resolve at 1.25×. A reversed pair is ordered the other way."""
+    from fq_core.measurement.sequential import Rule
+
+    rng = np.random.default_rng(3)
+    low = [float(x) for x in 1.0 + rng.normal(0, 0.3, 6)]  # the text's swing: shared by both cells
+    high = [r + float(np.log(1.25) + rng.normal(0, 0.05)) for r in low]
+    for rank_chunks, ordered in ((6, True), (0, False)):
+        rule = Rule(rank_chunks=rank_chunks)
+        a, b = _decided(0, high, rule), _decided(1, low, rule)
+        row = {r.cell.layer: sweep_analysis.SweepRow(Path("x"), r) for r in (a, b)}
+        assert sweep_analysis._paired_above(row[0], row[1]) is ordered, rank_chunks
+        assert sweep_analysis._paired_above(row[1], row[0]) is False
 
 
 def test_analysis_says_when_nothing_stands_out():
@@ -870,17 +910,28 @@ def test_bench_cell_vs_bare_llama(benchmark, tmp_path, monkeypatch):
 @pytest.mark.llama
 @pytest.mark.models
 def test_a_cell_run_until_decided_is_the_fixed_run_stopped_early(tmp_path):
-    """An intrinsic cell run until decided (SmolLM2's twin, fp8 on layer 0, ctx 128, cap 4):
-    the record says how many chunks it used and why it stopped; its treatment and placebo
-    per-chunk KLDs are the fixed-count run's on those chunks, bit for bit (one engine, the
-    same chunks, only the stop differs); its p-value is the sequence's anytime one."""
+    """An intrinsic cell run until decided (SmolLM2's twin, fp8 on layer 0, ctx 128, cap 4,
+    ranked on 3 chunks): the record says how many chunks decided it and why it stopped; its
+    placebo's per-chunk KLDs are the fixed-count run's on those chunks, its treatment's on the
+    ranking's 3 (or more, when deciding took more), bit for bit (one engine, the same chunks,
+    only the stops differ); its p-value is the sequence's anytime one."""
     axes = ("--fq-sweep-plan", "full", "--fq-sweep-models", "smollm2-135m")
     axes += ("--fq-sweep-formats", "fp8_e4m3", "--fq-sweep-layers", "0")
     axes += ("--fq-sweep-cumulative", "off", "--fq-ctx", "128")
     runs = {}
     for name, extra in (  # fixed first: the decided run finds its baseline cached
         ("fixed", ("--fq-sweep-until-decided", "off", "--fq-sweep-chunks", "4")),
-        ("decided", ("--fq-sweep-until-decided", "on", "--fq-sweep-max-chunks", "4")),
+        (
+            "decided",
+            (
+                "--fq-sweep-until-decided",
+                "on",
+                "--fq-sweep-max-chunks",
+                "4",
+                "--fq-sweep-rank-chunks",
+                "3",
+            ),
+        ),
     ):
         proc = _pytest(tmp_path / name, "-q", *axes, *extra, timeout=1800)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -891,8 +942,8 @@ def test_a_cell_run_until_decided_is_the_fixed_run_stopped_early(tmp_path):
     assert stop is not None and fixed.sequential is None
     assert 2 <= stop.n_chunks <= 4 and stop.stop in STOP_REASONS
     assert stop.n_chunks < 4 or stop.stop in ("cap", "spread above sigma")
-    n = stop.n_chunks
-    assert decided.treatment.chunk_klds == fixed.treatment.chunk_klds[:n]
+    n, ranked = stop.n_chunks, max(stop.n_chunks, 3)
+    assert decided.treatment.chunk_klds == fixed.treatment.chunk_klds[:ranked]
     assert decided.placebo[0].chunk_klds == fixed.placebo[0].chunk_klds[:n]
     assert decided.p_value == stop.p_value and decided.p_test != fixed.p_test
     report = (tmp_path / "decided" / "reports" / sensitivity.MARKDOWN).read_text()

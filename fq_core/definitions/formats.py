@@ -43,6 +43,25 @@ from fq_core.errors import BadFormat
 FORMATS = ("bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "int8", "placebo")
 ROUNDINGS = ("truncate", "nearest")
 
+#: llama.cpp's own block types, by the names `llama-quantize --tensor-type` takes. Their
+#: rounding is ggml's (``rounding`` does not apply); they are quantized by ggml's code of the
+#: pinned build (fq_core.measurement.ggml_types), so this module only names them.
+LLAMA_TYPES = (
+    "q8_0",
+    "q6_k",
+    "q5_k",
+    "q5_0",
+    "q5_1",
+    "q4_k",
+    "q4_0",
+    "q4_1",
+    "q3_k",
+    "q2_k",
+    "mxfp4",
+    "iq4_nl",
+    "iq4_xs",
+)
+
 #: numpy dtypes behind the small float formats (bf16 is done on the bits directly).
 FLOAT_DTYPES: dict[str, np.dtype] = {
     "fp16": np.dtype(np.float16),
@@ -72,6 +91,8 @@ def fake_quantize(
     ``seed`` and ``tensor_name`` only matter to ``placebo`` (the mask is reproducible per
     tensor); ``tensor_name`` also names the tensor in int8's error.
     """
+    if fmt in LLAMA_TYPES:
+        raise BadFormat(f"{fmt} is llama.cpp's type: fq_core.measurement.ggml_types quantizes it")
     if fmt not in FORMATS:
         raise BadFormat(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if rounding not in ROUNDINGS:

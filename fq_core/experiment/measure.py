@@ -168,7 +168,10 @@ class Steps:
 # --- the treatment -------------------------------------------------------------------------
 
 
-def _quantize(measured: ModelRef, dst: Path, layers: str, exp: Experiment, **kw) -> patch.Manifest:
+def _quantize(
+    measured: ModelRef, dst: Path, layers: str, exp: Experiment, tools, **kw
+) -> patch.Manifest:
+    """The treatment's file; llama.cpp's types are quantized by this build's ggml."""
     return patch.fake_quantize_file(
         measured.path,
         dst,
@@ -177,6 +180,7 @@ def _quantize(measured: ModelRef, dst: Path, layers: str, exp: Experiment, **kw)
         fmt=exp.fmt,
         rounding=exp.rounding,
         force=True,
+        lib_dir=tools.lib_dir,
         **kw,
     )
 
@@ -316,7 +320,7 @@ def _cached_treatment(target: Target, baseline: BaselineEvaluation, ctx, exp) ->
         with atomic.owned(dst):  # disk flat: the GGUF lives only while it is evaluated
             t0 = time.perf_counter()
             with progress.step("quantize"):
-                manifest = _quantize(measured, dst, target.layers, exp, fsync=False)
+                manifest = _quantize(measured, dst, target.layers, exp, ctx.tools, fsync=False)
             quantize_s = time.perf_counter() - t0
             identical = manifest.output.sha256 == measured.sha256
             ref = replace(
@@ -400,7 +404,7 @@ def _until_decided(target: Target, baseline: BaselineEvaluation, ctx, exp, rule)
                 owned.enter_context(atomic.owned(f))
             t0 = time.perf_counter()
             with progress.step("quantize"):
-                manifest = _quantize(measured, dst, target.layers, exp, fsync=False)
+                manifest = _quantize(measured, dst, target.layers, exp, ctx.tools, fsync=False)
                 placebo_manifests = [
                     _quantize_placebo(measured, f, target.layers, exp, seed)
                     for f, seed in zip(placebo_files, exp.placebo_seeds, strict=True)
@@ -439,7 +443,7 @@ def _until_decided(target: Target, baseline: BaselineEvaluation, ctx, exp, rule)
         placebos = []
         for seed, pm, pr in zip(exp.placebo_seeds, placebo_manifests, run.placebos, strict=True):
             pev = ev_mod.ModelEvaluation(ref, None, (), pr, pr)
-            cmp = ev_mod.compare(base_n, pev)
+            cmp = ev_mod.compare(baseline_over(baseline, pr.n_chunks), pev)  # it may rest first
             placebos.append(_placebo_record(seed, key, target.layers, pm, pr, cmp))
         done = UntilDecided(treated=figures, placebos=tuple(placebos), stop=run.stop)
         return msgspec.to_builtins(done)
@@ -650,7 +654,7 @@ def measure(
         )
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
-        manifest = _quantize(target.measured, file, target.layers, exp)
+        manifest = _quantize(target.measured, file, target.layers, exp, ctx.tools)
         steps.quantized(manifest, file)
         baseline = ev.evaluate_baseline(ctx.runner, target.measured, ctx.corpus, exp.settings)
         steps.baseline(baseline)

@@ -72,12 +72,15 @@ def mean_interval(values: Sequence[float | None], *, what: str = "chunks") -> In
 def paired_excess(
     treatment: Sequence[float | None], placebos: Sequence[Sequence[float | None]]
 ) -> Interval | None:
-    """Treatment − mean of the placebos, chunk by chunk, with its bootstrap interval."""
+    """Treatment − mean of the placebos, chunk by chunk, with its bootstrap interval; on the
+    chunks all of them have (a placebo run until decided rests while a ranked treatment goes
+    on: the pairs are its first chunks)."""
     runs = [list(p) for p in placebos if p]
-    if not treatment or not runs or any(len(p) != len(treatment) for p in runs):
+    if not treatment or not runs:
         return None
-    control = np.nanmean(np.asarray(runs, dtype=np.float64), axis=0)
-    diff = np.asarray(treatment, dtype=np.float64) - control
+    n = min(len(treatment), *map(len, runs))
+    control = np.nanmean(np.asarray([r[:n] for r in runs], dtype=np.float64), axis=0)
+    diff = np.asarray(treatment[:n], dtype=np.float64) - control
     iv = mean_interval(list(diff))
     if iv is None:
         return None

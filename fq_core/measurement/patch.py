@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..definitions.formats import FORMATS, ROUNDINGS, fake_quantize
+from ..definitions.formats import FORMATS, LLAMA_TYPES, ROUNDINGS, fake_quantize
 from ..errors import BadInput
 from ..platform import atomic, hashing
 from ..storage import codec
@@ -278,17 +278,35 @@ def _gguf_version() -> str:
         return "unknown"
 
 
+def _converter(fmt: str, rounding: str, seed: int, selection: Selection, lib_dir):
+    """values, name -> fake-quantized values: an elementwise format, or llama.cpp's type T
+    stored by ggml's own code and read back (every selected tensor checked to fit T first,
+    so a refusal comes before any work)."""
+    if fmt not in LLAMA_TYPES:
+        return lambda x, name: fake_quantize(x, fmt, rounding, seed=seed, tensor_name=name)
+    from . import ggml_types
+    from .llama import tools
+
+    for sel in selection.tensors:
+        why = ggml_types.unfit(fmt, sel.info.name, tuple(sel.info.shape))
+        if why:
+            raise BadInput(why)
+    quantizer = ggml_types.Quantizer(lib_dir or tools.find_tools(build=False).library()[0])
+    return lambda x, name: quantizer.fake(x, fmt, name)
+
+
 def plan_changes(
-    index, selection: Selection, fmt: str, rounding: str, seed: int
+    index, selection: Selection, fmt: str, rounding: str, seed: int, lib_dir=None
 ) -> tuple[list[Patch], list[TensorChange], list[ErrorStats]]:
     """New bytes and error statistics per selected tensor (read from the input)."""
     patches: list[Patch] = []
     changes: list[TensorChange] = []
     stats: list[ErrorStats] = []
+    convert = _converter(fmt, rounding, seed, selection, lib_dir)
     for sel in selection.tensors:
         info = sel.info
         orig = read_tensor(index, info)
-        new = fake_quantize(orig, fmt, rounding, seed=seed, tensor_name=info.name)
+        new = convert(orig, info.name)
         new = np.ascontiguousarray(new, dtype=np.float32).reshape(-1)
         es = error_stats(orig, new)
         stats.append(es)
@@ -327,12 +345,15 @@ def fake_quantize_file(
     force: bool = False,
     on_selection: Callable[[Selection], None] | None = None,
     fsync: bool = True,
+    lib_dir=None,
 ) -> Manifest:
-    """Write `dst` = `src` with the selected F32 tensors fake-quantized, and `dst`.fq.json."""
+    """Write `dst` = `src` with the selected F32 tensors fake-quantized, and `dst`.fq.json.
+    A llama.cpp type is quantized by ggml's code in `lib_dir` (default: the build fq uses)."""
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    if fmt not in FORMATS:
-        raise BadInput(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt not in FORMATS + LLAMA_TYPES:
+        known = ", ".join(FORMATS + LLAMA_TYPES)
+        raise BadInput(f"unknown format {fmt!r}; choose one of {known}")
     if rounding not in ROUNDINGS:
         raise BadInput(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
     if not src.is_file():
@@ -342,7 +363,7 @@ def fake_quantize_file(
     selection = resolve(index, layers, tensors)
     if on_selection is not None:
         on_selection(selection)
-    patches, changes, stats = plan_changes(index, selection, fmt, rounding, seed)
+    patches, changes, stats = plan_changes(index, selection, fmt, rounding, seed, lib_dir)
     st_before = os.stat(src)
 
     hasher = _Hasher(src, patches)

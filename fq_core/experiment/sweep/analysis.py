@@ -265,8 +265,11 @@ def _rank_ranges(rows: Sequence[SweepRow]) -> dict[str, tuple[int, int]]:
 def _paired_above(a: SweepRow, b: SweepRow) -> bool | None:
     """Whether a's KLD is clearly above b's, compared on the chunks both used (cells run until
     decided stop at different counts): the per-chunk log ratios of their treatment KLDs (same
-    baseline, same tokens: paired), bounded by the cells' confidence sequence with σ√2 (two
-    cells' spreads). None when either cell was not run until decided: the intervals decide."""
+    baseline, same tokens: paired). Cells whose rule fixed their treatment's chunks in advance
+    (rank_chunks) are compared on those first chunks with a paired t-interval (a fixed n:
+    valid as any fixed design); otherwise on the chunks they share, bounded by the cells'
+    confidence sequence with σ√2 (two cells' spreads). None when either cell was not run
+    until decided: the intervals decide."""
     sa, sb = a.record.sequential, b.record.sequential
     ta, tb = a.record.treatment, b.record.treatment
     if sa is None or sb is None or ta is None or tb is None:
@@ -276,9 +279,22 @@ def _paired_above(a: SweepRow, b: SweepRow) -> bool | None:
     pairs = [(x, y) for x, y in zip(ta.chunk_klds, tb.chunk_klds, strict=False) if x and y]
     if not pairs or any(not (x > 0 and y > 0) for x, y in pairs):
         return None
+    fixed = min(int(sa.rule.get("rank_chunks", 0)), int(sb.rule.get("rank_chunks", 0)))
+    if fixed >= 2 and len(pairs) >= fixed:
+        return _t_low([math.log(x / y) for x, y in pairs[:fixed]]) > 0
     diff = [math.log(x / y) for x, y in pairs]
     rule = Rule(**{**sa.rule, "sigma": sa.rule["sigma"] * math.sqrt(2)})
     return math.fsum(diff) / len(diff) - rule.half_width(len(diff)) > 0
+
+
+def _t_low(values: Sequence[float]) -> float:
+    """The lower bound of the two-sided 95 % t-interval of the mean (the ranks' level)."""
+    from scipy import stats as sps
+
+    n = len(values)
+    mean = math.fsum(values) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean - float(sps.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
 def _names(rows: Sequence[SweepRow]) -> str:

@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...definitions.formats import FORMATS, ROUNDINGS
+from ...definitions.formats import FORMATS, LLAMA_TYPES, ROUNDINGS
 from ...errors import BadInput, BadSelection
 from ...measurement.selection import block_count_of, format_layers, parse_layers, split_name
 from ...storage.record import VARIANTS
 
-#: What a sweep can fake-quantize: every format of definitions.formats but the control itself.
+#: The elementwise formats a sweep can fake-quantize: every one but the control itself. "all"
+#: means these; llama.cpp's types (LLAMA_TYPES) are named one by one, so "all" does not grow
+#: by 13 formats.
 SWEEP_FORMATS = tuple(f for f in FORMATS if f != "placebo")
 #: layer = one layer alone; cumulative = the first n layers; whole = a kind outside the blocks
 SERIES = ("layer", "cumulative", "whole")
@@ -83,20 +85,25 @@ class Plan:
     cumulative: bool = True
     chunks: int | None = None  # None: the experiment's chunks (and KLD chunks)
     until_decided: int | None = None  # intrinsic cells: evaluated until decided, this cap
+    rank_chunks: int = 0  # ranked cells until decided: the treatment's fixed chunks
 
-    def rule_for(self, variant: str):
-        """The stopping rule of this variant's cells, or None: a fixed chunk count."""
-        if self.until_decided is None or variant != "intrinsic":
+    def rule_for(self, cell: Cell):
+        """The sweep's stopping rule for this cell's variant, or None: a fixed chunk count.
+        One rule per variant (it is part of the identity every cell shares); run.run_cell
+        lets a cumulative cell, which is not ranked, stop its treatment with its placebo."""
+        if self.until_decided is None or cell.variant != "intrinsic":
             return None
         from ...measurement.sequential import Rule
 
-        return Rule(max_chunks=self.until_decided)
+        rank = min(self.rank_chunks, self.until_decided)
+        return Rule(max_chunks=self.until_decided, rank_chunks=rank)
 
     def describe(self) -> str:
         fmts = " ".join(f if r == "truncate" else f"{f}/{r}" for f, r in self.formats)
         chunks = f"; {self.chunks} chunks" if self.chunks else ""
         if self.until_decided and "intrinsic" in self.variants:
-            chunks += f"; intrinsic until decided (cap {self.until_decided})"
+            chunks += f"; intrinsic until decided (cap {self.until_decided}"
+            chunks += f", ranked on {self.rank_chunks})" if self.rank_chunks else ")"
         cum = "; cumulative curve" if self.cumulative else ""
         return (
             f"{self.name}: models {' '.join(self.models)}; kinds {' '.join(self.kinds)}; "
@@ -130,8 +137,9 @@ def parse_formats(text: str | Sequence[str], default_rounding: str = "truncate")
             continue
         fmt, _, rounding = item.partition("/")
         rounding = rounding or default_rounding
-        if fmt not in SWEEP_FORMATS:
-            raise BadInput(f"unknown sweep format {fmt!r}; choose from {', '.join(SWEEP_FORMATS)}")
+        if fmt not in SWEEP_FORMATS + LLAMA_TYPES:
+            known = ", ".join(SWEEP_FORMATS + LLAMA_TYPES)
+            raise BadInput(f"unknown sweep format {fmt!r}; choose from {known}")
         if rounding not in ROUNDINGS:
             raise BadInput(
                 f"unknown rounding {rounding!r} in {item!r}; one of {', '.join(ROUNDINGS)}"

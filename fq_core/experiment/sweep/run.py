@@ -140,6 +140,14 @@ def p_value(
     return float(sps.ttest_1samp(d, 0.0, alternative="greater").pvalue)
 
 
+def _running(rule: Rule | None, cell: Cell) -> Rule | None:
+    """The rule a cell runs by: the sweep's, but a cumulative cell is not ranked, so its
+    treatment rests with its placebo instead of going on to the ranking's chunks."""
+    if rule is None or cell.series != "cumulative":
+        return rule
+    return replace(rule, rank_chunks=0)
+
+
 def run_cell(
     cell: Cell,
     model: ModelRef,
@@ -187,7 +195,7 @@ def run_cell(
         rec = msgspec.structs.replace(
             rec, identity=msgspec.structs.replace(ident, measured_sha256=measured.sha256)
         )
-        m = measure(Target(measured, cell.layers), ctx, exp, until_decided=rule)
+        m = measure(Target(measured, cell.layers), ctx, exp, until_decided=_running(rule, cell))
     except FqError as exc:
         return failed(error_line(exc))
     entry, f = m.treatment.entry, m.treatment.figures

@@ -641,7 +641,7 @@ def _run_sequential(args: argparse.Namespace) -> dict:
             f"the base holds {meta['n_chunk']} chunks; the rule needs at least {rule.min_chunks}"
         )
     if cap < rule.max_chunks:  # the base's chunks are the cap: the rule stops there, as "cap"
-        rule = dataclasses.replace(rule, max_chunks=cap)
+        rule = dataclasses.replace(rule, max_chunks=cap, rank_chunks=min(rule.rank_chunks, cap))
     tokens = np.asarray(meta["tokens"], dtype=np.int64)
     n_batch = min(args.batch, n_ctx)
     paths = [Path(args.model), *(Path(p) for p in args.placebo)]
@@ -664,32 +664,39 @@ def _run_sequential(args: argparse.Namespace) -> dict:
             tc = time.monotonic()
             chunk = tokens[i * n_ctx : (i + 1) * n_ctx]
             target = chunk[first + 1 :]
-            for eng, acc in zip(engines, parts, strict=True):
+            # once decided, the placebos rest; the treatment goes on to the ranking's chunks
+            running = engines if stopped is None else engines[:1]
+            for eng, acc in zip(running, parts, strict=False):
                 eng.chunk_logits(chunk, first, logits)
                 acc.append(compare_logits(base[i], logits, target, threads=threads))
             secs.append(time.monotonic() - tc)
             print(f"[{i + 1}/{cap}] {secs[-1]:.2f} s", flush=True)
-            treated = [float(st.kld.mean()) for st in parts[0]]
-            placebo = [
-                float(np.mean([float(acc[k].kld.mean()) for acc in parts[1:]]))
-                for k in range(i + 1)
-            ]
-            ratios = log_ratios(treated, placebo)
-            stopped = look(rule, ratios)
-            if stopped.stop:
+            if stopped is None:
+                treated = [float(st.kld.mean()) for st in parts[0]]
+                placebo = [
+                    float(np.mean([float(acc[k].kld.mean()) for acc in parts[1:]]))
+                    for k in range(i + 1)
+                ]
+                ratios = log_ratios(treated, placebo)
+                look_now = look(rule, ratios)
+                stopped = look_now if look_now.stop else None
+            if stopped is not None and i + 1 >= rule.rank_chunks:
                 break
         eval_s = time.monotonic() - t2
     finally:
         for eng in engines:
             eng.close()
     n_chunk = len(secs)
+    if stopped is None:  # the loop ends at the cap, where look() always stops
+        raise AssertionError("a sequential run ended without a stop")
 
     def summary(acc: list[TokenStats], path: Path) -> dict:
-        st = _joined(acc)
+        st, n = _joined(acc), len(acc)
         return {
             "model": str(path),
-            **ppl_summary(st.nll.reshape(n_chunk, -1)),
-            "kld": kld_summary(st, n_chunk),
+            "n_chunks": n,
+            **ppl_summary(st.nll.reshape(n, -1)),
+            "kld": kld_summary(st, n),
         }
 
     treated_doc = summary(parts[0], paths[0])
@@ -712,7 +719,7 @@ def _run_sequential(args: argparse.Namespace) -> dict:
         "placebos": [summary(acc, p) for acc, p in zip(parts[1:], paths[1:], strict=True)],
         "sequential": {
             "rule": rule.to_json(),
-            "n_chunks": n_chunk,
+            "n_chunks": stopped.n,
             "cap": cap,
             "stop": stopped.stop,
             "ratio": stopped.ratio,
@@ -726,7 +733,7 @@ def _run_sequential(args: argparse.Namespace) -> dict:
         "load_seconds": t_load,
         "eval_seconds": eval_s,
         "seconds_per_chunk": secs,
-        "tokens_per_s": n_chunk * n_ctx * len(paths) / eval_s if eval_s > 0 else None,
+        "tokens_per_s": sum(map(len, parts)) * n_ctx / eval_s if eval_s > 0 else None,
     }
 
 

@@ -1,0 +1,101 @@
+"""llama.cpp's types as formats: ggml's own quantization (the pinned build's libggml-base),
+read back by gguf-py's dequantizer (the twin's)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fq_core.definitions.formats import LLAMA_TYPES
+from fq_core.errors import BadInput
+from fq_core.measurement import ggml_types
+from fq_core.measurement.llama.tools import find_tools
+
+pytestmark = pytest.mark.llama  # needs the build's libggml-base
+
+#: the types gguf-py can also quantize: ggml's bytes must be gguf-py's, bit for bit
+GGUF_PY_QUANTIZES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "mxfp4")
+
+
+@pytest.fixture(scope="module")
+def quantizer() -> ggml_types.Quantizer:
+    return ggml_types.Quantizer(find_tools().library()[0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    fmt=st.sampled_from(GGUF_PY_QUANTIZES),
+    rows=st.integers(1, 4),
+    blocks=st.integers(1, 3),
+    scale=st.sampled_from([1e-4, 0.02, 3.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_ggml_writes_the_bytes_gguf_py_writes(quantizer, fmt, rows, blocks, scale, seed):
+    """Where both can quantize, the two implementations are one codec."""
+    x = (np.random.default_rng(seed).standard_normal((rows, 32 * blocks)) * scale).astype("f4")
+    ours = quantizer.quantize(x, fmt)
+    theirs = gguf.quants.quantize(x, ggml_types.TYPES[fmt])
+    assert ours.tobytes() == np.ascontiguousarray(theirs).tobytes()
+
+
+def test_each_type_reads_back_with_its_expected_error(quantizer):
+    """Gaussian weights of 256-wide rows: every type comes back with a relative RMS error in
+    the band its bits per weight allow, and fewer bits never do better within a family."""
+    x = np.random.default_rng(0).normal(0, 0.02, (64, 1024)).astype(np.float32)
+    err = {}
+    for fmt in LLAMA_TYPES:
+        y = quantizer.fake(x, fmt)
+        assert y.dtype == np.float32 and y.shape == x.shape
+        err[fmt] = float(np.sqrt(np.mean((y - x) ** 2)) / x.std())
+    assert err["q8_0"] < 0.01
+    ladder = ["q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k"]
+    assert [err[f] for f in ladder] == sorted(err[f] for f in ladder), err
+    assert all(0 < e < 0.4 for e in err.values()), err
+
+
+def test_a_row_the_block_does_not_divide_is_refused_naming_the_tensor(quantizer):
+    x = np.zeros((2, 640), dtype=np.float32)  # Gemma3-270M's rows
+    with pytest.raises(
+        BadInput, match=r"blk\.0\.attn_v\.weight: rows of 640 .* q4_k's block of 256"
+    ):
+        quantizer.quantize(x, "q4_k", "blk.0.attn_v.weight")
+    assert quantizer.quantize(x, "q8_0").shape == (2, 640 // 32 * 34)
+
+
+def test_fq_quantize_stores_and_reads_back_a_weight_matrix(
+    tmp_path, monkeypatch, capsys, quantizer
+):
+    """`fq quantize --format q4_k` on an F32 weight matrix: the output holds exactly what
+    ggml's q4_k and gguf-py's dequantizer make of it; a matrix whose rows the block does not
+    divide is refused in one line, before any file appears."""
+    from gguf_factory import build_gguf
+
+    from fq_core.cli import main
+    from fq_core.measurement.gguf_index import read_index, read_tensor
+
+    monkeypatch.setenv("FQ_LLAMA_BIN_DIR", str(find_tools().bin_dir))  # the build, named
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    w = np.random.default_rng(1).normal(0, 0.05, (4, 512)).astype(np.float32)
+    odd = np.ones((4, 96), dtype=np.float32)
+    m = build_gguf(
+        tmp_path / "in",
+        n_layers=1,
+        extra_tensors={"blk.0.attn_v.weight": w, "blk.0.attn_k.weight": odd},
+    )
+    dst = tmp_path / "out.gguf"
+    argv = ["quantize", str(m.path), str(dst), "--tensors", "attn_v", "--format", "q4_k"]
+    assert main(argv) == 0, capsys.readouterr().err
+    index = read_index(dst)
+    got = read_tensor(index, next(t for t in index.tensors if t.name == "blk.0.attn_v.weight"))
+    assert got.tobytes() == quantizer.fake(w, "q4_k").tobytes()
+    assert not np.array_equal(got, w)
+    capsys.readouterr()
+    bad = tmp_path / "bad.gguf"
+    argv = ["quantize", str(m.path), str(bad), "--tensors", "attn_k", "--format", "q4_k"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "blk.0.attn_k.weight: rows of 96" in err
+    assert not bad.exists() and not (tmp_path / "bad.gguf.fq.json").exists()
