@@ -100,7 +100,7 @@ class SweepCase:
     model: str  # as given
     model_id: str  # fq_core.measurement.models.model_ids: the stages' ids, never colliding
     cell: Any  # experiment.sweep.plan.Cell, or None when the model was not available at collection
-    reason: str | None = None
+    reason: str | None = None  # why it is skipped: not collected, or it cannot be made
 
     @property
     def id(self) -> str:
@@ -153,7 +153,7 @@ class SweepSession:
 
     def cases(self) -> list[SweepCase]:
         from fq_core.errors import FqError
-        from fq_core.experiment.sweep.plan import cells_for, sort_key
+        from fq_core.experiment.sweep.plan import cells_for, refusal, sort_key
         from fq_core.measurement.gguf_index import read_index
         from fq_core.measurement.models import model_ids, resolve_model
 
@@ -178,11 +178,12 @@ class SweepSession:
                 )
                 continue
             try:
-                cells = cells_for(self.plan, mid, read_index(ref.path))
+                index = read_index(ref.path)
+                cells = cells_for(self.plan, mid, index)
             except FqError as exc:
                 refuse(self.config, f"sweep plan on {m}: {exc}")
                 continue
-            out += [SweepCase(m, mid, c) for c in sorted(cells, key=sort_key)]
+            out += [SweepCase(m, mid, c, refusal(c, index)) for c in sorted(cells, key=sort_key)]
         return out
 
     def label(self) -> str:
@@ -253,7 +254,7 @@ def fq_sweep_cell(request: pytest.FixtureRequest, fq_sweep_case: SweepCase):
     from fq_core.platform import progress
     from fq_core.storage.cell_record import cell_path
 
-    if fq_sweep_case.cell is None:
+    if fq_sweep_case.cell is None or fq_sweep_case.reason:  # not collected, or cannot be made
         pytest.skip(fq_sweep_case.reason)
     s: SweepSession = request.config.stash[SWEEP]
     fq = s.fq

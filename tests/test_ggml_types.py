@@ -99,3 +99,49 @@ def test_fq_quantize_stores_and_reads_back_a_weight_matrix(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "blk.0.attn_k.weight: rows of 96" in err
     assert not bad.exists() and not (tmp_path / "bad.gguf.fq.json").exists()
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k", "mxfp4"])
+def test_the_twin_of_the_real_file_is_the_fake_file(gemma3_gguf, tmp_path, fmt, quantizer):
+    """Gemma3's ffn_down of layers 0-1 stored as a llama.cpp type in the quantized model
+    itself (the file deployed) and in its float twin: the twin of either real file equals,
+    byte for byte, the fake file `fq quantize` writes from the twin (the same tensors
+    quantized by ggml and read back), so what the intrinsic answer measures is exactly the
+    real file's values. Every other tensor of the real file keeps its bytes."""
+    from fq_core.measurement import twin
+    from fq_core.measurement.gguf_index import read_index
+    from fq_core.measurement.models import resolve_model
+    from fq_core.measurement.patch import fake_quantize_file
+    from fq_core.platform.hashing import sha256_file
+
+    model = resolve_model("gemma3-270m")
+    float_twin = twin.twin_for(model).path
+    names = {"blk.0.ffn_down.weight": fmt, "blk.1.ffn_down.weight": fmt}
+    lib = quantizer.path.parent
+    fake = tmp_path / "fake.gguf"
+    fake_quantize_file(
+        float_twin, fake, layers="0-1", tensors=("ffn_down",), fmt=fmt, lib_dir=lib, fsync=False
+    )
+    want = sha256_file(fake)
+    fake.unlink()
+    for source in (gemma3_gguf, float_twin):
+        real = tmp_path / "real.gguf"
+        m = twin.make_real(source, real, names, lib_dir=lib, fsync=False)
+        index, before = read_index(real), read_index(source)
+        got_types = {t.name: t.type_name for t in index.tensors if t.name in names}
+        assert got_types == dict.fromkeys(names, fmt.upper()), got_types
+        assert m.n_converted == 2 and m.summary().startswith(f"stored 2 of {len(index.tensors)}")
+        with open(source, "rb") as a, open(real, "rb") as b:  # the others: the same bytes
+            for t, u in zip(before.tensors, index.tensors, strict=True):
+                if t.name in names:
+                    continue
+                a.seek(t.offset)
+                b.seek(u.offset)
+                assert a.read(t.n_bytes) == b.read(u.n_bytes), t.name
+        real_twin = tmp_path / "real-twin.gguf"
+        twin.make_twin(real, real_twin, fsync=False)
+        assert sha256_file(real_twin) == want, source.name
+        for f in (real, real_twin):
+            f.unlink()
+            twin.manifest_path(f).unlink()

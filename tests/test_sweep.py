@@ -294,6 +294,19 @@ def test_cells_stopped_at_different_chunks_are_ranked_on_the_chunks_they_share()
     )
 
 
+def test_a_cell_whose_type_cannot_store_its_rows_is_refused_with_the_tensor(factory):
+    """The factory's 64-wide rows take q8_0 (blocks of 32) but not q4_k (256): those cells
+    are skipped at collection with the tensor and the reason, the others run."""
+    plan = _plan(formats=(("q8_0", "truncate"), ("q4_k", "truncate"), ("bf16", "truncate")))
+    index = read_index(factory.path)
+    why = {c.id: sweep_plan.refusal(c, index) for c in sweep_plan.cells_for(plan, "f", index)}
+    refused = {cid: w for cid, w in why.items() if w}
+    assert refused and all("-q4_k-" in cid for cid in refused), refused
+    assert len(refused) == len(why) // 3
+    first = next(iter(refused.values()))
+    assert first.startswith("blk.0.ffn_norm.weight: rows of 64 values are not a multiple"), first
+
+
 def test_one_rule_names_every_cell_but_only_ranked_cells_go_on(factory):
     """Until decided, every intrinsic cell of a sweep carries the same rule (it is part of the
     identity the report checks all cells share); a cumulative cell runs it with rank_chunks 0:

@@ -59,17 +59,18 @@ def test_a_kind_held_only_quantized_is_one_line_in_the_stages(tmp_path):
 
 def test_a_kind_held_only_quantized_is_one_line_in_the_sweep(tmp_path):
     model = build_gguf(tmp_path / "m", "tiny.gguf", n_layers=3)
-    proc = _collect(
-        tmp_path,
-        "experiments/test_sensitivity.py",
-        "--fq-sweep-plan",
-        "full",
-        "--fq-sweep-models",
-        str(model.path),
-        "--fq-sweep-kinds",
-        "ffn_norm ffn_up",
-    )
+
+    def sweep(kinds: str, *extra: str):
+        axes = ("--fq-sweep-plan", "full", "--fq-sweep-models", str(model.path))
+        axes += ("--fq-sweep-kinds", kinds, *extra)
+        return _collect(tmp_path, "experiments/test_sensitivity.py", *axes)
+
+    proc = sweep("ffn_norm ffn_up", "--fq-sweep-variants", "deployed")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 4, out
-    assert "tiny has no F32 tensor of kind ffn_up" in proc.stderr, out
+    assert "tiny has no F32 tensor of kind ffn_up (the intrinsic answer reaches" in proc.stderr, out
     assert "Traceback" not in out and "ERROR collecting" not in out, out
+    # the float twin holds every weight as F32: the intrinsic answer sweeps ffn_up
+    twin = sweep("ffn_up", "--fq-sweep-formats", "q8_0")
+    assert twin.returncode == 0, twin.stdout + twin.stderr
+    assert "tiny-ffn_up-blk00-q8_0-intrinsic" in twin.stdout, twin.stdout

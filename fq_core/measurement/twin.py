@@ -130,10 +130,13 @@ class TwinManifest:
 
     def summary(self) -> str:
         """One line: what was dequantized, the size, the time."""
-        target = _TARGET[self.dtype].name
         types = ", ".join(f"{k} {v}" for k, v in self.converted_types.items())
+        if self.dtype in _TARGET:
+            verb, target = "dequantized", f"to {_TARGET[self.dtype].name}"
+        else:  # a real file (make_real)
+            verb, target = "stored", f"as {self.dtype}"
         what = (
-            f"dequantized {self.n_converted} of {len(self.tensors)} tensors ({types}) to {target}"
+            f"{verb} {self.n_converted} of {len(self.tensors)} tensors ({types}) {target}"
             if self.n_converted
             else f"no tensor to convert among {len(self.tensors)}: the twin is a copy"
         )
@@ -242,6 +245,7 @@ class _Planned:
     new_type: QT
     n_bytes: int  # in the twin
     rel_offset: int  # in the twin's data section
+    store: str | None = None  # a real file's llama.cpp type (ggml_types), made from the values
 
     @property
     def converted(self) -> bool:
@@ -266,6 +270,30 @@ def _plan(index: GGUFIndex, dtype: str) -> list[_Planned]:
         else:
             n_bytes = info.n_bytes
         planned.append(_Planned(info, new, n_bytes, rel))
+        rel += _pad(n_bytes, index.alignment)
+    return planned
+
+
+def _plan_real(index: GGUFIndex, store: dict[str, str]) -> list[_Planned]:
+    """Every tensor kept as it is but those in `store`, which become that llama.cpp type."""
+    from . import ggml_types
+
+    planned, rel = [], 0
+    for info in index.tensors:
+        fmt = store.get(info.name)
+        if fmt is None:
+            new, n_bytes = QT(info.ggml_type), info.n_bytes
+        else:
+            why = ggml_types.unfit(fmt, info.name, tuple(info.shape))
+            if why:
+                raise BadInput(why)
+            if QT(info.ggml_type) not in KEPT_TYPES | FLOAT_TYPES and not can_dequantize(
+                info.ggml_type
+            ):
+                raise BadModel(f"{info.name}: gguf-py cannot read {info.type_name} values")
+            new = ggml_types.TYPES[fmt]
+            n_bytes = info.n_elements // info.shape[0] * ggml_types.row_bytes(new, info.shape[0])
+        planned.append(_Planned(info, new, n_bytes, rel, fmt))
         rel += _pad(n_bytes, index.alignment)
     return planned
 
@@ -405,8 +433,31 @@ def _convert(values: np.ndarray, target: QT, name: str) -> np.ndarray:
     return out
 
 
-def _write_tensor(src: _Source, sink: _Sink, p: _Planned, name: str) -> None:
+def _store_tensor(src: _Source, sink: _Sink, p: _Planned, quantizer) -> None:
+    """A real file's tensor: its values (read as the twin reads them) stored as p.store by
+    ggml's code, rows at a time (CHUNK_BYTES of float32 values)."""
     info = p.info
+    qt = QT(info.ggml_type)
+    ne0 = info.shape[0]
+    block, type_size = gguf.GGML_QUANT_SIZES[qt]
+    in_row = ne0 // block * type_size
+    n_rows = info.n_elements // ne0
+    per_chunk = max(1, CHUNK_BYTES // (ne0 * 4))
+    buf = bytearray(min(per_chunk, n_rows) * in_row)
+    for r0 in range(0, n_rows, per_chunk):
+        k = min(per_chunk, n_rows - r0)
+        view = memoryview(buf)[: k * in_row]
+        src.read_into(info.offset + r0 * in_row, view)
+        values = gguf.quants.dequantize(np.frombuffer(view, dtype=np.uint8), qt)
+        values = np.ascontiguousarray(values, dtype=np.float32).reshape(k, ne0)
+        sink.write(quantizer.quantize(values, p.store, info.name))
+
+
+def _write_tensor(src: _Source, sink: _Sink, p: _Planned, name: str, quantizer=None) -> None:
+    info = p.info
+    if p.store is not None:
+        _store_tensor(src, sink, p, quantizer)
+        return
     if not p.converted:
         buf = bytearray(min(_COPY_BYTES, max(info.n_bytes, 1)))
         done = 0
@@ -488,9 +539,53 @@ def make_twin(
     src, dst, *, dtype: str = "f32", force: bool = False, fsync: bool = True
 ) -> TwinManifest:
     """Write the float twin of `src` at `dst` and its manifest `dst`.twin.json."""
+    _check_dtype(dtype)
+    return _rewrite(src, dst, dtype, lambda index: _plan(index, dtype), force=force, fsync=fsync)
+
+
+def make_real(
+    src,
+    dst,
+    store: dict[str, str],
+    *,
+    lib_dir=None,
+    force: bool = False,
+    fsync: bool = True,
+) -> TwinManifest:
+    """Write `src` with the tensors named in `store` stored as those llama.cpp types (their
+    values as the twin holds them, quantized by ggml's code of the build in `lib_dir`),
+    every other byte kept; its manifest is `dst`.twin.json like a twin's (types before and
+    after). The twin of this file is the fake file of the same tensors and type, byte for
+    byte: both are gguf-py's dequantization of ggml's bytes."""
+    from . import ggml_types
+    from .llama import tools
+
+    if not store:
+        raise BadInput("no tensor to store as another type")
+    formats = sorted(set(store.values()))
+    bad = [f for f in formats if f not in ggml_types.TYPES]
+    if bad:
+        raise BadInput(f"not llama.cpp types: {', '.join(bad)}")
+    quantizer = ggml_types.Quantizer(lib_dir or tools.find_tools(build=False).library()[0])
+
+    def plan(index: GGUFIndex) -> list[_Planned]:
+        missing = sorted(set(store) - {t.name for t in index.tensors})
+        if missing:
+            raise BadInput(f"{index.path.name} has no tensor {missing[0]}")
+        return _plan_real(index, store)
+
+    label = formats[0] if len(formats) == 1 else "mixed"
+    return _rewrite(src, dst, label, plan, force=force, fsync=fsync, quantizer=quantizer)
+
+
+def _rewrite(
+    src, dst, label: str, plan_of, *, force: bool, fsync: bool, quantizer=None
+) -> TwinManifest:
+    """The one writer of files whose tensors change type (twins and real files): `plan_of`
+    says each tensor's new type; header copied and patched, data streamed, published
+    atomically with its manifest."""
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    _check_dtype(dtype)
     if not src.exists():
         raise BadInput(f"model file not found: {src}")
     if not src.is_file():
@@ -498,10 +593,12 @@ def make_twin(
     check_output(src, dst, force=force)
     st_before = os.stat(src)
     index = read_index(src)
-    plan = _plan(index, dtype)
+    plan = plan_of(index)
     file_type_before, fmt = _file_type(index)
-    file_type_after = int(_FILE_TYPE[dtype]) if fmt is not None else None
-    patch = (fmt, file_type_after) if fmt is not None else None
+    file_type_after = (
+        int(_FILE_TYPE[label]) if fmt is not None and label in _FILE_TYPE else file_type_before
+    )
+    patch = (fmt, file_type_after) if fmt is not None and label in _FILE_TYPE else None
     mpath = manifest_path(dst)
     source = _Source(src)
     try:
@@ -515,7 +612,7 @@ def make_twin(
                 for p in plan:
                     if sink.pos != index.data_start + p.rel_offset:
                         raise OSError(f"{tmp}: tensor {p.info.name!r} lands at the wrong offset")
-                    _write_tensor(source, sink, p, p.info.name)
+                    _write_tensor(source, sink, p, p.info.name, quantizer)
                     sink.pad_to(index.alignment)
                 f.flush()
                 if fsync:  # here, so that `seconds` counts it (publishing re-syncs: a no-op)
@@ -526,14 +623,14 @@ def make_twin(
             size = os.path.getsize(tmp)
             if size != sink.pos:
                 raise OSError(f"{tmp}: {size} bytes on disk, {sink.pos} written")
-            _verify(tmp, index, plan, file_type_after)
+            _verify(tmp, index, plan, file_type_after if patch is not None else None)
             os.chmod(tmp, _umask_mode())
             manifest = TwinManifest(
                 tool_version=__version__,
                 created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
                 source=FileRecord(str(src.resolve()), in_sha, in_size),
                 output=FileRecord(str(dst.resolve()), sink.digest.hexdigest(), size),
-                dtype=dtype,
+                dtype=label,
                 file_type_before=file_type_before,
                 file_type_after=file_type_after,
                 alignment=index.alignment,
@@ -550,7 +647,7 @@ def make_twin(
             atomic.check_target(mpath, force=force, inputs=[src])  # refused before publishing
         atomic.write_bytes(mpath, manifest_bytes, force=force, inputs=[src], fsync=fsync)
     except BaseException:
-        # a twin of ours without its manifest goes; once the manifest is published both stand
+        # a file of ours without its manifest goes; once the manifest is published both stand
         if atomic.published(dst) and not atomic.published(mpath):
             dst.unlink(missing_ok=True)
         raise
@@ -674,6 +771,7 @@ __all__ = [
     "TwinTensor",
     "can_dequantize",
     "is_own_twin",
+    "make_real",
     "make_twin",
     "manifest_path",
     "read_manifest",

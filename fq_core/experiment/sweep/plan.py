@@ -158,25 +158,36 @@ def parse_variants(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(words))
 
 
-def kinds_of(index) -> tuple[str, ...]:
-    """Every kind with an F32 tensor: those in the blocks in blk order, then the others."""
+#: integer tensors (token-id tables): no number format applies, the twin keeps them as they are
+INTEGER_TYPES = ("I8", "I16", "I32", "I64")
+
+
+def _reachable(type_name: str, twin: bool) -> bool:
+    """Whether a tensor of this type can be fake-quantized: F32 in the file itself; on the
+    float twin (the intrinsic answer) every float or quantized tensor, which it holds as F32."""
+    return type_name == "F32" or (twin and type_name not in INTEGER_TYPES)
+
+
+def kinds_of(index, *, twin: bool = False) -> tuple[str, ...]:
+    """Every kind the variant can treat (F32 tensors; with `twin`, every weight): those in the
+    blocks in blk order, then the others."""
     in_blocks: dict[str, None] = {}
     outside: dict[str, None] = {}
     for t in index.tensors:
-        if t.type_name != "F32":
+        if not _reachable(t.type_name, twin):
             continue
         layer, kind = split_name(t.name)
         (outside if layer is None else in_blocks).setdefault(kind, None)
     return tuple(in_blocks) + tuple(k for k in outside if k not in in_blocks)
 
 
-def _kind_layers(index, kind: str) -> tuple[int, ...]:
+def _kind_layers(index, kind: str, twin: bool) -> tuple[int, ...]:
     return tuple(
         sorted(
             {
                 layer
                 for t in index.tensors
-                if t.type_name == "F32"
+                if _reachable(t.type_name, twin)
                 for layer, k in [split_name(t.name)]
                 if k == kind and layer is not None
             }
@@ -194,20 +205,25 @@ def cumulative_sizes(n: int) -> tuple[int, ...]:
 
 
 def cells_for(plan: Plan, model_id: str, index) -> tuple[Cell, ...]:
-    """Every cell of `plan` for one model (its GGUF index gives the kinds and layers)."""
-    available = kinds_of(index)
-    kinds = available if plan.kinds == ("all",) else plan.kinds
-    missing = [k for k in kinds if k not in available]
-    if missing:
-        raise BadSelection(
-            f"{model_id} has no F32 tensor of kind {', '.join(missing)}; "
-            f"its F32 kinds: {', '.join(available) or 'none'}"
-        )
+    """Every cell of `plan` for one model (its GGUF index gives the kinds and layers). The
+    deployed answer treats the file's F32 tensors; the intrinsic one, on the float twin, every
+    weight. A kind the variant cannot reach is refused before any cell runs."""
     blocks = block_count_of(index)
     wanted = set(parse_layers(plan.layers, blocks)) if blocks > 0 else set()
     width = max(2, len(str(max(blocks - 1, 0))))
     out: list[Cell] = []
     for variant in plan.variants:
+        twin = variant == "intrinsic"
+        available = kinds_of(index, twin=twin)
+        kinds = available if plan.kinds == ("all",) else plan.kinds
+        missing = [k for k in kinds if k not in available]
+        if missing:
+            where = "tensor" if twin else "F32 tensor"
+            raise BadSelection(
+                f"{model_id} has no {where} of kind {', '.join(missing)}"
+                + ("" if twin else " (the intrinsic answer reaches every weight on the twin)")
+                + f"; its {variant} kinds: {', '.join(available) or 'none'}"
+            )
         for fmt, rounding in plan.formats:
             for kind in kinds:
                 base = dict(
@@ -218,7 +234,7 @@ def cells_for(plan: Plan, model_id: str, index) -> tuple[Cell, ...]:
                     variant=variant,
                     width=width,
                 )
-                layers = _kind_layers(index, kind)
+                layers = _kind_layers(index, kind, twin)
                 if not layers:
                     out.append(Cell(series="whole", layers="all", **base))
                     continue
@@ -234,6 +250,26 @@ def cells_for(plan: Plan, model_id: str, index) -> tuple[Cell, ...]:
                         spec = "all" if first == list(range(blocks)) else format_layers(first)
                         out.append(Cell(series="cumulative", layers=spec, n_layers=n, **base))
     return tuple(out)
+
+
+def refusal(cell: Cell, index) -> str | None:
+    """Why this cell cannot be made, in one line (a llama.cpp type whose block does not divide
+    a selected tensor's rows), or None. Checked at collection: such a cell is skipped with this
+    reason, before any cell runs."""
+    if cell.fmt not in LLAMA_TYPES:
+        return None
+    from ...measurement.ggml_types import unfit
+
+    wanted = (
+        None if cell.series == "whole" else set(parse_layers(cell.layers, block_count_of(index)))
+    )
+    for t in index.tensors:
+        layer, kind = split_name(t.name)
+        if kind == cell.kind and (wanted is None or layer in wanted):
+            why = unfit(cell.fmt, t.name, tuple(t.shape))
+            if why:
+                return why
+    return None
 
 
 def sort_key(cell: Cell) -> tuple:
