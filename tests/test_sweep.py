@@ -95,9 +95,14 @@ def test_all_kinds_formats_and_variants(factory):
         cumulative=False,
     )
     cells = sweep_plan.cells_for(plan, "factory", read_index(factory.path))
-    assert sweep_plan.kinds_of(read_index(factory.path)) == ("attn_norm", "ffn_norm", "output_norm")
-    # 2 variants x 2 formats x (attn_norm, ffn_norm at layer 1 + output_norm, which has no layer)
-    assert len(cells) == 2 * 2 * 3
+    index = read_index(factory.path)
+    assert sweep_plan.kinds_of(index) == ("attn_norm", "ffn_norm", "output_norm")
+    # on the twin every weight: ffn_up (Q8_0 in the file) and token_embd (F16) too
+    twin_kinds = ("attn_norm", "ffn_norm", "ffn_up", "token_embd", "output_norm")
+    assert sweep_plan.kinds_of(index, twin=True) == twin_kinds
+    # 2 formats x (deployed: attn_norm, ffn_norm at layer 1 + output_norm, which has no layer;
+    # intrinsic: those, ffn_up at layer 1 and token_embd)
+    assert len(cells) == 2 * (3 + 5)
     whole = [c for c in cells if c.kind == "output_norm"]
     assert {c.series for c in whole} == {"whole"} and {c.layers for c in whole} == {"all"}
     assert "factory-output_norm-fp8_e4m3-nearest-intrinsic" in {c.id for c in cells}
@@ -960,4 +965,42 @@ def test_a_cell_run_until_decided_is_the_fixed_run_stopped_early(tmp_path):
     assert decided.placebo[0].chunk_klds == fixed.placebo[0].chunk_klds[:n]
     assert decided.p_value == stop.p_value and decided.p_test != fixed.p_test
     report = (tmp_path / "decided" / "reports" / sensitivity.MARKDOWN).read_text()
-    assert f"| {n} · {stop.stop} |" in report
+    shown = f"{ranked} · {stop.stop} at {n}" if ranked > n else f"{n} · {stop.stop}"
+    assert f"| {shown} |" in report, report
+
+
+@pytest.mark.llama
+@pytest.mark.models
+def test_a_weight_sweep_in_llama_cpp_types(tmp_path):
+    """The smoke plan of weight kinds × llama.cpp types (SmolLM2's twin, layer 0, ctx 128,
+    until decided, cap 2): ffn_down (rows of 1536) and attn_v (576) in q8_0 and q4_k; the
+    attn_v × q4_k cell cannot exist (576 is not a multiple of 256) and is skipped with that
+    reason; the other three are measured far above their floors (the interval's lower bound
+    over 10× it) within the 2 chunks, and the sensitivity report draws a heatmap per format."""
+    axes = ("--fq-sweep-plan", "full", "--fq-sweep-models", "smollm2-135m")
+    axes += ("--fq-sweep-kinds", "ffn_down attn_v", "--fq-sweep-formats", "q8_0 q4_k")
+    axes += ("--fq-sweep-layers", "0", "--fq-sweep-cumulative", "off", "--fq-ctx", "128")
+    axes += ("--fq-sweep-until-decided", "on", "--fq-sweep-max-chunks", "2")
+    proc = _pytest(tmp_path, "-rs", *axes, timeout=1800)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "3 passed, 1 skipped" in out, out[-2000:]
+    assert (
+        "blk.0.attn_v.weight: rows of 576 values are not a multiple of q4_k's block of 256" in out
+    )
+    cells = {
+        read_cell(f).cell.id: read_cell(f)
+        for f in (tmp_path / "results").glob("*/sweep/cells/*.json")
+    }
+    assert sorted(cells) == [
+        "smollm2-135m-attn_v-blk00-q8_0-intrinsic",
+        "smollm2-135m-ffn_down-blk00-q4_k-intrinsic",
+        "smollm2-135m-ffn_down-blk00-q8_0-intrinsic",
+    ]
+    for rec in cells.values():  # at the cap of 2 (a spread the rule does not trust stops
+        assert rec.status == "measured" and rec.sequential.n_chunks == 2, rec.cell.id
+        assert rec.sequential.low > 10 and rec.p_value < 1e-3, rec.sequential.words
+    charts = {p.name for p in (tmp_path / "reports" / "charts").glob("*heatmap*")}
+    assert {
+        f"sensitivity-smollm2-135m-intrinsic-{f}-heatmap.png" for f in ("q8_0", "q4_k")
+    } <= charts

@@ -51,11 +51,14 @@ def _p(x: float | None) -> str:
 
 
 def _chunks(rec) -> str:
-    """'2 · far above' for a cell run until decided, else its fixed count."""
-    if rec.sequential is not None:
-        return f"{rec.sequential.n_chunks} · {rec.sequential.stop}"
+    """'2 · far above' for a cell run until decided ('6 · far above at 2' when its treatment
+    went on to the ranking's chunks after the placebo rested), else its fixed count."""
     t = rec.treatment
-    return str(len(t.chunk_klds)) if t is not None and t.chunk_klds else "—"
+    n = len(t.chunk_klds) if t is not None and t.chunk_klds else 0
+    s = rec.sequential
+    if s is not None:
+        return f"{n} · {s.stop} at {s.n_chunks}" if n > s.n_chunks else f"{s.n_chunks} · {s.stop}"
+    return str(n) if n else "—"
 
 
 def _rank(r: SweepRow) -> str:
