@@ -679,6 +679,13 @@ def _add_quantize(sub) -> None:
         "llama.cpp's types round as ggml does",
     )
     p.add_argument("--seed", type=int, default=0, help="placebo mask seed (default 0)")
+    p.add_argument(
+        "--real",
+        action="store_true",
+        help="with a llama.cpp type: store the tensors as that type (the file llama.cpp runs; "
+        "tensors of any type, their values as the float twin holds them), manifest "
+        "OUTPUT.twin.json; without: the fake file, values read back as F32",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(run=_run_quantize)
 
@@ -688,6 +695,8 @@ def _run_quantize(args) -> int:
     from .measurement.patch import fake_quantize_file, manifest_path
     from .measurement.selection import describe
 
+    if args.real:
+        return _run_store(args)
     args.outputs.expect(args.output, manifest_path(args.output))
     src = resolve_model(args.input).path
     manifest = fake_quantize_file(
@@ -702,6 +711,31 @@ def _run_quantize(args) -> int:
         on_selection=lambda sel: print(describe(sel), flush=True),
     )
     print(f"{args.format}/{args.rounding}: {manifest.summary()}")
+    print(f"wrote {args.output} ({manifest.output.size:,} bytes, sha256 {manifest.output.sha256})")
+    print(f"manifest {manifest.path}")
+    return 0
+
+
+def _run_store(args) -> int:
+    """`fq quantize --real`: the selected tensors stored as a llama.cpp type."""
+    from .definitions.formats import LLAMA_TYPES
+    from .errors import BadInput
+    from .measurement import twin
+    from .measurement.gguf_index import read_index
+    from .measurement.models import resolve_model
+    from .measurement.selection import describe, resolve
+
+    if args.format not in LLAMA_TYPES:
+        raise BadInput(
+            f"--real stores llama.cpp's types ({', '.join(LLAMA_TYPES)}), not {args.format}"
+        )
+    args.outputs.expect(args.output, twin.manifest_path(args.output))
+    src = resolve_model(args.input).path
+    selection = resolve(read_index(src), args.layers, tuple(args.tensors), any_type=True)
+    print(describe(selection), flush=True)
+    store = {s.info.name: args.format for s in selection.tensors}
+    manifest = twin.make_real(src, args.output, store, force=args.force)
+    print(f"{args.format}: {manifest.summary()}")
     print(f"wrote {args.output} ({manifest.output.size:,} bytes, sha256 {manifest.output.sha256})")
     print(f"manifest {manifest.path}")
     return 0

@@ -145,3 +145,39 @@ def test_the_twin_of_the_real_file_is_the_fake_file(gemma3_gguf, tmp_path, fmt, 
         for f in (real, real_twin):
             f.unlink()
             twin.manifest_path(f).unlink()
+
+
+def test_fq_quantize_real_stores_the_type_llama_cpp_runs(tmp_path, monkeypatch, capsys, quantizer):
+    """`fq quantize --real`: a Q8_0 matrix of the model stored as q4_0, every other tensor as
+    it was; its twin is the fake file of the model's twin; an elementwise format is refused."""
+    from gguf_factory import build_gguf
+
+    from fq_core.cli import main
+    from fq_core.measurement import twin
+    from fq_core.measurement.gguf_index import read_index
+    from fq_core.platform.hashing import sha256_file
+
+    monkeypatch.setenv("FQ_LLAMA_BIN_DIR", str(find_tools().bin_dir))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    m = build_gguf(tmp_path / "in", n_layers=2)  # ffn_up: Q8_0, rows of 64
+    real = tmp_path / "real.gguf"
+    argv = ["quantize", str(m.path), str(real), "--tensors", "ffn_up", "--layers", "0"]
+    assert main([*argv, "--format", "q4_0", "--real"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "q4_0: stored 1 of" in out and twin.manifest_path(real).is_file()
+    types = {t.name: t.type_name for t in read_index(real).tensors}
+    assert types == {
+        **{t.name: t.type_name for t in read_index(m.path).tensors},
+        "blk.0.ffn_up.weight": "Q4_0",
+    }
+    float_twin, real_twin, fake = (tmp_path / f"{n}.gguf" for n in ("twin", "real-twin", "fake"))
+    twin.make_twin(m.path, float_twin, fsync=False)
+    twin.make_twin(real, real_twin, fsync=False)
+    fargv = ["quantize", str(float_twin), str(fake), "--tensors", "ffn_up", "--layers", "0"]
+    assert main([*fargv, "--format", "q4_0"]) == 0
+    assert sha256_file(real_twin) == sha256_file(fake)
+    capsys.readouterr()
+    bad = tmp_path / "bad.gguf"
+    assert main(["quantize", str(m.path), str(bad), "--format", "bf16", "--real"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--real stores llama.cpp's types" in err and not bad.exists()

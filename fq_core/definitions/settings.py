@@ -247,7 +247,11 @@ STAGE = (
         _threads,
     ),
     Setting(
-        "fq_format", "bf16", "number format of the treatment (bf16: the plan's experiment)", _format
+        "fq_format",
+        "bf16",
+        "number format of the treatment (bf16: the plan's experiment; llama.cpp's types by "
+        "name, e.g. q8_0)",
+        _format,
     ),
     Setting(
         "fq_rounding",
@@ -364,7 +368,9 @@ SWEEP = (
         "fq_sweep_formats",
         "bf16",
         "full sweep: formats (bf16 fp16 fp8_e4m3 fp8_e5m2 int8, each optionally /truncate "
-        "or /nearest; all = every one; without a rounding: fq_rounding)",
+        "or /nearest; all = every one; without a rounding: fq_rounding), or llama.cpp's types "
+        "by name (q8_0 q4_k mxfp4 …: README, Number formats), which the intrinsic answer can "
+        "apply to any weight kind",
         _text,
     ),
     Setting(

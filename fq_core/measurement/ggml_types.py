@@ -105,3 +105,12 @@ class Quantizer:
         raw = self.quantize(values, fmt, name)
         back = gguf.quants.dequantize(raw, TYPES[fmt])
         return np.asarray(back, dtype=np.float32).reshape(np.shape(values))
+
+
+def quantizer(lib_dir: str | Path | None = None) -> Quantizer:
+    """ggml of the build in `lib_dir`, else of the build fq uses (found, never built here)."""
+    if lib_dir is None:
+        from .llama import tools
+
+        lib_dir = tools.find_tools(build=False).library()[0]
+    return Quantizer(lib_dir)

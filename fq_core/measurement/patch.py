@@ -285,14 +285,13 @@ def _converter(fmt: str, rounding: str, seed: int, selection: Selection, lib_dir
     if fmt not in LLAMA_TYPES:
         return lambda x, name: fake_quantize(x, fmt, rounding, seed=seed, tensor_name=name)
     from . import ggml_types
-    from .llama import tools
 
     for sel in selection.tensors:
         why = ggml_types.unfit(fmt, sel.info.name, tuple(sel.info.shape))
         if why:
             raise BadInput(why)
-    quantizer = ggml_types.Quantizer(lib_dir or tools.find_tools(build=False).library()[0])
-    return lambda x, name: quantizer.fake(x, fmt, name)
+    ggml = ggml_types.quantizer(lib_dir)
+    return lambda x, name: ggml.fake(x, fmt, name)
 
 
 def plan_changes(

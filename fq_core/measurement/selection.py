@@ -152,9 +152,14 @@ def block_count_of(index) -> int:
 
 
 def resolve(
-    index, layers: str = "all", tensors: str | Sequence[str] = DEFAULT_TENSORS
+    index,
+    layers: str = "all",
+    tensors: str | Sequence[str] = DEFAULT_TENSORS,
+    *,
+    any_type: bool = False,
 ) -> Selection:
-    """Resolve a selection; every fault (unknown layer, no match, non-F32) is a BadSelection."""
+    """Resolve a selection; every fault (unknown layer, no match, non-F32) is a BadSelection.
+    `any_type`: tensors of every type qualify (a real file stores them anew from their values)."""
     patterns = _normalise_patterns(tensors)
     block_count = block_count_of(index)
     layers_spec = str(layers).strip()
@@ -192,7 +197,7 @@ def resolve(
     order = {t.name: i for i, t in enumerate(index.tensors)}
     selected = tuple(sorted(chosen.values(), key=lambda s: order[s.info.name]))
     for s in selected:
-        if s.info.type_name != "F32":
+        if s.info.type_name != "F32" and not any_type:
             raise BadSelection(
                 f"{s.info.name} is {s.info.type_name}, not F32; only F32 tensors can be "
                 "fake-quantized (narrow --tensors or --layers)"

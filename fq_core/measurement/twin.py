@@ -558,7 +558,6 @@ def make_real(
     after). The twin of this file is the fake file of the same tensors and type, byte for
     byte: both are gguf-py's dequantization of ggml's bytes."""
     from . import ggml_types
-    from .llama import tools
 
     if not store:
         raise BadInput("no tensor to store as another type")
@@ -566,7 +565,7 @@ def make_real(
     bad = [f for f in formats if f not in ggml_types.TYPES]
     if bad:
         raise BadInput(f"not llama.cpp types: {', '.join(bad)}")
-    quantizer = ggml_types.Quantizer(lib_dir or tools.find_tools(build=False).library()[0])
+    quantizer = ggml_types.quantizer(lib_dir)
 
     def plan(index: GGUFIndex) -> list[_Planned]:
         missing = sorted(set(store) - {t.name for t in index.tensors})
