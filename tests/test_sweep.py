@@ -352,6 +352,33 @@ def test_cells_ranked_on_chunks_fixed_in_advance_use_a_paired_t_interval():
         assert sweep_analysis._paired_above(row[1], row[0]) is False
 
 
+def test_the_storage_table_orders_cells_by_kld_per_byte_saved():
+    """A cell that llama.cpp can store shows its bytes in the model and as the format; the
+    table puts the cheapest KLD per MB saved first and a cell that grows the file last."""
+
+    def stored(layer, kld, before, after):
+        rec = _record(layer, [kld] * 4, [[1e-8] * 4])
+        num = msgspec.structs.replace(rec.numeric, bytes_model=before, bytes_format=after)
+        return msgspec.structs.replace(rec, numeric=num)
+
+    recs = [
+        stored(0, 1e-3, 1_000_000, 900_000),  # 0.1 MB saved: 1e-2 per MB
+        stored(1, 2e-3, 1_000_000, 500_000),  # 0.5 MB saved: 4e-3 per MB
+        stored(2, 1e-5, 1_000_000, 1_100_000),  # grows
+    ]
+    a = sweep_analysis.analyze([sweep_analysis.Loaded(Path(f"{i}"), r) for i, r in enumerate(recs)])
+    (g,) = sensitivity.group_views(a)
+    assert [r.label for r in g.storage] == [
+        "ffn_norm layer 1",
+        "ffn_norm layer 0",
+        "ffn_norm layer 2",
+    ]
+    assert [r.per_mb for r in g.storage] == ["0.0040", "0.0100", "—"], [r.per_mb for r in g.storage]
+    assert g.storage[0].stored == "1,000,000 → 500,000" and g.storage[2].saved == "-100,000"
+    md = sensitivity.render_files(a)[sensitivity.MARKDOWN].decode()
+    assert "| ffn_norm layer 1 | 1,000,000 → 500,000 | 500,000 | 0.0040 |" in md, md
+
+
 def test_analysis_says_when_nothing_stands_out():
     rng = np.random.default_rng(1)
     recs = [
@@ -1000,6 +1027,14 @@ def test_a_weight_sweep_in_llama_cpp_types(tmp_path):
     for rec in cells.values():  # at the cap of 2 (a spread the rule does not trust stops
         assert rec.status == "measured" and rec.sequential.n_chunks == 2, rec.cell.id
         assert rec.sequential.low > 10 and rec.p_value < 1e-3, rec.sequential.words
+        n, fmt = rec.numeric.n_elements, rec.cell.format
+        per_block = {"q8_0": (32, 34), "q4_k": (256, 144)}[fmt]  # values, bytes
+        assert rec.numeric.bytes_format == n // per_block[0] * per_block[1], rec.cell.id
+        assert rec.numeric.bytes_model > 0
+    assert (
+        "Storage (bytes of the cell's tensors"
+        in (tmp_path / "reports" / sensitivity.MARKDOWN).read_text()
+    )
     charts = {p.name for p in (tmp_path / "reports" / "charts").glob("*heatmap*")}
     assert {
         f"sensitivity-smollm2-135m-intrinsic-{f}-heatmap.png" for f in ("q8_0", "q4_k")

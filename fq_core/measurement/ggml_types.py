@@ -40,6 +40,23 @@ def row_bytes(qtype: Q, n_per_row: int) -> int:
     return n_per_row // blck * size
 
 
+#: elementwise formats llama.cpp can store a tensor in, and their bytes per value
+STORED_ELEMENTWISE = {"bf16": 2, "fp16": 2}
+
+
+def stored_bytes(fmt: str, shape: tuple[int, ...]) -> int | None:
+    """A tensor's bytes stored as `fmt` the way llama.cpp stores it (GGUF shape order); None
+    when llama.cpp has no such type (fp8, int8) or the rows do not fit its blocks."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if fmt in STORED_ELEMENTWISE:
+        return n * STORED_ELEMENTWISE[fmt]
+    if fmt not in TYPES or not shape or shape[0] % block_size(TYPES[fmt]):
+        return None
+    return n // shape[0] * row_bytes(TYPES[fmt], shape[0])
+
+
 def unfit(fmt: str, name: str, shape: tuple[int, ...]) -> str | None:
     """Why `fmt` cannot store this tensor (in one phrase), or None when it can. `shape` is
     GGUF order: shape[0] is the row (ne0), the dimension blocks run along."""

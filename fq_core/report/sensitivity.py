@@ -85,6 +85,23 @@ class RowView:
     verdict: str
     discovery: bool
     cached: bool
+    stored: str = "—"  # bytes in the model file → stored as the format
+    saved: str = "—"  # bytes saved against the model file (negative: it grows)
+    per_mb: str = "—"  # mean KLD per MB saved (lower: the better trade)
+
+
+def _storage(rec) -> tuple[str, str, str, float]:
+    """(stored, saved, KLD per MB saved, the sort key) of a cell that llama.cpp can store."""
+    num, t = rec.numeric, rec.treatment
+    if num is None or num.bytes_model is None or num.bytes_format is None:
+        return "—", "—", "—", math.inf
+    saved = num.bytes_model - num.bytes_format
+    stored = f"{num.bytes_model:,} → {num.bytes_format:,}"
+    kld = t.kld_mean if t is not None and t.kld_mean is not None else math.nan
+    if saved <= 0 or not math.isfinite(kld):
+        return stored, f"{saved:,}", "—", math.inf
+    per_mb = kld / (saved / 1e6)
+    return stored, f"{saved:,}", sci(per_mb), per_mb
 
 
 def row_view(r: SweepRow) -> RowView:
@@ -97,6 +114,7 @@ def row_view(r: SweepRow) -> RowView:
         else "—"
     )
     ratio = res.ratio if res is not None and res.ratio is not None else math.nan
+    stored, saved, per_mb, _ = _storage(rec)
     return RowView(
         id=rec.cell.id,
         rank=_rank(r),
@@ -114,6 +132,9 @@ def row_view(r: SweepRow) -> RowView:
         verdict=r.verdict,
         discovery=bool(r.discovery),
         cached=rec.cached,
+        stored=stored,
+        saved=saved,
+        per_mb=per_mb,
     )
 
 
@@ -125,6 +146,8 @@ class GroupView:
     ranked: tuple[RowView, ...]
     cumulative: tuple[RowView, ...]
     charts: tuple[Chart, ...]
+    # cells llama.cpp can store, fewest KLD per MB saved first (empty: none, e.g. fp8)
+    storage: tuple[RowView, ...] = ()
 
 
 # --- charts -------------------------------------------------------------------------------------
@@ -341,6 +364,11 @@ def group_views(analysis: Analysis) -> tuple[GroupView, ...]:
                 ranked=tuple(row_view(r) for r in rows if r.cell.series != "cumulative"),
                 cumulative=tuple(row_view(r) for r in rows if r.cell.series == "cumulative"),
                 charts=tuple(charts),
+                storage=tuple(
+                    row_view(r)
+                    for r in sorted(rows, key=lambda r: _storage(r.record)[3])
+                    if r.record.numeric and r.record.numeric.bytes_format is not None
+                ),
             )
         )
     return tuple(views)

@@ -58,6 +58,10 @@ class CellNumeric(_Part, kw_only=True):
     max_rel: Num
     mean_rel: Num
     n_became_nonfinite: int = 0
+    # the selected tensors' bytes in the model file, and stored as the cell's format the way
+    # llama.cpp stores it (None: no llama.cpp storage type, e.g. fp8 or int8)
+    bytes_model: int | None = None
+    bytes_format: int | None = None
 
 
 class CellTreatment(_Part, kw_only=True):

@@ -140,6 +140,23 @@ def p_value(
     return float(sps.ttest_1samp(d, 0.0, alternative="greater").pvalue)
 
 
+def _bytes(model: ModelRef, names: Sequence[str], fmt: str) -> dict[str, int | None]:
+    """What the cell's tensors take in the model file and would take stored as `fmt`: the
+    other half of a mixed-precision choice (KLD per byte saved)."""
+    from ...measurement.ggml_types import stored_bytes
+    from ...measurement.gguf_index import read_index
+
+    infos = {t.name: t for t in read_index(model.path).tensors}
+    found = [infos[n] for n in names if n in infos]
+    if len(found) != len(names):
+        return {}
+    as_fmt = [stored_bytes(fmt, tuple(t.shape)) for t in found]
+    return {
+        "bytes_model": sum(t.n_bytes for t in found),
+        "bytes_format": None if None in as_fmt else sum(b for b in as_fmt if b is not None),
+    }
+
+
 def _running(rule: Rule | None, cell: Cell) -> Rule | None:
     """The rule a cell runs by: the sweep's, but a cumulative cell is not ranked, so its
     treatment rests with its placebo instead of going on to the ranking's chunks."""
@@ -234,6 +251,7 @@ def run_cell(
             max_rel=(q.max_rel),
             mean_rel=(q.mean_rel),
             n_became_nonfinite=q.n_became_nonfinite,
+            **_bytes(model, q.tensors, cell.fmt),
         ),
         treatment=CellTreatment(
             identical=f.identical,
