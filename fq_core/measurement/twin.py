@@ -292,7 +292,7 @@ def _plan_real(index: GGUFIndex, store: dict[str, str]) -> list[_Planned]:
             ):
                 raise BadModel(f"{info.name}: gguf-py cannot read {info.type_name} values")
             new = ggml_types.TYPES[fmt]
-            n_bytes = info.n_elements // info.shape[0] * ggml_types.row_bytes(new, info.shape[0])
+            n_bytes = ggml_types.stored_bytes(fmt, tuple(info.shape))
         planned.append(_Planned(info, new, n_bytes, rel, fmt))
         rel += _pad(n_bytes, index.alignment)
     return planned
@@ -540,7 +540,15 @@ def make_twin(
 ) -> TwinManifest:
     """Write the float twin of `src` at `dst` and its manifest `dst`.twin.json."""
     _check_dtype(dtype)
-    return _rewrite(src, dst, dtype, lambda index: _plan(index, dtype), force=force, fsync=fsync)
+    return _rewrite(
+        src,
+        dst,
+        dtype,
+        lambda index: _plan(index, dtype),
+        file_type=int(_FILE_TYPE[dtype]),
+        force=force,
+        fsync=fsync,
+    )
 
 
 def make_real(
@@ -574,15 +582,24 @@ def make_real(
         return _plan_real(index, store)
 
     label = formats[0] if len(formats) == 1 else "mixed"
+    # general.file_type stays: the file is still mostly what it was
     return _rewrite(src, dst, label, plan, force=force, fsync=fsync, quantizer=quantizer)
 
 
 def _rewrite(
-    src, dst, label: str, plan_of, *, force: bool, fsync: bool, quantizer=None
+    src,
+    dst,
+    label: str,
+    plan_of,
+    *,
+    force: bool,
+    fsync: bool,
+    file_type: int | None = None,
+    quantizer=None,
 ) -> TwinManifest:
     """The one writer of files whose tensors change type (twins and real files): `plan_of`
-    says each tensor's new type; header copied and patched, data streamed, published
-    atomically with its manifest."""
+    says each tensor's new type, `file_type` the new general.file_type (None: kept); header
+    copied and patched, data streamed, published atomically with its manifest."""
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if not src.exists():
@@ -594,10 +611,8 @@ def _rewrite(
     index = read_index(src)
     plan = plan_of(index)
     file_type_before, fmt = _file_type(index)
-    file_type_after = (
-        int(_FILE_TYPE[label]) if fmt is not None and label in _FILE_TYPE else file_type_before
-    )
-    patch = (fmt, file_type_after) if fmt is not None and label in _FILE_TYPE else None
+    patch = (fmt, file_type) if fmt is not None and file_type is not None else None
+    file_type_after = file_type if patch is not None else file_type_before
     mpath = manifest_path(dst)
     source = _Source(src)
     try:
