@@ -717,17 +717,17 @@ def _run_quantize(args) -> int:
 
 
 def _run_store(args) -> int:
-    """`fq quantize --real`: the selected tensors stored as a llama.cpp type."""
-    from .definitions.formats import LLAMA_TYPES
+    """`fq quantize --real`: the selected tensors stored as a type llama.cpp has."""
     from .errors import BadInput
     from .measurement import twin
+    from .measurement.ggml_types import STORED
     from .measurement.gguf_index import read_index
     from .measurement.models import resolve_model
     from .measurement.selection import describe, resolve
 
-    if args.format not in LLAMA_TYPES:
+    if args.format not in STORED:
         raise BadInput(
-            f"--real stores llama.cpp's types ({', '.join(LLAMA_TYPES)}), not {args.format}"
+            f"--real stores the types llama.cpp has ({', '.join(STORED)}), not {args.format}"
         )
     args.outputs.expect(args.output, twin.manifest_path(args.output))
     src = resolve_model(args.input).path

@@ -43,6 +43,11 @@ class LlamaFailed(FqError):
     exit_status = 1
 
 
+class NotDeployable(LlamaFailed):
+    """llama.cpp has no kernel for a tensor type in the file (it aborts computing the graph):
+    an answer about the file, not a failure of the run."""
+
+
 class ToolMissing(LlamaFailed):
     """A llama.cpp tool is neither found nor buildable."""
 

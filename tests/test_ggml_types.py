@@ -178,6 +178,62 @@ def test_fq_quantize_real_stores_the_type_llama_cpp_runs(tmp_path, monkeypatch, 
     assert sha256_file(real_twin) == sha256_file(fake)
     capsys.readouterr()
     bad = tmp_path / "bad.gguf"
-    assert main(["quantize", str(m.path), str(bad), "--format", "bf16", "--real"]) == 2
+    assert main(["quantize", str(m.path), str(bad), "--format", "fp8_e4m3", "--real"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--real stores llama.cpp's types" in err and not bad.exists()
+    assert err.count("\n") == 1 and "--real stores the types llama.cpp has" in err, err
+    assert not bad.exists()
+
+
+#: one override per tensor and type: every block size and kind of row Gemma3-270M offers
+#: (ffn_down rows 2048 take the 256-blocks of the k-quants; attn_v and attn_k rows 640 the
+#: 32-blocks), and the elementwise types llama.cpp stores
+LLAMA_QUANTIZE_OVERRIDES = {
+    "blk.0.ffn_down.weight": "q4_k",
+    "blk.1.ffn_down.weight": "q6_k",
+    "blk.2.ffn_down.weight": "q3_k",
+    "blk.3.ffn_down.weight": "q2_k",
+    "blk.4.ffn_down.weight": "q5_k",
+    "blk.5.ffn_down.weight": "iq4_xs",
+    "blk.0.attn_v.weight": "q8_0",
+    "blk.1.attn_v.weight": "q5_0",
+    "blk.2.attn_v.weight": "q5_1",
+    "blk.3.attn_v.weight": "q4_0",
+    "blk.4.attn_v.weight": "q4_1",
+    "blk.5.attn_v.weight": "iq4_nl",
+    "blk.6.attn_v.weight": "mxfp4",
+    "blk.0.attn_k.weight": "bf16",
+    "blk.1.attn_k.weight": "fp16",
+}
+
+
+@pytest.mark.models
+def test_llama_quantize_writes_the_suites_tensor_bytes(tmp_path, quantizer):
+    """The suite's real file and llama-quantize's, from Gemma3's float twin with the same
+    overrides (`--tensor-type name=type`, then `.=f32`: every other tensor kept as the twin
+    holds it), have every tensor in the same type with the same bytes: ggml's quantization
+    called through ctypes is llama-quantize's."""
+    from fq_core.measurement import twin
+    from fq_core.measurement.gguf_index import read_index
+    from fq_core.measurement.llama.runner import LlamaRunner
+    from fq_core.measurement.models import resolve_model
+
+    float_twin = twin.twin_for(resolve_model("gemma3-270m")).path
+    ours, theirs = tmp_path / "fq.gguf", tmp_path / "llama-quantize.gguf"
+    twin.make_real(float_twin, ours, LLAMA_QUANTIZE_OVERRIDES, fsync=False)
+    overrides = [
+        ("^" + name.replace(".", r"\.") + "$", ggml_types.llama_name(fmt))
+        for name, fmt in LLAMA_QUANTIZE_OVERRIDES.items()
+    ]
+    LlamaRunner(find_tools(), threads=2).quantize(
+        float_twin, theirs, "q8_0", tensor_types=[*overrides, (".", "f32")]
+    )
+    a, b = read_index(ours), read_index(theirs)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    want = {n: ggml_types.STORED[f].name for n, f in LLAMA_QUANTIZE_OVERRIDES.items()}
+    assert {t.name: t.type_name for t in b.tensors if t.type_name != "F32"} == want
+    with open(ours, "rb") as fa, open(theirs, "rb") as fb:
+        for t, u in zip(a.tensors, b.tensors, strict=True):
+            assert (t.type_name, t.shape, t.n_bytes) == (u.type_name, u.shape, u.n_bytes), t.name
+            fa.seek(t.offset)
+            fb.seek(u.offset)
+            assert fa.read(t.n_bytes) == fb.read(u.n_bytes), f"{t.name} ({t.type_name})"

@@ -110,3 +110,13 @@ def test_each_chunks_own_kld_from_the_running_means():
     assert got == pytest.approx((0.0514, 0.0474, 0.0512))
     assert sum(got) / 3 == pytest.approx(0.05)  # the chunks average back to the last mean
     assert parse.parse_kld_chunk_klds("no table here") == ()
+
+
+def test_an_operation_ggml_cannot_run_is_named():
+    """ggml's abort on a type it has no kernel for (SmolLM2 with ffn_norm stored as BF16):
+    the line that says so, without the source path before it; other output has none."""
+    err = read("unsupported_bf16_norm.stderr")
+    want = "binary_op: unsupported types: dst: f32, src0: f32, src1: bf16"
+    assert parse.unsupported_op(err) == want
+    for name in ("perplexity_smollm2.stderr", "kld_smollm2.stderr", "completion_smollm2.stderr"):
+        assert parse.unsupported_op(read(name)) is None, name

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fq_core.errors import LlamaFailed
+from fq_core.errors import LlamaFailed, NotDeployable
 from fq_core.measurement.llama.runner import LlamaRunner, run_logged
 from fq_core.measurement.llama.tools import find_tools
 from fq_core.measurement.models import resolve_model
@@ -241,6 +241,28 @@ def test_missing_model_file(runner, tmp_path, corpus):
         runner.load(tmp_path / "absent.gguf")
     with pytest.raises(LlamaFailed, match="llama-perplexity"):
         runner.perplexity(tmp_path / "absent.gguf", corpus, chunks=1)
+
+
+@pytest.mark.llama
+@pytest.mark.models
+def test_a_real_file_llama_cpp_cannot_run_is_not_deployable(runner, smol, corpus, tmp_path):
+    """ffn_norm stored as BF16: the CPU backend has no kernel for it and aborts; the runner
+    says so in llama.cpp's words (NotDeployable), not as a crash of the run; the same file's
+    twin (norms back as F32) runs."""
+    from fq_core.measurement import twin
+
+    names = [f"blk.{i}.ffn_norm.weight" for i in range(2)]
+    real = tmp_path / "bf16-norms.gguf"
+    twin.make_real(smol.path, real, dict.fromkeys(names, "bf16"), lib_dir=runner.tools.lib_dir)
+    with pytest.raises(NotDeployable) as caught:
+        runner.perplexity(real, corpus, chunks=1)
+    assert str(caught.value) == (
+        "not deployable in this llama.cpp: binary_op: unsupported types: dst: f32, src0: f32, "
+        "src1: bf16"
+    )
+    back = tmp_path / "twin.gguf"
+    twin.make_twin(real, back, fsync=False)
+    assert runner.perplexity(back, corpus, chunks=1).n_chunks == 1
 
 
 @pytest.mark.llama

@@ -41,7 +41,7 @@ from fq_core.measurement.sequential import STOP_REASONS
 from fq_core.platform.hashing import sha256_file
 from fq_core.report import sensitivity
 from fq_core.storage import cell_record, results
-from fq_core.storage.cell_record import read_cell
+from fq_core.storage.cell_record import NOT_DEPLOYABLE, read_cell
 from fq_core.storage.identity import Identity
 from fq_core.storage.record import KLD
 
@@ -1039,3 +1039,57 @@ def test_a_weight_sweep_in_llama_cpp_types(tmp_path):
     assert {
         f"sensitivity-smollm2-135m-intrinsic-{f}-heatmap.png" for f in ("q8_0", "q4_k")
     } <= charts
+
+
+@pytest.mark.llama
+@pytest.mark.models
+def test_the_deployed_answer_of_a_llama_cpp_type_is_the_real_file(tmp_path):
+    """Deployed cells of a llama.cpp type measure the real file (SmolLM2, layer 0, 2 chunks):
+    ffn_down (Q4_1 in the model) stored as q8_0 runs on llama.cpp's q8_0 kernels; its
+    placebos flip the lowest bit of the same layer's F32 tensors (a quantized tensor has no
+    lowest bit to flip); ffn_norm stored as q8_0 is no file llama.cpp can run, and that is the
+    cell's answer, in llama.cpp's words, in the report — not a failed test."""
+    from fq_core.measurement.gguf_index import read_index
+    from fq_core.measurement.models import resolve_model
+
+    axes = ("--fq-sweep-plan", "full", "--fq-sweep-models", "smollm2-135m")
+    axes += ("--fq-sweep-kinds", "ffn_down ffn_norm", "--fq-sweep-formats", "q8_0")
+    axes += ("--fq-sweep-layers", "0", "--fq-sweep-cumulative", "off", "--fq-ctx", "128")
+    axes += ("--fq-sweep-variants", "deployed", "--fq-sweep-chunks", "2")
+    proc = _pytest(tmp_path, *axes, timeout=1800)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "2 passed" in out, out[-2000:]
+    cells = {
+        read_cell(f).cell.id: read_cell(f)
+        for f in (tmp_path / "results").glob("*/sweep/cells/*.json")
+    }
+    down = cells["smollm2-135m-ffn_down-blk00-q8_0-deployed"]
+    norm = cells["smollm2-135m-ffn_norm-blk00-q8_0-deployed"]
+    assert down.status == "measured", down.error
+    assert down.numeric.tensors == ("blk.0.ffn_down.weight",)
+    model = {t.name: t for t in read_index(resolve_model("smollm2-135m").path).tensors}
+    assert model["blk.0.ffn_down.weight"].type_name != "Q8_0"
+    assert 0 < down.numeric.changed <= down.numeric.n_elements == 576 * 1536
+    assert down.numeric.bytes_format == 576 * 1536 // 32 * 34
+    assert down.treatment.kld_mean > 0 and len(down.treatment.chunk_klds) == 2
+    norms = sum(model[f"blk.0.{k}_norm.weight"].n_elements for k in ("attn", "ffn"))
+    assert len(down.placebo) == len(down.identity.settings["placebo_seeds"]) > 0
+    assert all(p.kld_mean is not None for p in down.placebo)
+    from fq_core.storage import cache
+
+    placebo_runs = [
+        json.loads((cache.folder_for("placebos", p.key) / "placebo.json").read_text())
+        for p in down.placebo
+    ]
+    assert {r["payload"]["n_elements"] for r in placebo_runs} == {norms}, placebo_runs
+    assert norm.status == NOT_DEPLOYABLE
+    assert norm.error == (
+        "not deployable in this llama.cpp: binary_op: unsupported types: dst: f32, src0: f32, "
+        "src1: q8_0"
+    )
+    report = (tmp_path / "reports" / sensitivity.MARKDOWN).read_text()
+    assert "1 cell(s) not deployable in this llama.cpp: binary_op" in report, report
+    assert "`smollm2-135m-ffn_norm-blk00-q8_0-deployed`" in report
+    charts = {p.name for p in (tmp_path / "reports" / "charts").glob("*heatmap*")}
+    assert "sensitivity-smollm2-135m-deployed-q8_0-heatmap.png" in charts, charts

@@ -68,9 +68,12 @@ def test_a_kind_held_only_quantized_is_one_line_in_the_sweep(tmp_path):
     proc = sweep("ffn_norm ffn_up", "--fq-sweep-variants", "deployed")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 4, out
-    assert "tiny has no F32 tensor of kind ffn_up (the intrinsic answer reaches" in proc.stderr, out
+    want = "tiny has no F32 tensor of kind ffn_up to fake-quantize as bf16 (the intrinsic answer"
+    assert want in proc.stderr, out
     assert "Traceback" not in out and "ERROR collecting" not in out, out
-    # the float twin holds every weight as F32: the intrinsic answer sweeps ffn_up
-    twin = sweep("ffn_up", "--fq-sweep-formats", "q8_0")
+    # the float twin holds every weight as F32: the intrinsic answer sweeps ffn_up; a llama.cpp
+    # type stores it in the deployed file itself
+    twin = sweep("ffn_up", "--fq-sweep-formats", "q8_0", "--fq-sweep-variants", "both")
     assert twin.returncode == 0, twin.stdout + twin.stderr
+    assert "deployed" in twin.stdout and "intrinsic" in twin.stdout, twin.stdout
     assert "tiny-ffn_up-blk00-q8_0-intrinsic" in twin.stdout, twin.stdout

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .. import __version__
-from ..errors import FqError
+from ..errors import BadSelection, FqError
 from ..measurement import patch
 from ..measurement.llama.parse import KLD_TABLE_DECIMALS
 from ..platform import atomic, progress
@@ -88,18 +88,40 @@ class Quantized(msgspec.Struct, frozen=True, kw_only=True):
     output_sha256: str
 
 
-def quantized_of(manifest: patch.Manifest) -> Quantized:
-    t = manifest.totals
+def _quantized(manifest_path, tensors, totals, output_sha256: str) -> Quantized:
     return Quantized(
-        manifest=str(manifest.path),
-        tensors=tuple(c.name for c in manifest.tensors),
-        n_elements=manifest.total_elements,
-        changed=manifest.total_changed,
-        max_abs=t.max_abs,
-        max_rel=t.max_rel,
-        mean_rel=t.mean_rel,
-        n_became_nonfinite=t.n_became_nonfinite,
-        output_sha256=manifest.output.sha256,
+        manifest=str(manifest_path),
+        tensors=tuple(tensors),
+        n_elements=totals.n_elements,
+        changed=totals.changed,
+        max_abs=totals.max_abs,
+        max_rel=totals.max_rel,
+        mean_rel=totals.mean_rel,
+        n_became_nonfinite=totals.n_became_nonfinite,
+        output_sha256=output_sha256,
+    )
+
+
+def quantized_of(manifest: patch.Manifest) -> Quantized:
+    return _quantized(
+        manifest.path,
+        (c.name for c in manifest.tensors),
+        manifest.totals,
+        manifest.output.sha256,
+    )
+
+
+def quantized_of_real(manifest) -> Quantized:
+    """A real file's (twin.make_real): its stored tensors' values read back against the
+    values they were made from, the same figures a fake file's manifest gives."""
+    from ..measurement.metrics import combine
+
+    stored = manifest.stored
+    return _quantized(
+        manifest.path,
+        (t.name for t in stored),
+        combine([t.error for t in stored]),
+        manifest.output.sha256,
     )
 
 
@@ -166,6 +188,37 @@ class Steps:
 
 
 # --- the treatment -------------------------------------------------------------------------
+
+
+def stores_real(exp: Experiment) -> bool:
+    """A deployed cell of a llama.cpp type measures the real file: the selected tensors
+    stored as that type (any type they had), run by llama.cpp's own kernels for it. Its fake
+    file (the twin of the real one) is the intrinsic answer's."""
+    from ..definitions.formats import LLAMA_TYPES
+
+    return exp.variant == "deployed" and exp.fmt in LLAMA_TYPES
+
+
+def _selected(target: Target, exp: Experiment) -> tuple[str, ...]:
+    from ..measurement.gguf_index import read_index
+    from ..measurement.selection import resolve
+
+    index = read_index(target.measured.path)
+    return resolve(index, target.layers, exp.tensors, any_type=stores_real(exp)).names
+
+
+def _treat(target: Target, dst: Path, names, exp: Experiment, tools) -> Quantized:
+    """A cell's treatment file: the real file (stores_real) or the fake-quantized one."""
+    if stores_real(exp):
+        from ..measurement import twin
+
+        store = dict.fromkeys(names, exp.fmt)
+        made = twin.make_real(
+            target.measured.path, dst, store, lib_dir=tools.lib_dir, force=True, fsync=False
+        )
+        return quantized_of_real(made)
+    manifest = _quantize(target.measured, dst, target.layers, exp, tools, fsync=False)
+    return quantized_of(manifest)
 
 
 def _quantize(
@@ -302,16 +355,13 @@ def target_key(
         llama_build=tools.build_id,
         settings=exp.settings.perplexity_fields(),
         fq_version=__version__,
-    ).key("sweep-cell", schema=TREATMENT_SCHEMA)
+    ).key("sweep-cell", schema=TREATMENT_SCHEMA, **({"stored": True} if stores_real(exp) else {}))
 
 
 def _cached_treatment(target: Target, baseline: BaselineEvaluation, ctx, exp) -> Treatment:
     """A cell's: quantize, one perplexity-only run, delete the GGUF; cached by the target."""
-    from ..measurement.gguf_index import read_index
-    from ..measurement.selection import resolve
-
     measured = target.measured
-    names = resolve(read_index(measured.path), target.layers, exp.tensors).names
+    names = _selected(target, exp)
     key = target_key(target, exp, ctx.tools, ctx.corpus, names, baseline.kld_base_sha256)
 
     def compute(folder: Path) -> Treated:
@@ -319,15 +369,15 @@ def _cached_treatment(target: Target, baseline: BaselineEvaluation, ctx, exp) ->
         dst = folder / f"{results.safe_name(measured.name)}.{label}.gguf"
         with atomic.owned(dst):  # disk flat: the GGUF lives only while it is evaluated
             t0 = time.perf_counter()
-            with progress.step("quantize"):
-                manifest = _quantize(measured, dst, target.layers, exp, ctx.tools, fsync=False)
+            with progress.step("store" if stores_real(exp) else "quantize"):
+                quantized = _treat(target, dst, names, exp, ctx.tools)
             quantize_s = time.perf_counter() - t0
-            identical = manifest.output.sha256 == measured.sha256
+            identical = quantized.output_sha256 == measured.sha256
             ref = replace(
                 measured,
                 name=f"{measured.name}+{label}",
                 path=dst,
-                sha256=manifest.output.sha256,
+                sha256=quantized.output_sha256,
                 spec=None,
             )
             t1 = time.perf_counter()
@@ -340,16 +390,7 @@ def _cached_treatment(target: Target, baseline: BaselineEvaluation, ctx, exp) ->
         cmp = _evaluate().compare(baseline, ev)
         evaluate_s = time.perf_counter() - t1
         return msgspec.to_builtins(
-            _figures(
-                quantized_of(manifest),
-                identical,
-                baseline,
-                ev,
-                cmp,
-                commands,
-                quantize_s,
-                evaluate_s,
-            )
+            _figures(quantized, identical, baseline, ev, cmp, commands, quantize_s, evaluate_s)
         )
 
     entry = _cell_entry(key, compute, Treated)
@@ -380,11 +421,8 @@ class UntilDecided(msgspec.Struct, frozen=True, kw_only=True):
 def _until_decided(target: Target, baseline: BaselineEvaluation, ctx, exp, rule) -> cache.Entry:
     """Quantize the treatment and its placebos, run them side by side chunk by chunk until the
     rule decides (runner.exact_until_decided), delete the GGUFs; cached by target and rule."""
-    from ..measurement.gguf_index import read_index
-    from ..measurement.selection import resolve
-
     measured = target.measured
-    names = resolve(read_index(measured.path), target.layers, exp.tensors).names
+    names = _selected(target, exp)
     key = Identity(measured_sha256=measured.sha256, base_sha256=baseline.kld_base_sha256).key(
         "until-decided",
         target=target_key(target, exp, ctx.tools, ctx.corpus, names, baseline.kld_base_sha256),
@@ -569,8 +607,38 @@ def run_placebo(
     return PlaceboResult(run, tuple(dict(c, cached=entry.hit) for c in commands), entry)
 
 
+def placebo_experiment(target: Target, exp: Experiment) -> Experiment:
+    """The placebos' selection: the treatment's own tensors (their lowest bit flipped) when
+    they are F32. A real file's quantized tensors have no lowest bit to flip, so the F32
+    tensors of the same layers stand in (outside the blocks: those outside the blocks) — the
+    smallest change llama.cpp can see in that place, and what any change there costs it."""
+    if not stores_real(exp):
+        return exp
+    from ..measurement.gguf_index import read_index
+    from ..measurement.selection import resolve, split_name
+
+    index = read_index(target.measured.path)
+    selected = resolve(index, target.layers, exp.tensors, any_type=True).tensors
+    if all(s.info.type_name == "F32" for s in selected):
+        return exp
+    layers = {s.layer for s in selected}
+    kinds = {
+        kind
+        for t in index.tensors
+        if t.type_name == "F32"
+        for layer, kind in [split_name(t.name)]
+        if layer in layers
+    }
+    if not kinds:
+        raise BadSelection(
+            f"no F32 tensor in the layers of {selected[0].info.name} to flip as its placebo"
+        )
+    return replace(exp, tensors=tuple(sorted(kinds)))
+
+
 def _placebos(target, baseline, ctx, exp) -> tuple[list[PlaceboResult], str | None]:
     """Every seed's run; a failure ends the series (the runs before it stand) with its line."""
+    exp = placebo_experiment(target, exp)
     out: list[PlaceboResult] = []
     n = len(exp.placebo_seeds)
     try:

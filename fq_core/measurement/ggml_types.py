@@ -42,6 +42,14 @@ def row_bytes(qtype: Q, n_per_row: int) -> int:
 
 #: elementwise formats llama.cpp can store a tensor in, and their bytes per value
 STORED_ELEMENTWISE = {"bf16": 2, "fp16": 2}
+#: every format a GGUF can store a tensor in, as gguf-py's enum: llama.cpp's types and the
+#: elementwise formats it has (ggml_quantize_chunk rounds BF16 and F16 rows as gguf-py does)
+STORED: dict[str, Q] = {**TYPES, "bf16": Q.BF16, "fp16": Q.F16}
+
+
+def llama_name(fmt: str) -> str:
+    """The name llama-quantize takes for a stored format (`--tensor-type name=TYPE`)."""
+    return STORED[fmt].name.lower()
 
 
 def stored_bytes(fmt: str, shape: tuple[int, ...]) -> int | None:
@@ -60,7 +68,7 @@ def stored_bytes(fmt: str, shape: tuple[int, ...]) -> int | None:
 def unfit(fmt: str, name: str, shape: tuple[int, ...]) -> str | None:
     """Why `fmt` cannot store this tensor (in one phrase), or None when it can. `shape` is
     GGUF order: shape[0] is the row (ne0), the dimension blocks run along."""
-    qtype = TYPES[fmt]
+    qtype = STORED[fmt]
     blck = block_size(qtype)
     if not shape or shape[0] % blck:
         row = shape[0] if shape else 0
@@ -97,7 +105,7 @@ class Quantizer:
     def quantize(self, values: np.ndarray, fmt: str, name: str = "tensor") -> np.ndarray:
         """The bytes of `values` stored as `fmt` (rows along the last numpy axis = ne0), as
         llama.cpp writes them: a uint8 array of shape (rows, row bytes)."""
-        qtype = TYPES[fmt]
+        qtype = STORED[fmt]
         x = np.ascontiguousarray(values, dtype=np.float32)
         n_per_row = x.shape[-1] if x.ndim else 1
         why = unfit(fmt, name, (n_per_row,))
@@ -120,7 +128,7 @@ class Quantizer:
     def fake(self, values: np.ndarray, fmt: str, name: str = "tensor") -> np.ndarray:
         """`values` stored as `fmt` and read back: what the twin of the real file holds."""
         raw = self.quantize(values, fmt, name)
-        back = gguf.quants.dequantize(raw, TYPES[fmt])
+        back = gguf.quants.dequantize(raw, STORED[fmt])
         return np.asarray(back, dtype=np.float32).reshape(np.shape(values))
 
 

@@ -46,6 +46,7 @@ from .. import __version__
 from ..errors import BadFormat, BadInput, BadModel, OutputRefused
 from ..platform import atomic, hashing
 from .gguf_index import GGUFIndex, TensorInfo, read_index
+from .metrics import ErrorStats, combine, error_stats
 from .models import ModelRef
 from .patch import FileRecord
 
@@ -93,6 +94,8 @@ class TwinTensor:
     type_after: str
     n_elements: int
     shape: tuple[int, ...]
+    # a real file's stored tensor: its values read back against the values it was made from
+    error: ErrorStats | None = None
 
     @property
     def converted(self) -> bool:
@@ -101,6 +104,8 @@ class TwinTensor:
     def to_json(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        if self.error is None:
+            del d["error"]
         return d
 
 
@@ -124,6 +129,11 @@ class TwinManifest:
         return sum(t.converted for t in self.tensors)
 
     @property
+    def stored(self) -> tuple[TwinTensor, ...]:
+        """A real file's tensors stored as another type (make_real), with their errors."""
+        return tuple(t for t in self.tensors if t.error is not None)
+
+    @property
     def converted_types(self) -> dict[str, int]:
         """Source type -> number of tensors converted from it (largest first)."""
         return dict(Counter(t.type_before for t in self.tensors if t.converted).most_common())
@@ -131,10 +141,10 @@ class TwinManifest:
     def summary(self) -> str:
         """One line: what was dequantized, the size, the time."""
         types = ", ".join(f"{k} {v}" for k, v in self.converted_types.items())
-        if self.dtype in _TARGET:
-            verb, target = "dequantized", f"to {_TARGET[self.dtype].name}"
-        else:  # a real file (make_real)
+        if self.stored or self.dtype not in _TARGET:  # a real file (make_real)
             verb, target = "stored", f"as {self.dtype}"
+        else:
+            verb, target = "dequantized", f"to {_TARGET[self.dtype].name}"
         what = (
             f"{verb} {self.n_converted} of {len(self.tensors)} tensors ({types}) {target}"
             if self.n_converted
@@ -177,7 +187,12 @@ class TwinManifest:
             alignment=doc["alignment"],
             tensors=tuple(
                 TwinTensor(
-                    t["name"], t["type_before"], t["type_after"], t["n_elements"], tuple(t["shape"])
+                    t["name"],
+                    t["type_before"],
+                    t["type_after"],
+                    t["n_elements"],
+                    tuple(t["shape"]),
+                    ErrorStats(**t["error"]) if t.get("error") else None,
                 )
                 for t in doc["tensors"]
             ),
@@ -291,7 +306,7 @@ def _plan_real(index: GGUFIndex, store: dict[str, str]) -> list[_Planned]:
                 info.ggml_type
             ):
                 raise BadModel(f"{info.name}: gguf-py cannot read {info.type_name} values")
-            new = ggml_types.TYPES[fmt]
+            new = ggml_types.STORED[fmt]
             n_bytes = ggml_types.stored_bytes(fmt, tuple(info.shape))
         planned.append(_Planned(info, new, n_bytes, rel, fmt))
         rel += _pad(n_bytes, index.alignment)
@@ -433,9 +448,12 @@ def _convert(values: np.ndarray, target: QT, name: str) -> np.ndarray:
     return out
 
 
-def _store_tensor(src: _Source, sink: _Sink, p: _Planned, quantizer) -> None:
+def _store_tensor(src: _Source, sink: _Sink, p: _Planned, quantizer) -> ErrorStats:
     """A real file's tensor: its values (read as the twin reads them) stored as p.store by
-    ggml's code, rows at a time (CHUNK_BYTES of float32 values)."""
+    ggml's code, rows at a time (CHUNK_BYTES of float32 values); returns what storing did to
+    them (the stored bytes read back, as the twin of the file reads them)."""
+    from .ggml_types import STORED
+
     info = p.info
     qt = QT(info.ggml_type)
     ne0 = info.shape[0]
@@ -444,20 +462,26 @@ def _store_tensor(src: _Source, sink: _Sink, p: _Planned, quantizer) -> None:
     n_rows = info.n_elements // ne0
     per_chunk = max(1, CHUNK_BYTES // (ne0 * 4))
     buf = bytearray(min(per_chunk, n_rows) * in_row)
+    errors = []
     for r0 in range(0, n_rows, per_chunk):
         k = min(per_chunk, n_rows - r0)
         view = memoryview(buf)[: k * in_row]
         src.read_into(info.offset + r0 * in_row, view)
         values = gguf.quants.dequantize(np.frombuffer(view, dtype=np.uint8), qt)
         values = np.ascontiguousarray(values, dtype=np.float32).reshape(k, ne0)
-        sink.write(quantizer.quantize(values, p.store, info.name))
+        raw = quantizer.quantize(values, p.store, info.name)
+        errors.append(error_stats(values, gguf.quants.dequantize(raw, STORED[p.store])))
+        sink.write(raw)
+    return combine(errors)
 
 
-def _write_tensor(src: _Source, sink: _Sink, p: _Planned, name: str, quantizer=None) -> None:
+def _write_tensor(
+    src: _Source, sink: _Sink, p: _Planned, name: str, quantizer=None
+) -> ErrorStats | None:
+    """Copies, converts (a twin) or stores (a real file) one tensor; a stored one's error."""
     info = p.info
     if p.store is not None:
-        _store_tensor(src, sink, p, quantizer)
-        return
+        return _store_tensor(src, sink, p, quantizer)
     if not p.converted:
         buf = bytearray(min(_COPY_BYTES, max(info.n_bytes, 1)))
         done = 0
@@ -466,7 +490,7 @@ def _write_tensor(src: _Source, sink: _Sink, p: _Planned, name: str, quantizer=N
             src.read_into(info.offset + done, view)
             sink.write(view)
             done += len(view)
-        return
+        return None
     qt = QT(info.ggml_type)
     block, type_size = gguf.GGML_QUANT_SIZES[qt]
     n_blocks = info.n_elements // block
@@ -482,6 +506,7 @@ def _write_tensor(src: _Source, sink: _Sink, p: _Planned, name: str, quantizer=N
         if out.nbytes != k * block * _ITEMSIZE[p.new_type]:
             raise BadModel(f"tensor {name!r}: dequantized to {out.nbytes} bytes, unexpected")
         sink.write(np.ascontiguousarray(out))
+    return None
 
 
 def _verify(tmp: Path, index: GGUFIndex, plan: list[_Planned], file_type: int | None) -> None:
@@ -570,9 +595,9 @@ def make_real(
     if not store:
         raise BadInput("no tensor to store as another type")
     formats = sorted(set(store.values()))
-    bad = [f for f in formats if f not in ggml_types.TYPES]
+    bad = [f for f in formats if f not in ggml_types.STORED]
     if bad:
-        raise BadInput(f"not llama.cpp types: {', '.join(bad)}")
+        raise BadInput(f"not types llama.cpp stores: {', '.join(bad)}")
     quantizer = ggml_types.quantizer(lib_dir)
 
     def plan(index: GGUFIndex) -> list[_Planned]:
@@ -623,10 +648,11 @@ def _rewrite(
                 source.read_into(0, memoryview(raw))
                 sink.write(_header(index, raw, plan, patch))
                 del raw
+                errors = {}
                 for p in plan:
                     if sink.pos != index.data_start + p.rel_offset:
                         raise OSError(f"{tmp}: tensor {p.info.name!r} lands at the wrong offset")
-                    _write_tensor(source, sink, p, p.info.name, quantizer)
+                    errors[p.info.name] = _write_tensor(source, sink, p, p.info.name, quantizer)
                     sink.pad_to(index.alignment)
                 f.flush()
                 if fsync:  # here, so that `seconds` counts it (publishing re-syncs: a no-op)
@@ -649,7 +675,14 @@ def _rewrite(
                 file_type_after=file_type_after,
                 alignment=index.alignment,
                 tensors=tuple(
-                    TwinTensor(i.name, i.type_name, p.new_type.name, i.n_elements, tuple(i.shape))
+                    TwinTensor(
+                        i.name,
+                        i.type_name,
+                        p.new_type.name,
+                        i.n_elements,
+                        tuple(i.shape),
+                        errors[i.name],
+                    )
                     for p in plan
                     for i in (p.info,)
                 ),

@@ -27,6 +27,7 @@ from matplotlib.colors import LogNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from ..definitions.formats import LLAMA_TYPES
 from ..experiment.sweep.analysis import Analysis, SweepRow
 from ..figures import interval, sci
 from ..platform import atomic
@@ -428,7 +429,20 @@ def _context(analysis: Analysis, groups: Sequence[GroupView]) -> dict:
         "n_cached": cached,
         "sources": [str(s) for s in analysis.sources],
         "errors": [{"id": r.cell.id, "error": r.record.error} for r in analysis.errors],
+        "undeployable": _undeployable(analysis),
+        "real": any(
+            r.cell.variant == "deployed" and r.cell.format in LLAMA_TYPES
+            for r in (*analysis.rows, *analysis.undeployable)
+        ),
     }
+
+
+def _undeployable(analysis: Analysis) -> list[dict]:
+    """Real files llama.cpp cannot run, one line per reason: the cells and llama.cpp's words."""
+    by_why: dict[str, list[str]] = {}
+    for r in analysis.undeployable:
+        by_why.setdefault(r.verdict, []).append(r.cell.id)
+    return [{"why": why, "ids": ids} for why, ids in by_why.items()]
 
 
 def render_files(analysis: Analysis) -> dict[str, bytes]:

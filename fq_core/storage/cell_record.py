@@ -21,6 +21,8 @@ from .record import Resolution, SequentialStop
 Num = float | None
 
 CELL_SCHEMA = 1
+#: a cell's status when its real file is one llama.cpp cannot run (its error: llama.cpp's line)
+NOT_DEPLOYABLE = "not deployable"
 SWEEP_DIR = "sweep"
 CELLS_DIR = "cells"
 P_TEST = (
@@ -100,7 +102,7 @@ class CellRecord(_Part, kw_only=True):
     run_id: str
     cell: CellInfo
     identity: Identity
-    status: str  # "measured" | "error"
+    status: str  # "measured" | "error" | NOT_DEPLOYABLE
     error: str | None = None
     numeric: CellNumeric | None = None
     treatment: CellTreatment | None = None

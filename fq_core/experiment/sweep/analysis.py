@@ -18,7 +18,14 @@ import msgspec
 from ...definitions.settings import default
 from ...errors import BadInput
 from ...measurement.selection import format_layers
-from ...storage.cell_record import CELLS_DIR, SWEEP_DIR, CellInfo, CellRecord, read_cell
+from ...storage.cell_record import (
+    CELLS_DIR,
+    NOT_DEPLOYABLE,
+    SWEEP_DIR,
+    CellInfo,
+    CellRecord,
+    read_cell,
+)
 from ...storage.identity import Identity
 from ...storage.record import VARIANTS, Interval
 from .plan import Cell, sort_key
@@ -192,6 +199,8 @@ class Analysis:
     sources: tuple[Path, ...]
     machines: tuple[str, ...]
     run_ids: tuple[str, ...]
+    # real files llama.cpp cannot run: their answer is its line (named in the report)
+    undeployable: tuple[SweepRow, ...] = ()
 
     @property
     def timing(self) -> Mapping[str, Any]:
@@ -231,6 +240,7 @@ class Analysis:
             "groups": [g.sentence for g in self.groups],
             "cells": rows,
             "errors": [{"id": r.cell.id, "error": r.record.error} for r in self.errors],
+            "not_deployable": [{"id": r.cell.id, "why": r.record.error} for r in self.undeployable],
             "identities": {
                 f"{m}/{v}": msgspec.to_builtins(i) for (m, v), i in sorted(self.identities.items())
             },
@@ -335,7 +345,12 @@ def analyze(
     errors = tuple(
         SweepRow(c.path, c.record, verdict=f"error: {c.record.error}")
         for c in cells
-        if c.record.status != "measured"
+        if c.record.status not in ("measured", NOT_DEPLOYABLE)
+    )
+    undeployable = tuple(
+        SweepRow(c.path, c.record, verdict=c.record.error or NOT_DEPLOYABLE)
+        for c in cells
+        if c.record.status == NOT_DEPLOYABLE
     )
     tested = [r for r in measured if r.record.p_value is not None]
     # BH needs adjusted values too (shown as q): scipy's false_discovery_control gives them
@@ -380,6 +395,7 @@ def analyze(
     return Analysis(
         rows=tuple(ranked),
         errors=errors,
+        undeployable=undeployable,
         groups=tuple(summaries),
         q=q,
         n_tested=n_tested,

@@ -204,27 +204,38 @@ def cumulative_sizes(n: int) -> tuple[int, ...]:
     return (*sizes, n) if n else ()
 
 
+def reaches_every_weight(variant: str, fmt: str) -> bool:
+    """The intrinsic answer treats every weight on the twin; the deployed one a llama.cpp type
+    stores in the file itself (any tensor, measure.stores_real), an elementwise format only
+    fake-quantizes the file's F32 tensors."""
+    return variant == "intrinsic" or fmt in LLAMA_TYPES
+
+
 def cells_for(plan: Plan, model_id: str, index) -> tuple[Cell, ...]:
-    """Every cell of `plan` for one model (its GGUF index gives the kinds and layers). The
-    deployed answer treats the file's F32 tensors; the intrinsic one, on the float twin, every
-    weight. A kind the variant cannot reach is refused before any cell runs."""
+    """Every cell of `plan` for one model (its GGUF index gives the kinds and layers). A kind
+    a variant and format cannot reach (reaches_every_weight) is refused before any cell runs."""
     blocks = block_count_of(index)
     wanted = set(parse_layers(plan.layers, blocks)) if blocks > 0 else set()
     width = max(2, len(str(max(blocks - 1, 0))))
     out: list[Cell] = []
     for variant in plan.variants:
-        twin = variant == "intrinsic"
-        available = kinds_of(index, twin=twin)
-        kinds = available if plan.kinds == ("all",) else plan.kinds
-        missing = [k for k in kinds if k not in available]
-        if missing:
-            where = "tensor" if twin else "F32 tensor"
-            raise BadSelection(
-                f"{model_id} has no {where} of kind {', '.join(missing)}"
-                + ("" if twin else " (the intrinsic answer reaches every weight on the twin)")
-                + f"; its {variant} kinds: {', '.join(available) or 'none'}"
-            )
         for fmt, rounding in plan.formats:
+            every = reaches_every_weight(variant, fmt)
+            available = kinds_of(index, twin=every)
+            kinds = available if plan.kinds == ("all",) else plan.kinds
+            missing = [k for k in kinds if k not in available]
+            if missing:
+                where = "tensor" if every else "F32 tensor"
+                raise BadSelection(
+                    f"{model_id} has no {where} of kind {', '.join(missing)}"
+                    + (
+                        ""
+                        if every
+                        else f" to fake-quantize as {fmt} (the intrinsic answer reaches every "
+                        "weight on the twin; a llama.cpp type, every weight as deployed)"
+                    )
+                    + f"; its {variant} kinds: {', '.join(available) or 'none'}"
+                )
             for kind in kinds:
                 base = dict(
                     model=model_id,
@@ -234,7 +245,7 @@ def cells_for(plan: Plan, model_id: str, index) -> tuple[Cell, ...]:
                     variant=variant,
                     width=width,
                 )
-                layers = _kind_layers(index, kind, twin)
+                layers = _kind_layers(index, kind, every)
                 if not layers:
                     out.append(Cell(series="whole", layers="all", **base))
                     continue

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ...errors import FqError
+from ...errors import FqError, NotDeployable
 from ...storage import results
 from ...storage.cell_record import (
     ANYTIME_P_TEST,
     CELL_SCHEMA,
+    NOT_DEPLOYABLE,
     P_TEST,
     CellInfo,
     CellNumeric,
@@ -177,7 +178,8 @@ def run_cell(
     """Measure one cell (measure.measure: the treatment cached by its target, the placebos
     cached and shared), add its p-value; store the record under results/<run-id>/sweep/cells/
     and return it. A failure is stored as status "error" with the one-line reason, then
-    returned (the caller decides)."""
+    returned (the caller decides); a real file llama.cpp cannot run as "not deployable", with
+    llama.cpp's line: that is the cell's answer."""
     from ..measure import Target, error_line, measure
 
     started = results.utc_now()
@@ -202,8 +204,10 @@ def run_cell(
         status="error",
     )
 
-    def failed(error: str) -> CellRecord:
-        done = msgspec.structs.replace(rec, error=error, finished_at=results.utc_now())
+    def failed(error: str, status: str = "error") -> CellRecord:
+        done = msgspec.structs.replace(
+            rec, status=status, error=error, finished_at=results.utc_now()
+        )
         save_cell(done, ctx.results_root)
         return done
 
@@ -213,6 +217,8 @@ def run_cell(
             rec, identity=msgspec.structs.replace(ident, measured_sha256=measured.sha256)
         )
         m = measure(Target(measured, cell.layers), ctx, exp, until_decided=_running(rule, cell))
+    except NotDeployable as exc:  # the real file's answer: llama.cpp cannot run its types
+        return failed(str(exc), NOT_DEPLOYABLE)
     except FqError as exc:
         return failed(error_line(exc))
     entry, f = m.treatment.entry, m.treatment.figures

@@ -31,6 +31,8 @@ _EVAL = re.compile(rf"^.*\beval time =\s*{_NUM} ms /\s*(\d+) runs.*?{_NUM} token
 _SAMPLERS = re.compile(r"samplers time =\s*[\d.]+ ms /\s*(\d+) tokens")
 _PROMPT = re.compile(r"prompt eval time =\s*[\d.]+ ms /\s*(\d+) tokens")
 _ERROR_LINE = re.compile(r"^[\d.]+ E (.+)$", re.M)
+# ggml aborts when a backend has no kernel for an operation's tensor types
+_UNSUPPORTED = re.compile(r"^(?:.*?: )?(\w+: unsupported types?:.*?)\s*$", re.M)
 _PARAMS = re.compile(rf"model params\s*=\s*{_NUM}\s*([KMB])", re.I)
 
 
@@ -133,6 +135,13 @@ def error_lines(stderr: str) -> list[str]:
     """llama.cpp's error-level log lines (`0.03.926 E kl_divergence: inconsistent vocabulary…`):
     some errors are logged while the tool carries on and exits 0."""
     return [m.group(1).strip() for m in _ERROR_LINE.finditer(stderr)]
+
+
+def unsupported_op(stderr: str) -> str | None:
+    """ggml's line for an operation it cannot run on these types
+    (`binary_op: unsupported types: dst: f32, src0: f32, src1: bf16`), or None."""
+    m = _UNSUPPORTED.search(stderr)
+    return m.group(1) if m else None
 
 
 def parse_n_params(stderr: str) -> int | None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import FqError, LlamaFailed
+from ...errors import FqError, LlamaFailed, NotDeployable
 from ...platform import progress
 from ...platform.commands import CommandRecord, run_logged
 from ...platform.paths import logs_dir
@@ -212,6 +212,10 @@ class LlamaRunner:
 
     @staticmethod
     def failure(rec: CommandRecord, why: str) -> LlamaFailed:
+        if not rec.ok and not rec.timed_out:
+            unsupported = parse.unsupported_op(rec.stderr())
+            if unsupported:
+                return NotDeployable(f"not deployable in this llama.cpp: {unsupported}")
         tail = rec.stderr_tail(4, sep=" | ") or "(stderr empty)"
         return LlamaFailed(f"{rec.tool} {why}: {rec.command_line} -- stderr: {tail}")
 
@@ -300,6 +304,28 @@ class LlamaRunner:
         if ids is None:
             raise self.failure(rec, "printed no token ids")
         return ids
+
+    def quantize(
+        self,
+        src,
+        dst,
+        default_type: str,
+        *,
+        tensor_types: Sequence[tuple[str, str]] = (),
+        pure: bool = False,
+    ) -> CommandRecord:
+        """llama-quantize `src` into `dst` as `default_type`, with `--tensor-type` overrides
+        (a regex on tensor names, type; the first that matches a tensor wins). It writes `dst`
+        in place: a caller that publishes the file gives a temporary path."""
+        args: list = []
+        for pattern, type_name in tensor_types:
+            args += ["--tensor-type", f"{pattern}={type_name}"]
+        if pure:
+            args.append("--pure")
+        args += [_path_of(src), _path_of(dst), default_type, str(self.threads)]
+        rec = self._run("llama-quantize", args)
+        self._require_ok(rec)
+        return rec
 
     def count_tokens(self, model, text) -> int:
         """Tokens in a corpus file under this model's tokenizer (recorded with the corpus)."""
@@ -461,7 +487,7 @@ class LlamaRunner:
             raise self.failure(rec, f"timed out after {rec.duration_s:.0f} s")
         if rec.exit_status != 0:
             why = parse.parse_logits_error(rec.stderr())
-            if why:
+            if why and not parse.unsupported_op(rec.stderr()):
                 raise LlamaFailed(f"{rec.tool} failed: {why} ({rec.command_line})")
             raise self.failure(rec, f"exited with status {rec.exit_status}")
         try:

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 PINNED_PACKAGE = "llama-cpp-python"
 PINNED_VERSION = "0.3.36"
 REQUIRED_TOOLS = ("llama-perplexity", "llama-completion")
-OPTIONAL_TOOLS = ("llama-tokenize",)
+OPTIONAL_TOOLS = ("llama-tokenize", "llama-quantize")
 BUILD_TARGETS = REQUIRED_TOOLS + OPTIONAL_TOOLS
 
 # GGML_NATIVE=ON: the cache lives under the user's home on one machine, so the build may use

@@ -15,3 +15,7 @@ trap 'rm -rf "$tmp"' EXIT
   --kl-divergence-base "$tmp/base.kld" --kl-divergence >"$out/kld_smollm2.stdout" 2>"$out/kld_smollm2.stderr"
 "$bin/llama-completion" -m "$model" -p "Hello" -n 16 --temp 0 --seed 1 -no-cnv --ignore-eos \
   --no-display-prompt -t 2 </dev/null >"$out/completion_smollm2.stdout" 2>"$out/completion_smollm2.stderr"
+# a file llama.cpp cannot run: SmolLM2's ffn_norm stored as BF16 (ggml aborts in the graph)
+"${FQ:-fq}" quantize "$model" "$tmp/bf16-norms.gguf" --format bf16 --real >/dev/null
+"$bin/llama-perplexity" -m "$tmp/bf16-norms.gguf" -f "$text" -c 512 -b 512 -t 2 --chunks 1 \
+  >/dev/null 2>"$out/unsupported_bf16_norm.stderr" || true
