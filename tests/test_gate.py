@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from record_factory import make_record
 
-from fq_core.experiment import gate
+from fq_core.experiment import gate, stages
 from fq_core.storage import record, results
 from fq_core.storage.identity import Identity
 
@@ -205,17 +205,21 @@ def test_impossible_threshold_closes_the_gate_for_real(tmp_path):
     )
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = _junit_cases(junit)
-    assert len(cases) == 40, sorted(cases)  # 10 checks (regression included) × 4 stages
+    per_stage = len(stages.CHECKS) + 1  # a test per check, and test_regression
+    assert len(cases) == per_stage * 4, sorted(cases)
     assert cases["test_perplexity[layer0-smollm2-135m]"][0] == "failure"
     assert "perplexity delta" in cases["test_perplexity[layer0-smollm2-135m]"][1]
     for check in ("quantize", "numeric", "load", "generate", "kld"):
         assert cases[f"test_{check}[layer0-smollm2-135m]"][0] == "passed", check
     # no threshold set and no control run: these asserted nothing, so none shows as PASSED
-    for check in ("agreement", "speed", "placebo", "regression"):
+    for check in ("agreement", "speed", "placebo", "regression", "deployable"):
         outcome, message = cases[f"test_{check}[layer0-smollm2-135m]"]
         assert outcome == "skipped", (check, outcome, message)
+    # norms stored as BF16: a fact stated, never a gate
+    deployable = cases["test_deployable[layer0-smollm2-135m]"][1]
+    assert "not deployable in this llama.cpp: binary_op: unsupported types" in deployable
     later = {n: c for n, c in cases.items() if "layer0-" not in n}
-    assert len(later) == 30
+    assert len(later) == per_stage * 3
     for name, (outcome, message) in later.items():
         assert outcome == "skipped", name
         assert "gate: Test 1 has not passed for smollm2-135m: perplexity delta" in message
@@ -282,6 +286,7 @@ def test_dash_k_gate_selects_only_test_1(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ids = [ln for ln in proc.stdout.splitlines() if "::" in ln]
-    assert len(ids) == 10 * 2 * 2, ids
+    per_stage = len(stages.CHECKS) + 1  # a test per check, and test_regression
+    assert len(ids) == per_stage * 2 * 2, ids
     assert all(i.startswith("experiments/test_stages.py::") and "[layer0-" in i for i in ids), ids
-    assert sum(i.endswith("-twin]") for i in ids) == 10 * 2, ids
+    assert sum(i.endswith("-twin]") for i in ids) == per_stage * 2, ids

@@ -38,6 +38,7 @@ CHECKS = (
     "placebo",
     "agreement",
     "speed",
+    "deployable",
 )
 
 
@@ -452,3 +453,10 @@ def kld_vs_placebo(changed: int | None, n_seeds: int, ratio: float | None, verdi
     if ratio <= 1.0:
         return Versus(standing=Standing.NOISE, words=f"{verdict} (ratio {ratio:.2f})")
     return Versus(standing=Standing.ABOVE, words=verdict)
+
+
+def deployable_check(sentence: str, runs: bool | None, untried: str | None = None) -> Check:
+    """Whether the real file (the tensors stored as the format) runs in llama.cpp: a fact for
+    whoever would ship it, never a gate (the fake-quantized file is what the stage measures)."""
+    status = "skipped" if untried else "passed" if runs else "reported"
+    return _verdict(status, sentence, gates=False)

@@ -486,6 +486,7 @@ class _Stage(Steps):
             self.failed(exc)
             return
         self.placebos(m)
+        self.deployable(m.treatment.figures.quantized.tensors)
 
     def twin(self) -> bool:
         from ..measurement import twin
@@ -620,6 +621,31 @@ class _Stage(Steps):
         self.found["placebo"] = replace_(
             check, detail=check.detail + f"; resolution: {m.resolution.sentence}"
         )
+
+    def deployable(self, names: Sequence[str]) -> None:
+        # 10. whether the real file (the tensors stored as the format) runs in llama.cpp
+        if self.exp.variant != "deployed":
+            self.found["deployable"] = _check(
+                "skipped",
+                "the deployed answer says whether the real file runs in llama.cpp; this one "
+                "measures the float twin",
+                gates=False,
+            )
+            return
+        from .deployable import deployability
+
+        try:
+            with progress.step("deployable"):
+                d, entry = deployability(self.measured, names, self.exp.fmt, self.ctx)
+        except FqError as exc:
+            self.found["deployable"] = _check(
+                "error", f"the real file could not be tried: {error_line(exc)}", gates=False
+            )
+            return
+        if entry is not None:
+            self.add(cache=[entry.provenance("deployable")])
+        self.found["deployable"] = checks.deployable_check(d.sentence, d.runs, d.untried)
+        self.save()
 
     def finish(self) -> StageRecord:
         found = {n: self.found[n] for n in CHECKS if n in self.found}

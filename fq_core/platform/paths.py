@@ -41,6 +41,7 @@ CI_CACHED = (
     "placebos",
     "treatments",
     "cells",
+    "deployable",
     "sha256-cache.json",
 )
 #: What CI_CACHED may add up to (docs/ci-example.yml states it; GitHub keeps 10 GB per repo).

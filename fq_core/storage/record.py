@@ -112,7 +112,13 @@ class Thresholds(_Part, kw_only=True):
             "agreement": self.agreement_min,
             "speed": self.speed_ratio_min,
         }
+        if check in REPORT_ONLY:
+            return False
         return check not in limit_of or limit_of[check] is not None
+
+
+#: checks that state a fact and never gate (whether the real file runs in llama.cpp)
+REPORT_ONLY = ("deployable",)
 
 
 class Check(_Part, kw_only=True):

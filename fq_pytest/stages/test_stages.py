@@ -73,6 +73,12 @@ def test_speed(fq_result):
     _assert_check(fq_result, "speed")
 
 
+def test_deployable(fq_result):
+    """Whether the real file — the tensors stored as the format — runs in llama.cpp (never a
+    gate: the stage measures the fake-quantized file; BF16 norms abort on the CPU backend)."""
+    _assert_check(fq_result, "deployable")
+
+
 def test_regression(fq_regression):
     """Every metric against the reference (--fq-compare): fails only when a metric is worse by
     more than its tolerance and by more than twice its uncertainty; skipped without a reference."""
