@@ -341,6 +341,7 @@ def analyze(
     """The report's statistics over all cells given (every shard merged)."""
     from .. import stats
 
+    cells = [c for c in cells if c.record.cell.series != "group"]  # a recipe's prices
     measured = [SweepRow(c.path, c.record) for c in cells if c.record.status == "measured"]
     errors = tuple(
         SweepRow(c.path, c.record, verdict=f"error: {c.record.error}")

@@ -15,8 +15,9 @@ from ...storage.record import VARIANTS
 #: means these; llama.cpp's types (LLAMA_TYPES) are named one by one, so "all" does not grow
 #: by 13 formats.
 SWEEP_FORMATS = tuple(f for f in FORMATS if f != "placebo")
-#: layer = one layer alone; cumulative = the first n layers; whole = a kind outside the blocks
-SERIES = ("layer", "cumulative", "whole")
+#: layer = one layer alone; cumulative = the first n layers; whole = a kind outside the blocks;
+#: group = a run of layers priced together for a recipe (experiment.recipe), not ranked
+SERIES = ("layer", "cumulative", "whole", "group")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class Cell:
             return f"blk{self.layer:0{self.width}d}"
         if self.series == "cumulative":
             return f"first{self.n_layers:0{self.width}d}"
+        if self.series == "group":  # "3-5": blk03-05
+            first, _, last = self.layers.partition("-")
+            return f"blk{int(first):0{self.width}d}" + (
+                f"-{int(last):0{self.width}d}" if last else ""
+            )
         return ""
 
     @property

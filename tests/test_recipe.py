@@ -1,0 +1,188 @@
+"""Recipes: the file a person edits (fq_core.measurement.recipe_file) and the choice of types
+under a budget (fq_core.experiment.recipe), on factory models and synthetic prices."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+from gguf_factory import build_gguf
+
+from fq_core.errors import BadInput
+from fq_core.experiment import recipe
+from fq_core.measurement import recipe_file
+from fq_core.measurement.gguf_index import read_index
+
+
+@pytest.fixture
+def index(tmp_path):
+    # ffn_up: rows of 64 (n_embd) in 3 layers; token_embd rows of 64; norms of one dimension
+    return read_index(build_gguf(tmp_path, n_layers=3).path)
+
+
+def test_a_recipe_file_reads_back_as_written_and_speaks_llama_quantize():
+    r = recipe_file.Recipe(
+        "q4_k_m",
+        (
+            recipe_file.Line(recipe_file.layer_pattern("ffn_up", (0, 1)), "q8_0", "hot layers"),
+            recipe_file.Line(recipe_file.layer_pattern("token_embd", None), "fp16"),
+        ),
+        ("chosen by hand",),
+    )
+    text = r.text()
+    assert text.splitlines()[:3] == [
+        "# chosen by hand",
+        "base: q4_k_m",
+        "^blk\\.(0|1)\\.ffn_up\\.weight$=q8_0".ljust(44) + "  # hot layers",
+    ]
+    assert recipe_file.parse(text) == r
+    assert r.tensor_types() == [
+        ("^blk\\.(0|1)\\.ffn_up\\.weight$", "q8_0"),
+        ("^token_embd\\.weight$", "f16"),
+    ]
+    assert recipe_file.parse("base: Q8_0\n^x=F16\n").lines[0].fmt == "fp16"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("^a=q8_0\n", "recipe: no base line"),
+        ("base: q4_k_m\nbase: q8_0\n", "recipe line 2: a second base line"),
+        ("base: q9_x\n", "recipe line 1: base 'q9_x' is no llama-quantize type"),
+        ("base: q4_k_m\njust words\n", "recipe line 2: 'just words' is not pattern=type"),
+        ("base: q4_k_m\n^a=fp8_e4m3\n", "recipe line 2: 'fp8_e4m3' is no type llama.cpp stores"),
+        ("base: q4_k_m\n(a=q8_0\n", "recipe line 2: '(a' is no regular expression"),
+    ],
+)
+def test_a_bad_recipe_is_refused_naming_its_line(text, message):
+    with pytest.raises(BadInput, match="^" + message.replace("(", r"\(").replace("'", "'")):
+        recipe_file.parse(text)
+
+
+def test_assign_is_first_match_and_refuses_before_anything_is_quantized(index):
+    lines = (
+        recipe_file.Line("^blk\\.0\\.ffn_up\\.weight$", "q4_0"),
+        recipe_file.Line("ffn_up", "q8_0"),
+    )
+    got = recipe_file.assign(recipe_file.Recipe("q4_k_m", lines), index)
+    assert got == {
+        "blk.0.ffn_up.weight": "q4_0",
+        "blk.1.ffn_up.weight": "q8_0",
+        "blk.2.ffn_up.weight": "q8_0",
+    }
+
+    def refused(pattern: str, fmt: str) -> str:
+        r = recipe_file.Recipe("q4_k_m", (recipe_file.Line(pattern, fmt),))
+        with pytest.raises(BadInput) as caught:
+            recipe_file.assign(r, index)
+        return str(caught.value)
+
+    assert refused("^blk\\.7\\.ffn_up\\.weight$", "q8_0") == (
+        "recipe line 1: ^blk\\.7\\.ffn_up\\.weight$ names no tensor of model.gguf"
+    )
+    assert "names blk.0.ffn_norm.weight, a tensor of one dimension" in refused("ffn_norm", "q8_0")
+    assert refused("ffn_up", "q4_k").startswith(
+        "recipe line 1: blk.0.ffn_up.weight: rows of 64 values are not a multiple of q4_k's"
+    )
+
+
+def test_build_refuses_a_recipe_before_llama_quantize_runs(index, tmp_path):
+    class NoRunner:
+        def quantize(self, *a, **k):
+            raise AssertionError("llama-quantize ran")
+
+    r = recipe_file.Recipe("q4_k_m", (recipe_file.Line("attn_q", "q8_0"),))
+    dst = tmp_path / "out.gguf"
+    with pytest.raises(BadInput, match="names no tensor"):
+        recipe_file.build(r, index.path, dst, NoRunner())
+    assert not dst.exists() and not list(tmp_path.glob(".out.gguf*"))
+
+
+def test_groups_cut_layers_into_even_runs(index):
+    assert recipe.layer_groups(list(range(18)), 3) == [
+        tuple(range(0, 6)),
+        tuple(range(6, 12)),
+        tuple(range(12, 18)),
+    ]
+    assert recipe.layer_groups(list(range(5)), 2) == [(0, 1, 2), (3, 4)]
+    assert recipe.layer_groups([0, 1], 5) == [(0,), (1,)]
+    groups = recipe.groups_of(index, ["ffn_up", "token_embd"], 2)
+    assert [(g.kind, g.layers, g.label) for g in groups] == [
+        ("ffn_up", (0, 1), "ffn_up layers 0-1"),
+        ("ffn_up", (2,), "ffn_up layers 2"),
+        ("token_embd", None, "token_embd"),
+    ]
+    with pytest.raises(BadInput, match="no weight matrix of kind ffn_norm"):
+        recipe.groups_of(index, ["ffn_norm"], 1)
+
+
+def _prices():
+    a = recipe.Group("ffn_up", (0,), ("blk.0.ffn_up.weight",))
+    b = recipe.Group("ffn_up", (1,), ("blk.1.ffn_up.weight",))
+    c = recipe.Group("token_embd", None, ("token_embd.weight",))
+    table = {  # fmt: (bytes, KLD) per group; b is sensitive, c is big
+        a: {"q4_0": (18, 0.010), "q8_0": (34, 0.001)},
+        b: {"q4_0": (18, 0.100), "q8_0": (34, 0.002)},
+        c: {"q4_0": (180, 0.050), "q5_0": (220, 0.020), "q8_0": (340, 0.004)},
+    }
+    prices = [
+        recipe.Price(g, f, kld, size, f"{g.label}-{f}")
+        for g, opts in table.items()
+        for f, (size, kld) in opts.items()
+    ]
+    return [a, b, c], prices
+
+
+def _brute(groups, prices, budget=None, target=None):
+    best = None
+    for combo in itertools.product(*[[p for p in prices if p.group == g] for g in groups]):
+        size, kld = sum(p.bytes for p in combo), math.fsum(p.kld for p in combo)
+        if budget is not None and size <= budget:
+            key = (kld, size)
+        elif target is not None and kld <= target:
+            key = (size, kld)
+        else:
+            continue
+        best = min(best, (key, combo)) if best else (key, combo)
+    return best[1]
+
+
+@pytest.mark.parametrize("budget", [216, 232, 252, 272, 292, 408])
+def test_the_choice_is_the_best_within_the_budget(budget):
+    groups, prices = _prices()
+    got = recipe.choose(prices, groups, budget_bytes=budget)
+    want = _brute(groups, prices, budget=budget)
+    assert got.bytes <= budget and math.isclose(got.kld, math.fsum(p.kld for p in want))
+    assert [p.group for p in got.chosen] == groups
+
+
+@pytest.mark.parametrize("target", [0.007, 0.03, 0.2])
+def test_the_choice_is_the_smallest_within_a_kld_target(target):
+    groups, prices = _prices()
+    got = recipe.choose(prices, groups, kld_target=target)
+    want = _brute(groups, prices, target=target)
+    assert got.kld <= target and got.bytes == sum(p.bytes for p in want)
+
+
+def test_an_impossible_choice_is_one_line():
+    groups, prices = _prices()
+    with pytest.raises(BadInput, match=r"^the budget of 200 bytes cannot be met: .* take 216$"):
+        recipe.choose(prices, groups, budget_bytes=200)
+    with pytest.raises(BadInput, match=r"^the KLD target 0.001 cannot be met: .* sum to 0.007$"):
+        recipe.choose(prices, groups, kld_target=0.001)
+    with pytest.raises(BadInput, match="no sweep cell prices ffn_up layers 0"):
+        recipe.choose(prices[2:], groups, budget_bytes=10**6)
+
+
+def test_the_recipe_of_a_choice_names_each_group_and_its_price(index):
+    groups, prices = _prices()
+    choice = recipe.choose(prices, groups, budget_bytes=272)
+    r = recipe.recipe_of(choice, "q4_k_m", ["budget 272 bytes"])
+    assert [(line.pattern, line.fmt) for line in r.lines] == [
+        (p.group.pattern, p.fmt) for p in choice.chosen
+    ]
+    assert recipe_file.assign(r, index) == {
+        name: p.fmt for p in choice.chosen for name in p.group.tensors
+    }
+    assert "predicted KLD" in r.text() and recipe_file.parse(r.text()) == r
