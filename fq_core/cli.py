@@ -1113,6 +1113,127 @@ def _manifest_note(manifest) -> str:
     return "  (" + ", ".join(parts) + ")"
 
 
+def _add_recipe(sub) -> None:
+    from .definitions.settings import RECIPE
+
+    helps = {o.name: o.help for o in RECIPE}
+    p = sub.add_parser(
+        "recipe",
+        help="choose a mixed-precision recipe from intrinsic sweep cells within a stock "
+        "preset's bytes, write it, build its GGUF with llama-quantize (or build an edited one)",
+    )
+    p.add_argument("model", metavar="MODEL", help="registry name or GGUF path")
+    p.add_argument("--out", metavar="RECIPE", help="write the chosen recipe here (text)")
+    p.add_argument("--gguf", metavar="OUT", help="build the recipe's GGUF here")
+    p.add_argument(
+        "--from",
+        dest="from_recipe",
+        metavar="RECIPE",
+        help="build this (edited) recipe instead of choosing one: checked against MODEL first",
+    )
+    for flag, name in (
+        ("--kinds", "fq_recipe_kinds"),
+        ("--groups", "fq_recipe_groups"),
+        ("--types", "fq_recipe_types"),
+        ("--base", "fq_recipe_base"),
+        ("--kld-target", "fq_recipe_kld_target"),
+        ("--price-chunks", "fq_recipe_price_chunks"),
+        ("--rank-chunks", "fq_recipe_rank_chunks"),
+        ("--chunks", "fq_recipe_chunks"),
+    ):
+        p.add_argument(flag, dest=name, metavar="V", help=helps[name])
+    p.add_argument(
+        "--prove",
+        action="store_true",
+        help="also measure the recipe file and the stock preset against the twin (both answers)",
+    )
+    p.add_argument("--force", action="store_true", help="replace existing --out / --gguf files")
+    _add_results_root(p)
+    _add_llama_bin_dir(p)
+    p.set_defaults(run=_run_recipe)
+
+
+def _run_recipe(args) -> int:
+    from .definitions.settings import RECIPE, defaults
+    from .errors import BadInput
+    from .experiment import stages
+    from .experiment.recipe import RecipePlan, run_recipe
+    from .measurement import recipe_file, twin
+    from .measurement.corpus import resolve_corpus
+    from .measurement.llama.runner import LlamaRunner
+    from .measurement.llama.tools import find_tools
+    from .measurement.models import resolve_model
+    from .platform import atomic
+    from .storage import results
+    from .storage.recipe_record import save_recipe
+
+    if not (args.out or args.gguf):
+        raise BadInput("nothing to write: give --out RECIPE and/or --gguf OUT")
+    if args.from_recipe and args.out:
+        raise BadInput("--from builds an existing recipe: give --gguf, not --out")
+    model = resolve_model(args.model)
+    for target in (args.out, args.gguf):  # refused now, not after minutes of pricing
+        if target:
+            atomic.check_target(target, force=args.force, inputs=[model.path])
+    args.outputs.expect(*(t for t in (args.out, args.gguf) if t))
+    tools = find_tools(args.llama_bin_dir)
+    runner = LlamaRunner(tools)
+    if args.from_recipe:
+        recipe = recipe_file.read(args.from_recipe)
+        source = twin.twin_for(model)
+        recipe_file.build(recipe, source.path, args.gguf, runner, force=args.force)
+        print(f"built {args.gguf} from {source.path} ({recipe.base} + {len(recipe.lines)} lines)")
+        return 0
+    values = defaults(RECIPE)
+    for o in RECIPE:
+        given = getattr(args, o.name, None)
+        if given is not None:
+            try:
+                values[o.name] = o.parse(given)
+            except ValueError as exc:
+                raise BadInput(
+                    f"--{o.name.removeprefix('fq_recipe_').replace('_', '-')} {given!r}: {exc}"
+                ) from None
+    plan = RecipePlan(
+        kinds=values["fq_recipe_kinds"],
+        groups=values["fq_recipe_groups"],
+        types=values["fq_recipe_types"],
+        base=values["fq_recipe_base"],
+        kld_target=values["fq_recipe_kld_target"],
+        price_chunks=values["fq_recipe_price_chunks"],
+        rank_chunks=values["fq_recipe_rank_chunks"],
+        chunks=values["fq_recipe_chunks"],
+    )
+    ctx = stages.Context(
+        results.new_run_id(),
+        runner,
+        tools,
+        resolve_corpus(None),
+        args.results,
+    )
+    exp = stages.experiment_from(defaults())
+    rec = run_recipe(model, model.name, ctx, exp, plan, prove_it=args.prove)
+    print(f"record {save_recipe(rec, args.results)}")
+    recipe = recipe_file.parse(rec.recipe_text)
+    print(rec.recipe_text, end="")
+    print(
+        f"groups: {sum(g.bytes for g in rec.groups):,} bytes chosen within {rec.budget}; "
+        f"files: recipe {rec.recipe_bytes:,}, {rec.base} {rec.stock_bytes:,} tensor bytes"
+    )
+    for a in rec.answers:
+        print(
+            f"{a.variant}: mean KLD recipe {a.recipe.kld_mean:.4g}, {rec.base} "
+            f"{a.stock.kld_mean:.4g} against the twin — {a.verdict}"
+        )
+    if args.out:
+        recipe_file.write(args.out, recipe, force=args.force)
+        print(f"wrote {args.out}")
+    if args.gguf:
+        recipe_file.build(recipe, twin.twin_for(model).path, args.gguf, runner, force=args.force)
+        print(f"wrote {args.gguf}")
+    return 0
+
+
 COMMANDS: list = [
     _add_models,
     _add_fetch,
@@ -1126,6 +1247,7 @@ COMMANDS: list = [
     _add_twin,
     _add_reference,
     _add_diff,
+    _add_recipe,
 ]
 
 if __name__ == "__main__":

@@ -13,5 +13,6 @@ pytest_plugins = [
     "fq_pytest.progress",
     "fq_pytest.regression",
     "fq_pytest.sweep",
+    "fq_pytest.recipe",
     "fq_pytest.interrupts",
 ]

@@ -24,6 +24,8 @@ MARKERS: dict[str, str] = {
     "stage": "a stage of the experiment (Test 1-4)",
     "sweep": "a cell of the sensitivity sweep (experiments/test_sensitivity.py; "
     "make sweep = -m sweep --fq-sweep-plan full)",
+    "recipe": "the recipe stage (experiments/test_recipe.py: a mixed-precision recipe "
+    "built and measured against the stock preset)",
 }
 
 
@@ -38,6 +40,7 @@ FIXTURE_MARKERS: dict[str, tuple[str, ...]] = {
     "gemma3_gguf": ("models",),
     "real_gguf": ("models",),
     "fq_result": ("models", "llama"),  # a stage × model result (fq_pytest.plugin)
+    "fq_recipe": ("models", "llama"),  # a recipe record (fq_pytest.recipe)
     "real_run": ("models", "llama"),  # tests/test_report.py: a real `pytest -k layer0` run
     "benchmark": ("benchmark",),
 }

@@ -313,6 +313,8 @@ def _summary(prefix, summary, postfix, session) -> None:
     prefix.append(str(html.style()))
     if run_dir is None or not run_dir.is_dir() or not any(run_dir.glob("*/*.json")):
         prefix.append(str(html.no_stage_note()))
+        if run_dir is not None and run_dir.is_dir():
+            postfix.append(_recipe_section(run_dir))
         return
     run = load_run(run_dir)
     seen = config.stash.get(_ERRORS, None)
@@ -332,9 +334,21 @@ def _summary(prefix, summary, postfix, session) -> None:
         postfix.append(str(html.model_charts(model, all_charts[model])))
         for r in run.for_model(model):
             postfix.append(str(html.stage_section(r, all_charts[f"{r.stage}/{model}"])))
+    recipes = _recipe_section(run_dir)
+    if recipes:
+        postfix.append(recipes)
     html_path = _html_path(config)
     if html_path is not None:
         out = html_path.parent / "charts"
         drawn = (c for cs in all_charts.values() for c in cs)  # pruned: in the run's own dir
         written = charts.write_charts(drawn, out, prune=_ASKED in config.stash)
         postfix.append(str(html.charts_note(len(written), out, run_dir)))
+
+
+def _recipe_section(run_dir) -> str:
+    """The recipe stage's records of this run as a section ("" when there are none)."""
+    from fq_core.report import recipe
+    from fq_core.storage.recipe_record import read_recipe, recipe_paths
+
+    paths = recipe_paths(run_dir)
+    return recipe.html_section([read_recipe(p) for p in paths]) if paths else ""

@@ -120,3 +120,14 @@ def test_an_operation_ggml_cannot_run_is_named():
     assert parse.unsupported_op(err) == want
     for name in ("perplexity_smollm2.stderr", "kld_smollm2.stderr", "completion_smollm2.stderr"):
         assert parse.unsupported_op(read(name)) is None, name
+
+
+def test_llama_quantize_plan_names_each_tensors_type():
+    """`llama-quantize --dry-run` of SmolLM2's twin as Q4_K_M: every tensor with the type it
+    would get (the k-quant fallback for 576-wide rows included), norms kept as F32."""
+    plan = parse.parse_quantize_plan(read("quantize_dry_run.stderr"))
+    assert len(plan) == 272
+    assert plan["token_embd.weight"] == "q8_0" and plan["blk.0.ffn_norm.weight"] == "f32"
+    assert plan["blk.10.ffn_down.weight"] == "q4_k"
+    assert plan["blk.0.attn_output.weight"] == "q5_0"  # 576 is not a multiple of 256
+    assert parse.parse_quantize_plan(read("kld_smollm2.stderr")) == {}

@@ -186,3 +186,102 @@ def test_the_recipe_of_a_choice_names_each_group_and_its_price(index):
         name: p.fmt for p in choice.chosen for name in p.group.tensors
     }
     assert "predicted KLD" in r.text() and recipe_file.parse(r.text()) == r
+
+
+@pytest.mark.llama
+@pytest.mark.models
+def test_llama_quantize_builds_the_recipe_the_suite_would_write(tmp_path):
+    """The round trip: a recipe file (Q4_K_M for everything it does not name, q6_k, q8_0 and
+    q5_0 where it does), built by llama-quantize from SmolLM2's float twin, holds exactly the
+    tensors the suite writes itself (twin.make_real with the recipe's types and the stock
+    preset's for the rest): the same type and bytes for every tensor."""
+    from fq_core.measurement import twin
+    from fq_core.measurement.llama.runner import LlamaRunner
+    from fq_core.measurement.llama.tools import find_tools
+    from fq_core.measurement.models import resolve_model
+
+    source = twin.twin_for(resolve_model("smollm2-135m")).path
+    text = (
+        "# edited by hand\nbase: q4_k_m\n"
+        + recipe_file.layer_pattern("ffn_down", range(10))
+        + "=q6_k\n"
+        + recipe_file.layer_pattern("attn_v", None).replace("^attn_v", "^blk\\.\\d+\\.attn_v")
+        + "=q8_0  # every layer\n"
+        + "^token_embd\\.weight$=q5_0\n"
+    )
+    (tmp_path / "recipe.txt").write_text(text)
+    r = recipe_file.read(tmp_path / "recipe.txt")
+    runner = LlamaRunner(find_tools(), threads=2, log_dir=tmp_path / "logs")
+    stock = tmp_path / "stock.gguf"
+    recipe_file.build(recipe_file.Recipe("q4_k_m", ()), source, stock, runner)
+    stock_types = {t.name: t.type_name for t in read_index(stock).tensors}
+    index = read_index(source)
+    assert len(recipe_file.assign(r, index)) == 10 + 30 + 1
+    # the preset's own types, pinned: with only three lines, llama-quantize would give
+    # ffn_down 10-12 the extra bits its mixture gives the first layers (its counters skip
+    # overridden tensors), so the file would not be the stock preset plus the recipe
+    full_recipe = recipe_file.pinned(r, index, stock_types, "as q4_k_m stores it")
+    (tmp_path / "pinned.txt").write_text(full_recipe.text())
+    full = recipe_file.assign(recipe_file.read(tmp_path / "pinned.txt"), index)
+    assert set(full) == {n for n, t in stock_types.items() if t != "F32"}
+    built = tmp_path / "recipe.gguf"
+    recipe_file.build(full_recipe, source, built, runner)
+    ours = tmp_path / "fq.gguf"
+    twin.make_real(source, ours, full, fsync=False)
+    a, b = read_index(ours), read_index(built)
+    theirs = {u.name: u for u in b.tensors}  # llama-quantize writes them in its own order
+    assert sorted(theirs) == sorted(t.name for t in a.tensors)
+    with open(ours, "rb") as fa, open(built, "rb") as fb:
+        for t in a.tensors:
+            u = theirs[t.name]
+            assert (t.type_name, t.n_bytes) == (u.type_name, u.n_bytes), t.name
+            fa.seek(t.offset)
+            fb.seek(u.offset)
+            assert fa.read(t.n_bytes) == fb.read(u.n_bytes), f"{t.name} ({t.type_name})"
+    types = {t.name: t.type_name for t in b.tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q6_K" and types["token_embd.weight"] == "Q5_0"
+    assert types["blk.29.attn_v.weight"] == "Q8_0"
+    assert types["blk.29.ffn_down.weight"] == stock_types["blk.29.ffn_down.weight"]
+
+
+@pytest.mark.llama
+@pytest.mark.models
+def test_fq_recipe_refuses_in_one_line_before_any_quantization(tmp_path, capsys):
+    """An unmeetable budget (q8_0 within Q2_K's bytes), a kind the model lacks, a recipe line
+    naming no tensor: one line, exit 2, nothing written and nothing quantized (the budget comes
+    from llama-quantize's --dry-run plan, not a built file)."""
+    from fq_core.cli import main
+    from fq_core.storage import cache
+
+    out, gguf = tmp_path / "r.txt", tmp_path / "r.gguf"
+    made = cache.folder_for("recipes", "x").parent
+
+    def entries():
+        return sorted(made.glob("*/*.gguf")) if made.is_dir() else []
+
+    before = entries()
+    base = ["recipe", "smollm2-135m", "--out", str(out), "--results", str(tmp_path / "res")]
+    cases = [
+        (
+            [*base, "--kinds", "ffn_down", "--types", "q8_0", "--base", "q2_k"],
+            "the budget of 11,404,800 bytes (q2_k of these groups) cannot be met: the smallest "
+            "of q8_0 take 28,200,960",
+        ),
+        (
+            [*base, "--kinds", "ffn_norm"],
+            "the model has no weight matrix of kind ffn_norm",
+        ),
+    ]
+    (tmp_path / "bad.txt").write_text("base: q4_k_m\n^blk\\.99\\.ffn_down\\.weight$=q8_0\n")
+    cases.append(
+        (
+            ["recipe", "smollm2-135m", "--from", str(tmp_path / "bad.txt"), "--gguf", str(gguf)],
+            "recipe line 1: ^blk\\.99\\.ffn_down\\.weight$ names no tensor of",
+        )
+    )
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not out.exists() and not gguf.exists() and not list(tmp_path.glob(".*fq-tmp"))
+    assert entries() == before and not (tmp_path / "res").exists()

@@ -446,7 +446,89 @@ SWEEP = (
     ),
 )
 
-BY_NAME: dict[str, Setting] = {s.name: s for s in (*STAGE, *SWEEP)}
+
+def _types(text: str) -> tuple[str, ...]:
+    from .formats import LLAMA_TYPES
+
+    words = _words(text)
+    bad = [w for w in words if w not in LLAMA_TYPES]
+    if bad:
+        raise ValueError(f"{bad[0]} is not one of llama.cpp's types ({', '.join(LLAMA_TYPES)})")
+    return words
+
+
+def _preset(text: str) -> str:
+    presets = (
+        "q2_k q3_k_s q3_k_m q3_k_l q4_0 q4_1 q4_k_s q4_k_m q5_0 q5_1 q5_k_s q5_k_m q6_k q8_0 "
+        "iq4_nl iq4_xs"
+    ).split()
+    return _choice(tuple(presets))(text.strip().lower())
+
+
+#: The recipe stage's settings (fq_pytest/recipe.py, experiments/test_recipe.py).
+RECIPE = (
+    Setting(
+        "fq_recipe_models",
+        "smollm2-135m",
+        "recipe stage: models (each gated on its Test 1); the default is CI's small recipe",
+        _words,
+    ),
+    Setting(
+        "fq_recipe_kinds",
+        "ffn_down attn_v",
+        "recipe stage: the weight kinds it prices and types (all others keep the stock "
+        "preset's types); e.g. every matrix: attn_q attn_k attn_v attn_output ffn_gate ffn_up "
+        "ffn_down token_embd",
+        _words,
+    ),
+    Setting(
+        "fq_recipe_groups",
+        "1",
+        "recipe stage: runs of layers per kind priced and typed apart (1 = one type per kind)",
+        _pos_int,
+    ),
+    Setting(
+        "fq_recipe_types",
+        "q4_0 q5_0 q8_0 q4_k q5_k q6_k",
+        "recipe stage: llama.cpp's types to price (a type whose blocks do not divide a "
+        "group's rows is left out for that group)",
+        _types,
+    ),
+    Setting(
+        "fq_recipe_base",
+        "q4_k_m",
+        "recipe stage: the stock preset (llama-quantize's type, made from the same float "
+        "twin): the budget, the comparison, and the type of every tensor not priced",
+        _preset,
+    ),
+    Setting(
+        "fq_recipe_kld_target",
+        "",
+        "recipe stage: the fewest bytes with a predicted mean KLD at most this (unset = the "
+        "least KLD within the stock preset's bytes)",
+        _optional(_limit),
+    ),
+    Setting(
+        "fq_recipe_price_chunks",
+        "2",
+        "recipe stage: the cap of a pricing cell (intrinsic, evaluated until decided)",
+        _pos_int,
+    ),
+    Setting(
+        "fq_recipe_rank_chunks",
+        "2",
+        "recipe stage: the chunks a pricing cell's treatment runs (its KLD's precision)",
+        _pos_int,
+    ),
+    Setting(
+        "fq_recipe_chunks",
+        "2",
+        "recipe stage: chunks the recipe and stock files are measured on, by both answers",
+        _pos_int,
+    ),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in (*STAGE, *SWEEP, *RECIPE)}
 
 
 def default(name: str) -> Any:

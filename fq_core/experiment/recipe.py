@@ -14,6 +14,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 from ..errors import BadInput
 from ..measurement.recipe_file import Line, Recipe, layer_pattern
 
@@ -198,10 +200,11 @@ def pricing_cells(model_id: str, index, groups: Sequence[Group], types: Sequence
     shapes = {t.name: tuple(t.shape) for t in index.tensors}
     cells, unfit_lines = [], []
     for g in groups:
+        refused = []
         for fmt in types:
             why = next((w for n in g.tensors if (w := unfit(fmt, n, shapes[n]))), None)
             if why:
-                unfit_lines.append(why)
+                refused.append(fmt)
                 continue
             cells.append(
                 Cell(
@@ -210,12 +213,15 @@ def pricing_cells(model_id: str, index, groups: Sequence[Group], types: Sequence
                     fmt=fmt,
                     rounding="truncate",
                     variant="intrinsic",
-                    series="whole" if g.layers is None else "group",
+                    series="group",  # priced for a recipe: not in the sweep's rankings
                     layers=g.spec,
                     n_layers=None if g.layers is None else len(g.layers),
                     width=width,
                 )
             )
+        if refused:
+            row = shapes[g.tensors[0]][0]
+            unfit_lines.append(f"{g.label}: {', '.join(refused)} (rows of {row} values)")
     return cells, unfit_lines
 
 
@@ -255,3 +261,333 @@ __all__ = [
     "pricing_cells",
     "recipe_of",
 ]
+
+
+# --- building, proving, the stage ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecipePlan:
+    """What a recipe stage prices and how it chooses (definitions.settings: fq_recipe_*)."""
+
+    kinds: tuple[str, ...]
+    groups: int  # runs of layers per kind
+    types: tuple[str, ...]
+    base: str = "q4_k_m"  # the stock preset: the budget, the comparison, untouched tensors
+    kld_target: float | None = None  # else: the stock preset's bytes of the priced groups
+    price_chunks: int = 8  # the cap of a pricing cell, evaluated until decided
+    rank_chunks: int = 4  # a pricing cell's treatment chunks (its KLD's precision)
+    chunks: int | None = None  # the proof's chunks (None: the experiment's)
+    variants: tuple[str, ...] = ("intrinsic", "deployed")
+
+
+def built(recipe: Recipe, source, ctx):
+    """The recipe's GGUF made from `source` (the float twin) by the pinned llama-quantize,
+    cached by recipe and source (cache_dir()/recipes/<key>/); a ModelRef of it."""
+    from .. import __version__
+    from ..measurement import recipe_file
+    from ..measurement.models import ModelRef
+    from ..storage import cache, results
+    from ..storage.identity import Identity
+
+    key = Identity(
+        model_sha256=source.sha256, llama_build=ctx.tools.build_id, fq_version=__version__
+    ).key("recipe-file", base=recipe.base, lines=[list(t) for t in recipe.tensor_types()])
+    label = recipe.base if not recipe.lines else f"{recipe.base}-mix"
+    name = f"{results.safe_name(source.name)}.{label}.gguf"
+
+    def compute(folder):
+        rec = recipe_file.build(recipe, source.path, folder / name, ctx.runner, force=True)
+        return {"base": recipe.base, "lines": recipe.text(), "command": rec.to_json()}
+
+    entry = cache.verified("recipes", key, "recipe.json", compute, files=[name])
+    return ModelRef(
+        name=f"{source.name}.{label}", path=entry.folder / name, sha256=entry.files[name], spec=None
+    )
+
+
+def tensor_bytes(path) -> dict[str, tuple[str, int]]:
+    """{tensor name: (type, bytes)} of a GGUF."""
+    from ..measurement.gguf_index import read_index
+
+    return {t.name: (t.type_name, t.n_bytes) for t in read_index(path).tensors}
+
+
+def _answer(file, baseline, ctx, exp):
+    """One file against the baseline (the float twin's logits): perplexity-only, cached by
+    the file and the baseline's content."""
+    from .. import __version__
+    from ..measurement import evaluate
+    from ..storage import cache, codec
+    from ..storage.identity import Identity
+    from ..storage.recipe_record import FileAnswer
+    from . import stats
+    from .measure import perplexity_only
+
+    key = Identity(
+        measured_sha256=file.sha256,
+        base_sha256=baseline.kld_base_sha256,
+        corpus_sha256=ctx.corpus.sha256,
+        llama_build=ctx.tools.build_id,
+        settings=exp.settings.perplexity_fields(),
+        fq_version=__version__,
+    ).key("recipe-answer")
+
+    def compute(folder):
+        ev = perplexity_only(ctx, file, baseline, exp.settings)
+        cmp = evaluate.compare(baseline, ev)
+        kld = ev.perplexity.kld
+        chunks = tuple(kld.chunk_means) if kld else ()
+        return FileAnswer(
+            sha256=file.sha256,
+            ppl=cmp.ppl,
+            delta_ppl_pct=cmp.delta_ppl_pct,
+            delta_ppl_pct_err=cmp.delta_ppl_pct_err,
+            kld_mean=kld.mean if kld else None,
+            kld=stats.mean_interval(list(chunks)),
+            chunk_klds=chunks,
+            same_top_pct=kld.same_top_pct if kld else None,
+            llama_s=ev.perplexity.command.duration_s if ev.perplexity.command else None,
+        )
+
+    entry = cache.verified(
+        "recipe-answers",
+        key,
+        "answer.json",
+        compute,
+        decode=lambda payload: codec.convert(payload, FileAnswer),
+    )
+    return msgspec.structs.replace(entry.value, cached=entry.hit)
+
+
+def verdict(diff) -> str:
+    """What the interval of recipe − stock (mean KLD per chunk) supports."""
+    from ..figures import sci
+
+    if diff is None or diff.low is None or diff.high is None:
+        return "not compared (too few chunks)"
+    if diff.high < 0:
+        return f"better by {sci(-diff.estimate)} [{sci(-diff.high)}, {sci(-diff.low)}]"
+    if diff.low > 0:
+        return f"worse by {sci(diff.estimate)} [{sci(diff.low)}, {sci(diff.high)}]"
+    return f"no measurable difference ({sci(diff.estimate)} [{sci(diff.low)}, {sci(diff.high)}])"
+
+
+def prove(twin_ref, recipe_ref, stock_ref, ctx, exp, plan: RecipePlan):
+    """Both files against the float twin by each answer, with that answer's placebos (the
+    twin's ffn_norm, lowest bit flipped) and the paired difference recipe − stock."""
+    from dataclasses import replace
+
+    from ..measurement import evaluate, twin
+    from ..storage.recipe_record import Answer
+    from . import stats
+    from .measure import ENGINE_WORDS, run_placebo
+
+    out = []
+    for variant in plan.variants:
+        e = exp.for_variant(variant)
+        if plan.chunks:
+            e = replace(e, settings=replace(e.settings, chunks=plan.chunks, kld_chunks=plan.chunks))
+        baseline = evaluate.evaluate_baseline(ctx.runner, twin_ref, ctx.corpus, e.settings)
+        if variant == "intrinsic":  # the fake files: the twins of the real ones
+            files = [twin.twin_for(f, e.twin_dtype) for f in (recipe_ref, stock_ref)]
+        else:
+            files = [recipe_ref, stock_ref]
+        r, s = (_answer(f, baseline, ctx, e) for f in files)
+        placebos = [
+            run_placebo(twin_ref, baseline, ctx, e, "all", seed) for seed in e.placebo_seeds
+        ]
+        klds = tuple(p.run.kld_mean for p in placebos)
+        finite = [k for k in klds if k is not None and math.isfinite(k)]
+        diff = stats.paired_excess(list(r.chunk_klds), [list(s.chunk_klds)])
+        out.append(
+            Answer(
+                variant=variant,
+                engine=ENGINE_WORDS.get(e.settings.engine, e.settings.engine),
+                recipe=r,
+                stock=s,
+                floor=max(finite) if finite else None,
+                placebo_klds=klds,
+                difference=diff,
+                verdict=verdict(diff),
+            )
+        )
+    return tuple(out)
+
+
+def _least_bytes(groups: Sequence[Group], types: Sequence[str], shapes) -> int:
+    """The fewest bytes any choice of these types can give the groups (no measurement)."""
+    from ..measurement.ggml_types import stored_bytes
+
+    total = 0
+    for g in groups:
+        sizes = [
+            sum(b for n in g.tensors if (b := stored_bytes(f, shapes[n])) is not None)
+            for f in types
+            if all(stored_bytes(f, shapes[n]) is not None for n in g.tensors)
+        ]
+        if not sizes:
+            raise BadInput(f"none of the types {' '.join(types)} can store {g.label}")
+        total += min(sizes)
+    return total
+
+
+def _bytes_as(type_name: str, shape) -> int:
+    """A tensor's bytes in llama.cpp's type `type_name` (as llama-quantize names it)."""
+    from ..measurement.ggml_types import STORED, stored_bytes
+
+    if type_name == "f32":
+        return 4 * math.prod(shape)
+    fmt = {q.name.lower(): f for f, q in STORED.items()}.get(type_name)
+    size = stored_bytes(fmt, shape) if fmt else None
+    if size is None:
+        raise BadInput(f"llama-quantize plans type {type_name}, which fq cannot size")
+    return size
+
+
+def _per_kind(prices: Sequence[Price], groups: Sequence[Group], budget, target) -> float | None:
+    """The best predicted KLD with one type per kind (its groups' prices summed): what a
+    coarser recipe would reach, the benefit of pricing runs of layers."""
+    kinds: dict[str, list[Group]] = {}
+    for g in groups:
+        kinds.setdefault(g.kind, []).append(g)
+    whole, merged = [], []
+    for kind, gs in kinds.items():
+        w = Group(kind, None, tuple(n for g in gs for n in g.tensors))
+        whole.append(w)
+        by_fmt: dict[str, list[Price]] = {}
+        for p in prices:
+            if p.group in gs:
+                by_fmt.setdefault(p.fmt, []).append(p)
+        for fmt, ps in by_fmt.items():
+            if len(ps) == len(gs):
+                merged.append(Price(w, fmt, math.fsum(p.kld for p in ps), sum(p.bytes for p in ps)))
+    try:
+        return choose(merged, whole, budget_bytes=budget, kld_target=target).kld
+    except BadInput:
+        return None
+
+
+def run_recipe(
+    model, model_id: str, ctx, exp, plan: RecipePlan, *, on_record=None, prove_it: bool = True
+):
+    """The recipe stage for one model: price every group in every type (sweep cells, cached),
+    choose within the stock preset's bytes (or the KLD target), build both files from the float
+    twin with llama-quantize, and prove them against the twin by both answers. Refusals (a kind
+    the model lacks, an unmeetable budget) come before any quantization."""
+    import time
+
+    from ..measurement import twin
+    from ..measurement.gguf_index import read_index
+    from ..measurement.sequential import Rule
+    from ..storage import results
+    from ..storage.identity import Identity, machine_info
+    from ..storage.recipe_record import RECIPE_SCHEMA, GroupChoice, RecipeRecord
+    from .sweep.run import run_cell
+
+    t0 = time.perf_counter()
+    rec = RecipeRecord(
+        schema=RECIPE_SCHEMA,
+        run_id=ctx.run_id,
+        model=model_id,
+        identity=Identity(
+            model_sha256=model.sha256,
+            corpus_sha256=ctx.corpus.sha256,
+            llama_version=ctx.tools.version,
+            llama_build=ctx.tools.build_id,
+            settings={
+                "kinds": list(plan.kinds),
+                "groups": plan.groups,
+                "types": list(plan.types),
+                "base": plan.base,
+                "kld_target": plan.kld_target,
+                "price_chunks": plan.price_chunks,
+                "rank_chunks": plan.rank_chunks,
+                "chunks": plan.chunks or exp.settings.chunks,
+            },
+        ),
+        machine=machine_info(),
+        base=plan.base,
+        started_at=results.utc_now(),
+    )
+    save = on_record or (lambda r: None)
+    float_twin = twin.twin_for(model, exp.twin_dtype)
+    index = read_index(float_twin.path)
+    groups = groups_of(index, plan.kinds, plan.groups)
+    shapes = {t.name: tuple(t.shape) for t in index.tensors}
+    least = _least_bytes(groups, plan.types, shapes)  # refusals before any quantization
+    stock_plan = ctx.runner.quantize_plan(float_twin.path, plan.base)  # --dry-run
+    in_stock = {n: (t.upper(), _bytes_as(t, shapes[n])) for n, t in stock_plan.items()}
+    stock_group = {g: sum(in_stock[n][1] for n in g.tensors) for g in groups}
+    budget = None if plan.kld_target is not None else sum(stock_group.values())
+    if budget is not None and least > budget:
+        raise BadInput(
+            f"the budget of {budget:,} bytes ({plan.base} of these groups) cannot be met: the "
+            f"smallest of {' '.join(plan.types)} take {least:,}"
+        )
+    words = (
+        f"the bytes {plan.base} from the same twin gives these groups ({budget:,})"
+        if budget is not None
+        else f"a mean KLD of at most {plan.kld_target:g}, fewest bytes"
+    )
+    cells, unfit_lines = pricing_cells(model_id, index, groups, plan.types)
+    rule = Rule(max_chunks=plan.price_chunks, rank_chunks=min(plan.rank_chunks, plan.price_chunks))
+    t1 = time.perf_counter()
+    records = [run_cell(c, model, ctx, exp, rule=rule) for c in cells]
+    failed = [r for r in records if r.status != "measured"]
+    if failed:
+        raise BadInput(f"pricing cell {failed[0].cell.id} failed: {failed[0].error}")
+    prices_s = time.perf_counter() - t1
+    prices = prices_from_cells(records, groups, model.sha256)
+    choice = choose(prices, groups, budget_bytes=budget, kld_target=plan.kld_target)
+    header = [
+        f"fq recipe for {model_id} (model sha256 {model.sha256[:16]}…, float twin "
+        f"{float_twin.sha256[:16]}…)",
+        f"budget: {words}",
+        f"predicted mean KLD {choice.kld:.3g} against the twin (the sum of the chosen cells)",
+        f"build: llama-quantize --tensor-type <each line> TWIN OUT {plan.base}; the lines "
+        f"after the priced groups pin what {plan.base} stores (its mixture shifts otherwise)",
+    ]
+    from ..measurement.recipe_file import pinned
+
+    stock_types = {n: t for n, (t, _) in in_stock.items()}
+    recipe = pinned(recipe_of(choice, plan.base, header), index, stock_types, f"as {plan.base}")
+    stock = built(Recipe(plan.base, ()), float_twin, ctx)
+    mixed = built(recipe, float_twin, ctx)
+    in_mix = tensor_bytes(mixed.path)
+    rec = msgspec.structs.replace(
+        rec,
+        budget=words,
+        budget_bytes=budget,
+        kld_target=plan.kld_target,
+        recipe_text=recipe.text(),
+        unfit=tuple(unfit_lines),
+        groups=tuple(
+            GroupChoice(
+                label=p.group.label,
+                pattern=p.group.pattern,
+                tensors=len(p.group.tensors),
+                chosen=p.fmt,
+                kld=p.kld,
+                bytes=p.bytes,
+                stock_types=tuple(sorted({in_stock[n][0].lower() for n in p.group.tensors})),
+                stock_bytes=stock_group[p.group],
+                options=tuple((o.fmt, o.kld, o.bytes) for o in prices if o.group == p.group),
+            )
+            for p in choice.chosen
+        ),
+        predicted_kld=choice.kld,
+        per_kind_kld=_per_kind(prices, groups, budget, plan.kld_target),
+        recipe_bytes=sum(b for _, b in in_mix.values()),
+        stock_bytes=sum(b for _, b in tensor_bytes(stock.path).values()),
+        prices_s=prices_s,
+    )
+    save(rec)
+    answers = prove(float_twin, mixed, stock, ctx, exp, plan) if prove_it else ()
+    return msgspec.structs.replace(
+        rec,
+        answers=answers,
+        status="measured",
+        seconds=time.perf_counter() - t0,
+        finished_at=results.utc_now(),
+    )

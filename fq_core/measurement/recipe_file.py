@@ -88,6 +88,33 @@ def layer_pattern(kind: str, layers: Sequence[int] | None) -> str:
     return f"^blk\\.{group}\\.{re.escape(kind)}\\.weight$"
 
 
+def pinned(recipe: Recipe, index: GGUFIndex, types: dict[str, str], note: str) -> Recipe:
+    """`recipe` with a line for every matrix it leaves to the base preset, typed as `types`
+    says ({tensor: type name as GGUF writes it}: the stock file's). llama-quantize's mixture
+    is not a fixed map: lines that override some tensors shift which layers the preset gives
+    more bits (its per-kind counters skip overridden tensors), so a recipe names every
+    matrix and the preset decides none."""
+    from .ggml_types import STORED
+    from .selection import split_name
+
+    fmt_of = {q.name: f for f, q in STORED.items()}
+    named = assign(recipe, index)
+    runs: dict[tuple[str, str], list[int | None]] = {}
+    for t in index.tensors:
+        if len(t.shape) < 2 or t.name in named or t.name not in types:
+            continue
+        fmt = fmt_of.get(types[t.name])
+        if fmt is None:  # kept as F32 by the preset: no line can say so to llama-quantize
+            raise BadInput(f"{t.name}: the base preset keeps it {types[t.name]}; name its type")
+        layer, kind = split_name(t.name)
+        runs.setdefault((kind, fmt), []).append(layer)
+    lines = list(recipe.lines)
+    for (kind, fmt), layers in runs.items():
+        outside = None in layers
+        lines.append(Line(layer_pattern(kind, None if outside else layers), fmt, note))
+    return Recipe(recipe.base, tuple(lines), recipe.header)
+
+
 def parse(text: str, source: str = "recipe") -> Recipe:
     """A recipe from its text; the first fault is a BadInput naming the line."""
     from .ggml_types import STORED
@@ -191,6 +218,7 @@ __all__ = [
     "build",
     "layer_pattern",
     "parse",
+    "pinned",
     "read",
     "write",
 ]

@@ -45,6 +45,8 @@ class Cell:
             return f"blk{self.layer:0{self.width}d}"
         if self.series == "cumulative":
             return f"first{self.n_layers:0{self.width}d}"
+        if self.series == "group" and self.layers == "all":  # a kind outside the blocks
+            return "all"
         if self.series == "group":  # "3-5": blk03-05
             first, _, last = self.layers.partition("-")
             return f"blk{int(first):0{self.width}d}" + (

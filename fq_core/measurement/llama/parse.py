@@ -144,6 +144,20 @@ def unsupported_op(stderr: str) -> str | None:
     return m.group(1) if m else None
 
 
+_QUANTIZE_ROW = re.compile(
+    r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+), size =[^\n(]*?"
+    r"(?:\((\w+)\))?\s*$",
+    re.M,
+)
+
+
+def parse_quantize_plan(stderr: str) -> dict[str, str]:
+    """llama-quantize's row per tensor (`[  8/ 272] blk.0.ffn_down.weight - [ 1536, 576, …],
+    type = f32, size = 3.38 MiB -> 0.90 MiB (q8_0)`): {name: the type it writes, lowercase};
+    a tensor it does not quantize keeps its type."""
+    return {m.group(1): (m.group(3) or m.group(2)).lower() for m in _QUANTIZE_ROW.finditer(stderr)}
+
+
 def parse_n_params(stderr: str) -> int | None:
     """`model params = 134.52 M` when llama.cpp printed it (verbose logs only)."""
     m = _PARAMS.search(stderr)

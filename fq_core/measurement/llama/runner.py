@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -313,6 +314,7 @@ class LlamaRunner:
         *,
         tensor_types: Sequence[tuple[str, str]] = (),
         pure: bool = False,
+        dry: bool = False,
     ) -> CommandRecord:
         """llama-quantize `src` into `dst` as `default_type`, with `--tensor-type` overrides
         (a regex on tensor names, type; the first that matches a tensor wins). It writes `dst`
@@ -322,10 +324,26 @@ class LlamaRunner:
             args += ["--tensor-type", f"{pattern}={type_name}"]
         if pure:
             args.append("--pure")
+        if dry:
+            args.append("--dry-run")
         args += [_path_of(src), _path_of(dst), default_type, str(self.threads)]
         rec = self._run("llama-quantize", args)
         self._require_ok(rec)
         return rec
+
+    def quantize_plan(
+        self, src, default_type: str, *, tensor_types: Sequence[tuple[str, str]] = ()
+    ) -> dict[str, str]:
+        """The type llama-quantize would give each tensor (`--dry-run`: nothing written):
+        {name: type, lowercase}."""
+        with tempfile.TemporaryDirectory(prefix="fq-dry-run-") as tmp:
+            rec = self.quantize(
+                src, Path(tmp) / "none.gguf", default_type, tensor_types=tensor_types, dry=True
+            )
+        plan = parse.parse_quantize_plan(rec.stderr())
+        if not plan:
+            raise self.failure(rec, "printed no tensor plan")
+        return plan
 
     def count_tokens(self, model, text) -> int:
         """Tokens in a corpus file under this model's tokenizer (recorded with the corpus)."""

@@ -19,3 +19,7 @@ trap 'rm -rf "$tmp"' EXIT
 "${FQ:-fq}" quantize "$model" "$tmp/bf16-norms.gguf" --format bf16 --real >/dev/null
 "$bin/llama-perplexity" -m "$tmp/bf16-norms.gguf" -f "$text" -c 512 -b 512 -t 2 --chunks 1 \
   >/dev/null 2>"$out/unsupported_bf16_norm.stderr" || true
+# llama-quantize's plan for SmolLM2's float twin as Q4_K_M (--dry-run: no file written)
+"${FQ:-fq}" twin "$model" "$tmp/twin.gguf" >/dev/null
+"$bin/llama-quantize" --dry-run "$tmp/twin.gguf" "$tmp/none.gguf" q4_k_m 2 \
+  >/dev/null 2>"$out/quantize_dry_run.stderr"

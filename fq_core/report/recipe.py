@@ -1,0 +1,97 @@
+"""The recipe stage's report: the recipe table (per group: the type chosen, its price and the
+stock preset's), both files' bytes, and each answer's comparison against the float twin with
+the paired difference recipe − stock and the verdict it supports; predicted against measured.
+Markdown (reports/recipe.md) and a section of the pytest-html report, from stored records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..figures import interval, sci
+from ..platform import atomic
+from ..storage.recipe_record import RecipeRecord
+from .render import render
+
+MARKDOWN = "recipe.md"
+
+
+def _mb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e6:,.2f} MB"
+
+
+def _pct(x, err=None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:+.2f} %" + (f" ± {err:.2f}" if err is not None else "")
+
+
+def view(rec: RecipeRecord) -> dict:
+    """What both templates print of one record."""
+    answers = []
+    for a in rec.answers:
+        answers.append(
+            {
+                "variant": a.variant,
+                "engine": a.engine,
+                "rows": [
+                    {
+                        "file": name,
+                        "bytes": _mb(size),
+                        "kld": interval(f.kld) if f.kld else sci(f.kld_mean),
+                        "dppl": _pct(f.delta_ppl_pct, f.delta_ppl_pct_err),
+                        "same_top": "—" if f.same_top_pct is None else f"{f.same_top_pct:.2f} %",
+                    }
+                    for name, f, size in (
+                        ("recipe", a.recipe, rec.recipe_bytes),
+                        (rec.base, a.stock, rec.stock_bytes),
+                    )
+                ],
+                "floor": sci(a.floor),
+                "difference": interval(a.difference),
+                "verdict": a.verdict,
+                "measured": a.recipe.kld_mean,
+            }
+        )
+    intrinsic = next((a for a in rec.answers if a.variant == "intrinsic"), None)
+    measured = intrinsic.recipe.kld_mean if intrinsic else None
+    ratio = measured / rec.predicted_kld if measured is not None and rec.predicted_kld else None
+    status = "" if rec.status == "measured" else f" ({rec.status}: {rec.error or 'unfinished'})"
+    return {
+        "r": rec,
+        "status": status,
+        "groups": [
+            {
+                "label": g.label,
+                "pattern": g.pattern,
+                "chosen": g.chosen,
+                "kld": sci(g.kld),
+                "bytes": _mb(g.bytes),
+                "stock": "/".join(g.stock_types),
+                "stock_bytes": _mb(g.stock_bytes),
+                "options": ", ".join(f"{f} {sci(k)}" for f, k, _ in g.options),
+            }
+            for g in rec.groups
+        ],
+        "answers": answers,
+        "recipe_bytes": _mb(rec.recipe_bytes),
+        "stock_bytes": _mb(rec.stock_bytes),
+        "chosen_bytes": _mb(sum(g.bytes for g in rec.groups)),
+        "budget_bytes": _mb(rec.budget_bytes),
+        "predicted": sci(rec.predicted_kld),
+        "per_kind": sci(rec.per_kind_kld),
+        "measured": sci(measured),
+        "ratio": "—" if ratio is None else f"{ratio:.2f}×",
+    }
+
+
+def markdown(records: Sequence[RecipeRecord]) -> str:
+    return render("recipe.md.j2", recipes=[view(r) for r in records])
+
+
+def html_section(records: Sequence[RecipeRecord]) -> str:
+    return render("recipe.section.html.j2", recipes=[view(r) for r in records])
+
+
+def write_markdown(records: Sequence[RecipeRecord], out_dir: Path) -> Path:
+    return atomic.write_text(Path(out_dir) / MARKDOWN, markdown(records), force=True)
