@@ -8,7 +8,7 @@ SYSTEM := $(VENV)/.fq-system
 PYTEST_ARGS ?=
 REPORTS ?= reports
 
-.PHONY: gate test check sweep test-latest lock lock-upgrade setup doctor lint clean
+.PHONY: recipe gate test check sweep test-latest lock lock-upgrade setup doctor lint clean
 
 # The venv is built by uv from the hash-locked requirements.txt, so a run next month
 # installs exactly what this one did; a changed lock rebuilds it. System packages (apt) come
@@ -47,6 +47,15 @@ test: setup
 sweep: setup
 	$(BIN)/pytest -m sweep --fq-sweep-plan full --html=reports/sweep.html \
 	  --benchmark-json=reports/sweep-benchmark.json $(PYTEST_ARGS)
+
+# The full recipe of Gemma3-270M: every weight matrix in 3 runs of layers, priced, chosen within
+# Q4_K_M's bytes, built and measured against Q4_K_M (about an hour on 2 cores; Test 1 first).
+RECIPE_KINDS := attn_q attn_k attn_v attn_output ffn_gate ffn_up ffn_down token_embd
+recipe: setup
+	$(BIN)/pytest experiments -k "layer0 or recipe" --fq-model gemma3-270m \
+	  --fq-recipe-models gemma3-270m --fq-recipe-kinds "$(RECIPE_KINDS)" --fq-recipe-groups 3 \
+	  --fq-recipe-price-chunks 6 --fq-recipe-rank-chunks 4 --fq-recipe-chunks 8 \
+	  --html=reports/recipe.html --benchmark-json=reports/recipe-benchmark.json $(PYTEST_ARGS)
 
 # The offline tier: builds nothing, downloads nothing (empty cache and no network are fine).
 # Its report and benchmark figures go beside, not over, those of `make gate` / `make test`.

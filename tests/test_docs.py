@@ -254,12 +254,13 @@ class _OptionRecorder:
 
 @pytest.fixture(scope="module")
 def plugin_options() -> _OptionRecorder:
-    from fq_pytest import plugin, regression, sweep
+    from fq_pytest import plugin, recipe, regression, sweep
 
     rec = _OptionRecorder()
     plugin.pytest_addoption(rec)
     regression.pytest_addoption(rec)
     sweep.pytest_addoption(rec)
+    recipe.pytest_addoption(rec)
     assert rec.flags and rec.inis
     return rec
 
@@ -351,7 +352,7 @@ def test_every_default_is_the_settings_definition(plugin_options):
     pytest.ini sets nothing else (else the README's table would not be what `pytest` runs with), and
     the library's own defaults (record.Thresholds, stages.Experiment, EvalSettings, the sweep's q,
     `fq evaluate`) are what the options give when none is set."""
-    every = (*settings.STAGE, *settings.SWEEP)
+    every = (*settings.STAGE, *settings.SWEEP, *settings.RECIPE)
     registered = {name: default for name, (_, default) in plugin_options.inis.items()}
     assert registered == {"fq_models": list(settings.MODELS)} | {s.name: s.default for s in every}
     for name, text in _pytest_ini().items():
@@ -814,7 +815,7 @@ def test_ci_cache_is_the_stated_budget():
         for uses in ("actions/cache/restore", "actions/cache/save"):
             steps = job["steps"]
             assert _lines(steps[_step(steps, uses)]["with"]["path"]) == wanted
-    assert "baselines" not in paths.CI_CACHED and "twins" not in paths.CI_CACHED
+    assert not {"baselines", "twins", "recipes"} & set(paths.CI_CACHED)
     text = (ROOT / "docs" / "ci-example.yml").read_text(encoding="utf-8")
     assert f"Budget: under {paths.CI_CACHE_BUDGET_GB} GB" in text
     # every folder fq makes in the cache is either cached in CI or left out on purpose
@@ -825,7 +826,8 @@ def test_ci_cache_is_the_stated_budget():
         made |= set(re.findall(r'(?:folder_for|verified)\(\s*"([^"]+)"', code))
     made.add("sha256-cache.json")
     assert made >= {"baselines", "twins", "models", "llama.cpp", "placebos"}, made
-    assert made - {"baselines", "twins"} <= set(paths.CI_CACHED), made - set(paths.CI_CACHED)
+    remade = {"baselines", "twins", "recipes"}  # logits and GGUFs, remade from what is cached
+    assert made - remade <= set(paths.CI_CACHED), made - set(paths.CI_CACHED)
 
 
 def test_ci_uploads_the_command_logs(tmp_path):

@@ -285,3 +285,32 @@ def test_fq_recipe_refuses_in_one_line_before_any_quantization(tmp_path, capsys)
         assert err.count("\n") == 1 and message in err, err
     assert not out.exists() and not gguf.exists() and not list(tmp_path.glob(".*fq-tmp"))
     assert entries() == before and not (tmp_path / "res").exists()
+
+
+def test_pinned_names_every_matrix_the_recipe_leaves_to_the_preset(index):
+    """The preset's own types become lines, one per kind and type (its layers in one pattern,
+    in the file's order), after the recipe's own; a matrix the preset keeps as F32 cannot be
+    pinned."""
+    r = recipe_file.Recipe("q4_k_m", (recipe_file.Line("^blk\\.0\\.ffn_up\\.weight$", "q8_0"),))
+    stock = {
+        "blk.0.ffn_up.weight": "Q4_0",
+        "blk.1.ffn_up.weight": "Q4_0",
+        "blk.2.ffn_up.weight": "Q5_0",
+        "token_embd.weight": "Q8_0",
+        "blk.0.ffn_norm.weight": "F32",  # one dimension: never a line
+    }
+    got = recipe_file.pinned(r, index, stock, "as q4_k_m")
+    assert [(line.pattern, line.fmt) for line in got.lines] == [
+        ("^blk\\.0\\.ffn_up\\.weight$", "q8_0"),
+        ("^token_embd\\.weight$", "q8_0"),
+        ("^blk\\.1\\.ffn_up\\.weight$", "q4_0"),
+        ("^blk\\.2\\.ffn_up\\.weight$", "q5_0"),
+    ]
+    assert recipe_file.assign(got, index) == {
+        "blk.0.ffn_up.weight": "q8_0",
+        "blk.1.ffn_up.weight": "q4_0",
+        "blk.2.ffn_up.weight": "q5_0",
+        "token_embd.weight": "q8_0",
+    }
+    with pytest.raises(BadInput, match="token_embd.weight: the base preset keeps it F32"):
+        recipe_file.pinned(r, index, {**stock, "token_embd.weight": "F32"}, "as q4_k_m")

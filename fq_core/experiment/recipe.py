@@ -250,19 +250,6 @@ def prices_from_cells(records: Iterable, groups: Sequence[Group], model_sha256: 
     return [p for _, p in latest.values()]
 
 
-__all__ = [
-    "Choice",
-    "Group",
-    "Price",
-    "choose",
-    "groups_of",
-    "layer_groups",
-    "prices_from_cells",
-    "pricing_cells",
-    "recipe_of",
-]
-
-
 # --- building, proving, the stage ----------------------------------------------------------
 
 
@@ -591,3 +578,21 @@ def run_recipe(
         seconds=time.perf_counter() - t0,
         finished_at=results.utc_now(),
     )
+
+
+__all__ = [
+    "Choice",
+    "Group",
+    "Price",
+    "RecipePlan",
+    "built",
+    "choose",
+    "groups_of",
+    "layer_groups",
+    "prices_from_cells",
+    "pricing_cells",
+    "prove",
+    "recipe_of",
+    "run_recipe",
+    "verdict",
+]

@@ -32,7 +32,8 @@ def results_dir() -> Path:
 #: these): slow to make or fetch, and small (≈ 0.45 GB with the two default models). Left out:
 #: `baselines` (each entry holds the exact baseline logits, up to 2.1 GB per model; remade in a
 #: few minutes, and deterministic on one build and CPU, so the cached treatments keyed by
-#: their SHA-256 still hit), `twins` (an F32 copy of each model, remade from it) and `rejected`.
+#: their SHA-256 still hit), `twins` (an F32 copy of each model, remade from it), `recipes`
+#: (recipe and preset GGUFs, remade by llama-quantize in seconds) and `rejected`.
 CI_CACHED = (
     "llama.cpp",
     "sdist",
@@ -42,6 +43,7 @@ CI_CACHED = (
     "treatments",
     "cells",
     "deployable",
+    "recipe-answers",
     "sha256-cache.json",
 )
 #: What CI_CACHED may add up to (docs/ci-example.yml states it; GitHub keeps 10 GB per repo).
