@@ -192,7 +192,13 @@ def _pytest(tmp_path: Path, *args: str, **kw) -> subprocess.Popen:
     argv = [sys.executable, "-m", "pytest", "-p", "fq_pytest.interrupts", "-p", "no:cacheprovider"]
     argv += ["-p", "no:randomly", "--rootdir", str(tmp_path), "-c", str(tmp_path / "pytest.ini")]
     return subprocess.Popen(
-        [*argv, *args], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, **kw
+        [*argv, *args],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        preexec_fn=_default_sigint,
+        **kw,
     )
 
 
@@ -269,13 +275,26 @@ def private(tmp_path):
     return tmp_path, env
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT as a terminal delivers it. A shell that starts a job in the
+    background without job control (`cmd &` in a script, nohup) leaves SIGINT ignored, and a
+    Python started so never turns it into KeyboardInterrupt: the Ctrl-C tests would test that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _experiment(env: dict, *args: str) -> subprocess.Popen:
     """The suite's own pytest on the real experiment (reports and plugins as `make` has them,
     but no HTML or benchmark file written into this checkout)."""
     argv = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:randomly"]
     argv += ["-p", "no:cacheprovider", *args]
     return subprocess.Popen(
-        argv, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        argv,
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_default_sigint,
     )
 
 
