@@ -1194,16 +1194,7 @@ def _run_recipe(args) -> int:
                 raise BadInput(
                     f"--{o.name.removeprefix('fq_recipe_').replace('_', '-')} {given!r}: {exc}"
                 ) from None
-    plan = RecipePlan(
-        kinds=values["fq_recipe_kinds"],
-        groups=values["fq_recipe_groups"],
-        types=values["fq_recipe_types"],
-        base=values["fq_recipe_base"],
-        kld_target=values["fq_recipe_kld_target"],
-        price_chunks=values["fq_recipe_price_chunks"],
-        rank_chunks=values["fq_recipe_rank_chunks"],
-        chunks=values["fq_recipe_chunks"],
-    )
+    plan = RecipePlan.from_settings(values)
     ctx = stages.Context(
         results.new_run_id(),
         runner,

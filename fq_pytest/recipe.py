@@ -43,21 +43,6 @@ class RecipeCase:
         return f"recipe-{self.model_id}"
 
 
-def plan_from(values: dict):
-    from fq_core.experiment.recipe import RecipePlan
-
-    return RecipePlan(
-        kinds=values["fq_recipe_kinds"],
-        groups=values["fq_recipe_groups"],
-        types=values["fq_recipe_types"],
-        base=values["fq_recipe_base"],
-        kld_target=values["fq_recipe_kld_target"],
-        price_chunks=values["fq_recipe_price_chunks"],
-        rank_chunks=values["fq_recipe_rank_chunks"],
-        chunks=values["fq_recipe_chunks"],
-    )
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "fq_recipe_case" not in metafunc.fixturenames:
         return
@@ -95,7 +80,9 @@ def fq_recipe(request: pytest.FixtureRequest, fq_recipe_case: RecipeCase):
         from fq_core.measurement.llama.runner import LlamaRunner
 
         ctx = Context(fq.run_id, LlamaRunner(fq.tools), fq.tools, fq.corpus, fq.root)
-        plan = plan_from(request.config.stash[RECIPE])
+        from fq_core.experiment.recipe import RecipePlan
+
+        plan = RecipePlan.from_settings(request.config.stash[RECIPE])
         with progress.context(stage="recipe", model=fq_recipe_case.model_id):
             rec = run_recipe(
                 fq.model(case),

@@ -267,6 +267,20 @@ class RecipePlan:
     chunks: int | None = None  # the proof's chunks (None: the experiment's)
     variants: tuple[str, ...] = ("intrinsic", "deployed")
 
+    @classmethod
+    def from_settings(cls, values) -> RecipePlan:
+        """The plan the fq_recipe_* values (definitions.settings.RECIPE, parsed) describe."""
+        return cls(
+            kinds=values["fq_recipe_kinds"],
+            groups=values["fq_recipe_groups"],
+            types=values["fq_recipe_types"],
+            base=values["fq_recipe_base"],
+            kld_target=values["fq_recipe_kld_target"],
+            price_chunks=values["fq_recipe_price_chunks"],
+            rank_chunks=values["fq_recipe_rank_chunks"],
+            chunks=values["fq_recipe_chunks"],
+        )
+
 
 def built(recipe: Recipe, source, ctx):
     """The recipe's GGUF made from `source` (the float twin) by the pinned llama-quantize,
