@@ -188,6 +188,46 @@ def test_the_recipe_of_a_choice_names_each_group_and_its_price(index):
     assert "predicted KLD" in r.text() and recipe_file.parse(r.text()) == r
 
 
+def test_base_is_priced_as_the_sum_of_the_types_the_preset_mixes_in_a_group(index):
+    """A preset that gives ffn_up 0 and 2 q8_0 and ffn_up 1 q4_0 is no single type: its price
+    is the sum of the two cells it splits into, its recipe lines are theirs, and at the
+    preset's own bytes the choice is never predicted worse than keeping the preset."""
+    g = recipe.Group("ffn_up", (0, 1, 2), tuple(f"blk.{n}.ffn_up.weight" for n in range(3)))
+    stock = {"blk.0.ffn_up.weight": "q8_0", "blk.1.ffn_up.weight": "q4_0"}
+    stock["blk.2.ffn_up.weight"] = "q8_0"
+    split = recipe.base_split([g], stock)
+    eights = recipe.Group("ffn_up", (0, 2), ("blk.0.ffn_up.weight", "blk.2.ffn_up.weight"))
+    fours = recipe.Group("ffn_up", (1,), ("blk.1.ffn_up.weight",))
+    assert split == {g: ((eights, "q8_0"), (fours, "q4_0"))}
+    assert eights.spec == "0,2" and eights.pattern == "^blk\\.(0|2)\\.ffn_up\\.weight$"
+    parts = [recipe.Price(eights, "q8_0", 1e-4, 100, "a"), recipe.Price(fours, "q4_0", 3e-3, 40)]
+    own = [recipe.Price(g, "q5_0", 2e-3, 130, "c"), recipe.Price(g, "q4_0", 5e-3, 110, "d")]
+    prices = recipe.with_base([*own, *parts], [g], split)
+    base = next(p for p in prices if p.fmt == recipe.BASE)
+    assert (base.kld, base.bytes, base.parts) == (pytest.approx(3.1e-3), 140, tuple(parts))
+    assert {p.fmt for p in prices} == {"q5_0", "q4_0", recipe.BASE}  # the parts are no option
+    assert recipe.choose(prices, [g], budget_bytes=140).chosen == (own[0],)
+    kept = recipe.choose([own[1], base], [g], budget_bytes=140)
+    assert kept.chosen == (base,)
+    r = recipe.recipe_of(kept, "q4_0_m")
+    assert [(line.pattern, line.fmt) for line in r.lines] == [
+        (eights.pattern, "q8_0"),
+        (fours.pattern, "q4_0"),
+    ]
+    assert "(as q4_0_m)" in r.lines[0].note
+    assert recipe_file.assign(r, index) == stock
+    assert recipe.with_base(parts[:1], [g], split) == []  # a part unpriced: no base option
+
+
+def test_base_is_a_recipe_type_and_nothing_else_new():
+    from fq_core.definitions.settings import BY_NAME
+
+    parse = BY_NAME["fq_recipe_types"].parse
+    assert parse("q8_0 base") == ("q8_0", "base") and parse("base") == ("base",)
+    with pytest.raises(ValueError, match="^basis is not one of llama.cpp's types"):
+        parse("q8_0 basis")
+
+
 @pytest.mark.llama
 @pytest.mark.models
 def test_llama_quantize_builds_the_recipe_the_suite_would_write(tmp_path):

@@ -457,6 +457,14 @@ def _types(text: str) -> tuple[str, ...]:
     return words
 
 
+def _recipe_types(text: str) -> tuple[str, ...]:
+    """llama.cpp's types and `base` (recipe_file.BASE: a group as the base preset stores it)."""
+    words = _words(text)
+    if others := " ".join(w for w in words if w != "base"):
+        _types(others)
+    return words
+
+
 def _preset(text: str) -> str:
     presets = (
         "q2_k q3_k_s q3_k_m q3_k_l q4_0 q4_1 q4_k_s q4_k_m q5_0 q5_1 q5_k_s q5_k_m q6_k q8_0 "
@@ -489,10 +497,12 @@ RECIPE = (
     ),
     Setting(
         "fq_recipe_types",
-        "q4_0 q5_0 q8_0 q4_k q5_k q6_k",
+        "q4_0 q5_0 q8_0 q4_k q5_k q6_k base",
         "recipe stage: llama.cpp's types to price (a type whose blocks do not divide a "
-        "group's rows is left out for that group)",
-        _types,
+        "group's rows is left out for that group) and `base`: each tensor of a group as the "
+        "base preset stores it (a preset mixes types inside a kind, which no single type "
+        "prices)",
+        _recipe_types,
     ),
     Setting(
         "fq_recipe_base",

@@ -6,6 +6,11 @@ float twin and measures the mean KLD that costs (`Price`). The prediction of a m
 its groups' KLDs — what the norm sweep found for single layers against their cumulative cells;
 the recipe stage measures the mixed file to check it. The choice is an exact integer program
 (scipy's milp: one type per group, a knapsack on bytes), not a greedy pass.
+
+Besides llama.cpp's types a group can be priced as the base preset stores it (`BASE`): the
+preset mixes types inside a kind (Q4_K_M gives some ffn_down layers Q6_K), which no single
+type per group can price, so without this option a recipe at the preset's bytes could be
+predicted worse than the preset itself.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 import msgspec
 
 from ..errors import BadInput
-from ..measurement.recipe_file import Line, Recipe, layer_pattern
+from ..measurement.recipe_file import BASE, Line, Recipe, layer_pattern
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,11 @@ class Price:
     """What storing a group as a type costs: mean KLD (intrinsic) and bytes."""
 
     group: Group
-    fmt: str
+    fmt: str  # a llama.cpp type, or BASE
     kld: float
     bytes: int
-    cell: str = ""  # the sweep cell that measured it
+    cell: str = ""  # the sweep cell(s) that measured it
+    parts: tuple[Price, ...] = ()  # BASE: one price per type the preset gives the group
 
 
 @dataclass(frozen=True)
@@ -176,16 +182,65 @@ def choose(
 
 
 def recipe_of(choice: Choice, base: str, header: Sequence[str] = ()) -> Recipe:
-    """The choice as a recipe file: a line per group, its price as the line's comment."""
-    lines = tuple(
-        Line(
-            p.group.pattern,
-            p.fmt,
-            f"{p.group.label}: predicted KLD {p.kld:.3g}, {p.bytes:,} bytes",
+    """The choice as a recipe file: a line per group (per type the preset gives it, for a
+    group kept as the base stores it), its price as the line's comment."""
+    lines = []
+    for p in choice.chosen:
+        for part in p.parts or (p,):
+            as_base = f" (as {base})" if p.parts else ""
+            lines.append(
+                Line(
+                    part.group.pattern,
+                    part.fmt,
+                    f"{part.group.label}{as_base}: predicted KLD {part.kld:.3g}, "
+                    f"{part.bytes:,} bytes",
+                )
+            )
+    return Recipe(base, tuple(lines), tuple(header))
+
+
+def base_split(groups: Sequence[Group], stock: dict[str, str]) -> dict[Group, tuple]:
+    """{group: ((subgroup, type), …)}: each group's tensors by the type the base preset gives
+    them (`stock`: {tensor: fq's format name}), the subgroups a BASE price is summed from."""
+    out = {}
+    for g in groups:
+        by_fmt: dict[str, list[str]] = {}
+        for n in g.tensors:
+            by_fmt.setdefault(stock[n], []).append(n)
+        parts = []
+        for fmt, names in by_fmt.items():
+            if g.layers is None:
+                parts.append((g, fmt))
+                continue
+            layers = tuple(ln for ln, n in zip(g.layers, g.tensors, strict=True) if n in names)
+            parts.append((Group(g.kind, layers, tuple(names)), fmt))
+        out[g] = tuple(parts)
+    return out
+
+
+def with_base(
+    prices: Sequence[Price], groups: Sequence[Group], split: dict[Group, tuple]
+) -> list[Price]:
+    """The groups' own prices and, for each group in `split`, its BASE price: the sum of its
+    parts' (the additivity the recipe's prediction rests on); a group whose part is unpriced
+    gets none."""
+    own = {(p.group, p.fmt): p for p in prices}
+    out = [p for p in prices if p.group in set(groups)]
+    for g, parts in split.items():
+        found = [own.get((sub, fmt)) for sub, fmt in parts]
+        if any(p is None for p in found):
+            continue
+        out.append(
+            Price(
+                g,
+                BASE,
+                math.fsum(p.kld for p in found),
+                sum(p.bytes for p in found),
+                " + ".join(p.cell for p in found),
+                tuple(found),
+            )
         )
-        for p in choice.chosen
-    )
-    return Recipe(base, lines, tuple(header))
+    return out
 
 
 def pricing_cells(model_id: str, index, groups: Sequence[Group], types: Sequence[str]):
@@ -202,6 +257,8 @@ def pricing_cells(model_id: str, index, groups: Sequence[Group], types: Sequence
     for g in groups:
         refused = []
         for fmt in types:
+            if fmt == BASE:
+                continue
             why = next((w for n in g.tensors if (w := unfit(fmt, n, shapes[n]))), None)
             if why:
                 refused.append(fmt)
@@ -416,8 +473,9 @@ def prove(twin_ref, recipe_ref, stock_ref, ctx, exp, plan: RecipePlan):
     return tuple(out)
 
 
-def _least_bytes(groups: Sequence[Group], types: Sequence[str], shapes) -> int:
-    """The fewest bytes any choice of these types can give the groups (no measurement)."""
+def _least_bytes(groups: Sequence[Group], types: Sequence[str], shapes, as_base) -> int:
+    """The fewest bytes any choice of these types can give the groups (no measurement);
+    `as_base`: {group: its bytes as the base preset stores it}, an option where BASE is."""
     from ..measurement.ggml_types import stored_bytes
 
     total = 0
@@ -425,8 +483,10 @@ def _least_bytes(groups: Sequence[Group], types: Sequence[str], shapes) -> int:
         sizes = [
             sum(b for n in g.tensors if (b := stored_bytes(f, shapes[n])) is not None)
             for f in types
-            if all(stored_bytes(f, shapes[n]) is not None for n in g.tensors)
+            if f != BASE and all(stored_bytes(f, shapes[n]) is not None for n in g.tensors)
         ]
+        if BASE in types and g in as_base:
+            sizes.append(as_base[g])
         if not sizes:
             raise BadInput(f"none of the types {' '.join(types)} can store {g.label}")
         total += min(sizes)
@@ -444,6 +504,19 @@ def _bytes_as(type_name: str, shape) -> int:
     if size is None:
         raise BadInput(f"llama-quantize plans type {type_name}, which fq cannot size")
     return size
+
+
+def _base_options(groups: Sequence[Group], in_stock, types) -> dict[Group, tuple]:
+    """base_split for the groups where BASE is an option of its own: not one the preset stores
+    in a single type already among `types` (the same option twice), nor one with a matrix the
+    preset keeps F32 (no llama-quantize line says so)."""
+    from ..measurement.ggml_types import STORED
+
+    fmt_of = {q.name: f for f, q in STORED.items()}
+    stock = {n: fmt_of.get(t) for n, (t, _) in in_stock.items()}
+    storable = [g for g in groups if all(stock.get(n) for n in g.tensors)]
+    split = base_split(storable, stock)
+    return {g: ps for g, ps in split.items() if not (len(ps) == 1 and ps[0][1] in types)}
 
 
 def _per_kind(prices: Sequence[Price], groups: Sequence[Group], budget, target) -> float | None:
@@ -516,10 +589,12 @@ def run_recipe(
     index = read_index(float_twin.path)
     groups = groups_of(index, plan.kinds, plan.groups)
     shapes = {t.name: tuple(t.shape) for t in index.tensors}
-    least = _least_bytes(groups, plan.types, shapes)  # refusals before any quantization
     stock_plan = ctx.runner.quantize_plan(float_twin.path, plan.base)  # --dry-run
     in_stock = {n: (t.upper(), _bytes_as(t, shapes[n])) for n, t in stock_plan.items()}
     stock_group = {g: sum(in_stock[n][1] for n in g.tensors) for g in groups}
+    split = _base_options(groups, in_stock, plan.types) if BASE in plan.types else {}
+    as_base = {g: stock_group[g] for g in split}
+    least = _least_bytes(groups, plan.types, shapes, as_base)  # refusals before quantization
     budget = None if plan.kld_target is not None else sum(stock_group.values())
     if budget is not None and least > budget:
         raise BadInput(
@@ -532,6 +607,10 @@ def run_recipe(
         else f"a mean KLD of at most {plan.kld_target:g}, fewest bytes"
     )
     cells, unfit_lines = pricing_cells(model_id, index, groups, plan.types)
+    for parts in split.values():  # the cells a BASE price sums (some the types priced already)
+        for sub, fmt in parts:
+            cells.extend(pricing_cells(model_id, index, [sub], [fmt])[0])
+    cells = list({c.id: c for c in cells}.values())
     rule = Rule(max_chunks=plan.price_chunks, rank_chunks=min(plan.rank_chunks, plan.price_chunks))
     t1 = time.perf_counter()
     records = [run_cell(c, model, ctx, exp, rule=rule) for c in cells]
@@ -539,7 +618,9 @@ def run_recipe(
     if failed:
         raise BadInput(f"pricing cell {failed[0].cell.id} failed: {failed[0].error}")
     prices_s = time.perf_counter() - t1
-    prices = prices_from_cells(records, groups, model.sha256)
+    subgroups = {sub for parts in split.values() for sub, _ in parts}
+    prices = prices_from_cells(records, [*groups, *(subgroups - set(groups))], model.sha256)
+    prices = with_base(prices, groups, split)
     choice = choose(prices, groups, budget_bytes=budget, kld_target=plan.kld_target)
     header = [
         f"fq recipe for {model_id} (model sha256 {model.sha256[:16]}…, float twin "
@@ -595,10 +676,12 @@ def run_recipe(
 
 
 __all__ = [
+    "BASE",
     "Choice",
     "Group",
     "Price",
     "RecipePlan",
+    "base_split",
     "built",
     "choose",
     "groups_of",
@@ -609,4 +692,5 @@ __all__ = [
     "recipe_of",
     "run_recipe",
     "verdict",
+    "with_base",
 ]

@@ -51,6 +51,10 @@ PRESETS = (
 )
 
 
+#: a recipe option besides the types: each tensor of a group as the base preset stores it
+BASE = "base"
+
+
 @dataclass(frozen=True)
 class Line:
     pattern: str  # a regular expression on tensor names (llama-quantize's --tensor-type)
@@ -211,6 +215,7 @@ def build(recipe: Recipe, source: str | Path, dst: str | Path, runner, *, force:
 
 
 __all__ = [
+    "BASE",
     "PRESETS",
     "Line",
     "Recipe",

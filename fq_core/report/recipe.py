@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..figures import interval, sci
+from ..measurement.recipe_file import BASE
 from ..platform import atomic
 from ..storage.recipe_record import RecipeRecord
 from .render import render
@@ -57,6 +58,10 @@ def view(rec: RecipeRecord) -> dict:
     measured = intrinsic.recipe.kld_mean if intrinsic else None
     ratio = measured / rec.predicted_kld if measured is not None and rec.predicted_kld else None
     status = "" if rec.status == "measured" else f" ({rec.status}: {rec.error or 'unfinished'})"
+
+    def named(fmt: str) -> str:
+        return f"as {rec.base}" if fmt == BASE else fmt
+
     return {
         "r": rec,
         "status": status,
@@ -64,12 +69,12 @@ def view(rec: RecipeRecord) -> dict:
             {
                 "label": g.label,
                 "pattern": g.pattern,
-                "chosen": g.chosen,
+                "chosen": named(g.chosen),
                 "kld": sci(g.kld),
                 "bytes": _mb(g.bytes),
                 "stock": "/".join(g.stock_types),
                 "stock_bytes": _mb(g.stock_bytes),
-                "options": ", ".join(f"{f} {sci(k)}" for f, k, _ in g.options),
+                "options": ", ".join(f"{named(f)} {sci(k)}" for f, k, _ in g.options),
             }
             for g in rec.groups
         ],
