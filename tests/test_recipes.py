@@ -219,6 +219,27 @@ def test_base_is_priced_as_the_sum_of_the_types_the_preset_mixes_in_a_group(inde
     assert recipe.with_base(parts[:1], [g], split) == []  # a part unpriced: no base option
 
 
+def test_the_cells_that_price_a_split_group_name_and_select_its_layers(index):
+    """A base part's layers need not be a run (a preset gives q8_0 to layers 0 and 2): its
+    cell is named by its runs and selects exactly its tensors, no other layer."""
+    from fq_core.experiment.sweep.plan import refusal
+    from fq_core.measurement.selection import resolve
+
+    g = recipe.Group("ffn_up", (0, 1, 2), tuple(f"blk.{n}.ffn_up.weight" for n in range(3)))
+    stock = {"blk.0.ffn_up.weight": "q8_0", "blk.1.ffn_up.weight": "q4_0"}
+    stock["blk.2.ffn_up.weight"] = "q8_0"
+    (eights, fmt), (fours, _) = recipe.base_split([g], stock)[g]
+    cells, unfit = recipe.pricing_cells("m", index, [g, eights, fours], ["q8_0", "q4_k"])
+    assert [c.id for c in cells] == [
+        "m-ffn_up-blk00-02-q8_0-intrinsic",
+        "m-ffn_up-blk00_02-q8_0-intrinsic",
+        "m-ffn_up-blk01-q8_0-intrinsic",
+    ]
+    assert len(unfit) == 3 and unfit[1].startswith("ffn_up layers 0,2: q4_k (rows of 64")
+    assert refusal(cells[1], index) is None
+    assert resolve(index, cells[1].layers, "ffn_up", any_type=True).names == eights.tensors
+
+
 def test_base_is_a_recipe_type_and_nothing_else_new():
     from fq_core.definitions.settings import BY_NAME
 

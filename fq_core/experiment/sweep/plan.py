@@ -47,11 +47,15 @@ class Cell:
             return f"first{self.n_layers:0{self.width}d}"
         if self.series == "group" and self.layers == "all":  # a kind outside the blocks
             return "all"
-        if self.series == "group":  # "3-5": blk03-05
-            first, _, last = self.layers.partition("-")
-            return f"blk{int(first):0{self.width}d}" + (
-                f"-{int(last):0{self.width}d}" if last else ""
-            )
+        if self.series == "group":  # "3-5": blk03-05; "0-1,4" (a preset's mix): blk00-01_04
+            runs = []
+            for run in self.layers.split(","):
+                first, _, last = run.partition("-")
+                runs.append(
+                    f"{int(first):0{self.width}d}"
+                    + (f"-{int(last):0{self.width}d}" if last else "")
+                )
+            return "blk" + "_".join(runs)
         return ""
 
     @property
