@@ -21,10 +21,14 @@ def test_recipe(fq_recipe):
     rec = fq_recipe
     assert rec.status == "measured", rec.error
     recipe = recipe_file.parse(rec.recipe_text)
-    chosen = recipe.lines[: len(rec.groups)]  # then the stock preset's types, pinned
-    assert [(line.pattern, line.fmt) for line in chosen] == [
-        (g.pattern, g.chosen) for g in rec.groups
-    ]
+    written = [line for g in rec.groups for line in g.lines]  # base: a line per preset type
+    chosen = recipe.lines[: len(written)]  # then the stock preset's types, pinned
+    assert [(line.pattern, line.fmt) for line in chosen] == written
+    for g in rec.groups:  # base: a line per type the preset gives the group, in that type
+        if g.chosen == recipe_file.BASE:
+            assert sorted({fmt for _, fmt in g.lines}) == sorted(g.stock_types)
+        else:
+            assert g.lines == ((g.pattern, g.chosen),)
     if rec.budget_bytes is not None:  # the budget holds for the priced groups
         assert sum(g.bytes for g in rec.groups) <= rec.budget_bytes
         assert sum(g.stock_bytes for g in rec.groups) == rec.budget_bytes
@@ -35,4 +39,7 @@ def test_recipe(fq_recipe):
             assert f.kld_mean is not None and f.kld_mean >= 0 and f.chunk_klds
             assert f.delta_ppl_pct is not None and f.same_top_pct is not None
         assert a.difference is not None and a.verdict.split()[0] in ("better", "worse", "no")
+        assert a.verdict.startswith("no difference: the same file") == (
+            a.recipe.sha256 == a.stock.sha256
+        )
         assert len(a.placebo_klds) > 0

@@ -375,3 +375,20 @@ def test_pinned_names_every_matrix_the_recipe_leaves_to_the_preset(index):
     }
     with pytest.raises(BadInput, match="token_embd.weight: the base preset keeps it F32"):
         recipe_file.pinned(r, index, {**stock, "token_embd.weight": "F32"}, "as q4_k_m")
+
+
+def test_the_verdict_says_what_the_paired_interval_supports():
+    from fq_core.experiment.stats import paired_excess
+
+    stock = [1e-3, 2e-3, 1.5e-3, 1e-3]
+    better = paired_excess([k - 5e-4 for k in stock], [stock])
+    assert recipe.verdict(better) == "better by 5.0e-04 [5.0e-04, 5.0e-04]"
+    assert recipe.verdict(paired_excess([k + 2e-3 for k in stock], [stock])).startswith(
+        "worse by 0.0020"
+    )
+    mixed = paired_excess([k + d for k, d in zip(stock, [1e-4, -1e-4, 2e-4, -2e-4])], [stock])
+    assert recipe.verdict(mixed).startswith("no measurable difference (")
+    assert recipe.verdict(paired_excess(stock, [stock]), same_file=True) == (
+        "no difference: the same file (the recipe chose what the preset stores)"
+    )
+    assert recipe.verdict(None) == "not compared (too few chunks)"

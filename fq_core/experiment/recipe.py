@@ -418,10 +418,12 @@ def _answer(file, baseline, ctx, exp):
     return msgspec.structs.replace(entry.value, cached=entry.hit)
 
 
-def verdict(diff) -> str:
+def verdict(diff, *, same_file: bool = False) -> str:
     """What the interval of recipe − stock (mean KLD per chunk) supports."""
     from ..figures import sci
 
+    if same_file:
+        return "no difference: the same file (the recipe chose what the preset stores)"
     if diff is None or diff.low is None or diff.high is None:
         return "not compared (too few chunks)"
     if diff.high < 0:
@@ -467,7 +469,7 @@ def prove(twin_ref, recipe_ref, stock_ref, ctx, exp, plan: RecipePlan):
                 floor=max(finite) if finite else None,
                 placebo_klds=klds,
                 difference=diff,
-                verdict=verdict(diff),
+                verdict=verdict(diff, same_file=r.sha256 == s.sha256),
             )
         )
     return tuple(out)
@@ -655,6 +657,7 @@ def run_recipe(
                 stock_types=tuple(sorted({in_stock[n][0].lower() for n in p.group.tensors})),
                 stock_bytes=stock_group[p.group],
                 options=tuple((o.fmt, o.kld, o.bytes) for o in prices if o.group == p.group),
+                lines=tuple((q.group.pattern, q.fmt) for q in p.parts or (p,)),
             )
             for p in choice.chosen
         ),

@@ -32,6 +32,7 @@ class GroupChoice(msgspec.Struct, frozen=True, kw_only=True):
     stock_types: tuple[str, ...]  # what the stock preset stores these tensors as
     stock_bytes: int
     options: tuple[tuple[str, float, int], ...]  # every priced (type, KLD, bytes)
+    lines: tuple[tuple[str, str], ...] = ()  # its recipe lines (pattern, type): several for base
 
 
 class FileAnswer(msgspec.Struct, frozen=True, kw_only=True):
