@@ -386,7 +386,9 @@ def test_the_verdict_says_what_the_paired_interval_supports():
     assert recipe.verdict(paired_excess([k + 2e-3 for k in stock], [stock])).startswith(
         "worse by 0.0020"
     )
-    mixed = paired_excess([k + d for k, d in zip(stock, [1e-4, -1e-4, 2e-4, -2e-4])], [stock])
+    mixed = paired_excess(
+        [k + d for k, d in zip(stock, [1e-4, -1e-4, 2e-4, -2e-4], strict=True)], [stock]
+    )
     assert recipe.verdict(mixed).startswith("no measurable difference (")
     assert recipe.verdict(paired_excess(stock, [stock]), same_file=True) == (
         "no difference: the same file (the recipe chose what the preset stores)"

@@ -99,4 +99,8 @@ def html_section(records: Sequence[RecipeRecord]) -> str:
 
 
 def write_markdown(records: Sequence[RecipeRecord], out_dir: Path) -> Path:
-    return atomic.write_text(Path(out_dir) / MARKDOWN, markdown(records), force=True)
+    """reports/recipe.md; the directory is made (pytest-html makes the --html one only after
+    the terminal summary that writes this)."""
+    out = atomic.check_directory(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return atomic.write_text(out / MARKDOWN, markdown(records), force=True)
