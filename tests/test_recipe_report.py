@@ -4,6 +4,9 @@ is written even where its directory does not exist yet (pytest-html makes it lat
 
 from __future__ import annotations
 
+import msgspec
+import pytest
+
 from fq_core.experiment.stats import Interval
 from fq_core.report import recipe as recipe_report
 from fq_core.storage.identity import Identity
@@ -68,7 +71,7 @@ def _record() -> RecipeRecord:
                 bytes=400,
                 stock_types=("q5_0",),
                 stock_bytes=400,
-                options=(("q8_0", 2e-6, 400),),
+                options=(("q5_0", 1e-3, 300), ("q8_0", 2e-6, 400)),
             ),
         ),
         predicted_kld=3e-6,
@@ -99,5 +102,13 @@ def test_the_recipe_report_names_base_groups_and_the_verdict(tmp_path):
     assert "| ffn_down layers 0-2 | as q4_k_m | 1.0e-06 |" in text
     assert "q4_k 0.0040, as q4_k_m 1.0e-06" in text
     assert "**better by 2.0e-03 [1.0e-03, 3.0e-03]**" in text
+    # from the measured stock file: 3e-3 − (1e-6 as it stores ffn_down + 1e-3 its q5_0 attn_v)
+    # + the chosen 3e-6 = 2.002e-3, of which the recipe's measured 1e-3 is half
+    assert recipe_report.anchored_prediction(rec, 3e-3) == pytest.approx(2.002e-3)
+    assert "its KLD − the priced groups as it stores them + as chosen" in text
+    assert ": 0.0020 (measured 0.50× of it)" in text
+    no_price = msgspec.structs.replace(rec.groups[1], options=(("q8_0", 2e-6, 400),))
+    bare = msgspec.structs.replace(rec, groups=(rec.groups[0], no_price))
+    assert recipe_report.anchored_prediction(bare, 3e-3) is None
     html = recipe_report.html_section([rec])
     assert "<td>as q4_k_m</td>" in html and "better by 2.0e-03" in html

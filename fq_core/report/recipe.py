@@ -5,6 +5,7 @@ Markdown (reports/recipe.md) and a section of the pytest-html report, from store
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,23 @@ def _pct(x, err=None) -> str:
     if x is None:
         return "—"
     return f"{x:+.2f} %" + (f" ± {err:.2f}" if err is not None else "")
+
+
+def anchored_prediction(rec: RecipeRecord, stock_kld: float | None) -> float | None:
+    """The recipe file's KLD predicted from the stock file's measured one: minus the priced
+    groups as the stock stores them, plus as chosen. Unlike the sum of the chosen cells it
+    counts what the recipe leaves to the preset (None where a group has no such price)."""
+    if stock_kld is None or not rec.groups:
+        return None
+    as_stock = []
+    for g in rec.groups:
+        prices = dict((f, k) for f, k, _ in g.options)
+        single = g.stock_types[0] if len(g.stock_types) == 1 else None
+        kld = prices.get(BASE, prices.get(single))
+        if kld is None:
+            return None
+        as_stock.append(kld)
+    return stock_kld - math.fsum(as_stock) + math.fsum(g.kld for g in rec.groups)
 
 
 def view(rec: RecipeRecord) -> dict:
@@ -57,6 +75,8 @@ def view(rec: RecipeRecord) -> dict:
     intrinsic = next((a for a in rec.answers if a.variant == "intrinsic"), None)
     measured = intrinsic.recipe.kld_mean if intrinsic else None
     ratio = measured / rec.predicted_kld if measured is not None and rec.predicted_kld else None
+    anchored = anchored_prediction(rec, intrinsic.stock.kld_mean if intrinsic else None)
+    anchored_ratio = measured / anchored if measured is not None and anchored else None
     status = "" if rec.status == "measured" else f" ({rec.status}: {rec.error or 'unfinished'})"
 
     def named(fmt: str) -> str:
@@ -87,6 +107,8 @@ def view(rec: RecipeRecord) -> dict:
         "per_kind": sci(rec.per_kind_kld),
         "measured": sci(measured),
         "ratio": "—" if ratio is None else f"{ratio:.2f}×",
+        "anchored": sci(anchored),
+        "anchored_ratio": "—" if anchored_ratio is None else f"{anchored_ratio:.2f}×",
     }
 
 
