@@ -457,10 +457,14 @@ def _types(text: str) -> tuple[str, ...]:
     return words
 
 
+#: a recipe option besides llama.cpp's types: each tensor of a group as the base preset
+#: stores it (measurement.recipe_file.BASE)
+RECIPE_BASE_OPTION = "base"
+
+
 def _recipe_types(text: str) -> tuple[str, ...]:
-    """llama.cpp's types and `base` (recipe_file.BASE: a group as the base preset stores it)."""
     words = _words(text)
-    if others := " ".join(w for w in words if w != "base"):
+    if others := " ".join(w for w in words if w != RECIPE_BASE_OPTION):
         _types(others)
     return words
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..definitions.settings import RECIPE_BASE_OPTION
 from ..errors import BadInput
 from ..platform import atomic
 
@@ -52,7 +53,7 @@ PRESETS = (
 
 
 #: a recipe option besides the types: each tensor of a group as the base preset stores it
-BASE = "base"
+BASE = RECIPE_BASE_OPTION
 
 
 @dataclass(frozen=True)
