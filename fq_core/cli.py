@@ -1116,7 +1116,6 @@ def _manifest_note(manifest) -> str:
 def _add_recipe(sub) -> None:
     from .definitions.settings import RECIPE
 
-    helps = {o.name: o.help for o in RECIPE}
     p = sub.add_parser(
         "recipe",
         help="choose a mixed-precision recipe from intrinsic sweep cells within a stock "
@@ -1131,17 +1130,9 @@ def _add_recipe(sub) -> None:
         metavar="RECIPE",
         help="build this (edited) recipe instead of choosing one: checked against MODEL first",
     )
-    for flag, name in (
-        ("--kinds", "fq_recipe_kinds"),
-        ("--groups", "fq_recipe_groups"),
-        ("--types", "fq_recipe_types"),
-        ("--base", "fq_recipe_base"),
-        ("--kld-target", "fq_recipe_kld_target"),
-        ("--price-chunks", "fq_recipe_price_chunks"),
-        ("--rank-chunks", "fq_recipe_rank_chunks"),
-        ("--chunks", "fq_recipe_chunks"),
-    ):
-        p.add_argument(flag, dest=name, metavar="V", help=helps[name])
+    for o in RECIPE:
+        if o.name != "fq_recipe_models":  # the command takes one MODEL
+            p.add_argument(_recipe_flag(o.name), dest=o.name, metavar="V", help=o.help)
     p.add_argument(
         "--prove",
         action="store_true",
@@ -1151,6 +1142,11 @@ def _add_recipe(sub) -> None:
     _add_results_root(p)
     _add_llama_bin_dir(p)
     p.set_defaults(run=_run_recipe)
+
+
+def _recipe_flag(name: str) -> str:
+    """fq recipe's flag for a fq_recipe_* setting: --kinds for fq_recipe_kinds."""
+    return "--" + name.removeprefix("fq_recipe_").replace("_", "-")
 
 
 def _run_recipe(args) -> int:
@@ -1191,9 +1187,7 @@ def _run_recipe(args) -> int:
             try:
                 values[o.name] = o.parse(given)
             except ValueError as exc:
-                raise BadInput(
-                    f"--{o.name.removeprefix('fq_recipe_').replace('_', '-')} {given!r}: {exc}"
-                ) from None
+                raise BadInput(f"{_recipe_flag(o.name)} {given!r}: {exc}") from None
     plan = RecipePlan.from_settings(values)
     ctx = stages.Context(
         results.new_run_id(),

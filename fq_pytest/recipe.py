@@ -63,7 +63,9 @@ def fq_recipe(request: pytest.FixtureRequest, fq_recipe_case: RecipeCase):
     """The stored recipe record of this model (computed now; its cells, files and answers
     come from the cache when measured before); skips with the gate's reason if closed."""
     from fq_core.errors import FqError
-    from fq_core.experiment.recipe import run_recipe
+    from fq_core.experiment.recipe import RecipePlan, run_recipe
+    from fq_core.experiment.stages import Context
+    from fq_core.measurement.llama.runner import LlamaRunner
     from fq_core.platform import progress
     from fq_core.storage.recipe_record import recipe_path, save_recipe
 
@@ -76,12 +78,7 @@ def fq_recipe(request: pytest.FixtureRequest, fq_recipe_case: RecipeCase):
         request.node.user_properties.append(("fq_gate", decision.reason))
         if not decision.open:
             pytest.skip(decision.reason)
-        from fq_core.experiment.stages import Context
-        from fq_core.measurement.llama.runner import LlamaRunner
-
         ctx = Context(fq.run_id, LlamaRunner(fq.tools), fq.tools, fq.corpus, fq.root)
-        from fq_core.experiment.recipe import RecipePlan
-
         plan = RecipePlan.from_settings(request.config.stash[RECIPE])
         with progress.context(stage="recipe", model=fq_recipe_case.model_id):
             rec = run_recipe(

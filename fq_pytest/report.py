@@ -314,7 +314,7 @@ def _summary(prefix, summary, postfix, session) -> None:
     if run_dir is None or not run_dir.is_dir() or not any(run_dir.glob("*/*.json")):
         prefix.append(str(html.no_stage_note()))
         if run_dir is not None and run_dir.is_dir():
-            postfix.append(_recipe_section(run_dir))
+            postfix.append(_recipe_section(run_dir))  # "" without recipes
         return
     run = load_run(run_dir)
     seen = config.stash.get(_ERRORS, None)
@@ -334,9 +334,7 @@ def _summary(prefix, summary, postfix, session) -> None:
         postfix.append(str(html.model_charts(model, all_charts[model])))
         for r in run.for_model(model):
             postfix.append(str(html.stage_section(r, all_charts[f"{r.stage}/{model}"])))
-    recipes = _recipe_section(run_dir)
-    if recipes:
-        postfix.append(recipes)
+    postfix.append(_recipe_section(run_dir))
     html_path = _html_path(config)
     if html_path is not None:
         out = html_path.parent / "charts"

@@ -318,8 +318,8 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     fq = config.stash[SESSION]
     try:
         analysis = analyze_dirs([cells], q=config.stash[SWEEP].values["fq_sweep_fdr"])
-        if not (analysis.rows or analysis.errors or analysis.undeployable):
-            return  # only a recipe's pricing cells: nothing for the sensitivity report
+        if analysis.empty:
+            return
         out = sensitivity.write_report(analysis, _reports_dir(config))
     except Exception as exc:  # the report must never turn the run into an internal error
         log.exception("sensitivity report failed")
@@ -347,8 +347,8 @@ def pytest_html_results_summary(prefix, summary, postfix, session) -> None:
         from fq_core.report import sensitivity
 
         analysis = analyze_dirs([cells], q=config.stash[SWEEP].values["fq_sweep_fdr"])
-        if not (analysis.rows or analysis.errors or analysis.undeployable):
-            return  # only a recipe's pricing cells: nothing for the sensitivity report
+        if analysis.empty:
+            return
         postfix.append(sensitivity.section_html(analysis))
     except Exception as exc:
         log.warning("no sensitivity section in the HTML report: %s", exc)

@@ -237,3 +237,10 @@ def test_llama_quantize_writes_the_suites_tensor_bytes(tmp_path, quantizer):
             fa.seek(t.offset)
             fb.seek(u.offset)
             assert fa.read(t.n_bytes) == fb.read(u.n_bytes), f"{t.name} ({t.type_name})"
+
+
+def test_format_of_is_the_inverse_of_llama_name():
+    for fmt in ggml_types.STORED:
+        name = ggml_types.llama_name(fmt)
+        assert ggml_types.format_of(name) == ggml_types.format_of(name.upper()) == fmt
+    assert ggml_types.format_of("f16") == "fp16" and ggml_types.format_of("F32") is None

@@ -62,6 +62,29 @@ LLAMA_TYPES = (
     "iq4_xs",
 )
 
+#: llama-quantize's types for a whole file (its positional argument), the presets among them:
+#: a recipe's `base:` and the recipe stage's stock preset
+LLAMA_PRESETS = (
+    "q2_k",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_0",
+    "q4_1",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_0",
+    "q5_1",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+    "q8_0",
+    "iq4_nl",
+    "iq4_xs",
+    "f16",
+    "bf16",
+)
+
 #: numpy dtypes behind the small float formats (bf16 is done on the bits directly).
 FLOAT_DTYPES: dict[str, np.dtype] = {
     "fp16": np.dtype(np.float16),

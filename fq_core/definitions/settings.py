@@ -470,11 +470,9 @@ def _recipe_types(text: str) -> tuple[str, ...]:
 
 
 def _preset(text: str) -> str:
-    presets = (
-        "q2_k q3_k_s q3_k_m q3_k_l q4_0 q4_1 q4_k_s q4_k_m q5_0 q5_1 q5_k_s q5_k_m q6_k q8_0 "
-        "iq4_nl iq4_xs"
-    ).split()
-    return _choice(tuple(presets))(text.strip().lower())
+    from .formats import LLAMA_PRESETS
+
+    return _choice(LLAMA_PRESETS)(text.strip().lower())
 
 
 #: The recipe stage's settings (fq_pytest/recipe.py, experiments/test_recipe.py).

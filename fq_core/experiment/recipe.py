@@ -482,11 +482,8 @@ def _least_bytes(groups: Sequence[Group], types: Sequence[str], shapes, as_base)
 
     total = 0
     for g in groups:
-        sizes = [
-            sum(b for n in g.tensors if (b := stored_bytes(f, shapes[n])) is not None)
-            for f in types
-            if f != BASE and all(stored_bytes(f, shapes[n]) is not None for n in g.tensors)
-        ]
+        each = ([stored_bytes(f, shapes[n]) for n in g.tensors] for f in types if f != BASE)
+        sizes = [sum(b) for b in each if None not in b]
         if BASE in types and g in as_base:
             sizes.append(as_base[g])
         if not sizes:
@@ -497,11 +494,11 @@ def _least_bytes(groups: Sequence[Group], types: Sequence[str], shapes, as_base)
 
 def _bytes_as(type_name: str, shape) -> int:
     """A tensor's bytes in llama.cpp's type `type_name` (as llama-quantize names it)."""
-    from ..measurement.ggml_types import STORED, stored_bytes
+    from ..measurement.ggml_types import format_of, stored_bytes
 
     if type_name == "f32":
         return 4 * math.prod(shape)
-    fmt = {q.name.lower(): f for f, q in STORED.items()}.get(type_name)
+    fmt = format_of(type_name)
     size = stored_bytes(fmt, shape) if fmt else None
     if size is None:
         raise BadInput(f"llama-quantize plans type {type_name}, which fq cannot size")
@@ -512,10 +509,9 @@ def _base_options(groups: Sequence[Group], in_stock, types) -> dict[Group, tuple
     """base_split for the groups where BASE is an option of its own: not one the preset stores
     in a single type already among `types` (the same option twice), nor one with a matrix the
     preset keeps F32 (no llama-quantize line says so)."""
-    from ..measurement.ggml_types import STORED
+    from ..measurement.ggml_types import format_of
 
-    fmt_of = {q.name: f for f, q in STORED.items()}
-    stock = {n: fmt_of.get(t) for n, (t, _) in in_stock.items()}
+    stock = {n: format_of(t) for n, (t, _) in in_stock.items()}
     storable = [g for g in groups if all(stock.get(n) for n in g.tensors)]
     split = base_split(storable, stock)
     return {g: ps for g, ps in split.items() if not (len(ps) == 1 and ps[0][1] in types)}

@@ -52,6 +52,15 @@ def llama_name(fmt: str) -> str:
     return STORED[fmt].name.lower()
 
 
+def format_of(type_name: str) -> str | None:
+    """The stored format of llama.cpp's type `type_name` (as a GGUF or llama-quantize names
+    it: Q4_K, q4_k, F16), the inverse of llama_name; None for a type fq does not store (F32)."""
+    return _FORMAT_OF.get(type_name.lower())
+
+
+_FORMAT_OF = {q.name.lower(): f for f, q in STORED.items()}
+
+
 def stored_bytes(fmt: str, shape: tuple[int, ...]) -> int | None:
     """A tensor's bytes stored as `fmt` the way llama.cpp stores it (GGUF shape order); None
     when llama.cpp has no such type (fp8, int8) or the rows do not fit its blocks."""

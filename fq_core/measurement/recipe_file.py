@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..definitions.formats import LLAMA_PRESETS
 from ..definitions.settings import RECIPE_BASE_OPTION
 from ..errors import BadInput
 from ..platform import atomic
@@ -29,27 +30,7 @@ from ..platform import atomic
 if TYPE_CHECKING:
     from .gguf_index import GGUFIndex
 
-#: llama-quantize's types for a whole file (its positional argument), the presets among them
-PRESETS = (
-    "q2_k",
-    "q3_k_s",
-    "q3_k_m",
-    "q3_k_l",
-    "q4_0",
-    "q4_1",
-    "q4_k_s",
-    "q4_k_m",
-    "q5_0",
-    "q5_1",
-    "q5_k_s",
-    "q5_k_m",
-    "q6_k",
-    "q8_0",
-    "iq4_nl",
-    "iq4_xs",
-    "f16",
-    "bf16",
-)
+PRESETS = LLAMA_PRESETS  # what a `base:` line may name
 
 
 #: a recipe option besides the types: each tensor of a group as the base preset stores it
@@ -99,16 +80,15 @@ def pinned(recipe: Recipe, index: GGUFIndex, types: dict[str, str], note: str) -
     is not a fixed map: lines that override some tensors shift which layers the preset gives
     more bits (its per-kind counters skip overridden tensors), so a recipe names every
     matrix and the preset decides none."""
-    from .ggml_types import STORED
+    from .ggml_types import format_of
     from .selection import split_name
 
-    fmt_of = {q.name: f for f, q in STORED.items()}
     named = assign(recipe, index)
     runs: dict[tuple[str, str], list[int | None]] = {}
     for t in index.tensors:
         if len(t.shape) < 2 or t.name in named or t.name not in types:
             continue
-        fmt = fmt_of.get(types[t.name])
+        fmt = format_of(types[t.name])
         if fmt is None:  # kept as F32 by the preset: no line can say so to llama-quantize
             raise BadInput(f"{t.name}: the base preset keeps it {types[t.name]}; name its type")
         layer, kind = split_name(t.name)
@@ -122,7 +102,7 @@ def pinned(recipe: Recipe, index: GGUFIndex, types: dict[str, str], note: str) -
 
 def parse(text: str, source: str = "recipe") -> Recipe:
     """A recipe from its text; the first fault is a BadInput naming the line."""
-    from .ggml_types import STORED
+    from .ggml_types import STORED, format_of
 
     base, lines, header = None, [], []
     for n, raw in enumerate(text.splitlines(), start=1):
@@ -145,7 +125,7 @@ def parse(text: str, source: str = "recipe") -> Recipe:
         fmt = fmt.strip().lower()
         if not eq or not pattern.strip():
             raise BadInput(f"{where}: {body!r} is not pattern=type")
-        fmt = {"f16": "fp16"}.get(fmt, fmt)  # llama.cpp's name for our fp16
+        fmt = fmt if fmt in STORED else format_of(fmt) or fmt  # llama.cpp's f16: our fp16
         if fmt not in STORED:
             raise BadInput(f"{where}: {fmt!r} is no type llama.cpp stores")
         try:

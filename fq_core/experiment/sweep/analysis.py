@@ -203,6 +203,11 @@ class Analysis:
     undeployable: tuple[SweepRow, ...] = ()
 
     @property
+    def empty(self) -> bool:
+        """No cell to report (a recipe's pricing cells are not the sweep's)."""
+        return not (self.rows or self.errors or self.undeployable)
+
+    @property
     def timing(self) -> Mapping[str, Any]:
         """The cost per computed cell, so the report shows it without computing it."""
         return summarize_timing(self.rows)
